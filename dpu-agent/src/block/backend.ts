@@ -1,0 +1,45 @@
+/**
+ * The one block contract. The NBD export speaks only to a BlockBackend; HTTP, region maps
+ * and local disks live behind it (nbdkit's plugin struct, go-nbd's Backend).
+ *
+ * Methods may complete synchronously (return undefined) or asynchronously (return a
+ * Promise). The hot path — a read of a region already on the local target — completes
+ * synchronously from the page cache, and the server then skips a promise hop per request;
+ * anything that waits for the network or for fdatasync returns a Promise.
+ */
+export interface BlockCapabilities {
+  readOnly: boolean;
+  flush: boolean;
+  fua: boolean;
+  trim: boolean;
+  writeZeroes: boolean;
+  /** NBD_CMD_CACHE: the backend can prefetch a range (a streaming disk hydrates it). */
+  cache: boolean;
+  /** Flushing any connection makes every connection's completed writes durable. */
+  multiConn: boolean;
+}
+
+export type MaybePromise<T> = T | Promise<T>;
+
+export interface BlockBackend {
+  /** Size in bytes; fixed for the life of the backend. */
+  readonly size: number;
+  readonly capabilities: BlockCapabilities;
+  /** Fill `dest` (dest.length bytes) with the disk's bytes at `offset`. */
+  read(offset: number, dest: Buffer): MaybePromise<void>;
+  /**
+   * Write `chunks` (in order, total `length` bytes) at `offset`. The chunks are the
+   * socket's own buffers: the backend must not keep references after completing.
+   * With `fua`, the data is durable when the call completes.
+   */
+  write(offset: number, chunks: readonly Buffer[], length: number, fua: boolean): MaybePromise<void>;
+  /** Every write completed before this call is durable when it completes. */
+  flush(): MaybePromise<void>;
+  /** The range may read back as zeros or as its old contents afterwards. */
+  trim(offset: number, length: number, fua: boolean): MaybePromise<void>;
+  /** The range reads back as zeros afterwards. */
+  writeZeroes(offset: number, length: number, fua: boolean): MaybePromise<void>;
+  /** Advisory prefetch of a range. */
+  cache(offset: number, length: number): MaybePromise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,140 @@
+/**
+ * The DPU agent's error registry. Every failure the agent reports to a person or to the
+ * NBD client carries one of these codes; docs/errors.md documents each one (a unit test
+ * checks that), so an operator can look a code up and find what to do.
+ *
+ * `retryable` states policy: a transient failure (a 5xx from the origin, a reset) is
+ * retried with backoff by the component that met it; a permanent one (a 404, a bad flag)
+ * is not. `errno` is the NBD error the host sees when the failure ends an I/O request.
+ */
+export const NbdErrno = {
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+} as const;
+export type NbdErrno = (typeof NbdErrno)[keyof typeof NbdErrno];
+
+interface ErrorSpec {
+  message: string;
+  retryable: boolean;
+  errno: NbdErrno;
+}
+
+export const ERRORS = {
+  DPU_ERR_CONFIG: {
+    message: 'invalid configuration',
+    retryable: false,
+    errno: NbdErrno.EINVAL,
+  },
+  DPU_ERR_SOURCE_HTTP_STATUS: {
+    message: 'the image origin answered with an unexpected HTTP status',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_SOURCE_TRANSIENT: {
+    message: 'the image origin failed transiently (5xx, reset, stall or truncated body)',
+    retryable: true,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_SOURCE_BAD_RANGE: {
+    message: 'the image origin answered a range request with the wrong range',
+    retryable: true,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_SOURCE_DEADLINE: {
+    message: 'the image origin did not deliver a range before the retry deadline',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_SOURCE_CLOSED: {
+    message: 'the remote source is closed (the disk has cut over to local storage or is shutting down)',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_SOURCE_MISMATCH: {
+    message: 'the image at the source is not the one this state directory was made for',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_TARGET_IO: {
+    message: 'reading or writing the local target failed',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_TARGET_TOO_SMALL: {
+    message: 'the local target is smaller than the image',
+    retryable: false,
+    errno: NbdErrno.ENOSPC,
+  },
+  DPU_ERR_STATE_CORRUPT: {
+    message: 'the region map in the state directory is unreadable',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_STATE_LOCKED: {
+    message: 'another agent process holds this state directory',
+    retryable: false,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_OUT_OF_RANGE: {
+    message: 'the request reaches past the end of the disk',
+    retryable: false,
+    errno: NbdErrno.EINVAL,
+  },
+  DPU_ERR_READ_ONLY: {
+    message: 'the export is read-only',
+    retryable: false,
+    errno: NbdErrno.EPERM,
+  },
+  DPU_ERR_SHUTTING_DOWN: {
+    message: 'the disk is shutting down',
+    retryable: false,
+    errno: NbdErrno.ESHUTDOWN,
+  },
+  DPU_ERR_NBD_PROTOCOL: {
+    message: 'the NBD client broke the protocol; the connection was closed',
+    retryable: false,
+    errno: NbdErrno.EINVAL,
+  },
+} as const satisfies Record<string, ErrorSpec>;
+
+export type DpuErrorCode = keyof typeof ERRORS;
+
+export class DpuError extends Error {
+  readonly code: DpuErrorCode;
+  readonly retryable: boolean;
+  readonly errno: NbdErrno;
+
+  constructor(code: DpuErrorCode, detail?: string, options?: { cause?: unknown; errno?: NbdErrno }) {
+    const spec: ErrorSpec = ERRORS[code];
+    super(detail ? `${spec.message}: ${detail}` : spec.message, options?.cause ? { cause: options.cause } : undefined);
+    this.name = 'DpuError';
+    this.code = code;
+    this.retryable = spec.retryable;
+    this.errno = options?.errno ?? spec.errno;
+  }
+}
+
+/** The one place that maps any failure to the errno an NBD client receives. */
+export function toNbdErrno(err: unknown): NbdErrno {
+  if (err instanceof DpuError) return err.errno;
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  switch (code) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+      return NbdErrno.ENOSPC;
+    case 'ENOMEM':
+      return NbdErrno.ENOMEM;
+    case 'EPERM':
+    case 'EACCES':
+    case 'EROFS':
+      return NbdErrno.EPERM;
+    default:
+      return NbdErrno.EIO;
+  }
+}

@@ -1,0 +1,12 @@
+/** The DPU agent's public surface. */
+export type { BlockBackend, BlockCapabilities, MaybePromise } from './block/backend.js';
+export { DpuError, ERRORS, NbdErrno, toNbdErrno, type DpuErrorCode } from './errors.js';
+export { LocalTarget } from './local/target.js';
+export { NbdServer, parseEndpoint, type Endpoint, type NbdExport } from './nbd/server.js';
+export { RegionMap, RegionState, REGION_STATE_NAMES } from './region/region-map.js';
+export { HttpSource, type HttpSourceOptions } from './remote/http-source.js';
+export type { RemoteSource, RemoteSourceStats, FetchPriority } from './remote/source.js';
+export { redactUrl, redactHeaders } from './remote/redact.js';
+export { StreamingDisk, type DiskProgress } from './streaming/disk.js';
+export { Hydrator, type HydratorOptions, type HydratorState } from './streaming/hydrator.js';
+export { openStreamingDisk, DEFAULT_REGION_SIZE, type OpenDiskOptions, type OpenedDisk } from './streaming/open.js';

@@ -1,0 +1,116 @@
+/**
+ * The local target: the DPU's NVMe SSD (a block device) or, in the lab, a file. Reads are
+ * synchronous positional reads: on a DPU the hot data sits in the page cache or on a local
+ * NVMe with ~100 µs latency, and a synchronous pread avoids a libuv thread-pool hand-off
+ * per request, which measured here costs more than the read itself (PEERS.md). Writes of
+ * region data and host writes are synchronous too (they land in the page cache); only
+ * fdatasync, which may wait for the device, goes to the thread pool.
+ */
+import fs from 'node:fs';
+import { DpuError } from '../errors.js';
+
+export interface LocalTargetOptions {
+  /** Create a regular file of `size` bytes if the path does not exist. */
+  create: boolean;
+  /** The image size: a smaller existing target is extended (file) or refused (device). */
+  size: number;
+}
+
+const ZERO_CHUNK = Buffer.alloc(1 << 20);
+
+export class LocalTarget {
+  readonly path: string;
+  readonly isBlockDevice: boolean;
+  private fd: number;
+
+  private constructor(path: string, fd: number, isBlockDevice: boolean) {
+    this.path = path;
+    this.fd = fd;
+    this.isBlockDevice = isBlockDevice;
+  }
+
+  static open(path: string, opts: LocalTargetOptions): LocalTarget {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, opts.create ? fs.constants.O_RDWR | fs.constants.O_CREAT : fs.constants.O_RDWR, 0o600);
+    } catch (err) {
+      throw new DpuError('DPU_ERR_TARGET_IO', `cannot open ${path}: ${(err as Error).message}`, { cause: err });
+    }
+    const st = fs.fstatSync(fd);
+    const isBlockDevice = st.isBlockDevice();
+    const current = isBlockDevice ? blockDeviceSize(st.rdev) : st.size;
+    if (current < opts.size) {
+      if (isBlockDevice) {
+        fs.closeSync(fd);
+        throw new DpuError('DPU_ERR_TARGET_TOO_SMALL', `${path} holds ${current} bytes, the image needs ${opts.size}`);
+      }
+      // Sparse extension: the new bytes read as zeros and are never served before the
+      // region map says their region is local.
+      fs.ftruncateSync(fd, opts.size);
+    }
+    return new LocalTarget(path, fd, isBlockDevice);
+  }
+
+  readSync(dest: Buffer, position: number): void {
+    let done = 0;
+    while (done < dest.length) {
+      const n = fs.readSync(this.fd, dest, done, dest.length - done, position + done);
+      if (n === 0) {
+        // Past the end of a file target: the file was truncated behind our back.
+        throw new DpuError('DPU_ERR_TARGET_IO', `short read from ${this.path} at ${position + done}`);
+      }
+      done += n;
+    }
+  }
+
+  writeSync(chunks: readonly Buffer[], position: number): void {
+    if (chunks.length === 1) {
+      const buf = chunks[0]!;
+      let done = 0;
+      while (done < buf.length) done += fs.writeSync(this.fd, buf, done, buf.length - done, position + done);
+      return;
+    }
+    let pos = position;
+    let list = chunks as Buffer[];
+    while (list.length > 0) {
+      let n = fs.writevSync(this.fd, list, pos);
+      pos += n;
+      // writev may be short; drop what was written and retry the rest.
+      let i = 0;
+      while (i < list.length && n >= list[i]!.length) n -= list[i++]!.length;
+      list = list.slice(i);
+      if (n > 0 && list.length > 0) list[0] = list[0]!.subarray(n);
+    }
+  }
+
+  writeZeroesSync(position: number, length: number): void {
+    let done = 0;
+    while (done < length) {
+      const n = Math.min(ZERO_CHUNK.length, length - done);
+      this.writeSync([ZERO_CHUNK.subarray(0, n)], position + done);
+      done += n;
+    }
+  }
+
+  /** Make every completed write durable. Runs in the thread pool: it may wait on the device. */
+  datasync(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      fs.fdatasync(this.fd, (err) => (err ? reject(new DpuError('DPU_ERR_TARGET_IO', `fdatasync ${this.path}: ${err.message}`, { cause: err })) : resolve()));
+    });
+  }
+
+  close(): void {
+    if (this.fd >= 0) {
+      fs.closeSync(this.fd);
+      this.fd = -1;
+    }
+  }
+}
+
+/** Linux: the size of a block device from sysfs, in bytes. */
+function blockDeviceSize(rdev: number): number {
+  const major = ((rdev >> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+  const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
+  return sectors * 512;
+}

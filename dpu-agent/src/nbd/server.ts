@@ -1,0 +1,171 @@
+/**
+ * The NBD server: listens on a unix socket (the default: only local processes with
+ * access to the path can connect) or TCP, negotiates, then runs a Transmission per
+ * connection against the export's BlockBackend. It knows nothing of streaming.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import type { Logger } from 'pino';
+import type { BlockBackend } from '../block/backend.js';
+import { DpuError } from '../errors.js';
+import { type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
+import { TFlag } from './protocol.js';
+import { Transmission, type TransmissionStats } from './transmission.js';
+
+export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+
+export interface NbdExport {
+  name: string;
+  description?: string;
+  backend: BlockBackend;
+}
+
+export interface NbdServerOptions {
+  exports: NbdExport[];
+  /** The export the empty name selects. @default the first export */
+  defaultExport?: string;
+  log: Logger;
+  /** A connection that has not chosen an export by then is closed, ms. @default 10000 */
+  handshakeTimeoutMs?: number;
+}
+
+/** `unix:/path/to.sock`, `tcp:HOST:PORT` or `tcp:[v6]:PORT`. */
+export function parseEndpoint(spec: string): Endpoint {
+  if (spec.startsWith('unix:')) {
+    const path = spec.slice(5);
+    if (!path) throw new DpuError('DPU_ERR_CONFIG', `listen endpoint "${spec}" has no socket path; write unix:/run/dpu-agent/disk.sock`);
+    return { kind: 'unix', path };
+  }
+  if (spec.startsWith('tcp:')) {
+    const m = /^tcp:(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(spec);
+    const port = m ? Number(m[3]) : NaN;
+    if (!m || port > 65535) throw new DpuError('DPU_ERR_CONFIG', `listen endpoint "${spec}" is not tcp:HOST:PORT (e.g. tcp:127.0.0.1:10809)`);
+    return { kind: 'tcp', host: (m[1] ?? m[2])!, port };
+  }
+  throw new DpuError('DPU_ERR_CONFIG', `listen endpoint "${spec}" must start with unix: or tcp: (e.g. unix:/run/dpu-agent/disk.sock)`);
+}
+
+export function exportFlags(backend: BlockBackend): number {
+  const c = backend.capabilities;
+  let f = TFlag.HAS_FLAGS;
+  if (c.readOnly) f |= TFlag.READ_ONLY;
+  if (c.flush) f |= TFlag.SEND_FLUSH;
+  if (c.fua) f |= TFlag.SEND_FUA;
+  if (c.trim && !c.readOnly) f |= TFlag.SEND_TRIM;
+  if (c.writeZeroes && !c.readOnly) f |= TFlag.SEND_WRITE_ZEROES;
+  if (c.cache) f |= TFlag.SEND_CACHE;
+  if (c.multiConn) f |= TFlag.CAN_MULTI_CONN;
+  return f;
+}
+
+export class NbdServer {
+  private readonly server: net.Server;
+  private readonly catalog: ExportCatalog;
+  private readonly backends = new Map<string, BlockBackend>();
+  private readonly sockets = new Set<net.Socket>();
+  private readonly transmissions = new Set<Transmission>();
+  private readonly log: Logger;
+  private readonly handshakeTimeoutMs: number;
+  private unixPath: string | null = null;
+  readonly stats: TransmissionStats & { connections: number } = { requests: 0, errors: 0, connections: 0 };
+
+  constructor(opts: NbdServerOptions) {
+    if (opts.exports.length === 0) throw new DpuError('DPU_ERR_CONFIG', 'an NBD server needs at least one export');
+    this.log = opts.log;
+    this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
+    const entries: NegotiableExport[] = opts.exports.map((e) => {
+      this.backends.set(e.name, e.backend);
+      return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend) };
+    });
+    const defaultName = opts.defaultExport ?? entries[0]!.name;
+    const byName = new Map(entries.map((e) => [e.name, e]));
+    this.catalog = {
+      resolve: (name) => byName.get(name === '' ? defaultName : name) ?? null,
+      list: () => entries,
+    };
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+  }
+
+  /** Starts listening; resolves with the NBD URI clients use. */
+  async listen(ep: Endpoint): Promise<string> {
+    if (ep.kind === 'unix') {
+      await removeStaleSocket(ep.path);
+      await new Promise<void>((resolve, reject) => {
+        this.server.once('error', reject);
+        this.server.listen(ep.path, () => {
+          this.server.off('error', reject);
+          resolve();
+        });
+      });
+      fs.chmodSync(ep.path, 0o660);
+      this.unixPath = ep.path;
+      return `nbd+unix:///?socket=${ep.path}`;
+    }
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(ep.port, ep.host, () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+    const addr = this.server.address() as net.AddressInfo;
+    const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+    return `nbd://${host}:${addr.port}/`;
+  }
+
+  private accept(socket: net.Socket): void {
+    this.stats.connections++;
+    this.sockets.add(socket);
+    const log = this.log.child({ conn: this.stats.connections });
+    socket.on('close', () => this.sockets.delete(socket));
+    socket.on('error', (err) => log.debug({ err: err.message }, 'socket error'));
+    const reader = new SocketReader(socket);
+    const timer = setTimeout(() => {
+      log.warn(`no export chosen within ${this.handshakeTimeoutMs} ms; closing`);
+      socket.destroy();
+    }, this.handshakeTimeoutMs);
+    negotiate(socket, reader, this.catalog, log)
+      .then((result) => {
+        clearTimeout(timer);
+        if (!result || socket.destroyed) return;
+        const queue = reader.detach();
+        log.debug({ export: result.export.name }, 'transmission');
+        const t = new Transmission(socket, this.backends.get(result.export.name)!, queue, log, this.stats, () => this.transmissions.delete(t));
+        this.transmissions.add(t);
+        socket.on('close', () => this.transmissions.delete(t));
+      })
+      .catch((err: Error) => {
+        clearTimeout(timer);
+        if (!(err instanceof HandshakeClosed)) log.warn({ err: err.message }, 'negotiation failed');
+        socket.destroy();
+      });
+  }
+
+  /** Stops accepting, lets outstanding requests answer (up to `graceMs`), closes every connection. */
+  async close(graceMs = 5_000): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const t of this.transmissions) t.shutdown();
+    const deadline = Date.now() + graceMs;
+    while ([...this.transmissions].some((t) => t.outstanding > 0) && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    for (const s of this.sockets) s.destroy();
+    await closed;
+    if (this.unixPath) fs.rmSync(this.unixPath, { force: true });
+  }
+}
+
+/** A socket file nobody answers on is left over from a crash; one that answers is in use. */
+async function removeStaleSocket(path: string): Promise<void> {
+  if (!fs.existsSync(path)) return;
+  const alive = await new Promise<boolean>((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (alive) throw new DpuError('DPU_ERR_CONFIG', `${path} is in use by another NBD server; stop it or choose another --listen path`);
+  fs.rmSync(path, { force: true });
+}

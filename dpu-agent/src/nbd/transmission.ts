@@ -1,0 +1,273 @@
+/**
+ * Phase 2 of an NBD connection: requests in, replies out. validate → dispatch → reply.
+ *
+ * Requests are dispatched as soon as they are parsed, without waiting for earlier ones;
+ * replies carry the client's handle and go out in completion order. Each read reply is one
+ * buffer: the 16-byte header, then the data the backend reads straight into it. Replies
+ * made in one tick are written under one cork. The stream never desyncs: a write refused
+ * before its payload arrived still has its payload drained, and a reply header is written
+ * only once its data or its error is known. Backpressure: reading from the socket pauses
+ * while too many requests or too many reply bytes are outstanding.
+ */
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import type { BlockBackend } from '../block/backend.js';
+import { DpuError, NbdErrno, toNbdErrno } from '../errors.js';
+import type { ByteQueue } from './byte-queue.js';
+import {
+  Cmd,
+  CMD_NAMES,
+  CmdFlag,
+  decodeRequestHeader,
+  MAX_PAYLOAD,
+  REQUEST_HEADER_BYTES,
+  type RequestHeader,
+  SIMPLE_REPLY_BYTES,
+  writeSimpleReplyHeader,
+} from './protocol.js';
+
+const MAX_INFLIGHT = 256;
+const MAX_PENDING_REPLY_BYTES = 16 << 20;
+const KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO;
+
+export interface TransmissionStats {
+  requests: number;
+  errors: number;
+}
+
+type Phase = { kind: 'header' } | { kind: 'payload'; req: RequestHeader } | { kind: 'drain'; req: RequestHeader; left: number; errno: number } | { kind: 'closing' };
+
+export class Transmission {
+  private phase: Phase = { kind: 'header' };
+  private inflight = 0;
+  private paused = false;
+  private corked = false;
+  private finished = false;
+  private readonly onDrain = (): void => this.maybeResume();
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly backend: BlockBackend,
+    private readonly queue: ByteQueue,
+    private readonly log: Logger,
+    private readonly stats: TransmissionStats,
+    private readonly onDone: () => void,
+  ) {
+    socket.on('data', (b: Buffer) => {
+      this.queue.push(b);
+      this.process();
+    });
+    socket.on('drain', this.onDrain);
+    this.process();
+  }
+
+  get outstanding(): number {
+    return this.inflight;
+  }
+
+  /** Stop taking requests; the connection ends once outstanding replies are sent. */
+  shutdown(): void {
+    if (this.phase.kind !== 'closing') this.phase = { kind: 'closing' };
+    this.socket.pause();
+    this.finishIfIdle();
+  }
+
+  private process(): void {
+    if (this.paused) return;
+    const q = this.queue;
+    this.cork();
+    for (;;) {
+      const ph = this.phase;
+      if (ph.kind === 'header') {
+        if (q.length < REQUEST_HEADER_BYTES) break;
+        const req = decodeRequestHeader(q.take(REQUEST_HEADER_BYTES), 0);
+        if (!req) {
+          this.protocolError('request without the NBD request magic');
+          return;
+        }
+        this.stats.requests++;
+        this.onHeader(req);
+      } else if (ph.kind === 'payload') {
+        if (q.length < ph.req.length) break;
+        const chunks = q.takeChunks(ph.req.length);
+        this.phase = { kind: 'header' };
+        this.run(ph.req, null, () => this.backend.write(ph.req.offset, chunks, ph.req.length, (ph.req.flags & CmdFlag.FUA) !== 0));
+      } else if (ph.kind === 'drain') {
+        ph.left -= q.skip(ph.left);
+        if (ph.left > 0) break;
+        this.phase = { kind: 'header' };
+        this.replyError(ph.req, ph.errno);
+      } else {
+        break;
+      }
+      if (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) {
+        this.paused = true;
+        this.socket.pause();
+        break;
+      }
+    }
+  }
+
+  private maybeResume(): void {
+    if (!this.paused || this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
+    this.paused = false;
+    if (this.phase.kind !== 'closing') this.socket.resume();
+    this.process();
+  }
+
+  private onHeader(req: RequestHeader): void {
+    const b = this.backend;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    const errno = this.validate(req);
+    if (req.type === Cmd.WRITE) {
+      if (errno !== 0) {
+        // Refused before its payload arrived: drain the payload so the next header is found.
+        if (req.length > 0) this.phase = { kind: 'drain', req, left: req.length, errno };
+        else this.replyError(req, errno);
+      } else {
+        this.phase = { kind: 'payload', req };
+      }
+      return;
+    }
+    if (req.type === Cmd.DISC) {
+      this.log.debug('client sent NBD_CMD_DISC');
+      this.shutdown();
+      return;
+    }
+    if (errno !== 0) {
+      this.replyError(req, errno);
+      return;
+    }
+    switch (req.type) {
+      case Cmd.READ: {
+        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + req.length);
+        this.run(req, reply, () => b.read(req.offset, reply.subarray(SIMPLE_REPLY_BYTES)));
+        break;
+      }
+      case Cmd.FLUSH:
+        this.run(req, null, () => b.flush());
+        break;
+      case Cmd.TRIM:
+        this.run(req, null, () => b.trim(req.offset, req.length, fua));
+        break;
+      case Cmd.WRITE_ZEROES:
+        this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua));
+        break;
+      case Cmd.CACHE:
+        this.run(req, null, () => b.cache(req.offset, req.length));
+        break;
+      default:
+        this.replyError(req, NbdErrno.EINVAL);
+    }
+  }
+
+  /** 0, or the errno that refuses the request before it reaches the backend. */
+  private validate(req: RequestHeader): number {
+    const caps = this.backend.capabilities;
+    if ((req.flags & ~KNOWN_FLAGS) !== 0) return NbdErrno.EINVAL;
+    switch (req.type) {
+      case Cmd.DISC:
+        return 0;
+      case Cmd.FLUSH:
+        return req.offset === 0 && req.length === 0 ? 0 : NbdErrno.EINVAL;
+      case Cmd.READ:
+      case Cmd.CACHE:
+        if (req.length === 0 || req.length > MAX_PAYLOAD) return NbdErrno.EINVAL;
+        return req.offset + req.length > this.backend.size ? NbdErrno.EINVAL : 0;
+      case Cmd.WRITE:
+        if (caps.readOnly) return NbdErrno.EPERM;
+        if (req.length === 0 || req.length > MAX_PAYLOAD) return NbdErrno.EINVAL;
+        return req.offset + req.length > this.backend.size ? NbdErrno.ENOSPC : 0;
+      case Cmd.TRIM:
+      case Cmd.WRITE_ZEROES:
+        if (caps.readOnly) return NbdErrno.EPERM;
+        if (req.length === 0) return NbdErrno.EINVAL;
+        return req.offset + req.length > this.backend.size ? NbdErrno.ENOSPC : 0;
+      default:
+        return NbdErrno.EINVAL;
+    }
+  }
+
+  /** Runs one backend call; replies when it completes, synchronously if it did. */
+  private run(req: RequestHeader, readReply: Buffer | null, call: () => void | Promise<void>): void {
+    const reply = readReply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES);
+    writeSimpleReplyHeader(reply, 0, req.handle); // copies the handle: the header view may go
+    let result: void | Promise<void>;
+    try {
+      result = call();
+    } catch (err) {
+      this.fail(req, reply, err);
+      return;
+    }
+    if (result === undefined) {
+      this.send(reply);
+      return;
+    }
+    this.inflight++;
+    result.then(
+      () => {
+        this.inflight--;
+        this.send(reply);
+        this.afterAsync();
+      },
+      (err: unknown) => {
+        this.inflight--;
+        this.fail(req, reply, err);
+        this.afterAsync();
+      },
+    );
+  }
+
+  private fail(req: RequestHeader, reply: Buffer, err: unknown): void {
+    const errno = toNbdErrno(err);
+    this.stats.errors++;
+    const code = err instanceof DpuError ? err.code : (err as NodeJS.ErrnoException)?.code;
+    this.log.warn({ cmd: CMD_NAMES[req.type], offset: req.offset, length: req.length, errno, code, err: (err as Error)?.message }, 'request failed');
+    reply.writeUInt32BE(errno, 4);
+    this.send(reply.subarray(0, SIMPLE_REPLY_BYTES)); // an error reply carries no data
+  }
+
+  private replyError(req: RequestHeader, errno: number): void {
+    this.stats.errors++;
+    this.log.debug({ cmd: CMD_NAMES[req.type] ?? req.type, offset: req.offset, length: req.length, flags: req.flags, errno }, 'request refused');
+    const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES);
+    writeSimpleReplyHeader(reply, errno, req.handle);
+    this.send(reply);
+  }
+
+  private send(buf: Buffer): void {
+    if (this.socket.destroyed) return;
+    this.cork();
+    this.socket.write(buf);
+  }
+
+  private afterAsync(): void {
+    if (this.phase.kind === 'closing') this.finishIfIdle();
+    else this.maybeResume();
+  }
+
+  private cork(): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.socket.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      this.socket.uncork();
+    });
+  }
+
+  private finishIfIdle(): void {
+    if (this.inflight > 0 || this.finished) return;
+    this.finished = true;
+    if (!this.socket.destroyed) this.socket.end();
+    this.onDone();
+  }
+
+  private protocolError(what: string): void {
+    this.log.warn({ code: 'DPU_ERR_NBD_PROTOCOL' }, `${what}; closing the connection`);
+    this.phase = { kind: 'closing' };
+    this.socket.destroy();
+    this.finished = true;
+    this.onDone();
+  }
+}

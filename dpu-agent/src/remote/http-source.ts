@@ -1,0 +1,426 @@
+/**
+ * An image origin reached with HTTP(S) Range GETs: a Swift temp URL, Glance's download
+ * URL on its file store, or any web server. Responses are checked, not trusted:
+ *
+ *   206  Content-Range must start where we asked and end at or before where we asked
+ *        (a shorter answer is continued with another request), and the body must carry
+ *        exactly that many bytes;
+ *   200  the origin ignored Range and sends the whole object: skip to the offset, take
+ *        what we need, drop the connection;
+ *   5xx, 408, 429, resets, stalls and truncated bodies are transient: retried with
+ *        exponential backoff from where the data stopped, until no byte has arrived for
+ *        `retryDeadlineMs`; anything else (403, 404, 416…) is permanent.
+ *
+ * Connections come from a keep-alive pool. `maxConnections` bounds them; background
+ * (hydration) reads may use at most `backgroundConnections`, so a host's read miss always
+ * finds a free connection instead of queueing behind a background batch.
+ */
+import http from 'node:http';
+import https from 'node:https';
+import type { Readable } from 'node:stream';
+import axios, { type AxiosInstance } from 'axios';
+import type { Logger } from 'pino';
+import { DpuError } from '../errors.js';
+import { redactUrl } from './redact.js';
+import type { FetchPriority, RemoteReadOptions, RemoteSource, RemoteSourceStats } from './source.js';
+
+export interface HttpSourceOptions {
+  url: string;
+  /** Extra request headers (e.g. X-Auth-Token). Never logged. @default {} */
+  headers?: Record<string, string>;
+  /** Connections to the origin at most. @default 8 */
+  maxConnections?: number;
+  /** Of those, how many background reads may hold. @default 2 */
+  backgroundConnections?: number;
+  /** Give up on a read when no byte arrived for this long across retries. @default 30000 */
+  retryDeadlineMs?: number;
+  /** Abort an attempt when the body stops flowing for this long. @default 10000 */
+  stallTimeoutMs?: number;
+  /** Abort an attempt when response headers take longer than this. @default 10000 */
+  headersTimeoutMs?: number;
+  /** Replaces the identity derived from size and ETag (e.g. an image id and checksum). */
+  identity?: string;
+  log?: Logger;
+}
+
+const DEFAULTS = {
+  headers: {} as Record<string, string>,
+  maxConnections: 8,
+  backgroundConnections: 2,
+  retryDeadlineMs: 30_000,
+  stallTimeoutMs: 10_000,
+  headersTimeoutMs: 10_000,
+};
+
+const BACKOFF_FIRST_MS = 50;
+const BACKOFF_MAX_MS = 2_000;
+
+/** Counts connections in use; foreground waiters are served before background ones. */
+class ConnectionSlots {
+  private inUse = { foreground: 0, background: 0 };
+  private readonly waiting: Record<FetchPriority, (() => void)[]> = { foreground: [], background: [] };
+
+  constructor(
+    private readonly max: number,
+    private readonly backgroundMax: number,
+  ) {}
+
+  get foreground(): number {
+    return this.inUse.foreground;
+  }
+
+  get background(): number {
+    return this.inUse.background;
+  }
+
+  private canTake(p: FetchPriority): boolean {
+    const total = this.inUse.foreground + this.inUse.background;
+    if (total >= this.max) return false;
+    return p === 'foreground' || this.inUse.background < this.backgroundMax;
+  }
+
+  acquire(p: FetchPriority): Promise<void> | undefined {
+    if (this.canTake(p) && (p === 'foreground' || this.waiting.foreground.length === 0)) {
+      this.inUse[p]++;
+      return undefined;
+    }
+    return new Promise((resolve) => this.waiting[p].push(resolve));
+  }
+
+  release(p: FetchPriority): void {
+    this.inUse[p]--;
+    for (const q of ['foreground', 'background'] as const) {
+      while (this.waiting[q].length > 0 && this.canTake(q)) {
+        this.inUse[q]++;
+        this.waiting[q].shift()!();
+      }
+    }
+  }
+}
+
+export class HttpSource implements RemoteSource {
+  readonly size: number;
+  readonly identity: string;
+  readonly description: string;
+  private readonly url: string;
+  private readonly opts: typeof DEFAULTS & HttpSourceOptions;
+  private readonly http: AxiosInstance;
+  private readonly agents: { http: http.Agent; https: https.Agent };
+  private readonly slots: ConnectionSlots;
+  private readonly controllers = new Set<AbortController>();
+  private readonly counters = { bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
+  private warnedNoRange = false;
+  private closed = false;
+
+  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, http_: AxiosInstance, agents: HttpSource['agents'], size: number, etag: string | undefined) {
+    this.opts = opts;
+    this.url = opts.url;
+    this.http = http_;
+    this.agents = agents;
+    this.size = size;
+    this.identity = opts.identity ?? `http;size=${size}${etag ? `;etag=${etag}` : ''}`;
+    this.description = redactUrl(opts.url);
+    this.slots = new ConnectionSlots(opts.maxConnections, Math.min(opts.backgroundConnections, opts.maxConnections));
+  }
+
+  /** Learns the image size (HEAD, or a one-byte GET where HEAD is refused) and opens the pool. */
+  static async open(options: HttpSourceOptions): Promise<HttpSource> {
+    const opts = { ...DEFAULTS, ...options };
+    let parsed: URL;
+    try {
+      parsed = new URL(opts.url);
+    } catch {
+      throw new DpuError('DPU_ERR_CONFIG', `source URL "${redactUrl(opts.url)}" is not a URL; give an http:// or https:// URL of the raw image`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+      throw new DpuError('DPU_ERR_CONFIG', `source URL scheme "${parsed.protocol}" is not supported; give an http:// or https:// URL`);
+    }
+    const agents = {
+      http: new http.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
+      https: new https.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
+    };
+    const instance = axios.create({
+      httpAgent: agents.http,
+      httpsAgent: agents.https,
+      maxRedirects: 5,
+      proxy: false,
+      decompress: false,
+      validateStatus: () => true,
+      responseType: 'stream',
+    });
+    try {
+      const { size, etag } = await probeSize(instance, opts);
+      return new HttpSource(opts, instance, agents, size, etag);
+    } catch (err) {
+      agents.http.destroy();
+      agents.https.destroy();
+      throw err;
+    }
+  }
+
+  stats(): RemoteSourceStats {
+    return { ...this.counters, foregroundInflight: this.slots.foreground, backgroundInflight: this.slots.background };
+  }
+
+  async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
+    if (offset < 0 || offset + dest.length > this.size) {
+      throw new DpuError('DPU_ERR_OUT_OF_RANGE', `range ${offset}+${dest.length} is outside the ${this.size}-byte image`);
+    }
+    this.assertOpen();
+    const wait = this.slots.acquire(opts.priority);
+    if (wait) await wait;
+    try {
+      const progress = { filled: 0 };
+      let lastProgressAt = Date.now();
+      let backoff = BACKOFF_FIRST_MS;
+      while (progress.filled < dest.length) {
+        this.assertOpen();
+        const before = progress.filled;
+        try {
+          await this.attempt(offset, dest, progress, opts);
+        } catch (err) {
+          if (progress.filled > before) {
+            // Some bytes arrived: the origin is alive; restart the clock and the backoff.
+            lastProgressAt = Date.now();
+            backoff = BACKOFF_FIRST_MS;
+          }
+          if (this.closed) throw new DpuError('DPU_ERR_SOURCE_CLOSED', undefined, { cause: err });
+          const retryable = err instanceof DpuError ? err.retryable : true;
+          if (!retryable) {
+            this.counters.failures++;
+            throw err;
+          }
+          if (Date.now() + backoff - lastProgressAt > this.opts.retryDeadlineMs) {
+            this.counters.failures++;
+            throw new DpuError('DPU_ERR_SOURCE_DEADLINE', `${this.description} bytes ${offset + progress.filled}-${offset + dest.length - 1}: ${(err as Error).message}`, { cause: err });
+          }
+          this.counters.retries++;
+          this.opts.log?.debug({ err: (err as Error).message, offset, filled: progress.filled, backoff }, 'retrying range read');
+          await sleep(backoff);
+          backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+          continue;
+        }
+        if (progress.filled > before) {
+          lastProgressAt = Date.now();
+          backoff = BACKOFF_FIRST_MS;
+        }
+      }
+    } finally {
+      this.slots.release(opts.priority);
+    }
+  }
+
+  /** One GET for the unfilled tail of `dest`; advances `progress.filled` as bytes land. */
+  private async attempt(offset: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions): Promise<void> {
+    const start = offset + progress.filled;
+    const end = offset + dest.length - 1;
+    const controller = new AbortController();
+    this.controllers.add(controller);
+    const headersTimer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${this.opts.headersTimeoutMs} ms`)), this.opts.headersTimeoutMs);
+    this.counters.requests++;
+    try {
+      let res;
+      try {
+        res = await this.http.get<Readable>(this.url, {
+          headers: { ...this.opts.headers, Range: `bytes=${start}-${end}` },
+          signal: controller.signal,
+        });
+      } catch (err) {
+        throw transportError(err, controller);
+      } finally {
+        clearTimeout(headersTimer);
+      }
+      const body = res.data;
+      if (res.status === 206) {
+        const range = parseContentRange(res.headers['content-range']);
+        if (!range || range.first !== start || range.last > end || range.last < range.first) {
+          body.destroy();
+          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `asked for bytes ${start}-${end}, got Content-Range "${String(res.headers['content-range'])}"`);
+        }
+        const want = range.last - range.first + 1;
+        const length = res.headers['content-length'];
+        if (length !== undefined && Number(length) !== want) {
+          body.destroy();
+          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${want} bytes, Content-Length says ${String(length)}`);
+        }
+        await this.pump(body, 0, want, dest, progress, opts, true);
+      } else if (res.status === 200) {
+        if (!this.warnedNoRange) {
+          this.warnedNoRange = true;
+          this.opts.log?.warn({ source: this.description }, 'origin ignored a Range request and sent the whole object; reads will be slow');
+        }
+        await this.pump(body, start, end - start + 1, dest, progress, opts, false);
+      } else {
+        body.destroy();
+        const transient = res.status >= 500 || res.status === 408 || res.status === 429;
+        throw new DpuError(
+          transient ? 'DPU_ERR_SOURCE_TRANSIENT' : 'DPU_ERR_SOURCE_HTTP_STATUS',
+          `HTTP ${res.status} for bytes ${start}-${end} of ${this.description}${transient ? '' : statusAdvice(res.status)}`,
+        );
+      }
+    } finally {
+      this.controllers.delete(controller);
+    }
+  }
+
+  /**
+   * Copies `want` bytes of the body (after skipping `skip`) into dest at progress.filled.
+   * For a 206 the body must end exactly there; for a 200 the rest is dropped.
+   */
+  private pump(body: Readable, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean): Promise<void> {
+    return new Promise((resolve, reject) => {
+      let skipped = 0;
+      let taken = 0;
+      let settled = false;
+      const stallMs = this.opts.stallTimeoutMs;
+      const stallTimer = setTimeout(onStall, stallMs);
+      function onStall(): void {
+        finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallMs} ms`));
+      }
+      const finish = (err?: Error): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(stallTimer);
+        body.off('data', onData);
+        body.off('end', onEnd);
+        body.off('error', onError);
+        body.off('aborted', onAborted);
+        if (err || !exact) body.destroy();
+        if (err) reject(err);
+        else resolve();
+      };
+      const onData = (chunk: Buffer): void => {
+        stallTimer.refresh();
+        let c = chunk;
+        if (skipped < skip) {
+          const n = Math.min(c.length, skip - skipped);
+          skipped += n;
+          if (n === c.length) return;
+          c = c.subarray(n);
+        }
+        const n = Math.min(c.length, want - taken);
+        if (n < c.length && exact) {
+          finish(new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `body is longer than the ${want} bytes its Content-Range announced`));
+          return;
+        }
+        c.copy(dest, progress.filled, 0, n);
+        taken += n;
+        progress.filled += n;
+        this.counters.bytesFetched += n;
+        opts.onProgress?.(progress.filled);
+        if (taken === want && !exact) finish();
+      };
+      const onEnd = (): void => {
+        if (taken < want) finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body ended after ${taken} of ${want} bytes`));
+        else finish();
+      };
+      const onError = (err: Error): void => finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body: ${err.message}`, { cause: err }));
+      const onAborted = (): void => finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', 'connection aborted mid-body'));
+      body.on('data', onData);
+      body.on('end', onEnd);
+      body.on('error', onError);
+      body.on('aborted', onAborted);
+      if (want === 0) finish();
+    });
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new DpuError('DPU_ERR_SOURCE_CLOSED');
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const c of this.controllers) c.abort(new DpuError('DPU_ERR_SOURCE_CLOSED'));
+    this.agents.http.destroy();
+    this.agents.https.destroy();
+  }
+}
+
+async function probeSize(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
+  const deadline = Date.now() + opts.retryDeadlineMs;
+  let backoff = BACKOFF_FIRST_MS;
+  for (;;) {
+    try {
+      return await probeOnce(instance, opts);
+    } catch (err) {
+      const retryable = err instanceof DpuError ? err.retryable : false;
+      if (!retryable || Date.now() + backoff > deadline) throw err;
+      await sleep(backoff);
+      backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    }
+  }
+}
+
+async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
+  const where = redactUrl(opts.url);
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), opts.headersTimeoutMs);
+  try {
+    const head = await instance.head(opts.url, { headers: opts.headers, signal: controller.signal }).catch((err) => {
+      throw transportError(err, controller);
+    });
+    (head.data as Readable | undefined)?.destroy?.();
+    const etag = stringHeader(head.headers['etag']);
+    const length = Number(head.headers['content-length']);
+    if (head.status >= 200 && head.status < 300 && Number.isSafeInteger(length) && length > 0) return { size: length, etag };
+    if (head.status >= 500 || head.status === 408 || head.status === 429) {
+      throw new DpuError('DPU_ERR_SOURCE_TRANSIENT', `HEAD ${where}: HTTP ${head.status}`);
+    }
+    if (head.status === 404 || head.status === 401) {
+      throw new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `HEAD ${where}: HTTP ${head.status}${statusAdvice(head.status)}`);
+    }
+    // HEAD refused (Glance answers 405 on /file; a temp URL may allow GET only) or no
+    // length: ask for one byte instead, whose answer is definitive.
+    const res = await instance.get<Readable>(opts.url, { headers: { ...opts.headers, Range: 'bytes=0-0' }, signal: controller.signal }).catch((err) => {
+      throw transportError(err, controller);
+    });
+    res.data.destroy();
+    if (res.status === 206) {
+      const range = parseContentRange(res.headers['content-range']);
+      if (range?.total) return { size: range.total, etag: stringHeader(res.headers['etag']) ?? etag };
+      throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `GET ${where}: 206 without a total size in Content-Range "${String(res.headers['content-range'])}"`);
+    }
+    const total = Number(res.headers['content-length']);
+    if (res.status === 200 && Number.isSafeInteger(total) && total > 0) return { size: total, etag: stringHeader(res.headers['etag']) ?? etag };
+    const transient = res.status >= 500 || res.status === 408 || res.status === 429;
+    throw new DpuError(transient ? 'DPU_ERR_SOURCE_TRANSIENT' : 'DPU_ERR_SOURCE_HTTP_STATUS', `GET ${where}: HTTP ${res.status}, cannot learn the image size${transient ? '' : statusAdvice(res.status)}`);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function stringHeader(v: unknown): string | undefined {
+  return typeof v === 'string' && v.length > 0 ? v : undefined;
+}
+
+function statusAdvice(status: number): string {
+  switch (status) {
+    case 401:
+    case 403:
+      return ' (the URL or token is not accepted: a Swift temp URL may have expired or its key changed)';
+    case 404:
+      return ' (no such object: check the image URL)';
+    case 416:
+      return ' (the origin says the range is outside the object: the image changed size)';
+    default:
+      return '';
+  }
+}
+
+export function parseContentRange(v: unknown): { first: number; last: number; total: number | null } | null {
+  if (typeof v !== 'string') return null;
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(v.trim());
+  if (!m) return null;
+  return { first: Number(m[1]), last: Number(m[2]), total: m[3] === '*' ? null : Number(m[3]) };
+}
+
+function transportError(err: unknown, controller: AbortController): DpuError {
+  if (controller.signal.aborted && controller.signal.reason instanceof DpuError) return controller.signal.reason;
+  const e = err as { code?: string; message?: string };
+  return new DpuError('DPU_ERR_SOURCE_TRANSIENT', `${e.code ?? 'error'}: ${e.message ?? String(err)}`, { cause: err });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,35 @@
+/**
+ * The remote source contract: where region bytes come from before they are local. An HTTP
+ * origin (Swift temp URL, Glance, any web server) implements it today; an NBD client
+ * source can implement the same interface later.
+ */
+export type FetchPriority = 'foreground' | 'background';
+
+export interface RemoteReadOptions {
+  /** Foreground reads answer a host's miss and never queue behind background batches. */
+  priority: FetchPriority;
+  /** Called as bytes arrive with the number of leading bytes of `dest` now filled. */
+  onProgress?: (filled: number) => void;
+}
+
+export interface RemoteSourceStats {
+  bytesFetched: number;
+  requests: number;
+  retries: number;
+  failures: number;
+  foregroundInflight: number;
+  backgroundInflight: number;
+}
+
+export interface RemoteSource {
+  /** Size of the image in bytes. */
+  readonly size: number;
+  /** A stable description of what the image is (size, ETag…), for the region map's identity. */
+  readonly identity: string;
+  /** A loggable description of the source (credentials and signatures redacted). */
+  readonly description: string;
+  /** Fill `dest` with the image's bytes at `offset`, retrying transient failures. */
+  read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void>;
+  stats(): RemoteSourceStats;
+  close(): Promise<void>;
+}

@@ -1,0 +1,501 @@
+/**
+ * The streaming disk: a BlockBackend that serves a host from the local target where the
+ * region map says `local`, and from the remote source everywhere else, making each region
+ * local as it goes. See region/region-map.ts for the states and the durability order.
+ *
+ * Rules, and why:
+ *  - A read of a remote region starts one fetch for it (a run of adjacent remote regions
+ *    becomes one range request); other reads of the region share that fetch and are
+ *    answered from the fetched bytes as soon as they arrive — before the local write and
+ *    long before the metadata commit, so the host never waits on our bookkeeping.
+ *  - While a region is `filling`, writes to it wait: a fetch landing after a host write
+ *    would put the image's old bytes over the host's new ones.
+ *  - A write covering a whole remote region needs no fetch: it claims the region and its
+ *    bytes become the region. A partial write first makes the region local
+ *    (read-modify-write); otherwise the rest of the region would be the previous tenant's.
+ *  - WRITE_ZEROES or TRIM covering a whole remote region marks it `zero` without a fetch.
+ *    A region that is already local stays local (zeros are written there), so a disk
+ *    that has cut over never needs its source again.
+ *  - FLUSH and FUA commit: fdatasync of the target, then the map (group commit: callers
+ *    that arrive while a commit runs share the next one). The map is also committed at
+ *    least every `commitIntervalMs` while it has changes.
+ */
+import { EventEmitter } from 'node:events';
+import type { Logger } from 'pino';
+import type { BlockBackend, BlockCapabilities, MaybePromise } from '../block/backend.js';
+import { DpuError } from '../errors.js';
+import type { LocalTarget } from '../local/target.js';
+import { RegionState, type RegionMap } from '../region/region-map.js';
+import type { FetchPriority, RemoteSource } from '../remote/source.js';
+import { deferred, noop, type Deferred } from './deferred.js';
+
+export interface StreamingDiskOptions {
+  /** Null once the disk has cut over: every region is local and the network is not needed. */
+  source: RemoteSource | null;
+  target: LocalTarget;
+  map: RegionMap;
+  /** Commit the map at least this often while it has changes, ms. @default 1000 */
+  commitIntervalMs?: number;
+  /** Regions one foreground miss fetches at most in one range request. @default 8 */
+  maxForegroundRun?: number;
+  readOnly?: boolean;
+  log?: Logger;
+}
+
+interface Fill {
+  /** Settles when the region has left `filling`: resolved on success, rejected on failure. */
+  done: Promise<void>;
+  /** For a fetch: the region's bytes, as soon as they have arrived. */
+  data: Promise<Buffer> | null;
+}
+
+export interface DiskProgress {
+  size: number;
+  regionSize: number;
+  regionsTotal: number;
+  regionsLocal: number;
+  regionsZero: number;
+  bytesFetched: number;
+  foregroundFetches: number;
+  fetchRetries: number;
+  fetchFailures: number;
+  complete: boolean;
+}
+
+export interface StreamingDiskEvents {
+  complete: [];
+  'foreground-idle': [];
+  'region-settled': [region: number];
+  'commit-error': [err: Error];
+}
+
+export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements BlockBackend {
+  readonly size: number;
+  readonly capabilities: BlockCapabilities;
+  readonly map: RegionMap;
+  private readonly target: LocalTarget;
+  private source: RemoteSource | null;
+  private readonly inflight = new Map<number, Fill>();
+  private readonly log: Logger | undefined;
+  private readonly maxForegroundRun: number;
+  private commitRunning: Promise<void> | null = null;
+  private commitQueued: Promise<void> | null = null;
+  private readonly commitTimer: NodeJS.Timeout;
+  private fgFetches = 0;
+  private lastSourceStats = { bytesFetched: 0, retries: 0, failures: 0 };
+  private closed = false;
+
+  constructor(opts: StreamingDiskOptions) {
+    super();
+    this.map = opts.map;
+    this.target = opts.target;
+    this.source = opts.source;
+    this.size = opts.map.diskSize;
+    this.log = opts.log;
+    this.maxForegroundRun = opts.maxForegroundRun ?? 8;
+    if (!this.source && !this.map.allLocal) {
+      throw new DpuError('DPU_ERR_CONFIG', 'a disk with regions that are not local needs a remote source');
+    }
+    this.capabilities = {
+      readOnly: opts.readOnly ?? false,
+      flush: true,
+      fua: true,
+      trim: true,
+      writeZeroes: true,
+      cache: true,
+      multiConn: true,
+    };
+    this.commitTimer = setInterval(() => {
+      if (this.map.dirty && !this.commitRunning) this.commit().catch((err: Error) => this.emit('commit-error', err));
+    }, opts.commitIntervalMs ?? 1000);
+    this.commitTimer.unref();
+  }
+
+  get foregroundFetches(): number {
+    return this.fgFetches;
+  }
+
+  get complete(): boolean {
+    return this.map.complete;
+  }
+
+  progress(): DiskProgress {
+    const s = this.source?.stats() ?? this.lastSourceStats;
+    return {
+      size: this.size,
+      regionSize: this.map.regionSize,
+      regionsTotal: this.map.count,
+      regionsLocal: this.map.local,
+      regionsZero: this.map.zero,
+      bytesFetched: s.bytesFetched,
+      foregroundFetches: this.fgFetches,
+      fetchRetries: s.retries,
+      fetchFailures: s.failures,
+      complete: this.map.complete,
+    };
+  }
+
+  // ---- reads -------------------------------------------------------------------------
+
+  read(offset: number, dest: Buffer): MaybePromise<void> {
+    const map = this.map;
+    const first = map.regionOf(offset);
+    const last = map.regionOf(offset + dest.length - 1);
+    let r = first;
+    while (r <= last && map.states[r] === RegionState.Local) r++;
+    if (r > last) {
+      // Hot path: everything local. One synchronous pread into the reply buffer.
+      this.target.readSync(dest, offset);
+      return undefined;
+    }
+    return this.readSlow(offset, dest, first, last);
+  }
+
+  private async readSlow(offset: number, dest: Buffer, first: number, last: number): Promise<void> {
+    const map = this.map;
+    const end = offset + dest.length;
+    const waits: Promise<void>[] = [];
+    let r = first;
+    while (r <= last) {
+      const s = map.state(r);
+      if (s === RegionState.Remote) {
+        // Fetch the whole run of adjacent remote regions this read needs in one request.
+        let n = 1;
+        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote) n++;
+        this.fetchRun(r, n, 'foreground').catch(noop); // errors reach us through each region's fill
+      }
+      const segStart = Math.max(offset, map.regionStart(r));
+      const segEnd = Math.min(end, map.regionStart(r) + map.regionLength(r));
+      const part = dest.subarray(segStart - offset, segEnd - offset);
+      const done = this.readRegion(r, segStart, part);
+      if (done) waits.push(done);
+      r++;
+    }
+    await Promise.all(waits);
+  }
+
+  /** Reads part of one region; synchronous when the region is local or zero. */
+  private readRegion(r: number, pos: number, dest: Buffer): Promise<void> | undefined {
+    switch (this.map.state(r)) {
+      case RegionState.Local:
+        this.target.readSync(dest, pos);
+        return undefined;
+      case RegionState.Zero:
+        dest.fill(0);
+        return undefined;
+      default:
+        return this.readRegionAsync(r, pos, dest);
+    }
+  }
+
+  private async readRegionAsync(r: number, pos: number, dest: Buffer): Promise<void> {
+    for (;;) {
+      const s = this.map.state(r);
+      if (s === RegionState.Local || s === RegionState.Zero) {
+        this.readRegion(r, pos, dest);
+        return;
+      }
+      if (s === RegionState.Remote) {
+        this.fetchRun(r, 1, 'foreground').catch(noop);
+        continue;
+      }
+      const fill = this.inflight.get(r)!;
+      if (fill.data) {
+        const data = await fill.data;
+        const from = pos - this.map.regionStart(r);
+        data.copy(dest, 0, from, from + dest.length);
+        return;
+      }
+      await fill.done; // a whole-region write or a zero fill; then read what it left
+    }
+  }
+
+  // ---- fetching ----------------------------------------------------------------------
+
+  /**
+   * Fetches regions [first, first+count), all `remote`, in one range request. Each region's
+   * bytes are handed to waiting readers the moment they have arrived, then written to the
+   * target, and only then is the region `local`. On failure the regions not yet landed go
+   * back to `remote` and their waiters get the error.
+   */
+  fetchRun(first: number, count: number, priority: FetchPriority): Promise<void> {
+    const source = this.source;
+    if (!source || this.closed) return Promise.reject(new DpuError('DPU_ERR_SOURCE_CLOSED'));
+    const map = this.map;
+    const start = map.regionStart(first);
+    let total = 0;
+    const fills: { data: Deferred<Buffer>; done: Deferred<void>; end: number }[] = [];
+    for (let i = 0; i < count; i++) {
+      const r = first + i;
+      if (map.state(r) !== RegionState.Remote) throw new Error(`fetchRun: region ${r} is not remote`);
+      total += map.regionLength(r);
+      const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total };
+      fills.push(f);
+      map.set(r, RegionState.Filling);
+      this.inflight.set(r, { done: f.done.promise, data: f.data.promise });
+    }
+    const buf = Buffer.allocUnsafe(total);
+    let landed = 0;
+    const land = (filled: number): void => {
+      while (landed < count && filled >= fills[landed]!.end) {
+        const i = landed++;
+        const r = first + i;
+        const from = i === 0 ? 0 : fills[i - 1]!.end;
+        const data = buf.subarray(from, fills[i]!.end);
+        fills[i]!.data.resolve(data);
+        try {
+          this.target.writeSync([data], start + from);
+        } catch (err) {
+          this.settle(r, RegionState.Remote);
+          fills[i]!.done.reject(err);
+          continue;
+        }
+        this.settle(r, RegionState.Local);
+        fills[i]!.done.resolve();
+      }
+    };
+    if (priority === 'foreground') this.fgFetches++;
+    return source
+      .read(start, buf, { priority, onProgress: land })
+      .then(() => land(total))
+      .catch((err: unknown) => {
+        for (let i = landed; i < count; i++) {
+          this.settle(first + i, RegionState.Remote);
+          fills[i]!.data.reject(err);
+          fills[i]!.done.reject(err);
+        }
+        landed = count;
+        throw err;
+      })
+      .finally(() => {
+        if (priority === 'foreground' && --this.fgFetches === 0) this.emit('foreground-idle');
+      });
+  }
+
+  private settle(r: number, s: RegionState): void {
+    this.map.set(r, s);
+    this.inflight.delete(r);
+    this.emit('region-settled', r);
+  }
+
+  /** Brings one region to `local` whatever its state. */
+  private async makeLocal(r: number): Promise<void> {
+    for (;;) {
+      switch (this.map.state(r)) {
+        case RegionState.Local:
+          return;
+        case RegionState.Zero:
+          this.zeroFill(r);
+          return;
+        case RegionState.Remote:
+          await this.fetchRun(r, 1, 'foreground');
+          break;
+        default:
+          await this.inflight.get(r)!.done;
+      }
+    }
+  }
+
+  /** zero → local: the zeros are written, so the local bytes become the region's truth. */
+  zeroFill(r: number): void {
+    this.target.writeZeroesSync(this.map.regionStart(r), this.map.regionLength(r));
+    this.settle(r, RegionState.Local);
+  }
+
+  // ---- writes ------------------------------------------------------------------------
+
+  write(offset: number, chunks: readonly Buffer[], length: number, fua: boolean): MaybePromise<void> {
+    this.assertWritable();
+    const map = this.map;
+    const first = map.regionOf(offset);
+    const last = map.regionOf(offset + length - 1);
+    let r = first;
+    while (r <= last && map.states[r] === RegionState.Local) r++;
+    if (r > last) {
+      this.target.writeSync(chunks, offset);
+      return fua ? this.commit() : undefined;
+    }
+    return this.writeSlow(offset, chunks, length, fua, first, last);
+  }
+
+  private async writeSlow(offset: number, chunks: readonly Buffer[], length: number, fua: boolean, first: number, last: number): Promise<void> {
+    const claimed = await this.prepareRange(offset, length, first, last);
+    try {
+      this.target.writeSync(chunks, offset);
+    } catch (err) {
+      this.release(claimed, false);
+      throw err;
+    }
+    this.release(claimed, true);
+    if (fua) await this.commit();
+  }
+
+  /**
+   * Makes every region of [offset, offset+length) ready to take a write: regions covered
+   * whole are claimed (`filling`, no fetch); partially covered ones are made local first.
+   */
+  private async prepareRange(offset: number, length: number, first: number, last: number): Promise<{ r: number; was: RegionState; done: Deferred<void> }[]> {
+    const map = this.map;
+    const end = offset + length;
+    const claimed: { r: number; was: RegionState; done: Deferred<void> }[] = [];
+    try {
+      for (let r = first; r <= last; r++) {
+        const whole = offset <= map.regionStart(r) && end >= map.regionStart(r) + map.regionLength(r);
+        for (;;) {
+          const s = map.state(r);
+          if (s === RegionState.Local) break;
+          if (s === RegionState.Filling) {
+            await this.inflight.get(r)!.done.catch(noop); // then look again: it may have failed
+            continue;
+          }
+          if (whole) {
+            const done = deferred<void>();
+            claimed.push({ r, was: s, done });
+            map.set(r, RegionState.Filling);
+            this.inflight.set(r, { done: done.promise, data: null });
+            break;
+          }
+          await this.makeLocal(r);
+        }
+      }
+    } catch (err) {
+      this.release(claimed, false);
+      throw err;
+    }
+    return claimed;
+  }
+
+  private release(claimed: { r: number; was: RegionState; done: Deferred<void> }[], landed: boolean): void {
+    for (const c of claimed) {
+      // On failure the region returns to what it was: its local bytes are again meaningless.
+      this.settle(c.r, landed ? RegionState.Local : c.was);
+      c.done.resolve();
+    }
+  }
+
+  writeZeroes(offset: number, length: number, fua: boolean): MaybePromise<void> {
+    this.assertWritable();
+    return this.zeroRange(offset, length, fua, true);
+  }
+
+  trim(offset: number, length: number, fua: boolean): MaybePromise<void> {
+    this.assertWritable();
+    return this.zeroRange(offset, length, fua, false);
+  }
+
+  /**
+   * Whole remote regions become `zero` without a fetch (for TRIM as for WRITE_ZEROES: a
+   * trimmed range may read back as anything the disk held, and zeros are that). With
+   * `mustZero` (WRITE_ZEROES) the rest of the range gets zeros written locally; TRIM is
+   * advisory and leaves it alone.
+   */
+  private async zeroRange(offset: number, length: number, fua: boolean, mustZero: boolean): Promise<void> {
+    const map = this.map;
+    const end = offset + length;
+    const first = map.regionOf(offset);
+    const last = map.regionOf(end - 1);
+    for (let r = first; r <= last; r++) {
+      const rs = map.regionStart(r);
+      const re = rs + map.regionLength(r);
+      const whole = offset <= rs && end >= re;
+      for (;;) {
+        const s = map.state(r);
+        if (s === RegionState.Filling) {
+          await this.inflight.get(r)!.done.catch(noop);
+          continue;
+        }
+        if (s === RegionState.Zero) break;
+        if (s === RegionState.Remote && whole) {
+          map.set(r, RegionState.Zero);
+          this.emit('region-settled', r);
+          break;
+        }
+        if (!mustZero) break;
+        await this.makeLocal(r);
+        const from = Math.max(offset, rs);
+        this.target.writeZeroesSync(from, Math.min(end, re) - from);
+        break;
+      }
+      // A 100 GiB WRITE_ZEROES must not hold the event loop: let other requests run.
+      if ((r - first) % 64 === 63) await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    if (fua) await this.commit();
+  }
+
+  cache(offset: number, length: number): MaybePromise<void> {
+    const first = this.map.regionOf(offset);
+    const last = this.map.regionOf(offset + length - 1);
+    const waits: Promise<void>[] = [];
+    for (let r = first; r <= last; r++) {
+      if (this.map.state(r) !== RegionState.Local) waits.push(this.makeLocal(r));
+    }
+    return waits.length ? Promise.all(waits).then(noop) : undefined;
+  }
+
+  // ---- durability --------------------------------------------------------------------
+
+  flush(): Promise<void> {
+    return this.commit();
+  }
+
+  /** Data, then metadata (see the durability order in region/region-map.ts). */
+  commit(): Promise<void> {
+    if (!this.commitRunning) {
+      this.commitRunning = this.runCommit().finally(() => {
+        this.commitRunning = null;
+      });
+      return this.commitRunning;
+    }
+    // The running commit may have taken its snapshot before our caller's writes: queue
+    // exactly one more behind it, shared by everyone who arrives meanwhile.
+    if (!this.commitQueued) {
+      this.commitQueued = this.commitRunning.catch(noop).then(() => {
+        this.commitQueued = null;
+        return this.commit();
+      });
+    }
+    return this.commitQueued;
+  }
+
+  private async runCommit(): Promise<void> {
+    const snap = this.map.dirty ? this.map.snapshot() : null; // (1)
+    await this.target.datasync(); // (2)
+    if (snap) await this.map.persist(snap); // (3)
+  }
+
+  /**
+   * Cutover: every region is local. The complete flag is committed, then the remote
+   * source is closed; from here on the disk never touches the network, across restarts.
+   */
+  async cutover(): Promise<void> {
+    if (!this.map.allLocal) throw new Error('cutover with regions not yet local');
+    this.map.markComplete();
+    await this.commit();
+    const source = this.source;
+    if (source) {
+      const s = source.stats();
+      this.lastSourceStats = { bytesFetched: s.bytesFetched, retries: s.retries, failures: s.failures };
+      this.source = null;
+      await source.close();
+    }
+    this.log?.info({ regions: this.map.count }, 'every region is local: remote source closed');
+    this.emit('complete');
+  }
+
+  private assertWritable(): void {
+    if (this.capabilities.readOnly) throw new DpuError('DPU_ERR_READ_ONLY');
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.commitTimer);
+    // Closing the source aborts in-flight fetches; their regions go back to `remote`.
+    await this.source?.close();
+    const pending = [...this.inflight.values()].map((f) => f.done.catch(noop));
+    await Promise.all(pending);
+    await this.commit();
+    this.map.close();
+    this.target.close();
+  }
+}

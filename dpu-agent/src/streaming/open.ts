@@ -1,0 +1,205 @@
+/**
+ * Wiring: one place that composes a streaming disk from its parts — state directory
+ * (lock + disk.json + region map), remote source, local target, disk and hydrator.
+ *
+ * disk.json records what the state directory is for (image size, identity, region size,
+ * the source URL with secrets redacted). On a restart it is the geometry's source of
+ * truth: a disk that has cut over reopens without contacting the origin at all, and a
+ * disk mid-hydration refuses a source whose identity differs (another image must never be
+ * mixed with this one's local regions).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { DpuError } from '../errors.js';
+import { LocalTarget } from '../local/target.js';
+import { RegionMap } from '../region/region-map.js';
+import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
+import { redactUrl } from '../remote/redact.js';
+import type { RemoteSource } from '../remote/source.js';
+import { StreamingDisk } from './disk.js';
+import { Hydrator, type HydratorOptions } from './hydrator.js';
+
+export const DEFAULT_REGION_SIZE = 1 << 20;
+
+export interface OpenDiskOptions {
+  source: Omit<HttpSourceOptions, 'log'>;
+  targetPath: string;
+  stateDir: string;
+  /** @default 1 MiB, or what the state directory already uses */
+  regionSize?: number;
+  hydrator?: Omit<HydratorOptions, 'log'>;
+  commitIntervalMs?: number;
+  log?: Logger;
+}
+
+export interface OpenedDisk {
+  disk: StreamingDisk;
+  hydrator: Hydrator;
+  /** Releases the state directory lock after closing everything. */
+  close(): Promise<void>;
+}
+
+interface DiskRecord {
+  version: 1;
+  size: number;
+  regionSize: number;
+  identity: string;
+  source: string;
+  target: string;
+  createdAt: string;
+}
+
+export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDisk> {
+  const log = opts.log;
+  fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
+  const unlock = lockStateDir(opts.stateDir);
+  let source: RemoteSource | null = null;
+  let target: LocalTarget | null = null;
+  let map: RegionMap | null = null;
+  try {
+    const recordPath = path.join(opts.stateDir, 'disk.json');
+    const record = readRecord(recordPath);
+    if (record && opts.regionSize && opts.regionSize !== record.regionSize) {
+      throw new DpuError('DPU_ERR_CONFIG', `${opts.stateDir} holds a disk with ${record.regionSize}-byte regions; drop --region-size ${opts.regionSize} or use a new --state directory`);
+    }
+    const regionSize = record?.regionSize ?? opts.regionSize ?? DEFAULT_REGION_SIZE;
+    let size: number;
+    let identity: string;
+    if (record && isComplete(opts.stateDir, record)) {
+      // Cut over already: the origin is not needed, and not contacted.
+      size = record.size;
+      identity = record.identity;
+      log?.info({ stateDir: opts.stateDir }, 'disk is complete: serving from the local target only');
+    } else {
+      source = await HttpSource.open({ ...opts.source, ...(log ? { log } : {}) });
+      size = source.size;
+      identity = source.identity;
+      if (record && (record.size !== size || record.identity !== identity)) {
+        throw new DpuError(
+          'DPU_ERR_SOURCE_MISMATCH',
+          `${opts.stateDir} was made for ${record.source} (${record.identity}); ${source.description} is ${identity}. Use a new --state directory for another image`,
+        );
+      }
+    }
+    if (!record) {
+      writeRecord(recordPath, {
+        version: 1,
+        size,
+        regionSize,
+        identity,
+        source: redactUrl(opts.source.url),
+        target: path.resolve(opts.targetPath),
+        createdAt: new Date().toISOString(),
+      });
+    }
+    target = LocalTarget.open(opts.targetPath, { create: true, size });
+    map = RegionMap.open(opts.stateDir, { diskSize: size, regionSize, identity });
+    const disk = new StreamingDisk({
+      source,
+      target,
+      map,
+      ...(opts.commitIntervalMs !== undefined ? { commitIntervalMs: opts.commitIntervalMs } : {}),
+      ...(log ? { log } : {}),
+    });
+    const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}) });
+    return {
+      disk,
+      hydrator,
+      async close() {
+        try {
+          await hydrator.stop();
+          await disk.close();
+        } finally {
+          unlock();
+        }
+      },
+    };
+  } catch (err) {
+    await source?.close();
+    target?.close();
+    map?.close();
+    unlock();
+    throw err;
+  }
+}
+
+function isComplete(stateDir: string, record: DiskRecord): boolean {
+  try {
+    const map = RegionMap.open(stateDir, { diskSize: record.size, regionSize: record.regionSize, identity: record.identity });
+    const complete = map.complete && map.allLocal;
+    map.close();
+    return complete;
+  } catch {
+    return false;
+  }
+}
+
+function readRecord(file: string): DiskRecord | null {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  try {
+    const rec = JSON.parse(text) as DiskRecord;
+    if (rec.version !== 1 || !Number.isSafeInteger(rec.size) || !Number.isSafeInteger(rec.regionSize) || typeof rec.identity !== 'string') throw new Error('missing fields');
+    return rec;
+  } catch (err) {
+    throw new DpuError('DPU_ERR_STATE_CORRUPT', `${file}: ${(err as Error).message}; move the state directory away to start over`);
+  }
+}
+
+/** Atomic replace: temp file, fsync, rename, fsync the directory. */
+function writeRecord(file: string, rec: DiskRecord): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    fs.writeSync(fd, JSON.stringify(rec, null, 2) + '\n');
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  const dfd = fs.openSync(path.dirname(file), 'r');
+  try {
+    fs.fsyncSync(dfd);
+  } finally {
+    fs.closeSync(dfd);
+  }
+}
+
+/**
+ * One process per state directory. The lock file holds the owner's PID; a lock left by a
+ * process that no longer exists (a crash, kill -9) is taken over.
+ */
+function lockStateDir(dir: string): () => void {
+  const file = path.join(dir, 'lock');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+      fs.writeSync(fd, `${process.pid}\n`);
+      fs.closeSync(fd);
+      return () => fs.rmSync(file, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const pid = Number(fs.readFileSync(file, 'utf8').trim());
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && processAlive(pid)) {
+        throw new DpuError('DPU_ERR_STATE_LOCKED', `${dir} is in use by process ${pid}; stop it first or use another --state directory`);
+      }
+      fs.rmSync(file, { force: true });
+    }
+  }
+  throw new DpuError('DPU_ERR_STATE_LOCKED', `${dir}: could not take the lock`);
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project's tests, demo and benchmarks use, if any is
+# missing. Needs root (or sudo). Safe to run again: it does nothing when all are present.
+set -euo pipefail
+PACKAGES=(
+  qemu-system-x86 qemu-utils qemu-block-extra seabios   # the host (QEMU, NVMe over NBD) and qemu-img/qemu-io
+  nbdkit libnbd-bin fio                                 # NBD peers and clients
+  busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || { echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"

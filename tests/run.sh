@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (`npm test`): installs what is missing, builds, runs every mocha test,
+# and ends with a line "N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+npx tsc -p tsconfig.json
+exec npx mocha "$@"
