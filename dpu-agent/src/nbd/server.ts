@@ -83,7 +83,9 @@ export class NbdServer {
       resolve: (name) => byName.get(name === '' ? defaultName : name) ?? null,
       list: () => entries,
     };
-    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // allowHalfOpen: a client may send NBD_CMD_DISC (or its last requests) and then shut
+    // down its sending side, as libnbd does; the replies still owed must go out after that.
+    this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
   }
 
   /** Starts listening; resolves with the NBD URI clients use. */

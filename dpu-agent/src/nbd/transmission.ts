@@ -43,6 +43,7 @@ export class Transmission {
   private paused = false;
   private corked = false;
   private finished = false;
+  private eof = false;
   private readonly onDrain = (): void => this.maybeResume();
 
   constructor(
@@ -58,6 +59,11 @@ export class Transmission {
       this.process();
     });
     socket.on('drain', this.onDrain);
+    socket.on('end', () => {
+      // The client will send nothing more: answer what was asked, then end our side.
+      this.eof = true;
+      this.process();
+    });
     this.process();
   }
 
@@ -106,6 +112,9 @@ export class Transmission {
         break;
       }
     }
+    // Everything the client sent before closing its side has been taken (a request cut
+    // short by the close is dropped): answer what is outstanding, then end.
+    if (this.eof && !this.paused && this.phase.kind !== 'closing') this.shutdown();
   }
 
   private maybeResume(): void {

@@ -131,7 +131,7 @@ export class RegionMap {
     if (existed) {
       map.load();
     } else {
-      // Write slot 0 with sequence 1 so the file is valid from the start, and make the
+      // Write sequence 1 so the file is valid from the start, and make the
       // directory entry durable: a map that vanished after a crash would turn
       // flushed host writes back into `remote`.
       map.version = 1;
@@ -309,10 +309,10 @@ export class RegionMap {
     if (snap.version > this.persistedVersion) this.persistedVersion = snap.version;
   }
 
+  /** The first write: both slots get the same snapshot, so slot 0 always has a header. */
   private writeSlot(snap: MapSnapshot): void {
-    const seq = Number(snap.bytes.readBigUInt64LE(16));
-    fs.writeSync(this.fd, snap.bytes, 0, snap.bytes.length, (seq % 2) * this.slotBytes);
-    this.seq = seq;
+    for (const slot of [0, 1]) fs.writeSync(this.fd, snap.bytes, 0, snap.bytes.length, slot * this.slotBytes);
+    this.seq = Number(snap.bytes.readBigUInt64LE(16));
     this.persistedVersion = snap.version;
   }
 

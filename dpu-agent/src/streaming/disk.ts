@@ -138,6 +138,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   // ---- reads -------------------------------------------------------------------------
 
   read(offset: number, dest: Buffer): MaybePromise<void> {
+    if (this.closed) throw new DpuError('DPU_ERR_SHUTTING_DOWN');
     const map = this.map;
     const first = map.regionOf(offset);
     const last = map.regionOf(offset + dest.length - 1);
@@ -483,6 +484,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   private assertWritable(): void {
+    if (this.closed) throw new DpuError('DPU_ERR_SHUTTING_DOWN');
     if (this.capabilities.readOnly) throw new DpuError('DPU_ERR_READ_ONLY');
   }
 

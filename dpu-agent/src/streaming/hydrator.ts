@@ -59,7 +59,8 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   }
 
   get state(): HydratorState {
-    return this.current;
+    // The disk says complete from the moment cutover commits, before our loop notices.
+    return this.disk.complete ? 'complete' : this.current;
   }
 
   get lastError(): string | null {

@@ -1,0 +1,222 @@
+/**
+ * The streaming disk's state machine, driven in-process. The remote source here is a
+ * test implementation of the RemoteSource contract backed by a buffer, with gates that
+ * hold a fetch open so races can be staged deterministically (the disk — the component
+ * under test — is real, as are its local target and region map on disk).
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LocalTarget } from '../../dpu-agent/src/local/target.js';
+import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js';
+import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../dpu-agent/src/remote/source.js';
+import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
+import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
+import { tempDir } from '../helpers/agent.js';
+
+const R = 64 << 10; // region size in these tests
+
+class BufferSource implements RemoteSource {
+  readonly identity = 'test';
+  readonly description = 'buffer';
+  reads: { offset: number; length: number; priority: string }[] = [];
+  bytes = 0;
+  gate: Promise<void> | null = null;
+  failNext = 0;
+  closed = false;
+  constructor(readonly image: Buffer) {}
+  get size(): number {
+    return this.image.length;
+  }
+  async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
+    this.reads.push({ offset, length: dest.length, priority: opts.priority });
+    if (this.gate) await this.gate;
+    if (this.failNext > 0) {
+      this.failNext--;
+      throw new Error('injected source failure');
+    }
+    // Deliver in two halves so per-region early delivery is exercised.
+    const half = Math.floor(dest.length / 2);
+    this.image.copy(dest, 0, offset, offset + half);
+    opts.onProgress?.(half);
+    await new Promise((r) => setImmediate(r));
+    this.image.copy(dest, half, offset + half, offset + dest.length);
+    this.bytes += dest.length;
+    opts.onProgress?.(dest.length);
+  }
+  stats(): RemoteSourceStats {
+    return { bytesFetched: this.bytes, requests: this.reads.length, retries: 0, failures: 0, foregroundInflight: 0, backgroundInflight: 0 };
+  }
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+}
+
+function image(size: number): Buffer {
+  const b = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 4) b.writeUInt32LE((i * 2654435761) >>> 0, i);
+  return b;
+}
+
+describe('StreamingDisk', () => {
+  let dir: string;
+  let cleanup: () => void;
+  let src: BufferSource;
+  let disk: StreamingDisk;
+  const size = 8 * R + 1000; // short last region
+  const img = image(size);
+  // A previous tenant's bytes on the target: must never be served.
+  const TENANT = 0x5a;
+
+  beforeEach(() => {
+    ({ dir, cleanup } = tempDir('sdisk'));
+    fs.writeFileSync(path.join(dir, 'target'), Buffer.alloc(size, TENANT));
+    src = new BufferSource(img);
+    disk = open();
+  });
+  afterEach(async () => {
+    await disk.close().catch(() => undefined);
+    cleanup();
+  });
+
+  function open(source: RemoteSource | null = src): StreamingDisk {
+    const target = LocalTarget.open(path.join(dir, 'target'), { create: true, size });
+    const map = RegionMap.open(path.join(dir, 'state'), { diskSize: size, regionSize: R, identity: 'test' });
+    return new StreamingDisk({ source, target, map, commitIntervalMs: 50 });
+  }
+
+  async function read(offset: number, length: number): Promise<Buffer> {
+    const b = Buffer.alloc(length);
+    await disk.read(offset, b);
+    return b;
+  }
+
+  it('a read miss fetches its region, answers, and makes it local', async () => {
+    const got = await read(R + 100, 5000);
+    assert.deepEqual(got, img.subarray(R + 100, R + 5100));
+    assert.equal(disk.map.state(1), RegionState.Local);
+    assert.equal(src.reads.length, 1);
+    assert.equal(src.reads[0]!.priority, 'foreground');
+    await read(R, R);
+    assert.equal(src.reads.length, 1, 'a local region is not fetched again');
+  });
+
+  it('concurrent misses on one region share one fetch', async () => {
+    let open!: () => void;
+    src.gate = new Promise((r) => (open = r));
+    const reads = [read(2 * R, 10), read(2 * R + 500, 10), read(2 * R + R - 10, 10)];
+    await new Promise((r) => setImmediate(r));
+    open();
+    src.gate = null;
+    const got = await Promise.all(reads);
+    assert.equal(src.reads.length, 1);
+    assert.deepEqual(got[1], img.subarray(2 * R + 500, 2 * R + 510));
+  });
+
+  it('a read across remote regions fetches them in one range request', async () => {
+    const got = await read(R / 2, 3 * R);
+    assert.deepEqual(got, img.subarray(R / 2, R / 2 + 3 * R));
+    assert.equal(src.reads.length, 1);
+    assert.equal(src.reads[0]!.length, 4 * R);
+  });
+
+  it('a whole-region write needs no fetch; a partial write keeps the image around it', async () => {
+    const whole = Buffer.alloc(R, 0xee);
+    await disk.write(3 * R, [whole.subarray(0, 1000), whole.subarray(1000)], R, false);
+    assert.equal(src.reads.length, 0);
+    assert.deepEqual(await read(3 * R, R), whole);
+    const part = Buffer.alloc(100, 0xcd);
+    await disk.write(5 * R + 50, [part], 100, false);
+    assert.equal(src.reads.length, 1, 'the partial write hydrated its region first');
+    const back = await read(5 * R, R);
+    assert.deepEqual(back.subarray(0, 50), img.subarray(5 * R, 5 * R + 50));
+    assert.deepEqual(back.subarray(50, 150), part);
+    assert.deepEqual(back.subarray(150), img.subarray(5 * R + 150, 6 * R));
+  });
+
+  it('a write to a region being fetched waits for the fetch, so the fetch cannot overwrite it', async () => {
+    let open!: () => void;
+    src.gate = new Promise((r) => (open = r));
+    const r1 = read(4 * R, 10);
+    await new Promise((r) => setImmediate(r));
+    assert.equal(disk.map.state(4), RegionState.Filling);
+    const w = disk.write(4 * R, [Buffer.alloc(R, 0x11)], R, false);
+    open();
+    src.gate = null;
+    await Promise.all([r1, w]);
+    assert.deepEqual(await read(4 * R, R), Buffer.alloc(R, 0x11));
+  });
+
+  it('a failed fetch leaves the region remote, reports EIO-worthy error, and a retry works', async () => {
+    src.failNext = 1;
+    await assert.rejects(read(6 * R, 10), /injected source failure/);
+    assert.equal(disk.map.state(6), RegionState.Remote);
+    assert.deepEqual(await read(6 * R, 10), img.subarray(6 * R, 6 * R + 10));
+  });
+
+  it('WRITE_ZEROES and TRIM on whole remote regions need no fetch; partial zeroing keeps the rest', async () => {
+    await disk.writeZeroes(R, 2 * R, false);
+    await disk.trim(4 * R, R, false);
+    assert.equal(src.reads.length, 0);
+    assert.equal(disk.map.describe().slice(0, 5), 'rzzrz');
+    assert.deepEqual(await read(R, 2 * R), Buffer.alloc(2 * R));
+    await disk.writeZeroes(6 * R + 10, 20, false);
+    const back = await read(6 * R, 64);
+    assert.deepEqual(back.subarray(0, 10), img.subarray(6 * R, 6 * R + 10));
+    assert.deepEqual(back.subarray(10, 30), Buffer.alloc(20));
+    assert.deepEqual(back.subarray(30), img.subarray(6 * R + 30, 6 * R + 64));
+  });
+
+  it('never serves the previous tenant: zero regions read zeros even though the target holds old bytes', async () => {
+    await disk.trim(0, R, false);
+    const b = await read(0, R);
+    assert.ok(!b.includes(TENANT), 'no tenant byte');
+  });
+
+  it('flush persists what is local; a reopen serves it without fetching', async () => {
+    await read(0, 10);
+    await disk.write(2 * R, [Buffer.alloc(R, 0x77)], R, false);
+    await disk.flush();
+    await disk.close();
+    const before = src.reads.length;
+    disk = open();
+    assert.equal(disk.map.state(0), RegionState.Local);
+    assert.equal(disk.map.state(2), RegionState.Local);
+    assert.deepEqual(await read(2 * R, R), Buffer.alloc(R, 0x77));
+    assert.equal(src.reads.length, before);
+  });
+
+  it('hydration copies everything, coalesces runs, then cuts over and closes the source', async () => {
+    await disk.writeZeroes(2 * R, R, false);
+    const h = new Hydrator(disk, { batchBytes: 4 * R, concurrency: 2 });
+    const done = new Promise<void>((r) => disk.once('complete', () => r()));
+    h.start();
+    await done;
+    assert.equal(h.state, 'complete');
+    assert.equal(disk.map.allLocal, true);
+    assert.equal(src.closed, true);
+    assert.ok(src.reads.every((x) => x.length <= 4 * R));
+    assert.equal(src.bytes, size - R, 'the zeroed region was not fetched');
+    const expected = Buffer.from(img);
+    expected.fill(0, 2 * R, 3 * R);
+    assert.deepEqual(fs.readFileSync(path.join(dir, 'target')), expected);
+    await disk.close();
+    // A complete disk reopens with no source at all.
+    disk = open(null);
+    assert.deepEqual(await read(0, size), expected);
+  });
+
+  it('hydration pauses and resumes', async () => {
+    const h = new Hydrator(disk, { batchBytes: R, concurrency: 1 });
+    h.start();
+    h.pause();
+    await new Promise((r) => setTimeout(r, 50));
+    const n = src.reads.length;
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(src.reads.length, n, 'no new fetch while paused');
+    const done = new Promise<void>((r) => disk.once('complete', () => r()));
+    h.resume();
+    await done;
+    assert.equal(disk.map.allLocal, true);
+  });
+});
