@@ -13,6 +13,7 @@ import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockBackend } from '../block/backend.js';
 import { DpuError, NbdErrno, toNbdErrno } from '../errors.js';
+import { BufferPool } from './buffer-pool.js';
 import type { ByteQueue } from './byte-queue.js';
 import {
   Cmd,
@@ -28,6 +29,8 @@ import {
 
 const MAX_INFLIGHT = 256;
 const MAX_PENDING_REPLY_BYTES = 16 << 20;
+/** Shared by every connection of the process: replies are short-lived and alike. */
+const replyPool = new BufferPool();
 const KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO;
 
 export interface TransmissionStats {
@@ -149,7 +152,7 @@ export class Transmission {
     }
     switch (req.type) {
       case Cmd.READ: {
-        const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + req.length);
+        const reply = replyPool.acquire(SIMPLE_REPLY_BYTES + req.length);
         this.run(req, reply, () => b.read(req.offset, reply.subarray(SIMPLE_REPLY_BYTES)));
         break;
       }
@@ -199,7 +202,7 @@ export class Transmission {
 
   /** Runs one backend call; replies when it completes, synchronously if it did. */
   private run(req: RequestHeader, readReply: Buffer | null, call: () => void | Promise<void>): void {
-    const reply = readReply ?? Buffer.allocUnsafe(SIMPLE_REPLY_BYTES);
+    const reply = readReply ?? replyPool.acquire(SIMPLE_REPLY_BYTES);
     writeSimpleReplyHeader(reply, 0, req.handle); // copies the handle: the header view may go
     let result: void | Promise<void>;
     try {
@@ -239,15 +242,20 @@ export class Transmission {
   private replyError(req: RequestHeader, errno: number): void {
     this.stats.errors++;
     this.log.debug({ cmd: CMD_NAMES[req.type] ?? req.type, offset: req.offset, length: req.length, flags: req.flags, errno }, 'request refused');
-    const reply = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES);
+    const reply = replyPool.acquire(SIMPLE_REPLY_BYTES);
     writeSimpleReplyHeader(reply, errno, req.handle);
     this.send(reply);
   }
 
   private send(buf: Buffer): void {
-    if (this.socket.destroyed) return;
+    if (this.socket.destroyed) {
+      replyPool.release(buf);
+      return;
+    }
     this.cork();
-    this.socket.write(buf);
+    // The buffer returns to the pool once the socket has handed its bytes to the kernel
+    // (or failed): never earlier, or a later reply could overwrite unsent bytes.
+    this.socket.write(buf, () => replyPool.release(buf));
   }
 
   private afterAsync(): void {

@@ -1,0 +1,37 @@
+/**
+ * Reply buffers, reused. Allocating a fresh buffer per read reply made V8 run ~40 full
+ * GCs a second at 1 MiB reads (external memory pressure; see docs/benchmarks.md): a
+ * buffer goes back to the pool when the socket has taken its bytes. Size classes are
+ * powers of two; each class keeps at most `classBytes` worth of idle buffers.
+ */
+const MIN_CLASS_SHIFT = 13; // 8 KiB: a 4 KiB read reply (4 KiB + 16) fits
+const MAX_CLASS_SHIFT = 26; // 64 MiB: the largest reply (32 MiB + 16) fits
+
+export class BufferPool {
+  private readonly free: Buffer[][] = [];
+  private readonly maxIdle: number[] = [];
+
+  constructor(classBytes = 32 << 20, maxPerClass = 256) {
+    for (let s = 0; s <= MAX_CLASS_SHIFT; s++) {
+      this.free.push([]);
+      this.maxIdle.push(Math.max(1, Math.min(maxPerClass, Math.floor(classBytes / 2 ** s))));
+    }
+  }
+
+  /** A buffer of exactly `size` bytes (a view of a pooled one). */
+  acquire(size: number): Buffer {
+    const shift = Math.max(MIN_CLASS_SHIFT, Math.ceil(Math.log2(size)));
+    if (shift > MAX_CLASS_SHIFT) return Buffer.allocUnsafe(size);
+    const whole = this.free[shift]!.pop() ?? Buffer.allocUnsafeSlow(2 ** shift);
+    return whole.subarray(0, size);
+  }
+
+  /** Gives back a buffer from acquire(); its bytes must no longer be in use. */
+  release(buf: Buffer): void {
+    const whole = Buffer.from(buf.buffer, buf.byteOffset, buf.buffer.byteLength - buf.byteOffset);
+    const shift = Math.log2(whole.length);
+    if (!Number.isInteger(shift) || shift < MIN_CLASS_SHIFT || shift > MAX_CLASS_SHIFT || buf.byteOffset !== 0) return;
+    const list = this.free[shift]!;
+    if (list.length < this.maxIdle[shift]!) list.push(whole);
+  }
+}
