@@ -1,0 +1,219 @@
+/**
+ * The REST API (openapi/driver.yaml), built separately from listening so tests run it
+ * in-process (STYLE.md principle 9). Routes, validation and authentication come from the
+ * OpenAPI document (openapi/server.ts); this file holds the handlers.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { createBullBoard } from '@bull-board/api';
+import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
+import { FastifyAdapter } from '@bull-board/fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { RawServerDefault } from 'fastify';
+import type { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { AgentClient } from '../../openapi/clients/agent-client.js';
+import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
+import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../openapi/server.js';
+import type { DriverConfig } from './config.js';
+import { DriverError } from './errors.js';
+import { resolveImage } from './image.js';
+import { probeImage } from './probe.js';
+import { QUEUE_NAMES, type Queues } from './queues.js';
+import type { DriverMetrics } from './metrics.js';
+import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
+
+export interface DriverApiDeps {
+  config: Readonly<DriverConfig>;
+  store: DeploymentStore;
+  queues: Queues;
+  redis: Redis;
+  metrics: DriverMetrics;
+  log: Logger;
+  version: string;
+}
+
+/** The app, typed with the pino logger it was given. */
+export type DriverApp = FastifyInstance<RawServerDefault, IncomingMessage, ServerResponse, Logger>;
+
+const SPEC = new URL('../../../openapi/driver.yaml', import.meta.url);
+
+export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
+  const { config, store, queues } = deps;
+  const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 1 << 20 });
+
+  app.setErrorHandler((err: FastifyError & { field?: string }, req, reply) => {
+    if (err.validation) {
+      const body: ApiErrorBody = { code: 'DRV_ERR_BAD_REQUEST', message: err.message, retryable: false, ...(err.field ? { field: err.field } : {}) };
+      return reply.code(400).send(body);
+    }
+    if (err instanceof DriverError) {
+      if (err.http >= 500) req.log.error({ code: err.code }, err.message);
+      const body: ApiErrorBody = { code: err.code, message: err.message, retryable: err.retryable, ...(err.field ? { field: err.field } : {}) };
+      return reply.code(err.http).send(body);
+    }
+    if (isRedisUnavailable(err)) {
+      const body: ApiErrorBody = { code: 'DRV_ERR_REDIS', message: `Redis is unreachable (${err.message}); the service will answer once it is back`, retryable: true };
+      return reply.code(503).send(body);
+    }
+    if (err.statusCode && err.statusCode < 500) {
+      return reply.code(err.statusCode).send({ code: 'DRV_ERR_BAD_REQUEST', message: err.message, retryable: false } satisfies ApiErrorBody);
+    }
+    req.log.error({ err }, 'unexpected error');
+    return reply.code(500).send({ code: 'DRV_ERR_INTERNAL', message: 'internal error; see the service log', retryable: true } satisfies ApiErrorBody);
+  });
+  app.setNotFoundHandler((req, reply) => {
+    void reply.code(404).send({ code: 'DRV_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}`, retryable: false } satisfies ApiErrorBody);
+  });
+
+  const view = async (rec: DeploymentRecord): Promise<Deployment> => ({
+    node_uuid: rec.node_uuid,
+    deployment_id: rec.deployment_id,
+    state: rec.state,
+    image_url: rec.image_url,
+    agent_url: rec.agent_url,
+    disk_id: rec.disk_id,
+    export_uri: rec.export_uri,
+    progress: rec.progress,
+    last_error: rec.last_error,
+    created_at: rec.created_at,
+    updated_at: rec.updated_at,
+    jobs: await queues.jobsOf(rec),
+  });
+
+  const mustGet = async (node: string): Promise<DeploymentRecord> => {
+    const rec = await store.get(node);
+    if (!rec) throw new DriverError('DRV_ERR_NOT_FOUND', `node ${node} has no deployment`);
+    return rec;
+  };
+
+  registerOpenApi(app, loadOpenApi(SPEC), {
+    tokens: config.auth.tokens,
+    badRequestCode: 'DRV_ERR_BAD_REQUEST',
+    unauthorizedCode: 'DRV_ERR_UNAUTHORIZED',
+    responseValidation: config.response_validation,
+    handlers: {
+      async getHealth(_req, reply) {
+        const up = await deps.redis.ping().then(
+          () => true,
+          () => false,
+        );
+        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down' });
+      },
+      async getMetrics(_req, reply) {
+        return reply.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());
+      },
+      async validate(req) {
+        const body = req.body as ValidateRequest;
+        const image = resolveImage(body.instance_info);
+        const token = body.driver_info.smartnic_agent_token ?? config.agent.token;
+        const agent = new AgentClient({ baseUrl: body.driver_info.smartnic_agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+        await agent.health().catch((err: Error) => {
+          throw new DriverError('DRV_ERR_INVALID', `driver_info.smartnic_agent_url ${body.driver_info.smartnic_agent_url} does not answer: ${err.message}`, { field: 'driver_info.smartnic_agent_url' });
+        });
+        const size = await probeImage(image.url);
+        return { valid: true, image_size: size };
+      },
+      async listDeployments() {
+        return { deployments: await Promise.all((await store.list()).map(view)) };
+      },
+      async createDeployment(req, reply) {
+        const body = req.body as DeploymentCreate;
+        const image = resolveImage(body.instance_info); // a permanent problem is refused now, not in a job
+        const deploymentId = body.deployment_id ?? derivedId(body);
+        const now = new Date().toISOString();
+        const rec: DeploymentRecord = {
+          node_uuid: body.node_uuid,
+          deployment_id: deploymentId,
+          state: 'attaching',
+          image_url: redactUrl(image.url),
+          agent_url: body.driver_info.smartnic_agent_url.replace(/\/+$/, ''),
+          disk_id: diskId(body.node_uuid, deploymentId),
+          export_uri: null,
+          progress: EMPTY_PROGRESS,
+          last_error: null,
+          created_at: now,
+          updated_at: now,
+          spec: { ...body, deployment_id: deploymentId },
+        };
+        const existing = await store.createIfAbsent(rec);
+        if (existing && existing.deployment_id !== deploymentId) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${body.node_uuid} has deployment ${existing.deployment_id} (${existing.state}); DELETE /v1/deployments/${body.node_uuid} first`);
+        }
+        const current = existing ?? rec;
+        // Enqueue even for a duplicate: if the first request died between the record and
+        // the job, this repairs it; if the job exists, BullMQ keeps the one it has.
+        if (current.state === 'attaching') await queues.enqueue('attach', current);
+        req.log.info({ node: current.node_uuid, deployment: current.deployment_id, image: current.image_url, duplicate: !!existing }, 'deployment requested');
+        return reply.code(existing ? 200 : 202).send(await view(current));
+      },
+      async getDeployment(req) {
+        return view(await mustGet((req.params as { node_uuid: string }).node_uuid));
+      },
+      async deleteDeployment(req, reply) {
+        const { node_uuid } = req.params as { node_uuid: string };
+        const { wipe = true } = req.query as { wipe?: boolean };
+        const rec = await mustGet(node_uuid);
+        await store.update(rec.node_uuid, rec.deployment_id, { state: 'deleting' });
+        await queues.enqueue('teardown', rec, { wipe });
+        req.log.info({ node: node_uuid, deployment: rec.deployment_id, wipe }, 'teardown requested');
+        return reply.code(202).send(await view({ ...rec, state: 'deleting' }));
+      },
+    },
+  });
+
+  if (config.bull_board.enabled) {
+    const adapter = new FastifyAdapter();
+    createBullBoard({ queues: QUEUE_NAMES.map((q) => new BullMQAdapter(queues.byName[q])), serverAdapter: adapter });
+    adapter.setBasePath(config.bull_board.path);
+    await app.register(async (scope) => {
+      // Browsers cannot send a bearer token: the UI takes HTTP Basic auth with the token as
+      // password (any user name), or the bearer header for scripts.
+      if (config.auth.tokens.length) scope.addHook('onRequest', (req, reply, done) => boardAuth(req, reply, done, config.auth.tokens));
+      await scope.register(adapter.registerPlugin(), { prefix: config.bull_board.path });
+    });
+  }
+  return app;
+}
+
+/** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
+function isRedisUnavailable(err: Error): boolean {
+  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT/.test(err.message);
+}
+
+/** Without a deployment_id, the same request body always means the same deployment. */
+function derivedId(body: DeploymentCreate): string {
+  const h = createHash('sha256').update(JSON.stringify([body.node_uuid, body.instance_info, body.driver_info])).digest('hex');
+  return `d-${h.slice(0, 16)}`;
+}
+
+/** The agent's disk id: lower-case, safe characters, bounded (openapi/dpu-agent.yaml DiskId). */
+function diskId(node: string, deployment: string): string {
+  return `${node}-${deployment}`.toLowerCase().replace(/[^a-z0-9._-]/g, '-').slice(0, 128);
+}
+
+function boardAuth(req: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void, tokens: readonly string[]): void {
+  const h = req.headers.authorization ?? '';
+  let given: string | null = null;
+  const bearer = /^Bearer (.+)$/i.exec(h);
+  const basic = /^Basic (.+)$/i.exec(h);
+  if (bearer) given = bearer[1]!.trim();
+  else if (basic) {
+    const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
+    given = decoded.slice(decoded.indexOf(':') + 1);
+  }
+  let ok = false;
+  if (given !== null) {
+    const g = Buffer.from(given);
+    for (const t of tokens) {
+      const b = Buffer.from(t);
+      if (b.length === g.length && timingSafeEqual(b, g)) ok = true;
+    }
+  }
+  if (ok) return done();
+  void reply
+    .code(401)
+    .header('www-authenticate', 'Basic realm="smartnic-driver queues", charset="UTF-8"')
+    .send({ code: 'DRV_ERR_UNAUTHORIZED', message: 'the queue dashboard needs the API token (as Basic-auth password or bearer token)', retryable: false } satisfies ApiErrorBody);
+}

@@ -1,0 +1,171 @@
+/**
+ * The job processors. Policy, not loops: a processor does one step and lets BullMQ retry
+ * it (transient errors, exponential backoff, bounded attempts) or fail it at once
+ * (permanent errors, UnrecoverableError). Each writes what happened to the deployment
+ * record so the API always says where a deployment stands and why.
+ *
+ *   attach    resolve the image URL → create the disk on the DPU agent (idempotent on the
+ *             disk id) → record the export URI, state `ready` → enqueue monitor
+ *   monitor   one poll of the disk's progress per run; not done yet → the same job is
+ *             moved to delayed for `monitor_interval_ms` (so no job runs for minutes, a
+ *             restart loses nothing, and bull-board shows its progress)
+ *   teardown  delete the disk on the agent (wiping it by default) → remove the record
+ */
+import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
+import type { Logger } from 'pino';
+import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
+import { ApiError } from '../../openapi/clients/http.js';
+import type { DriverConfig } from './config.js';
+import { DriverError } from './errors.js';
+import { resolveImage } from './image.js';
+import type { JobData, Queues } from './queues.js';
+import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
+
+export interface JobDeps {
+  store: DeploymentStore;
+  queues: Queues;
+  config: Readonly<DriverConfig>;
+  log: Logger;
+}
+
+export function agentFor(rec: DeploymentRecord, config: Readonly<DriverConfig>): AgentClient {
+  const token = rec.spec.driver_info.smartnic_agent_token ?? config.agent.token;
+  return new AgentClient({ baseUrl: rec.agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+}
+
+export function progressOf(disk: Disk): Progress {
+  const total = disk.regions.total;
+  return {
+    regions_total: total,
+    regions_local: disk.regions.local,
+    bytes_fetched: disk.bytes_fetched,
+    fetch_rate_bps: disk.fetch_rate_bps,
+    fraction: total > 0 ? disk.regions.local / total : 0,
+  };
+}
+
+/** Whether an agent failure is worth retrying: transport failures and 5xx yes, a refusal no. */
+function agentError(err: unknown, what: string): DriverError {
+  if (err instanceof ApiError) {
+    if (err.status === null) return new DriverError('DRV_ERR_AGENT_UNREACHABLE', `${what}: ${err.message}`, { cause: err });
+    return new DriverError('DRV_ERR_AGENT_REJECTED', `${what}: ${err.code}: ${err.message}`, { cause: err, retryable: err.retryable });
+  }
+  return new DriverError('DRV_ERR_AGENT_UNREACHABLE', `${what}: ${(err as Error).message}`, { cause: err });
+}
+
+/** Records the failure; throws what makes BullMQ retry (transient) or stop (permanent). */
+async function fail(deps: JobDeps, job: Job<JobData>, rec: DeploymentRecord, err: unknown): Promise<never> {
+  const e = err instanceof DriverError ? err : new DriverError('DRV_ERR_AGENT_UNREACHABLE', (err as Error).message, { cause: err });
+  const attempts = job.opts.attempts ?? 1;
+  const final = !e.retryable || job.attemptsMade + 1 >= attempts;
+  const message = `${e.code}: ${e.message}`;
+  if (final) {
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: message });
+    deps.log.warn({ node: rec.node_uuid, job: job.id, code: e.code }, `${job.name} failed for good: ${e.message}`);
+    throw new UnrecoverableError(message);
+  }
+  await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${message} (attempt ${job.attemptsMade + 1} of ${attempts}; retrying)` });
+  deps.log.info({ node: rec.node_uuid, job: job.id, code: e.code }, `${job.name} will retry: ${e.message}`);
+  throw e;
+}
+
+/** The record this job belongs to, or null when it was torn down or replaced. */
+async function current(deps: JobDeps, job: Job<JobData>): Promise<DeploymentRecord | null> {
+  const rec = await deps.store.get(job.data.node);
+  return rec && rec.deployment_id === job.data.deployment ? rec : null;
+}
+
+export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> {
+  const rec = await current(deps, job);
+  if (!rec || rec.state === 'deleting') return 'skipped: the deployment is gone or being deleted';
+  if (rec.state !== 'attaching') return `skipped: already ${rec.state}`;
+  const agent = agentFor(rec, deps.config);
+  let disk: Disk;
+  try {
+    const image = resolveImage(rec.spec.instance_info);
+    const di = rec.spec.driver_info;
+    disk = await agent
+      .createDisk({
+        id: rec.disk_id,
+        source: { url: image.url, ...(image.identity ? { identity: image.identity } : {}) },
+        target: { path: di.smartnic_target },
+        ...(di.smartnic_region_size ? { region_size: di.smartnic_region_size } : {}),
+        hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
+      })
+      .catch((err: unknown) => {
+        throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
+      });
+  } catch (err) {
+    return fail(deps, job, rec, err);
+  }
+  // A teardown may have started while the agent was creating the disk: it may have found
+  // nothing to delete, so this job cleans up what it made instead of leaving an orphan.
+  const now = await current(deps, job);
+  if (!now || now.state === 'deleting') {
+    await agent.deleteDisk(rec.disk_id, true).catch(() => undefined);
+    return 'cancelled: torn down while attaching';
+  }
+  await deps.store.update(rec.node_uuid, rec.deployment_id, {
+    state: disk.state === 'complete' ? 'complete' : 'ready',
+    export_uri: disk.export.uri,
+    progress: progressOf(disk),
+    last_error: null,
+  });
+  await job.updateProgress(100);
+  if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri }, 'streaming disk ready');
+  return `ready: ${disk.export.uri}`;
+}
+
+export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | undefined): Promise<string> {
+  const rec = await current(deps, job);
+  if (!rec || rec.state === 'deleting' || rec.state === 'failed') return 'stopped: the deployment is gone, failed or being deleted';
+  let disk: Disk | null = null;
+  try {
+    disk = await agentFor(rec, deps.config).getDisk(rec.disk_id);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: `DRV_ERR_AGENT_REJECTED: the DPU agent at ${rec.agent_url} no longer has disk ${rec.disk_id}` });
+      return 'stopped: the disk is gone from the agent';
+    }
+    // Unreachable agent: keep polling (the host runs from the DPU either way), say so.
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${agentError(err, 'polling progress').message}; still polling` });
+  }
+  if (disk) {
+    const progress = progressOf(disk);
+    const complete = disk.state === 'complete';
+    await deps.store.update(rec.node_uuid, rec.deployment_id, {
+      progress,
+      last_error: disk.last_error,
+      ...(complete ? { state: 'complete' as const } : {}),
+    });
+    await job.updateProgress(Math.floor(progress.fraction * 100));
+    if (complete) {
+      deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
+      return 'complete';
+    }
+  }
+  await job.moveToDelayed(Date.now() + deps.config.jobs.monitor_interval_ms, token);
+  throw new DelayedError();
+}
+
+export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string> {
+  const rec = await current(deps, job);
+  if (!rec) return 'nothing to do: the deployment is gone';
+  // An attach that has not started yet must not start now.
+  const pending = await deps.queues.job('attach', rec);
+  if (pending && ['waiting', 'delayed', 'prioritized'].includes(await pending.getState())) await pending.remove().catch(() => undefined);
+  try {
+    await agentFor(rec, deps.config)
+      .deleteDisk(rec.disk_id, job.data.wipe ?? true)
+      .catch((err: unknown) => {
+        if (err instanceof ApiError && err.status === 404) return null; // never created, or already deleted
+        throw agentError(err, `deleting disk ${rec.disk_id} on ${rec.agent_url}`);
+      });
+  } catch (err) {
+    return fail(deps, job, rec, err);
+  }
+  await deps.store.remove(rec.node_uuid, rec.deployment_id);
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, wipe: job.data.wipe ?? true }, 'torn down');
+  return 'deleted';
+}

@@ -1,0 +1,50 @@
+/** A typed client of the DPU agent's management API (openapi/dpu-agent.yaml). */
+import type { AxiosInstance } from 'axios';
+import type { components } from '../generated/dpu-agent.js';
+import { call, type ClientOptions, createHttp } from './http.js';
+
+export type Disk = components['schemas']['Disk'];
+export type DiskCreate = components['schemas']['DiskCreate'];
+export type RegionMap = components['schemas']['RegionMap'];
+export type HydrationUpdate = components['schemas']['HydrationUpdate'];
+export type AgentHealth = components['schemas']['Health'];
+
+export class AgentClient {
+  private readonly http: AxiosInstance;
+
+  constructor(opts: ClientOptions) {
+    this.http = createHttp(opts);
+  }
+
+  health(): Promise<AgentHealth> {
+    return call(this.http.get<AgentHealth>('/v1/health'), 'agent health');
+  }
+
+  listDisks(): Promise<Disk[]> {
+    return call(this.http.get<{ disks: Disk[] }>('/v1/disks'), 'list disks').then((r) => [...r.disks]);
+  }
+
+  createDisk(body: DiskCreate): Promise<Disk> {
+    return call(this.http.post<Disk>('/v1/disks', body), `create disk ${body.id}`);
+  }
+
+  getDisk(id: string): Promise<Disk> {
+    return call(this.http.get<Disk>(`/v1/disks/${encodeURIComponent(id)}`), `get disk ${id}`);
+  }
+
+  deleteDisk(id: string, wipe: boolean): Promise<Disk> {
+    return call(this.http.delete<Disk>(`/v1/disks/${encodeURIComponent(id)}`, { params: { wipe } }), `delete disk ${id}`);
+  }
+
+  regionMap(id: string): Promise<RegionMap> {
+    return call(this.http.get<RegionMap>(`/v1/disks/${encodeURIComponent(id)}/regions`), `region map of ${id}`);
+  }
+
+  updateHydration(id: string, body: HydrationUpdate): Promise<Disk> {
+    return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/hydration`, body), `hydration of ${id}`);
+  }
+
+  metrics(): Promise<string> {
+    return call(this.http.get<string>('/metrics', { responseType: 'text' }), 'agent metrics');
+  }
+}

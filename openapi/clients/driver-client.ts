@@ -1,0 +1,46 @@
+/** A typed client of the driver service's API (openapi/driver.yaml). */
+import type { AxiosInstance } from 'axios';
+import type { components } from '../generated/driver.js';
+import { call, type ClientOptions, createHttp } from './http.js';
+
+export type Deployment = components['schemas']['Deployment'];
+export type DeploymentCreate = components['schemas']['DeploymentCreate'];
+export type ValidateRequest = components['schemas']['ValidateRequest'];
+export type ValidateResult = components['schemas']['ValidateResult'];
+export type DriverHealth = components['schemas']['Health'];
+
+export class DriverClient {
+  private readonly http: AxiosInstance;
+
+  constructor(opts: ClientOptions) {
+    this.http = createHttp(opts);
+  }
+
+  health(): Promise<DriverHealth> {
+    return call(this.http.get<DriverHealth>('/v1/health', { validateStatus: (s) => s === 200 || s === 503 }), 'driver health');
+  }
+
+  validate(body: ValidateRequest): Promise<ValidateResult> {
+    return call(this.http.post<ValidateResult>('/v1/validate', body), 'validate');
+  }
+
+  createDeployment(body: DeploymentCreate): Promise<Deployment> {
+    return call(this.http.post<Deployment>('/v1/deployments', body), `deploy node ${body.node_uuid}`);
+  }
+
+  listDeployments(): Promise<Deployment[]> {
+    return call(this.http.get<{ deployments: Deployment[] }>('/v1/deployments'), 'list deployments').then((r) => [...r.deployments]);
+  }
+
+  getDeployment(node: string): Promise<Deployment> {
+    return call(this.http.get<Deployment>(`/v1/deployments/${encodeURIComponent(node)}`), `deployment of ${node}`);
+  }
+
+  deleteDeployment(node: string, wipe = true): Promise<Deployment> {
+    return call(this.http.delete<Deployment>(`/v1/deployments/${encodeURIComponent(node)}`, { params: { wipe } }), `tear down ${node}`);
+  }
+
+  metrics(): Promise<string> {
+    return call(this.http.get<string>('/metrics', { responseType: 'text' }), 'driver metrics');
+  }
+}

@@ -1,0 +1,56 @@
+/**
+ * What both typed clients share: an axios instance with the bearer token, and one error
+ * type that carries the service's error code, the HTTP status and the retry policy.
+ */
+import http from 'node:http';
+import https from 'node:https';
+import axios, { type AxiosInstance, AxiosError } from 'axios';
+
+export interface ClientOptions {
+  baseUrl: string;
+  token?: string;
+  /** Per-request timeout, ms. @default 15000 */
+  timeoutMs?: number;
+}
+
+export class ApiError extends Error {
+  constructor(
+    readonly status: number | null,
+    readonly code: string,
+    message: string,
+    readonly retryable: boolean,
+    readonly field?: string,
+  ) {
+    super(message);
+    this.name = 'ApiError';
+  }
+}
+
+export function createHttp(opts: ClientOptions): AxiosInstance {
+  return axios.create({
+    baseURL: opts.baseUrl.replace(/\/+$/, ''),
+    timeout: opts.timeoutMs ?? 15_000,
+    headers: opts.token ? { Authorization: `Bearer ${opts.token}` } : {},
+    httpAgent: new http.Agent({ keepAlive: true }),
+    httpsAgent: new https.Agent({ keepAlive: true }),
+    proxy: false,
+  });
+}
+
+/** Runs a request; maps every failure to an ApiError (transport failures are retryable). */
+export async function call<T>(p: Promise<{ data: T }>, what: string): Promise<T> {
+  try {
+    return (await p).data;
+  } catch (err) {
+    if (err instanceof AxiosError) {
+      const status = err.response?.status ?? null;
+      const body = err.response?.data as { code?: string; message?: string; retryable?: boolean; field?: string } | undefined;
+      if (status !== null && body && typeof body === 'object' && typeof body.code === 'string') {
+        throw new ApiError(status, body.code, `${what}: ${body.message ?? 'failed'}`, body.retryable ?? status >= 500, body.field);
+      }
+      if (status !== null) throw new ApiError(status, 'HTTP_ERROR', `${what}: HTTP ${status}`, status >= 500 || status === 429);
+      throw new ApiError(null, 'UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}`.trim(), true);
+    }
+    throw err;
+  }
+}
