@@ -6,6 +6,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra seabios   # the host (QEMU, NVMe over NBD) and qemu-img/qemu-io
   nbdkit libnbd-bin fio                                 # NBD peers and clients
   busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
+  redis-server                                          # the driver service's queues and records
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -2,11 +2,13 @@
 import { readFileSync } from 'node:fs';
 import { DpuError } from './errors.js';
 import { runStream, streamHelp } from './cli/stream.js';
+import { runServe, serveHelp } from './daemon/serve.js';
 
 const HELP = `Usage: dpu-agent <command> [options]
 
 Commands:
   stream    Serve one streaming disk over NBD in the foreground (see: dpu-agent stream --help)
+  serve     Run the agent daemon: management API, many disks, resumed on restart (see: dpu-agent serve --help)
 
 Options:
   --help     Show this help
@@ -21,11 +23,13 @@ export async function main(argv: string[]): Promise<number> {
     switch (command) {
       case 'stream':
         return await runStream(rest);
+      case 'serve':
+        return await runServe(rest);
       case undefined:
       case '--help':
       case '-h':
       case 'help':
-        process.stdout.write(rest[0] === 'stream' ? streamHelp() : HELP);
+        process.stdout.write(rest[0] === 'stream' ? streamHelp() : rest[0] === 'serve' ? serveHelp() : HELP);
         return command === undefined ? 2 : 0;
       case '--version':
         process.stdout.write(`${version()}\n`);

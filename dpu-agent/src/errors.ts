@@ -5,7 +5,9 @@
  *
  * `retryable` states policy: a transient failure (a 5xx from the origin, a reset) is
  * retried with backoff by the component that met it; a permanent one (a 404, a bad flag)
- * is not. `errno` is the NBD error the host sees when the failure ends an I/O request.
+ * is not. `errno` is the NBD error the host sees when the failure ends an I/O request;
+ * `http` is the status the management API answers with (500 where none is given). Codes
+ * that only the API produces have no errno.
  */
 export const NbdErrno = {
   EPERM: 1,
@@ -22,7 +24,8 @@ export type NbdErrno = (typeof NbdErrno)[keyof typeof NbdErrno];
 interface ErrorSpec {
   message: string;
   retryable: boolean;
-  errno: NbdErrno;
+  errno?: NbdErrno;
+  http?: number;
 }
 
 export const ERRORS = {
@@ -30,26 +33,31 @@ export const ERRORS = {
     message: 'invalid configuration',
     retryable: false,
     errno: NbdErrno.EINVAL,
+    http: 400,
   },
   DPU_ERR_SOURCE_HTTP_STATUS: {
     message: 'the image origin answered with an unexpected HTTP status',
     retryable: false,
     errno: NbdErrno.EIO,
+    http: 502,
   },
   DPU_ERR_SOURCE_TRANSIENT: {
     message: 'the image origin failed transiently (5xx, reset, stall or truncated body)',
     retryable: true,
     errno: NbdErrno.EIO,
+    http: 502,
   },
   DPU_ERR_SOURCE_BAD_RANGE: {
     message: 'the image origin answered a range request with the wrong range',
     retryable: true,
     errno: NbdErrno.EIO,
+    http: 502,
   },
   DPU_ERR_SOURCE_DEADLINE: {
     message: 'the image origin did not deliver a range before the retry deadline',
     retryable: false,
     errno: NbdErrno.EIO,
+    http: 502,
   },
   DPU_ERR_SOURCE_CLOSED: {
     message: 'the remote source is closed (the disk has cut over to local storage or is shutting down)',
@@ -60,6 +68,7 @@ export const ERRORS = {
     message: 'the image at the source is not the one this state directory was made for',
     retryable: false,
     errno: NbdErrno.EIO,
+    http: 409,
   },
   DPU_ERR_TARGET_IO: {
     message: 'reading or writing the local target failed',
@@ -70,6 +79,7 @@ export const ERRORS = {
     message: 'the local target is smaller than the image',
     retryable: false,
     errno: NbdErrno.ENOSPC,
+    http: 400,
   },
   DPU_ERR_STATE_CORRUPT: {
     message: 'the region map in the state directory is unreadable',
@@ -80,6 +90,7 @@ export const ERRORS = {
     message: 'another agent process holds this state directory',
     retryable: false,
     errno: NbdErrno.EIO,
+    http: 409,
   },
   DPU_ERR_OUT_OF_RANGE: {
     message: 'the request reaches past the end of the disk',
@@ -95,11 +106,58 @@ export const ERRORS = {
     message: 'the disk is shutting down',
     retryable: false,
     errno: NbdErrno.ESHUTDOWN,
+    http: 503,
   },
   DPU_ERR_NBD_PROTOCOL: {
     message: 'the NBD client broke the protocol; the connection was closed',
     retryable: false,
     errno: NbdErrno.EINVAL,
+  },
+  // ---- management API (dpu-agent serve) ----
+  DPU_ERR_BAD_REQUEST: {
+    message: 'the request is malformed',
+    retryable: false,
+    http: 400,
+  },
+  DPU_ERR_UNAUTHORIZED: {
+    message: 'the request has no bearer token or one that is not accepted',
+    retryable: false,
+    http: 401,
+  },
+  DPU_ERR_NOT_FOUND: {
+    message: 'no such disk or endpoint',
+    retryable: false,
+    http: 404,
+  },
+  DPU_ERR_DISK_EXISTS: {
+    message: 'a disk with this id exists with another source or target',
+    retryable: false,
+    http: 409,
+  },
+  DPU_ERR_TARGET_NOT_ALLOWED: {
+    message: 'the target path is not under one of the allowed target prefixes',
+    retryable: false,
+    http: 400,
+  },
+  DPU_ERR_TARGET_IN_USE: {
+    message: 'another disk uses this target',
+    retryable: false,
+    http: 409,
+  },
+  DPU_ERR_TCP_EXPORT_NOT_ALLOWED: {
+    message: 'TCP exports are disabled on this agent',
+    retryable: false,
+    http: 400,
+  },
+  DPU_ERR_DISK_FAILED: {
+    message: 'the disk is not open',
+    retryable: true,
+    http: 409,
+  },
+  DPU_ERR_INTERNAL: {
+    message: 'the agent failed unexpectedly',
+    retryable: true,
+    http: 500,
   },
 } as const satisfies Record<string, ErrorSpec>;
 
@@ -109,14 +167,20 @@ export class DpuError extends Error {
   readonly code: DpuErrorCode;
   readonly retryable: boolean;
   readonly errno: NbdErrno;
+  /** The HTTP status the management API answers with. */
+  readonly http: number;
+  /** The request field to blame (dotted, e.g. `target.path`), for API errors. */
+  readonly field: string | undefined;
 
-  constructor(code: DpuErrorCode, detail?: string, options?: { cause?: unknown; errno?: NbdErrno }) {
+  constructor(code: DpuErrorCode, detail?: string, options?: { cause?: unknown; errno?: NbdErrno; field?: string }) {
     const spec: ErrorSpec = ERRORS[code];
     super(detail ? `${spec.message}: ${detail}` : spec.message, options?.cause ? { cause: options.cause } : undefined);
     this.name = 'DpuError';
     this.code = code;
     this.retryable = spec.retryable;
-    this.errno = options?.errno ?? spec.errno;
+    this.errno = options?.errno ?? spec.errno ?? NbdErrno.EIO;
+    this.http = spec.http ?? 500;
+    this.field = options?.field;
   }
 }
 

@@ -44,7 +44,16 @@ export async function call<T>(p: Promise<{ data: T }>, what: string): Promise<T>
   } catch (err) {
     if (err instanceof AxiosError) {
       const status = err.response?.status ?? null;
-      const body = err.response?.data as { code?: string; message?: string; retryable?: boolean; field?: string } | undefined;
+      let data: unknown = err.response?.data;
+      // A request that asked for text (e.g. /metrics) still gets a JSON error body.
+      if (typeof data === 'string') {
+        try {
+          data = JSON.parse(data);
+        } catch {
+          // not JSON: fall through to the plain HTTP error below
+        }
+      }
+      const body = data as { code?: string; message?: string; retryable?: boolean; field?: string } | undefined;
       if (status !== null && body && typeof body === 'object' && typeof body.code === 'string') {
         throw new ApiError(status, body.code, `${what}: ${body.message ?? 'failed'}`, body.retryable ?? status >= 500, body.field);
       }

@@ -87,7 +87,8 @@ export function renderHelp(usage: string, summary: string, table: FlagTable): st
   return `Usage: ${usage}\n\n${summary}\n\nOptions:\n${body}\n  --help${' '.repeat(Math.max(1, width - 8))}Show this help.\n`;
 }
 
-function wrap(text: string, width: number): string[] {
+/** Splits `text` into lines of at most `width` characters, at spaces. */
+export function wrap(text: string, width: number): string[] {
   const lines: string[] = [];
   let line = '';
   for (const word of text.split(/\s+/)) {

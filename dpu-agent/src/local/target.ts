@@ -108,7 +108,7 @@ export class LocalTarget {
 }
 
 /** Linux: the size of a block device from sysfs, in bytes. */
-function blockDeviceSize(rdev: number): number {
+export function blockDeviceSize(rdev: number): number {
   const major = ((rdev >> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
   const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
   const sectors = Number(fs.readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());

@@ -38,6 +38,12 @@ export interface HttpSourceOptions {
   stallTimeoutMs?: number;
   /** Abort an attempt when response headers take longer than this. @default 10000 */
   headersTimeoutMs?: number;
+  /**
+   * Give up learning the image size (opening) after this long across retries. A daemon
+   * answering an API call, or resuming its disks at start-up, cannot wait a whole
+   * `retryDeadlineMs` for an origin that is down. @default retryDeadlineMs
+   */
+  probeDeadlineMs?: number;
   /** Replaces the identity derived from size and ETag (e.g. an image id and checksum). */
   identity?: string;
   log?: Logger;
@@ -338,11 +344,11 @@ export class HttpSource implements RemoteSource {
 }
 
 async function probeSize(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
-  const deadline = Date.now() + opts.retryDeadlineMs;
+  const deadline = Date.now() + (opts.probeDeadlineMs ?? opts.retryDeadlineMs);
   let backoff = BACKOFF_FIRST_MS;
   for (;;) {
     try {
-      return await probeOnce(instance, opts);
+      return await probeOnce(instance, opts, Math.max(1, Math.min(opts.headersTimeoutMs, deadline - Date.now())));
     } catch (err) {
       const retryable = err instanceof DpuError ? err.retryable : false;
       if (!retryable || Date.now() + backoff > deadline) throw err;
@@ -352,10 +358,10 @@ async function probeSize(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSo
   }
 }
 
-async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
+async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions, timeoutMs: number): Promise<{ size: number; etag: string | undefined }> {
   const where = redactUrl(opts.url);
   const controller = new AbortController();
-  const timer = setTimeout(() => controller.abort(), opts.headersTimeoutMs);
+  const timer = setTimeout(() => controller.abort(), timeoutMs);
   try {
     const head = await instance.head(opts.url, { headers: opts.headers, signal: controller.signal }).catch((err) => {
       throw transportError(err, controller);

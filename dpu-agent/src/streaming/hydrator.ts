@@ -183,6 +183,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         .fetchRun(run.first, n, 'background')
         .then(() => {
           this.failures = 0;
+          this.lastErrorMessage = null; // the origin works again: the error is history
         })
         .catch(async (err: Error) => {
           this.failures++;

@@ -175,14 +175,23 @@ function writeRecord(file: string, rec: DiskRecord): void {
  * One process per state directory. The lock file holds the owner's PID; a lock left by a
  * process that no longer exists (a crash, kill -9) is taken over.
  */
+/** State directories this process holds (its own PID in a lock file is not proof of that: PID 1 after a container restart). */
+const heldHere = new Set<string>();
+
 function lockStateDir(dir: string): () => void {
   const file = path.join(dir, 'lock');
+  const key = path.resolve(dir);
+  if (heldHere.has(key)) throw new DpuError('DPU_ERR_STATE_LOCKED', `${dir} is already open in this process`);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const fd = fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
       fs.writeSync(fd, `${process.pid}\n`);
       fs.closeSync(fd);
-      return () => fs.rmSync(file, { force: true });
+      heldHere.add(key);
+      return () => {
+        heldHere.delete(key);
+        fs.rmSync(file, { force: true });
+      };
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       const pid = Number(fs.readFileSync(file, 'utf8').trim());

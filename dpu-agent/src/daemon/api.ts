@@ -1,0 +1,107 @@
+/**
+ * The management API (openapi/dpu-agent.yaml): built here, listened on by serve.ts, so
+ * tests build it in-process with their own manager and logger.
+ *
+ * Routes, validation and bearer authentication come from the YAML (openapi/server.ts);
+ * this file holds the handlers and the one error mapping: a DpuError answers with its
+ * registry status and code, a validation failure with 400 DPU_ERR_BAD_REQUEST naming the
+ * field, anything else with 500 DPU_ERR_INTERNAL. Every error body is the `Error` schema.
+ */
+import fs from 'node:fs';
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, LogController, type RouteHandlerMethod } from 'fastify';
+import type { Logger } from 'pino';
+import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
+import { DpuError } from '../errors.js';
+import { type AgentConfig, resolveTokens } from './config.js';
+import type { DiskCreate, DiskManager, HydrationUpdate } from './disks.js';
+import { createMetrics } from './metrics.js';
+
+// From dist/dpu-agent/src/daemon/api.js (and from the sources) back to the repository root.
+const SPEC_URL = new URL('../../../../openapi/dpu-agent.yaml', import.meta.url);
+const PACKAGE_URL = new URL('../../../../dpu-agent/package.json', import.meta.url);
+
+/** Request headers that carry credentials: censored wherever a request is logged. */
+export const REDACT_PATHS = ['req.headers.authorization', 'req.headers["x-auth-token"]', 'headers.authorization', 'headers["x-auth-token"]'];
+
+export interface AgentApiDeps {
+  config: Readonly<AgentConfig>;
+  manager: DiskManager;
+  log: Logger;
+  /** Check every JSON response against the YAML; 'strict' turns a mismatch into a 500. @default 'off' */
+  responseValidation?: 'off' | 'log' | 'strict';
+}
+
+export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
+  const { config, manager } = deps;
+  const log = deps.log.child({ component: 'api' }, { redact: { paths: REDACT_PATHS, censor: 'REDACTED' } });
+  const app = Fastify({
+    // Typed as fastify's logger so the instance is the plain FastifyInstance that
+    // registerOpenApi and the tests take; it is the pino child all the same.
+    loggerInstance: log as FastifyBaseLogger,
+    // One line per request, from the onResponse hook below, instead of fastify's two.
+    logController: new LogController({ disableRequestLogging: true }),
+    ...fastifyValidationOptions,
+  });
+  const metrics = createMetrics(manager);
+  const version = (JSON.parse(fs.readFileSync(PACKAGE_URL, 'utf8')) as { version: string }).version;
+  const idOf = (req: { params: unknown }): string => (req.params as { id: string }).id;
+
+  const handlers: Record<string, RouteHandlerMethod> = {
+    getHealth: async () => ({ status: 'ok', version, disks: manager.count }),
+    getMetrics: async (_req, reply) => reply.type(metrics.contentType).send(await metrics.render()),
+    listDisks: async () => ({ disks: manager.list() }),
+    createDisk: async (req, reply) => {
+      const { disk, created } = await manager.create(req.body as DiskCreate);
+      return reply.code(created ? 201 : 200).send(disk);
+    },
+    getDisk: async (req) => manager.get(idOf(req)),
+    deleteDisk: async (req) => manager.delete(idOf(req), (req.query as { wipe?: boolean }).wipe === true),
+    getRegionMap: async (req) => manager.regionMap(idOf(req)),
+    updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
+  };
+  registerOpenApi(app, loadOpenApi(SPEC_URL), {
+    handlers,
+    tokens: config.auth.disabled ? [] : resolveTokens(config),
+    badRequestCode: 'DPU_ERR_BAD_REQUEST',
+    unauthorizedCode: 'DPU_ERR_UNAUTHORIZED',
+    responseValidation: deps.responseValidation ?? 'off',
+  });
+
+  app.setErrorHandler((err: FastifyError, req, reply) => {
+    const { status, body } = errorReply(err);
+    if (status >= 500) req.log.error({ err, code: body.code }, 'request failed');
+    else req.log.info({ code: body.code, field: body.field, detail: body.message }, 'request refused');
+    void reply.code(status).send(body);
+  });
+  app.setNotFoundHandler((req, reply) => {
+    const body: ApiErrorBody = { code: 'DPU_ERR_NOT_FOUND', message: `no endpoint ${req.method} ${req.url.split('?')[0]}; see openapi/dpu-agent.yaml`, retryable: false };
+    void reply.code(404).send(body);
+  });
+  app.addHook('onResponse', (req, reply, done) => {
+    const status = reply.statusCode;
+    const level = status >= 500 ? 'error' : req.method === 'GET' && status < 400 ? 'debug' : 'info';
+    req.log[level]({ method: req.method, url: req.url, status, ms: Math.round(reply.elapsedTime) }, 'request');
+    done();
+  });
+  return app;
+}
+
+/** The one mapping from a failure to the API's status and Error body. */
+export function errorReply(err: unknown): { status: number; body: ApiErrorBody } {
+  let e: DpuError;
+  if (err instanceof DpuError) e = err;
+  else {
+    const fe = err as FastifyError & { field?: string };
+    if (fe.validation || (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500)) {
+      // Validation errors (their message names the field) and body-parser refusals.
+      const out = new DpuError('DPU_ERR_BAD_REQUEST', fe.message, fe.field !== undefined ? { field: fe.field } : undefined);
+      return { status: fe.validation ? 400 : fe.statusCode!, body: bodyOf(out) };
+    }
+    e = new DpuError('DPU_ERR_INTERNAL', fe?.message ?? String(err), { cause: err });
+  }
+  return { status: e.http, body: bodyOf(e) };
+}
+
+function bodyOf(e: DpuError): ApiErrorBody {
+  return { code: e.code, message: e.message, retryable: e.retryable, ...(e.field !== undefined ? { field: e.field } : {}) };
+}

@@ -1,0 +1,159 @@
+/**
+ * The configuration of `dpu-agent serve`, declared once: this schema validates the config
+ * file (errors name the key), supplies the defaults, and renders the reference table in
+ * docs/dpu-agent.md and the key list in `--help`.
+ *
+ * Secure by default: the API needs a bearer token unless `auth.disabled` says otherwise
+ * (a daemon with neither refuses to start), NBD exports are unix sockets unless TCP is
+ * allowed, and disks may only be created on targets under `allowed_targets`.
+ */
+import fs from 'node:fs';
+import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig } from '../../../common/src/config.js';
+import { wrap } from '../cli/flags.js';
+
+export interface AgentConfig {
+  listen: { host: string; port: number };
+  auth: { tokens: string[]; token_file?: string; disabled: boolean };
+  state_dir: string;
+  export_dir: string;
+  allowed_targets: string[];
+  tcp_exports_allowed: boolean;
+  defaults: {
+    region_size: number;
+    bandwidth: number;
+    batch_size: number;
+    hydrate_connections: number;
+    max_connections: number;
+    retry_deadline_ms: number;
+    stall_timeout_ms: number;
+    commit_interval_ms: number;
+    open_timeout_ms: number;
+  };
+  reopen_interval_ms: number;
+  log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+}
+
+const MiB = 1 << 20;
+
+export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    listen: {
+      type: 'object',
+      description: 'Where the management API listens (HTTP).',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        host: { type: 'string', minLength: 1, default: '127.0.0.1', description: 'Address to bind; the DPU\'s management interface, never a host-facing one.' },
+        port: { type: 'integer', minimum: 0, maximum: 65535, default: 9611, description: 'TCP port; 0 picks a free one (printed in the "listening" line).' },
+      },
+    },
+    auth: {
+      type: 'object',
+      description: 'Bearer-token authentication of every endpoint but /v1/health. With no token and `disabled` false the agent refuses to start.',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        tokens: {
+          type: 'array',
+          items: { type: 'string', minLength: 16 },
+          default: [],
+          secret: true,
+          description: 'Accepted tokens (16 characters at least). Prefer `token_file`, which keeps them out of the config file.',
+        },
+        token_file: { type: 'string', minLength: 1, description: 'A file with one token per line (blank lines and # comments ignored); keep it mode 0600.' },
+        disabled: { type: 'boolean', default: false, description: 'Turn authentication off (labs only: anyone who reaches the port controls the disks).' },
+      },
+    },
+    state_dir: { type: 'string', minLength: 1, default: '/var/lib/dpu-agent', description: 'Per-disk state under `<state_dir>/disks/<id>/`: the request (spec.json, mode 0600), disk record, region map, lock. Disks found there are resumed at start-up.' },
+    export_dir: { type: 'string', minLength: 1, default: '/run/dpu-agent', description: 'Unix sockets of the NBD exports, `<export_dir>/<id>.sock`.' },
+    allowed_targets: {
+      type: 'array',
+      items: { type: 'string', minLength: 1 },
+      default: ['/dev/nvme', '/var/lib/dpu-agent/targets/'],
+      description: 'Path prefixes a disk\'s target must start with (the path as given and, if it exists, with symlinks resolved); a prefix ending in "/" is a directory.',
+    },
+    tcp_exports_allowed: { type: 'boolean', default: false, description: 'Allow `export.kind: tcp`. NBD has no authentication: anyone who reaches the port reads and writes the disk.' },
+    defaults: {
+      type: 'object',
+      description: 'Settings of every disk (a create request may override region size and bandwidth).',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        region_size: { type: 'integer', minimum: 4096, maximum: 1 << 30, default: MiB, description: 'Region size in bytes, a power of two, when the request gives none.' },
+        bandwidth: { type: 'integer', minimum: 0, default: 0, description: 'Background hydration cap in bytes/s when the request has no `hydration` object; 0 for none.' },
+        batch_size: { type: 'integer', minimum: 4096, default: 8 * MiB, description: 'Largest background range request, bytes.' },
+        hydrate_connections: { type: 'integer', minimum: 1, default: 2, description: 'Background range requests in flight per disk.' },
+        max_connections: { type: 'integer', minimum: 2, default: 8, description: 'HTTP connections per disk to its origin at most; those beyond `hydrate_connections` are kept for host reads.' },
+        retry_deadline_ms: { type: 'integer', minimum: 1, default: 30_000, description: 'A range read fails (EIO to the host) when no byte arrived for this long across retries.' },
+        stall_timeout_ms: { type: 'integer', minimum: 1, default: 10_000, description: 'An attempt is abandoned and retried when the body stops flowing this long.' },
+        commit_interval_ms: { type: 'integer', minimum: 10, default: 1000, description: 'Commit the region map at least this often while it changes.' },
+        open_timeout_ms: { type: 'integer', minimum: 1, default: 5000, description: 'How long opening a disk waits for its origin to answer (size and identity): past it a create fails with 502, a disk resumed at start-up is listed `failed`.' },
+      },
+    },
+    reopen_interval_ms: { type: 'integer', minimum: 100, default: 10_000, description: 'A resumed disk that could not be opened (origin unreachable) is retried this often.' },
+    log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level of the JSON log on stderr.' },
+  },
+};
+
+/** Validates a config object (defaults applied) and resolves `auth.token_file`. */
+export function parseAgentConfig(raw: unknown, source: string): Readonly<AgentConfig> {
+  return finish(validateConfig<AgentConfig>(AGENT_CONFIG_SCHEMA, raw, source), source);
+}
+
+/** Reads, validates and resolves a config file; throws ConfigError naming the bad key. */
+export function loadAgentConfig(file: string): Readonly<AgentConfig> {
+  return finish(loadConfigFile<AgentConfig>(AGENT_CONFIG_SCHEMA, file), file);
+}
+
+/** The token list the API accepts: `auth.tokens` plus the lines of `auth.token_file`. */
+export function resolveTokens(config: Readonly<AgentConfig>): string[] {
+  const tokens = [...config.auth.tokens];
+  if (config.auth.token_file) {
+    let text: string;
+    try {
+      text = fs.readFileSync(config.auth.token_file, 'utf8');
+    } catch (err) {
+      throw new ConfigError(`config key "auth.token_file": cannot read ${config.auth.token_file}: ${(err as Error).message}`, 'auth.token_file');
+    }
+    for (const line of text.split('\n')) {
+      const t = line.trim();
+      if (!t || t.startsWith('#')) continue;
+      if (t.length < 16) throw new ConfigError(`config key "auth.token_file": ${config.auth.token_file} holds a token shorter than 16 characters`, 'auth.token_file');
+      tokens.push(t);
+    }
+  }
+  return tokens;
+}
+
+function finish(config: Readonly<AgentConfig>, source: string): Readonly<AgentConfig> {
+  if (config.defaults.region_size & (config.defaults.region_size - 1)) {
+    throw new ConfigError(`${source}: config key "defaults.region_size" must be a power of two`, 'defaults.region_size');
+  }
+  if (!config.auth.disabled && resolveTokens(config).length === 0) {
+    throw new ConfigError(
+      `${source}: config key "auth.tokens" (or "auth.token_file") must give at least one token: the API is authenticated by default. Set "auth.disabled: true" only in a lab`,
+      'auth.tokens',
+    );
+  }
+  return config;
+}
+
+/** The config keys as plain text for `--help`: key, default, meaning. */
+export function renderConfigHelp(schema: ConfigSchema = AGENT_CONFIG_SCHEMA): string {
+  const lines: string[] = [];
+  const walk = (props: Record<string, ConfigProp>, prefix: string): void => {
+    for (const [k, p] of Object.entries(props)) {
+      const nested = p['properties'] as Record<string, ConfigProp> | undefined;
+      if (p.type === 'object' && nested) {
+        walk(nested, `${prefix}${k}.`);
+        continue;
+      }
+      const def = p.secret ? '' : p.default === undefined ? '' : ` (default ${JSON.stringify(p.default)})`;
+      lines.push(`  ${prefix}${k}${def}`, ...wrap(p.description, 92).map((l) => `      ${l}`));
+    }
+  };
+  walk(schema.properties, '');
+  return lines.join('\n') + '\n';
+}

@@ -1,0 +1,585 @@
+/**
+ * The disks a daemon manages: each one a streaming disk (streaming/open.ts) with its own
+ * NBD server on its own socket, created, changed and deleted through the API and resumed
+ * when the daemon starts again.
+ *
+ * Files, per disk, under `<state_dir>/disks/<id>/`:
+ *   spec.json    the create request, normalised, with the source headers (mode 0600): all
+ *                that is needed to open the disk again. Written atomically (temp file,
+ *                fsync, rename, fsync of the directory).
+ *   disk.json, regions.map, lock   the streaming disk's own (see streaming/open.ts).
+ *
+ * Ordering, and why:
+ *  - create writes spec.json *before* opening the disk: a daemon killed in between finds
+ *    the spec at start-up and finishes what the caller asked for (a retried create then
+ *    answers 200). A create that fails removes the directory it made.
+ *  - delete closes the export, then the disk (which commits the map), then removes
+ *    spec.json and the state directory, and only then wipes the target. Wiping first
+ *    would leave, after a crash, a map that says `local` over zeroed data.
+ *  - every operation on one id runs under that id's lock (create, delete, hydration
+ *    changes and the background re-open), so two of them never see a half-built disk.
+ *
+ * A disk whose origin cannot be reached when the daemon starts is still listed (state
+ * `failed`, `last_error` says why) and is re-opened every `reopen_interval_ms` until it
+ * opens. Source headers are never returned or logged; URLs are shown redacted.
+ */
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { components } from '../../../openapi/generated/dpu-agent.js';
+import { DpuError } from '../errors.js';
+import { blockDeviceSize } from '../local/target.js';
+import { type Endpoint, NbdServer } from '../nbd/server.js';
+import { RegionState } from '../region/region-map.js';
+import { redactUrl } from '../remote/redact.js';
+import { noop } from '../streaming/deferred.js';
+import { openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import type { AgentConfig } from './config.js';
+
+export type DiskView = components['schemas']['Disk'];
+export type DiskCreate = components['schemas']['DiskCreate'];
+export type HydrationUpdate = components['schemas']['HydrationUpdate'];
+export type RegionMapView = components['schemas']['RegionMap'];
+
+/** spec.json: the create request with every default filled in. */
+export interface DiskSpec {
+  version: 1;
+  id: string;
+  created_at: string;
+  source: { url: string; headers: Record<string, string>; identity?: string };
+  target: { path: string };
+  region_size: number;
+  export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
+  hydration: { enabled: boolean; paused: boolean; bandwidth: number };
+}
+
+/** Per-disk numbers for the metrics endpoint. */
+export interface DiskMetrics {
+  id: string;
+  regionsTotal: number;
+  regionsLocal: number;
+  bytesFetched: number;
+  fetchRetries: number;
+  hydrationRunning: boolean;
+  complete: boolean;
+  failed: boolean;
+}
+
+export interface DiskManagerOptions {
+  config: Readonly<AgentConfig>;
+  log: Logger;
+}
+
+const RATE_WINDOW_MS = 5_000;
+const RATE_SAMPLE_MS = 1_000;
+const WIPE_BYTES = 1 << 20;
+/** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
+const MAX_SOCKET_PATH = 107;
+const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
+
+/** bytes_fetched samples over the last few seconds, for fetch_rate_bps. */
+class RateWindow {
+  private samples: { t: number; bytes: number }[] = [];
+
+  sample(t: number, bytes: number): void {
+    const last = this.samples[this.samples.length - 1];
+    if (last && bytes < last.bytes) this.samples = []; // the disk was reopened: a new source counts from 0
+    this.samples.push({ t, bytes });
+    while (this.samples.length > 2 && this.samples[0]!.t < t - RATE_WINDOW_MS) this.samples.shift();
+  }
+
+  rate(): number {
+    const first = this.samples[0];
+    const last = this.samples[this.samples.length - 1];
+    if (!first || !last || last.t <= first.t) return 0;
+    return Math.max(0, Math.round(((last.bytes - first.bytes) * 1000) / (last.t - first.t)));
+  }
+}
+
+class ManagedDisk {
+  opened: OpenedDisk | null = null;
+  server: NbdServer | null = null;
+  exportInfo: DiskView['export'];
+  lastError: string | null = null;
+  /** disk.json's geometry and identity, once the disk has been opened (for a failed disk's view). */
+  record: { size: number; regionSize: number; identity: string } | null;
+  readonly rate = new RateWindow();
+  retryTimer: NodeJS.Timeout | null = null;
+  removed = false;
+
+  constructor(
+    public spec: DiskSpec,
+    readonly dir: string,
+    socketPath: string,
+  ) {
+    this.record = readDiskRecord(dir);
+    const { kind, name, host, port } = spec.export;
+    this.exportInfo =
+      kind === 'unix'
+        ? { uri: unixUri(name, socketPath), name, socket: socketPath }
+        : { uri: port ? tcpUri(name, host!, port) : '', name, ...(host !== undefined ? { host } : {}), ...(port ? { port } : {}) };
+  }
+}
+
+export class DiskManager {
+  private readonly config: Readonly<AgentConfig>;
+  private readonly log: Logger;
+  private readonly disks = new Map<string, ManagedDisk>();
+  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly disksDir: string;
+  private sampler: NodeJS.Timeout | null = null;
+  private closing = false;
+
+  constructor(opts: DiskManagerOptions) {
+    this.config = opts.config;
+    this.log = opts.log;
+    this.disksDir = path.join(opts.config.state_dir, 'disks');
+  }
+
+  get count(): number {
+    return this.disks.size;
+  }
+
+  /** Creates the directories and resumes every disk found under state_dir. */
+  async start(): Promise<void> {
+    fs.mkdirSync(this.disksDir, { recursive: true, mode: 0o700 });
+    fs.mkdirSync(this.config.export_dir, { recursive: true, mode: 0o750 });
+    for (const id of fs.readdirSync(this.disksDir).sort()) {
+      const dir = path.join(this.disksDir, id);
+      let spec: DiskSpec;
+      try {
+        spec = JSON.parse(fs.readFileSync(path.join(dir, 'spec.json'), 'utf8')) as DiskSpec;
+        if (spec.version !== 1 || spec.id !== id) throw new Error(`spec.json is for "${String(spec.id)}", version ${String(spec.version)}`);
+      } catch (err) {
+        this.log.error({ dir, err: (err as Error).message }, 'not resuming a state directory without a readable spec.json; move it away');
+        continue;
+      }
+      this.disks.set(id, new ManagedDisk(spec, dir, this.socketPath(id)));
+    }
+    await Promise.all([...this.disks.values()].map((m) => this.exclusive(m.spec.id, () => this.tryOpen(m))));
+    this.sampler = setInterval(() => this.sampleRates(), RATE_SAMPLE_MS);
+    this.sampler.unref();
+    if (this.disks.size) this.log.info({ disks: this.disks.size, failed: [...this.disks.values()].filter((m) => !m.opened).length }, 'disks resumed');
+  }
+
+  list(): DiskView[] {
+    return [...this.disks.values()].map((m) => this.view(m));
+  }
+
+  get(id: string): DiskView {
+    return this.view(this.find(id));
+  }
+
+  /** Creates and exports a disk; `created` is false when an identical one existed. */
+  async create(req: DiskCreate): Promise<{ disk: DiskView; created: boolean }> {
+    const spec = this.normalise(req);
+    return this.exclusive(spec.id, async () => {
+      if (this.closing) throw new DpuError('DPU_ERR_SHUTTING_DOWN', 'the agent is stopping');
+      const existing = this.disks.get(spec.id);
+      if (existing) {
+        if (sourceKey(existing.spec) === sourceKey(spec) && existing.spec.target.path === spec.target.path) return { disk: this.view(existing), created: false };
+        throw new DpuError(
+          'DPU_ERR_DISK_EXISTS',
+          `disk "${spec.id}" streams ${describeSource(existing.spec)} to ${existing.spec.target.path}; delete it first or choose another id`,
+        );
+      }
+      for (const other of this.disks.values()) {
+        if (other.spec.target.path === spec.target.path) throw new DpuError('DPU_ERR_TARGET_IN_USE', `${spec.target.path} is the target of disk "${other.spec.id}"`, { field: 'target.path' });
+      }
+      const dir = path.join(this.disksDir, spec.id);
+      const fresh = !fs.existsSync(dir);
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      writeJsonAtomic(path.join(dir, 'spec.json'), spec);
+      const m = new ManagedDisk(spec, dir, this.socketPath(spec.id));
+      try {
+        if (!spec.target.path.startsWith('/dev/')) fs.mkdirSync(path.dirname(spec.target.path), { recursive: true, mode: 0o750 });
+        await this.open(m);
+      } catch (err) {
+        // Leave a directory that held a disk before (a complete copy, say) as it was.
+        if (fresh) fs.rmSync(dir, { recursive: true, force: true });
+        else fs.rmSync(path.join(dir, 'spec.json'), { force: true });
+        throw err;
+      }
+      this.disks.set(spec.id, m);
+      this.log.info({ disk: spec.id, source: redactUrl(spec.source.url), target: spec.target.path, export: m.exportInfo.uri }, 'disk created');
+      return { disk: this.view(m), created: true };
+    });
+  }
+
+  /** Stops exporting a disk and forgets it; with `wipe`, destroys the target's data. */
+  async delete(id: string, wipe: boolean): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.find(id);
+      m.removed = true;
+      if (m.retryTimer) clearTimeout(m.retryTimer);
+      const last = this.view(m);
+      try {
+        await this.closeDisk(m);
+      } catch (err) {
+        this.log.error({ disk: id, err }, 'closing the disk failed; deleting it anyway');
+      }
+      this.disks.delete(id);
+      // spec.json first: once it is gone the disk is forgotten, whatever happens next.
+      fs.rmSync(path.join(m.dir, 'spec.json'), { force: true });
+      fs.rmSync(m.dir, { recursive: true, force: true });
+      if (wipe) await this.wipeTarget(m.spec.target.path);
+      this.log.info({ disk: id, wipe }, 'disk deleted');
+      return last;
+    });
+  }
+
+  regionMap(id: string): RegionMapView {
+    const m = this.find(id);
+    if (!m.opened) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" could not be opened (${m.lastError ?? 'unknown error'}); it is retried in the background`);
+    const map = m.opened.disk.map;
+    return { region_size: map.regionSize, count: map.count, encoding: 'rle', map: encodeRle(map.states) };
+  }
+
+  async setHydration(id: string, update: HydrationUpdate): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.find(id);
+      const h = m.opened?.hydrator;
+      const next = { ...m.spec.hydration };
+      if (update.bandwidth !== undefined) {
+        next.bandwidth = update.bandwidth;
+        h?.setBandwidth(update.bandwidth);
+      }
+      if (update.paused === true) {
+        next.paused = true;
+        h?.pause();
+      } else if (update.paused === false) {
+        // Resuming a disk created with hydration disabled enables it.
+        next.paused = false;
+        next.enabled = true;
+        h?.resume();
+      }
+      m.spec = { ...m.spec, hydration: next };
+      writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
+      this.log.info({ disk: id, hydration: next }, 'hydration changed');
+      return this.view(m);
+    });
+  }
+
+  metrics(): DiskMetrics[] {
+    return [...this.disks.values()].map((m) => {
+      const p = m.opened?.disk.progress();
+      return {
+        id: m.spec.id,
+        regionsTotal: p?.regionsTotal ?? 0,
+        regionsLocal: p?.regionsLocal ?? 0,
+        bytesFetched: p?.bytesFetched ?? 0,
+        fetchRetries: p?.fetchRetries ?? 0,
+        hydrationRunning: m.opened?.hydrator.state === 'running',
+        complete: p?.complete ?? false,
+        failed: !m.opened,
+      };
+    });
+  }
+
+  /** Closes every disk (each commits its map); the state stays for the next start. */
+  async close(): Promise<void> {
+    this.closing = true;
+    if (this.sampler) clearInterval(this.sampler);
+    await Promise.all(
+      [...this.disks.values()].map((m) => {
+        if (m.retryTimer) clearTimeout(m.retryTimer);
+        return this.exclusive(m.spec.id, () => this.closeDisk(m)).catch((err: Error) => this.log.error({ disk: m.spec.id, err }, 'closing the disk failed'));
+      }),
+    );
+  }
+
+  // ---- internals ---------------------------------------------------------------------
+
+  private find(id: string): ManagedDisk {
+    const m = this.disks.get(id);
+    if (!m) throw new DpuError('DPU_ERR_NOT_FOUND', `no disk "${id}"`);
+    return m;
+  }
+
+  /** Runs `fn` after every earlier operation on `id` has finished. */
+  private async exclusive<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const run = (this.locks.get(id) ?? Promise.resolve()).then(fn);
+    const tail = run.catch(noop);
+    this.locks.set(id, tail);
+    try {
+      return await run;
+    } finally {
+      if (this.locks.get(id) === tail) this.locks.delete(id);
+    }
+  }
+
+  private socketPath(id: string): string {
+    return path.join(this.config.export_dir, `${id}.sock`);
+  }
+
+  /** The request with every default filled in; refuses what the agent's policy forbids. */
+  private normalise(req: DiskCreate): DiskSpec {
+    const cfg = this.config;
+    const given = req.target.path;
+    if (!path.isAbsolute(given)) throw new DpuError('DPU_ERR_BAD_REQUEST', `target.path "${given}" must be an absolute path`, { field: 'target.path' });
+    const target = path.resolve(given);
+    const allowed = (p: string): boolean => cfg.allowed_targets.some((prefix) => p.startsWith(prefix));
+    let real: string | null = null;
+    try {
+      real = fs.realpathSync(target);
+    } catch {
+      // does not exist yet: a file target is created
+    }
+    if (!allowed(target) || (real !== null && !allowed(real))) {
+      throw new DpuError('DPU_ERR_TARGET_NOT_ALLOWED', `target.path "${given}"${real && real !== target ? ` (${real})` : ''} is not under any of ${cfg.allowed_targets.join(', ')} (config key allowed_targets)`, {
+        field: 'target.path',
+      });
+    }
+    if (real !== null) {
+      const st = fs.statSync(real);
+      if (!st.isFile() && !st.isBlockDevice()) throw new DpuError('DPU_ERR_BAD_REQUEST', `target.path "${given}" is neither a block device nor a regular file`, { field: 'target.path' });
+    }
+    const regionSize = req.region_size ?? cfg.defaults.region_size;
+    if (regionSize & (regionSize - 1)) throw new DpuError('DPU_ERR_BAD_REQUEST', `region_size ${regionSize} is not a power of two`, { field: 'region_size' });
+    const ex = req.export ?? {};
+    const kind = ex.kind ?? 'unix';
+    if (kind === 'tcp' && !cfg.tcp_exports_allowed) {
+      throw new DpuError('DPU_ERR_TCP_EXPORT_NOT_ALLOWED', 'export.kind "tcp" needs tcp_exports_allowed: true in the agent config (NBD over TCP has no authentication); use a unix export', { field: 'export.kind' });
+    }
+    if (kind === 'unix' && (ex.host !== undefined || ex.port !== undefined)) {
+      throw new DpuError('DPU_ERR_BAD_REQUEST', `export.${ex.host !== undefined ? 'host' : 'port'} applies to tcp exports only`, { field: ex.host !== undefined ? 'export.host' : 'export.port' });
+    }
+    if (kind === 'unix' && Buffer.byteLength(this.socketPath(req.id)) > MAX_SOCKET_PATH) {
+      throw new DpuError('DPU_ERR_BAD_REQUEST', `id "${req.id}" is too long for a unix socket path under ${cfg.export_dir}`, { field: 'id' });
+    }
+    const h = req.hydration;
+    return {
+      version: 1,
+      id: req.id,
+      created_at: new Date().toISOString(),
+      source: { url: req.source.url, headers: { ...(req.source.headers ?? {}) }, ...(req.source.identity !== undefined ? { identity: req.source.identity } : {}) },
+      target: { path: target },
+      region_size: regionSize,
+      export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
+      hydration: h ? { enabled: h.enabled ?? true, paused: h.paused ?? false, bandwidth: h.bandwidth ?? 0 } : { enabled: true, paused: false, bandwidth: cfg.defaults.bandwidth },
+    };
+  }
+
+  /** Opens the streaming disk and its NBD server, and starts hydration as the spec says. */
+  private async open(m: ManagedDisk): Promise<void> {
+    const { spec } = m;
+    const d = this.config.defaults;
+    const log = this.log.child({ disk: spec.id });
+    const opened = await openStreamingDisk({
+      source: {
+        url: spec.source.url,
+        headers: spec.source.headers,
+        ...(spec.source.identity !== undefined ? { identity: spec.source.identity } : {}),
+        maxConnections: d.max_connections,
+        backgroundConnections: Math.min(d.hydrate_connections, d.max_connections - 1),
+        retryDeadlineMs: d.retry_deadline_ms,
+        stallTimeoutMs: d.stall_timeout_ms,
+        probeDeadlineMs: Math.min(d.open_timeout_ms, d.retry_deadline_ms),
+      },
+      targetPath: spec.target.path,
+      stateDir: m.dir,
+      regionSize: spec.region_size,
+      hydrator: { bandwidth: spec.hydration.bandwidth, batchBytes: d.batch_size, concurrency: d.hydrate_connections },
+      commitIntervalMs: d.commit_interval_ms,
+      log,
+    });
+    const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log });
+    const ep: Endpoint = spec.export.kind === 'tcp' ? { kind: 'tcp', host: spec.export.host ?? '127.0.0.1', port: spec.export.port ?? 0 } : { kind: 'unix', path: this.socketPath(spec.id) };
+    let uri: string;
+    try {
+      uri = await server.listen(ep);
+    } catch (err) {
+      await opened.close();
+      throw err;
+    }
+    if (ep.kind === 'tcp') {
+      const port = Number(new URL(uri.replace(/^nbd:/, 'http:')).port);
+      m.exportInfo = { uri: tcpUri(spec.export.name, ep.host, port), name: spec.export.name, host: ep.host, port };
+      if (spec.export.port !== port) {
+        // A host reconnects to the same port after a daemon restart: keep the one we got.
+        m.spec = { ...spec, export: { ...spec.export, port } };
+        writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
+      }
+    }
+    m.opened = opened;
+    m.server = server;
+    m.record = readDiskRecord(m.dir);
+    m.rate.sample(Date.now(), opened.disk.progress().bytesFetched);
+    opened.hydrator.on('batch-error', (err) => {
+      m.lastError = err.message;
+    });
+    opened.disk.on('commit-error', (err) => {
+      m.lastError = `committing the region map: ${err.message}`;
+    });
+    opened.disk.on('complete', () => {
+      m.lastError = null;
+      log.info('disk complete: every region is local');
+    });
+    if (spec.hydration.enabled && !spec.hydration.paused) opened.hydrator.start();
+    log.info({ uri: m.exportInfo.uri, regions: opened.disk.map.count, local: opened.disk.map.local, complete: opened.disk.complete }, 'NBD export listening');
+  }
+
+  /** For resume: opens, or marks the disk failed and tries again later. */
+  private async tryOpen(m: ManagedDisk): Promise<void> {
+    if (m.removed || m.opened || this.closing) return;
+    try {
+      await this.open(m);
+      if (m.lastError) this.log.info({ disk: m.spec.id }, 'disk opened after earlier failures');
+      m.lastError = null;
+    } catch (err) {
+      m.lastError = (err as Error).message;
+      this.log.warn({ disk: m.spec.id, err: m.lastError, retryInMs: this.config.reopen_interval_ms }, 'cannot open disk; will retry');
+      m.retryTimer = setTimeout(() => {
+        m.retryTimer = null;
+        this.exclusive(m.spec.id, () => this.tryOpen(m)).catch(noop);
+      }, this.config.reopen_interval_ms);
+      m.retryTimer.unref();
+    }
+  }
+
+  private async closeDisk(m: ManagedDisk): Promise<void> {
+    const { server, opened } = m;
+    m.server = null;
+    m.opened = null;
+    try {
+      await server?.close();
+    } finally {
+      await opened?.close();
+    }
+  }
+
+  private view(m: ManagedDisk): DiskView {
+    const { spec } = m;
+    const opened = m.opened;
+    const p = opened?.disk.progress();
+    const size = p?.size ?? m.record?.size ?? 0;
+    const regionSize = p?.regionSize ?? m.record?.regionSize ?? spec.region_size;
+    const identity = spec.source.identity ?? m.record?.identity;
+    let hydration: DiskView['hydration']['state'];
+    if (!opened) hydration = 'stopped';
+    else if (p!.complete) hydration = 'complete';
+    else if (!spec.hydration.enabled) hydration = 'disabled';
+    else hydration = opened.hydrator.state;
+    return {
+      id: spec.id,
+      state: !opened ? 'failed' : p!.complete ? 'complete' : 'streaming',
+      created_at: spec.created_at,
+      source: { url: redactUrl(spec.source.url), ...(identity !== undefined ? { identity } : {}) },
+      target: { path: spec.target.path },
+      export: m.exportInfo,
+      size,
+      region_size: regionSize,
+      regions: { total: p?.regionsTotal ?? Math.ceil(size / regionSize), local: p?.regionsLocal ?? 0, zero: p?.regionsZero ?? 0 },
+      bytes_fetched: p?.bytesFetched ?? 0,
+      fetch_rate_bps: opened ? m.rate.rate() : 0,
+      fetch_retries: p?.fetchRetries ?? 0,
+      hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },
+      last_error: m.lastError,
+    };
+  }
+
+  private sampleRates(): void {
+    const now = Date.now();
+    for (const m of this.disks.values()) if (m.opened) m.rate.sample(now, m.opened.disk.progress().bytesFetched);
+  }
+
+  /**
+   * Destroys the target's data. A file is removed. A block device is discarded
+   * (`blkdiscard`, when installed and the device supports it) and its first and last MiB —
+   * partition tables, RAID and LVM labels — are overwritten with zeros, so the next
+   * tenant's firmware finds nothing to boot; it is not a secure erase.
+   */
+  private async wipeTarget(target: string): Promise<void> {
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(target);
+    } catch {
+      return; // nothing was ever written
+    }
+    try {
+      if (st.isFile()) {
+        fs.rmSync(target);
+      } else if (st.isBlockDevice()) {
+        await new Promise<void>((resolve) =>
+          execFile('blkdiscard', [target], (err) => {
+            if (err) this.log.warn({ target, err: err.message }, 'blkdiscard failed or is not installed; zeroing the first and last MiB only');
+            resolve();
+          }),
+        );
+        const size = blockDeviceSize(st.rdev);
+        const zeros = Buffer.alloc(Math.min(WIPE_BYTES, size));
+        const fd = fs.openSync(target, 'r+');
+        try {
+          fs.writeSync(fd, zeros, 0, zeros.length, 0);
+          fs.writeSync(fd, zeros, 0, zeros.length, size - zeros.length);
+          fs.fsyncSync(fd);
+        } finally {
+          fs.closeSync(fd);
+        }
+      }
+      this.log.info({ target }, 'target wiped');
+    } catch (err) {
+      throw new DpuError('DPU_ERR_TARGET_IO', `the disk is deleted, but wiping ${target} failed: ${(err as Error).message}`, { cause: err });
+    }
+  }
+}
+
+/** What makes two creates "the same disk": the identity if given, else the URL without its secrets. */
+function sourceKey(spec: DiskSpec): string {
+  return spec.source.identity !== undefined ? `identity:${spec.source.identity}` : `url:${redactUrl(spec.source.url)}`;
+}
+
+function describeSource(spec: DiskSpec): string {
+  return spec.source.identity !== undefined ? `image "${spec.source.identity}"` : redactUrl(spec.source.url);
+}
+
+function unixUri(name: string, socket: string): string {
+  return `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`;
+}
+
+function tcpUri(name: string, host: string, port: number): string {
+  return `nbd://${host.includes(':') ? `[${host}]` : host}:${port}/${encodeURIComponent(name)}`;
+}
+
+/** Run-length encoding of region states: "512L3f1533r". */
+export function encodeRle(states: Uint8Array): string {
+  let out = '';
+  let i = 0;
+  while (i < states.length) {
+    const s = states[i]!;
+    let j = i + 1;
+    while (j < states.length && states[j] === s) j++;
+    out += `${j - i}${RLE_CHAR[s]}`;
+    i = j;
+  }
+  return out;
+}
+
+function readDiskRecord(dir: string): ManagedDisk['record'] {
+  try {
+    const r = JSON.parse(fs.readFileSync(path.join(dir, 'disk.json'), 'utf8')) as { size: number; regionSize: number; identity: string };
+    return { size: r.size, regionSize: r.regionSize, identity: r.identity };
+  } catch {
+    return null;
+  }
+}
+
+/** Atomic replace: temp file (0600), fsync, rename, fsync the directory. */
+function writeJsonAtomic(file: string, value: unknown): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    fs.writeSync(fd, JSON.stringify(value, null, 2) + '\n');
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  const dfd = fs.openSync(path.dirname(file), 'r');
+  try {
+    fs.fsyncSync(dfd);
+  } finally {
+    fs.closeSync(dfd);
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * Prometheus metrics of the daemon: per-disk gauges labelled `disk`, read from the disk
+ * manager at scrape time (nothing to keep in sync), plus the process's default metrics.
+ * Each app gets its own registry, never prom-client's global one, so several agents can
+ * live in one process (tests). Rates are for Prometheus to compute from bytes_fetched.
+ */
+import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import type { DiskManager, DiskMetrics } from './disks.js';
+
+export interface AgentMetrics {
+  registry: Registry;
+  contentType: string;
+  render(): Promise<string>;
+}
+
+const PREFIX = 'dpu_agent_';
+
+export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetrics {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: PREFIX });
+  const perDisk: [name: string, help: string, value: (d: DiskMetrics) => number][] = [
+    ['regions_total', 'Regions of the disk.', (d) => d.regionsTotal],
+    ['regions_local', 'Regions on the local target.', (d) => d.regionsLocal],
+    ['bytes_fetched', 'Bytes fetched from the origin since the disk was opened (counts from 0 after a restart).', (d) => d.bytesFetched],
+    ['fetch_retries', 'Range-request attempts retried since the disk was opened.', (d) => d.fetchRetries],
+    ['hydration_running', '1 while background hydration runs.', (d) => (d.hydrationRunning ? 1 : 0)],
+    ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
+    ['failed', '1 while the disk cannot be opened (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
+  ];
+  // One snapshot per scrape, shared by every gauge's collect().
+  let snapshot: { at: number; disks: DiskMetrics[] } | null = null;
+  const disks = (): DiskMetrics[] => {
+    const now = Date.now();
+    if (!snapshot || now - snapshot.at > 100) snapshot = { at: now, disks: manager.metrics() };
+    return snapshot.disks;
+  };
+  for (const [name, help, value] of perDisk) {
+    new Gauge({
+      name: PREFIX + name,
+      help,
+      labelNames: ['disk'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const d of disks()) this.set({ disk: d.id }, value(d));
+      },
+    });
+  }
+  new Gauge({
+    name: `${PREFIX}disks`,
+    help: 'Disks the agent manages.',
+    registers: [registry],
+    collect() {
+      this.set(disks().length);
+    },
+  });
+  return { registry, contentType: registry.contentType, render: () => registry.metrics() };
+}

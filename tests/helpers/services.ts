@@ -1,0 +1,123 @@
+/**
+ * The control plane's real processes for tests: the DPU agent daemon (`dpu-agent serve`)
+ * and the driver service (`smartnic-driver serve`), each started with a config file of
+ * its own on a free loopback port, waited for through its `listening` line, stopped by PID.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+import { freePort } from './redis.js';
+
+const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+export const TOKEN = 'test-token-0123456789abcdef';
+
+export class ServiceProcess {
+  child: ChildProcess | null = null;
+  url = '';
+  output = '';
+
+  constructor(
+    readonly name: string,
+    private readonly bin: string,
+    readonly configFile: string,
+  ) {}
+
+  async start(timeoutMs = 30_000): Promise<void> {
+    const child = spawn(process.execPath, [path.join(ROOT, this.bin), 'serve', '--config', this.configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = child;
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => {
+      this.output = (this.output + d).slice(-20_000);
+    });
+    this.url = await new Promise<string>((resolve, reject) => {
+      let buf = '';
+      const timer = setTimeout(() => reject(new Error(`${this.name} did not start within ${timeoutMs} ms:\n${this.output}`)), timeoutMs);
+      child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+        buf += d;
+        const line = buf.split('\n').find((l) => l.includes('"listening"'));
+        if (line) {
+          clearTimeout(timer);
+          resolve((JSON.parse(line) as { url: string }).url);
+        }
+      });
+      child.once('exit', (code) => {
+        clearTimeout(timer);
+        reject(new Error(`${this.name} exited (${code}) during start-up:\n${this.output}`));
+      });
+    });
+  }
+
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+    const c = this.child;
+    this.child = null;
+    if (!c || c.exitCode !== null || c.signalCode !== null) return c?.exitCode ?? null;
+    const exited = new Promise<number | null>((r) => c.once('exit', (code) => r(code)));
+    c.kill(signal);
+    return exited;
+  }
+}
+
+export interface AgentSetup {
+  dir: string;
+  port?: number;
+  extra?: Record<string, unknown>;
+}
+
+/** A DPU agent daemon whose targets live under `<dir>/targets/`. */
+export async function agentDaemon(s: AgentSetup): Promise<ServiceProcess> {
+  const port = s.port ?? (await freePort());
+  fs.mkdirSync(path.join(s.dir, 'targets'), { recursive: true });
+  const cfg = {
+    listen: { host: '127.0.0.1', port },
+    auth: { tokens: [TOKEN] },
+    state_dir: path.join(s.dir, 'state'),
+    export_dir: path.join(s.dir, 'exports'),
+    allowed_targets: [path.join(s.dir, 'targets') + '/'],
+    log_level: 'warn',
+    ...s.extra,
+  };
+  const file = path.join(s.dir, 'agent.yaml');
+  fs.writeFileSync(file, stringify(cfg));
+  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file);
+}
+
+export interface DriverSetup {
+  dir: string;
+  redisUrl: string;
+  port?: number;
+  jobs?: Record<string, number>;
+}
+
+export async function driverService(s: DriverSetup): Promise<ServiceProcess> {
+  const port = s.port ?? (await freePort());
+  const cfg = {
+    listen: { host: '127.0.0.1', port },
+    auth: { tokens: [TOKEN] },
+    redis: { url: s.redisUrl, prefix: 'test' },
+    agent: { token: TOKEN, timeout_ms: 5000 },
+    jobs: { attach_attempts: 4, teardown_attempts: 6, backoff_ms: 200, monitor_interval_ms: 200, ...s.jobs },
+    response_validation: 'strict',
+    log_level: 'warn',
+  };
+  fs.mkdirSync(s.dir, { recursive: true });
+  const file = path.join(s.dir, `driver-${port}.yaml`);
+  fs.writeFileSync(file, stringify(cfg));
+  return new ServiceProcess('smartnic-driver', 'driver/bin/smartnic-driver.js', file);
+}
+
+/** Polls `fn` until it returns a truthy value. */
+export async function until<T>(what: string, fn: () => Promise<T | null | undefined | false>, timeoutMs = 30_000, everyMs = 100): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}

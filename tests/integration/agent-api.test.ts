@@ -1,0 +1,489 @@
+/**
+ * The agent daemon's management API, driven with the typed AgentClient against a real
+ * origin and real NBD clients: in-process (buildAgentApi over a real socket, responses
+ * checked strictly against openapi/dpu-agent.yaml), then as a real `dpu-agent serve`
+ * process for SIGTERM and kill -9 restarts.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import type { FastifyInstance } from 'fastify';
+import { AgentClient, type Disk, type DiskCreate } from '../../openapi/clients/agent-client.js';
+import { ApiError } from '../../openapi/clients/http.js';
+import { buildAgentApi } from '../../dpu-agent/src/daemon/api.js';
+import { parseAgentConfig } from '../../dpu-agent/src/daemon/config.js';
+import { DiskManager } from '../../dpu-agent/src/daemon/disks.js';
+import { RegionMap } from '../../dpu-agent/src/region/region-map.js';
+import { makeImage, tempDir } from '../helpers/agent.js';
+import { DaemonProcess } from '../helpers/daemon.js';
+import { TestOrigin } from '../helpers/origin.js';
+import { run } from '../helpers/run.js';
+
+const MiB = 1 << 20;
+const KiB = 1 << 10;
+const IMAGE_SIZE = 24 * MiB;
+const REGION = 256 * KiB;
+const REGIONS = IMAGE_SIZE / REGION;
+const TOKEN = 'test-token-0123456789abcdef';
+const SOURCE_SECRET = 'origin-secret-5f4dcc3b5aa765d61d83';
+
+async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 30_000, everyMs = 100): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+async function rejects(p: Promise<unknown>, status: number, code: string, field?: string): Promise<ApiError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof ApiError, `an ApiError, not ${String(err)}`);
+    assert.equal(err.status, status, err.message);
+    assert.equal(err.code, code, err.message);
+    assert.equal(typeof err.retryable, 'boolean');
+    if (field !== undefined) assert.equal(err.field, field, err.message);
+    return err;
+  }
+  throw new Error(`expected HTTP ${status} ${code}`);
+}
+
+/** A raw request, for what the typed client hides (the status of a success, unknown routes). */
+async function raw(base: string, method: string, route: string, body?: unknown, token: string | null = TOKEN): Promise<{ status: number; json: Record<string, unknown> }> {
+  const res = await fetch(base + route, {
+    method,
+    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+    ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+  });
+  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
+}
+
+function waitState(client: AgentClient, id: string, state: Disk['state'], timeoutMs = 30_000): Promise<Disk> {
+  return until(`disk ${id} ${state}`, async () => {
+    const d = await client.getDisk(id);
+    return d.state === state ? d : undefined;
+  }, timeoutMs);
+}
+
+describe('agent daemon API (in-process)', function () {
+  this.timeout(60_000);
+  let dir: string;
+  let cleanup: () => void;
+  let image: string;
+  let origin: TestOrigin;
+  let manager: DiskManager;
+  let app: FastifyInstance;
+  let base: string;
+  let client: AgentClient;
+  const logText: string[] = [];
+  const responses: unknown[] = [];
+  let targets: string;
+  let exportDir: string;
+  let stateDir: string;
+
+  const body = (id: string, over: Partial<DiskCreate> = {}): DiskCreate => ({
+    id,
+    source: { url: `${origin.url}?temp_url_sig=sig-${SOURCE_SECRET}&temp_url_expires=1795000000`, headers: { 'X-Auth-Token': SOURCE_SECRET }, identity: 'image-1' },
+    target: { path: path.join(targets, `${id}.raw`) },
+    region_size: REGION,
+    ...over,
+  });
+
+  before(async () => {
+    ({ dir, cleanup } = tempDir('agent-api'));
+    image = path.join(dir, 'image.raw');
+    makeImage(image, IMAGE_SIZE, 11);
+    origin = new TestOrigin({ file: image });
+    await origin.start();
+    targets = path.join(dir, 'targets') + '/';
+    exportDir = path.join(dir, 'run');
+    stateDir = path.join(dir, 'state');
+    const config = parseAgentConfig(
+      {
+        auth: { tokens: [TOKEN] },
+        state_dir: stateDir,
+        export_dir: exportDir,
+        allowed_targets: [targets],
+        reopen_interval_ms: 500,
+        defaults: { commit_interval_ms: 200, open_timeout_ms: 2000 },
+        log_level: 'debug',
+      },
+      'test config',
+    );
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        logText.push(chunk.toString());
+        cb();
+      },
+    });
+    const log = pino({ level: 'debug' }, sink);
+    manager = new DiskManager({ config, log });
+    await manager.start();
+    app = buildAgentApi({ config, manager, log, responseValidation: 'strict' });
+    base = await app.listen({ port: 0, host: '127.0.0.1' });
+    client = new AgentClient({ baseUrl: base, token: TOKEN });
+  });
+
+  after(async () => {
+    await app?.close();
+    await manager?.close();
+    await origin?.stop();
+    cleanup?.();
+  });
+
+  it('answers health without a token', async () => {
+    const h = await new AgentClient({ baseUrl: base }).health();
+    assert.equal(h.status, 'ok');
+    assert.equal(h.disks, 0);
+    assert.match(h.version, /^\d+\.\d+\.\d+/);
+  });
+
+  it('refuses a missing or wrong token with 401 and an Error body', async () => {
+    const e1 = await rejects(new AgentClient({ baseUrl: base }).listDisks(), 401, 'DPU_ERR_UNAUTHORIZED');
+    assert.equal(e1.retryable, false);
+    await rejects(new AgentClient({ baseUrl: base, token: 'wrong-token-wrong-token' }).listDisks(), 401, 'DPU_ERR_UNAUTHORIZED');
+    await rejects(new AgentClient({ baseUrl: base }).createDisk(body('noauth')), 401, 'DPU_ERR_UNAUTHORIZED');
+    const r = await raw(base, 'GET', '/v1/disks', undefined, null);
+    assert.deepEqual(Object.keys(r.json).sort(), ['code', 'message', 'retryable']);
+  });
+
+  it('creates a disk (201) whose export serves the image, and which completes to a target equal to it', async () => {
+    const created = await raw(base, 'POST', '/v1/disks', body('alpha', { hydration: { bandwidth: 4 * MiB } }));
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    const d = created.json as unknown as Disk;
+    responses.push(d);
+    assert.equal(d.id, 'alpha');
+    assert.ok(d.state === 'streaming' || d.state === 'complete');
+    assert.equal(d.size, IMAGE_SIZE);
+    assert.equal(d.region_size, REGION);
+    assert.equal(d.regions.total, REGIONS);
+    assert.equal(d.source.identity, 'image-1');
+    assert.match(d.source.url, /temp_url_sig=REDACTED/);
+    assert.equal(d.export.socket, path.join(exportDir, 'alpha.sock'));
+    assert.equal(d.export.name, 'disk');
+    assert.equal(d.hydration.bandwidth, 4 * MiB);
+    assert.ok(fs.existsSync(d.export.socket!), 'the export is listening when the response is sent');
+    assert.equal(fs.statSync(path.join(stateDir, 'disks', 'alpha', 'spec.json')).mode & 0o777, 0o600);
+
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, d.export.uri]);
+    // The empty export name selects the disk too.
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, `nbd+unix:///?socket=${d.export.socket!}`]);
+
+    const mid = await client.getDisk('alpha');
+    responses.push(mid);
+    assert.ok(mid.bytes_fetched > 0);
+    assert.ok(mid.regions.local > 0);
+    assert.ok(mid.fetch_rate_bps >= 0);
+    const done = await waitState(client, 'alpha', 'complete');
+    responses.push(done);
+    assert.equal(done.regions.local, REGIONS);
+    assert.equal(done.hydration.state, 'complete');
+    assert.equal(done.last_error, null);
+    assert.ok(fs.readFileSync(path.join(targets, 'alpha.raw')).equals(fs.readFileSync(image)), 'target = image');
+  });
+
+  it('is idempotent on id: the same body answers 200, another source 409', async () => {
+    const again = await raw(base, 'POST', '/v1/disks', body('alpha', { hydration: { bandwidth: 4 * MiB } }));
+    assert.equal(again.status, 200);
+    assert.equal(again.json['id'], 'alpha');
+    const other = body('alpha');
+    await rejects(client.createDisk({ ...other, source: { ...other.source, identity: 'image-2' } }), 409, 'DPU_ERR_DISK_EXISTS');
+    await rejects(client.createDisk({ ...other, id: 'alpha-2' }), 409, 'DPU_ERR_TARGET_IN_USE', 'target.path');
+  });
+
+  it('refuses bad bodies with 400 naming the field', async () => {
+    const good = body('bad');
+    const cases: [string, unknown, string, string][] = [
+      ['unknown field', { ...good, colour: 'red' }, 'DPU_ERR_BAD_REQUEST', 'colour'],
+      ['unknown nested field', { ...good, target: { path: good.target.path, mode: 'x' } }, 'DPU_ERR_BAD_REQUEST', 'target.mode'],
+      ['missing source.url', { ...good, source: {} }, 'DPU_ERR_BAD_REQUEST', 'source.url'],
+      ['url not http(s)', { ...good, source: { url: 'ftp://origin/image.raw' } }, 'DPU_ERR_BAD_REQUEST', 'source.url'],
+      ['bad id pattern', { ...good, id: 'Not_Lower' }, 'DPU_ERR_BAD_REQUEST', 'id'],
+      ['wrong type', { ...good, region_size: '1M' }, 'DPU_ERR_BAD_REQUEST', 'region_size'],
+      ['region size not a power of two', { ...good, region_size: 3 * 65536 }, 'DPU_ERR_BAD_REQUEST', 'region_size'],
+      ['target outside allowed_targets', { ...good, target: { path: '/etc/passwd' } }, 'DPU_ERR_TARGET_NOT_ALLOWED', 'target.path'],
+      ['target escaping with ..', { ...good, target: { path: `${targets}../escape.raw` } }, 'DPU_ERR_TARGET_NOT_ALLOWED', 'target.path'],
+      ['relative target', { ...good, target: { path: 'targets/bad.raw' } }, 'DPU_ERR_BAD_REQUEST', 'target.path'],
+      ['tcp export not allowed', { ...good, export: { kind: 'tcp' } }, 'DPU_ERR_TCP_EXPORT_NOT_ALLOWED', 'export.kind'],
+    ];
+    for (const [what, b, code, field] of cases) {
+      const r = await raw(base, 'POST', '/v1/disks', b);
+      assert.equal(r.status, 400, `${what}: ${JSON.stringify(r.json)}`);
+      assert.equal(r.json['code'], code, what);
+      assert.equal(r.json['field'], field, `${what}: ${String(r.json['message'])}`);
+      assert.equal(r.json['retryable'], false, what);
+      assert.match(String(r.json['message']), new RegExp(field.split('.').pop()!), `${what}: the message names the field`);
+    }
+    await rejects(client.getDisk('Bad_Id'), 400, 'DPU_ERR_BAD_REQUEST', 'id');
+    await rejects(client.updateHydration('alpha', {}), 400, 'DPU_ERR_BAD_REQUEST');
+    await rejects(client.updateHydration('alpha', { bandwidth: -1 }), 400, 'DPU_ERR_BAD_REQUEST', 'bandwidth');
+    const list = await client.listDisks();
+    assert.deepEqual(list.map((d) => d.id), ['alpha'], 'no disk was created by a refused request');
+    assert.ok(!fs.existsSync(path.join(stateDir, 'disks', 'bad')));
+  });
+
+  it('pauses, resumes and caps hydration; lists disks; serves the region map as RLE', async () => {
+    const created = await client.createDisk(body('beta', { hydration: { bandwidth: 2 * MiB } }));
+    assert.equal(created.hydration.state, 'running');
+    await until('some regions local', async () => (await client.getDisk('beta')).regions.local >= 4);
+    const paused = await client.updateHydration('beta', { paused: true });
+    assert.equal(paused.hydration.state, 'paused');
+    // Batches in flight finish; then nothing more is fetched.
+    let last = -1;
+    const settled = await until('fetching to stop', async () => {
+      const d = await client.getDisk('beta');
+      const same = d.bytes_fetched === last;
+      last = d.bytes_fetched;
+      return same ? d : undefined;
+    }, 10_000, 400);
+    await new Promise((r) => setTimeout(r, 1000));
+    const still = await client.getDisk('beta');
+    assert.equal(still.bytes_fetched, settled.bytes_fetched, 'paused: bytes_fetched does not grow');
+    assert.equal(still.hydration.state, 'paused');
+    assert.ok(still.regions.local < REGIONS);
+
+    const map = await client.regionMap('beta');
+    assert.equal(map.encoding, 'rle');
+    assert.equal(map.count, REGIONS);
+    assert.equal(map.region_size, REGION);
+    assert.match(map.map, /^(\d+[rzfL])+$/);
+    const runs = [...map.map.matchAll(/(\d+)([rzfL])/g)];
+    assert.equal(runs.reduce((n, m) => n + Number(m[1]), 0), map.count, 'the runs add up to the region count');
+    assert.equal(runs.filter((m) => m[2] === 'L').reduce((n, m) => n + Number(m[1]), 0), still.regions.local);
+
+    const listed = await client.listDisks();
+    assert.deepEqual(listed.map((d) => d.id).sort(), ['alpha', 'beta']);
+    responses.push(listed, map);
+
+    const capped = await client.updateHydration('beta', { bandwidth: 8 * MiB });
+    assert.equal(capped.hydration.bandwidth, 8 * MiB);
+    assert.equal(capped.hydration.state, 'paused', 'a bandwidth change alone does not resume');
+    const resumed = await client.updateHydration('beta', { paused: false, bandwidth: 0 });
+    assert.equal(resumed.hydration.state, 'running');
+    assert.equal(resumed.hydration.bandwidth, 0);
+    const spec = JSON.parse(fs.readFileSync(path.join(stateDir, 'disks', 'beta', 'spec.json'), 'utf8')) as { hydration: unknown };
+    assert.deepEqual(spec.hydration, { enabled: true, paused: false, bandwidth: 0 }, 'the change is kept for a restart');
+    const done = await waitState(client, 'beta', 'complete');
+    assert.ok(fs.readFileSync(path.join(targets, 'beta.raw')).equals(fs.readFileSync(image)));
+    responses.push(done);
+  });
+
+  it('exposes per-disk metrics', async () => {
+    const text = await client.metrics();
+    assert.match(text, /^dpu_agent_regions_local\{disk="alpha"\} 96$/m);
+    assert.match(text, /^dpu_agent_regions_total\{disk="beta"\} 96$/m);
+    assert.match(text, /^dpu_agent_complete\{disk="alpha"\} 1$/m);
+    assert.match(text, /^dpu_agent_bytes_fetched\{disk="beta"\} \d+$/m);
+    assert.match(text, /^dpu_agent_hydration_running\{disk="beta"\} 0$/m);
+    assert.match(text, /^dpu_agent_process_cpu_seconds_total /m);
+    // (AgentClient.metrics asks for text, so it cannot read the Error body: look at it raw.)
+    const r = await raw(base, 'GET', '/metrics', undefined, null);
+    assert.equal(r.status, 401);
+    assert.equal(r.json['code'], 'DPU_ERR_UNAUTHORIZED');
+  });
+
+  it('deletes with wipe: the export, the target and the state are gone', async () => {
+    const target = path.join(targets, 'alpha.raw');
+    const sock = path.join(exportDir, 'alpha.sock');
+    assert.ok(fs.existsSync(target) && fs.existsSync(sock));
+    const last = await client.deleteDisk('alpha', true);
+    assert.equal(last.id, 'alpha');
+    assert.equal(last.state, 'complete');
+    assert.ok(!fs.existsSync(sock), 'socket removed');
+    assert.ok(!fs.existsSync(target), 'target file removed');
+    assert.ok(!fs.existsSync(path.join(stateDir, 'disks', 'alpha')), 'state directory removed');
+    await rejects(client.getDisk('alpha'), 404, 'DPU_ERR_NOT_FOUND');
+    await rejects(client.deleteDisk('alpha', false), 404, 'DPU_ERR_NOT_FOUND');
+    // Without wipe the target stays.
+    await client.deleteDisk('beta', false);
+    assert.ok(fs.existsSync(path.join(targets, 'beta.raw')));
+    assert.deepEqual(await client.listDisks(), []);
+  });
+
+  it('answers 404 for unknown disks and routes in the Error shape', async () => {
+    await rejects(client.getDisk('nope'), 404, 'DPU_ERR_NOT_FOUND');
+    await rejects(client.regionMap('nope'), 404, 'DPU_ERR_NOT_FOUND');
+    await rejects(client.updateHydration('nope', { paused: true }), 404, 'DPU_ERR_NOT_FOUND');
+    const r = await raw(base, 'GET', '/v2/elsewhere');
+    assert.equal(r.status, 404);
+    assert.equal(r.json['code'], 'DPU_ERR_NOT_FOUND');
+    assert.equal(r.json['retryable'], false);
+  });
+
+  it('with TCP exports allowed and auth disabled: a TCP export on a kept port; hydration disabled until resumed', async () => {
+    const config = parseAgentConfig(
+      { auth: { disabled: true }, state_dir: path.join(dir, 'state-tcp'), export_dir: path.join(dir, 'run-tcp'), allowed_targets: [targets], tcp_exports_allowed: true },
+      'tcp config',
+    );
+    const log = pino({ level: 'silent' });
+    const m2 = new DiskManager({ config, log });
+    await m2.start();
+    const app2 = buildAgentApi({ config, manager: m2, log, responseValidation: 'strict' });
+    try {
+      const c2 = new AgentClient({ baseUrl: await app2.listen({ port: 0, host: '127.0.0.1' }) });
+      const d = await c2.createDisk(body('tcp', { export: { kind: 'tcp', name: 'boot' }, hydration: { enabled: false } }));
+      assert.ok(d.export.port! > 0);
+      assert.equal(d.export.uri, `nbd://127.0.0.1:${d.export.port!}/boot`);
+      assert.equal(d.hydration.state, 'disabled');
+      const spec = JSON.parse(fs.readFileSync(path.join(dir, 'state-tcp', 'disks', 'tcp', 'spec.json'), 'utf8')) as { export: { port: number } };
+      assert.equal(spec.export.port, d.export.port, 'the port is kept for a restart');
+      const info = await run('nbdinfo', ['--size', d.export.uri]);
+      assert.equal(Number(info.stdout.trim()), IMAGE_SIZE);
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal((await c2.getDisk('tcp')).bytes_fetched, 0, 'nothing fetched while hydration is disabled');
+      assert.equal((await c2.updateHydration('tcp', { paused: false })).hydration.state, 'running');
+      await waitState(c2, 'tcp', 'complete');
+      await c2.deleteDisk('tcp', true);
+      assert.ok(!fs.existsSync(path.join(targets, 'tcp.raw')));
+    } finally {
+      await app2.close();
+      await m2.close();
+    }
+  });
+
+  it('never returns or logs source headers, signatures or API tokens', () => {
+    const all = JSON.stringify(responses) + logText.join('');
+    assert.ok(logText.length > 0);
+    assert.ok(!all.includes(SOURCE_SECRET), 'the source secret leaked');
+    assert.ok(!all.includes(TOKEN), 'the API token leaked');
+  });
+});
+
+describe('agent daemon process: restart after SIGTERM and after kill -9', function () {
+  this.timeout(90_000);
+  let dir: string;
+  let cleanup: () => void;
+  let image: string;
+  let origin: TestOrigin;
+  let configFile: string;
+  let stateDir: string;
+  let targets: string;
+  const daemons: DaemonProcess[] = [];
+
+  const start = async (): Promise<{ daemon: DaemonProcess; client: AgentClient }> => {
+    const daemon = new DaemonProcess(configFile);
+    daemons.push(daemon);
+    const url = await daemon.listening();
+    return { daemon, client: new AgentClient({ baseUrl: url, token: TOKEN }) };
+  };
+
+  /** What the persisted region map says is local (read while no daemon runs). */
+  const persistedLocal = (id: string): number => {
+    const map = RegionMap.open(path.join(stateDir, 'disks', id), { diskSize: IMAGE_SIZE, regionSize: REGION, identity: `image-${id}` });
+    try {
+      return map.local;
+    } finally {
+      map.close();
+    }
+  };
+
+  const create = (client: AgentClient, id: string): Promise<Disk> =>
+    client.createDisk({
+      id,
+      source: { url: origin.url, identity: `image-${id}` },
+      target: { path: path.join(targets, `${id}.raw`) },
+      region_size: REGION,
+      hydration: { bandwidth: 4 * MiB },
+    });
+
+  before(async () => {
+    ({ dir, cleanup } = tempDir('agent-daemon'));
+    image = path.join(dir, 'image.raw');
+    makeImage(image, IMAGE_SIZE, 12);
+    origin = new TestOrigin({ file: image });
+    await origin.start();
+    stateDir = path.join(dir, 'state');
+    targets = path.join(dir, 'targets') + '/';
+    const tokenFile = path.join(dir, 'tokens');
+    fs.writeFileSync(tokenFile, `# API tokens\n${TOKEN}\n`, { mode: 0o600 });
+    configFile = path.join(dir, 'agent.yaml');
+    fs.writeFileSync(
+      configFile,
+      [
+        'listen: { host: 127.0.0.1, port: 0 }',
+        `auth: { token_file: ${tokenFile} }`,
+        `state_dir: ${stateDir}`,
+        `export_dir: ${path.join(dir, 'run')}`,
+        `allowed_targets: [${targets}]`,
+        'reopen_interval_ms: 500',
+        'defaults: { commit_interval_ms: 200, open_timeout_ms: 1000 }',
+        'log_level: warn',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  after(async () => {
+    for (const d of daemons) await d.kill();
+    await origin?.stop();
+    cleanup?.();
+  });
+
+  it('refuses to start without an API token', async () => {
+    const bare = path.join(dir, 'bare.yaml');
+    fs.writeFileSync(bare, `state_dir: ${stateDir}\n`);
+    const d = new DaemonProcess(bare);
+    daemons.push(d);
+    assert.equal(await d.exitCode(), 2);
+    assert.match(d.stderr, /DPU_ERR_CONFIG.*auth\.tokens/);
+  });
+
+  it('SIGTERM mid-hydration, restart: the disk is listed again and completes without re-fetching local regions', async () => {
+    const a = await start();
+    await create(a.client, 'gamma');
+    await until('hydration under way', async () => (await a.client.getDisk('gamma')).regions.local >= 12);
+    assert.equal(await a.daemon.stop(), 0, a.daemon.stderr);
+    assert.deepEqual(a.daemon.events().map((e) => e['event']), ['listening', 'stopped']);
+    const local = persistedLocal('gamma');
+    assert.ok(local >= 12 && local < REGIONS, `stopped mid-hydration with ${local} regions committed`);
+
+    const sentBefore = origin.stats.bytesSent;
+    const b = await start();
+    const listed = await b.client.listDisks();
+    assert.deepEqual(listed.map((d) => d.id), ['gamma']);
+    assert.ok(listed[0]!.regions.local >= local);
+    await b.client.updateHydration('gamma', { bandwidth: 0 });
+    const done = await waitState(b.client, 'gamma', 'complete');
+    assert.equal(origin.stats.bytesSent - sentBefore, (REGIONS - local) * REGION, 'only the regions not yet local were fetched');
+    assert.equal(done.bytes_fetched, (REGIONS - local) * REGION);
+    assert.ok(fs.readFileSync(path.join(targets, 'gamma.raw')).equals(fs.readFileSync(image)));
+    // A complete disk is resumed without its origin, and keeps serving.
+    assert.equal(await b.daemon.stop(), 0);
+  });
+
+  it('kill -9 mid-hydration, restart with the origin down: listed failed, then opens and completes', async () => {
+    const a = await start();
+    assert.equal((await a.client.getDisk('gamma')).state, 'complete');
+    await create(a.client, 'delta');
+    await until('hydration under way', async () => (await a.client.getDisk('delta')).regions.local >= 12);
+    await a.daemon.kill();
+    const local = persistedLocal('delta');
+    assert.ok(local < REGIONS, `killed mid-hydration (${local} regions committed)`);
+
+    origin.setDown(true);
+    const b = await start();
+    const failed = await b.client.getDisk('delta');
+    assert.equal(failed.state, 'failed');
+    assert.equal(failed.hydration.state, 'stopped');
+    assert.ok(failed.last_error, 'last_error says why');
+    assert.equal(failed.size, IMAGE_SIZE, 'geometry from the disk record');
+    await rejects(b.client.regionMap('delta'), 409, 'DPU_ERR_DISK_FAILED');
+    assert.equal((await b.client.getDisk('gamma')).state, 'complete', 'a complete disk needs no origin');
+
+    const sentBefore = origin.stats.bytesSent;
+    origin.setDown(false);
+    await until('the disk to open', async () => (await b.client.getDisk('delta')).state !== 'failed', 10_000);
+    await b.client.updateHydration('delta', { bandwidth: 0 });
+    const done = await waitState(b.client, 'delta', 'complete');
+    assert.equal(done.last_error, null);
+    assert.equal(origin.stats.bytesSent - sentBefore, (REGIONS - local) * REGION, 'only regions the map did not say local were fetched');
+    assert.ok(fs.readFileSync(path.join(targets, 'delta.raw')).equals(fs.readFileSync(image)));
+    await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, done.export.uri]);
+    assert.equal(await b.daemon.stop(), 0);
+  });
+});
