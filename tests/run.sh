@@ -7,5 +7,7 @@ bash scripts/install-deps.sh
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
+# Generated code is generated: fail when openapi/generated/ no longer matches the YAML.
+bash scripts/gen-openapi.sh --check
 npx tsc -p tsconfig.json
 exec npx mocha "$@"
