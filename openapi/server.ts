@@ -157,19 +157,38 @@ function objectOf(params: JsonObject[]): JsonObject {
 }
 
 function authenticate(req: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void, tokens: Buffer[], code: string): void {
-  const header = req.headers.authorization ?? '';
-  const m = /^Bearer (.+)$/i.exec(header);
-  const given = m ? Buffer.from(m[1]!.trim()) : null;
-  // Compare against every token without an early exit: no timing hint about which matched.
-  let ok = false;
-  if (given) for (const t of tokens) if (t.length === given.length && timingSafeEqual(t, given)) ok = true;
-  if (ok) return done();
+  const given = presentedToken(req.headers.authorization);
+  if (tokenAccepted(given, tokens)) return done();
   const body: ApiErrorBody = {
     code,
     message: given ? 'the bearer token is not accepted' : 'this endpoint needs "Authorization: Bearer <token>"',
     retryable: false,
   };
   void reply.code(401).header('www-authenticate', 'Bearer').send(body);
+}
+
+/**
+ * The token a request presents: a bearer token, or the password of HTTP Basic auth (any
+ * user name) — what a browser can send for the dashboard and bull-board.
+ */
+export function presentedToken(header: string | undefined): Buffer | null {
+  const h = header ?? '';
+  const bearer = /^Bearer (.+)$/i.exec(h);
+  if (bearer) return Buffer.from(bearer[1]!.trim());
+  const basic = /^Basic (.+)$/i.exec(h);
+  if (basic) {
+    const decoded = Buffer.from(basic[1]!.trim(), 'base64').toString('utf8');
+    const colon = decoded.indexOf(':');
+    return colon >= 0 ? Buffer.from(decoded.slice(colon + 1)) : null;
+  }
+  return null;
+}
+
+/** Constant-time membership of `given` in `tokens` (no early exit, no hint which matched). */
+export function tokenAccepted(given: Buffer | null, tokens: readonly Buffer[]): boolean {
+  let ok = false;
+  if (given) for (const t of tokens) if (t.length === given.length && timingSafeEqual(t, given)) ok = true;
+  return ok;
 }
 
 /** ajv errors as one sentence that names each field, e.g. `body.source.url must match pattern "^https?://"`. */

@@ -7,6 +7,7 @@ PACKAGES=(
   nbdkit libnbd-bin fio                                 # NBD peers and clients
   busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
   redis-server                                          # the driver service's queues and records
+  chromium                                              # the dashboard's browser test (playwright-core drives it)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -23,4 +24,4 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -q
-"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}"

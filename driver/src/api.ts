@@ -3,7 +3,8 @@
  * in-process (STYLE.md principle 9). Routes, validation and authentication come from the
  * OpenAPI document (openapi/server.ts); this file holds the handlers.
  */
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { FastifyAdapter } from '@bull-board/fastify';
@@ -14,11 +15,13 @@ import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
+import { ApiError } from '../../openapi/clients/http.js';
 import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
-import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../openapi/server.js';
+import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import { resolveImage } from './image.js';
+import { agentFor } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, type Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
@@ -38,6 +41,7 @@ export interface DriverApiDeps {
 export type DriverApp = FastifyInstance<RawServerDefault, IncomingMessage, ServerResponse, Logger>;
 
 const SPEC = new URL('../../../openapi/driver.yaml', import.meta.url);
+const DASHBOARD = new URL('../../../driver/dashboard/', import.meta.url);
 
 export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
@@ -148,6 +152,15 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         req.log.info({ node: current.node_uuid, deployment: current.deployment_id, image: current.image_url, duplicate: !!existing }, 'deployment requested');
         return reply.code(existing ? 200 : 202).send(await view(current));
       },
+      async getDeploymentRegions(req) {
+        const rec = await mustGet((req.params as { node_uuid: string }).node_uuid);
+        try {
+          return await agentFor(rec, config).regionMap(rec.disk_id);
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 404) throw new DriverError('DRV_ERR_NOT_FOUND', `the DPU agent has no disk for node ${rec.node_uuid} yet (deployment ${rec.state})`);
+          throw new DriverError('DRV_ERR_AGENT_UNREACHABLE', `region map of ${rec.disk_id} from ${rec.agent_url}: ${(err as Error).message}`);
+        }
+      },
       async getDeployment(req) {
         return view(await mustGet((req.params as { node_uuid: string }).node_uuid));
       },
@@ -163,6 +176,19 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     },
   });
 
+  // The dashboard's page and script hold no data (they call the API with the token the
+  // user gives), so they are served without authentication.
+  for (const [url, file, type] of [
+    ['/dashboard/', 'index.html', 'text/html; charset=utf-8'],
+    ['/dashboard/app.js', 'app.js', 'text/javascript; charset=utf-8'],
+  ] as const) {
+    const body = fs.readFileSync(new URL(file, DASHBOARD));
+    app.get(url, (_req, reply) => reply.type(type).header('cache-control', 'no-cache').send(body));
+  }
+  app.get('/dashboard', (_req, reply) => reply.redirect('/dashboard/'));
+  app.get('/', (_req, reply) => reply.redirect('/dashboard/'));
+
+  const boardTokens = config.auth.tokens.map((t) => Buffer.from(t));
   if (config.bull_board.enabled) {
     const adapter = new FastifyAdapter();
     createBullBoard({ queues: QUEUE_NAMES.map((q) => new BullMQAdapter(queues.byName[q])), serverAdapter: adapter });
@@ -170,7 +196,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     await app.register(async (scope) => {
       // Browsers cannot send a bearer token: the UI takes HTTP Basic auth with the token as
       // password (any user name), or the bearer header for scripts.
-      if (config.auth.tokens.length) scope.addHook('onRequest', (req, reply, done) => boardAuth(req, reply, done, config.auth.tokens));
+      if (boardTokens.length) scope.addHook('onRequest', (req, reply, done) => boardAuth(req, reply, done, boardTokens));
       await scope.register(adapter.registerPlugin(), { prefix: config.bull_board.path });
     });
   }
@@ -193,27 +219,10 @@ function diskId(node: string, deployment: string): string {
   return `${node}-${deployment}`.toLowerCase().replace(/[^a-z0-9._-]/g, '-').slice(0, 128);
 }
 
-function boardAuth(req: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void, tokens: readonly string[]): void {
-  const h = req.headers.authorization ?? '';
-  let given: string | null = null;
-  const bearer = /^Bearer (.+)$/i.exec(h);
-  const basic = /^Basic (.+)$/i.exec(h);
-  if (bearer) given = bearer[1]!.trim();
-  else if (basic) {
-    const decoded = Buffer.from(basic[1]!, 'base64').toString('utf8');
-    given = decoded.slice(decoded.indexOf(':') + 1);
-  }
-  let ok = false;
-  if (given !== null) {
-    const g = Buffer.from(given);
-    for (const t of tokens) {
-      const b = Buffer.from(t);
-      if (b.length === g.length && timingSafeEqual(b, g)) ok = true;
-    }
-  }
-  if (ok) return done();
+function boardAuth(req: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void, tokens: readonly Buffer[]): void {
+  if (tokenAccepted(presentedToken(req.headers.authorization), tokens)) return done();
   void reply
     .code(401)
-    .header('www-authenticate', 'Basic realm="smartnic-driver queues", charset="UTF-8"')
-    .send({ code: 'DRV_ERR_UNAUTHORIZED', message: 'the queue dashboard needs the API token (as Basic-auth password or bearer token)', retryable: false } satisfies ApiErrorBody);
+    .header('www-authenticate', 'Basic realm="smartnic-driver", charset="UTF-8"')
+    .send({ code: 'DRV_ERR_UNAUTHORIZED', message: 'this page needs the API token (as Basic-auth password, any user name, or as a bearer token)', retryable: false } satisfies ApiErrorBody);
 }

@@ -101,6 +101,25 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/deployments/{node_uuid}/regions": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        /** The node's region map, run-length encoded, as its DPU agent reports it. */
+        readonly get: operations["getDeploymentRegions"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -160,6 +179,17 @@ export interface components {
             readonly deployment_id?: components["schemas"]["DeploymentId"];
             readonly instance_info: components["schemas"]["InstanceInfo"];
             readonly driver_info: components["schemas"]["DriverInfo"];
+        };
+        readonly RegionMap: {
+            readonly region_size: number;
+            readonly count: number;
+            /**
+             * @description Runs of "<count><state>", state one of r (remote), z (zero), f (filling), L (local).
+             * @enum {string}
+             */
+            readonly encoding: "rle";
+            /** @example 512L3f1533r */
+            readonly map: string;
         };
         readonly Progress: {
             readonly regions_total: number;
@@ -449,6 +479,39 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly getDeploymentRegions: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The map. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["RegionMap"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description The DPU agent could not be asked. */
+            readonly 502: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
 }
