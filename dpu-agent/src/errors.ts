@@ -70,6 +70,18 @@ export const ERRORS = {
     errno: NbdErrno.EIO,
     http: 409,
   },
+  DPU_ERR_IMAGE_UNSUPPORTED: {
+    message: 'the image uses a feature the agent cannot serve',
+    retryable: false,
+    errno: NbdErrno.ENOTSUP,
+    http: 400,
+  },
+  DPU_ERR_IMAGE_CORRUPT: {
+    message: 'the image is not what its format says or is damaged',
+    retryable: false,
+    errno: NbdErrno.EIO,
+    http: 502,
+  },
   DPU_ERR_TARGET_IO: {
     message: 'reading or writing the local target failed',
     retryable: false,
@@ -80,6 +92,16 @@ export const ERRORS = {
     retryable: false,
     errno: NbdErrno.ENOSPC,
     http: 400,
+  },
+  DPU_ERR_INTEGRITY: {
+    message: 'a region fetched from the origin does not match the image manifest',
+    retryable: true,
+    errno: NbdErrno.EIO,
+  },
+  DPU_ERR_MANIFEST_INVALID: {
+    message: 'the image manifest is unusable',
+    retryable: false,
+    errno: NbdErrno.EIO,
   },
   DPU_ERR_STATE_CORRUPT: {
     message: 'the region map in the state directory is unreadable',

@@ -61,10 +61,11 @@ export class TestOrigin {
     });
   }
 
-  async start(): Promise<string> {
-    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
-    const port = (this.server.address() as AddressInfo).port;
-    this.url = `http://127.0.0.1:${port}/images/disk.raw`;
+  /** Listens on loopback by default; the lab binds it inside a network namespace of its own. */
+  async start(host = '127.0.0.1', port = 0): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(port, host, resolve));
+    const bound = (this.server.address() as AddressInfo).port;
+    this.url = `http://${host}:${bound}/images/disk.raw`;
     return this.url;
   }
 

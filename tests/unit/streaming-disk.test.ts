@@ -12,6 +12,8 @@ import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js
 import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../dpu-agent/src/remote/source.js';
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
+import { Manifest } from '../../dpu-agent/src/manifest/manifest.js';
+import { DpuError } from '../../dpu-agent/src/errors.js';
 import { tempDir } from '../helpers/agent.js';
 
 const R = 64 << 10; // region size in these tests
@@ -23,6 +25,8 @@ class BufferSource implements RemoteSource {
   bytes = 0;
   gate: Promise<void> | null = null;
   failNext = 0;
+  /** Flip a byte in the next N deliveries (a corrupting origin or proxy). */
+  corruptNext = 0;
   closed = false;
   constructor(readonly image: Buffer) {}
   get size(): number {
@@ -41,6 +45,10 @@ class BufferSource implements RemoteSource {
     opts.onProgress?.(half);
     await new Promise((r) => setImmediate(r));
     this.image.copy(dest, half, offset + half, offset + dest.length);
+    if (this.corruptNext > 0) {
+      this.corruptNext--;
+      dest[dest.length - 1] = dest[dest.length - 1]! ^ 0x01;
+    }
     this.bytes += dest.length;
     opts.onProgress?.(dest.length);
   }
@@ -204,6 +212,59 @@ describe('StreamingDisk', () => {
     // A complete disk reopens with no source at all.
     disk = open(null);
     assert.deepEqual(await read(0, size), expected);
+  });
+
+  describe('with a manifest', () => {
+    let manifest: Manifest;
+    beforeEach(async () => {
+      const zeroed = Buffer.from(img);
+      zeroed.fill(0, 3 * R, 5 * R); // regions 3 and 4 are zeros in this image
+      src = new BufferSource(zeroed);
+      manifest = await Manifest.build(src, { regionSize: R });
+      src.reads = [];
+      src.bytes = 0;
+      await disk.close();
+      fs.rmSync(path.join(dir, 'state'), { recursive: true, force: true });
+      disk = open();
+      disk.setManifest(manifest);
+    });
+
+    it('marks zero regions without fetching them, and never serves the tenant bytes there', async () => {
+      assert.equal(disk.map.describe().slice(0, 6), 'rrrzzr');
+      assert.deepEqual(await read(3 * R, 2 * R), Buffer.alloc(2 * R));
+      assert.equal(src.reads.length, 0);
+    });
+
+    it('drops a corrupted region and fetches it again: the reader gets the right bytes', async () => {
+      src.corruptNext = 1;
+      const got = await read(R, 100);
+      assert.deepEqual(got, img.subarray(R, R + 100));
+      assert.equal(src.reads.length, 2);
+      assert.equal(disk.progress().integrityFailures, 1);
+      assert.equal(disk.progress().verified, true);
+    });
+
+    it('fails the read with DPU_ERR_INTEGRITY after three bad fetches, and leaves the region remote', async () => {
+      src.corruptNext = 3;
+      await assert.rejects(read(2 * R, 100), (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
+      assert.equal(disk.map.state(2), RegionState.Remote);
+      assert.notEqual(fs.readFileSync(path.join(dir, 'target')).subarray(2 * R, 3 * R).indexOf(TENANT), -1, 'nothing was written locally');
+      assert.deepEqual(await read(2 * R, 100), img.subarray(2 * R, 2 * R + 100), 'a later read succeeds');
+    });
+
+    it('round-trips through its binary encoding and refuses damage, another geometry or another image', async () => {
+      const bytes = manifest.encode();
+      const again = Manifest.decode(bytes);
+      assert.equal(again.count, manifest.count);
+      assert.ok(again.isZero(3) && !again.isZero(2));
+      assert.ok(again.verify(1, img.subarray(R, 2 * R)));
+      const damaged = Buffer.from(bytes);
+      damaged[200] = damaged[200]! ^ 1;
+      assert.throws(() => Manifest.decode(damaged), /damaged/);
+      const other = await Manifest.build(new BufferSource(img.subarray(0, 4 * R)), { regionSize: R });
+      assert.throws(() => disk.setManifest(other), (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_MANIFEST_INVALID');
+      await assert.rejects(Manifest.build(new BufferSource(img), { regionSize: R, expectedImageHash: 'ab'.repeat(64) }), /not the one Glance describes/);
+    });
   });
 
   it('hydration pauses and resumes', async () => {

@@ -25,6 +25,7 @@ import type { Logger } from 'pino';
 import type { BlockBackend, BlockCapabilities, MaybePromise } from '../block/backend.js';
 import { DpuError } from '../errors.js';
 import type { LocalTarget } from '../local/target.js';
+import type { Manifest } from '../manifest/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../remote/source.js';
 import { deferred, noop, type Deferred } from './deferred.js';
@@ -39,8 +40,13 @@ export interface StreamingDiskOptions {
   /** Regions one foreground miss fetches at most in one range request. @default 8 */
   maxForegroundRun?: number;
   readOnly?: boolean;
+  /** Verifies every fetched region and marks zero regions (see setManifest). */
+  manifest?: Manifest | null;
   log?: Logger;
 }
+
+/** A host read whose region fails verification is fetched this many times in all before EIO. */
+const INTEGRITY_ATTEMPTS = 3;
 
 interface Fill {
   /** Settles when the region has left `filling`: resolved on success, rejected on failure. */
@@ -59,6 +65,10 @@ export interface DiskProgress {
   foregroundFetches: number;
   fetchRetries: number;
   fetchFailures: number;
+  /** Regions whose fetched bytes did not match the manifest (dropped, re-fetched). */
+  integrityFailures: number;
+  /** Whether fetched regions are verified against a manifest. */
+  verified: boolean;
   complete: boolean;
 }
 
@@ -83,6 +93,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly commitTimer: NodeJS.Timeout;
   private fgFetches = 0;
   private lastSourceStats = { bytesFetched: 0, retries: 0, failures: 0 };
+  private manifest: Manifest | null = null;
+  private integrityFailures = 0;
   private closed = false;
 
   constructor(opts: StreamingDiskOptions) {
@@ -105,6 +117,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       cache: true,
       multiConn: true,
     };
+    if (opts.manifest) this.setManifest(opts.manifest);
     this.commitTimer = setInterval(() => {
       if (this.map.dirty && !this.commitRunning) this.commit().catch((err: Error) => this.emit('commit-error', err));
     }, opts.commitIntervalMs ?? 1000);
@@ -131,8 +144,28 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       foregroundFetches: this.fgFetches,
       fetchRetries: s.retries,
       fetchFailures: s.failures,
+      integrityFailures: this.integrityFailures,
+      verified: this.manifest !== null,
       complete: this.map.complete,
     };
+  }
+
+  /**
+   * From now on every fetched region is checked against `m` before anyone sees it, and
+   * regions the manifest says are zeros become `zero` without a fetch. (Regions already
+   * local stay as they are: the host may have written them.)
+   */
+  setManifest(m: Manifest): void {
+    if (m.size !== this.size || m.regionSize !== this.map.regionSize) {
+      throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${m.size} bytes in ${m.regionSize}-byte regions; this disk has ${this.size} bytes in ${this.map.regionSize}-byte regions`);
+    }
+    this.manifest = m;
+    for (let r = 0; r < this.map.count; r++) {
+      if (m.isZero(r) && this.map.state(r) === RegionState.Remote) {
+        this.map.set(r, RegionState.Zero);
+        this.emit('region-settled', r);
+      }
+    }
   }
 
   // ---- reads -------------------------------------------------------------------------
@@ -190,6 +223,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   private async readRegionAsync(r: number, pos: number, dest: Buffer): Promise<void> {
+    let integrityFailures = 0;
     for (;;) {
       const s = this.map.state(r);
       if (s === RegionState.Local || s === RegionState.Zero) {
@@ -202,7 +236,14 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       }
       const fill = this.inflight.get(r)!;
       if (fill.data) {
-        const data = await fill.data;
+        let data: Buffer;
+        try {
+          data = await fill.data;
+        } catch (err) {
+          // Bytes that failed verification were dropped: fetch again, a bounded number of times.
+          if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS) continue;
+          throw err;
+        }
         const from = pos - this.map.regionStart(r);
         data.copy(dest, 0, from, from + dest.length);
         return;
@@ -243,6 +284,16 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         const r = first + i;
         const from = i === 0 ? 0 : fills[i - 1]!.end;
         const data = buf.subarray(from, fills[i]!.end);
+        if (this.manifest && !this.manifest.verify(r, data)) {
+          // Never served, never written: the region stays remote and is fetched again.
+          this.integrityFailures++;
+          const err = new DpuError('DPU_ERR_INTEGRITY', `region ${r} (bytes ${start + from}-${start + fills[i]!.end - 1}) from ${source.description}`);
+          this.log?.warn({ region: r, code: err.code }, err.message);
+          this.settle(r, RegionState.Remote);
+          fills[i]!.data.reject(err);
+          fills[i]!.done.reject(err);
+          continue;
+        }
         fills[i]!.data.resolve(data);
         try {
           this.target.writeSync([data], start + from);
@@ -281,6 +332,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   /** Brings one region to `local` whatever its state. */
   private async makeLocal(r: number): Promise<void> {
+    let integrityFailures = 0;
     for (;;) {
       switch (this.map.state(r)) {
         case RegionState.Local:
@@ -289,7 +341,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           this.zeroFill(r);
           return;
         case RegionState.Remote:
-          await this.fetchRun(r, 1, 'foreground');
+          try {
+            await this.fetchRun(r, 1, 'foreground');
+          } catch (err) {
+            if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS) break;
+            throw err;
+          }
           break;
         default:
           await this.inflight.get(r)!.done;
