@@ -18,7 +18,18 @@ export interface LocalTargetOptions {
 
 const ZERO_CHUNK = Buffer.alloc(1 << 20);
 
-export class LocalTarget {
+/** What the streaming disk needs of a local target (tests substitute a volatile-cache model). */
+export interface Target {
+  readonly path: string;
+  readSync(dest: Buffer, position: number): void;
+  writeSync(chunks: readonly Buffer[], position: number): void;
+  writeZeroesSync(position: number, length: number): void;
+  /** Every completed write is durable when this resolves. */
+  datasync(): Promise<void>;
+  close(): void;
+}
+
+export class LocalTarget implements Target {
   readonly path: string;
   readonly isBlockDevice: boolean;
   private fd: number;

@@ -24,7 +24,7 @@ import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { BlockBackend, BlockCapabilities, MaybePromise } from '../block/backend.js';
 import { DpuError } from '../errors.js';
-import type { LocalTarget } from '../local/target.js';
+import type { Target } from '../local/target.js';
 import type { Manifest } from '../manifest/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../remote/source.js';
@@ -33,7 +33,7 @@ import { deferred, noop, type Deferred } from './deferred.js';
 export interface StreamingDiskOptions {
   /** Null once the disk has cut over: every region is local and the network is not needed. */
   source: RemoteSource | null;
-  target: LocalTarget;
+  target: Target;
   map: RegionMap;
   /** Commit the map at least this often while it has changes, ms. @default 1000 */
   commitIntervalMs?: number;
@@ -83,7 +83,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   readonly size: number;
   readonly capabilities: BlockCapabilities;
   readonly map: RegionMap;
-  private readonly target: LocalTarget;
+  private readonly target: Target;
   private source: RemoteSource | null;
   private readonly inflight = new Map<number, Fill>();
   private readonly log: Logger | undefined;

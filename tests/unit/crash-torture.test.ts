@@ -1,0 +1,23 @@
+import assert from 'node:assert/strict';
+import { trial } from '../torture/crash-torture.js';
+
+describe('crash torture (power cut on a volatile-cache target)', function () {
+  this.timeout(120_000);
+
+  it('30 random trials: no flushed write lost, no wrong byte, map agrees with data', async () => {
+    for (let seed = 1000; seed < 1030; seed++) await trial(seed);
+  });
+
+  it('catches a device that acknowledges flushes it did not perform (the harness can fail)', async () => {
+    let caught = 0;
+    for (let seed = 1; seed <= 20; seed++) {
+      try {
+        await trial(seed, { lieAboutSync: true });
+      } catch (err) {
+        if (/sector \d+/.test((err as Error).message)) caught++;
+        else throw err;
+      }
+    }
+    assert.ok(caught >= 5, `only ${caught} of 20 trials with a lying device were caught`);
+  });
+});
