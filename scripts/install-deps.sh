@@ -8,6 +8,7 @@ PACKAGES=(
   busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
   redis-server                                          # the driver service's queues and records
   chromium                                              # the dashboard's browser test (playwright-core drives it)
+  swift swift-proxy swift-object swift-container swift-account python3-swiftclient memcached glance-api  # Swift and Glance for the image-source tests
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,125 @@
+"""A small client of the SmartNIC driver service (openapi/driver.yaml).
+
+Retries are policy, not loops: a request that could not reach the service, or
+got a 5xx or a ``retryable`` error, is repeated up to
+``[smartnic]request_attempts`` times with a short exponential back-off. Every
+call the plugin makes is idempotent (deployments carry their deployment_id),
+so repeating one is safe.
+"""
+
+from oslo_log import log as logging
+import requests
+import tenacity
+
+from smartnic_ironic import conf as smartnic_conf
+from smartnic_ironic import exception
+
+LOG = logging.getLogger(__name__)
+CONF = smartnic_conf.CONF
+
+# instance_info keys the service understands; the rest of a node's
+# instance_info (capabilities, root_gb, ...) is Ironic's business.
+INSTANCE_INFO_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
+                      'image_os_hash_value', 'image_disk_format')
+DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
+                    'smartnic_target', 'smartnic_region_size',
+                    'smartnic_bandwidth')
+
+
+def _retryable(exc):
+    if isinstance(exc, exception.ServiceUnreachable):
+        return True
+    return isinstance(exc, exception.ServiceError) and (
+        exc.retryable or (exc.status or 0) >= 500)
+
+
+class DriverServiceClient(object):
+    """Calls of the driver service API that the deploy interface needs."""
+
+    def __init__(self, url=None, token=None):
+        self.url = (url or CONF.smartnic.driver_url).rstrip('/')
+        self.token = token if token is not None else CONF.smartnic.token
+        self.session = requests.Session()
+        if self.token:
+            self.session.headers['Authorization'] = 'Bearer %s' % self.token
+        self.session.headers['Accept'] = 'application/json'
+        if CONF.smartnic.insecure:
+            self.session.verify = False
+        elif CONF.smartnic.cafile:
+            self.session.verify = CONF.smartnic.cafile
+
+    def _request(self, method, path, what, json=None, params=None,
+                 not_found_ok=False):
+        retry = tenacity.retry(
+            retry=tenacity.retry_if_exception(_retryable),
+            stop=tenacity.stop_after_attempt(CONF.smartnic.request_attempts),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+            reraise=True)
+        return retry(self._request_once)(method, path, what, json, params,
+                                         not_found_ok)
+
+    def _request_once(self, method, path, what, json, params, not_found_ok):
+        url = self.url + path
+        try:
+            resp = self.session.request(method, url, json=json, params=params,
+                                        timeout=CONF.smartnic.request_timeout)
+        except requests.RequestException as e:
+            LOG.warning('SmartNIC driver service %(method)s %(url)s: %(err)s',
+                        {'method': method, 'url': url, 'err': e})
+            raise exception.ServiceUnreachable(url=self.url, error=e)
+        if resp.status_code == 404 and not_found_ok:
+            return None
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {}
+            if not isinstance(body, dict):
+                body = {}
+            raise exception.ServiceError(
+                what=what, status=resp.status_code,
+                error_code=body.get('code', 'HTTP_%d' % resp.status_code),
+                error=body.get('message') or resp.text[:500] or resp.reason,
+                retryable=bool(body.get('retryable')),
+                field=body.get('field'))
+        if resp.status_code == 204 or not resp.content:
+            return {}
+        return resp.json()
+
+    @staticmethod
+    def request_body(node, deployment_id=None):
+        """The instance_info and driver_info subsets the service accepts."""
+        ii = {k: node.instance_info[k] for k in INSTANCE_INFO_KEYS
+              if node.instance_info.get(k) not in (None, '')}
+        di = {k: node.driver_info[k] for k in DRIVER_INFO_KEYS
+              if node.driver_info.get(k) not in (None, '')}
+        for k in ('smartnic_region_size', 'smartnic_bandwidth'):
+            if k in di:
+                di[k] = int(di[k])
+        body = {'node_uuid': node.uuid, 'instance_info': ii,
+                'driver_info': di}
+        if deployment_id:
+            body['deployment_id'] = deployment_id
+        return body
+
+    def validate(self, node):
+        return self._request('POST', '/v1/validate',
+                             'the node\'s instance_info and driver_info',
+                             json=self.request_body(node))
+
+    def create_deployment(self, node, deployment_id):
+        return self._request('POST', '/v1/deployments',
+                             'to create a deployment',
+                             json=self.request_body(node, deployment_id))
+
+    def get_deployment(self, node_uuid):
+        """The node's deployment, or None if it has none."""
+        return self._request('GET', '/v1/deployments/%s' % node_uuid,
+                             'to show the deployment', not_found_ok=True)
+
+    def delete_deployment(self, node_uuid, wipe=True):
+        """Starts the teardown; None if the node had no deployment."""
+        return self._request('DELETE', '/v1/deployments/%s' % node_uuid,
+                             'to delete the deployment',
+                             params={'wipe': 'true' if wipe else 'false'},
+                             not_found_ok=True)

@@ -1,0 +1,481 @@
+"""The ``smartnic-streaming`` deploy interface.
+
+The host boots from an NVMe disk its DPU presents. The DPU agent serves every
+read of that disk from the DPU's local SSD when the region is already there and
+from the image store otherwise, and copies the rest in the background. So the
+node can be powered on as soon as the disk is *ready* (its export serves the
+image), seconds after the request, whatever the image size.
+
+The flow, as deploy steps and a periodic task::
+
+    deploy (step, priority 100)
+        power off -> tenant networks -> POST /v1/deployments -> DEPLOYWAIT
+    _check_deployments (periodic, every [smartnic]poll_interval, nodes in
+    "wait call-back")
+        GET /v1/deployments/{node}:
+          ready | complete    -> resume the deploy
+          failed | vanished   -> "deploy failed", last_error = the service's
+          still attaching     -> wait; past [smartnic]deploy_timeout:
+                                 abandon it (DELETE) and "deploy failed"
+    boot_instance (step, priority 20)
+        boot device := disk (persistent) -> power on -> ACTIVE
+    _record_progress (periodic, every [smartnic]progress_interval, ACTIVE
+    nodes whose disk is still hydrating)
+        driver_internal_info["smartnic_progress"] := the service's progress
+    tear_down
+        power off -> DELETE /v1/deployments/{node}?wipe=true -> wait until it
+        is gone (bounded by [smartnic]teardown_timeout) -> DELETED
+
+The conductor holds the node's lock for power and boot-device changes; the
+driver service never touches them. The id of the deployment a deploy asked for
+is kept in driver_internal_info: the poll trusts only that deployment. A new
+deploy first removes any earlier deployment of the node (one that failed or
+was abandoned), since the service holds one per node.
+"""
+
+import time
+
+from ironic_lib import metrics_utils
+from oslo_log import log as logging
+from oslo_utils import uuidutils
+
+from ironic.common import boot_devices
+from ironic.common import exception
+from ironic.common.i18n import _
+from ironic.common import states
+from ironic.conductor import periodics
+from ironic.conductor import task_manager
+from ironic.conductor import utils as manager_utils
+from ironic.drivers import base
+
+from smartnic_ironic import client as service_client
+from smartnic_ironic import conf as smartnic_conf
+from smartnic_ironic import exception as smartnic_exc
+
+LOG = logging.getLogger(__name__)
+METRICS = metrics_utils.get_metrics_logger(__name__)
+CONF = smartnic_conf.CONF
+
+INTERFACE_NAME = 'smartnic-streaming'
+
+REQUIRED_PROPERTIES = {
+    'smartnic_agent_url': _('URL of the management API of the DPU agent on '
+                            'this node\'s SmartNIC (dpu-agent serve), e.g. '
+                            'http://dpu-12.example:9611. Required.'),
+    'smartnic_target': _('The DPU-local device the image is copied to, e.g. '
+                         '/dev/nvme0n1; it must lie under the agent\'s '
+                         'allowed_targets. Required.'),
+}
+
+OPTIONAL_PROPERTIES = {
+    'smartnic_agent_token': _('Bearer token of the DPU agent API. Defaults to '
+                              'the driver service\'s agent.token. Optional.'),
+    'smartnic_region_size': _('Size in bytes of the regions the disk is '
+                              'copied in: a power of two from 4096 to '
+                              '1073741824. Defaults to the agent\'s (1 MiB). '
+                              'Optional.'),
+    'smartnic_bandwidth': _('Cap on the background copy, in bytes/s; 0 (the '
+                            'default) means unlimited. Optional.'),
+}
+
+COMMON_PROPERTIES = dict(REQUIRED_PROPERTIES, **OPTIONAL_PROPERTIES)
+
+# driver_internal_info keys this interface owns.
+DEPLOYMENT_KEY = 'smartnic_deployment'
+STARTED_KEY = 'smartnic_deploy_started'
+PROGRESS_KEY = 'smartnic_progress'
+
+# Deployment states (openapi/driver.yaml, Deployment.state).
+BOOTABLE = ('ready', 'complete')
+HYDRATING = ('attaching', 'ready')
+
+_MIN_REGION, _MAX_REGION = 4096, 1 << 30
+
+
+def parse_driver_info(node):
+    """Checks the driver_info fields of this interface.
+
+    :returns: a dict of the fields, region size and bandwidth as integers.
+    :raises: MissingParameterValue, InvalidParameterValue
+    """
+    info = node.driver_info or {}
+    missing = [k for k in REQUIRED_PROPERTIES if not info.get(k)]
+    if missing:
+        raise exception.MissingParameterValue(
+            _('Node %(node)s is missing driver_info %(keys)s, needed by the '
+              '%(iface)s deploy interface: %(help)s')
+            % {'node': node.uuid, 'keys': ', '.join(missing),
+               'iface': INTERFACE_NAME,
+               'help': ' '.join(REQUIRED_PROPERTIES[k] for k in missing)})
+    parsed = {k: info[k] for k in COMMON_PROPERTIES if info.get(k) not in
+              (None, '')}
+    url = str(parsed['smartnic_agent_url'])
+    if not url.startswith(('http://', 'https://')):
+        raise exception.InvalidParameterValue(
+            _('driver_info["smartnic_agent_url"] must be an http:// or '
+              'https:// URL of the DPU agent, not "%s"') % url)
+    if not str(parsed['smartnic_target']).startswith('/'):
+        raise exception.InvalidParameterValue(
+            _('driver_info["smartnic_target"] must be an absolute path on '
+              'the DPU, not "%s"') % parsed['smartnic_target'])
+    if 'smartnic_region_size' in parsed:
+        size = _as_int(parsed, 'smartnic_region_size')
+        if not (_MIN_REGION <= size <= _MAX_REGION) or size & (size - 1):
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_region_size"] must be a power of two '
+                  'from %(lo)d to %(hi)d, not %(v)d')
+                % {'lo': _MIN_REGION, 'hi': _MAX_REGION, 'v': size})
+    if 'smartnic_bandwidth' in parsed:
+        if _as_int(parsed, 'smartnic_bandwidth') < 0:
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_bandwidth"] must be 0 (unlimited) '
+                  'or a positive number of bytes/s'))
+    return parsed
+
+
+def _as_int(parsed, key):
+    try:
+        parsed[key] = int(parsed[key])
+    except (TypeError, ValueError):
+        raise exception.InvalidParameterValue(
+            _('driver_info["%(k)s"] must be an integer, not "%(v)s"')
+            % {'k': key, 'v': parsed[key]})
+    return parsed[key]
+
+
+def check_instance_info(node):
+    """Checks that instance_info names an image.
+
+    What the image source may be (an http(s) URL, a Glance image, a Swift
+    object) and in which format is the driver service's to decide: validate()
+    asks it, so the plugin never refuses what a newer service accepts.
+
+    :raises: MissingParameterValue
+    """
+    if not (node.instance_info or {}).get('image_source'):
+        raise exception.MissingParameterValue(
+            _('Node %s has no instance_info["image_source"]: set it to the '
+              'image to deploy (an http(s) URL of a raw disk image, or what '
+              'else the SmartNIC driver service accepts)') % node.uuid)
+
+
+def progress_of(deployment):
+    """What driver_internal_info["smartnic_progress"] shows of a deployment."""
+    p = deployment.get('progress') or {}
+    return {
+        'deployment_id': deployment.get('deployment_id'),
+        'state': deployment.get('state'),
+        'fraction': round(float(p.get('fraction') or 0), 4),
+        'regions_local': p.get('regions_local'),
+        'regions_total': p.get('regions_total'),
+        'bytes_fetched': p.get('bytes_fetched'),
+        'fetch_rate_bps': p.get('fetch_rate_bps'),
+        'export_uri': deployment.get('export_uri'),
+        'last_error': deployment.get('last_error'),
+        'updated_at': deployment.get('updated_at'),
+    }
+
+
+def _is_ours(node):
+    return node.deploy_interface == INTERFACE_NAME
+
+
+def _still_hydrating(node):
+    dii = node.driver_internal_info or {}
+    return (node.deploy_interface == INTERFACE_NAME
+            and (dii.get(PROGRESS_KEY) or {}).get('state') in HYDRATING)
+
+
+class SmartNICStreamingDeploy(base.DeployInterface):
+    """Deploys by streaming the image to an NVMe disk emulated by the DPU."""
+
+    def get_properties(self):
+        return COMMON_PROPERTIES
+
+    @METRICS.timer('SmartNICStreamingDeploy.validate')
+    def validate(self, task):
+        """Checks driver_info and instance_info, then asks the service.
+
+        The driver service checks that the DPU agent answers and that the
+        image source honours Range requests, so an unusable node or image is
+        refused before the node is touched.
+
+        :raises: MissingParameterValue, InvalidParameterValue
+        """
+        node = task.node
+        parse_driver_info(node)
+        check_instance_info(node)
+        try:
+            service_client.DriverServiceClient().validate(node)
+        except smartnic_exc.ServiceError as e:
+            field = (' (%s)' % e.field) if e.field else ''
+            raise exception.InvalidParameterValue(
+                _('The SmartNIC driver service finds node %(node)s not '
+                  'deployable%(field)s: %(err)s')
+                % {'node': node.uuid, 'field': field, 'err': e.error})
+        except smartnic_exc.ServiceUnreachable as e:
+            raise exception.InvalidParameterValue(str(e))
+
+    @METRICS.timer('SmartNICStreamingDeploy.prepare')
+    @task_manager.require_exclusive_lock
+    def prepare(self, task):
+        if task.node.provision_state == states.DEPLOYING:
+            task.driver.network.validate(task)
+
+    @METRICS.timer('SmartNICStreamingDeploy.deploy')
+    @base.deploy_step(priority=100)
+    @task_manager.require_exclusive_lock
+    def deploy(self, task):
+        """Powers off and asks the driver service for a streaming disk.
+
+        :returns: DEPLOYWAIT; the periodic task resumes the deploy once the
+            disk is ready to boot.
+        """
+        node = task.node
+        # Off before the disk changes under the host.
+        manager_utils.node_power_action(task, states.POWER_OFF)
+        with manager_utils.power_state_for_network_configuration(task):
+            task.driver.network.configure_tenant_networks(task)
+
+        client = service_client.DriverServiceClient()
+        existing = client.get_deployment(node.uuid)
+        if existing is not None:
+            # An earlier attempt's deployment (failed, abandoned after a
+            # timeout, or interrupted): a node has one deployment at most.
+            LOG.info('Removing the earlier SmartNIC deployment %(dep)s '
+                     '(%(state)s) of node %(node)s before deploying',
+                     {'dep': existing.get('deployment_id'),
+                      'state': existing.get('state'), 'node': node.uuid})
+            self._delete_deployment(task, client)
+
+        deployment_id = 'ironic-%s' % uuidutils.generate_uuid()[:18]
+        deployment = client.create_deployment(node, deployment_id)
+        node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
+        node.set_driver_internal_info(STARTED_KEY, time.time())
+        node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
+        node.save()
+        LOG.info('SmartNIC deployment %(dep)s of node %(node)s requested '
+                 '(image %(image)s); waiting for the streaming disk',
+                 {'dep': deployment_id, 'node': node.uuid,
+                  'image': deployment.get('image_url')})
+        return states.DEPLOYWAIT
+
+    @METRICS.timer('SmartNICStreamingDeploy.boot_instance')
+    @base.deploy_step(priority=20)
+    @task_manager.require_exclusive_lock
+    def boot_instance(self, task):
+        """Boots the host from the streaming disk: disk first, power on."""
+        node = task.node
+        deployment = service_client.DriverServiceClient().get_deployment(
+            node.uuid)
+        if deployment is None or deployment.get('state') not in BOOTABLE:
+            raise smartnic_exc.DeploymentFailed(
+                node=node.uuid,
+                error=_('the deployment is %s, not ready to boot')
+                % (deployment.get('state') if deployment else 'gone'))
+        node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
+        node.del_driver_internal_info(STARTED_KEY)
+        node.save()
+        self._boot_from_disk(task)
+        manager_utils.node_power_action(task, states.POWER_ON)
+        LOG.info('Node %(node)s boots from its SmartNIC streaming disk '
+                 '(%(pct).1f%% local)',
+                 {'node': node.uuid,
+                  'pct': 100 * node.driver_internal_info[PROGRESS_KEY][
+                      'fraction']})
+
+    def _boot_from_disk(self, task):
+        supported = task.driver.management.get_supported_boot_devices(task)
+        if boot_devices.DISK not in supported:
+            # fake and noop management cannot choose a disk: the firmware's
+            # boot order has to start from it.
+            LOG.warning('The management interface of node %(node)s cannot '
+                        'select the disk as boot device (it supports '
+                        '%(sup)s); relying on the firmware boot order',
+                        {'node': task.node.uuid, 'sup': supported})
+            return
+        manager_utils.node_set_boot_device(task, boot_devices.DISK,
+                                           persistent=True)
+
+    @METRICS.timer('SmartNICStreamingDeploy.tear_down')
+    @task_manager.require_exclusive_lock
+    def tear_down(self, task):
+        """Powers off and deletes (wipes) the streaming disk.
+
+        :returns: DELETED
+        :raises: TeardownFailed if the service could not delete it in time.
+        """
+        node = task.node
+        manager_utils.node_power_action(task, states.POWER_OFF)
+        with manager_utils.power_state_for_network_configuration(task):
+            task.driver.network.unconfigure_tenant_networks(task)
+        self._delete_deployment(task, service_client.DriverServiceClient())
+        for key in (DEPLOYMENT_KEY, STARTED_KEY, PROGRESS_KEY):
+            node.del_driver_internal_info(key)
+        node.save()
+        return states.DELETED
+
+    def _delete_deployment(self, task, client):
+        """DELETEs the node's deployment and waits until it is gone."""
+        node_uuid = task.node.uuid
+        if client.delete_deployment(
+                node_uuid, wipe=CONF.smartnic.wipe_on_teardown) is None:
+            return
+        deadline = time.monotonic() + CONF.smartnic.teardown_timeout
+        while True:
+            deployment = client.get_deployment(node_uuid)
+            if deployment is None:
+                LOG.info('SmartNIC deployment of node %s deleted', node_uuid)
+                return
+            # The teardown job's own state decides: the deployment's state may
+            # still show what an attach that was running said last.
+            failed = [j for j in deployment.get('jobs') or ()
+                      if j.get('queue') == 'teardown'
+                      and j.get('state') == 'failed']
+            if failed:
+                raise smartnic_exc.TeardownFailed(
+                    node=node_uuid,
+                    error=_('%(err)s (teardown job %(job)s failed: fix the '
+                            'cause, run smartnic-driver jobs retry %(job)s, '
+                            'then undeploy again)')
+                    % {'err': deployment.get('last_error'),
+                       'job': failed[0].get('id')})
+            if time.monotonic() > deadline:
+                raise smartnic_exc.TeardownFailed(
+                    node=node_uuid,
+                    error=_('still %(state)s after %(t)d s (%(err)s); see '
+                            'smartnic-driver jobs list --queue teardown')
+                    % {'state': deployment.get('state'),
+                       't': CONF.smartnic.teardown_timeout,
+                       'err': deployment.get('last_error') or 'no error'})
+            time.sleep(1)
+
+    def clean_up(self, task):
+        """Nothing to do: tear_down removes the streaming disk.
+
+        The conductor also calls this when a deploy fails; the failed
+        deployment stays in the driver service for inspection until the node
+        is deployed again or undeployed.
+        """
+
+    def take_over(self, task):
+        """Nothing to do: the driver service keeps its state in Redis."""
+
+    # ---- periodic tasks ---------------------------------------------------
+
+    @METRICS.timer('SmartNICStreamingDeploy._check_deployments')
+    @periodics.node_periodic(
+        purpose='checking SmartNIC streaming deployments',
+        spacing=CONF.smartnic.poll_interval,
+        filters={'provision_state': states.DEPLOYWAIT, 'reserved': False,
+                 'maintenance': False},
+        predicate_extra_fields=['deploy_interface'],
+        predicate=_is_ours,
+    )
+    def _check_deployments(self, task, manager, context):
+        self.check_deployment(task)
+
+    def check_deployment(self, task):
+        """Resumes, fails or leaves waiting a node in "wait call-back"."""
+        node = task.node
+        if DEPLOYMENT_KEY not in node.driver_internal_info:
+            return  # waiting for something other than our deployment
+        try:
+            deployment = service_client.DriverServiceClient().get_deployment(
+                node.uuid)
+        except smartnic_exc.SmartNICError as e:
+            LOG.warning('Cannot check the SmartNIC deployment of node '
+                        '%(node)s: %(err)s', {'node': node.uuid, 'err': e})
+            self._fail_if_timed_out(task, 'unknown', str(e))
+            return
+        if deployment is None:
+            self._fail(task, _('the driver service has no deployment for '
+                               'this node any more (it was deleted outside '
+                               'Ironic); deploy again'))
+            return
+        if deployment.get('deployment_id') != node.driver_internal_info.get(
+                DEPLOYMENT_KEY):
+            self._fail(task, _('the driver service now holds another '
+                               'deployment (%s) for this node; deploy again')
+                       % deployment.get('deployment_id'))
+            return
+        state = deployment.get('state')
+        if state in BOOTABLE:
+            task.upgrade_lock(purpose='resuming SmartNIC streaming deploy')
+            if task.node.provision_state != states.DEPLOYWAIT:
+                return
+            task.node.set_driver_internal_info(PROGRESS_KEY,
+                                               progress_of(deployment))
+            task.node.save()
+            LOG.info('The SmartNIC streaming disk of node %s is ready; '
+                     'resuming the deploy', node.uuid)
+            manager_utils.notify_conductor_resume_deploy(task)
+        elif state == 'failed':
+            self._fail(task, deployment.get('last_error')
+                       or _('no reason given'))
+        else:
+            self._fail_if_timed_out(task, state, deployment.get('last_error'))
+
+    def _fail_if_timed_out(self, task, state, last_error):
+        timeout = CONF.smartnic.deploy_timeout
+        started = task.node.driver_internal_info.get(STARTED_KEY)
+        if not timeout or started is None or time.time() - started < timeout:
+            return
+        detail = '; last error: %s' % last_error if last_error else ''
+        err = smartnic_exc.DeploymentTimeout(
+            timeout=timeout, node=task.node.uuid, state=state, detail=detail)
+        task.upgrade_lock(purpose='failing a timed-out SmartNIC deploy')
+        if task.node.provision_state != states.DEPLOYWAIT:
+            return
+        # Abandon it: a disk that becomes ready later must not stay exported
+        # for a node that is not deployed.
+        try:
+            service_client.DriverServiceClient().delete_deployment(
+                task.node.uuid, wipe=CONF.smartnic.wipe_on_teardown)
+        except smartnic_exc.SmartNICError as e:
+            LOG.warning('Could not abandon the timed-out SmartNIC deployment '
+                        'of node %(node)s: %(err)s',
+                        {'node': task.node.uuid, 'err': e})
+        manager_utils.deploying_error_handler(task, str(err), str(err))
+
+    def _fail(self, task, reason):
+        err = smartnic_exc.DeploymentFailed(node=task.node.uuid, error=reason)
+        task.upgrade_lock(purpose='failing a SmartNIC deploy')
+        if task.node.provision_state != states.DEPLOYWAIT:
+            return
+        manager_utils.deploying_error_handler(task, str(err), str(err))
+
+    @METRICS.timer('SmartNICStreamingDeploy._record_progress')
+    @periodics.node_periodic(
+        purpose='recording SmartNIC hydration progress',
+        spacing=CONF.smartnic.progress_interval,
+        filters={'provision_state': states.ACTIVE, 'reserved': False,
+                 'maintenance': False},
+        predicate_extra_fields=['deploy_interface', 'driver_internal_info'],
+        predicate=_still_hydrating,
+    )
+    def _record_progress(self, task, manager, context):
+        self.record_progress(task)
+
+    def record_progress(self, task):
+        """Copies the service's progress of an ACTIVE node's disk."""
+        node = task.node
+        try:
+            deployment = service_client.DriverServiceClient().get_deployment(
+                node.uuid)
+        except smartnic_exc.SmartNICError as e:
+            LOG.debug('No SmartNIC progress for node %(node)s: %(err)s',
+                      {'node': node.uuid, 'err': e})
+            return
+        progress = (progress_of(deployment) if deployment is not None
+                    else {'state': 'gone'})
+        if progress == node.driver_internal_info.get(PROGRESS_KEY):
+            return
+        task.upgrade_lock(purpose='recording SmartNIC hydration progress')
+        if task.node.provision_state != states.ACTIVE:
+            return
+        task.node.set_driver_internal_info(PROGRESS_KEY, progress)
+        task.node.save()
+        if progress['state'] == 'complete':
+            LOG.info('Every region of the SmartNIC streaming disk of node %s '
+                     'is local', node.uuid)

@@ -1,0 +1,321 @@
+"""Unit tests of the plugin's own logic: field checks, the service client
+against a real local HTTP server, and the poll's decisions (Ironic's conductor
+utilities mocked; the end-to-end behaviour on a real Ironic is
+tests/integration/ironic.test.ts).
+
+Run: /usr/bin/python3 -m unittest discover -s driver/ironic -t driver/ironic
+"""
+
+import http.server
+import json
+import os
+import re
+import threading
+import time
+import unittest
+from unittest import mock
+
+from ironic.common import exception
+from ironic.common import states
+
+from smartnic_ironic import client as service_client
+from smartnic_ironic import conf as smartnic_conf
+from smartnic_ironic import deploy
+from smartnic_ironic import exception as smartnic_exc
+
+CONF = smartnic_conf.CONF
+DOCS = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..', 'docs',
+                    'ironic.md')
+
+
+class FakeNode(object):
+    def __init__(self, driver_info=None, instance_info=None,
+                 provision_state=states.AVAILABLE, dii=None):
+        self.uuid = '1be26c0b-03f2-4d2e-ae87-c02d7f33c123'
+        self.driver_info = driver_info or {}
+        self.instance_info = instance_info or {}
+        self.driver_internal_info = dict(dii or {})
+        self.provision_state = provision_state
+        self.deploy_interface = deploy.INTERFACE_NAME
+        self.saved = 0
+
+    def set_driver_internal_info(self, k, v):
+        self.driver_internal_info[k] = v
+
+    def del_driver_internal_info(self, k):
+        return self.driver_internal_info.pop(k, None)
+
+    def save(self):
+        self.saved += 1
+
+
+GOOD_DI = {'smartnic_agent_url': 'http://dpu:9611',
+           'smartnic_target': '/dev/nvme0n1'}
+
+
+class TestFields(unittest.TestCase):
+
+    def test_missing_required_names_the_keys(self):
+        node = FakeNode({'smartnic_agent_url': 'http://dpu:9611'})
+        with self.assertRaisesRegex(exception.MissingParameterValue,
+                                    'smartnic_target'):
+            deploy.parse_driver_info(node)
+
+    def test_parses_and_converts(self):
+        node = FakeNode(dict(GOOD_DI, smartnic_region_size='65536',
+                             smartnic_bandwidth='0', ipmi_address='x'))
+        info = deploy.parse_driver_info(node)
+        self.assertEqual(65536, info['smartnic_region_size'])
+        self.assertEqual(0, info['smartnic_bandwidth'])
+        self.assertNotIn('ipmi_address', info)
+
+    def test_refuses_bad_values(self):
+        for extra, pattern in (
+                ({'smartnic_agent_url': 'dpu:9611'}, 'http'),
+                ({'smartnic_target': 'nvme0n1'}, 'absolute'),
+                ({'smartnic_region_size': 3000}, 'power of two'),
+                ({'smartnic_region_size': 'big'}, 'integer'),
+                ({'smartnic_bandwidth': -1}, 'bytes/s')):
+            with self.subTest(extra=extra):
+                with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                            pattern):
+                    deploy.parse_driver_info(FakeNode(dict(GOOD_DI, **extra)))
+
+    def test_image_source_required(self):
+        with self.assertRaisesRegex(exception.MissingParameterValue,
+                                    'image_source'):
+            deploy.check_instance_info(FakeNode(GOOD_DI))
+        deploy.check_instance_info(
+            FakeNode(GOOD_DI, {'image_source': 'glance://x'}))
+
+    def test_request_body_carries_only_known_fields(self):
+        node = FakeNode(dict(GOOD_DI, ipmi_password='secret',
+                             smartnic_bandwidth='100'),
+                        {'image_source': 'http://i/x.raw', 'root_gb': 10})
+        body = service_client.DriverServiceClient.request_body(node, 'd1')
+        self.assertEqual({'image_source': 'http://i/x.raw'},
+                         body['instance_info'])
+        self.assertNotIn('ipmi_password', body['driver_info'])
+        self.assertEqual(100, body['driver_info']['smartnic_bandwidth'])
+        self.assertEqual('d1', body['deployment_id'])
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers from the class's script: path -> list of (status, body)."""
+    script = {}
+    seen = []
+
+    def _answer(self):
+        self.seen.append((self.command, self.path,
+                          self.headers.get('Authorization')))
+        length = int(self.headers.get('Content-Length') or 0)
+        if length:
+            self.rfile.read(length)
+        key = '%s %s' % (self.command, self.path.split('?')[0])
+        replies = self.script.get(key) or [(500, {'code': 'X',
+                                                  'message': 'unscripted'})]
+        status, body = replies.pop(0) if len(replies) > 1 else replies[0]
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+class TestClient(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        cls.url = 'http://127.0.0.1:%d' % cls.server.server_address[1]
+        threading.Thread(target=cls.server.serve_forever, daemon=True).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.shutdown()
+
+    def setUp(self):
+        Handler.script = {}
+        Handler.seen = []
+        CONF.set_override('driver_url', self.url, 'smartnic')
+        CONF.set_override('token', 'tok-0123456789abcdef', 'smartnic')
+        CONF.set_override('request_attempts', 3, 'smartnic')
+        self.addCleanup(CONF.clear_override, 'driver_url', 'smartnic')
+        self.addCleanup(CONF.clear_override, 'token', 'smartnic')
+        self.addCleanup(CONF.clear_override, 'request_attempts', 'smartnic')
+
+    def test_error_body_becomes_service_error(self):
+        Handler.script['POST /v1/validate'] = [(422, {
+            'code': 'DRV_ERR_IMAGE_SOURCE', 'retryable': False,
+            'message': 'http://i/x answered HTTP 404 to a range request',
+            'field': 'instance_info.image_source'})]
+        node = FakeNode(GOOD_DI, {'image_source': 'http://i/x'})
+        with self.assertRaises(smartnic_exc.ServiceError) as cm:
+            service_client.DriverServiceClient().validate(node)
+        e = cm.exception
+        self.assertEqual(422, e.status)
+        self.assertEqual('instance_info.image_source', e.field)
+        self.assertIn('answered HTTP 404', str(e))
+        self.assertEqual(1, len(Handler.seen), 'a 422 is not retried')
+        self.assertEqual('Bearer tok-0123456789abcdef', Handler.seen[0][2])
+
+    def test_validate_maps_to_invalid_parameter(self):
+        Handler.script['POST /v1/validate'] = [(422, {
+            'code': 'DRV_ERR_INVALID', 'retryable': False,
+            'message': 'driver_info.smartnic_agent_url http://dpu does not '
+                       'answer', 'field': 'driver_info.smartnic_agent_url'})]
+        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i'}))
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'does not answer'):
+            deploy.SmartNICStreamingDeploy().validate(task)
+
+    def test_5xx_is_retried(self):
+        path = '/v1/deployments/%s' % FakeNode().uuid
+        Handler.script['GET ' + path] = [
+            (503, {'code': 'DRV_ERR_REDIS', 'message': 'down',
+                   'retryable': True}),
+            (200, {'state': 'ready'})]
+        c = service_client.DriverServiceClient()
+        d = c.get_deployment(FakeNode().uuid)
+        self.assertEqual('ready', d['state'])
+        self.assertEqual(2, len(Handler.seen))
+
+    def test_404_is_none_where_absence_is_an_answer(self):
+        path = '/v1/deployments/%s' % FakeNode().uuid
+        Handler.script['GET ' + path] = [(404, {'code': 'DRV_ERR_NOT_FOUND',
+                                                'message': 'no'})]
+        Handler.script['DELETE ' + path] = [(404, {'code': 'DRV_ERR_NOT_FOUND',
+                                                   'message': 'no'})]
+        c = service_client.DriverServiceClient()
+        self.assertIsNone(c.get_deployment(FakeNode().uuid))
+        self.assertIsNone(c.delete_deployment(FakeNode().uuid))
+        self.assertIn('wipe=true', Handler.seen[-1][1])
+
+    def test_unreachable(self):
+        CONF.set_override('request_attempts', 1, 'smartnic')
+        c = service_client.DriverServiceClient(url='http://127.0.0.1:9')
+        with self.assertRaisesRegex(smartnic_exc.ServiceUnreachable,
+                                    r'\[smartnic\]driver_url'):
+            c.get_deployment('n')
+
+
+class TestPoll(unittest.TestCase):
+    """check_deployment's decisions for a node in "wait call-back"."""
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        self.node = FakeNode(GOOD_DI, provision_state=states.DEPLOYWAIT,
+                             dii={deploy.DEPLOYMENT_KEY: 'd1',
+                                  deploy.STARTED_KEY: time.time()})
+        self.task = mock.Mock(node=self.node)
+        p = mock.patch.object(service_client, 'DriverServiceClient',
+                              autospec=True)
+        self.client = p.start().return_value
+        self.addCleanup(p.stop)
+        p = mock.patch.object(deploy, 'manager_utils', autospec=True)
+        self.mu = p.start()
+        self.addCleanup(p.stop)
+
+    def deployment(self, state, **kw):
+        d = {'deployment_id': 'd1', 'state': state, 'last_error': None,
+             'progress': {'fraction': 0.25, 'regions_local': 1,
+                          'regions_total': 4, 'bytes_fetched': 1},
+             'jobs': []}
+        d.update(kw)
+        return d
+
+    def test_ready_resumes(self):
+        self.client.get_deployment.return_value = self.deployment('ready')
+        self.iface.check_deployment(self.task)
+        self.task.upgrade_lock.assert_called_once()
+        self.mu.notify_conductor_resume_deploy.assert_called_once_with(
+            self.task)
+        self.assertEqual(
+            0.25, self.node.driver_internal_info['smartnic_progress'][
+                'fraction'])
+
+    def test_attaching_waits(self):
+        self.client.get_deployment.return_value = self.deployment('attaching')
+        self.iface.check_deployment(self.task)
+        self.task.upgrade_lock.assert_not_called()
+        self.mu.deploying_error_handler.assert_not_called()
+
+    def test_failed_fails_with_the_service_reason(self):
+        self.client.get_deployment.return_value = self.deployment(
+            'failed', last_error='DRV_ERR_AGENT_REJECTED: target refused')
+        self.iface.check_deployment(self.task)
+        msg = self.mu.deploying_error_handler.call_args[0][2]
+        self.assertIn('target refused', msg)
+        self.mu.notify_conductor_resume_deploy.assert_not_called()
+
+    def test_timeout_abandons_and_fails(self):
+        CONF.set_override('deploy_timeout', 5, 'smartnic')
+        self.addCleanup(CONF.clear_override, 'deploy_timeout', 'smartnic')
+        self.node.driver_internal_info[deploy.STARTED_KEY] = time.time() - 6
+        self.client.get_deployment.return_value = self.deployment(
+            'attaching', last_error='agent timeout (attempt 2 of 8)')
+        self.iface.check_deployment(self.task)
+        self.client.delete_deployment.assert_called_once()
+        msg = self.mu.deploying_error_handler.call_args[0][2]
+        self.assertRegex(msg, 'Timed out after 5 s .* state attaching; last '
+                              'error: agent timeout')
+
+    def test_vanished_or_replaced_fails(self):
+        for d in (None, self.deployment('ready', deployment_id='other')):
+            with self.subTest(d=d):
+                self.mu.reset_mock()
+                self.client.get_deployment.return_value = d
+                self.iface.check_deployment(self.task)
+                self.mu.deploying_error_handler.assert_called_once()
+
+
+class TestTearDown(unittest.TestCase):
+
+    def test_failed_teardown_job_raises(self):
+        iface = deploy.SmartNICStreamingDeploy()
+        client = mock.Mock()
+        client.delete_deployment.return_value = {'state': 'deleting'}
+        client.get_deployment.return_value = {
+            'state': 'failed', 'last_error': 'agent gone',
+            'jobs': [{'queue': 'teardown', 'id': 'teardown-n-d-1',
+                      'state': 'failed'}]}
+        task = mock.Mock(node=FakeNode())
+        with self.assertRaisesRegex(smartnic_exc.TeardownFailed,
+                                    'agent gone.*jobs retry teardown-n-d-1'):
+            iface._delete_deployment(task, client)
+
+    def test_a_failed_attach_does_not_fail_the_teardown(self):
+        # The record may say "failed" (an attach that ended meanwhile) while
+        # the teardown job is still running: keep waiting for it.
+        iface = deploy.SmartNICStreamingDeploy()
+        client = mock.Mock()
+        client.delete_deployment.return_value = {'state': 'deleting'}
+        client.get_deployment.side_effect = [
+            {'state': 'failed', 'jobs': [{'queue': 'teardown',
+                                          'state': 'active'}]},
+            None]
+        with mock.patch.object(deploy.time, 'sleep'):
+            iface._delete_deployment(mock.Mock(node=FakeNode()), client)
+        self.assertEqual(2, client.get_deployment.call_count)
+
+
+class TestDocs(unittest.TestCase):
+    """docs/ironic.md documents every option and node field."""
+
+    def test_every_option_and_property_is_documented(self):
+        with open(DOCS) as f:
+            text = f.read()
+        for opt in smartnic_conf.opts:
+            self.assertRegex(text, r'\| `%s` \|' % re.escape(opt.name))
+        for prop in deploy.COMMON_PROPERTIES:
+            self.assertRegex(text, r'\| `%s` \|' % re.escape(prop))
+
+
+if __name__ == '__main__':
+    unittest.main()
