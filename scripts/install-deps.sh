@@ -9,6 +9,8 @@ PACKAGES=(
   redis-server                                          # the driver service's queues and records
   chromium                                              # the dashboard's browser test (playwright-core drives it)
   swift swift-proxy swift-object swift-container swift-account python3-swiftclient memcached glance-api  # Swift and Glance for the image-source tests
+  ironic-api ironic-conductor python3-ironicclient python3-pip  # Ironic standalone and the plugin's install
+  openipmi ipmitool                                     # ipmi_sim as the virtual BMC, Ironic's ipmitool driver
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
