@@ -20,7 +20,7 @@ import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openap
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
-import { resolveImage } from './image.js';
+import { describeImageRef, parseImageSource, resolveImage } from './image.js';
 import { agentFor } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, type Queues } from './queues.js';
@@ -76,6 +76,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     deployment_id: rec.deployment_id,
     state: rec.state,
     image_url: rec.image_url,
+    image_expires_at: rec.image_expires_at,
     agent_url: rec.agent_url,
     disk_id: rec.disk_id,
     export_uri: rec.export_uri,
@@ -110,13 +111,16 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
       },
       async validate(req) {
         const body = req.body as ValidateRequest;
-        const image = resolveImage(body.instance_info);
+        const image = await resolveImage(body.instance_info, config);
         const token = body.driver_info.smartnic_agent_token ?? config.agent.token;
         const agent = new AgentClient({ baseUrl: body.driver_info.smartnic_agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
         await agent.health().catch((err: Error) => {
           throw new DriverError('DRV_ERR_INVALID', `driver_info.smartnic_agent_url ${body.driver_info.smartnic_agent_url} does not answer: ${err.message}`, { field: 'driver_info.smartnic_agent_url' });
         });
-        const size = await probeImage(image.url);
+        const size = await probeImage(image.url, config.glance.timeout_ms, image.headers);
+        if (image.size !== undefined && size !== image.size) {
+          throw new DriverError('DRV_ERR_IMAGE_SOURCE', `${redactUrl(image.url)} serves ${size} bytes, but the image is ${image.size}`, { field: 'instance_info.image_source' });
+        }
         return { valid: true, image_size: size };
       },
       async listDeployments() {
@@ -124,14 +128,16 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
       },
       async createDeployment(req, reply) {
         const body = req.body as DeploymentCreate;
-        const image = resolveImage(body.instance_info); // a permanent problem is refused now, not in a job
+        // A malformed source is refused now; Glance and Swift are asked by the attach job.
+        const image = parseImageSource(body.instance_info, config);
         const deploymentId = body.deployment_id ?? derivedId(body);
         const now = new Date().toISOString();
         const rec: DeploymentRecord = {
           node_uuid: body.node_uuid,
           deployment_id: deploymentId,
           state: 'attaching',
-          image_url: redactUrl(image.url),
+          image_url: describeImageRef(image),
+          image_expires_at: null,
           agent_url: body.driver_info.smartnic_agent_url.replace(/\/+$/, ''),
           disk_id: diskId(body.node_uuid, deploymentId),
           export_uri: null,

@@ -17,6 +17,20 @@ export interface DriverConfig {
     keep_completed: number;
   };
   bull_board: { enabled: boolean; path: string };
+  glance: {
+    url?: string;
+    headers: Record<string, string>;
+    timeout_ms: number;
+    download_source: 'auto' | 'swift' | 'glance';
+    swift_endpoint_url?: string;
+    swift_api_version: string;
+    swift_account?: string;
+    swift_account_prefix: string;
+    swift_container: string;
+    swift_temp_url_key?: string;
+    swift_temp_url_duration: number;
+    swift_store_multiple_containers_seed: number;
+  };
   log_level: string;
   response_validation: 'off' | 'log' | 'strict';
 }
@@ -89,6 +103,31 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         enabled: { type: 'boolean', default: true, description: 'Mount bull-board.' },
         path: { type: 'string', pattern: '^/[a-z0-9/_-]*$', default: '/queues', description: 'Where it is mounted.' },
+      },
+    },
+    glance: {
+      type: 'object',
+      description: "Glance images and Swift objects as image sources (docs/driver.md, Image sources). The swift_* keys mean what Ironic's [glance] options of the same names mean.",
+      default: {},
+      additionalProperties: false,
+      properties: {
+        url: { type: 'string', pattern: '^https?://', description: 'Glance API endpoint, e.g. http://glance:9292. Needed for Glance image ids; the DPU agents must reach it too when they download from the file store.' },
+        headers: { type: 'object', additionalProperties: { type: 'string' }, default: {}, secret: true, description: 'Extra headers for Glance requests (e.g. X-Auth-Token); also sent by the agent when it downloads from Glance. Never logged.' },
+        timeout_ms: { type: 'integer', minimum: 100, default: 10000, description: 'Timeout of one Glance or Swift request.' },
+        download_source: {
+          type: 'string',
+          enum: ['auto', 'swift', 'glance'],
+          default: 'auto',
+          description: "Where the agent reads a Glance image: 'swift' a temp URL (Ironic's image_download_source = swift); 'glance' Glance's /v2/images/{id}/file (file store only: Glance refuses ranges elsewhere); 'auto' by the image's locations, or when Glance hides them, by whether Glance serves a range of it.",
+        },
+        swift_endpoint_url: { type: 'string', pattern: '^https?://', description: 'Swift endpoint, e.g. http://swift:8080 or http://swift:8080/v1/AUTH_<project> (a trailing /v1/<prefix>_x is stripped, and names the account when swift_account is unset).' },
+        swift_api_version: { type: 'string', default: 'v1', description: 'Swift API version in temp URLs.' },
+        swift_account: { type: 'string', description: 'The account holding the images, e.g. AUTH_<project of Glance>. Default: the one swift_endpoint_url names.' },
+        swift_account_prefix: { type: 'string', default: 'AUTH', description: "Reseller prefix of Swift accounts (what is stripped from swift_endpoint_url)." },
+        swift_container: { type: 'string', default: 'glance', description: "Glance's container (its swift_store_container)." },
+        swift_temp_url_key: { type: 'string', secret: true, description: "The account's X-Account-Meta-Temp-URL-Key; temp URLs are signed with it. Needed for Swift." },
+        swift_temp_url_duration: { type: 'integer', minimum: 10, default: 1200, description: 'Seconds a temp URL is valid. Long hydrations renew it when less than a third is left.' },
+        swift_store_multiple_containers_seed: { type: 'integer', minimum: 0, maximum: 32, default: 0, description: "Glance's swift_store_multiple_containers_seed: N > 0 means images live in <swift_container>_<first N characters of the id>." },
       },
     },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level.' },

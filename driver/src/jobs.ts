@@ -4,20 +4,24 @@
  * (permanent errors, UnrecoverableError). Each writes what happened to the deployment
  * record so the API always says where a deployment stands and why.
  *
- *   attach    resolve the image URL → create the disk on the DPU agent (idempotent on the
- *             disk id) → record the export URI, state `ready` → enqueue monitor
- *   monitor   one poll of the disk's progress per run; not done yet → the same job is
- *             moved to delayed for `monitor_interval_ms` (so no job runs for minutes, a
- *             restart loses nothing, and bull-board shows its progress)
+ *   attach    resolve the image (Glance, Swift: image.ts) → create the disk on the DPU
+ *             agent (idempotent on the disk id) → record the export URI, state `ready` →
+ *             enqueue monitor
+ *   monitor   one poll of the disk's progress per run; not done yet → renew the image's
+ *             temp URL if a third or less of its lifetime is left (the agent gets the new
+ *             URL) → the same job is moved to delayed for `monitor_interval_ms` (so no
+ *             job runs for minutes, a restart loses nothing, and bull-board shows its
+ *             progress)
  *   teardown  delete the disk on the agent (wiping it by default) → remove the record
  */
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import type { Logger } from 'pino';
+import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
-import { resolveImage } from './image.js';
+import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
 
@@ -81,13 +85,19 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
   if (rec.state !== 'attaching') return `skipped: already ${rec.state}`;
   const agent = agentFor(rec, deps.config);
   let disk: Disk;
+  let image: ResolvedImage;
   try {
-    const image = resolveImage(rec.spec.instance_info);
+    image = await resolveImage(rec.spec.instance_info, deps.config);
     const di = rec.spec.driver_info;
     disk = await agent
       .createDisk({
         id: rec.disk_id,
-        source: { url: image.url, ...(image.identity ? { identity: image.identity } : {}) },
+        source: {
+          url: image.url,
+          ...(image.headers && Object.keys(image.headers).length ? { headers: image.headers } : {}),
+          ...(image.identity ? { identity: image.identity } : {}),
+          ...(image.format !== 'raw' ? { format: image.format } : {}),
+        },
         target: { path: di.smartnic_target },
         ...(di.smartnic_region_size ? { region_size: di.smartnic_region_size } : {}),
         hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
@@ -107,13 +117,15 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
   }
   await deps.store.update(rec.node_uuid, rec.deployment_id, {
     state: disk.state === 'complete' ? 'complete' : 'ready',
+    image_url: redactUrl(image.url),
+    image_expires_at: expiryOf(image),
     export_uri: disk.export.uri,
     progress: progressOf(disk),
     last_error: null,
   });
   await job.updateProgress(100);
   if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
-  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri }, 'streaming disk ready');
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via }, 'streaming disk ready');
   return `ready: ${disk.export.uri}`;
 }
 
@@ -144,9 +156,53 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
       deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
       return 'complete';
     }
+    if (await renewSource(deps, rec)) return 'stopped: the image source cannot be renewed';
   }
   await job.moveToDelayed(Date.now() + deps.config.jobs.monitor_interval_ms, token);
   throw new DelayedError();
+}
+
+function expiryOf(image: ResolvedImage): string | null {
+  return image.expires !== undefined ? new Date(image.expires * 1000).toISOString() : null;
+}
+
+/**
+ * Renews an expiring image URL (a Swift temp URL) once a third or less of its lifetime
+ * is left, by resolving the image again, and hands the new URL to the agent, which checks
+ * it names the same image. Glance or Swift away: noted in last_error and tried again at
+ * the next poll, while the old URL still works. A permanent failure (the image is gone,
+ * the agent refuses the identity) fails the deployment; true then.
+ */
+async function renewSource(deps: JobDeps, rec: DeploymentRecord): Promise<boolean> {
+  if (!rec.image_expires_at) return false;
+  const left = Date.parse(rec.image_expires_at) - Date.now();
+  if (left > (deps.config.glance.swift_temp_url_duration * 1000) / 3) return false;
+  try {
+    const image = await resolveImage(rec.spec.instance_info, deps.config);
+    await agentFor(rec, deps.config)
+      .updateSource(rec.disk_id, {
+        url: image.url,
+        ...(image.headers && Object.keys(image.headers).length ? { headers: image.headers } : {}),
+        ...(image.identity ? { identity: image.identity } : {}),
+      })
+      .catch((err: unknown) => {
+        throw agentError(err, `renewing the source URL of disk ${rec.disk_id} on ${rec.agent_url}`);
+      });
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { image_url: redactUrl(image.url), image_expires_at: expiryOf(image) });
+    deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, image: redactUrl(image.url), left_ms: left }, 'image URL renewed');
+    return false;
+  } catch (err) {
+    const e = err instanceof DriverError ? err : new DriverError('DRV_ERR_INTERNAL', (err as Error).message, { cause: err });
+    const message = `${e.code}: renewing the image URL (expires ${rec.image_expires_at}): ${e.message}`;
+    if (e.retryable) {
+      await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${message}; retrying` });
+      deps.log.warn({ node: rec.node_uuid, code: e.code }, message);
+      return false;
+    }
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: message });
+    deps.log.warn({ node: rec.node_uuid, code: e.code }, message);
+    return true;
+  }
 }
 
 export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string> {

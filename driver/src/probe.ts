@@ -3,11 +3,11 @@ import axios from 'axios';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { DriverError } from './errors.js';
 
-export async function probeImage(url: string, timeoutMs = 10_000): Promise<number> {
+export async function probeImage(url: string, timeoutMs = 10_000, headers: Record<string, string> = {}): Promise<number> {
   const where = redactUrl(url);
   let res;
   try {
-    res = await axios.get(url, { headers: { Range: 'bytes=0-0' }, responseType: 'arraybuffer', timeout: timeoutMs, validateStatus: () => true, maxRedirects: 5, proxy: false, maxContentLength: 1 << 20 });
+    res = await axios.get(url, { headers: { ...headers, Range: 'bytes=0-0' }, responseType: 'arraybuffer', timeout: timeoutMs, validateStatus: () => true, maxRedirects: 5, proxy: false, maxContentLength: 1 << 20 });
   } catch (err) {
     throw new DriverError('DRV_ERR_IMAGE_UNREACHABLE', `${where}: ${(err as Error).message}`, { field: 'instance_info.image_source' });
   }

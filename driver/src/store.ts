@@ -26,6 +26,8 @@ export interface DeploymentRecord {
   deployment_id: string;
   state: DeploymentState;
   image_url: string; // redacted
+  /** When image_url stops working (a Swift temp URL; the monitor job renews it before), ISO 8601; null when it does not expire. */
+  image_expires_at: string | null;
   agent_url: string;
   disk_id: string;
   export_uri: string | null;
@@ -126,6 +128,7 @@ function decode(h: Record<string, string>): DeploymentRecord {
     deployment_id: h['deployment_id']!,
     state: h['state'] as DeploymentState,
     image_url: h['image_url'] ?? '',
+    image_expires_at: json<string | null>('image_expires_at', null),
     agent_url: h['agent_url'] ?? '',
     disk_id: h['disk_id'] ?? '',
     export_uri: json<string | null>('export_uri', null),

@@ -7,6 +7,7 @@ export type Disk = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
 export type RegionMap = components['schemas']['RegionMap'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
+export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type AgentHealth = components['schemas']['Health'];
 
 export class AgentClient {
@@ -42,6 +43,10 @@ export class AgentClient {
 
   updateHydration(id: string, body: HydrationUpdate): Promise<Disk> {
     return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/hydration`, body), `hydration of ${id}`);
+  }
+
+  updateSource(id: string, body: SourceUpdate): Promise<Disk> {
+    return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/source`, body), `source of ${id}`);
   }
 
   metrics(): Promise<string> {

@@ -120,6 +120,34 @@ export interface paths {
         readonly patch: operations["updateHydration"];
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/source": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        /**
+         * Replace the URL the disk reads its image from (a renewed Swift temp URL).
+         * @description New requests to the origin use the new URL (and headers, when given); requests in
+         *     flight finish on the old one. The image must stay the same: when `identity` is
+         *     given it must equal the disk's (409 DPU_ERR_SOURCE_MISMATCH otherwise), and the
+         *     next answer through the new URL must report the image's size (and, for an identity
+         *     derived from the ETag, its ETag), or reads fail with DPU_ERR_SOURCE_MISMATCH. The
+         *     URL is written to the disk's spec.json, so a restarted agent uses it; a disk that
+         *     could not be opened is re-opened with it at once.
+         */
+        readonly patch: operations["updateSource"];
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -171,8 +199,19 @@ export interface components {
             };
         };
         readonly ImageSource: {
-            /** @description HTTP(S) URL of the raw image; must honour Range. */
+            /** @description HTTP(S) URL of the image; must honour Range. */
             readonly url: string;
+            /**
+             * @description How the image at `url` is read. `qcow2` (version 2 or 3, zlib-compressed clusters)
+             *     is served as the raw disk it describes: `size` is its virtual size and the target
+             *     ends as that raw disk. A qcow2 with a backing file, encryption, an external data
+             *     file, extended L2 entries or zstd compression is refused with 400
+             *     DPU_ERR_IMAGE_UNSUPPORTED. `auto` detects qcow2 by its magic (one extra request).
+             *     Glance's `disk_format` says which to send.
+             * @default raw
+             * @enum {string}
+             */
+            readonly format?: "raw" | "qcow2" | "auto";
             /** @description Extra request headers (e.g. X-Auth-Token). Never returned or logged. */
             readonly headers?: {
                 readonly [key: string]: string;
@@ -206,6 +245,11 @@ export interface components {
                 /** @description The source URL with signatures and credentials redacted. */
                 readonly url: string;
                 readonly identity?: string;
+                /**
+                 * @description As requested.
+                 * @enum {string}
+                 */
+                readonly format?: "raw" | "qcow2" | "auto";
             };
             readonly target: {
                 readonly path: string;
@@ -246,6 +290,16 @@ export interface components {
             readonly encoding: "rle";
             /** @example 512L3f1533r */
             readonly map: string;
+        };
+        readonly SourceUpdate: {
+            /** @description The new URL of the same image. */
+            readonly url: string;
+            /** @description Replace the request headers (omit to keep them). Never returned or logged. */
+            readonly headers?: {
+                readonly [key: string]: string;
+            };
+            /** @description The image identity the caller expects; refused unless it is the disk's. */
+            readonly identity?: string;
         };
         readonly HydrationUpdate: {
             readonly paused?: boolean;
@@ -533,6 +587,50 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly updateSource: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                /**
+                 * @example {
+                 *       "url": "https://swift.example:8080/v1/AUTH_demo/glance/2f0a?temp_url_sig=def&temp_url_expires=1795001200",
+                 *       "identity": "glance:2f0a;sha512=9b71d224bd62f3785d96d46ad3ea3d73319bfbc2890caadae2dff72519673ca7"
+                 *     }
+                 */
+                readonly "application/json": components["schemas"]["SourceUpdate"];
+            };
+        };
+        readonly responses: {
+            /** @description The disk after the change. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Disk"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description The identity given is not the disk's. */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
 }

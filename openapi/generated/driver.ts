@@ -144,7 +144,7 @@ export interface components {
         readonly DeploymentId: string;
         /** @description The node's instance_info, as Ironic users write it; unknown keys are ignored. */
         readonly InstanceInfo: {
-            /** @description An http(s) URL of a raw image. */
+            /** @description An http(s) URL of the image (honouring Range), a Glance image id (UUID, or glance://UUID), or a Swift object (swift://container/object, or its URL under glance.swift_endpoint_url). See docs/driver.md, Image sources. */
             readonly image_source: string;
             readonly image_checksum?: string;
             readonly image_os_hash_algo?: string;
@@ -206,8 +206,13 @@ export interface components {
              * @enum {string}
              */
             readonly state: "attaching" | "ready" | "complete" | "failed" | "deleting";
-            /** @description The URL the agent reads */
+            /** @description The URL the agent reads, secrets redacted (before the attach job resolves it: glance://ID or swift://container/object). */
             readonly image_url: string;
+            /**
+             * Format: date-time
+             * @description When image_url stops working (a Swift temp URL, renewed by the service before then); null when it does not expire.
+             */
+            readonly image_expires_at?: string | null;
             readonly agent_url: string;
             readonly disk_id: string;
             readonly export_uri: string | null;

@@ -12,6 +12,8 @@ import { freePort } from './redis.js';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 export const TOKEN = 'test-token-0123456789abcdef';
+/** Characters of a service's output (stdout and stderr: its log) kept for assertions. */
+const OUTPUT_KEPT = 1 << 20;
 
 export class ServiceProcess {
   child: ChildProcess | null = null;
@@ -28,12 +30,13 @@ export class ServiceProcess {
     const child = spawn(process.execPath, [path.join(ROOT, this.bin), 'serve', '--config', this.configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.child = child;
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
-      this.output = (this.output + d).slice(-20_000);
+      this.output = (this.output + d).slice(-OUTPUT_KEPT);
     });
     this.url = await new Promise<string>((resolve, reject) => {
       let buf = '';
       const timer = setTimeout(() => reject(new Error(`${this.name} did not start within ${timeoutMs} ms:\n${this.output}`)), timeoutMs);
       child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+        this.output = (this.output + d).slice(-OUTPUT_KEPT); // the driver logs to stdout
         buf += d;
         const line = buf.split('\n').find((l) => l.includes('"listening"'));
         if (line) {
@@ -87,6 +90,8 @@ export interface DriverSetup {
   redisUrl: string;
   port?: number;
   jobs?: Record<string, number>;
+  /** More config keys (e.g. `glance`, `log_level`), merged over the defaults here. */
+  extra?: Record<string, unknown>;
 }
 
 export async function driverService(s: DriverSetup): Promise<ServiceProcess> {
@@ -99,6 +104,7 @@ export async function driverService(s: DriverSetup): Promise<ServiceProcess> {
     jobs: { attach_attempts: 4, teardown_attempts: 6, backoff_ms: 200, monitor_interval_ms: 200, ...s.jobs },
     response_validation: 'strict',
     log_level: 'warn',
+    ...s.extra,
   };
   fs.mkdirSync(s.dir, { recursive: true });
   const file = path.join(s.dir, `driver-${port}.yaml`);

@@ -120,7 +120,8 @@ describe('driver service with a real agent, Redis and origin', function () {
     };
     await bad({ ...request('node-x'), surprise: 1 }, 400, /unknown field "surprise"/);
     await bad({ node_uuid: 'node-x', instance_info: { image_source: origin.url }, driver_info: { smartnic_agent_url: agent.url } }, 400, /missing the required field "smartnic_target"/);
-    await bad({ ...request('node-x'), instance_info: { image_source: 'glance://2f0a' } }, 422, /scheme "glance:" is not supported/);
+    await bad({ ...request('node-x'), instance_info: { image_source: 'glance://2f0a' } }, 422, /does not end in a Glance image id/);
+    await bad({ ...request('node-x'), instance_info: { image_source: 'ftp://example/x.img' } }, 422, /scheme "ftp:" is not supported/);
     await bad({ ...request('node:x') }, 400, /node_uuid must match pattern/);
     const anon = new DriverClient({ baseUrl: drivers[0]!.url });
     await assert.rejects(anon.listDeployments(), (e: unknown) => e instanceof ApiError && e.status === 401 && e.code === 'DRV_ERR_UNAUTHORIZED');

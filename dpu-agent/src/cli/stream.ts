@@ -7,12 +7,18 @@ import { pino, type Logger } from 'pino';
 import { DpuError } from '../errors.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { redactHeaders, redactUrl } from '../remote/redact.js';
-import { DEFAULT_REGION_SIZE, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type FlagTable, type FlagValues, parseFlags, renderHelp } from './flags.js';
 import { formatBytes } from './units.js';
 
 export const STREAM_FLAGS: FlagTable = {
-  source: { kind: 'string', arg: 'URL', required: true, help: 'HTTP(S) URL of the raw image (Swift temp URL, Glance download URL, any server that honours Range).' },
+  source: { kind: 'string', arg: 'URL', required: true, help: 'HTTP(S) URL of the image (Swift temp URL, Glance download URL, any server that honours Range).' },
+  format: {
+    kind: 'string',
+    arg: 'raw|qcow2|auto',
+    default: 'raw',
+    help: 'Format of the image at the source. qcow2 (version 2 or 3, zlib-compressed clusters, no backing file or encryption) is served as the raw disk it describes, and the target ends as that raw disk; auto detects qcow2 by its magic.',
+  },
   header: { kind: 'list', arg: '"NAME: VALUE"', help: 'Extra request header for the source, e.g. "X-Auth-Token: …". Values are never logged.' },
   target: { kind: 'string', arg: 'PATH', required: true, help: 'Local target: a block device or a file (created sparse at the image size if missing).' },
   state: { kind: 'string', arg: 'DIR', required: true, help: 'State directory: region map, disk record, lock. Reusing it resumes without re-fetching local regions.' },
@@ -65,11 +71,15 @@ export async function runStream(argv: string[]): Promise<number> {
   if (!['auto', 'bar', 'json', 'none'].includes(progressMode)) {
     throw new DpuError('DPU_ERR_CONFIG', `--progress "${progressMode}" is not one of auto, bar, json, none`);
   }
+  const format = String(f['format']) as ImageFormat;
+  if (!IMAGE_FORMATS.includes(format)) {
+    throw new DpuError('DPU_ERR_CONFIG', `--format "${format}" is not one of ${IMAGE_FORMATS.join(', ')}`);
+  }
   const endpoint = parseEndpoint(String(f['listen']));
   const headers = parseHeaders(f['header'] as string[] | undefined);
   const log: Logger = pino({ level, base: { pid: process.pid } }, pino.destination(2));
   const url = String(f['source']);
-  log.info({ source: redactUrl(url), headers: redactHeaders(headers), target: f['target'], state: f['state'] }, 'opening streaming disk');
+  log.info({ source: redactUrl(url), format, headers: redactHeaders(headers), target: f['target'], state: f['state'] }, 'opening streaming disk');
 
   const opened: OpenedDisk = await openStreamingDisk({
     source: {
@@ -80,6 +90,7 @@ export async function runStream(argv: string[]): Promise<number> {
       retryDeadlineMs: f['retry-deadline'] as number,
       stallTimeoutMs: f['stall-timeout'] as number,
     },
+    format,
     targetPath: String(f['target']),
     stateDir: String(f['state']),
     regionSize: argv.some((a) => a.startsWith('--region-size')) ? (f['region-size'] as number) : undefined,

@@ -13,7 +13,7 @@ import type { Logger } from 'pino';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
 import { DpuError } from '../errors.js';
 import { type AgentConfig, resolveTokens } from './config.js';
-import type { DiskCreate, DiskManager, HydrationUpdate } from './disks.js';
+import type { DiskCreate, DiskManager, HydrationUpdate, SourceUpdate } from './disks.js';
 import { createMetrics } from './metrics.js';
 
 // From dist/dpu-agent/src/daemon/api.js (and from the sources) back to the repository root.
@@ -58,6 +58,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     deleteDisk: async (req) => manager.delete(idOf(req), (req.query as { wipe?: boolean }).wipe === true),
     getRegionMap: async (req) => manager.regionMap(idOf(req)),
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
+    updateSource: async (req) => manager.setSource(idOf(req), req.body as SourceUpdate),
   };
   registerOpenApi(app, loadOpenApi(SPEC_URL), {
     handlers,

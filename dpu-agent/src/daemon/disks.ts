@@ -34,12 +34,13 @@ import { type Endpoint, NbdServer } from '../nbd/server.js';
 import { RegionState } from '../region/region-map.js';
 import { redactUrl } from '../remote/redact.js';
 import { noop } from '../streaming/deferred.js';
-import { openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import type { AgentConfig } from './config.js';
 
 export type DiskView = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
+export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type RegionMapView = components['schemas']['RegionMap'];
 
 /** spec.json: the create request with every default filled in. */
@@ -47,7 +48,8 @@ export interface DiskSpec {
   version: 1;
   id: string;
   created_at: string;
-  source: { url: string; headers: Record<string, string>; identity?: string };
+  /** `format` is absent for raw (and in specs written before qcow2 support). */
+  source: { url: string; headers: Record<string, string>; identity?: string; format?: Exclude<ImageFormat, 'raw'> };
   target: { path: string };
   region_size: number;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
@@ -261,6 +263,32 @@ export class DiskManager {
     });
   }
 
+  /**
+   * Points the disk at a new URL of the same image (a renewed temp URL). spec.json first,
+   * so that a restart uses the new URL whatever happens next; then the open source.
+   */
+  async setSource(id: string, update: SourceUpdate): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.find(id);
+      const identity = m.spec.source.identity ?? m.record?.identity;
+      if (update.identity !== undefined && identity !== undefined && update.identity !== identity) {
+        throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `disk "${id}" streams image "${identity}", not "${update.identity}"; create another disk for another image`, { field: 'identity' });
+      }
+      const headers = update.headers ? { ...update.headers } : m.spec.source.headers;
+      m.opened?.origin?.setUrl(update.url, headers); // validates the URL before anything is written
+      m.spec = { ...m.spec, source: { ...m.spec.source, url: update.url, headers } };
+      writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
+      this.log.info({ disk: id, source: redactUrl(update.url) }, 'source URL replaced');
+      if (!m.opened && !m.removed) {
+        // It may have failed to open because the old URL had expired: try the new one now.
+        if (m.retryTimer) clearTimeout(m.retryTimer);
+        m.retryTimer = null;
+        await this.tryOpen(m);
+      }
+      return this.view(m);
+    });
+  }
+
   metrics(): DiskMetrics[] {
     return [...this.disks.values()].map((m) => {
       const p = m.opened?.disk.progress();
@@ -353,7 +381,12 @@ export class DiskManager {
       version: 1,
       id: req.id,
       created_at: new Date().toISOString(),
-      source: { url: req.source.url, headers: { ...(req.source.headers ?? {}) }, ...(req.source.identity !== undefined ? { identity: req.source.identity } : {}) },
+      source: {
+        url: req.source.url,
+        headers: { ...(req.source.headers ?? {}) },
+        ...(req.source.identity !== undefined ? { identity: req.source.identity } : {}),
+        ...(req.source.format !== undefined && req.source.format !== 'raw' ? { format: req.source.format } : {}),
+      },
       target: { path: target },
       region_size: regionSize,
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
@@ -377,6 +410,7 @@ export class DiskManager {
         stallTimeoutMs: d.stall_timeout_ms,
         probeDeadlineMs: Math.min(d.open_timeout_ms, d.retry_deadline_ms),
       },
+      format: spec.source.format ?? 'raw',
       targetPath: spec.target.path,
       stateDir: m.dir,
       regionSize: spec.region_size,
@@ -465,7 +499,7 @@ export class DiskManager {
       id: spec.id,
       state: !opened ? 'failed' : p!.complete ? 'complete' : 'streaming',
       created_at: spec.created_at,
-      source: { url: redactUrl(spec.source.url), ...(identity !== undefined ? { identity } : {}) },
+      source: { url: redactUrl(spec.source.url), ...(identity !== undefined ? { identity } : {}), format: spec.source.format ?? 'raw' },
       target: { path: spec.target.path },
       export: m.exportInfo,
       size,
@@ -525,9 +559,10 @@ export class DiskManager {
   }
 }
 
-/** What makes two creates "the same disk": the identity if given, else the URL without its secrets. */
+/** What makes two creates "the same disk": the identity if given, else the URL without its secrets; and the format. */
 function sourceKey(spec: DiskSpec): string {
-  return spec.source.identity !== undefined ? `identity:${spec.source.identity}` : `url:${redactUrl(spec.source.url)}`;
+  const key = spec.source.identity !== undefined ? `identity:${spec.source.identity}` : `url:${redactUrl(spec.source.url)}`;
+  return spec.source.format ? `${key};format:${spec.source.format}` : key;
 }
 
 function describeSource(spec: DiskSpec): string {

@@ -11,6 +11,12 @@
  *        exponential backoff from where the data stopped, until no byte has arrived for
  *        `retryDeadlineMs`; anything else (403, 404, 416…) is permanent.
  *
+ * Every answer must describe an object of the size learnt at open (Content-Range's total,
+ * or a 200's length): anything else is another image, refused as DPU_ERR_SOURCE_MISMATCH.
+ * `setUrl` swaps the URL (a renewed Swift temp URL) under running reads: each new request
+ * uses the new one; when the identity came from the ETag, the first answer through the
+ * new URL must carry the same ETag.
+ *
  * Connections come from a keep-alive pool. `maxConnections` bounds them; background
  * (hydration) reads may use at most `backgroundConnections`, so a host's read miss always
  * finds a free connection instead of queueing behind a background batch.
@@ -107,8 +113,12 @@ class ConnectionSlots {
 export class HttpSource implements RemoteSource {
   readonly size: number;
   readonly identity: string;
-  readonly description: string;
-  private readonly url: string;
+  description: string;
+  private url: string;
+  private headers: Record<string, string>;
+  /** The ETag the identity was derived from (none when the caller named the identity). */
+  private readonly etag: string | undefined;
+  private checkEtagNext = false;
   private readonly opts: typeof DEFAULTS & HttpSourceOptions;
   private readonly http: AxiosInstance;
   private readonly agents: { http: http.Agent; https: https.Agent };
@@ -121,6 +131,8 @@ export class HttpSource implements RemoteSource {
   private constructor(opts: typeof DEFAULTS & HttpSourceOptions, http_: AxiosInstance, agents: HttpSource['agents'], size: number, etag: string | undefined) {
     this.opts = opts;
     this.url = opts.url;
+    this.headers = opts.headers;
+    this.etag = opts.identity === undefined ? etag : undefined;
     this.http = http_;
     this.agents = agents;
     this.size = size;
@@ -162,6 +174,25 @@ export class HttpSource implements RemoteSource {
       agents.https.destroy();
       throw err;
     }
+  }
+
+  /**
+   * Reads from now on go to `url` (with `headers`, when given; else the current ones).
+   * Requests already sent finish on the old URL; their retries use the new one.
+   */
+  setUrl(url: string, headers?: Record<string, string>): void {
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      throw new DpuError('DPU_ERR_CONFIG', `source URL "${redactUrl(url)}" is not a URL`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new DpuError('DPU_ERR_CONFIG', `source URL scheme "${parsed.protocol}" is not supported; give an http:// or https:// URL`);
+    this.url = url;
+    if (headers) this.headers = { ...headers };
+    this.description = redactUrl(url);
+    this.checkEtagNext = this.etag !== undefined;
+    this.opts.log?.debug({ source: this.description }, 'source URL replaced');
   }
 
   stats(): RemoteSourceStats {
@@ -228,7 +259,7 @@ export class HttpSource implements RemoteSource {
       let res;
       try {
         res = await this.http.get<Readable>(this.url, {
-          headers: { ...this.opts.headers, Range: `bytes=${start}-${end}` },
+          headers: { ...this.headers, Range: `bytes=${start}-${end}` },
           signal: controller.signal,
         });
       } catch (err) {
@@ -237,6 +268,14 @@ export class HttpSource implements RemoteSource {
         clearTimeout(headersTimer);
       }
       const body = res.data;
+      if (res.status === 206 || res.status === 200) {
+        try {
+          this.checkSameObject(res.status === 206 ? (parseContentRange(res.headers['content-range'])?.total ?? null) : Number(res.headers['content-length'] ?? NaN), res.headers['etag']);
+        } catch (err) {
+          body.destroy();
+          throw err;
+        }
+      }
       if (res.status === 206) {
         const range = parseContentRange(res.headers['content-range']);
         if (!range || range.first !== start || range.last > end || range.last < range.first) {
@@ -330,6 +369,17 @@ export class HttpSource implements RemoteSource {
     });
   }
 
+  /** Refuses an answer about another object: another size, or (once after setUrl) another ETag. */
+  private checkSameObject(total: number | null, etag: unknown): void {
+    if (total !== null && Number.isSafeInteger(total) && total !== this.size) {
+      throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `${this.description} is ${total} bytes now, not ${this.size}: the image changed or the URL names another one`);
+    }
+    if (this.checkEtagNext && typeof etag === 'string' && etag) {
+      this.checkEtagNext = false;
+      if (normaliseEtag(etag) !== normaliseEtag(this.etag!)) throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `${this.description} has ETag ${etag}, not ${this.etag}: the new URL names another object`);
+    }
+  }
+
   private assertOpen(): void {
     if (this.closed) throw new DpuError('DPU_ERR_SOURCE_CLOSED');
   }
@@ -394,6 +444,10 @@ async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSo
   } finally {
     clearTimeout(timer);
   }
+}
+
+function normaliseEtag(e: string): string {
+  return e.replace(/^W\//, '').replace(/"/g, '');
 }
 
 function stringHeader(v: unknown): string | undefined {

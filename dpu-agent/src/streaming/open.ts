@@ -15,6 +15,7 @@ import { DpuError } from '../errors.js';
 import { LocalTarget } from '../local/target.js';
 import { RegionMap } from '../region/region-map.js';
 import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
+import { isQcow2, Qcow2Source, readHead } from '../remote/qcow2.js';
 import { redactUrl } from '../remote/redact.js';
 import type { RemoteSource } from '../remote/source.js';
 import { StreamingDisk } from './disk.js';
@@ -22,8 +23,18 @@ import { Hydrator, type HydratorOptions } from './hydrator.js';
 
 export const DEFAULT_REGION_SIZE = 1 << 20;
 
+/**
+ * How the bytes at the source are read: `raw` as they are; `qcow2` through Qcow2Source,
+ * which serves the virtual disk (the target is that raw disk); `auto` looks for the qcow2
+ * magic in the first bytes.
+ */
+export type ImageFormat = 'raw' | 'qcow2' | 'auto';
+export const IMAGE_FORMATS: readonly ImageFormat[] = ['raw', 'qcow2', 'auto'];
+
 export interface OpenDiskOptions {
   source: Omit<HttpSourceOptions, 'log'>;
+  /** @default 'raw' */
+  format?: ImageFormat;
   targetPath: string;
   stateDir: string;
   /** @default 1 MiB, or what the state directory already uses */
@@ -36,6 +47,8 @@ export interface OpenDiskOptions {
 export interface OpenedDisk {
   disk: StreamingDisk;
   hydrator: Hydrator;
+  /** The HTTP origin beneath any format decoder, where a renewed URL goes; null when the disk opened complete. */
+  origin: HttpSource | null;
   /** Releases the state directory lock after closing everything. */
   close(): Promise<void>;
 }
@@ -46,6 +59,8 @@ interface DiskRecord {
   regionSize: number;
   identity: string;
   source: string;
+  /** What the source was read as (absent in records written before qcow2 support: raw). */
+  format?: 'raw' | 'qcow2';
   target: string;
   createdAt: string;
 }
@@ -55,6 +70,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
   fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
   const unlock = lockStateDir(opts.stateDir);
   let source: RemoteSource | null = null;
+  let origin: HttpSource | null = null;
   let target: LocalTarget | null = null;
   let map: RegionMap | null = null;
   try {
@@ -66,13 +82,17 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     const regionSize = record?.regionSize ?? opts.regionSize ?? DEFAULT_REGION_SIZE;
     let size: number;
     let identity: string;
+    let format: 'raw' | 'qcow2' = record?.format ?? 'raw';
     if (record && isComplete(opts.stateDir, record)) {
       // Cut over already: the origin is not needed, and not contacted.
       size = record.size;
       identity = record.identity;
       log?.info({ stateDir: opts.stateDir }, 'disk is complete: serving from the local target only');
     } else {
-      source = await HttpSource.open({ ...opts.source, ...(log ? { log } : {}) });
+      source = origin = await HttpSource.open({ ...opts.source, ...(log ? { log } : {}) });
+      // On failure the catch below closes the file's source; on success the decoder owns it.
+      source = await decodeFormat(source, opts.format ?? 'raw', log);
+      format = source instanceof Qcow2Source ? 'qcow2' : 'raw';
       size = source.size;
       identity = source.identity;
       if (record && (record.size !== size || record.identity !== identity)) {
@@ -89,6 +109,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
         regionSize,
         identity,
         source: redactUrl(opts.source.url),
+        format,
         target: path.resolve(opts.targetPath),
         createdAt: new Date().toISOString(),
       });
@@ -106,6 +127,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     return {
       disk,
       hydrator,
+      origin,
       async close() {
         try {
           await hydrator.stop();
@@ -122,6 +144,14 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     unlock();
     throw err;
   }
+}
+
+/** Wraps the file's source in the decoder its format needs (which then owns and closes it). */
+async function decodeFormat(file: RemoteSource, format: ImageFormat, log: Logger | undefined): Promise<RemoteSource> {
+  if (format === 'raw') return file;
+  const head = await readHead(file);
+  if (format === 'auto' && !isQcow2(head)) return file;
+  return Qcow2Source.open(file, { head, ...(log ? { log } : {}) });
 }
 
 function isComplete(stateDir: string, record: DiskRecord): boolean {
