@@ -1,0 +1,323 @@
+/**
+ * `npm run lab`: the whole product on one machine. Builds a small bootable Debian-kernel
+ * image, uploads it to Glance on Swift, starts Redis, Swift, Glance, Ironic (standalone),
+ * the driver service, a DPU agent and an ipmi_sim virtual BMC whose power-on starts a
+ * QEMU host with the agent's export as its NVMe boot disk; enrolls the node and runs
+ * `baremetal node deploy`; shows Ironic's state, the host's boot and hydration live; prints
+ * a summary; undeploys; stops everything.
+ *
+ *   npm run lab                      # up, deploy, summary, undeploy, down
+ *   npm run lab -- --keep            # leave the lab running (dashboard, bull-board)
+ *   npm run lab -- status | down     # from another shell
+ *   npm run lab -- --image-mib 512 --bandwidth 50M
+ *
+ * Every process is started by this program and stopped by PID; `down` also kills what a
+ * crashed run left behind (PIDs recorded in <dir>/lab.json). Re-running is safe.
+ */
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { formatBytes, parseRate } from '../dpu-agent/src/cli/units.js';
+import { DriverClient } from '../openapi/clients/driver-client.js';
+import { buildBootImage, BOOT_MARKER } from '../tests/helpers/boot-image.js';
+import { installPlugin, IronicServer } from '../tests/helpers/ironic.js';
+import { OpenStack } from '../tests/helpers/openstack.js';
+import { RedisServer } from '../tests/helpers/redis.js';
+import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../tests/helpers/services.js';
+import { VirtualBmc } from '../tests/helpers/vbmc.js';
+
+const HELP = `Usage: npm run lab -- [up] [options] | status | down
+
+  up (default)      start everything, deploy the node, boot it, print a summary
+    --image-mib N     size of the bootable image (default 256, at least 26)
+    --bandwidth RATE  cap on background hydration, e.g. 50M or 400mbit; 0 for none
+                      (default 16M, so the copy visibly outlasts the boot of a small image)
+    --keep            leave the lab running after the summary (until Ctrl-C or "down")
+    --json            print the summary as one JSON line (for tests)
+    --dir DIR         work directory (default /var/tmp/smartnic-lab)
+  status            what runs where
+  down              stop a running lab (and anything a crashed run left)
+`;
+
+interface LabRecord {
+  pid: number;
+  dir: string;
+  startedAt: string;
+  pids: Record<string, number[]>;
+  urls: Record<string, string>;
+}
+
+const NODE = 'lab-node-1';
+const TEMP_URL_KEY = 'lab-temp-url-key';
+
+function say(s: string): void {
+  process.stderr.write(`lab: ${s}\n`);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function readRecord(dir: string): LabRecord | null {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(dir, 'lab.json'), 'utf8')) as LabRecord;
+  } catch {
+    return null;
+  }
+}
+
+async function down(dir: string): Promise<number> {
+  const rec = readRecord(dir);
+  if (!rec) {
+    say(`no lab in ${dir}`);
+    return 0;
+  }
+  if (rec.pid !== process.pid && alive(rec.pid)) {
+    say(`stopping the lab (pid ${rec.pid})`);
+    process.kill(rec.pid, 'SIGTERM');
+    await until('the lab to stop', async () => !alive(rec.pid), 60_000, 200).catch(() => process.kill(rec.pid, 'SIGKILL'));
+  }
+  let killed = 0;
+  for (const pids of Object.values(rec.pids)) {
+    for (const pid of pids) {
+      if (alive(pid)) {
+        process.kill(pid, 'SIGKILL');
+        killed++;
+      }
+    }
+  }
+  if (killed) say(`killed ${killed} process(es) a crashed run left behind`);
+  fs.rmSync(path.join(dir, 'lab.json'), { force: true });
+  say('down');
+  return 0;
+}
+
+function status(dir: string): number {
+  const rec = readRecord(dir);
+  if (!rec || !alive(rec.pid)) {
+    process.stdout.write(`no lab running${rec ? ` (a stale record in ${dir}; "npm run lab -- down" cleans it)` : ''}\n`);
+    return rec ? 1 : 0;
+  }
+  process.stdout.write(`lab pid ${rec.pid}, started ${rec.startedAt}, work dir ${rec.dir}\n`);
+  for (const [name, pids] of Object.entries(rec.pids)) {
+    const states = pids.map((p) => `${p}${alive(p) ? '' : ' (gone)'}`).join(', ');
+    process.stdout.write(`  ${name.padEnd(14)} pid ${states}${rec.urls[name] ? `  ${rec.urls[name]}` : ''}\n`);
+  }
+  return 0;
+}
+
+function bar(frac: number, width = 24): string {
+  const n = Math.max(0, Math.min(width, Math.round(frac * width)));
+  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
+}
+
+async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep: boolean; json: boolean }): Promise<number> {
+  const { dir } = opts;
+  const existing = readRecord(dir);
+  if (existing && alive(existing.pid)) {
+    say(`a lab is already running (pid ${existing.pid}); "npm run lab -- down" first`);
+    return 1;
+  }
+  if (existing) await down(dir);
+  for (const sub of ['openstack', 'redis', 'agent', 'ironic', 'bmc', 'plugin']) fs.rmSync(path.join(dir, sub), { recursive: true, force: true });
+  fs.mkdirSync(dir, { recursive: true });
+  const rec: LabRecord = { pid: process.pid, dir, startedAt: new Date().toISOString(), pids: {}, urls: {} };
+  const save = (): void => fs.writeFileSync(path.join(dir, 'lab.json'), JSON.stringify(rec, null, 2));
+  save();
+
+  const stops: (() => Promise<unknown>)[] = [];
+  let stopping = false;
+  const stopAll = async (): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    for (const stop of stops.reverse()) await stop().catch(() => undefined);
+    fs.rmSync(path.join(dir, 'lab.json'), { force: true });
+  };
+  const onSignal = (): void => {
+    say('stopping');
+    void stopAll().then(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+
+  try {
+    const image = path.join(dir, 'image.raw');
+    say(`building a ${opts.imageMiB} MiB bootable image (Debian kernel + busybox)`);
+    await buildBootImage(image, { sizeMiB: opts.imageMiB });
+    const imageBytes = fs.readFileSync(image);
+
+    say('starting memcached, Swift and Glance (Swift store)');
+    const os = await OpenStack.start(path.join(dir, 'openstack'), { glance: ['swift'] });
+    stops.push(() => os.stop());
+    rec.pids['openstack'] = [os.memcached, ...os.swift.processes(), os.glance.swift!].map((p) => (p as unknown as { child?: { pid?: number } }).child?.pid ?? 0).filter(Boolean);
+    rec.urls['glance'] = os.glance.swift!.url;
+    save();
+    await os.swift.setTempUrlKey(TEMP_URL_KEY);
+    const glanceImage = await os.glance.swift!.uploadImage(imageBytes, { name: 'smartnic-lab', disk_format: 'raw' });
+    say(`image ${glanceImage.id} in Glance (${formatBytes(glanceImage.size ?? 0)}, stored in Swift)`);
+
+    say('starting Redis, the DPU agent, the driver service and Ironic');
+    const redis = new RedisServer(path.join(dir, 'redis'));
+    await redis.start();
+    stops.push(() => redis.stop());
+    const agent = await agentDaemon({ dir: path.join(dir, 'agent'), extra: { log_level: 'warn' } });
+    const driver = await driverService({
+      dir,
+      redisUrl: redis.url,
+      extra: { glance: { url: os.glance.swift!.url, swift_endpoint_url: os.swift.storageUrl, swift_temp_url_key: TEMP_URL_KEY } },
+    });
+    const pluginDir = path.join(dir, 'plugin');
+    await Promise.all([agent.start(), driver.start(), installPlugin(pluginDir)]);
+    stops.push(() => driver.stop(), () => agent.stop());
+    const ironic = await IronicServer.create({ dir: path.join(dir, 'ironic'), pluginDir, conf: { smartnic: { driver_url: driver.url, token: TOKEN, poll_interval: 1 } } });
+    await ironic.start();
+    stops.push(() => ironic.stop());
+    const target = path.join(dir, 'agent', 'targets', `${NODE}.raw`);
+    const bmc = new VirtualBmc({ dir: path.join(dir, 'bmc'), agentUrl: agent.url, agentToken: TOKEN, target });
+    await bmc.start();
+    stops.push(() => bmc.stop());
+    const pidOf = (p: ServiceProcess | { child: { pid?: number } | null }): number[] => (p.child?.pid ? [p.child.pid] : []);
+    Object.assign(rec.pids, { redis: pidOf(redis as never), agent: pidOf(agent), driver: pidOf(driver), ironic: pidOf(ironic as never), bmc: pidOf(bmc as never) });
+    Object.assign(rec.urls, { agent: agent.url, driver: driver.url, ironic: `http://127.0.0.1:${ironic.port}`, bmc: `ipmi 127.0.0.1:${bmc.port} (udp)` });
+    save();
+
+    say(`enrolling ${NODE} (smartnic-ipmi, virtual BMC at 127.0.0.1:${bmc.port})`);
+    const info = { ...bmc.driverInfo(), smartnic_agent_url: agent.url, smartnic_target: target, ...(opts.bandwidth ? { smartnic_bandwidth: opts.bandwidth } : {}) };
+    await ironic.baremetal('node', 'create', '--name', NODE, '--driver', 'smartnic-ipmi', ...Object.entries(info).flatMap(([k, v]) => ['--driver-info', `${k}=${v}`]));
+    await ironic.baremetal('node', 'manage', NODE);
+    await ironic.waitForProvisionState(NODE, 'manageable');
+    await ironic.baremetal('node', 'provide', NODE);
+    await ironic.waitForProvisionState(NODE, 'available');
+    await ironic.baremetal('node', 'set', NODE, '--instance-info', `image_source=${glanceImage.id}`);
+
+    const api = new DriverClient({ baseUrl: driver.url, token: TOKEN });
+    const dashboard = `${driver.url}/dashboard/#token=${TOKEN}`;
+    say(`dashboard: ${dashboard}`);
+    say('openstack baremetal node deploy');
+    const t0 = Date.now();
+    await ironic.baremetal('node', 'deploy', NODE);
+    const node = await ironic.node(NODE);
+    const uuid = node.uuid;
+    let activeAt = 0;
+    let markerAt = 0;
+    let completeAt = 0;
+    let atMarker = -1;
+    let provision = node.provision_state;
+    let fraction = 0;
+    let fetched = 0;
+    const tty = process.stderr.isTTY && !opts.json;
+    for (;;) {
+      const n = await ironic.node(NODE).catch(() => null);
+      if (n) provision = n.provision_state;
+      if (provision === 'deploy failed') throw new Error(`deploy failed: ${n?.last_error ?? ''}`);
+      if (!activeAt && provision === 'active') activeAt = Date.now() - t0;
+      const d = await api.getDeployment(uuid).catch(() => null);
+      if (d) {
+        fraction = d.progress.fraction;
+        fetched = d.progress.bytes_fetched;
+        if (!completeAt && d.state === 'complete') completeAt = Date.now() - t0;
+      }
+      if (!markerAt && bmc.serial().includes(BOOT_MARKER)) {
+        markerAt = Date.now() - t0;
+        atMarker = fraction;
+      }
+      const secs = ((Date.now() - t0) / 1000).toFixed(1).padStart(5);
+      const line = `t=${secs}s  ironic: ${provision.padEnd(16)} host: ${markerAt ? `booted ${(markerAt / 1000).toFixed(1)}s` : bmc.qemuPid() ? 'booting…' : 'off'}`.padEnd(62) + `  disk ${bar(fraction)} ${(fraction * 100).toFixed(0).padStart(3)}%`;
+      if (tty) process.stderr.write(`\r${line}\x1b[K`);
+      else if (!opts.json && Math.round((Date.now() - t0) / 250) % 8 === 0) process.stderr.write(`${line}\n`);
+      if (markerAt && completeAt && activeAt) break;
+      if (Date.now() - t0 > 15 * 60_000) throw new Error('the deployment did not finish within 15 minutes');
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    if (tty) process.stderr.write('\n');
+    const local = fs.readFileSync(target);
+    const sameAsImage = createHash('sha256').update(local.subarray(0, imageBytes.length)).digest('hex') === createHash('sha256').update(imageBytes).digest('hex');
+    const summary = {
+      image_bytes: imageBytes.length,
+      deploy_to_active_ms: activeAt,
+      deploy_to_boot_marker_ms: markerAt,
+      deploy_to_hydrated_ms: completeAt,
+      hydrated_fraction_at_marker: atMarker,
+      bytes_fetched: fetched,
+      fetched_over_image: fetched / imageBytes.length,
+      local_disk_equals_image: sameAsImage,
+      wiped_on_undeploy: null as boolean | null,
+    };
+    const print = (): void => {
+      if (opts.json) {
+        process.stdout.write(JSON.stringify(summary) + '\n');
+        return;
+      }
+      process.stdout.write(
+        [
+          '',
+          'summary',
+          `  image                    ${formatBytes(imageBytes.length)} in Glance, stored in Swift, read through a temp URL`,
+          `  deploy → ACTIVE          ${(activeAt / 1000).toFixed(1)} s`,
+          `  deploy → boot marker     ${(markerAt / 1000).toFixed(1)} s (hydration ${(atMarker * 100).toFixed(0)}% done at that moment)`,
+          `  deploy → all local       ${(completeAt / 1000).toFixed(1)} s`,
+          `  fetched / image          ${formatBytes(fetched)} / ${formatBytes(imageBytes.length)} = ${summary.fetched_over_image.toFixed(3)}`,
+          `  local disk = image       ${sameAsImage ? 'yes' : 'NO'}`,
+          ...(summary.wiped_on_undeploy === null ? [] : [`  undeploy wiped the disk  ${summary.wiped_on_undeploy ? 'yes' : 'NO'}`]),
+          '',
+        ].join('\n'),
+      );
+    };
+    if (opts.keep) {
+      print();
+      say(`the lab keeps running: dashboard ${dashboard}, queues ${driver.url}/queues (token ${TOKEN}); "npm run lab -- status", "npm run lab -- down"`);
+      await new Promise(() => undefined); // until a signal
+    }
+    say('openstack baremetal node undeploy');
+    await ironic.baremetal('node', 'undeploy', NODE);
+    await ironic.waitForProvisionState(NODE, 'available', 120_000);
+    summary.wiped_on_undeploy = !fs.existsSync(target);
+    print();
+    return sameAsImage && summary.wiped_on_undeploy && atMarker < 1 ? 0 : 1;
+  } finally {
+    await stopAll();
+  }
+}
+
+async function main(): Promise<number> {
+  const { values, positionals } = parseArgs({
+    allowPositionals: true,
+    options: {
+      'image-mib': { type: 'string', default: '256' },
+      bandwidth: { type: 'string', default: '16M' },
+      keep: { type: 'boolean' },
+      json: { type: 'boolean' },
+      dir: { type: 'string', default: '/var/tmp/smartnic-lab' },
+      help: { type: 'boolean' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(HELP);
+    return 0;
+  }
+  const dir = path.resolve(values.dir!);
+  const command = positionals[0] ?? 'up';
+  if (command === 'down') return down(dir);
+  if (command === 'status') return status(dir);
+  if (command !== 'up') {
+    process.stderr.write(`lab: unknown command "${command}"\n${HELP}`);
+    return 2;
+  }
+  const imageMiB = Number(values['image-mib']);
+  if (!Number.isInteger(imageMiB) || imageMiB < 26) throw new Error(`--image-mib ${values['image-mib']} must be an integer of at least 26`);
+  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), keep: !!values.keep, json: !!values.json });
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: Error) => {
+    process.stderr.write(`lab: ${err.message}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,40 @@
+/**
+ * The main job, end to end, as `npm run lab` runs it: Glance on Swift, Ironic with the
+ * smartnic-ipmi node behind ipmi_sim, the driver service, the DPU agent, and a QEMU host
+ * booting from the streaming disk. The host must reach its boot marker while hydration is
+ * still incomplete, the local disk must equal the image at the end, and undeploy must
+ * wipe it.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { tempDir } from '../helpers/agent.js';
+import { run } from '../helpers/run.js';
+
+const LAB = fileURLToPath(new URL('../../lab/lab.js', import.meta.url));
+
+describe('the lab (npm run lab)', function () {
+  this.timeout(300_000);
+  let dir: string;
+  let cleanup: () => void;
+  before(() => ({ dir, cleanup } = tempDir('lab')));
+  after(async () => {
+    await run(process.execPath, [LAB, 'down', '--dir', path.join(dir, 'lab')], { allowFail: true });
+    cleanup();
+  });
+
+  it('deploys through Ironic, boots while hydrating, ends with the image local and undeploy wipes it', async () => {
+    const res = await run(process.execPath, [LAB, '--json', '--image-mib', '64', '--bandwidth', '4M', '--dir', path.join(dir, 'lab')], { timeoutMs: 280_000, allowFail: true });
+    const line = res.stdout.trim().split('\n').pop() ?? '';
+    assert.equal(res.code, 0, `lab failed:\n${res.stderr.slice(-3000)}`);
+    const s = JSON.parse(line) as Record<string, number | boolean>;
+    console.log(`      deploy→ACTIVE ${s['deploy_to_active_ms']} ms, deploy→marker ${s['deploy_to_boot_marker_ms']} ms, deploy→hydrated ${s['deploy_to_hydrated_ms']} ms`);
+    assert.ok((s['hydrated_fraction_at_marker'] as number) < 1, 'the host booted before hydration finished');
+    assert.ok((s['deploy_to_boot_marker_ms'] as number) < (s['deploy_to_hydrated_ms'] as number));
+    assert.equal(s['local_disk_equals_image'], true);
+    assert.equal(s['wiped_on_undeploy'], true);
+    assert.ok((s['fetched_over_image'] as number) <= 1.01, `fetched ${s['fetched_over_image']}× the image`);
+    const status = await run(process.execPath, [LAB, 'status', '--dir', path.join(dir, 'lab')], { allowFail: true });
+    assert.match(status.stdout, /no lab running/, 'everything was stopped');
+  });
+});
