@@ -174,8 +174,12 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         const { node_uuid } = req.params as { node_uuid: string };
         const { wipe = true } = req.query as { wipe?: boolean };
         const rec = await mustGet(node_uuid);
-        await store.update(rec.node_uuid, rec.deployment_id, { state: 'deleting' });
-        await queues.enqueue('teardown', rec, { wipe });
+        await store.update(rec.node_uuid, rec.deployment_id, { state: 'deleting', last_error: null }, { teardown: true });
+        // A teardown that failed before (agent unreachable past its attempts) keeps its job
+        // id: retry that job, since adding it again would be ignored as a duplicate.
+        const previous = await queues.job('teardown', rec);
+        if (previous && (await previous.getState()) === 'failed') await previous.retry();
+        else await queues.enqueue('teardown', rec, { wipe });
         req.log.info({ node: node_uuid, deployment: rec.deployment_id, wipe }, 'teardown requested');
         return reply.code(202).send(await view({ ...rec, state: 'deleting' }));
       },

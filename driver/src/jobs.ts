@@ -63,12 +63,14 @@ async function fail(deps: JobDeps, job: Job<JobData>, rec: DeploymentRecord, err
   const attempts = job.opts.attempts ?? 1;
   const final = !e.retryable || job.attemptsMade + 1 >= attempts;
   const message = `${e.code}: ${e.message}`;
+  const teardown = job.queueName === 'teardown';
   if (final) {
-    await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: message });
+    // A failed teardown leaves the record `failed` with the reason; DELETE again retries it.
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: message }, { teardown });
     deps.log.warn({ node: rec.node_uuid, job: job.id, code: e.code }, `${job.name} failed for good: ${e.message}`);
     throw new UnrecoverableError(message);
   }
-  await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${message} (attempt ${job.attemptsMade + 1} of ${attempts}; retrying)` });
+  await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${message} (attempt ${job.attemptsMade + 1} of ${attempts}; retrying)` }, { teardown });
   deps.log.info({ node: rec.node_uuid, job: job.id, code: e.code }, `${job.name} will retry: ${e.message}`);
   throw e;
 }

@@ -54,9 +54,14 @@ return 1
 // Only updates a record that still belongs to the given deployment (a teardown and a
 // new deployment of the node must not be confused with a late worker of the old one).
 // KEYS[1] record; ARGV[1] deployment_id; ARGV[2..] field/value pairs. Returns 1 or 0.
+// Once a record is `deleting`, only the teardown may change it (ARGV[2] == '1'): a late
+// attach or monitor step must not turn a deployment being torn down back into
+// `failed`/`complete`. KEYS[1] record; ARGV[1] deployment_id; ARGV[2] teardown flag;
+// ARGV[3..] field/value pairs.
 const UPDATE_LUA = `
 if redis.call('HGET', KEYS[1], 'deployment_id') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if ARGV[2] ~= '1' and redis.call('HGET', KEYS[1], 'state') == 'deleting' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1
 `;
 
@@ -94,9 +99,13 @@ export class DeploymentStore {
   }
 
   /** Sets fields of the node's record if it still is `deploymentId`; false if it is not. */
-  async update(node: string, deploymentId: string, fields: Partial<Omit<DeploymentRecord, 'node_uuid' | 'deployment_id' | 'spec'>>): Promise<boolean> {
+  /**
+   * Sets fields of the node's record if it still is `deploymentId` and — unless
+   * `teardown` — is not being deleted; false when nothing was changed.
+   */
+  async update(node: string, deploymentId: string, fields: Partial<Omit<DeploymentRecord, 'node_uuid' | 'deployment_id' | 'spec'>>, opts: { teardown?: boolean } = {}): Promise<boolean> {
     const flat = encode({ ...fields, updated_at: new Date().toISOString() });
-    const res = await this.redis.eval(UPDATE_LUA, 1, this.key(node), deploymentId, ...flat);
+    const res = await this.redis.eval(UPDATE_LUA, 1, this.key(node), deploymentId, opts.teardown ? '1' : '0', ...flat);
     return res === 1;
   }
 

@@ -152,6 +152,25 @@ describe('driver service with a real agent, Redis and origin', function () {
     }
   });
 
+  it('a teardown that fails while the agent is down ends failed; DELETE again once it is back completes it', async () => {
+    await api.createDeployment(request('node-t'));
+    await state('node-t', ['complete']);
+    await agent.stop();
+    try {
+      await api.deleteDeployment('node-t');
+      const failed = await state('node-t', ['failed'], 60_000);
+      assert.match(failed.last_error!, /DRV_ERR_AGENT_UNREACHABLE/);
+      assert.equal(failed.jobs.find((j) => j.queue === 'teardown')?.state, 'failed');
+    } finally {
+      await agent.start();
+    }
+    const again = await api.deleteDeployment('node-t');
+    assert.equal(again.state, 'deleting');
+    await gone('node-t');
+    assert.equal(fs.existsSync(target('node-t')), false, 'wiped');
+    assert.equal((await agentApi.listDisks()).length, 0);
+  });
+
   it('survives restarts of the driver, the agent and Redis mid-deployment', async () => {
     origin.setRate(3 * MiB); // hydration of 24 MiB takes ~8 s: time to restart things
     try {
