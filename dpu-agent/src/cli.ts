@@ -1,6 +1,7 @@
 /** The `dpu-agent` command: dispatches to subcommands; errors carry their DPU_ERR_* code. */
 import { readFileSync } from 'node:fs';
 import { DpuError } from './errors.js';
+import { manifestHelp, runManifest } from './cli/manifest.js';
 import { runStream, streamHelp } from './cli/stream.js';
 import { runServe, serveHelp } from './daemon/serve.js';
 
@@ -8,6 +9,7 @@ const HELP = `Usage: dpu-agent <command> [options]
 
 Commands:
   stream    Serve one streaming disk over NBD in the foreground (see: dpu-agent stream --help)
+  manifest  Read an image once and write its per-region manifest (see: dpu-agent manifest --help)
   serve     Run the agent daemon: management API, many disks, resumed on restart (see: dpu-agent serve --help)
 
 Options:
@@ -23,13 +25,15 @@ export async function main(argv: string[]): Promise<number> {
     switch (command) {
       case 'stream':
         return await runStream(rest);
+      case 'manifest':
+        return await runManifest(rest);
       case 'serve':
         return await runServe(rest);
       case undefined:
       case '--help':
       case '-h':
       case 'help':
-        process.stdout.write(rest[0] === 'stream' ? streamHelp() : rest[0] === 'serve' ? serveHelp() : HELP);
+        process.stdout.write(rest[0] === 'stream' ? streamHelp() : rest[0] === 'serve' ? serveHelp() : rest[0] === 'manifest' ? manifestHelp() : HELP);
         return command === undefined ? 2 : 0;
       case '--version':
         process.stdout.write(`${version()}\n`);

@@ -19,3 +19,11 @@ describe('CLI reference and units', () => {
     assert.throws(() => parseSize('lots', '--batch-size'), /--batch-size "lots" is not a size/);
   });
 });
+
+describe('manifest command reference', () => {
+  it('docs/dpu-agent.md carries the current dpu-agent manifest --help text', async () => {
+    const { manifestHelp } = await import('../../dpu-agent/src/cli/manifest.js');
+    const doc = fs.readFileSync(fileURLToPath(new URL('../../../docs/dpu-agent.md', import.meta.url)), 'utf8');
+    assert.ok(doc.includes(manifestHelp()), 'regenerate: node dpu-agent/bin/dpu-agent.js manifest --help');
+  });
+});

@@ -4,7 +4,9 @@
  * an "event" field: listening, progress, complete, stopped, error).
  */
 import { pino, type Logger } from 'pino';
+import fs from 'node:fs';
 import { DpuError } from '../errors.js';
+import { Manifest } from '../manifest/manifest.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { redactHeaders, redactUrl } from '../remote/redact.js';
 import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
@@ -33,6 +35,7 @@ export const STREAM_FLAGS: FlagTable = {
   'retry-deadline': { kind: 'duration', arg: 'TIME', default: '30s', min: 1, help: 'A range read fails (EIO to the host) when no byte arrived for this long across retries.' },
   'stall-timeout': { kind: 'duration', arg: 'TIME', default: '10s', min: 1, help: 'An attempt is abandoned and retried when the body stops flowing this long.' },
   'commit-interval': { kind: 'duration', arg: 'TIME', default: '1s', min: 10, help: 'Commit the region map at least this often while it changes (FLUSH and FUA always commit).' },
+  manifest: { kind: 'string', arg: 'FILE', help: 'A manifest from "dpu-agent manifest": every fetched region is verified against it (a mismatch is fetched again, never served) and its zero regions are not fetched.' },
   'read-only': { kind: 'boolean', help: 'Refuse writes, TRIM and WRITE_ZEROES from the host.' },
   progress: { kind: 'string', arg: 'auto|bar|json|none', default: 'auto', help: 'Progress display: a bar on a terminal, JSON lines on stdout otherwise.' },
   'log-level': { kind: 'string', arg: 'LEVEL', default: 'info', help: 'pino level for the log on stderr: fatal, error, warn, info, debug, trace.' },
@@ -47,7 +50,17 @@ export function streamHelp(): string {
   return renderHelp(USAGE, SUMMARY, STREAM_FLAGS);
 }
 
-function parseHeaders(list: string[] | undefined): Record<string, string> {
+function readManifest(file: string): Manifest {
+  let bytes: Buffer;
+  try {
+    bytes = fs.readFileSync(file);
+  } catch (err) {
+    throw new DpuError('DPU_ERR_CONFIG', `--manifest ${file}: ${(err as Error).message}`);
+  }
+  return Manifest.decode(bytes);
+}
+
+export function parseHeaders(list: string[] | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const h of list ?? []) {
     const i = h.indexOf(':');
@@ -100,6 +113,7 @@ export async function runStream(argv: string[]): Promise<number> {
       concurrency: f['hydrate-connections'] as number,
     },
     commitIntervalMs: f['commit-interval'] as number,
+    ...(f['manifest'] ? { manifest: readManifest(String(f['manifest'])) } : {}),
     log,
   });
   const { disk, hydrator } = opened;

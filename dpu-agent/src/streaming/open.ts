@@ -15,6 +15,7 @@ import { DpuError } from '../errors.js';
 import { LocalTarget } from '../local/target.js';
 import { RegionMap } from '../region/region-map.js';
 import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
+import type { Manifest } from '../manifest/manifest.js';
 import { isQcow2, Qcow2Source, readHead } from '../remote/qcow2.js';
 import { redactUrl } from '../remote/redact.js';
 import type { RemoteSource } from '../remote/source.js';
@@ -41,6 +42,8 @@ export interface OpenDiskOptions {
   regionSize?: number;
   hydrator?: Omit<HydratorOptions, 'log'>;
   commitIntervalMs?: number;
+  /** Verify fetched regions against it and skip its zero regions (see manifest/manifest.ts). */
+  manifest?: Manifest;
   log?: Logger;
 }
 
@@ -121,6 +124,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       target,
       map,
       ...(opts.commitIntervalMs !== undefined ? { commitIntervalMs: opts.commitIntervalMs } : {}),
+      ...(opts.manifest ? { manifest: opts.manifest } : {}),
       ...(log ? { log } : {}),
     });
     const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}) });
@@ -142,6 +146,17 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     target?.close();
     map?.close();
     unlock();
+    throw err;
+  }
+}
+
+/** The image as a RemoteSource of its raw bytes: the HTTP origin, decoded if it is qcow2. */
+export async function openImageSource(opts: { source: Omit<HttpSourceOptions, 'log'>; format?: ImageFormat; log?: Logger }): Promise<RemoteSource> {
+  const http = await HttpSource.open({ ...opts.source, ...(opts.log ? { log: opts.log } : {}) });
+  try {
+    return await decodeFormat(http, opts.format ?? 'raw', opts.log);
+  } catch (err) {
+    await http.close();
     throw err;
   }
 }
