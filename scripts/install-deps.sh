@@ -11,6 +11,7 @@ PACKAGES=(
   swift swift-proxy swift-object swift-container swift-account python3-swiftclient memcached glance-api  # Swift and Glance for the image-source tests
   ironic-api ironic-conductor python3-ironicclient python3-pip  # Ironic standalone and the plugin's install
   openipmi ipmitool                                     # ipmi_sim as the virtual BMC, Ironic's ipmitool driver
+  shellcheck                                            # the DevStack plugin's scripts (tests/integration/devstack.test.ts)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
