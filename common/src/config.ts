@@ -81,6 +81,29 @@ export function loadConfigFile<T>(schema: ConfigSchema, file: string): Readonly<
   return validateConfig<T>(schema, raw, file);
 }
 
+/**
+ * The tokens a service accepts: `auth.tokens` plus the lines of `auth.token_file` (blank
+ * lines and # comments ignored). Both services authenticate the same way.
+ */
+export function resolveTokenList(auth: { readonly tokens: readonly string[]; readonly token_file?: string | undefined }): string[] {
+  const tokens = [...auth.tokens];
+  if (auth.token_file) {
+    let text: string;
+    try {
+      text = fs.readFileSync(auth.token_file, 'utf8');
+    } catch (err) {
+      throw new ConfigError(`config key "auth.token_file": cannot read ${auth.token_file}: ${(err as Error).message}`, 'auth.token_file');
+    }
+    for (const line of text.split('\n')) {
+      const t = line.trim();
+      if (!t || t.startsWith('#')) continue;
+      if (t.length < 16) throw new ConfigError(`config key "auth.token_file": ${auth.token_file} holds a token shorter than 16 characters`, 'auth.token_file');
+      tokens.push(t);
+    }
+  }
+  return tokens;
+}
+
 /** The reference table for docs: key, type, default, description (nested keys dotted). */
 export function renderConfigDocs(schema: ConfigSchema): string {
   const rows: string[] = ['| key | type | default | meaning |', '|---|---|---|---|'];

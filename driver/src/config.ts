@@ -1,6 +1,5 @@
 /** The driver service's configuration, declared once (see common/src/config.ts). */
-import fs from 'node:fs';
-import { ConfigError, type ConfigSchema, loadConfigFile, validateConfig } from '../../common/src/config.js';
+import { ConfigError, type ConfigSchema, loadConfigFile, resolveTokenList, validateConfig } from '../../common/src/config.js';
 
 export interface DriverConfig {
   listen: { host: string; port: number };
@@ -138,16 +137,7 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
 /** Loads (or, for tests, takes) the config; adds token_file tokens; refuses to run unauthenticated by accident. */
 export function resolveDriverConfig(source: { file: string } | { object: unknown }): Readonly<DriverConfig> {
   const cfg = 'file' in source ? loadConfigFile<DriverConfig>(DRIVER_CONFIG_SCHEMA, source.file) : validateConfig<DriverConfig>(DRIVER_CONFIG_SCHEMA, source.object, 'config');
-  let tokens = [...cfg.auth.tokens];
-  if (cfg.auth.token_file) {
-    let text: string;
-    try {
-      text = fs.readFileSync(cfg.auth.token_file, 'utf8');
-    } catch (err) {
-      throw new ConfigError(`config key "auth.token_file": cannot read ${cfg.auth.token_file}: ${(err as Error).message}`, 'auth.token_file');
-    }
-    tokens = tokens.concat(text.split('\n').map((l) => l.trim()).filter(Boolean));
-  }
+  const tokens = resolveTokenList(cfg.auth);
   if (tokens.length === 0 && !cfg.auth.disabled) {
     throw new ConfigError('config key "auth.tokens": no token configured; set auth.tokens or auth.token_file (or auth.disabled: true for a loopback lab)', 'auth.tokens');
   }

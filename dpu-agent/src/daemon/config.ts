@@ -7,8 +7,7 @@
  * (a daemon with neither refuses to start), NBD exports are unix sockets unless TCP is
  * allowed, and disks may only be created on targets under `allowed_targets`.
  */
-import fs from 'node:fs';
-import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig } from '../../../common/src/config.js';
+import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig, resolveTokenList } from '../../../common/src/config.js';
 import { wrap } from '../cli/flags.js';
 
 export interface AgentConfig {
@@ -109,22 +108,7 @@ export function loadAgentConfig(file: string): Readonly<AgentConfig> {
 
 /** The token list the API accepts: `auth.tokens` plus the lines of `auth.token_file`. */
 export function resolveTokens(config: Readonly<AgentConfig>): string[] {
-  const tokens = [...config.auth.tokens];
-  if (config.auth.token_file) {
-    let text: string;
-    try {
-      text = fs.readFileSync(config.auth.token_file, 'utf8');
-    } catch (err) {
-      throw new ConfigError(`config key "auth.token_file": cannot read ${config.auth.token_file}: ${(err as Error).message}`, 'auth.token_file');
-    }
-    for (const line of text.split('\n')) {
-      const t = line.trim();
-      if (!t || t.startsWith('#')) continue;
-      if (t.length < 16) throw new ConfigError(`config key "auth.token_file": ${config.auth.token_file} holds a token shorter than 16 characters`, 'auth.token_file');
-      tokens.push(t);
-    }
-  }
-  return tokens;
+  return resolveTokenList(config.auth);
 }
 
 function finish(config: Readonly<AgentConfig>, source: string): Readonly<AgentConfig> {

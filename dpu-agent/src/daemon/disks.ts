@@ -29,6 +29,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
 import { DpuError } from '../errors.js';
+import { writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import { RegionState } from '../region/region-map.js';
@@ -600,21 +601,3 @@ function readDiskRecord(dir: string): ManagedDisk['record'] {
   }
 }
 
-/** Atomic replace: temp file (0600), fsync, rename, fsync the directory. */
-function writeJsonAtomic(file: string, value: unknown): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    fs.writeSync(fd, JSON.stringify(value, null, 2) + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  const dfd = fs.openSync(path.dirname(file), 'r');
-  try {
-    fs.fsyncSync(dfd);
-  } finally {
-    fs.closeSync(dfd);
-  }
-}

@@ -38,6 +38,7 @@ import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { DpuError } from '../errors.js';
+import { fsyncDir } from '../local/atomic-file.js';
 
 export const RegionState = {
   Remote: 0,
@@ -357,13 +358,4 @@ function writeAll(fd: number, buf: Buffer, position: number): Promise<void> {
     };
     step(0);
   });
-}
-
-function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
 }

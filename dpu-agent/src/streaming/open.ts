@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { DpuError } from '../errors.js';
+import { writeJsonAtomic } from '../local/atomic-file.js';
 import { LocalTarget } from '../local/target.js';
 import { RegionMap } from '../region/region-map.js';
 import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
@@ -106,7 +107,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       }
     }
     if (!record) {
-      writeRecord(recordPath, {
+      writeJsonAtomic(recordPath, {
         version: 1,
         size,
         regionSize,
@@ -115,7 +116,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
         format,
         target: path.resolve(opts.targetPath),
         createdAt: new Date().toISOString(),
-      });
+      } satisfies DiskRecord);
     }
     target = LocalTarget.open(opts.targetPath, { create: true, size });
     map = RegionMap.open(opts.stateDir, { diskSize: size, regionSize, identity });
@@ -197,24 +198,6 @@ function readRecord(file: string): DiskRecord | null {
   }
 }
 
-/** Atomic replace: temp file, fsync, rename, fsync the directory. */
-function writeRecord(file: string, rec: DiskRecord): void {
-  const tmp = `${file}.tmp`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    fs.writeSync(fd, JSON.stringify(rec, null, 2) + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  const dfd = fs.openSync(path.dirname(file), 'r');
-  try {
-    fs.fsyncSync(dfd);
-  } finally {
-    fs.closeSync(dfd);
-  }
-}
 
 /**
  * One process per state directory. The lock file holds the owner's PID; a lock left by a

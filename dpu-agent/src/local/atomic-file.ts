@@ -1,0 +1,27 @@
+/** Crash-safe small-file writes for state that must never be half written. */
+import fs from 'node:fs';
+import path from 'node:path';
+
+/** Makes a directory's entries (a new or renamed file) durable. */
+export function fsyncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Atomic replace: temp file (mode 0600), fsync, rename over `file`, fsync the directory. */
+export function writeJsonAtomic(file: string, value: unknown): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    fs.writeSync(fd, JSON.stringify(value, null, 2) + '\n');
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDir(path.dirname(file));
+}
