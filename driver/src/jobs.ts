@@ -13,12 +13,17 @@
  *             job runs for minutes, a restart loses nothing, and bull-board shows its
  *             progress)
  *   teardown  delete the disk on the agent (wiping it by default) → remove the record
+ *
+ * A deployment created with a `callback` gets a push to Ironic (callback.ts) when its
+ * attach ends: `end` once the disk is bootable, `error` once the attach failed for good.
+ * The push is fire-and-forget: it never delays or fails a job.
  */
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
+import { type CallbackStatus, notifyIronic } from './callback.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
@@ -30,6 +35,14 @@ export interface JobDeps {
   queues: Queues;
   config: Readonly<DriverConfig>;
   log: Logger;
+  /** The service's version, sent as agent_version in pushes to Ironic. */
+  version?: string;
+}
+
+/** Pushes the outcome to Ironic if the deployment asked for it; never waits, never throws. */
+function push(deps: JobDeps, rec: DeploymentRecord, status: CallbackStatus, message: string): void {
+  if (!rec.spec.callback) return;
+  void notifyIronic(rec, status, message, { log: deps.log, version: deps.version ?? '0.0.0' });
 }
 
 export function agentFor(rec: DeploymentRecord, config: Readonly<DriverConfig>): AgentClient {
@@ -68,6 +81,7 @@ async function fail(deps: JobDeps, job: Job<JobData>, rec: DeploymentRecord, err
     // A failed teardown leaves the record `failed` with the reason; DELETE again retries it.
     await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: message }, { teardown });
     deps.log.warn({ node: rec.node_uuid, job: job.id, code: e.code }, `${job.name} failed for good: ${e.message}`);
+    if (job.queueName === 'attach') push(deps, rec, 'error', message);
     throw new UnrecoverableError(message);
   }
   await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${message} (attempt ${job.attemptsMade + 1} of ${attempts}; retrying)` }, { teardown });
@@ -117,7 +131,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
     await agent.deleteDisk(rec.disk_id, true).catch(() => undefined);
     return 'cancelled: torn down while attaching';
   }
-  await deps.store.update(rec.node_uuid, rec.deployment_id, {
+  const updated = await deps.store.update(rec.node_uuid, rec.deployment_id, {
     state: disk.state === 'complete' ? 'complete' : 'ready',
     image_url: redactUrl(image.url),
     image_expires_at: expiryOf(image),
@@ -125,6 +139,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
     progress: progressOf(disk),
     last_error: null,
   });
+  if (updated) push(deps, rec, 'end', `streaming disk ${disk.state === 'complete' ? 'complete' : 'ready'}: ${disk.export.uri}`);
   await job.updateProgress(100);
   if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via }, 'streaming disk ready');

@@ -42,7 +42,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   const store = new DeploymentStore(workerRedis, prefix);
   const apiStore = new DeploymentStore(apiRedis, prefix);
   const metrics = createMetrics(apiStore, apiQueues);
-  const deps: JobDeps = { store, queues: jobsQueues, config, log };
+  const deps: JobDeps = { store, queues: jobsQueues, config, log, version: opts.version ?? '0.0.0' };
 
   const workers: Worker<JobData>[] = [];
   if (opts.workers ?? true) {

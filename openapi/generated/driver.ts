@@ -179,6 +179,22 @@ export interface components {
             readonly deployment_id?: components["schemas"]["DeploymentId"];
             readonly instance_info: components["schemas"]["InstanceInfo"];
             readonly driver_info: components["schemas"]["DriverInfo"];
+            readonly callback?: components["schemas"]["DeploymentCallback"];
+        };
+        /**
+         * @description Where to push the outcome: when the deployment becomes ready (or complete) or fails
+         *     for good, the service POSTs an agent heartbeat to `url` (Ironic's
+         *     `/v1/heartbeat/{node}`, API microversion 1.72) with `agent_token`, `agent_version`
+         *     (the service's version), `agent_status` (`end` when bootable, `error` when failed)
+         *     and `agent_status_message`. Best effort: a few short attempts, a failure is logged
+         *     and never fails the deployment (Ironic's poll is the fallback). Ironic checks the
+         *     deployment with the service before acting on it.
+         */
+        readonly DeploymentCallback: {
+            /** @description Ironic's heartbeat URL for the node, e.g. http://ironic:6385/v1/heartbeat/<node_uuid>. */
+            readonly url: string;
+            /** @description The node's pregenerated agent token. Secret: kept with the create request, never returned by the API and never logged. */
+            readonly agent_token: string;
         };
         readonly RegionMap: {
             readonly region_size: number;

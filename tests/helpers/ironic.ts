@@ -71,7 +71,9 @@ export class IronicServer {
 
   static async create(s: IronicSetup): Promise<IronicServer> {
     fs.mkdirSync(s.dir, { recursive: true });
-    const port = await freePort();
+    // A caller that must know the URL before the configuration is written (e.g. for
+    // [smartnic]heartbeat_url) picks the port itself and passes it as [api]port.
+    const port = Number(s.conf?.['api']?.['port'] ?? 0) || (await freePort());
     const base: Conf = {
       DEFAULT: {
         host: 'test-conductor',

@@ -17,7 +17,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { BOOT_MARKER, buildBootImage } from '../helpers/boot-image.js';
 import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
-import { RedisServer } from '../helpers/redis.js';
+import { freePort, RedisServer } from '../helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 import { VirtualBmc } from '../helpers/vbmc.js';
 
@@ -252,6 +252,75 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     const node = await ironic.waitForProvisionState('node-e', 'available', 60_000);
     assert.equal(node.last_error, null);
     assert.ok(await noDeployment(uuid));
+  });
+
+  describe('(e) push: the driver service heartbeats Ironic; the poll (every 60 s) is not what resumes', () => {
+    const POLL_S = 60;
+    let pushIronic: IronicServer;
+
+    before(async () => {
+      const port = await freePort();
+      pushIronic = await IronicServer.create({
+        dir: path.join(dir, 'ironic-push'),
+        pluginDir: path.join(dir, 'plugin'),
+        conf: {
+          api: { port },
+          smartnic: { driver_url: driver.url, token: TOKEN, heartbeat_url: `http://127.0.0.1:${port}`, poll_interval: POLL_S, deploy_timeout: 120, teardown_timeout: 30 },
+        },
+      });
+      await pushIronic.start();
+    });
+    after(async () => {
+      await pushIronic?.stop();
+    });
+
+    async function pushNode(name: string, targetPath: string): Promise<string> {
+      const created = JSON.parse(
+        await pushIronic.baremetal('node', 'create', '--name', name, '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${targetPath}`, '-f', 'json'),
+      ) as IronicNode;
+      await pushIronic.baremetal('node', 'manage', name);
+      await pushIronic.waitForProvisionState(name, 'manageable');
+      await pushIronic.baremetal('node', 'provide', name);
+      await pushIronic.waitForProvisionState(name, 'available');
+      await pushIronic.baremetal('node', 'set', name, '--instance-info', `image_source=${origin.url}`);
+      return created.uuid;
+    }
+
+    it('fake-hardware deploy → active within seconds, resumed by the heartbeat; the token is never shown', async () => {
+      const uuid = await pushNode('node-push', target('node-push'));
+      const t0 = Date.now();
+      await pushIronic.baremetal('node', 'deploy', 'node-push');
+      const active = await pushIronic.waitForProvisionState('node-push', 'active', 30_000);
+      const took = Date.now() - t0;
+      console.log(`      push: deploy → active in ${took} ms (poll every ${POLL_S} s)`);
+      assert.ok(took < 15_000, `active after ${took} ms: not resumed by the push`);
+      assert.equal(active.power_state, 'power on');
+      assert.ok(pushIronic.logLines(uuid).some((l) => /streaming disk of node \S+ is ready; resuming the deploy \(push\)/.test(l)), 'resumed by heartbeat()');
+      // Ironic wiped the token at the end of the deploy; the driver never shows it.
+      assert.equal(active.driver_internal_info['agent_secret_token'], undefined);
+      const shown = JSON.stringify(await api.getDeployment(uuid));
+      assert.doesNotMatch(shown, /agent_token|callback/);
+      assert.doesNotMatch(driver.output, /agent_token/);
+      assert.doesNotMatch(driver.output, /could not notify Ironic/);
+
+      await pushIronic.baremetal('node', 'undeploy', 'node-push');
+      await pushIronic.waitForProvisionState('node-push', 'available', 60_000);
+      assert.ok(await noDeployment(uuid));
+    });
+
+    it('a failure is pushed too: "deploy failed" with the service\'s message within seconds', async () => {
+      const uuid = await pushNode('node-push-fail', path.join(dir, 'elsewhere', 'node-push-fail.raw'));
+      const t0 = Date.now();
+      await pushIronic.baremetal('node', 'deploy', 'node-push-fail');
+      const failed = await pushIronic.waitForProvisionState('node-push-fail', 'deploy failed', 30_000);
+      const took = Date.now() - t0;
+      console.log(`      push: deploy → deploy failed in ${took} ms`);
+      assert.ok(took < 20_000, `failed after ${took} ms: not by the push`);
+      assert.match(failed.last_error!, /DPU_ERR_TARGET_NOT_ALLOWED/);
+      await pushIronic.baremetal('node', 'undeploy', 'node-push-fail');
+      await pushIronic.waitForProvisionState('node-push-fail', 'available', 60_000);
+      assert.ok(await noDeployment(uuid));
+    });
   });
 
   describe('(d) IPMI: ipmi_sim powers a QEMU host that boots from the streaming disk', () => {

@@ -107,10 +107,18 @@ class DriverServiceClient(object):
                              'the node\'s instance_info and driver_info',
                              json=self.request_body(node))
 
-    def create_deployment(self, node, deployment_id):
+    def create_deployment(self, node, deployment_id, callback=None):
+        """Asks for the node's deployment.
+
+        :param callback: None, or {'url': Ironic's heartbeat URL of the node,
+            'agent_token': the node's pregenerated agent token}: the service
+            then pushes a heartbeat when the deployment is ready or failed.
+        """
+        body = self.request_body(node, deployment_id)
+        if callback:
+            body['callback'] = callback
         return self._request('POST', '/v1/deployments',
-                             'to create a deployment',
-                             json=self.request_body(node, deployment_id))
+                             'to create a deployment', json=body)
 
     def get_deployment(self, node_uuid):
         """The node's deployment, or None if it has none."""

@@ -48,6 +48,19 @@ opts = [
                       'node). It bounds how long a ready disk waits for its '
                       'host to be powered on. Read when the conductor loads '
                       'the driver: changing it needs a restart.')),
+    cfg.URIOpt('heartbeat_url',
+               schemes=['http', 'https'],
+               help=_('Base URL of the Ironic API as the driver service reaches '
+                      'it (e.g. http://ironic.example:6385, with or without '
+                      '/v1). When set, a deploy pregenerates the node\'s agent '
+                      'token and asks the driver service to POST an agent '
+                      'heartbeat to /v1/heartbeat/{node} as soon as the '
+                      'streaming disk is ready or has failed, so the deploy '
+                      'resumes at once instead of at the next poll; the poll '
+                      '(poll_interval) stays as the fallback. The heartbeat '
+                      'endpoint must be enabled ([api]'
+                      'enable_ramdisk_endpoints). Unset (the default) '
+                      'disables the push.')),
     cfg.IntOpt('deploy_timeout',
                default=600,
                min=0,

@@ -10,8 +10,14 @@ The flow, as deploy steps and a periodic task::
 
     deploy (step, priority 100)
         power off -> tenant networks -> POST /v1/deployments -> DEPLOYWAIT
+    heartbeat (pushed by the driver service when [smartnic]heartbeat_url is
+    set: the deploy step pregenerates the node's agent token and passes it
+    with Ironic's heartbeat URL as the deployment's callback)
+        node in "wait call-back" (or still "deploying": wait for the deploy
+        step's lock) -> the same check as the poll below; the push itself is
+        not trusted, the service's deployment decides
     _check_deployments (periodic, every [smartnic]poll_interval, nodes in
-    "wait call-back")
+    "wait call-back"; the fallback when a push is lost or disabled)
         GET /v1/deployments/{node}:
           ready | complete    -> resume the deploy
           failed | vanished   -> "deploy failed", last_error = the service's
@@ -249,16 +255,77 @@ class SmartNICStreamingDeploy(base.DeployInterface):
             self._delete_deployment(task, client)
 
         deployment_id = 'ironic-%s' % uuidutils.generate_uuid()[:18]
-        deployment = client.create_deployment(node, deployment_id)
+        callback = self._callback(task)
+        deployment = client.create_deployment(node, deployment_id,
+                                              callback=callback)
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
         node.save()
         LOG.info('SmartNIC deployment %(dep)s of node %(node)s requested '
-                 '(image %(image)s); waiting for the streaming disk',
+                 '(image %(image)s); waiting for the streaming disk%(push)s',
                  {'dep': deployment_id, 'node': node.uuid,
-                  'image': deployment.get('image_url')})
+                  'image': deployment.get('image_url'),
+                  'push': ' (push to %s)' % callback['url'] if callback
+                  else ''})
         return states.DEPLOYWAIT
+
+    @staticmethod
+    def heartbeat_url(node_uuid):
+        """Ironic's heartbeat URL of a node, or None when push is off."""
+        base_url = (CONF.smartnic.heartbeat_url or '').rstrip('/')
+        if not base_url:
+            return None
+        if base_url.endswith('/v1'):
+            base_url = base_url[:-3]
+        return '%s/v1/heartbeat/%s' % (base_url, node_uuid)
+
+    def _callback(self, task):
+        """The deployment's callback, with a fresh pregenerated token.
+
+        The token is saved before the service is asked, so that a push that
+        arrives at once finds it.
+        """
+        node = task.node
+        url = self.heartbeat_url(node.uuid)
+        if not url:
+            return None
+        manager_utils.add_secret_token(node, pregenerated=True)
+        node.save()
+        return {'url': url,
+                'agent_token': node.driver_internal_info['agent_secret_token']}
+
+    @METRICS.timer('SmartNICStreamingDeploy.heartbeat')
+    def heartbeat(self, task, callback_url, agent_version,
+                  agent_verify_ca=None, agent_status=None,
+                  agent_status_message=None):
+        """A push from the driver service: check the deployment now.
+
+        The conductor has checked the agent token. The push only says when
+        to look: the service's deployment decides, exactly as for the poll.
+        """
+        node = task.node
+        LOG.debug('SmartNIC heartbeat for node %(node)s (%(state)s): '
+                  '%(status)s %(msg)s from %(url)s version %(ver)s',
+                  {'node': node.uuid, 'state': node.provision_state,
+                   'status': agent_status, 'msg': agent_status_message,
+                   'url': callback_url, 'ver': agent_version})
+        if node.provision_state == states.DEPLOYING:
+            # The disk became ready before the deploy step returned: wait
+            # for the step's lock, then the node is in "wait call-back".
+            try:
+                task.upgrade_lock(purpose='SmartNIC heartbeat')
+            except exception.NodeLocked:
+                LOG.info('SmartNIC heartbeat for node %s: the node stays '
+                         'locked; the poll will check it', node.uuid)
+                return
+        if task.node.provision_state != states.DEPLOYWAIT:
+            LOG.debug('Ignoring a SmartNIC heartbeat for node %(node)s in '
+                      'state %(state)s',
+                      {'node': task.node.uuid,
+                       'state': task.node.provision_state})
+            return
+        self.check_deployment(task, via='push')
 
     @METRICS.timer('SmartNICStreamingDeploy.boot_instance')
     @base.deploy_step(priority=20)
@@ -375,8 +442,11 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     def _check_deployments(self, task, manager, context):
         self.check_deployment(task)
 
-    def check_deployment(self, task):
-        """Resumes, fails or leaves waiting a node in "wait call-back"."""
+    def check_deployment(self, task, via='poll'):
+        """Resumes, fails or leaves waiting a node in "wait call-back".
+
+        :param via: what asked (poll or push), for the log.
+        """
         node = task.node
         if DEPLOYMENT_KEY not in node.driver_internal_info:
             return  # waiting for something other than our deployment
@@ -407,8 +477,9 @@ class SmartNICStreamingDeploy(base.DeployInterface):
             task.node.set_driver_internal_info(PROGRESS_KEY,
                                                progress_of(deployment))
             task.node.save()
-            LOG.info('The SmartNIC streaming disk of node %s is ready; '
-                     'resuming the deploy', node.uuid)
+            LOG.info('The SmartNIC streaming disk of node %(node)s is ready; '
+                     'resuming the deploy (%(via)s)',
+                     {'node': node.uuid, 'via': via})
             manager_utils.notify_conductor_resume_deploy(task)
         elif state == 'failed':
             self._fail(task, deployment.get('last_error')

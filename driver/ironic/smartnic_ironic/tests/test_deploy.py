@@ -275,6 +275,83 @@ class TestPoll(unittest.TestCase):
                 self.mu.deploying_error_handler.assert_called_once()
 
 
+class TestHeartbeat(TestPoll):
+    """heartbeat(): a push from the driver service checks like the poll."""
+
+    def beat(self, status='end'):
+        self.iface.heartbeat(self.task, 'smartnic://%s' % self.node.uuid,
+                             '0.1.0', agent_status=status,
+                             agent_status_message='streaming disk ready')
+
+    def test_ready_resumes(self):
+        self.client.get_deployment.return_value = self.deployment('ready')
+        self.beat()
+        self.mu.notify_conductor_resume_deploy.assert_called_once_with(
+            self.task)
+
+    def test_the_push_is_not_trusted(self):
+        # The push says "end", the service still says attaching: wait.
+        self.client.get_deployment.return_value = self.deployment('attaching')
+        self.beat()
+        self.mu.notify_conductor_resume_deploy.assert_not_called()
+        self.mu.deploying_error_handler.assert_not_called()
+
+    def test_failed_fails_with_the_service_reason(self):
+        self.client.get_deployment.return_value = self.deployment(
+            'failed', last_error='DRV_ERR_AGENT_REJECTED: target refused')
+        self.beat('error')
+        self.assertIn('target refused',
+                      self.mu.deploying_error_handler.call_args[0][2])
+
+    def test_ignored_outside_deploy(self):
+        self.node.provision_state = states.ACTIVE
+        self.beat()
+        self.client.get_deployment.assert_not_called()
+        self.task.upgrade_lock.assert_not_called()
+
+    def test_waits_for_the_deploy_step_lock(self):
+        self.node.provision_state = states.DEPLOYING
+
+        def upgrade(purpose=None):
+            self.node.provision_state = states.DEPLOYWAIT
+        self.task.upgrade_lock.side_effect = upgrade
+        self.client.get_deployment.return_value = self.deployment('ready')
+        self.beat()
+        self.mu.notify_conductor_resume_deploy.assert_called_once_with(
+            self.task)
+
+    def test_locked_leaves_it_to_the_poll(self):
+        self.node.provision_state = states.DEPLOYING
+        self.task.upgrade_lock.side_effect = exception.NodeLocked(
+            node=self.node.uuid, host='c1')
+        self.beat()
+        self.client.get_deployment.assert_not_called()
+
+
+class TestCallback(unittest.TestCase):
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        self.node = FakeNode(GOOD_DI, provision_state=states.DEPLOYING)
+        self.task = mock.Mock(node=self.node)
+
+    def test_off_by_default(self):
+        self.assertIsNone(self.iface._callback(self.task))
+        self.assertNotIn('agent_secret_token', self.node.driver_internal_info)
+
+    def test_pregenerates_and_saves_the_token(self):
+        CONF.set_override('heartbeat_url', 'http://ironic:6385/v1/',
+                          'smartnic')
+        self.addCleanup(CONF.clear_override, 'heartbeat_url', 'smartnic')
+        cb = self.iface._callback(self.task)
+        dii = self.node.driver_internal_info
+        self.assertEqual('http://ironic:6385/v1/heartbeat/%s' % self.node.uuid,
+                         cb['url'])
+        self.assertEqual(dii['agent_secret_token'], cb['agent_token'])
+        self.assertTrue(dii['agent_secret_token_pregenerated'])
+        self.assertEqual(1, self.node.saved)
+
+
 class TestTearDown(unittest.TestCase):
 
     def test_failed_teardown_job_raises(self):
