@@ -4,16 +4,20 @@
  * the driver service, a DPU agent and an ipmi_sim virtual BMC whose power-on starts a
  * QEMU host with the agent's export as its NVMe boot disk; enrolls the node and runs
  * `baremetal node deploy`; shows Ironic's state, the host's boot and hydration live; prints
- * a summary; undeploys; stops everything.
+ * a summary; undeploys; stops everything. Swift (the image origin) runs inside a network
+ * namespace of its own behind a veth link shaped to --link (lab/netns.ts), so Glance, the
+ * driver and the agent reach it across an emulated 1–10 Gbit/s network.
  *
  *   npm run lab                      # up, deploy, summary, undeploy, down
  *   npm run lab -- --keep            # leave the lab running (dashboard, bull-board)
  *   npm run lab -- status | down     # from another shell
  *   npm run lab -- --image-mib 512 --bandwidth 50M
+ *   npm run lab -- --link 10gbit --bandwidth 0
  *
  * Every process is started by this program and stopped by PID; `down` also kills what a
  * crashed run left behind (PIDs recorded in <dir>/lab.json). Re-running is safe.
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -26,6 +30,7 @@ import { OpenStack } from '../tests/helpers/openstack.js';
 import { RedisServer } from '../tests/helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../tests/helpers/services.js';
 import { VirtualBmc } from '../tests/helpers/vbmc.js';
+import { EmulatedLink } from './netns.js';
 
 const HELP = `Usage: npm run lab -- [up] [options] | status | down
 
@@ -33,6 +38,11 @@ const HELP = `Usage: npm run lab -- [up] [options] | status | down
     --image-mib N     size of the bootable image (default 256, at least 26)
     --bandwidth RATE  cap on background hydration, e.g. 50M or 400mbit; 0 for none
                       (default 16M, so the copy visibly outlasts the boot of a small image)
+    --link RATE       the origin (Swift) sits in a network namespace behind a veth link
+                      shaped to RATE with tc tbf, e.g. 1gbit, 10gbit, 200mbit; 0 for no
+                      namespace (Swift on loopback). No latency: this kernel lacks netem.
+                      (default 1gbit)
+    --link-index N    which namespace (snlabN) and subnet (10.213.N.0/30) (default 1)
     --keep            leave the lab running after the summary (until Ctrl-C or "down")
     --json            print the summary as one JSON line (for tests)
     --dir DIR         work directory (default /var/tmp/smartnic-lab)
@@ -46,6 +56,8 @@ interface LabRecord {
   startedAt: string;
   pids: Record<string, number[]>;
   urls: Record<string, string>;
+  /** The emulated link Swift sits behind, if any. */
+  link?: { index: number; ns: string; address: string; rate: number };
 }
 
 const NODE = 'lab-node-1';
@@ -72,6 +84,18 @@ function readRecord(dir: string): LabRecord | null {
   }
 }
 
+/** PIDs of processes in the named network namespace (none when it does not exist). */
+function namespacePids(ns: string): number[] {
+  try {
+    return execFileSync('ip', ['netns', 'pids', ns], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })
+      .split('\n')
+      .filter(Boolean)
+      .map(Number);
+  } catch {
+    return [];
+  }
+}
+
 async function down(dir: string): Promise<number> {
   const rec = readRecord(dir);
   if (!rec) {
@@ -93,6 +117,7 @@ async function down(dir: string): Promise<number> {
     }
   }
   if (killed) say(`killed ${killed} process(es) a crashed run left behind`);
+  if (rec.link) EmulatedLink.remove(rec.link.index);
   fs.rmSync(path.join(dir, 'lab.json'), { force: true });
   say('down');
   return 0;
@@ -109,7 +134,16 @@ function status(dir: string): number {
     const states = pids.map((p) => `${p}${alive(p) ? '' : ' (gone)'}`).join(', ');
     process.stdout.write(`  ${name.padEnd(14)} pid ${states}${rec.urls[name] ? `  ${rec.urls[name]}` : ''}\n`);
   }
+  if (rec.link) process.stdout.write(`  link           netns ${rec.link.ns}: Swift at ${rec.link.address}, ${linkText(rec.link.rate)}\n`);
   return 0;
+}
+
+/** "1 Gbit/s" and the like (rates are bytes per second; links are named in bits). */
+function linkText(bytesPerSecond: number): string {
+  if (!bytesPerSecond) return 'not shaped';
+  const bits = bytesPerSecond * 8;
+  const [v, u] = bits >= 1e9 ? [bits / 1e9, 'G'] : bits >= 1e6 ? [bits / 1e6, 'M'] : [bits / 1e3, 'k'];
+  return `${Number(v.toFixed(2))} ${u}bit/s (tc tbf)`;
 }
 
 function bar(frac: number, width = 24): string {
@@ -117,7 +151,7 @@ function bar(frac: number, width = 24): string {
   return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
 }
 
-async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep: boolean; json: boolean }): Promise<number> {
+async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link: number | null; linkIndex: number; keep: boolean; json: boolean }): Promise<number> {
   const { dir } = opts;
   const existing = readRecord(dir);
   if (existing && alive(existing.pid)) {
@@ -152,11 +186,25 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
     await buildBootImage(image, { sizeMiB: opts.imageMiB });
     const imageBytes = fs.readFileSync(image);
 
-    say('starting memcached, Swift and Glance (Swift store)');
-    const os = await OpenStack.start(path.join(dir, 'openstack'), { glance: ['swift'] });
+    let netns: { name: string; address: string } | undefined;
+    if (opts.link !== null) {
+      const busy = namespacePids(`snlab${opts.linkIndex}`);
+      if (busy.length) throw new Error(`namespace snlab${opts.linkIndex} is in use (pids ${busy.join(', ')}): another lab? "npm run lab -- down --dir …" it, or pick --link-index`);
+      const link = EmulatedLink.create({ index: opts.linkIndex, rate: opts.link });
+      stops.push(() => link.destroy());
+      rec.link = { index: opts.linkIndex, ns: link.ns, address: link.nsAddr, rate: opts.link };
+      save();
+      netns = { name: link.ns, address: link.nsAddr };
+      say(`emulated link: netns ${link.ns} (${link.nsAddr}) ⇄ ${link.hostIf} (${link.hostAddr}), ${linkText(opts.link)}`);
+    }
+
+    say(`starting memcached, Swift${netns ? ` (inside ${netns.name}, at ${netns.address})` : ''} and Glance (Swift store)`);
+    const os = await OpenStack.start(path.join(dir, 'openstack'), { glance: ['swift'], ...(netns ? { netns } : {}) });
     stops.push(() => os.stop());
-    rec.pids['openstack'] = [os.memcached, ...os.swift.processes(), os.glance.swift!].map((p) => (p as unknown as { child?: { pid?: number } }).child?.pid ?? 0).filter(Boolean);
+    rec.pids['openstack'] = [...os.memcached.processes(), ...os.swift.processes()].map((p) => p.child.pid ?? 0).filter(Boolean);
+    rec.pids['glance'] = os.glance.swift!.processes().map((p) => p.child.pid ?? 0).filter(Boolean);
     rec.urls['glance'] = os.glance.swift!.url;
+    rec.urls['openstack'] = `swift ${os.swift.url}${netns ? ` (in netns ${netns.name})` : ''}, glance ${os.glance.swift!.url}`;
     save();
     await os.swift.setTempUrlKey(TEMP_URL_KEY);
     const glanceImage = await os.glance.swift!.uploadImage(imageBytes, { name: 'smartnic-lab', disk_format: 'raw' });
@@ -211,6 +259,9 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
     let provision = node.provision_state;
     let fraction = 0;
     let fetched = 0;
+    // The hydration rate: bytes fetched between the first sample that saw bytes and completion.
+    let firstFetch: { t: number; bytes: number } | null = null;
+    let lastFetch: { t: number; bytes: number } | null = null;
     const tty = process.stderr.isTTY && !opts.json;
     for (;;) {
       const n = await ironic.node(NODE).catch(() => null);
@@ -221,6 +272,11 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
       if (d) {
         fraction = d.progress.fraction;
         fetched = d.progress.bytes_fetched;
+        if (!completeAt) {
+          const sample = { t: Date.now(), bytes: fetched };
+          if (fetched > 0 && !firstFetch) firstFetch = sample;
+          if (fetched > 0) lastFetch = sample;
+        }
         if (!completeAt && d.state === 'complete') completeAt = Date.now() - t0;
       }
       if (!markerAt && bmc.serial().includes(BOOT_MARKER)) {
@@ -246,6 +302,8 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
       hydrated_fraction_at_marker: atMarker,
       bytes_fetched: fetched,
       fetched_over_image: fetched / imageBytes.length,
+      link_bytes_per_s: opts.link ?? 0,
+      hydration_bytes_per_s: firstFetch && lastFetch && lastFetch.t > firstFetch.t ? Math.round(((lastFetch.bytes - firstFetch.bytes) * 1000) / (lastFetch.t - firstFetch.t)) : 0,
       local_disk_equals_image: sameAsImage,
       wiped_on_undeploy: null as boolean | null,
     };
@@ -259,9 +317,10 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
           '',
           'summary',
           `  image                    ${formatBytes(imageBytes.length)} in Glance, stored in Swift, read through a temp URL`,
+          `  link to Swift            ${opts.link === null ? 'none (loopback)' : linkText(opts.link)}; hydration cap ${opts.bandwidth ? `${formatBytes(opts.bandwidth)}/s` : 'none'}`,
           `  deploy → ACTIVE          ${(activeAt / 1000).toFixed(1)} s`,
           `  deploy → boot marker     ${(markerAt / 1000).toFixed(1)} s (hydration ${(atMarker * 100).toFixed(0)}% done at that moment)`,
-          `  deploy → all local       ${(completeAt / 1000).toFixed(1)} s`,
+          `  deploy → all local       ${(completeAt / 1000).toFixed(1)} s (hydration at ${formatBytes(summary.hydration_bytes_per_s)}/s = ${((summary.hydration_bytes_per_s * 8) / 1e6).toFixed(0)} Mbit/s)`,
           `  fetched / image          ${formatBytes(fetched)} / ${formatBytes(imageBytes.length)} = ${summary.fetched_over_image.toFixed(3)}`,
           `  local disk = image       ${sameAsImage ? 'yes' : 'NO'}`,
           ...(summary.wiped_on_undeploy === null ? [] : [`  undeploy wiped the disk  ${summary.wiped_on_undeploy ? 'yes' : 'NO'}`]),
@@ -279,7 +338,9 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; keep
     await ironic.waitForProvisionState(NODE, 'available', 120_000);
     summary.wiped_on_undeploy = !fs.existsSync(target);
     print();
-    return sameAsImage && summary.wiped_on_undeploy && atMarker < 1 ? 0 : 1;
+    // Success is correctness (the disk equals the image, undeploy wiped it). Whether the host
+    // booted before the copy ended depends on the image size and rates; the test asserts it.
+    return sameAsImage && summary.wiped_on_undeploy ? 0 : 1;
   } finally {
     await stopAll();
   }
@@ -294,6 +355,8 @@ async function main(): Promise<number> {
       keep: { type: 'boolean' },
       json: { type: 'boolean' },
       dir: { type: 'string', default: '/var/tmp/smartnic-lab' },
+      link: { type: 'string', default: '1gbit' },
+      'link-index': { type: 'string', default: '1' },
       help: { type: 'boolean' },
     },
   });
@@ -311,7 +374,10 @@ async function main(): Promise<number> {
   }
   const imageMiB = Number(values['image-mib']);
   if (!Number.isInteger(imageMiB) || imageMiB < 26) throw new Error(`--image-mib ${values['image-mib']} must be an integer of at least 26`);
-  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), keep: !!values.keep, json: !!values.json });
+  const linkIndex = Number(values['link-index']);
+  if (!Number.isInteger(linkIndex) || linkIndex < 0 || linkIndex > 255) throw new Error(`--link-index ${values['link-index']} must be an integer from 0 to 255`);
+  const link = values.link!.trim() === '0' ? null : parseRate(values.link!, '--link');
+  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), link, linkIndex, keep: !!values.keep, json: !!values.json });
 }
 
 main().then(

@@ -85,6 +85,22 @@ export class EmulatedLink {
     return child;
   }
 
+  /** Removes the namespace and link of `index` if they exist (what a crashed run left). */
+  static remove(index: number): void {
+    new EmulatedLink({ index, rate: 0 }).destroyQuietly();
+  }
+
+  /** Whether the namespace exists now. */
+  exists(): boolean {
+    try {
+      return execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' })
+        .split('\n')
+        .some((l) => l.split(' ')[0] === this.ns);
+    } catch {
+      return false;
+    }
+  }
+
   async destroy(): Promise<void> {
     for (const c of this.children) {
       const exited = new Promise((r) => c.once('exit', r));

@@ -1,7 +1,8 @@
 /**
  * Real OpenStack image services for tests, from Debian packages (scripts/install-deps.sh):
  * memcached, a single-node Swift and Glance — on the file store, on the Swift store, or
- * both — each on free loopback ports in a directory of its own, stopped by PID.
+ * both — each on free loopback ports in a directory of its own, stopped by PID. With
+ * `netns`, memcached and Swift run inside a network namespace of ours instead, on its address.
  *
  *   memcached       tempauth keeps its tokens there (the proxy refuses to authenticate
  *                   without a cache)
@@ -22,9 +23,10 @@
  */
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, waitForPort } from './redis.js';
+import { freePort } from './redis.js';
 
 /** Glance's image record, the fields tests look at (GET /v2/images/{id}). */
 export interface GlanceImage {
@@ -54,6 +56,43 @@ export interface OpenStackOptions {
   largeObjectMiB?: number;
   /** Segment size for those (`swift_store_large_object_chunk_size`, MiB). @default 2 */
   segmentMiB?: number;
+  /**
+   * Runs memcached and the four Swift servers inside this network namespace (one we made,
+   * e.g. lab/netns.ts's EmulatedLink), bound to `address` there, so every client in the
+   * root namespace — Glance's Swift store, the driver, the agent — reaches Swift across
+   * the namespace's (shaped) link. Glance stays on 127.0.0.1. @default loopback, no namespace
+   */
+  netns?: SwiftNetns;
+}
+
+/** A network namespace (`ip netns` name) and the address inside it that servers bind. */
+export interface SwiftNetns {
+  name: string;
+  address: string;
+}
+
+/** `cmd args`, or `ip netns exec NAME cmd args` (ip execs the command: the PID stays the server's). */
+function inNetns(netns: SwiftNetns | undefined, cmd: string, args: string[]): [string, string[]] {
+  return netns ? ['ip', ['netns', 'exec', netns.name, cmd, ...args]] : [cmd, args];
+}
+
+/** Polls until something accepts TCP connections on host:port; fails early if the server dies. */
+async function waitTcp(host: string, port: number, proc: ServerProcess, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!proc.running) throw new Error(`${proc.name} exited during start-up; ${proc.logFile}:\n${proc.logTail()}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = net.connect(port, host);
+      c.once('connect', () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`nothing listens on ${host}:${port} after ${timeoutMs} ms; ${proc.logFile}:\n${proc.logTail()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 const SWIFT_USER = { account: 'test', user: 'tester', key: 'testing' };
@@ -159,16 +198,26 @@ export class Memcached {
   port = 0;
   private proc: ServerProcess | null = null;
 
-  constructor(private readonly dir: string) {}
+  constructor(
+    private readonly dir: string,
+    private readonly netns?: SwiftNetns,
+  ) {}
+
+  /** The address it listens on: 127.0.0.1, or the namespace's address. */
+  get host(): string {
+    return this.netns?.address ?? '127.0.0.1';
+  }
 
   async start(): Promise<void> {
     this.port = await freePort();
     // memcached refuses to run as root unless told which user to run as.
     const asUser = process.getuid?.() === 0 ? ['-u', 'root'] : [];
-    this.proc = new ServerProcess('memcached', path.join(this.dir, 'memcached.log'), 'memcached', ['-l', '127.0.0.1', '-p', String(this.port), '-U', '0', '-m', '16', ...asUser]);
-    await waitForPort(this.port, 10_000).catch((err: Error) => {
-      throw new Error(`${err.message}; memcached log:\n${this.proc!.logTail()}`);
-    });
+    this.proc = new ServerProcess('memcached', path.join(this.dir, 'memcached.log'), ...inNetns(this.netns, 'memcached', ['-l', this.host, '-p', String(this.port), '-U', '0', '-m', '16', ...asUser]));
+    await waitTcp(this.host, this.port, this.proc);
+  }
+
+  processes(): ServerProcess[] {
+    return this.proc ? [this.proc] : [];
   }
 
   async stop(): Promise<void> {
@@ -189,13 +238,20 @@ export class Swift {
   constructor(
     dir: string,
     private readonly memcachedPort: number,
+    private readonly netns?: SwiftNetns,
+    private readonly memcachedHost = netns?.address ?? '127.0.0.1',
   ) {
     this.dir = dir;
   }
 
+  /** The address every Swift server binds: 127.0.0.1, or the namespace's address. */
+  get host(): string {
+    return this.netns?.address ?? '127.0.0.1';
+  }
+
   /** The proxy's root, e.g. http://127.0.0.1:PORT (what Ironic calls swift_endpoint_url). */
   get url(): string {
-    return `http://127.0.0.1:${this.proxyPort}`;
+    return `http://${this.host}:${this.proxyPort}`;
   }
 
   /** The v1 (tempauth) authentication URL. */
@@ -203,7 +259,7 @@ export class Swift {
     return `${this.url}/auth/v1.0`;
   }
 
-  /** The test account's storage URL: http://127.0.0.1:PORT/v1/AUTH_test. */
+  /** The test account's storage URL: http://127.0.0.1:PORT/v1/AUTH_test (or the namespace's address). */
   get storageUrl(): string {
     return `${this.url}/v1/${this.account}`;
   }
@@ -222,7 +278,7 @@ export class Swift {
     await this.allocatePorts();
     const ports = this.ports!;
     await timed(timings, 'swift rings', () => this.buildRings(ports));
-    const common = { bind_ip: '127.0.0.1', workers: 0, swift_dir: this.dir, log_level: 'WARNING', log_name: 'swift' };
+    const common = { bind_ip: this.host, workers: 0, swift_dir: this.dir, log_level: 'WARNING', log_name: 'swift' };
     for (const s of SWIFT_SERVERS) {
       fs.writeFileSync(
         path.join(this.dir, `${s}-server.conf`),
@@ -240,7 +296,7 @@ export class Swift {
         'pipeline:main': { pipeline: 'catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk tempurl tempauth copy slo dlo proxy-logging proxy-server' },
         'app:proxy-server': { use: 'egg:swift#proxy', account_autocreate: true },
         'filter:tempauth': { use: 'egg:swift#tempauth', [`user_${SWIFT_USER.account}_${SWIFT_USER.user}`]: `${SWIFT_USER.key} .admin ${this.storageUrl}` },
-        'filter:cache': { use: 'egg:swift#memcache', memcache_servers: `127.0.0.1:${this.memcachedPort}` },
+        'filter:cache': { use: 'egg:swift#memcache', memcache_servers: `${this.memcachedHost}:${this.memcachedPort}` },
         'filter:tempurl': { use: 'egg:swift#tempurl' },
         'filter:healthcheck': { use: 'egg:swift#healthcheck' },
         'filter:catch_errors': { use: 'egg:swift#catch_errors' },
@@ -256,10 +312,10 @@ export class Swift {
     await timed(timings, 'swift servers', async () => {
       for (const s of [...SWIFT_SERVERS, 'proxy'] as const) {
         // --verbose: log to stderr (the log file) as well as to syslog.
-        this.procs.push(new ServerProcess(`swift-${s}-server`, path.join(this.dir, `${s}.log`), `/usr/bin/swift-${s}-server`, [path.join(this.dir, `${s}-server.conf`), '--verbose']));
+        this.procs.push(new ServerProcess(`swift-${s}-server`, path.join(this.dir, `${s}.log`), ...inNetns(this.netns, `/usr/bin/swift-${s}-server`, [path.join(this.dir, `${s}-server.conf`), '--verbose'])));
       }
       await Promise.all([
-        ...SWIFT_SERVERS.map((s, i) => waitHttp(`http://127.0.0.1:${ports[s]}/`, this.procs[i]!)),
+        ...SWIFT_SERVERS.map((s, i) => waitHttp(`http://${this.host}:${ports[s]}/`, this.procs[i]!)),
         waitHttp(`${this.url}/healthcheck`, this.procs[3]!),
       ]);
     });
@@ -267,7 +323,7 @@ export class Swift {
 
   /**
    * The three 1-replica rings, one device each. This is what `swift-ring-builder FILE
-   * create 4 1 1`, `add r1z1-127.0.0.1:PORT/d1 1` and `rebalance` do, through the same
+   * create 4 1 1`, `add r1z1-HOST:PORT/d1 1` and `rebalance` do, through the same
    * RingBuilder class, in one interpreter: nine swift-ring-builder runs cost ~4.5 s here,
    * this ~0.4 s.
    */
@@ -275,16 +331,16 @@ export class Swift {
     const script = [
       'import sys',
       'from swift.common.ring import RingBuilder',
-      'd = sys.argv[1]',
+      'd, ip = sys.argv[1], sys.argv[5]',
       'for name, port in zip(("account", "container", "object"), map(int, sys.argv[2:5])):',
       '    b = RingBuilder(4, 1, 1)',
-      "    b.add_dev({'region': 1, 'zone': 1, 'ip': '127.0.0.1', 'port': port, 'device': 'd1', 'weight': 1})",
+      "    b.add_dev({'region': 1, 'zone': 1, 'ip': ip, 'port': port, 'device': 'd1', 'weight': 1})",
       '    b.rebalance()',
       "    b.save(f'{d}/{name}.builder')",
       "    b.get_ring().save(f'{d}/{name}.ring.gz')",
     ].join('\n');
     // /usr/bin/python3: the Debian interpreter that has swift (another python3 may come first on PATH).
-    await execOk('/usr/bin/python3', ['-c', script, this.dir, String(ports.account), String(ports.container), String(ports.object)]);
+    await execOk('/usr/bin/python3', ['-c', script, this.dir, String(ports.account), String(ports.container), String(ports.object), this.host]);
   }
 
   /** A tempauth token for the test account (cached; tempauth tokens live a day). */
@@ -414,6 +470,10 @@ export class Glance {
     await waitHttp(`${this.url}/versions`, this.proc);
   }
 
+  processes(): ServerProcess[] {
+    return this.proc ? [this.proc] : [];
+  }
+
   /** Creates an image record and uploads its data; returns the record after the upload. */
   async uploadImage(data: Buffer, opts: { name?: string; disk_format?: string; container_format?: string } = {}): Promise<GlanceImage> {
     const created = await this.json<GlanceImage>('POST', '/v2/images', { name: opts.name ?? 'test-image', disk_format: opts.disk_format ?? 'raw', container_format: opts.container_format ?? 'bare' });
@@ -489,12 +549,15 @@ export class OpenStack {
   /** Milliseconds per start-up phase, and `total`. */
   readonly timings: Record<string, number> = {};
 
-  private constructor(readonly dir: string) {
-    this.memcached = new Memcached(dir);
+  private constructor(
+    readonly dir: string,
+    private readonly netns?: SwiftNetns,
+  ) {
+    this.memcached = new Memcached(dir, netns);
   }
 
   static async start(dir: string, opts: OpenStackOptions = {}): Promise<OpenStack> {
-    const stack = new OpenStack(dir);
+    const stack = new OpenStack(dir, opts.netns);
     const t0 = Date.now();
     try {
       await stack.startAll(opts);
@@ -511,7 +574,7 @@ export class OpenStack {
     fs.mkdirSync(path.join(this.dir, 'swift'), { recursive: true });
     const dbSync = stores.length ? timed(this.timings, 'glance schema', () => glanceSchema(this.dir)) : Promise.resolve('');
     await timed(this.timings, 'memcached', () => this.memcached.start());
-    this.swift = new Swift(path.join(this.dir, 'swift'), this.memcached.port);
+    this.swift = new Swift(path.join(this.dir, 'swift'), this.memcached.port, this.netns, this.memcached.host);
     // Ports first: the Swift-store Glance's config names the proxy, which need not be up
     // until the first upload, so Glance starts alongside Swift.
     await this.swift.allocatePorts();

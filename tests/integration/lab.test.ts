@@ -3,15 +3,18 @@
  * smartnic-ipmi node behind ipmi_sim, the driver service, the DPU agent, and a QEMU host
  * booting from the streaming disk. The host must reach its boot marker while hydration is
  * still incomplete, the local disk must equal the image at the end, and undeploy must
- * wipe it.
+ * wipe it. Swift sits in a network namespace behind the default emulated 1 Gbit/s link
+ * (its own index, so a lab running beside the test keeps its own), removed at the end.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { tempDir } from '../helpers/agent.js';
 import { run } from '../helpers/run.js';
 
 const LAB = fileURLToPath(new URL('../../lab/lab.js', import.meta.url));
+const LINK_INDEX = '201';
 
 describe('the lab (npm run lab)', function () {
   this.timeout(300_000);
@@ -24,7 +27,7 @@ describe('the lab (npm run lab)', function () {
   });
 
   it('deploys through Ironic, boots while hydrating, ends with the image local and undeploy wipes it', async () => {
-    const res = await run(process.execPath, [LAB, '--json', '--image-mib', '64', '--bandwidth', '4M', '--dir', path.join(dir, 'lab')], { timeoutMs: 280_000, allowFail: true });
+    const res = await run(process.execPath, [LAB, '--json', '--image-mib', '64', '--bandwidth', '4M', '--link-index', LINK_INDEX, '--dir', path.join(dir, 'lab')], { timeoutMs: 280_000, allowFail: true });
     const line = res.stdout.trim().split('\n').pop() ?? '';
     assert.equal(res.code, 0, `lab failed:\n${res.stderr.slice(-3000)}`);
     const s = JSON.parse(line) as Record<string, number | boolean>;
@@ -34,6 +37,8 @@ describe('the lab (npm run lab)', function () {
     assert.equal(s['local_disk_equals_image'], true);
     assert.equal(s['wiped_on_undeploy'], true);
     assert.ok((s['fetched_over_image'] as number) <= 1.01, `fetched ${s['fetched_over_image']}× the image`);
+    assert.equal(s['link_bytes_per_s'], 125_000_000, 'Swift behind the default 1 Gbit/s link');
+    assert.doesNotMatch(execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' }), new RegExp(`^snlab${LINK_INDEX}\\b`, 'm'), 'the namespace was removed');
     const status = await run(process.execPath, [LAB, 'status', '--dir', path.join(dir, 'lab')], { allowFail: true });
     assert.match(status.stdout, /no lab running/, 'everything was stopped');
   });
