@@ -102,6 +102,7 @@ export const ERRORS = {
     message: 'the image manifest is unusable',
     retryable: false,
     errno: NbdErrno.EIO,
+    http: 400,
   },
   DPU_ERR_STATE_CORRUPT: {
     message: 'the region map in the state directory is unreadable',

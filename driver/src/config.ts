@@ -30,6 +30,7 @@ export interface DriverConfig {
     swift_temp_url_duration: number;
     swift_store_multiple_containers_seed: number;
   };
+  manifests: { enabled: boolean; require: boolean; max_regions: number; attempts: number };
   log_level: string;
   response_validation: 'off' | 'log' | 'strict';
 }
@@ -127,6 +128,22 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         swift_temp_url_key: { type: 'string', secret: true, description: "The account's X-Account-Meta-Temp-URL-Key; temp URLs are signed with it. Needed for Swift." },
         swift_temp_url_duration: { type: 'integer', minimum: 10, default: 1200, description: 'Seconds a temp URL is valid. Long hydrations renew it when less than a third is left.' },
         swift_store_multiple_containers_seed: { type: 'integer', minimum: 0, maximum: 32, default: 0, description: "Glance's swift_store_multiple_containers_seed: N > 0 means images live in <swift_container>_<first N characters of the id>." },
+      },
+    },
+    manifests: {
+      type: 'object',
+      description: 'Image manifests (docs/driver.md, Manifests): per-region SHA-256 and zero map of an image, built once per image content and region size by a `manifest` job, cached in Redis and uploaded to every disk of that image, which then verifies every region it fetches.',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        enabled: { type: 'boolean', default: true, description: 'Build and upload manifests. false: disks stream unverified.' },
+        require: {
+          type: 'boolean',
+          default: false,
+          description: "Create a disk only once its image's manifest is built (every region verified from the first read; the deploy waits for one full read of the image). false: a deploy without a cached manifest streams unverified until it is built. A node's driver_info['smartnic_require_verification'] overrides it.",
+        },
+        max_regions: { type: 'integer', minimum: 1, maximum: 2000000, default: 1048576, description: 'The largest manifest built, in regions (32 bytes each in Redis and on the agent): 1 Mi regions is a 1 TiB image in 1 MiB regions. A larger image is not verified.' },
+        attempts: { type: 'integer', minimum: 1, default: 3, description: 'Attempts of a manifest job when reading the image fails transiently.' },
       },
     },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level.' },

@@ -48,6 +48,8 @@ export interface ResolvedImage {
   headers?: Record<string, string>;
   /** A stable name of the content, when one is known. */
   identity?: string;
+  /** The digest Glance records of the bytes at the URL (os_hash_algo/value, else md5 checksum). */
+  hash?: { algo: string; value: string };
   format: AgentFormat;
   /** Bytes at the URL, when the resolver learnt it (Glance's size, Swift's Content-Length). */
   size?: number;
@@ -169,6 +171,7 @@ async function resolveGlance(config: Readonly<DriverConfig>, id: string, now: nu
   checkUsable(image);
   const format = formatOf(image.disk_format, `Glance image ${id}`);
   const identity = `glance:${id};${glanceHash(image)}`;
+  const hash = image.os_hash_algo && image.os_hash_value ? { algo: image.os_hash_algo, value: image.os_hash_value } : image.checksum ? { algo: 'md5', value: image.checksum } : undefined;
   const size = image.size!;
   const g = config.glance;
   let useSwift: boolean;
@@ -186,14 +189,14 @@ async function resolveGlance(config: Readonly<DriverConfig>, id: string, now: nu
       }
     }
   }
-  if (!useSwift) return { url: glance.fileUrl(id), headers: glance.headers, identity, format, size, via: 'glance-file' };
+  if (!useSwift) return { url: glance.fileUrl(id), headers: glance.headers, identity, ...(hash ? { hash } : {}), format, size, via: 'glance-file' };
   const obj: SwiftObject = { container: containerFor(id, g), object: id };
   const t = tempUrl(g, obj, now);
   const head = await headTempUrl(t.url, config, `Glance image ${id} in Swift (${obj.container}/${obj.object})`);
   if (head.size !== size) {
     throw sourceError(`Glance image ${id} is ${size} bytes but the Swift object ${t.path} is ${head.size}: check glance.swift_container and glance.swift_store_multiple_containers_seed against Glance's swift store settings`);
   }
-  return { url: t.url, identity, format, size, expires: t.expires, via: 'glance-swift' };
+  return { url: t.url, identity, ...(hash ? { hash } : {}), format, size, expires: t.expires, via: 'glance-swift' };
 }
 
 async function resolveSwiftObject(info: InstanceInfo, config: Readonly<DriverConfig>, obj: SwiftObject, now: number): Promise<ResolvedImage> {

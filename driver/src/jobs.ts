@@ -13,12 +13,22 @@
  *             job runs for minutes, a restart loses nothing, and bull-board shows its
  *             progress)
  *   teardown  delete the disk on the agent (wiping it by default) → remove the record
+ *   manifest  (manifests.ts) read the image once, check its digest, cache its manifest
+ *
+ * Manifests: the attach job, once the disk exists, uploads the image's cached manifest
+ * or queues its build and goes on (the disk streams unverified meanwhile, and says so in
+ * last_error); the monitor job uploads it once it is cached. When verification is
+ * required (manifests.require, or driver_info smartnic_require_verification) attach
+ * waits for the manifest (moving itself to delayed) before creating the disk, and a
+ * manifest that can never be built (the image does not match Glance's digest) fails the
+ * deployment.
  *
  * A deployment created with a `callback` gets a push to Ironic (callback.ts) when its
  * attach ends: `end` once the disk is bootable, `error` once the attach failed for good.
  * The push is fire-and-forget: it never delays or fails a job.
  */
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
+import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
@@ -33,6 +43,7 @@ import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
 export interface JobDeps {
   store: DeploymentStore;
   queues: Queues;
+  manifests: ManifestCache;
   config: Readonly<DriverConfig>;
   log: Logger;
   /** The service's version, sent as agent_version in pushes to Ironic. */
@@ -95,16 +106,54 @@ async function current(deps: JobDeps, job: Job<JobData>): Promise<DeploymentReco
   return rec && rec.deployment_id === job.data.deployment ? rec : null;
 }
 
-export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> {
+/** Whether this deployment's disk must be verified from its first read. */
+function requiresVerification(deps: JobDeps, rec: DeploymentRecord): boolean {
+  return deps.config.manifests.enabled && (rec.spec.driver_info.smartnic_require_verification ?? deps.config.manifests.require);
+}
+
+type ManifestStatus = { kind: 'cached'; manifest: Buffer } | { kind: 'failed'; message: string } | { kind: 'pending' };
+
+/** The manifest `key`: cached, never buildable, or (now) being built for `rec`. */
+async function manifestStatus(deps: JobDeps, rec: DeploymentRecord, key: string, regionSize: number): Promise<ManifestStatus> {
+  const manifest = await deps.manifests.get(key);
+  if (manifest) return { kind: 'cached', manifest };
+  const message = await deps.manifests.failure(key);
+  if (message) return { kind: 'failed', message };
+  await deps.queues.ensureManifestJob(rec, key, regionSize);
+  return { kind: 'pending' };
+}
+
+const UNVERIFIED = 'streaming unverified until the image manifest is built';
+
+export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): Promise<string> {
   const rec = await current(deps, job);
   if (!rec || rec.state === 'deleting') return 'skipped: the deployment is gone or being deleted';
   if (rec.state !== 'attaching') return `skipped: already ${rec.state}`;
   const agent = agentFor(rec, deps.config);
+  const required = requiresVerification(deps, rec);
+  const di = rec.spec.driver_info;
   let disk: Disk;
   let image: ResolvedImage;
+  let key: string | null = null;
+  let status: ManifestStatus | null = null;
   try {
     image = await resolveImage(rec.spec.instance_info, deps.config);
-    const di = rec.spec.driver_info;
+    if (required) {
+      const regionSize = di.smartnic_region_size ?? DEFAULT_REGION_SIZE;
+      key = manifestKey(image, rec.spec.instance_info, regionSize);
+      if (!key) throw new DriverError('DRV_ERR_INVALID', 'verification is required, but nothing names the image\'s content (no Glance digest, instance_info image_os_hash_value or identity): a manifest cannot be cached for it');
+      await deps.store.update(rec.node_uuid, rec.deployment_id, { manifest_key: key });
+      status = await manifestStatus(deps, rec, key, regionSize);
+      if (status.kind === 'failed') {
+        const code = status.message.startsWith('DRV_ERR_INVALID') ? 'DRV_ERR_INVALID' : 'DRV_ERR_IMAGE_MISMATCH';
+        throw new DriverError(code, `verification is required: ${status.message.replace(/^DRV_ERR_[A-Z_]+: /, '')}`);
+      }
+      if (status.kind === 'pending') {
+        await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: 'waiting for the image manifest: verification is required, so the disk is created once it is built' });
+        await job.moveToDelayed(Date.now() + deps.config.jobs.monitor_interval_ms, token);
+        throw new DelayedError();
+      }
+    }
     disk = await agent
       .createDisk({
         id: rec.disk_id,
@@ -115,13 +164,15 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
           ...(image.format !== 'raw' ? { format: image.format } : {}),
         },
         target: { path: di.smartnic_target },
-        ...(di.smartnic_region_size ? { region_size: di.smartnic_region_size } : {}),
+        ...(di.smartnic_region_size || required ? { region_size: di.smartnic_region_size ?? DEFAULT_REGION_SIZE } : {}),
         hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
       })
       .catch((err: unknown) => {
         throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
       });
+    if (status?.kind === 'cached' && !disk.verified) disk = await uploadManifest(rec, deps, status.manifest);
   } catch (err) {
+    if (err instanceof DelayedError) throw err;
     return fail(deps, job, rec, err);
   }
   // A teardown may have started while the agent was creating the disk: it may have found
@@ -131,19 +182,44 @@ export async function attach(deps: JobDeps, job: Job<JobData>): Promise<string> 
     await agent.deleteDisk(rec.disk_id, true).catch(() => undefined);
     return 'cancelled: torn down while attaching';
   }
+  // Not required: upload a cached manifest, or have it built and stream unverified meanwhile.
+  let note: string | null = null;
+  if (!required && deps.config.manifests.enabled && !disk.verified && disk.state !== 'complete') {
+    key = manifestKey(image, rec.spec.instance_info, disk.region_size);
+    if (key) {
+      try {
+        status = await manifestStatus(deps, rec, key, disk.region_size);
+        if (status.kind === 'cached') disk = await uploadManifest(rec, deps, status.manifest);
+        else note = status.kind === 'failed' ? status.message : UNVERIFIED;
+      } catch (err) {
+        note = `${UNVERIFIED}: ${(err as Error).message}`;
+      }
+    }
+  }
   const updated = await deps.store.update(rec.node_uuid, rec.deployment_id, {
     state: disk.state === 'complete' ? 'complete' : 'ready',
     image_url: redactUrl(image.url),
     image_expires_at: expiryOf(image),
     export_uri: disk.export.uri,
     progress: progressOf(disk),
-    last_error: null,
+    manifest_key: key,
+    last_error: note,
   });
   if (updated) push(deps, rec, 'end', `streaming disk ${disk.state === 'complete' ? 'complete' : 'ready'}: ${disk.export.uri}`);
   await job.updateProgress(100);
   if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
-  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via }, 'streaming disk ready');
-  return `ready: ${disk.export.uri}`;
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via, verified: disk.verified }, 'streaming disk ready');
+  return `ready: ${disk.export.uri}${disk.verified ? ' (verified)' : ''}`;
+}
+
+async function uploadManifest(rec: DeploymentRecord, deps: JobDeps, manifest: Buffer): Promise<Disk> {
+  const disk = await agentFor(rec, deps.config)
+    .setManifest(rec.disk_id, manifest)
+    .catch((err: unknown) => {
+      throw agentError(err, `uploading the image manifest to disk ${rec.disk_id} on ${rec.agent_url}`);
+    });
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id }, 'image manifest uploaded: fetched regions are verified');
+  return disk;
 }
 
 export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | undefined): Promise<string> {
@@ -161,11 +237,23 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
     await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${agentError(err, 'polling progress').message}; still polling` });
   }
   if (disk) {
+    let note: string | null = null;
+    if (rec.manifest_key && !disk.verified && disk.state !== 'complete' && deps.config.manifests.enabled) {
+      try {
+        const status = await manifestStatus(deps, rec, rec.manifest_key, disk.region_size);
+        if (status.kind === 'cached') disk = await uploadManifest(rec, deps, status.manifest);
+        else note = status.kind === 'failed' ? status.message : UNVERIFIED;
+      } catch (err) {
+        note = `${UNVERIFIED}: ${(err as Error).message}`;
+      }
+    } else if (rec.manifest_key && !disk.verified) {
+      note = await deps.manifests.failure(rec.manifest_key).catch(() => null);
+    }
     const progress = progressOf(disk);
     const complete = disk.state === 'complete';
     await deps.store.update(rec.node_uuid, rec.deployment_id, {
       progress,
-      last_error: disk.last_error,
+      last_error: [disk.last_error, note].filter((x) => x).join('; ') || null,
       ...(complete ? { state: 'complete' as const } : {}),
     });
     await job.updateProgress(Math.floor(progress.fraction * 100));

@@ -1,5 +1,6 @@
 /**
- * The three BullMQ queues. A job's id is derived from the node, the deployment and the
+ * The BullMQ queues: attach, monitor, teardown per deployment; manifest per image (see
+ * manifests.ts for its job ids, derived from the image's content instead). A job's id is derived from the node, the deployment and the
  * record's generation (its creation time), so a duplicate request or a retry enqueues
  * nothing new, while a new deployment of the same node (even reusing a deployment id)
  * gets fresh jobs. Ids use '-' as separator: BullMQ refuses ':' in custom ids.
@@ -7,9 +8,10 @@
 import { type Job, Queue, type JobsOptions } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { DriverConfig } from './config.js';
+import { manifestJobId } from './manifests.js';
 import type { DeploymentRecord } from './store.js';
 
-export const QUEUE_NAMES = ['attach', 'monitor', 'teardown'] as const;
+export const QUEUE_NAMES = ['attach', 'monitor', 'teardown', 'manifest'] as const;
 export type QueueName = (typeof QUEUE_NAMES)[number];
 
 export interface JobData {
@@ -17,6 +19,9 @@ export interface JobData {
   deployment: string;
   /** For teardown: wipe the local target. */
   wipe?: boolean;
+  /** For manifest: the cache key (manifests.ts) and region size; node and deployment are the first asker's. */
+  key?: string;
+  region_size?: number;
 }
 
 export function jobIdFor(queue: QueueName, rec: Pick<DeploymentRecord, 'node_uuid' | 'deployment_id' | 'created_at'>): string {
@@ -34,10 +39,13 @@ export class Queues {
   readonly byName: Record<QueueName, Queue<JobData>>;
   private readonly cfg: DriverConfig['jobs'];
 
-  constructor(connection: Redis, prefix: string, cfg: DriverConfig['jobs']) {
+  private readonly manifestAttempts: number;
+
+  constructor(connection: Redis, prefix: string, cfg: DriverConfig['jobs'], manifestAttempts = 3) {
     this.cfg = cfg;
+    this.manifestAttempts = manifestAttempts;
     const make = (name: QueueName): Queue<JobData> => new Queue<JobData>(name, { connection, prefix });
-    this.byName = { attach: make('attach'), monitor: make('monitor'), teardown: make('teardown') };
+    this.byName = { attach: make('attach'), monitor: make('monitor'), teardown: make('teardown'), manifest: make('manifest') };
   }
 
   private options(queue: QueueName, rec: DeploymentRecord): JobsOptions {
@@ -57,7 +65,26 @@ export class Queues {
   }
 
   async job(queue: QueueName, rec: DeploymentRecord): Promise<Job<JobData> | undefined> {
+    if (queue === 'manifest') return rec.manifest_key ? this.byName.manifest.getJob(manifestJobId(rec.manifest_key)) : undefined;
     return this.byName[queue].getJob(jobIdFor(queue, rec));
+  }
+
+  /**
+   * Makes sure a build of the manifest `key` is queued or running, asked for by `rec`.
+   * One job per key: a queued or running one is shared; a finished one (its manifest
+   * since evicted, or a failure that was not permanent) is replaced.
+   */
+  async ensureManifestJob(rec: DeploymentRecord, key: string, regionSize: number): Promise<void> {
+    const jobId = manifestJobId(key);
+    const q = this.byName.manifest;
+    const existing = await q.getJob(jobId);
+    if (existing) {
+      const state = await existing.getState();
+      if (state !== 'completed' && state !== 'failed') return;
+      await existing.remove().catch(() => undefined);
+    }
+    const keep = { count: this.cfg.keep_completed };
+    await q.add('manifest', { node: rec.node_uuid, deployment: rec.deployment_id, key, region_size: regionSize }, { jobId, attempts: this.manifestAttempts, backoff: { type: 'exponential', delay: this.cfg.backoff_ms }, removeOnComplete: keep, removeOnFail: keep });
   }
 
   /** The deployment's jobs that exist, with their states (for the API and the CLI). */

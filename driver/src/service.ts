@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import { buildDriverApi, type DriverApp } from './api.js';
 import type { DriverConfig } from './config.js';
 import { attach, type JobDeps, monitor, teardown } from './jobs.js';
+import { buildManifest, ManifestCache } from './manifests.js';
 import { createMetrics } from './metrics.js';
 import { type JobData, QUEUE_NAMES, Queues, type QueueName } from './queues.js';
 import { DeploymentStore } from './store.js';
@@ -37,22 +38,26 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   // An unreachable Redis is reported by health and by failing requests, not by crashing.
   for (const r of [workerRedis, apiRedis]) r.on('error', (err: Error) => log.debug({ err: err.message }, 'redis connection error'));
   const prefix = config.redis.prefix;
-  const jobsQueues = new Queues(workerRedis, prefix, config.jobs);
-  const apiQueues = new Queues(apiRedis, prefix, config.jobs);
+  const jobsQueues = new Queues(workerRedis, prefix, config.jobs, config.manifests.attempts);
+  const apiQueues = new Queues(apiRedis, prefix, config.jobs, config.manifests.attempts);
+  const manifests = new ManifestCache(workerRedis, prefix);
   const store = new DeploymentStore(workerRedis, prefix);
   const apiStore = new DeploymentStore(apiRedis, prefix);
   const metrics = createMetrics(apiStore, apiQueues);
-  const deps: JobDeps = { store, queues: jobsQueues, config, log, version: opts.version ?? '0.0.0' };
+  const deps: JobDeps = { store, queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0' };
 
   const workers: Worker<JobData>[] = [];
   if (opts.workers ?? true) {
     const processors: Record<QueueName, (job: Job<JobData>, token?: string) => Promise<string>> = {
-      attach: (job) => attach({ ...deps, log: log.child({ job: job.id }) }, job),
+      attach: (job, token) => attach({ ...deps, log: log.child({ job: job.id }) }, job, token),
       monitor: (job, token) => monitor({ ...deps, log: log.child({ job: job.id }) }, job, token),
       teardown: (job) => teardown({ ...deps, log: log.child({ job: job.id }) }, job),
+      manifest: (job) => buildManifest({ ...deps, log: log.child({ job: job.id }) }, job),
     };
     for (const q of QUEUE_NAMES) {
-      const w = new Worker<JobData>(q, processors[q], { connection: workerRedis, prefix, concurrency: config.jobs.concurrency });
+      // A manifest build reads a whole image: two at a time per process at most.
+      const concurrency = q === 'manifest' ? Math.min(2, config.jobs.concurrency) : config.jobs.concurrency;
+      const w = new Worker<JobData>(q, processors[q], { connection: workerRedis, prefix, concurrency });
       w.on('completed', () => metrics.jobsFinished.inc({ queue: q, result: 'completed' }));
       w.on('failed', (job, err) => {
         const final = !job || job.attemptsMade >= (job.opts.attempts ?? 1) || err.name === 'UnrecoverableError';

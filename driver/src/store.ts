@@ -33,6 +33,8 @@ export interface DeploymentRecord {
   export_uri: string | null;
   progress: Progress;
   last_error: string | null;
+  /** The cache key of the image's manifest (manifests.ts), once the attach job knows it; null when the image gets none. */
+  manifest_key?: string | null;
   created_at: string;
   updated_at: string;
   spec: DeploymentCreate;
@@ -143,6 +145,7 @@ function decode(h: Record<string, string>): DeploymentRecord {
     export_uri: json<string | null>('export_uri', null),
     progress: json<Progress>('progress', EMPTY_PROGRESS),
     last_error: json<string | null>('last_error', null),
+    manifest_key: json<string | null>('manifest_key', null),
     created_at: h['created_at'] ?? '',
     updated_at: h['updated_at'] ?? '',
     spec: json<DeploymentCreate>('spec', {} as DeploymentCreate),

@@ -49,6 +49,14 @@ export class AgentClient {
     return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/source`, body), `source of ${id}`);
   }
 
+  /** Uploads an encoded manifest (dpu-agent/src/manifest/manifest.ts); the disk is then `verified`. */
+  setManifest(id: string, manifest: Buffer): Promise<Disk> {
+    return call(
+      this.http.put<Disk>(`/v1/disks/${encodeURIComponent(id)}/manifest`, manifest, { headers: { 'Content-Type': 'application/octet-stream' }, maxBodyLength: Infinity }),
+      `manifest of ${id}`,
+    );
+  }
+
   metrics(): Promise<string> {
     return call(this.http.get<string>('/metrics', { responseType: 'text' }), 'agent metrics');
   }

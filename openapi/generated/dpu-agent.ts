@@ -148,6 +148,36 @@ export interface paths {
         readonly patch: operations["updateSource"];
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/manifest": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Verify every region fetched from now on against the image's manifest.
+         * @description The body is a manifest as `dpu-agent manifest` writes it (per region, the SHA-256
+         *     and whether it is all zeros; the format is in dpu-agent/src/manifest/manifest.ts),
+         *     built from the same image with the disk's region size; at most 64 MiB (413 beyond).
+         *     From then on a fetched region whose hash differs is dropped and fetched again (then
+         *     fails with EIO, never serving wrong bytes; `integrity_failures` counts them), and
+         *     zero regions are not fetched at all. Regions already local stay as they are. The
+         *     manifest is stored with the disk, so a restarted agent verifies with it again.
+         *     A body that does not decode, or that describes another size or region size, is
+         *     refused with 400 DPU_ERR_MANIFEST_INVALID and the disk is left as it was.
+         */
+        readonly put: operations["setManifest"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -273,6 +303,10 @@ export interface components {
             /** @description Bytes per second fetched from the origin over the last few seconds. */
             readonly fetch_rate_bps: number;
             readonly fetch_retries: number;
+            /** @description Whether fetched regions are checked against a manifest (PUT /v1/disks/{id}/manifest); false: they are served as the origin sends them. */
+            readonly verified: boolean;
+            /** @description Fetched regions dropped because their hash differed from the manifest (each fetched again). */
+            readonly integrity_failures: number;
             readonly hydration: {
                 /** @enum {string} */
                 readonly state: "running" | "paused" | "complete" | "stopped" | "disabled";
@@ -624,6 +658,53 @@ export interface operations {
             readonly 404: components["responses"]["NotFound"];
             /** @description The identity given is not the disk's. */
             readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly setManifest: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/octet-stream": string;
+            };
+        };
+        readonly responses: {
+            /** @description The disk, now `verified`. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Disk"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description The disk has never been opened, so its size is unknown (DPU_ERR_DISK_FAILED). */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than 64 MiB. */
+            readonly 413: {
                 headers: {
                     readonly [name: string]: unknown;
                 };

@@ -163,6 +163,8 @@ export interface components {
             readonly smartnic_region_size?: number;
             /** @description Background hydration cap */
             readonly smartnic_bandwidth?: number;
+            /** @description true: the disk is created only once the image manifest is built, so every fetched region is verified from the first read (default: the service's manifests.require). */
+            readonly smartnic_require_verification?: boolean;
         };
         readonly ValidateRequest: {
             readonly node_uuid?: components["schemas"]["NodeId"];
@@ -239,8 +241,11 @@ export interface components {
             /** Format: date-time */
             readonly updated_at: string;
             readonly jobs: readonly {
-                /** @enum {string} */
-                readonly queue: "attach" | "monitor" | "teardown";
+                /**
+                 * @description manifest: the build of the image manifest this deployment asked for (shared by every deployment of the image).
+                 * @enum {string}
+                 */
+                readonly queue: "attach" | "monitor" | "teardown" | "manifest";
                 readonly id: string;
                 readonly state: string;
                 readonly attempts?: number;

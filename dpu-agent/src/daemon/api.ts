@@ -20,6 +20,12 @@ import { createMetrics } from './metrics.js';
 const SPEC_URL = new URL('../../../../openapi/dpu-agent.yaml', import.meta.url);
 const PACKAGE_URL = new URL('../../../../dpu-agent/package.json', import.meta.url);
 
+/**
+ * The largest manifest body accepted (PUT /v1/disks/{id}/manifest): 32 bytes a region,
+ * so 64 MiB covers 2 Mi regions — a 2 TiB image in 1 MiB regions. A larger body gets 413.
+ */
+export const MAX_MANIFEST_BYTES = 64 << 20;
+
 /** Request headers that carry credentials: censored wherever a request is logged. */
 export const REDACT_PATHS = ['req.headers.authorization', 'req.headers["x-auth-token"]', 'headers.authorization', 'headers["x-auth-token"]'];
 
@@ -59,7 +65,13 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     getRegionMap: async (req) => manager.regionMap(idOf(req)),
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
     updateSource: async (req) => manager.setSource(idOf(req), req.body as SourceUpdate),
+    setManifest: async (req) => {
+      if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the manifest is a binary body with Content-Type: application/octet-stream (see `dpu-agent manifest`)');
+      return manager.setManifest(idOf(req), req.body);
+    },
   };
+  // The one binary request body (a manifest): read whole, up to its bound, as a Buffer.
+  app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer', bodyLimit: MAX_MANIFEST_BYTES }, (_req, body, done) => done(null, body));
   registerOpenApi(app, loadOpenApi(SPEC_URL), {
     handlers,
     tokens: config.auth.disabled ? [] : resolveTokens(config),

@@ -7,6 +7,8 @@
  *   spec.json    the create request, normalised, with the source headers (mode 0600): all
  *                that is needed to open the disk again. Written atomically (temp file,
  *                fsync, rename, fsync of the directory).
+ *   manifest.bin the image manifest uploaded with PUT /v1/disks/{id}/manifest (optional),
+ *                re-applied whenever the disk is opened again. Written atomically.
  *   disk.json, regions.map, lock   the streaming disk's own (see streaming/open.ts).
  *
  * Ordering, and why:
@@ -29,8 +31,9 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
 import { DpuError } from '../errors.js';
-import { writeJsonAtomic } from '../local/atomic-file.js';
+import { writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
+import { Manifest } from '../manifest/manifest.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import { RegionState } from '../region/region-map.js';
 import { redactUrl } from '../remote/redact.js';
@@ -77,6 +80,7 @@ export interface DiskManagerOptions {
 const RATE_WINDOW_MS = 5_000;
 const RATE_SAMPLE_MS = 1_000;
 const WIPE_BYTES = 1 << 20;
+const MANIFEST_FILE = 'manifest.bin';
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
 const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
@@ -290,6 +294,30 @@ export class DiskManager {
     });
   }
 
+  /**
+   * Verifies the disk's fetched regions with `body` (an encoded manifest/manifest.ts) from
+   * now on, and stops fetching its zero regions. Checked against the disk's size and
+   * region size first; then written to manifest.bin (so a restart re-applies it), then
+   * applied to the open disk. A disk that is not open (yet) gets it when it opens.
+   */
+  async setManifest(id: string, body: Buffer): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.find(id);
+      const manifest = Manifest.decode(body);
+      const p = m.opened?.disk.progress();
+      const size = p?.size ?? m.record?.size;
+      const regionSize = p?.regionSize ?? m.record?.regionSize ?? m.spec.region_size;
+      if (size === undefined) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" has never been opened, so its size is unknown; upload the manifest once it is`);
+      if (manifest.size !== size || manifest.regionSize !== regionSize) {
+        throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${manifest.size} bytes in ${manifest.regionSize}-byte regions; disk "${id}" has ${size} bytes in ${regionSize}-byte regions`);
+      }
+      writeFileAtomic(path.join(m.dir, MANIFEST_FILE), body);
+      m.opened?.disk.setManifest(manifest);
+      this.log.info({ disk: id, regions: manifest.count, zero: manifest.zeroRegions, imageHash: `${manifest.imageHashAlgo}:${manifest.imageHash.toString('hex').slice(0, 16)}…` }, 'manifest set: fetched regions are verified');
+      return this.view(m);
+    });
+  }
+
   metrics(): DiskMetrics[] {
     return [...this.disks.values()].map((m) => {
       const p = m.opened?.disk.progress();
@@ -400,6 +428,7 @@ export class DiskManager {
     const { spec } = m;
     const d = this.config.defaults;
     const log = this.log.child({ disk: spec.id });
+    const manifest = readManifest(m.dir, log);
     const opened = await openStreamingDisk({
       source: {
         url: spec.source.url,
@@ -417,6 +446,7 @@ export class DiskManager {
       regionSize: spec.region_size,
       hydrator: { bandwidth: spec.hydration.bandwidth, batchBytes: d.batch_size, concurrency: d.hydrate_connections },
       commitIntervalMs: d.commit_interval_ms,
+      ...(manifest ? { manifest } : {}),
       log,
     });
     const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log });
@@ -509,6 +539,8 @@ export class DiskManager {
       bytes_fetched: p?.bytesFetched ?? 0,
       fetch_rate_bps: opened ? m.rate.rate() : 0,
       fetch_retries: p?.fetchRetries ?? 0,
+      verified: p?.verified ?? false,
+      integrity_failures: p?.integrityFailures ?? 0,
       hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },
       last_error: m.lastError,
     };
@@ -590,6 +622,22 @@ export function encodeRle(states: Uint8Array): string {
     i = j;
   }
   return out;
+}
+
+/** The stored manifest, or null (none, or unreadable: then the disk streams unverified and says why in the log). */
+function readManifest(dir: string, log: Logger): Manifest | null {
+  let buf: Buffer;
+  try {
+    buf = fs.readFileSync(path.join(dir, MANIFEST_FILE));
+  } catch {
+    return null;
+  }
+  try {
+    return Manifest.decode(buf);
+  } catch (err) {
+    log.error({ err: (err as Error).message }, `${MANIFEST_FILE} is unusable: the disk streams unverified until a manifest is uploaded again`);
+    return null;
+  }
 }
 
 function readDiskRecord(dir: string): ManagedDisk['record'] {

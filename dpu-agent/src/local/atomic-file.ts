@@ -14,10 +14,15 @@ export function fsyncDir(dir: string): void {
 
 /** Atomic replace: temp file (mode 0600), fsync, rename over `file`, fsync the directory. */
 export function writeJsonAtomic(file: string, value: unknown): void {
+  writeFileAtomic(file, JSON.stringify(value, null, 2) + '\n');
+}
+
+/** Atomic replace of `file` with `data`, as writeJsonAtomic. */
+export function writeFileAtomic(file: string, data: string | Buffer): void {
   const tmp = `${file}.tmp`;
   const fd = fs.openSync(tmp, 'w', 0o600);
   try {
-    fs.writeSync(fd, JSON.stringify(value, null, 2) + '\n');
+    fs.writeSync(fd, typeof data === 'string' ? Buffer.from(data) : data);
     fs.fsyncSync(fd);
   } finally {
     fs.closeSync(fd);
