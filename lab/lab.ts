@@ -23,6 +23,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatBytes, parseRate } from '../dpu-agent/src/cli/units.js';
+import { AgentClient } from '../openapi/clients/agent-client.js';
 import { DriverClient } from '../openapi/clients/driver-client.js';
 import { buildBootImage, BOOT_MARKER } from '../tests/helpers/boot-image.js';
 import { installPlugin, IronicServer } from '../tests/helpers/ironic.js';
@@ -44,6 +45,8 @@ const HELP = `Usage: npm run lab -- [up] [options] | status | down
                       (default 1gbit)
     --link-index N    which namespace (snlabN) and subnet (10.213.N.0/30) (default 1)
     --keep            leave the lab running after the summary (until Ctrl-C or "down")
+    --no-verify       do not require the image's manifest (regions stream unverified
+                      until it is built, as the driver does by default)
     --json            print the summary as one JSON line (for tests)
     --dir DIR         work directory (default /var/tmp/smartnic-lab)
   status            what runs where
@@ -151,7 +154,7 @@ function bar(frac: number, width = 24): string {
   return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
 }
 
-async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link: number | null; linkIndex: number; keep: boolean; json: boolean }): Promise<number> {
+async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link: number | null; linkIndex: number; keep: boolean; json: boolean; verify: boolean }): Promise<number> {
   const { dir } = opts;
   const existing = readRecord(dir);
   if (existing && alive(existing.pid)) {
@@ -218,7 +221,13 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
     const driver = await driverService({
       dir,
       redisUrl: redis.url,
-      extra: { glance: { url: os.glance.swift!.url, swift_endpoint_url: os.swift.storageUrl, swift_temp_url_key: TEMP_URL_KEY } },
+      extra: {
+        glance: { url: os.glance.swift!.url, swift_endpoint_url: os.swift.storageUrl, swift_temp_url_key: TEMP_URL_KEY },
+        // Every region the host or the copy fetches is checked against the image's manifest,
+        // built once from the image and its Glance digest (the first deploy of an image waits
+        // for that build; later deploys of it find it cached).
+        manifests: { require: opts.verify },
+      },
     });
     const pluginDir = path.join(dir, 'plugin');
     await Promise.all([agent.start(), driver.start(), installPlugin(pluginDir)]);
@@ -299,6 +308,8 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
       deploy_to_active_ms: activeAt,
       deploy_to_boot_marker_ms: markerAt,
       deploy_to_hydrated_ms: completeAt,
+      verified: false,
+      integrity_failures: 0,
       hydrated_fraction_at_marker: atMarker,
       bytes_fetched: fetched,
       fetched_over_image: fetched / imageBytes.length,
@@ -307,6 +318,9 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
       local_disk_equals_image: sameAsImage,
       wiped_on_undeploy: null as boolean | null,
     };
+    const disk = (await new AgentClient({ baseUrl: agent.url, token: TOKEN }).listDisks())[0];
+    summary.verified = disk?.verified ?? false;
+    summary.integrity_failures = disk?.integrity_failures ?? 0;
     const print = (): void => {
       if (opts.json) {
         process.stdout.write(JSON.stringify(summary) + '\n');
@@ -322,6 +336,7 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
           `  deploy → boot marker     ${(markerAt / 1000).toFixed(1)} s (hydration ${(atMarker * 100).toFixed(0)}% done at that moment)`,
           `  deploy → all local       ${(completeAt / 1000).toFixed(1)} s (hydration at ${formatBytes(summary.hydration_bytes_per_s)}/s = ${((summary.hydration_bytes_per_s * 8) / 1e6).toFixed(0)} Mbit/s)`,
           `  fetched / image          ${formatBytes(fetched)} / ${formatBytes(imageBytes.length)} = ${summary.fetched_over_image.toFixed(3)}`,
+          `  verified region by region ${summary.verified ? `yes (manifest checked against Glance's digest; ${summary.integrity_failures} bad regions refetched)` : 'no'}`,
           `  local disk = image       ${sameAsImage ? 'yes' : 'NO'}`,
           ...(summary.wiped_on_undeploy === null ? [] : [`  undeploy wiped the disk  ${summary.wiped_on_undeploy ? 'yes' : 'NO'}`]),
           '',
@@ -351,6 +366,7 @@ async function main(): Promise<number> {
     allowPositionals: true,
     options: {
       'image-mib': { type: 'string', default: '256' },
+      'no-verify': { type: 'boolean' },
       bandwidth: { type: 'string', default: '16M' },
       keep: { type: 'boolean' },
       json: { type: 'boolean' },
@@ -377,7 +393,7 @@ async function main(): Promise<number> {
   const linkIndex = Number(values['link-index']);
   if (!Number.isInteger(linkIndex) || linkIndex < 0 || linkIndex > 255) throw new Error(`--link-index ${values['link-index']} must be an integer from 0 to 255`);
   const link = values.link!.trim() === '0' ? null : parseRate(values.link!, '--link');
-  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), link, linkIndex, keep: !!values.keep, json: !!values.json });
+  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), link, linkIndex, keep: !!values.keep, json: !!values.json, verify: !values['no-verify'] });
 }
 
 main().then(

@@ -35,6 +35,7 @@ describe('the lab (npm run lab)', function () {
     assert.ok((s['hydrated_fraction_at_marker'] as number) < 1, 'the host booted before hydration finished');
     assert.ok((s['deploy_to_boot_marker_ms'] as number) < (s['deploy_to_hydrated_ms'] as number));
     assert.equal(s['local_disk_equals_image'], true);
+    assert.equal(s['verified'], true, 'every region was checked against the manifest built from Glance\'s digest');
     assert.equal(s['wiped_on_undeploy'], true);
     assert.ok((s['fetched_over_image'] as number) <= 1.01, `fetched ${s['fetched_over_image']}× the image`);
     assert.equal(s['link_bytes_per_s'], 125_000_000, 'Swift behind the default 1 Gbit/s link');
