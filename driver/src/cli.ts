@@ -90,6 +90,10 @@ async function serve(config: Readonly<DriverConfig>): Promise<number> {
   });
   log.info('stopping');
   await service.close();
+  log.info('stopped');
+  // Everything the service owns is closed. With Redis unreachable, client libraries keep
+  // reconnect timers of their own alive; they must not keep a stopped daemon running.
+  setTimeout(() => process.exit(0), 500).unref();
   return 0;
 }
 

@@ -28,6 +28,24 @@ export interface StartOptions {
   version?: string;
 }
 
+const CLOSE_GRACE_MS = 5_000;
+const FORCE_GRACE_MS = 2_000;
+const ERROR_LOG_INTERVAL_MS = 30_000;
+const lastWorkerError = new Map<string, number>();
+
+/** Whether `p` settled within `ms` (it keeps running either way). */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    return await Promise.race([p.then(() => true, () => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export function redisConnection(url: string, patient: boolean): Redis {
   return new Redis(url, patient ? { maxRetriesPerRequest: null } : { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 2000 });
 }
@@ -63,7 +81,15 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
         const final = !job || job.attemptsMade >= (job.opts.attempts ?? 1) || err.name === 'UnrecoverableError';
         metrics.jobsFinished.inc({ queue: q, result: final ? 'failed' : 'retried' });
       });
-      w.on('error', (err) => log.warn({ queue: q, err: err.message }, 'worker error'));
+      w.on('error', (err) => {
+        // While Redis is down every worker reports each reconnect attempt: say it once per
+        // queue and message every ERROR_LOG_INTERVAL_MS, not several times a second.
+        const key = `${q}\0${err.message}`;
+        const now = Date.now();
+        if (now - (lastWorkerError.get(key) ?? 0) < ERROR_LOG_INTERVAL_MS) return;
+        lastWorkerError.set(key, now);
+        log.warn({ queue: q, err: err.message }, 'worker error (repeats are not logged for 30 s)');
+      });
       workers.push(w);
     }
   }
@@ -75,9 +101,15 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
     url,
     async close() {
       await app.close();
-      // Workers finish the step they are on (a monitor step is one poll), then stop.
-      await Promise.all(workers.map((w) => w.close()));
-      await Promise.all([jobsQueues.close(), apiQueues.close()]);
+      // Workers finish the step they are on (a monitor step is one poll), then stop. With
+      // Redis unreachable a graceful close never completes: after a grace period the workers
+      // are closed by force (their jobs' locks expire and another process takes them over).
+      const graceful = await within(Promise.all(workers.map((w) => w.close())), CLOSE_GRACE_MS);
+      if (!graceful) {
+        log.warn({ graceMs: CLOSE_GRACE_MS }, 'workers did not stop in time (is Redis reachable?); closing them by force');
+        await within(Promise.all(workers.map((w) => w.close(true))), FORCE_GRACE_MS);
+      }
+      await within(Promise.all([jobsQueues.close(), apiQueues.close()]), FORCE_GRACE_MS);
       workerRedis.disconnect();
       apiRedis.disconnect();
     },

@@ -197,4 +197,17 @@ describe('driver service with a real agent, Redis and origin', function () {
       origin.setRate(0);
     }
   });
+  it('stops on SIGTERM within seconds even while Redis is down, and says so once, not in a flood', async () => {
+    await redis.stop();
+    await new Promise((r) => setTimeout(r, 3000)); // workers notice and retry meanwhile
+    const d = drivers[1]!;
+    const t0 = Date.now();
+    const code = await d.stop();
+    const took = Date.now() - t0;
+    assert.equal(code, 0);
+    assert.ok(took < 15_000, `took ${took} ms to stop`);
+    const workerErrors = d.output.split('\n').filter((l) => l.includes('worker error')).length;
+    assert.ok(workerErrors <= 10, `${workerErrors} worker-error lines: repeats must be suppressed`);
+    await redis.start();
+  });
 });
