@@ -20,21 +20,42 @@
  * Run it under the machine's heavy-work lock: `flock /tmp/heavy.lock node dist/bench/hotpath.js`.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
-import { run } from '../tests/helpers/run.js';
+import {
+  DOC,
+  REPO,
+  commandLine,
+  cpuSeconds,
+  describeMachine,
+  flushFile,
+  fmtBytes,
+  fmtNum,
+  freePort,
+  machineInfo,
+  makeRandomImage,
+  median,
+  onCleanup,
+  plot,
+  ratio,
+  removeAtEnd,
+  runMain,
+  settleAndWarm,
+  sleep,
+  stopChild,
+  track,
+  updateDocSection,
+  waitNbdReady,
+  writeResults,
+  type MachineInfo,
+} from './lib/common.js';
 
-const REPO = fileURLToPath(new URL('../../', import.meta.url));
-const DOC = path.join(REPO, 'docs/benchmarks.md');
-const RESULTS_DIR = path.join(REPO, 'bench/results');
-const SECTION = '## Hot path (fio nbd engine)';
+const SECTION_UNIX = '## Hot path (fio nbd engine)';
+const SECTION_TCP = '## Hot path over loopback TCP (fio nbd engine)';
 
 // ---------------------------------------------------------------- options
 
@@ -133,62 +154,6 @@ const WORKLOADS: Workload[] = [
 const SERVER_NAMES = ['agent', 'nbdkit', 'qemu-nbd'] as const;
 type ServerName = (typeof SERVER_NAMES)[number];
 
-// ---------------------------------------------------------------- process bookkeeping
-
-/**
- * Every child the bench starts, so they are all killed by PID however the bench ends:
- * normal end, exception, Ctrl-C, SIGTERM. The `exit` hook is the last resort (it can only
- * act synchronously, hence SIGKILL).
- */
-const children = new Set<ChildProcess>();
-const cleanups: (() => Promise<void>)[] = [];
-/** Removed only after every child is gone, so no server loses its file while running. */
-let workdirToRemove: string | null = null;
-
-function track(child: ChildProcess): ChildProcess {
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-async function stopChild(child: ChildProcess, graceMs = 5000): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-  await exited;
-  clearTimeout(timer);
-}
-
-/** Set by a signal: from then on failures are the teardown's echo, not news. */
-let interrupted = false;
-let cleaningUp: Promise<void> | null = null;
-function cleanupAll(): Promise<void> {
-  cleaningUp ??= (async () => {
-    for (const fn of cleanups.reverse()) {
-      try {
-        await fn();
-      } catch (err) {
-        console.error(`cleanup: ${(err as Error).message}`);
-      }
-    }
-    await Promise.all([...children].map((c) => stopChild(c)));
-    if (workdirToRemove) fs.rmSync(workdirToRemove, { recursive: true, force: true });
-  })();
-  return cleaningUp;
-}
-
-process.on('exit', () => {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-});
-for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143], ['SIGHUP', 129]] as const) {
-  process.on(sig, () => {
-    interrupted = true;
-    console.error(`\n${sig}: stopping servers`);
-    void cleanupAll().finally(() => process.exit(code));
-  });
-}
-
 // ---------------------------------------------------------------- servers
 
 interface Server {
@@ -207,14 +172,6 @@ interface Endpoint {
   port: number;
 }
 
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => srv.close(() => resolve()));
-  return port;
-}
-
 async function endpoint(tcp: boolean, dir: string, name: string): Promise<Endpoint> {
   if (tcp) {
     const port = await freePort();
@@ -222,24 +179,6 @@ async function endpoint(tcp: boolean, dir: string, name: string): Promise<Endpoi
   }
   const socket = path.join(dir, `${name}.sock`);
   return { agentListen: `unix:${socket}`, uri: `nbd+unix:///?socket=${socket}`, socket, port: 0 };
-}
-
-/** Polls with nbdinfo until the export answers with the expected size (or the server dies). */
-async function waitReady(child: ChildProcess, name: string, uri: string, size: number, stderr: () => string): Promise<void> {
-  const deadline = Date.now() + 20_000;
-  let last = '';
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`${name} exited (${child.exitCode ?? child.signalCode}): ${stderr().slice(-2000)}`);
-    const r = await run('nbdinfo', ['--size', uri], { allowFail: true, timeoutMs: 5000 });
-    if (r.code === 0) {
-      const got = Number(r.stdout.trim());
-      if (got !== size) throw new Error(`${name} exports ${got} bytes, expected ${size}`);
-      return;
-    }
-    last = r.stderr;
-    await sleep(100);
-  }
-  throw new Error(`${name} did not answer on ${uri} within 20 s: ${last}; ${stderr().slice(-2000)}`);
 }
 
 async function startPeer(name: 'nbdkit' | 'qemu-nbd', file: string, ep: Endpoint, size: number): Promise<Server> {
@@ -251,14 +190,14 @@ async function startPeer(name: 'nbdkit' | 'qemu-nbd', file: string, ep: Endpoint
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr = (stderr + d).slice(-8000)));
   child.once('error', (err) => (stderr += `\nspawn: ${err.message}`));
-  await waitReady(child, name, ep.uri, size, () => stderr);
+  await waitNbdReady(child, name, ep.uri, size, () => stderr);
   return { name, pid: child.pid!, uri: ep.uri, file, child };
 }
 
 async function startAgent(image: string, dir: string, ep: Endpoint, size: number, log: (s: string) => void): Promise<{ server: Server; hydrateMs: number }> {
   const origin = new TestOrigin({ file: image });
   const url = await origin.start();
-  cleanups.push(() => origin.stop());
+  onCleanup(() => origin.stop());
   const target = path.join(dir, 'agent-target.raw');
   const state = path.join(dir, 'agent-state');
   // AgentProcess always passes a unix --listen; a second --listen wins (node parseArgs
@@ -270,27 +209,11 @@ async function startAgent(image: string, dir: string, ep: Endpoint, size: number
   log(`  agent listening; hydrating ${fmtBytes(size)} from ${url}`);
   const done = await agent.complete(600_000);
   const hydrateMs = Number(done['elapsedMs'] ?? Date.now() - t0);
-  await waitReady(agent.child, 'agent', ep.uri, size, () => agent.stderr);
+  await waitNbdReady(agent.child, 'agent', ep.uri, size, () => agent.stderr);
   return { server: { name: 'agent', pid: agent.child.pid!, uri: ep.uri, file: target, child: agent.child }, hydrateMs };
 }
 
 // ---------------------------------------------------------------- measuring
-
-const CLK_TCK = 100; // USER_HZ: the unit of /proc/PID/stat times; 100 on every Linux ABI in use
-
-/** utime + stime of the whole process (all threads), in seconds. */
-function cpuSeconds(pid: number, name: string): number {
-  let stat: string;
-  try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    throw new Error(`${name} (pid ${pid}) is gone`);
-  }
-  // Fields after the parenthesised comm (which may contain spaces): state is field 3,
-  // utime field 14, stime field 15.
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-}
 
 interface FioDir {
   io_bytes: number;
@@ -383,104 +306,7 @@ async function runFio(w: Workload, server: Server, runtime: number, round: numbe
 
 // ---------------------------------------------------------------- files
 
-/** Random bytes (no holes and nothing compressible, so no server can shortcut a read). */
-function makeImage(file: string, size: number): void {
-  const fd = fs.openSync(file, 'w');
-  const chunk = Buffer.allocUnsafe(16 << 20);
-  try {
-    for (let off = 0; off < size; off += chunk.length) {
-      crypto.randomFillSync(chunk);
-      fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - off), off);
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** fsync (so no writeback bleeds into a measured run), then read it all (so it is cached). */
-function settleAndWarm(file: string): void {
-  const fd = fs.openSync(file, 'r');
-  const buf = Buffer.allocUnsafe(8 << 20);
-  try {
-    fs.fsyncSync(fd);
-    let off = 0;
-    let n: number;
-    while ((n = fs.readSync(fd, buf, 0, buf.length, off)) > 0) off += n;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function flushFile(file: string): void {
-  const fd = fs.openSync(file, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 // ---------------------------------------------------------------- reporting
-
-interface MachineInfo {
-  nproc: number;
-  cpuModel: string;
-  kernel: string;
-  memGiB: number;
-  fio: string;
-  nbdkit: string;
-  qemuNbd: string;
-  node: string;
-}
-
-async function machineInfo(): Promise<MachineInfo> {
-  const first = async (cmd: string, args: string[]): Promise<string> => {
-    const r = await run(cmd, args, { allowFail: true });
-    return (r.stdout || r.stderr).split('\n')[0]!.trim();
-  };
-  const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
-  return {
-    nproc: os.availableParallelism(),
-    cpuModel: /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1]?.trim() ?? 'unknown',
-    kernel: `${os.type()} ${os.release()}`,
-    memGiB: Math.round(os.totalmem() / 2 ** 30),
-    fio: await first('fio', ['--version']),
-    nbdkit: await first('nbdkit', ['--version']),
-    qemuNbd: await first('qemu-nbd', ['--version']),
-    node: process.version,
-  };
-}
-
-/** The command as typed, including a `flock …` wrapper when there is one. */
-function commandLine(): string {
-  const self = ['node', path.relative(REPO, process.argv[1]!) || process.argv[1]!, ...process.argv.slice(2)].join(' ');
-  try {
-    const parent = fs.readFileSync(`/proc/${process.ppid}/cmdline`, 'utf8').split('\0').filter(Boolean);
-    if (parent.length > 1 && path.basename(parent[0]!) === 'flock') {
-      const lock = parent.slice(1).find((a) => !a.startsWith('-'));
-      if (lock) return `flock ${lock} ${self}`;
-    }
-  } catch {
-    // no parent to inspect: report the bench's own command
-  }
-  return self;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-function fmtNum(n: number): string {
-  if (!Number.isFinite(n)) return '–';
-  return n >= 100 ? Math.round(n).toLocaleString('en-US') : n.toFixed(1);
-}
-
-function fmtBytes(n: number): string {
-  return n >= 2 ** 30 ? `${n / 2 ** 30} GiB` : `${n / 2 ** 20} MiB`;
-}
 
 interface Summary {
   workload: Workload;
@@ -506,7 +332,6 @@ function summarize(runs: RunRecord[]): Summary[] {
 }
 
 function renderTable(sum: Summary[]): string {
-  const ratio = (a: number, b: number): string => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : '–');
   const lines = [
     '| workload | agent | nbdkit | qemu-nbd | agent / nbdkit | qemu-nbd / nbdkit | CPU µs/op agent | CPU µs/op nbdkit | CPU µs/op qemu-nbd |',
     '|---|--:|--:|--:|--:|--:|--:|--:|--:|',
@@ -525,17 +350,30 @@ function renderSpread(sum: Summary[]): string {
   return lines.join('\n');
 }
 
-function renderSection(p: { opts: Options; cmd: string; date: string; m: MachineInfo; sum: Summary[]; hydrateMs: number; rawFile: string }): string {
+/** Each server's median relative to nbdkit's, per workload (nbdkit = 1). */
+function plotRatios(sum: Summary[], tcp: boolean): string | null {
+  return plot({
+    file: `bench-hotpath-${tcp ? 'tcp' : 'unix'}.png`,
+    title: `Hot path over ${tcp ? 'loopback TCP' : 'a unix socket'}: throughput relative to nbdkit (higher is better)`,
+    xlabel: '',
+    ylabel: '× nbdkit',
+    categories: sum.map((s) => `${s.workload.label}`),
+    series: SERVER_NAMES.map((n) => ({ title: n, points: sum.map((s, i): [number, number] => [i, s.value[n] / s.value.nbdkit]) })),
+    extra: ['set xtics font ",9"'],
+  });
+}
+
+function renderSection(p: { opts: Options; cmd: string; date: string; m: MachineInfo; sum: Summary[]; hydrateMs: number; rawFile: string; png: string | null }): string {
   const { opts, m } = p;
   const transport = opts.tcp ? 'loopback TCP' : 'unix socket';
-  return `${SECTION}
+  return `${opts.tcp ? SECTION_TCP : SECTION_UNIX}
 
 Generated by \`bench/hotpath.ts\`; re-run it to update this section (the rest of the file is
 left alone).
 
 - Command: \`${p.cmd}\`
 - Date: ${p.date}
-- Machine: ${m.nproc} × ${m.cpuModel}, ${m.memGiB} GiB RAM, ${m.kernel}; ${m.fio}, ${m.nbdkit}, ${m.qemuNbd}, node ${m.node}
+- Machine: ${describeMachine(m)}
 - Setup: ${fmtBytes(opts.size)} of random data; each server serves its own copy of it (the
   agent its target file, hydrated from a local HTTP origin in ${(p.hydrateMs / 1000).toFixed(1)} s before
   measuring), page cache warm, ${transport}. fio \`--ioengine=nbd\`, one job, ${opts.runtime} s per run,
@@ -548,7 +386,7 @@ left alone).
 - Raw runs: \`${p.rawFile}\`
 
 ${renderTable(p.sum)}
-
+${p.png ? `\n![${transport}: throughput relative to nbdkit](${path.relative('docs', p.png)})\n` : ''}
 <details><summary>Every run (round 1 / 2 / …)</summary>
 
 ${renderSpread(p.sum)}
@@ -557,57 +395,33 @@ ${renderSpread(p.sum)}
 `;
 }
 
-/** Replaces this bench's section (up to the next `## ` heading) or appends it. */
-function updateDoc(section: string): void {
-  if (!fs.existsSync(DOC)) {
-    fs.mkdirSync(path.dirname(DOC), { recursive: true });
-    fs.writeFileSync(DOC, `# Benchmarks\n\n${section}`);
-    return;
-  }
-  const lines = fs.readFileSync(DOC, 'utf8').split('\n');
-  const start = lines.findIndex((l) => l.trim() === SECTION);
-  if (start < 0) {
-    const text = lines.join('\n').replace(/\n*$/, '\n\n');
-    fs.writeFileSync(DOC, text + section);
-    return;
-  }
-  let end = lines.findIndex((l, i) => i > start && /^## /.test(l));
-  if (end < 0) end = lines.length;
-  const after = lines.slice(end).join('\n');
-  fs.writeFileSync(DOC, [...lines.slice(0, start), ...section.replace(/\n+$/, '').split('\n'), ...(end < lines.length ? ['', after] : [''])].join('\n'));
-}
-
 // ---------------------------------------------------------------- main
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
   const log = (s: string): void => console.error(s);
   const date = new Date();
-  const m = await machineInfo();
+  const m = await machineInfo(['fio', 'nbdkit', 'qemu-nbd']);
   const cmd = commandLine();
 
   const dir = opts.workdir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'hotpath-'));
   fs.mkdirSync(dir, { recursive: true });
-  if (!opts.keep) workdirToRemove = dir;
+  if (!opts.keep) removeAtEnd(dir);
 
   log(`hotpath: ${fmtBytes(opts.size)}, ${opts.runtime} s × ${opts.reps} round(s), ${opts.tcp ? 'tcp' : 'unix'}; work dir ${dir}`);
   const image = path.join(dir, 'image.raw');
-  makeImage(image, opts.size);
+  makeRandomImage(image, opts.size);
   const copies: Record<'nbdkit' | 'qemu-nbd', string> = { nbdkit: path.join(dir, 'nbdkit.raw'), 'qemu-nbd': path.join(dir, 'qemu-nbd.raw') };
   for (const f of Object.values(copies)) fs.copyFileSync(image, f);
 
   const servers = {} as Record<ServerName, Server>;
   const { server: agent, hydrateMs } = await startAgent(image, dir, await endpoint(opts.tcp, dir, 'agent'), opts.size, log);
   servers.agent = agent;
-  cleanups.push(() => stopChild(agent.child));
+  onCleanup(() => stopChild(agent.child));
   for (const name of ['nbdkit', 'qemu-nbd'] as const) {
     const s = await startPeer(name, copies[name], await endpoint(opts.tcp, dir, name), opts.size);
     servers[name] = s;
-    cleanups.push(() => stopChild(s.child));
+    onCleanup(() => stopChild(s.child));
   }
   for (const s of Object.values(servers)) settleAndWarm(s.file);
   log(`  servers: ${SERVER_NAMES.map((n) => `${n} pid ${servers[n].pid}`).join(', ')}; hydration took ${(hydrateMs / 1000).toFixed(1)} s`);
@@ -629,43 +443,26 @@ async function main(): Promise<void> {
   }
 
   const sum = summarize(runs);
-  const stamp = date.toISOString().replace(/:/g, '-').replace(/\.\d+Z$/, 'Z');
-  fs.mkdirSync(RESULTS_DIR, { recursive: true });
-  const rawFile = path.join(RESULTS_DIR, `hotpath-${stamp}.json`);
-  const rawRel = path.relative(REPO, rawFile);
-  fs.writeFileSync(
-    rawFile,
-    JSON.stringify(
-      {
-        command: cmd,
-        date: date.toISOString(),
-        options: opts,
-        machine: m,
-        hydrateMs,
-        workloads: WORKLOADS.map((w) => ({ ...w, fioArgs: fioArgs(w, '<URI>', opts.runtime) })),
-        medians: sum.map((s) => ({ workload: s.workload.id, metric: s.workload.metric, value: s.value, cpuUsPerOp: s.cpu })),
-        runs,
-      },
-      null,
-      2,
-    ) + '\n',
-  );
+  const rawRel = writeResults(opts.tcp ? 'hotpath-tcp' : 'hotpath', date, {
+    command: cmd,
+    date: date.toISOString(),
+    options: opts,
+    machine: m,
+    hydrateMs,
+    workloads: WORKLOADS.map((w) => ({ ...w, fioArgs: fioArgs(w, '<URI>', opts.runtime) })),
+    medians: sum.map((s) => ({ workload: s.workload.id, metric: s.workload.metric, value: s.value, cpuUsPerOp: s.cpu })),
+    runs,
+  });
+  const png = opts.docs ? plotRatios(sum, opts.tcp) : null;
 
-  const section = renderSection({ opts, cmd, date: date.toISOString(), m, sum, hydrateMs, rawFile: rawRel });
+  const section = renderSection({ opts, cmd, date: date.toISOString(), m, sum, hydrateMs, rawFile: rawRel, png });
   console.log(section);
   if (opts.docs) {
-    updateDoc(section);
+    updateDocSection(opts.tcp ? SECTION_TCP : SECTION_UNIX, section);
     log(`updated ${path.relative(REPO, DOC)}; raw runs in ${rawRel}`);
   } else {
     log(`raw runs in ${rawRel} (docs/benchmarks.md not touched${opts.quick ? ': --quick' : ''})`);
   }
 }
 
-main()
-  .then(() => cleanupAll())
-  .catch(async (err: unknown) => {
-    if (interrupted) return; // the signal handler is already cleaning up and exiting
-    console.error(`hotpath: ${(err as Error).stack ?? String(err)}`);
-    await cleanupAll();
-    process.exitCode = 1;
-  });
+runMain('hotpath', main);

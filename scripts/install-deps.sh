@@ -4,7 +4,7 @@
 set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra seabios   # the host (QEMU, NVMe over NBD) and qemu-img/qemu-io
-  nbdkit libnbd-bin fio                                 # NBD peers and clients
+  nbdkit libnbd-bin fio gnuplot-nox nginx-light         # NBD peers and clients; the benchmarks' origin and plots
   busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
   redis-server                                          # the driver service's queues and records
   chromium                                              # the dashboard's browser test (playwright-core drives it)

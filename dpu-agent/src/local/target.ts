@@ -6,6 +6,7 @@
  * region data and host writes are synchronous too (they land in the page cache); only
  * fdatasync, which may wait for the device, goes to the thread pool.
  */
+import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import { DpuError } from '../errors.js';
 
@@ -24,6 +25,12 @@ export interface Target {
   readSync(dest: Buffer, position: number): void;
   writeSync(chunks: readonly Buffer[], position: number): void;
   writeZeroesSync(position: number, length: number): void;
+  /**
+   * Makes the range read as zeros without writing data, where the target can (a hole in a
+   * file, Write Zeroes on a device); rejects when it cannot, and the caller writes zeros.
+   * Durable, like a write, once `datasync` resolves.
+   */
+  zeroRange?(position: number, length: number): Promise<void>;
   /** Every completed write is durable when this resolves. */
   datasync(): Promise<void>;
   close(): void;
@@ -33,6 +40,8 @@ export class LocalTarget implements Target {
   readonly path: string;
   readonly isBlockDevice: boolean;
   private fd: number;
+  /** A hole was punched since the last sync: metadata must be synced too (fsync, not fdatasync). */
+  private punched = false;
 
   private constructor(path: string, fd: number, isBlockDevice: boolean) {
     this.path = path;
@@ -103,10 +112,43 @@ export class LocalTarget implements Target {
     }
   }
 
+  /**
+   * Node has no fallocate or BLKZEROOUT, so util-linux does it on our descriptor (through
+   * /proc/self/fd, so a renamed or replaced path cannot redirect it): `fallocate
+   * --punch-hole` on a file, `blkdiscard --zeroout` (the kernel's BLKZEROOUT: NVMe Write
+   * Zeroes, or zeros written by the kernel) on a device. Either way the page cache of the
+   * range is dropped by the kernel, so no stale cached byte survives.
+   */
+  zeroRange(position: number, length: number): Promise<void> {
+    const fdPath = `/proc/${process.pid}/fd/${this.fd}`;
+    const [cmd, args] = this.isBlockDevice
+      ? ['blkdiscard', ['--zeroout', '--force', '--offset', String(position), '--length', String(length), fdPath]]
+      : ['fallocate', ['--punch-hole', '--keep-size', '--offset', String(position), '--length', String(length), fdPath]];
+    return new Promise((resolve, reject) => {
+      execFile(cmd, args, { timeout: 120_000 }, (err, _stdout, stderr) => {
+        if (err) return reject(new DpuError('DPU_ERR_TARGET_IO', `${cmd} on ${this.path} bytes ${position}+${length}: ${stderr.trim() || err.message}`, { cause: err }));
+        // Set on completion: a sync that began before the hole existed does not cover it.
+        if (!this.isBlockDevice) this.punched = true;
+        resolve();
+      });
+    });
+  }
+
   /** Make every completed write durable. Runs in the thread pool: it may wait on the device. */
   datasync(): Promise<void> {
+    // A punched hole is an extent change: fsync covers it on every file system, fdatasync
+    // is only guaranteed to on some.
+    const full = this.punched;
+    this.punched = false;
     return new Promise((resolve, reject) => {
-      fs.fdatasync(this.fd, (err) => (err ? reject(new DpuError('DPU_ERR_TARGET_IO', `fdatasync ${this.path}: ${err.message}`, { cause: err })) : resolve()));
+      const done = (err: NodeJS.ErrnoException | null): void => {
+        if (err) {
+          if (full) this.punched = true;
+          reject(new DpuError('DPU_ERR_TARGET_IO', `${full ? 'fsync' : 'fdatasync'} ${this.path}: ${err.message}`, { cause: err }));
+        } else resolve();
+      };
+      if (full) fs.fsync(this.fd, done);
+      else fs.fdatasync(this.fd, done);
     });
   }
 

@@ -48,6 +48,9 @@ export interface StreamingDiskOptions {
 /** A host read whose region fails verification is fetched this many times in all before EIO. */
 const INTEGRITY_ATTEMPTS = 3;
 
+/** Zero runs shorter than this are written (cheaper than starting a zeroing command). */
+const ZERO_OFFLOAD_MIN_BYTES = 32 << 20;
+
 interface Fill {
   /** Settles when the region has left `filling`: resolved on success, rejected on failure. */
   done: Promise<void>;
@@ -358,6 +361,47 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   zeroFill(r: number): void {
     this.target.writeZeroesSync(this.map.regionStart(r), this.map.regionLength(r));
     this.settle(r, RegionState.Local);
+  }
+
+  /**
+   * zero → local for a run of adjacent `zero` regions. Long runs go to the target's
+   * `zeroRange` (a hole punched in a file, a Write Zeroes command on a device), which
+   * writes no data: a 100 GiB image that is mostly zeros would otherwise cost 100 GB of
+   * zero writes to the SSD. The regions are `filling` meanwhile, so host I/O to them waits,
+   * exactly as for a fetch; if the target cannot offload, the zeros are written.
+   */
+  async zeroFillRun(first: number, count: number): Promise<void> {
+    const map = this.map;
+    const bytes = count * map.regionSize;
+    if (!this.target.zeroRange || bytes < ZERO_OFFLOAD_MIN_BYTES) {
+      for (let r = first; r < first + count; r++) if (map.state(r) === RegionState.Zero) this.zeroFill(r);
+      return;
+    }
+    let n = 0;
+    while (n < count && map.state(first + n) === RegionState.Zero) n++;
+    if (n === 0) return;
+    const done = deferred<void>();
+    done.promise.catch(noop); // waiters re-check the state; nobody needs the rejection
+    for (let r = first; r < first + n; r++) {
+      map.set(r, RegionState.Filling);
+      this.inflight.set(r, { done: done.promise, data: null });
+    }
+    const start = map.regionStart(first);
+    const end = map.regionStart(first + n - 1) + map.regionLength(first + n - 1);
+    try {
+      await this.target.zeroRange(start, end - start);
+    } catch (err) {
+      this.log?.warn({ err: (err as Error).message, first, count: n }, 'the target cannot zero a range without writing; writing zeros');
+      try {
+        this.target.writeZeroesSync(start, end - start);
+      } catch (werr) {
+        for (let r = first; r < first + n; r++) this.settle(r, RegionState.Zero);
+        done.reject(werr);
+        throw werr;
+      }
+    }
+    for (let r = first; r < first + n; r++) this.settle(r, RegionState.Local);
+    done.resolve();
   }
 
   // ---- writes ------------------------------------------------------------------------

@@ -36,6 +36,7 @@ export interface HydratorEvents {
 
 const BACKOFF_FIRST_MS = 100;
 const BACKOFF_MAX_MS = 5_000;
+const ZERO_RUN_MAX_BYTES = 1 << 30;
 
 export class Hydrator extends EventEmitter<HydratorEvents> {
   private readonly disk: StreamingDisk;
@@ -168,7 +169,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
       wrapped = false;
       this.cursor = run.first + run.count;
       if (run.zero) {
-        for (let r = run.first; r < run.first + run.count; r++) disk.zeroFill(r);
+        await disk.zeroFillRun(run.first, run.count);
         await new Promise<void>((resolve) => setImmediate(resolve));
         continue;
       }
@@ -220,11 +221,15 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     const map = this.disk.map;
     const states = map.states;
     const maxRegions = Math.max(1, Math.floor(this.batchLimit() / map.regionSize));
+    // Zero runs cost no network and no tokens: take up to 1 GiB at once, so a sparse image
+    // is zeroed with a few offloaded commands.
+    const maxZeroRegions = Math.max(1, Math.floor(ZERO_RUN_MAX_BYTES / map.regionSize));
     for (let r = this.cursor; r < map.count; r++) {
       const s = states[r];
       if (s !== RegionState.Remote && s !== RegionState.Zero) continue;
+      const max = s === RegionState.Zero ? maxZeroRegions : maxRegions;
       let n = 1;
-      while (r + n < map.count && n < maxRegions && states[r + n] === s) n++;
+      while (r + n < map.count && n < max && states[r + n] === s) n++;
       return { first: r, count: n, zero: s === RegionState.Zero };
     }
     return null;

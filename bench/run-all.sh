@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every benchmark in one command: installs what they need (Debian packages, npm modules),
+# builds, then runs each bench in turn under the machine's heavy-work lock, so nothing
+# else measured on the same cores runs at the same time. Each bench replaces its own
+# section of docs/benchmarks.md and writes its raw runs to bench/results/; the last step
+# writes the goals summary at the top of docs/benchmarks.md from those results.
+#
+#   bench/run-all.sh            full runs (about an hour on 2 cores)
+#   bench/run-all.sh --quick    smoke runs of every bench (docs/benchmarks.md untouched)
+#
+# Needs root: the streaming, deploy-mode and scaling benches build network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+[ -x node_modules/.bin/tsc ] || npm ci
+npx tsc -p tsconfig.json
+LOCK=/tmp/heavy.lock
+extra=("$@")
+bench() {
+  echo "=== bench $* ${extra[*]}" >&2
+  flock "$LOCK" node "dist/bench/$1.js" "${@:2}" "${extra[@]}"
+}
+bench hotpath
+bench hotpath --tcp
+bench streaming
+bench deploy-modes
+bench scaling
+case " ${extra[*]} " in
+  *" --quick "*) ;;
+  *) node dist/bench/summary.js ;;
+esac
