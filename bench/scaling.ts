@@ -228,6 +228,8 @@ async function measureSize(dir: string, size: number, data: number, log: (s: str
     const hydrateMs = Number(done['elapsedMs']);
     const rssHydrationPeak = rss(pid).hwm;
     const cpuHydrateS = cpuSeconds(pid, 'agent');
+    // Reset the high-water mark (clear_refs 5), so the fio peak is its own.
+    fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
     const iops = await fioIops(`nbd+unix:///?socket=${sock}`, 3);
     const rssFioPeak = rss(pid).hwm;
     const cpuTotalS = cpuSeconds(pid, 'agent');

@@ -151,7 +151,7 @@ export function cpuSeconds(pid: number, name = `pid ${pid}`): number {
   return (Number(f[11]) + Number(f[12])) / CLK_TCK;
 }
 
-/** Resident set size now and its high-water mark (VmHWM), in bytes. */
+/** Resident set size now and its high-water mark (VmHWM; reset by writing 5 to /proc/PID/clear_refs), in bytes. */
 export function rss(pid: number): { rss: number; hwm: number } {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const kib = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN) * 1024;

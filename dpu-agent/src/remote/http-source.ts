@@ -20,11 +20,13 @@
  * Connections come from a keep-alive pool. `maxConnections` bounds them; background
  * (hydration) reads may use at most `backgroundConnections`, so a host's read miss always
  * finds a free connection instead of queueing behind a background batch.
+ *
+ * This is node:http, not axios (which the control plane's API clients use): a range reader
+ * needs one GET with a streamed body, and axios cost the agent 22 MiB of its resident
+ * memory on a DPU whose whole budget is 64 MiB (bench/scaling.ts).
  */
 import http from 'node:http';
 import https from 'node:https';
-import type { Readable } from 'node:stream';
-import axios, { type AxiosInstance } from 'axios';
 import type { Logger } from 'pino';
 import { DpuError } from '../errors.js';
 import { redactUrl } from './redact.js';
@@ -120,7 +122,6 @@ export class HttpSource implements RemoteSource {
   private readonly etag: string | undefined;
   private checkEtagNext = false;
   private readonly opts: typeof DEFAULTS & HttpSourceOptions;
-  private readonly http: AxiosInstance;
   private readonly agents: { http: http.Agent; https: https.Agent };
   private readonly slots: ConnectionSlots;
   private readonly controllers = new Set<AbortController>();
@@ -128,12 +129,11 @@ export class HttpSource implements RemoteSource {
   private warnedNoRange = false;
   private closed = false;
 
-  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, http_: AxiosInstance, agents: HttpSource['agents'], size: number, etag: string | undefined) {
+  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, agents: Agents, size: number, etag: string | undefined) {
     this.opts = opts;
     this.url = opts.url;
     this.headers = opts.headers;
     this.etag = opts.identity === undefined ? etag : undefined;
-    this.http = http_;
     this.agents = agents;
     this.size = size;
     this.identity = opts.identity ?? `http;size=${size}${etag ? `;etag=${etag}` : ''}`;
@@ -157,18 +157,9 @@ export class HttpSource implements RemoteSource {
       http: new http.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
       https: new https.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
     };
-    const instance = axios.create({
-      httpAgent: agents.http,
-      httpsAgent: agents.https,
-      maxRedirects: 5,
-      proxy: false,
-      decompress: false,
-      validateStatus: () => true,
-      responseType: 'stream',
-    });
     try {
-      const { size, etag } = await probeSize(instance, opts);
-      return new HttpSource(opts, instance, agents, size, etag);
+      const { size, etag } = await probeSize(agents, opts);
+      return new HttpSource(opts, agents, size, etag);
     } catch (err) {
       agents.http.destroy();
       agents.https.destroy();
@@ -227,13 +218,17 @@ export class HttpSource implements RemoteSource {
             this.counters.failures++;
             throw err;
           }
-          if (Date.now() + backoff - lastProgressAt > this.opts.retryDeadlineMs) {
+          // Give up only once no byte has arrived for the whole deadline: the last backoff
+          // is cut short so that one more attempt lands at the deadline. (Giving up when
+          // the next backoff would overshoot failed reads after half the deadline.)
+          const waited = Date.now() - lastProgressAt;
+          if (waited >= this.opts.retryDeadlineMs) {
             this.counters.failures++;
-            throw new DpuError('DPU_ERR_SOURCE_DEADLINE', `${this.description} bytes ${offset + progress.filled}-${offset + dest.length - 1}: ${(err as Error).message}`, { cause: err });
+            throw new DpuError('DPU_ERR_SOURCE_DEADLINE', `${this.description} bytes ${offset + progress.filled}-${offset + dest.length - 1}, no byte for ${waited} ms: ${(err as Error).message}`, { cause: err });
           }
           this.counters.retries++;
           this.opts.log?.debug({ err: (err as Error).message, offset, filled: progress.filled, backoff }, 'retrying range read');
-          await sleep(backoff);
+          await sleep(Math.min(backoff, this.opts.retryDeadlineMs - waited));
           backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
           continue;
         }
@@ -258,16 +253,13 @@ export class HttpSource implements RemoteSource {
     try {
       let res;
       try {
-        res = await this.http.get<Readable>(this.url, {
-          headers: { ...this.headers, Range: `bytes=${start}-${end}` },
-          signal: controller.signal,
-        });
+        res = await request(this.agents, 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal);
       } catch (err) {
         throw transportError(err, controller);
       } finally {
         clearTimeout(headersTimer);
       }
-      const body = res.data;
+      const body = res.body;
       if (res.status === 206 || res.status === 200) {
         try {
           this.checkSameObject(res.status === 206 ? (parseContentRange(res.headers['content-range'])?.total ?? null) : Number(res.headers['content-length'] ?? NaN), res.headers['etag']);
@@ -312,7 +304,7 @@ export class HttpSource implements RemoteSource {
    * Copies `want` bytes of the body (after skipping `skip`) into dest at progress.filled.
    * For a 206 the body must end exactly there; for a 200 the rest is dropped.
    */
-  private pump(body: Readable, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean): Promise<void> {
+  private pump(body: http.IncomingMessage, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean): Promise<void> {
     return new Promise((resolve, reject) => {
       let skipped = 0;
       let taken = 0;
@@ -393,12 +385,12 @@ export class HttpSource implements RemoteSource {
   }
 }
 
-async function probeSize(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
+async function probeSize(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
   const deadline = Date.now() + (opts.probeDeadlineMs ?? opts.retryDeadlineMs);
   let backoff = BACKOFF_FIRST_MS;
   for (;;) {
     try {
-      return await probeOnce(instance, opts, Math.max(1, Math.min(opts.headersTimeoutMs, deadline - Date.now())));
+      return await probeOnce(agents, opts, Math.max(1, Math.min(opts.headersTimeoutMs, deadline - Date.now())));
     } catch (err) {
       const retryable = err instanceof DpuError ? err.retryable : false;
       if (!retryable || Date.now() + backoff > deadline) throw err;
@@ -408,15 +400,15 @@ async function probeSize(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSo
   }
 }
 
-async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSourceOptions, timeoutMs: number): Promise<{ size: number; etag: string | undefined }> {
+async function probeOnce(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptions, timeoutMs: number): Promise<{ size: number; etag: string | undefined }> {
   const where = redactUrl(opts.url);
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeoutMs);
   try {
-    const head = await instance.head(opts.url, { headers: opts.headers, signal: controller.signal }).catch((err) => {
+    const head = await request(agents, 'HEAD', opts.url, opts.headers, controller.signal).catch((err) => {
       throw transportError(err, controller);
     });
-    (head.data as Readable | undefined)?.destroy?.();
+    head.body.resume(); // a HEAD has no body: let the connection go back to the pool
     const etag = stringHeader(head.headers['etag']);
     const length = Number(head.headers['content-length']);
     if (head.status >= 200 && head.status < 300 && Number.isSafeInteger(length) && length > 0) return { size: length, etag };
@@ -428,10 +420,10 @@ async function probeOnce(instance: AxiosInstance, opts: typeof DEFAULTS & HttpSo
     }
     // HEAD refused (Glance answers 405 on /file; a temp URL may allow GET only) or no
     // length: ask for one byte instead, whose answer is definitive.
-    const res = await instance.get<Readable>(opts.url, { headers: { ...opts.headers, Range: 'bytes=0-0' }, signal: controller.signal }).catch((err) => {
+    const res = await request(agents, 'GET', opts.url, { ...opts.headers, Range: 'bytes=0-0' }, controller.signal).catch((err) => {
       throw transportError(err, controller);
     });
-    res.data.destroy();
+    res.body.destroy();
     if (res.status === 206) {
       const range = parseContentRange(res.headers['content-range']);
       if (range?.total) return { size: range.total, etag: stringHeader(res.headers['etag']) ?? etag };
@@ -473,6 +465,45 @@ export function parseContentRange(v: unknown): { first: number; last: number; to
   const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(v.trim());
   if (!m) return null;
   return { first: Number(m[1]), last: Number(m[2]), total: m[3] === '*' ? null : Number(m[3]) };
+}
+
+interface Agents {
+  http: http.Agent;
+  https: https.Agent;
+}
+
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+const MAX_REDIRECTS = 5;
+
+/**
+ * One request through the keep-alive pool; resolves with the response (status, headers,
+ * the body as a stream) once its headers arrive. Redirects are followed (at most 5, headers
+ * kept: an origin's redirect stays within the deployment it was configured for); bodies
+ * are never decompressed (none is asked for).
+ */
+interface Response {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: http.IncomingMessage;
+}
+
+function request(agents: Agents, method: 'GET' | 'HEAD', url: string, headers: Record<string, string>, signal: AbortSignal, redirects = 0): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    const u = new URL(url);
+    const mod = u.protocol === 'https:' ? https : http;
+    const req = mod.request(u, { method, headers, agent: u.protocol === 'https:' ? agents.https : agents.http, signal }, (res) => {
+      const location = res.headers.location;
+      if (REDIRECTS.has(res.statusCode ?? 0) && location) {
+        res.resume();
+        if (redirects >= MAX_REDIRECTS) return reject(new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `more than ${MAX_REDIRECTS} redirects from ${redactUrl(url)}`));
+        request(agents, method, new URL(location, u).href, headers, signal, redirects + 1).then(resolve, reject);
+        return;
+      }
+      resolve({ status: res.statusCode ?? 0, headers: res.headers, body: res });
+    });
+    req.once('error', reject);
+    req.end();
+  });
 }
 
 function transportError(err: unknown, controller: AbortController): DpuError {
