@@ -136,6 +136,10 @@ export const ERRORS = {
     retryable: false,
     errno: NbdErrno.EINVAL,
   },
+  DPU_ERR_NBD_TLS: {
+    message: 'an NBD client was refused over TLS: it did not start TLS where it is required, or its TLS handshake failed; the connection was closed',
+    retryable: false,
+  },
   // ---- management API (dpu-agent serve) ----
   DPU_ERR_BAD_REQUEST: {
     message: 'the request is malformed',

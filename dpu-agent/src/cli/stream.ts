@@ -8,6 +8,8 @@ import fs from 'node:fs';
 import { DpuError } from '../errors.js';
 import { Manifest } from '../manifest/manifest.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
+import { loadNbdTls, type NbdTls, type TlsMode } from '../nbd/tls.js';
+import { ConfigError } from '../../../common/src/config.js';
 import { redactHeaders, redactUrl } from '../remote/redact.js';
 import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type FlagTable, type FlagValues, parseFlags, renderHelp } from './flags.js';
@@ -24,7 +26,12 @@ export const STREAM_FLAGS: FlagTable = {
   header: { kind: 'list', arg: '"NAME: VALUE"', help: 'Extra request header for the source, e.g. "X-Auth-Token: …". Values are never logged.' },
   target: { kind: 'string', arg: 'PATH', required: true, help: 'Local target: a block device or a file (created sparse at the image size if missing).' },
   state: { kind: 'string', arg: 'DIR', required: true, help: 'State directory: region map, disk record, lock. Reusing it resumes without re-fetching local regions.' },
-  listen: { kind: 'string', arg: 'unix:PATH|tcp:HOST:PORT', required: true, help: 'Where the NBD export listens. Prefer a unix socket; TCP has no authentication.' },
+  listen: { kind: 'string', arg: 'unix:PATH|tcp:HOST:PORT', required: true, help: 'Where the NBD export listens. Prefer a unix socket; over TCP use TLS (--tls-cert), as NBD alone has no authentication.' },
+  'tls-cert': { kind: 'string', arg: 'FILE', help: 'Offer TLS (NBD_OPT_STARTTLS) with this PEM certificate; clients then connect with nbds://. Needs --tls-key.' },
+  'tls-key': { kind: 'string', arg: 'FILE', help: 'Unencrypted PEM private key of --tls-cert; keep it mode 0600.' },
+  'tls-ca': { kind: 'string', arg: 'FILE', help: 'PEM CA certificate(s) that client certificates must chain to; needs --tls-verify-peer.' },
+  'tls-mode': { kind: 'string', arg: 'require|allow', help: 'With --tls-cert: require (the default) refuses every option before STARTTLS with NBD_REP_ERR_TLS_REQD; allow serves plaintext clients too.' },
+  'tls-verify-peer': { kind: 'boolean', help: 'Require a client certificate signed by --tls-ca (mutual TLS). Without it TLS encrypts but serves any client.' },
   'export-name': { kind: 'string', arg: 'NAME', default: 'disk', help: 'Name of the export; the empty name also selects it.' },
   'region-size': { kind: 'size', arg: 'SIZE', default: String(DEFAULT_REGION_SIZE), help: 'Region size, a power of two from 4K to 1G. Fixed when the state directory is created.' },
   bandwidth: { kind: 'rate', arg: 'RATE', default: '0', min: 0, help: 'Cap on background hydration, e.g. 50M (MiB/s) or 800mbit; 0 for none. Host reads are never capped.' },
@@ -60,6 +67,32 @@ function readManifest(file: string): Manifest {
   return Manifest.decode(bytes);
 }
 
+/** The --tls-* flags, files read and checked; undefined without --tls-cert. */
+export function tlsFromFlags(f: FlagValues): NbdTls | undefined {
+  const flag = (field: string): string => `--tls-${field.replace('_', '-')}`;
+  if (!f['tls-cert']) {
+    const stray = ['tls-key', 'tls-ca', 'tls-mode', 'tls-verify-peer'].find((k) => f[k] !== undefined && f[k] !== false);
+    if (stray) throw new DpuError('DPU_ERR_CONFIG', `--${stray} needs --tls-cert and --tls-key: the certificate the export presents and its private key`);
+    return undefined;
+  }
+  if (!f['tls-key']) throw new DpuError('DPU_ERR_CONFIG', '--tls-cert needs --tls-key: the private key of the certificate');
+  try {
+    return loadNbdTls(
+      {
+        cert: String(f['tls-cert']),
+        key: String(f['tls-key']),
+        ca: f['tls-ca'] as string | undefined,
+        mode: (f['tls-mode'] ?? 'require') as TlsMode,
+        verifyPeer: f['tls-verify-peer'] === true,
+      },
+      flag,
+    );
+  } catch (err) {
+    if (err instanceof ConfigError) throw new DpuError('DPU_ERR_CONFIG', err.message);
+    throw err;
+  }
+}
+
 export function parseHeaders(list: string[] | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const h of list ?? []) {
@@ -89,8 +122,14 @@ export async function runStream(argv: string[]): Promise<number> {
     throw new DpuError('DPU_ERR_CONFIG', `--format "${format}" is not one of ${IMAGE_FORMATS.join(', ')}`);
   }
   const endpoint = parseEndpoint(String(f['listen']));
+  const tls = tlsFromFlags(f);
   const headers = parseHeaders(f['header'] as string[] | undefined);
   const log: Logger = pino({ level, base: { pid: process.pid } }, pino.destination(2));
+  if (endpoint.kind === 'tcp' && !tls) {
+    log.warn('the NBD export listens on TCP without TLS: anyone who reaches the port reads and writes the disk, in plaintext; give --tls-cert and --tls-key, or listen on a unix socket');
+  } else if (tls?.mode === 'allow') {
+    log.warn('--tls-mode allow: clients that do not start TLS are served too');
+  }
   const url = String(f['source']);
   log.info({ source: redactUrl(url), format, headers: redactHeaders(headers), target: f['target'], state: f['state'] }, 'opening streaming disk');
 
@@ -120,12 +159,16 @@ export async function runStream(argv: string[]): Promise<number> {
   if (f['read-only']) (disk.capabilities as { readOnly: boolean }).readOnly = true;
 
   const mode = progressMode === 'auto' ? (process.stderr.isTTY ? 'bar' : 'json') : progressMode;
+  // Progress is a courtesy: a reader that goes away (`dpu-agent stream … | head`) stops
+  // the JSON lines, never the disk.
+  let stdoutOpen = true;
+  process.stdout.on('error', () => (stdoutOpen = false));
   const emit = (obj: Record<string, unknown>): void => {
-    if (mode === 'json') process.stdout.write(JSON.stringify({ ts: new Date().toISOString(), ...obj }) + '\n');
+    if (mode === 'json' && stdoutOpen) process.stdout.write(JSON.stringify({ ts: new Date().toISOString(), ...obj }) + '\n');
   };
 
   const exportName = String(f['export-name']);
-  const server = new NbdServer({ exports: [{ name: exportName, description: `streaming disk of ${redactUrl(url)}`, backend: disk }], log });
+  const server = new NbdServer({ exports: [{ name: exportName, description: `streaming disk of ${redactUrl(url)}`, backend: disk }], log, ...(tls ? { tls } : {}) });
   let uri: string;
   try {
     uri = await server.listen(endpoint);

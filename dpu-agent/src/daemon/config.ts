@@ -5,10 +5,12 @@
  *
  * Secure by default: the API needs a bearer token unless `auth.disabled` says otherwise
  * (a daemon with neither refuses to start), NBD exports are unix sockets unless TCP is
- * allowed, and disks may only be created on targets under `allowed_targets`.
+ * allowed, TCP exports speak TLS when `nbd_tls` is set, and disks may only be created on
+ * targets under `allowed_targets`.
  */
 import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig, resolveTokenList } from '../../../common/src/config.js';
 import { wrap } from '../cli/flags.js';
+import { loadNbdTls, type NbdTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 
 export interface AgentConfig {
   listen: { host: string; port: number };
@@ -17,6 +19,7 @@ export interface AgentConfig {
   export_dir: string;
   allowed_targets: string[];
   tcp_exports_allowed: boolean;
+  nbd_tls?: { cert: string; key: string; ca?: string; mode: TlsMode; verify_peer: boolean };
   defaults: {
     region_size: number;
     bandwidth: number;
@@ -73,7 +76,20 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       default: ['/dev/nvme', '/var/lib/dpu-agent/targets/'],
       description: 'Path prefixes a disk\'s target must start with (the path as given and, if it exists, with symlinks resolved); a prefix ending in "/" is a directory.',
     },
-    tcp_exports_allowed: { type: 'boolean', default: false, description: 'Allow `export.kind: tcp`. NBD has no authentication: anyone who reaches the port reads and writes the disk.' },
+    tcp_exports_allowed: { type: 'boolean', default: false, description: 'Allow `export.kind: tcp`. Without `nbd_tls` NBD has no authentication: anyone who reaches the port reads and writes the disk.' },
+    nbd_tls: {
+      type: 'object',
+      description: 'TLS (NBD_OPT_STARTTLS) for TCP exports, as `dpu-agent stream --tls-*`; unix exports are not affected. Absent: TCP exports are plaintext (a warning is logged at start-up). The files are checked at start-up.',
+      additionalProperties: false,
+      required: ['cert', 'key'],
+      properties: {
+        cert: { type: 'string', minLength: 1, description: 'PEM certificate the exports present (with its chain); clients connect with `nbds://`.' },
+        key: { type: 'string', minLength: 1, description: 'Unencrypted PEM private key of `cert`; keep it mode 0600.' },
+        ca: { type: 'string', minLength: 1, description: 'PEM CA certificate(s) that client certificates must chain to; needs `verify_peer`.' },
+        mode: { type: 'string', enum: [...TLS_MODES], default: 'require', description: '`require`: a client must start TLS before any other option (NBD_REP_ERR_TLS_REQD otherwise); `allow`: plaintext clients are served too.' },
+        verify_peer: { type: 'boolean', default: false, description: 'Require a client certificate signed by `ca` (mutual TLS). Without it TLS encrypts but any client is served.' },
+      },
+    },
     defaults: {
       type: 'object',
       description: 'Settings of every disk (a create request may override region size and bandwidth).',
@@ -106,6 +122,18 @@ export function loadAgentConfig(file: string): Readonly<AgentConfig> {
   return finish(loadConfigFile<AgentConfig>(AGENT_CONFIG_SCHEMA, file), file);
 }
 
+/** The TLS of TCP exports, from `nbd_tls` (files read and checked); undefined without it. */
+export function agentNbdTls(config: Readonly<AgentConfig>, source = 'config'): NbdTls | undefined {
+  const t = config.nbd_tls;
+  if (!t) return undefined;
+  try {
+    return loadNbdTls({ cert: t.cert, key: t.key, ca: t.ca, mode: t.mode, verifyPeer: t.verify_peer }, (field) => `config key "nbd_tls.${field}"`);
+  } catch (err) {
+    if (err instanceof ConfigError) throw new ConfigError(`${source}: ${err.message}`, `nbd_tls.${err.key ?? ''}`);
+    throw err;
+  }
+}
+
 /** The token list the API accepts: `auth.tokens` plus the lines of `auth.token_file`. */
 export function resolveTokens(config: Readonly<AgentConfig>): string[] {
   return resolveTokenList(config.auth);
@@ -121,6 +149,7 @@ function finish(config: Readonly<AgentConfig>, source: string): Readonly<AgentCo
       'auth.tokens',
     );
   }
+  agentNbdTls(config, source); // the files are readable and fit together, or start-up fails
   return config;
 }
 

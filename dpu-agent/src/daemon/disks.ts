@@ -35,11 +35,12 @@ import { writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
 import { Manifest } from '../manifest/manifest.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
+import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
 import { redactUrl } from '../remote/redact.js';
 import { noop } from '../streaming/deferred.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
-import type { AgentConfig } from './config.js';
+import { type AgentConfig, agentNbdTls } from './config.js';
 
 export type DiskView = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
@@ -119,19 +120,22 @@ class ManagedDisk {
     public spec: DiskSpec,
     readonly dir: string,
     socketPath: string,
+    tcpTls: boolean,
   ) {
     this.record = readDiskRecord(dir);
     const { kind, name, host, port } = spec.export;
     this.exportInfo =
       kind === 'unix'
         ? { uri: unixUri(name, socketPath), name, socket: socketPath }
-        : { uri: port ? tcpUri(name, host!, port) : '', name, ...(host !== undefined ? { host } : {}), ...(port ? { port } : {}) };
+        : { uri: port ? tcpUri(name, host!, port, tcpTls) : '', name, ...(host !== undefined ? { host } : {}), ...(port ? { port } : {}) };
   }
 }
 
 export class DiskManager {
   private readonly config: Readonly<AgentConfig>;
   private readonly log: Logger;
+  /** TLS of every TCP export (config key nbd_tls); unix exports never use it. */
+  private readonly tcpTls: NbdTls | undefined;
   private readonly disks = new Map<string, ManagedDisk>();
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly disksDir: string;
@@ -141,6 +145,7 @@ export class DiskManager {
   constructor(opts: DiskManagerOptions) {
     this.config = opts.config;
     this.log = opts.log;
+    this.tcpTls = agentNbdTls(opts.config);
     this.disksDir = path.join(opts.config.state_dir, 'disks');
   }
 
@@ -162,7 +167,7 @@ export class DiskManager {
         this.log.error({ dir, err: (err as Error).message }, 'not resuming a state directory without a readable spec.json; move it away');
         continue;
       }
-      this.disks.set(id, new ManagedDisk(spec, dir, this.socketPath(id)));
+      this.disks.set(id, new ManagedDisk(spec, dir, this.socketPath(id), this.tcpTls !== undefined));
     }
     await Promise.all([...this.disks.values()].map((m) => this.exclusive(m.spec.id, () => this.tryOpen(m))));
     this.sampler = setInterval(() => this.sampleRates(), RATE_SAMPLE_MS);
@@ -198,7 +203,7 @@ export class DiskManager {
       const fresh = !fs.existsSync(dir);
       fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
       writeJsonAtomic(path.join(dir, 'spec.json'), spec);
-      const m = new ManagedDisk(spec, dir, this.socketPath(spec.id));
+      const m = new ManagedDisk(spec, dir, this.socketPath(spec.id), this.tcpTls !== undefined);
       try {
         if (!spec.target.path.startsWith('/dev/')) fs.mkdirSync(path.dirname(spec.target.path), { recursive: true, mode: 0o750 });
         await this.open(m);
@@ -449,8 +454,10 @@ export class DiskManager {
       ...(manifest ? { manifest } : {}),
       log,
     });
-    const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log });
     const ep: Endpoint = spec.export.kind === 'tcp' ? { kind: 'tcp', host: spec.export.host ?? '127.0.0.1', port: spec.export.port ?? 0 } : { kind: 'unix', path: this.socketPath(spec.id) };
+    const tls = ep.kind === 'tcp' ? this.tcpTls : undefined;
+    const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log, ...(tls ? { tls } : {}) });
+    if (ep.kind === 'tcp' && !tls) log.warn('TCP export without TLS: set nbd_tls in the agent config to encrypt it and authenticate hosts');
     let uri: string;
     try {
       uri = await server.listen(ep);
@@ -459,8 +466,8 @@ export class DiskManager {
       throw err;
     }
     if (ep.kind === 'tcp') {
-      const port = Number(new URL(uri.replace(/^nbd:/, 'http:')).port);
-      m.exportInfo = { uri: tcpUri(spec.export.name, ep.host, port), name: spec.export.name, host: ep.host, port };
+      const port = Number(new URL(uri.replace(/^nbds?:/, 'http:')).port);
+      m.exportInfo = { uri: tcpUri(spec.export.name, ep.host, port, tls !== undefined), name: spec.export.name, host: ep.host, port };
       if (spec.export.port !== port) {
         // A host reconnects to the same port after a daemon restart: keep the one we got.
         m.spec = { ...spec, export: { ...spec.export, port } };
@@ -606,8 +613,8 @@ function unixUri(name: string, socket: string): string {
   return `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`;
 }
 
-function tcpUri(name: string, host: string, port: number): string {
-  return `nbd://${host.includes(':') ? `[${host}]` : host}:${port}/${encodeURIComponent(name)}`;
+function tcpUri(name: string, host: string, port: number, tls: boolean): string {
+  return `${tls ? 'nbds' : 'nbd'}://${host.includes(':') ? `[${host}]` : host}:${port}/${encodeURIComponent(name)}`;
 }
 
 /** Run-length encoding of region states: "512L3f1533r". */

@@ -44,6 +44,13 @@ export async function runServe(argv: string[]): Promise<number> {
   }
   const log = pino({ level: config.log_level, base: { pid: process.pid }, redact: { paths: REDACT_PATHS, censor: 'REDACTED' } }, pino.destination(2));
   if (config.auth.disabled) log.warn('authentication is disabled (auth.disabled): anyone who reaches the API controls the disks');
+  if (config.tcp_exports_allowed && !config.nbd_tls) {
+    log.warn('TCP exports are allowed without TLS (no nbd_tls): anyone who reaches an export\'s port reads and writes its disk, in plaintext');
+  } else if (config.nbd_tls && !config.tcp_exports_allowed) {
+    log.warn('nbd_tls is set but tcp_exports_allowed is false: TLS applies to TCP exports only, and there will be none');
+  } else if (config.nbd_tls?.mode === 'allow') {
+    log.warn('nbd_tls.mode is "allow": TCP exports also serve clients that do not start TLS');
+  }
   for (const secretFile of [file, config.auth.token_file]) {
     if (secretFile && (fs.statSync(secretFile).mode & 0o077) !== 0 && (secretFile === config.auth.token_file || config.auth.tokens.length > 0)) {
       log.warn({ file: secretFile }, 'a file holding API tokens is readable by group or others; chmod 600 it');

@@ -2,14 +2,18 @@
  * The NBD server: listens on a unix socket (the default: only local processes with
  * access to the path can connect) or TCP, negotiates, then runs a Transmission per
  * connection against the export's BlockBackend. It knows nothing of streaming.
+ *
+ * With `tls` it offers NBD_OPT_STARTTLS (nbd/tls.ts has the modes); the transmission then
+ * runs over the TLS socket. Without it nothing changes: the plain socket is used as is.
  */
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockBackend } from '../block/backend.js';
 import { DpuError } from '../errors.js';
-import { type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
+import { type Conn, type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
 import { TFlag } from './protocol.js';
+import type { NbdTls } from './tls.js';
 import { Transmission, type TransmissionStats } from './transmission.js';
 
 export type Endpoint = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
@@ -27,6 +31,8 @@ export interface NbdServerOptions {
   log: Logger;
   /** A connection that has not chosen an export by then is closed, ms. @default 10000 */
   handshakeTimeoutMs?: number;
+  /** Offer TLS (NBD_OPT_STARTTLS), and require it in mode `require`. @default no TLS */
+  tls?: NbdTls;
 }
 
 /** `unix:/path/to.sock`, `tcp:HOST:PORT` or `tcp:[v6]:PORT`. */
@@ -66,6 +72,7 @@ export class NbdServer {
   private readonly transmissions = new Set<Transmission>();
   private readonly log: Logger;
   private readonly handshakeTimeoutMs: number;
+  private readonly tls: NbdTls | undefined;
   private unixPath: string | null = null;
   readonly stats: TransmissionStats & { connections: number } = { requests: 0, errors: 0, connections: 0 };
 
@@ -73,6 +80,7 @@ export class NbdServer {
     if (opts.exports.length === 0) throw new DpuError('DPU_ERR_CONFIG', 'an NBD server needs at least one export');
     this.log = opts.log;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
+    this.tls = opts.tls;
     const entries: NegotiableExport[] = opts.exports.map((e) => {
       this.backends.set(e.name, e.backend);
       return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend) };
@@ -101,7 +109,7 @@ export class NbdServer {
       });
       fs.chmodSync(ep.path, 0o660);
       this.unixPath = ep.path;
-      return `nbd+unix:///?socket=${ep.path}`;
+      return `${this.tls ? 'nbds' : 'nbd'}+unix:///?socket=${ep.path}`;
     }
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
@@ -112,7 +120,7 @@ export class NbdServer {
     });
     const addr = this.server.address() as net.AddressInfo;
     const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
-    return `nbd://${host}:${addr.port}/`;
+    return `${this.tls ? 'nbds' : 'nbd'}://${host}:${addr.port}/`;
   }
 
   private accept(socket: net.Socket): void {
@@ -121,26 +129,45 @@ export class NbdServer {
     const log = this.log.child({ conn: this.stats.connections });
     socket.on('close', () => this.sockets.delete(socket));
     socket.on('error', (err) => log.debug({ err: err.message }, 'socket error'));
-    const reader = new SocketReader(socket);
+    const conn: Conn = { socket, reader: new SocketReader(socket), tls: false, upgraded: (secure) => this.track(secure, socket) };
     const timer = setTimeout(() => {
       log.warn(`no export chosen within ${this.handshakeTimeoutMs} ms; closing`);
-      socket.destroy();
+      conn.socket.destroy();
     }, this.handshakeTimeoutMs);
-    negotiate(socket, reader, this.catalog, log)
+    negotiate(conn, this.catalog, log, this.tls)
       .then((result) => {
         clearTimeout(timer);
-        if (!result || socket.destroyed) return;
-        const queue = reader.detach();
-        log.debug({ export: result.export.name }, 'transmission');
-        const t = new Transmission(socket, this.backends.get(result.export.name)!, queue, log, this.stats, () => this.transmissions.delete(t));
-        this.transmissions.add(t);
-        socket.on('close', () => this.transmissions.delete(t));
+        const s = conn.socket; // the TLS socket after STARTTLS
+        if (!result || s.destroyed) return;
+        const queue = conn.reader.detach();
+        log.debug({ export: result.export.name, tls: conn.tls }, 'transmission');
+        // The transmission may finish inside its constructor (the client pipelined requests
+        // and DISC, or bad magic, behind NBD_OPT_GO): `t` is not assigned yet then.
+        let finished = false;
+        let t: Transmission | undefined;
+        t = new Transmission(s, this.backends.get(result.export.name)!, queue, log, this.stats, () => {
+          finished = true;
+          if (t) this.transmissions.delete(t);
+        });
+        if (finished) return;
+        const tracked = t;
+        this.transmissions.add(tracked);
+        s.on('close', () => this.transmissions.delete(tracked));
       })
       .catch((err: Error) => {
         clearTimeout(timer);
         if (!(err instanceof HandshakeClosed)) log.warn({ err: err.message }, 'negotiation failed');
-        socket.destroy();
+        conn.socket.destroy();
       });
+  }
+
+  /** A TLS socket wrapping `plain`: closed by close() as well, and it takes `plain` with it. */
+  private track(secure: net.Socket, plain: net.Socket): void {
+    this.sockets.add(secure);
+    secure.once('close', () => {
+      this.sockets.delete(secure);
+      plain.destroy();
+    });
   }
 
   /** Stops accepting, lets outstanding requests answer (up to `graceMs`), closes every connection. */
