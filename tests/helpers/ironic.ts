@@ -176,12 +176,13 @@ export class IronicServer {
     }
   }
 
-  async stop(): Promise<void> {
+  /** SIGTERM (escalated to SIGKILL after 10 s); `SIGKILL` simulates a crash (one process: API and conductor). */
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
     const c = this.child;
     this.child = null;
     if (!c || c.exitCode !== null || c.signalCode !== null) return;
     const exited = new Promise<void>((r) => c.once('exit', () => r()));
-    c.kill('SIGTERM');
+    c.kill(signal);
     const timer = setTimeout(() => c.kill('SIGKILL'), 10_000);
     await exited;
     clearTimeout(timer);

@@ -18,12 +18,26 @@ export type Fault =
   | 'stall' // 206 headers and part of the body, then silence (connection kept open)
   | 'corrupt'; // 206 with the right range and length, one byte flipped
 
+export const FAULT_KINDS: readonly Fault[] = ['500', '503', 'reset', 'truncate', 'full200', 'wrong-range', 'stall', 'corrupt'];
+
+/** Decides the fault (if any) of one ranged GET for bytes start..end (inclusive). */
+export type FaultPlan = (req: { start: number; end: number }) => Fault | undefined;
+
+/**
+ * How an outage looks from outside: `reset` accepts connections and resets them at once;
+ * `refuse` stops listening (connect() fails with ECONNREFUSED) and listens again on the
+ * same port when it is over.
+ */
+export type OutageMode = 'reset' | 'refuse';
+
 export interface OriginOptions {
   file: string;
   /** Cap on the bytes/s of every response body together; 0 = none. */
   rate?: number;
   /** Faults applied to the next GET requests, one per request, in order. */
   faults?: Fault[];
+  /** Asked for a fault for every ranged GET once `faults` is used up (see randomFaults). */
+  plan?: FaultPlan;
   /** Answer 404 to everything (a missing image). */
   notFound?: boolean;
   /** Omit ETag. */
@@ -35,10 +49,16 @@ export interface OriginStats {
   rangeRequests: number;
   bytesSent: number;
   faultsInjected: number;
+  /** Injected faults by kind. */
+  byKind: Partial<Record<Fault, number>>;
+  /** Requests reset or refused because the origin was down (outages are not in faultsInjected). */
+  refused: number;
+  /** Responses cut off mid-body when an outage began. */
+  cutByOutage: number;
 }
 
 export class TestOrigin {
-  readonly stats: OriginStats = { requests: 0, rangeRequests: 0, bytesSent: 0, faultsInjected: 0 };
+  readonly stats: OriginStats = { requests: 0, rangeRequests: 0, bytesSent: 0, faultsInjected: 0, byKind: {}, refused: 0, cutByOutage: 0 };
   readonly faults: Fault[];
   private readonly server: http.Server;
   private readonly sockets = new Set<Socket>();
@@ -47,6 +67,9 @@ export class TestOrigin {
   private readonly opts: OriginOptions;
   private nextSendAt = 0;
   private down = false;
+  private listening: { host: string; port: number } | null = null;
+  /** Responses whose body is still being sent (an outage cuts them). */
+  private readonly sending = new Set<http.ServerResponse>();
   url = '';
 
   constructor(opts: OriginOptions) {
@@ -65,14 +88,37 @@ export class TestOrigin {
   async start(host = '127.0.0.1', port = 0): Promise<string> {
     await new Promise<void>((resolve) => this.server.listen(port, host, resolve));
     const bound = (this.server.address() as AddressInfo).port;
+    this.listening = { host, port: bound };
     this.url = `http://${host}:${bound}/images/disk.raw`;
     return this.url;
   }
 
-  /** While down, every connection is reset at once (an origin outage); existing ones too. */
-  setDown(down: boolean): void {
+  /**
+   * While down, every connection is reset at once (an origin outage); existing ones too.
+   * With `refuse`, the origin also stops listening until it comes back up.
+   */
+  async setDown(down: boolean, mode: OutageMode = 'reset'): Promise<void> {
+    if (down === this.down) return;
     this.down = down;
-    if (down) for (const s of this.sockets) s.destroy();
+    if (down) {
+      this.stats.cutByOutage += this.sending.size;
+      if (mode === 'refuse' && this.listening) {
+        const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+        for (const s of this.sockets) s.destroy();
+        await closed;
+      } else {
+        for (const s of this.sockets) s.destroy();
+      }
+    } else if (!this.server.listening && this.listening) {
+      const { host, port } = this.listening;
+      await new Promise<void>((resolve, reject) => {
+        this.server.once('error', reject);
+        this.server.listen(port, host, () => {
+          this.server.off('error', reject);
+          resolve();
+        });
+      });
+    }
   }
 
   setRate(bytesPerSecond: number): void {
@@ -81,13 +127,14 @@ export class TestOrigin {
 
   async stop(): Promise<void> {
     for (const s of this.sockets) s.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    if (this.server.listening) await new Promise<void>((resolve) => this.server.close(() => resolve()));
     fs.closeSync(this.fd);
   }
 
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     this.stats.requests++;
     if (this.down) {
+      this.stats.refused++;
       req.socket.destroy();
       return;
     }
@@ -114,8 +161,11 @@ export class TestOrigin {
       }
       this.stats.rangeRequests++;
     }
-    const fault = this.faults.shift();
-    if (fault) this.stats.faultsInjected++;
+    const fault = this.faults.length > 0 ? this.faults.shift() : ranged ? this.opts.plan?.({ start, end }) : undefined;
+    if (fault) {
+      this.stats.faultsInjected++;
+      this.stats.byKind[fault] = (this.stats.byKind[fault] ?? 0) + 1;
+    }
     switch (fault) {
       case '500':
       case '503':
@@ -140,13 +190,18 @@ export class TestOrigin {
       res.writeHead(200, { 'content-length': this.size, ...etag });
     }
     const cut = fault === 'truncate' || fault === 'stall' ? Math.floor(length / 2) : length;
+    this.sending.add(res);
     this.sendBody(res, start, cut, fault === 'corrupt').then(
       () => {
+        this.sending.delete(res);
         if (fault === 'truncate') res.socket?.destroy();
         else if (fault === 'stall') return; // keep the socket open and silent
         else res.end();
       },
-      () => res.destroy(),
+      () => {
+        this.sending.delete(res);
+        res.destroy();
+      },
     );
   }
 
@@ -175,4 +230,55 @@ export class TestOrigin {
     this.nextSendAt = at + (n / rate) * 1000;
     if (at > now) await new Promise((r) => setTimeout(r, at - now));
   }
+}
+
+export interface RandomFaultOptions {
+  /** Chance that a ranged GET gets a fault. */
+  probability: number;
+  /** The kinds drawn from, uniformly. @default FAULT_KINDS without corrupt */
+  kinds?: readonly Fault[];
+  /** A random number in [0, 1): a seeded one makes a run replayable. */
+  random: () => number;
+  /**
+   * Faults in a row for one read (requests ending at the same byte: a read's retries keep
+   * their end), so that no read meets more faults in a row than its retry deadline allows.
+   * @default 3
+   */
+  maxInARow?: number;
+  /** Region size, for `maxCorruptPerRegion`. */
+  regionSize?: number;
+  /**
+   * Corrupt answers at most per region (the disk fails a host read after three bad
+   * fetches of its region, so two keep every read correct). @default 2
+   */
+  maxCorruptPerRegion?: number;
+}
+
+/**
+ * A FaultPlan drawing faults at random, bounded so that every read must still succeed:
+ * what an origin that misbehaves often, but never for longer than the retry deadline,
+ * looks like.
+ */
+export function randomFaults(o: RandomFaultOptions): FaultPlan {
+  const kinds = o.kinds ?? FAULT_KINDS.filter((k) => k !== 'corrupt');
+  const maxInARow = o.maxInARow ?? 3;
+  const maxCorrupt = o.maxCorruptPerRegion ?? 2;
+  const inARow = new Map<number, number>();
+  const corrupted = new Map<number, number>();
+  return ({ start, end }) => {
+    const n = inARow.get(end) ?? 0;
+    if (n >= maxInARow || o.random() >= o.probability) {
+      inARow.delete(end);
+      return undefined;
+    }
+    let kind = kinds[Math.floor(o.random() * kinds.length)]!;
+    if (kind === 'corrupt') {
+      const r = Math.floor(start / (o.regionSize ?? 1));
+      const c = corrupted.get(r) ?? 0;
+      if (c >= maxCorrupt) kind = '503';
+      else corrupted.set(r, c + 1);
+    }
+    inARow.set(end, n + 1);
+    return kind;
+  };
 }
