@@ -310,7 +310,7 @@ export function writeResults(name: string, date: Date, data: unknown): string {
  * Replaces the section that starts with `heading` (up to the next `## ` heading) in
  * docs/benchmarks.md, or appends it; the rest of the file is left alone.
  */
-export function updateDocSection(heading: string, section: string): void {
+export function updateDocSection(heading: string, section: string, opts: { top?: boolean } = {}): void {
   if (!fs.existsSync(DOC)) {
     fs.mkdirSync(path.dirname(DOC), { recursive: true });
     fs.writeFileSync(DOC, `# Benchmarks\n\n${section}`);
@@ -318,6 +318,13 @@ export function updateDocSection(heading: string, section: string): void {
   }
   const lines = fs.readFileSync(DOC, 'utf8').split('\n');
   const start = lines.findIndex((l) => l.trim() === heading);
+  if (start < 0 && opts.top) {
+    // Right after the title and its intro, before the first section.
+    let at = lines.findIndex((l) => /^## /.test(l));
+    if (at < 0) at = lines.length;
+    fs.writeFileSync(DOC, [...lines.slice(0, at), ...section.replace(/\n+$/, '').split('\n'), '', ...lines.slice(at)].join('\n'));
+    return;
+  }
   if (start < 0) {
     const text = lines.join('\n').replace(/\n*$/, '\n\n');
     fs.writeFileSync(DOC, text + section.replace(/\n*$/, '\n'));
