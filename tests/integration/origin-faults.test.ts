@@ -97,4 +97,20 @@ describe('origin faults', function () {
     await run('nbdcopy', ['--connections=1', nbdUri(sock), out]);
     assert.ok(fs.readFileSync(out).equals(fs.readFileSync(imagePath)));
   });
+
+  it('stopping a disk whose origin is down does not wait out the retry deadline', async () => {
+    origin = new TestOrigin({ file: imagePath });
+    await origin.start();
+    // Slow hydration, so background fetches are in flight when the origin goes away; a
+    // 30 s deadline that the shutdown must not sit out (it did: the hydrator was awaited
+    // before the source was closed).
+    await startAgent('stuck', origin, ['--retry-deadline', '30s', '--bandwidth', '4M', '--batch-size', '1M']);
+    await new Promise((r) => setTimeout(r, 300));
+    await origin.setDown(true, 'refuse');
+    await new Promise((r) => setTimeout(r, 700));
+    const t0 = Date.now();
+    assert.equal(await agent!.stop(), 0);
+    agent = null;
+    assert.ok(Date.now() - t0 < 5000, `shutdown took ${Date.now() - t0} ms`);
+  });
 });

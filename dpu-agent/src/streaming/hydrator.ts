@@ -169,7 +169,12 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
       wrapped = false;
       this.cursor = run.first + run.count;
       if (run.zero) {
-        await disk.zeroFillRun(run.first, run.count);
+        try {
+          await disk.zeroFillRun(run.first, run.count);
+        } catch (err) {
+          if ((this.current as HydratorState) === 'stopped') break; // the disk closed under the zero fill
+          throw err;
+        }
         await new Promise<void>((resolve) => setImmediate(resolve));
         continue;
       }
@@ -191,7 +196,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           this.lastErrorMessage = err.message;
           this.emit('batch-error', err);
           this.log?.warn({ err: err.message, first: run.first, count: n, failures: this.failures }, 'background fetch failed; will retry');
-          await this.nap(Math.min(BACKOFF_FIRST_MS * 2 ** (this.failures - 1), BACKOFF_MAX_MS));
+          if (this.current !== 'stopped') await this.nap(Math.min(BACKOFF_FIRST_MS * 2 ** (this.failures - 1), BACKOFF_MAX_MS));
         })
         .finally(() => inflight.delete(p));
       inflight.add(p);

@@ -135,8 +135,12 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       origin,
       async close() {
         try {
-          await hydrator.stop();
+          // Stop the hydrator (no new batch), then close the disk at once: closing its
+          // source aborts fetches that may be retrying against an unreachable origin,
+          // which waiting for the hydrator first would sit out (up to the retry deadline).
+          const stopped = hydrator.stop();
           await disk.close();
+          await stopped;
         } finally {
           unlock();
         }
