@@ -214,11 +214,18 @@ export function blamedField(e: Partial<ErrorObject>): string {
   return parts.join('.');
 }
 
-/** The fastify option both services use: validation errors that name the field. */
+/** The fastify options both services use: validation errors that name the field. */
 export const fastifyValidationOptions = {
   schemaErrorFormatter: (errors: ErrorObject[], dataVar: string): Error => {
     const err = new Error(formatAjvErrors(errors, dataVar)) as Error & { field?: string };
     if (errors[0]) err.field = blamedField(errors[0]);
     return err;
   },
+  // fastify's default (100) is shorter than a DiskId may be (128): a longer path
+  // parameter is checked by its schema, which names it, instead of a bare 414.
+  routerOptions: { maxParamLength: 256 },
+  // A URL the router cannot decode, or a parameter over that bound, goes through the
+  // service's error handler too, so it answers with an Error body like every refusal.
+  // (the service's handler, looked up per request: the router's context predates it)
+  frameworkErrors: (err: Error, req: FastifyRequest, reply: FastifyReply): void => void req.server.errorHandler(err as never, req, reply),
 } as const;

@@ -58,6 +58,9 @@ export class Transmission {
     private readonly onDone: () => void,
   ) {
     socket.on('data', (b: Buffer) => {
+      // Once closing (after DISC), what a client still sends is read and dropped: were it
+      // left unread, the client's writes would stall and the close never complete.
+      if (this.phase.kind === 'closing') return;
       this.queue.push(b);
       this.process();
     });
@@ -77,7 +80,7 @@ export class Transmission {
   /** Stop taking requests; the connection ends once outstanding replies are sent. */
   shutdown(): void {
     if (this.phase.kind !== 'closing') this.phase = { kind: 'closing' };
-    this.socket.pause();
+    this.socket.resume(); // see the 'data' handler
     this.finishIfIdle();
   }
 
@@ -109,7 +112,7 @@ export class Transmission {
       } else {
         break;
       }
-      if (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) {
+      if (this.phase.kind !== 'closing' && (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
         this.paused = true;
         this.socket.pause();
         break;
@@ -123,7 +126,7 @@ export class Transmission {
   private maybeResume(): void {
     if (!this.paused || this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
     this.paused = false;
-    if (this.phase.kind !== 'closing') this.socket.resume();
+    this.socket.resume();
     this.process();
   }
 
