@@ -52,9 +52,14 @@ import { run } from '../tests/helpers/run.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
 import { startQemuHost } from './lib/boot-qemu.js';
 import {
+  BENCH_FLAGS,
   DOC,
   GiB,
   MiB,
+  benchFlags,
+  parseRateArg,
+  parseSizeArg,
+  positive,
   REPO,
   commandLine,
   cpuSeconds,
@@ -126,6 +131,7 @@ function parseOptions(argv: string[]): Options {
     args: argv,
     strict: true,
     options: {
+      ...BENCH_FLAGS,
       sizes: { type: 'string' },
       link: { type: 'string' },
       reps: { type: 'string' },
@@ -133,25 +139,11 @@ function parseOptions(argv: string[]): Options {
       'link-index': { type: 'string' },
       'agent-args': { type: 'string' },
       'no-io': { type: 'boolean' },
-      quick: { type: 'boolean' },
-      workdir: { type: 'string' },
-      keep: { type: 'boolean' },
-      docs: { type: 'boolean' },
-      'no-docs': { type: 'boolean' },
-      help: { type: 'boolean' },
     },
   });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = v.quick === true;
-  const num = (name: string, s: string | undefined, dflt: number): number => {
-    if (s === undefined) return dflt;
-    const n = Number(s);
-    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} "${s}" is not a positive number`);
-    return n;
-  };
+  const common = benchFlags(v, USAGE);
+  const quick = common.quick;
+  const num = (name: string, s: string | undefined, dflt: number): number => positive(name, s, dflt);
   const linkLabel = v.link ?? '1gbit';
   const linkIndex = Math.round(num('link-index', v['link-index'], 50));
   if (linkIndex < 50 || linkIndex > 57) throw new Error('--link-index must be 50–57 (other indexes belong to other users of lab/netns.ts)');
@@ -159,34 +151,20 @@ function parseOptions(argv: string[]): Options {
   return {
     sizes: [...new Set(sizes)].sort((a, b) => a - b),
     linkLabel,
-    linkRate: parseRate(linkLabel),
+    linkRate: parseRateArg(linkLabel, '--link'),
     reps: Math.round(num('reps', v.reps, quick ? 1 : 3)),
     ioRuntime: num('io-runtime', v['io-runtime'], quick ? 2 : 3),
     linkIndex,
     agentArgs: (v['agent-args'] ?? '').split(/\s+/).filter(Boolean),
     io: v['no-io'] !== true,
-    quick,
-    workdir: v.workdir,
-    keep: v.keep === true,
-    docs: v['no-docs'] ? false : v.docs === true || !quick,
+    ...common,
   };
 }
 
 function parseSize(s: string): number {
-  const m = /^(\d+)([MG])(i?B)?$/i.exec(s.trim());
-  if (!m) throw new Error(`size "${s}" is not like 1G or 256M`);
-  const n = Number(m[1]) * (m[2]!.toUpperCase() === 'G' ? GiB : MiB);
-  if (n < 64 * MiB) throw new Error(`size "${s}": at least 64M (the boot fixture itself)`);
+  const n = parseSizeArg(s, '--sizes');
+  if (n < 64 * MiB || n % MiB !== 0) throw new Error(`--sizes "${s}": a whole number of MiB, at least 64M (the boot fixture itself)`);
   return n;
-}
-
-/** "1gbit" → bytes per second. */
-function parseRate(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)([kmg]?)bit$/i.exec(s.trim());
-  if (!m) throw new Error(`--link "${s}" is not a rate like 1gbit or 500mbit`);
-  const bits = Number(m[1]) * { '': 1, k: 1e3, m: 1e6, g: 1e9 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g'];
-  if (!(bits > 0)) throw new Error(`--link "${s}" must be above 0`);
-  return bits / 8;
 }
 
 function sizeLabel(n: number): string {

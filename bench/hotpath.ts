@@ -27,7 +27,12 @@ import { parseArgs } from 'node:util';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
 import {
+  BENCH_FLAGS,
   DOC,
+  MiB,
+  benchFlags,
+  positive,
+  parseSizeArg,
   REPO,
   commandLine,
   cpuSeconds,
@@ -87,49 +92,18 @@ function parseOptions(argv: string[]): Options {
   const { values: v } = parseArgs({
     args: argv,
     strict: true,
-    options: {
-      runtime: { type: 'string' },
-      reps: { type: 'string' },
-      quick: { type: 'boolean' },
-      tcp: { type: 'boolean' },
-      size: { type: 'string' },
-      workdir: { type: 'string' },
-      keep: { type: 'boolean' },
-      docs: { type: 'boolean' },
-      'no-docs': { type: 'boolean' },
-      help: { type: 'boolean' },
-    },
+    options: { ...BENCH_FLAGS, runtime: { type: 'string' }, reps: { type: 'string' }, tcp: { type: 'boolean' }, size: { type: 'string' } },
   });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = v.quick === true;
-  const num = (name: string, s: string | undefined, dflt: number): number => {
-    if (s === undefined) return dflt;
-    const n = Number(s);
-    if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} "${s}" is not a positive number`);
-    return n;
-  };
+  const common = benchFlags(v, USAGE);
+  const size = parseSizeArg(v.size ?? '1G', '--size');
+  if (size < 16 * MiB || size % MiB !== 0) throw new Error('--size must be a whole number of MiB, at least 16M');
   return {
-    runtime: num('runtime', v.runtime, quick ? 2 : 5),
-    reps: Math.round(num('reps', v.reps, quick ? 1 : 3)),
-    quick,
+    ...common,
+    runtime: positive('runtime', v.runtime, common.quick ? 2 : 5),
+    reps: Math.round(positive('reps', v.reps, common.quick ? 1 : 3)),
     tcp: v.tcp === true,
-    size: parseSize(v.size ?? '1G'),
-    workdir: v.workdir,
-    keep: v.keep === true,
-    docs: v['no-docs'] ? false : v.docs === true || !quick,
+    size,
   };
-}
-
-function parseSize(s: string): number {
-  const m = /^(\d+)([KMG]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new Error(`--size "${s}" is not a size like 1G or 256M`);
-  const shift = { '': 0, K: 10, M: 20, G: 30 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  const n = Number(m[1]) * 2 ** shift;
-  if (n < 16 << 20 || n % (1 << 20) !== 0) throw new Error(`--size must be a whole number of MiB, at least 16M`);
-  return n;
 }
 
 // ---------------------------------------------------------------- workloads

@@ -27,8 +27,13 @@ import { TestOrigin } from '../tests/helpers/origin.js';
 import { FileSource } from '../tests/helpers/qcow2-images.js';
 import { run } from '../tests/helpers/run.js';
 import {
+  BENCH_FLAGS,
   GiB,
   MiB,
+  benchFlags,
+  parseRateArg,
+  parseSizeArg,
+  positive,
   commandLine,
   cpuSeconds,
   describeMachine,
@@ -84,63 +89,30 @@ interface Options {
   docs: boolean;
 }
 
-function parseSize(s: string, what: string): number {
-  const m = /^(\d+)([KMG]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new Error(`${what} "${s}" is not a size like 64K, 1M or 100G`);
-  return Number(m[1]) * 2 ** { '': 0, K: 10, M: 20, G: 30 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-}
-
-function parseRate(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)([kmg])bit$/i.exec(s.trim());
-  if (!m) throw new Error(`--link "${s}" is not a rate like 1gbit or 500mbit`);
-  return (Number(m[1]) * { k: 1e3, m: 1e6, g: 1e9 }[m[2]!.toLowerCase() as 'k' | 'm' | 'g']) / 8;
-}
-
 function parseOptions(argv: string[]): Options {
   const { values: v } = parseArgs({
     args: argv,
     strict: true,
-    options: {
-      sizes: { type: 'string' },
-      data: { type: 'string' },
-      regions: { type: 'string' },
-      image: { type: 'string' },
-      link: { type: 'string' },
-      reps: { type: 'string' },
-      quick: { type: 'boolean' },
-      only: { type: 'string' },
-      workdir: { type: 'string' },
-      keep: { type: 'boolean' },
-      docs: { type: 'boolean' },
-      'no-docs': { type: 'boolean' },
-      help: { type: 'boolean' },
-    },
+    options: { ...BENCH_FLAGS, sizes: { type: 'string' }, data: { type: 'string' }, regions: { type: 'string' }, image: { type: 'string' }, link: { type: 'string' }, reps: { type: 'string' }, only: { type: 'string' } },
   });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = v.quick === true;
-  const list = (s: string, what: string): number[] => s.split(',').map((x) => parseSize(x, what));
+  const common = benchFlags(v, USAGE);
+  const quick = common.quick;
+  const list = (s: string, what: string): number[] => s.split(',').map((x) => parseSizeArg(x, what));
   if (v.only !== undefined && v.only !== 'sizes' && v.only !== 'regions') throw new Error(`--only "${v.only}" must be sizes or regions`);
   const regions = list(v.regions ?? (quick ? '256K,1M,4M' : '64K,256K,1M,4M,16M'), '--regions');
   for (const r of regions) if (r < 4096 || (r & (r - 1)) !== 0) throw new Error(`--regions: ${r} is not a power of two of at least 4K`);
-  const reps = Number(v.reps ?? (quick ? 1 : 3));
-  if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps "${v.reps}" must be a whole number ≥ 1`);
+  const reps = positive('reps', v.reps, quick ? 1 : 3, true);
   const link = v.link ?? '1gbit';
   return {
     sizes: list(v.sizes ?? (quick ? '1G,4G' : '1G,10G,100G'), '--sizes'),
-    data: parseSize(v.data ?? (quick ? '64M' : '256M'), '--data'),
+    data: parseSizeArg(v.data ?? (quick ? '64M' : '256M'), '--data'),
     regions,
-    image: parseSize(v.image ?? (quick ? '256M' : '1G'), '--image'),
-    linkBps: parseRate(link),
+    image: parseSizeArg(v.image ?? (quick ? '256M' : '1G'), '--image'),
+    linkBps: parseRateArg(link, '--link'),
     linkLabel: link,
     reps,
-    quick,
     only: v.only as Options['only'],
-    workdir: v.workdir,
-    keep: v.keep === true,
-    docs: v['no-docs'] ? false : v.docs === true || !quick,
+    ...common,
   };
 }
 

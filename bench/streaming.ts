@@ -41,7 +41,12 @@ import { EmulatedLink } from '../lab/netns.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { run } from '../tests/helpers/run.js';
 import {
+  BENCH_FLAGS,
   MiB,
+  benchFlags,
+  parseRateArg,
+  parseSizeArg,
+  positive,
   commandLine,
   cpuSeconds,
   describeMachine,
@@ -136,25 +141,12 @@ function parseOptions(argv: string[]): Options {
       peers: { type: 'string' },
       'agent-args': { type: 'string' },
       'no-foreground': { type: 'boolean' },
-      quick: { type: 'boolean' },
-      workdir: { type: 'string' },
-      keep: { type: 'boolean' },
-      docs: { type: 'boolean' },
-      'no-docs': { type: 'boolean' },
-      help: { type: 'boolean' },
+      ...BENCH_FLAGS,
     },
   });
-  if (v.help) {
-    console.log(USAGE);
-    process.exit(0);
-  }
-  const quick = v.quick === true;
-  const num = (name: string, s: string | undefined, dflt: number): number => {
-    if (s === undefined) return dflt;
-    const n = Number(s);
-    if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} "${s}" is not a positive integer`);
-    return n;
-  };
+  const common = benchFlags(v, USAGE);
+  const quick = common.quick;
+  const num = (name: string, s: string | undefined, dflt: number): number => positive(name, s, dflt, true);
   const links = (v.links ?? '1gbit,10gbit').split(',').map((s) => parseRate(s.trim()));
   if (links.length > LINK_INDEX_LAST - LINK_INDEX_FIRST + 1) throw new Error(`--links: at most ${LINK_INDEX_LAST - LINK_INDEX_FIRST + 1} links`);
   const peers = (v.peers ?? ALL_PEERS.join(',')).split(',').map((s) => s.trim());
@@ -168,25 +160,16 @@ function parseOptions(argv: string[]): Options {
     peers: [...(peers as PeerName[]), ...(agentArgs.length ? (['agent+'] as const) : [])],
     agentArgs,
     foreground: v['no-foreground'] !== true,
-    quick,
-    workdir: v.workdir,
-    keep: v.keep === true,
-    docs: v['no-docs'] ? false : v.docs === true || !quick,
+    ...common,
   };
 }
 
 function parseRate(s: string): LinkSpec {
-  const m = /^(\d+(?:\.\d+)?)([kmg])bit$/i.exec(s);
-  if (!m) throw new Error(`--links: "${s}" is not a rate like 1gbit or 500mbit`);
-  const mult = { k: 1e3, m: 1e6, g: 1e9 }[m[2]!.toLowerCase() as 'k' | 'm' | 'g'];
-  return { name: s.toLowerCase(), rate: (Number(m[1]) * mult) / 8 };
+  return { name: s.toLowerCase(), rate: parseRateArg(s, '--links:') };
 }
 
 function parseSize(s: string): number {
-  const m = /^(\d+)([KMG]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new Error(`--size "${s}" is not a size like 1G or 256M`);
-  const shift = { '': 0, K: 10, M: 20, G: 30 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
-  const n = Number(m[1]) * 2 ** shift;
+  const n = parseSizeArg(s, '--size');
   if (n < 64 * MiB || n % MiB !== 0) throw new Error('--size must be a whole number of MiB, at least 64M');
   return n;
 }

@@ -105,6 +105,60 @@ export function runMain(name: string, main: () => Promise<void>): void {
     });
 }
 
+// ---------------------------------------------------------------- options
+
+/** The flags every bench takes; spread into its parseArgs options. */
+export const BENCH_FLAGS = {
+  quick: { type: 'boolean' },
+  workdir: { type: 'string' },
+  keep: { type: 'boolean' },
+  docs: { type: 'boolean' },
+  'no-docs': { type: 'boolean' },
+  help: { type: 'boolean' },
+} as const;
+
+export interface BenchFlags {
+  quick: boolean;
+  workdir: string | undefined;
+  keep: boolean;
+  /** Update docs/benchmarks.md: by default on a full run, not on a --quick one. */
+  docs: boolean;
+}
+
+/** Prints the usage and exits on --help; returns the common flags' values. */
+export function benchFlags(v: { quick?: boolean; workdir?: string; keep?: boolean; docs?: boolean; 'no-docs'?: boolean; help?: boolean }, usage: string): BenchFlags {
+  if (v.help) {
+    console.log(usage);
+    process.exit(0);
+  }
+  const quick = v.quick === true;
+  return { quick, workdir: v.workdir, keep: v.keep === true, docs: v['no-docs'] ? false : v.docs === true || !quick };
+}
+
+/** A positive number from a flag (`--name`), or the default when the flag is absent. */
+export function positive(name: string, s: string | undefined, dflt: number, integer = false): number {
+  if (s === undefined) return dflt;
+  const n = Number(s);
+  if (!Number.isFinite(n) || n <= 0 || (integer && !Number.isInteger(n))) throw new Error(`--${name} "${s}" is not a positive ${integer ? 'integer' : 'number'}`);
+  return n;
+}
+
+/** "64K", "256M", "1G" (binary units) → bytes; `what` names the flag in the error. */
+export function parseSizeArg(s: string, what: string): number {
+  const m = /^(\d+)([KMG]?)(i?B)?$/i.exec(s.trim());
+  if (!m) throw new Error(`${what} "${s}" is not a size like 64K, 256M or 1G`);
+  return Number(m[1]) * 2 ** { '': 0, K: 10, M: 20, G: 30 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G'];
+}
+
+/** "1gbit", "500mbit" → bytes per second; `what` names the flag in the error. */
+export function parseRateArg(s: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)([kmg]?)bit$/i.exec(s.trim());
+  if (!m) throw new Error(`${what} "${s}" is not a rate like 1gbit or 500mbit`);
+  const bits = Number(m[1]) * { '': 1, k: 1e3, m: 1e6, g: 1e9 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g'];
+  if (!(bits > 0)) throw new Error(`${what} "${s}" must be above 0`);
+  return bits / 8;
+}
+
 // ---------------------------------------------------------------- endpoints
 
 export async function freePort(): Promise<number> {
