@@ -586,6 +586,15 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+            /** @description The disk is listed but never opened (`DPU_ERR_DISK_FAILED`, e.g. its origin was down when the agent restarted); its `error` says why. It is retried; the map exists once it opens. */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly updateHydration: {

@@ -454,6 +454,15 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 409: components["responses"]["Conflict"];
+            /** @description Well-formed, but the deployment cannot work as asked (`DRV_ERR_INVALID`, `DRV_ERR_IMAGE_*`, e.g. an `image_source` that is not an http(s) URL, Glance id or Swift object); `message` says what and what to do. */
+            readonly 422: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly getDeployment: {
