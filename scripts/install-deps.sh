@@ -29,3 +29,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -q
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}"
+# The benchmarks start nginx themselves, inside their own network namespaces; the
+# package's own service (listening on every address, port 80) is not wanted.
+if [[ " ${missing[*]} " == *" nginx-light "* ]] && command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+  "${SUDO[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true
+fi
