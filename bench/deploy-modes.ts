@@ -49,6 +49,7 @@ import type { ChildProcess } from 'node:child_process';
 import { EmulatedLink } from '../lab/netns.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { run } from '../tests/helpers/run.js';
+import { startNginxOrigin } from './lib/nginx-origin.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
 import { startQemuHost } from './lib/boot-qemu.js';
 import {
@@ -245,60 +246,6 @@ interface Lab {
   seq: number;
 }
 
-function rxBytes(link: EmulatedLink): number {
-  return Number(fs.readFileSync(`/sys/class/net/${link.hostIf}/statistics/rx_bytes`, 'utf8'));
-}
-
-/** nginx-light in the namespace, serving the work dir's origin/ folder with Range. */
-async function startOrigin(link: EmulatedLink, dir: string): Promise<{ child: ChildProcess; base: string }> {
-  const root = path.join(dir, 'origin');
-  fs.mkdirSync(path.join(dir, 'nginx-tmp'), { recursive: true });
-  fs.mkdirSync(root, { recursive: true });
-  const port = 8080;
-  const conf = path.join(dir, 'nginx.conf');
-  // master_process off: one process, so the PID we track is the one serving. Temp paths
-  // point into the work dir so nothing outside it is touched.
-  fs.writeFileSync(
-    conf,
-    `daemon off;
-master_process off;
-worker_processes 1;
-pid ${dir}/nginx.pid;
-error_log ${dir}/nginx-error.log warn;
-events { worker_connections 256; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 1000000;
-  client_body_temp_path ${dir}/nginx-tmp;
-  proxy_temp_path ${dir}/nginx-tmp;
-  fastcgi_temp_path ${dir}/nginx-tmp;
-  uwsgi_temp_path ${dir}/nginx-tmp;
-  scgi_temp_path ${dir}/nginx-tmp;
-  default_type application/octet-stream;
-  server {
-    listen ${link.nsAddr}:${port};
-    root ${root};
-  }
-}
-`,
-  );
-  const { child, stderr } = spawnTracked('ip', ['netns', 'exec', link.ns, 'nginx', '-p', `${dir}/`, '-e', `${dir}/nginx-error.log`, '-c', conf]);
-  const base = `http://${link.nsAddr}:${port}`;
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`nginx exited (${child.exitCode}): ${stderr()} ${fs.existsSync(`${dir}/nginx-error.log`) ? fs.readFileSync(`${dir}/nginx-error.log`, 'utf8') : ''}`);
-    try {
-      await fetch(`${base}/`, { method: 'HEAD' });
-      return { child, base };
-    } catch {
-      if (Date.now() > deadline) throw new Error(`nginx did not answer on ${base}: ${stderr()}`);
-      await sleep(50);
-    }
-  }
-}
-
 /**
  * Waits until `socket` answers with an NBD greeting ("NBDMAGIC"), polling every 10 ms;
  * fails as soon as the server process dies.
@@ -432,12 +379,12 @@ function load1(): number {
 
 async function bootRun(lab: Lab, mode: Mode, size: number, rep: number): Promise<BootRun> {
   const load = load1();
-  const rx0 = rxBytes(lab.link);
+  const rx0 = lab.link.rxBytes();
   const d = await deploy(lab, mode, size);
   try {
     const host = startQemuHost(d.socket, { timeoutMs: 300_000 });
     const markerAt = await host.marker;
-    const wireAtMarker = rxBytes(lab.link) - rx0;
+    const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
     const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
     const agentCpuS = d.agent ? cpuSeconds(d.agent.child.pid!, 'dpu-agent') : null;
@@ -453,7 +400,7 @@ async function bootRun(lab: Lab, mode: Mode, size: number, rep: number): Promise
       toQemuS: (host.startedAt - d.t0) / 1000,
       qemuToMarkerS: (markerAt - host.startedAt) / 1000,
       wireAtMarker,
-      wireTotal: rxBytes(lab.link) - rx0,
+      wireTotal: lab.link.rxBytes() - rx0,
       imageLocalS,
       hydratedAtMarker,
       qemuCpuS,
@@ -810,15 +757,17 @@ async function main(): Promise<void> {
     if (origin) await stopChild(origin);
     await link.destroy();
   });
-  const o = await startOrigin(link, dir);
+  const root = path.join(dir, 'origin');
+  fs.mkdirSync(root, { recursive: true });
+  const o = await startNginxOrigin(link, dir, root);
   origin = o.child;
   const lab: Lab = {
     opts, dir, link, seq: 0,
-    image: (size) => path.join(dir, 'origin', `boot-${size / MiB}M.raw`),
+    image: (size) => path.join(root, `boot-${size / MiB}M.raw`),
     url: (size) => `${o.base}/boot-${size / MiB}M.raw`,
-    rx: () => rxBytes(link),
+    rx: () => link.rxBytes(),
   };
-  log(`  link ${link.ns} (${link.hostIf} ⇄ ${link.nsIf}) at ${opts.linkLabel}; nginx pid ${origin.pid} at ${o.base}`);
+  log(`  link ${link.ns} (${link.hostIf} ⇄ ${link.nsIf}) at ${opts.linkLabel}; nginx pid ${o.child.pid} at ${o.base}`);
 
   const bootRuns: BootRun[] = [];
   const io: IoRun[] = [];

@@ -71,13 +71,13 @@ import {
   writeResults,
   type MachineInfo,
 } from './lib/common.js';
+import { startNginxOrigin } from './lib/nginx-origin.js';
 import { NbdClient, QmpClient } from './lib/streaming-clients.js';
 
 const SECTION = '## Streaming over an emulated link';
 /** EmulatedLink indexes reserved for this bench (other benches and the lab use others). */
 const LINK_INDEX_FIRST = 40;
 const LINK_INDEX_LAST = 47;
-const ORIGIN_PORT = 8080;
 
 // ---------------------------------------------------------------- options
 
@@ -175,77 +175,6 @@ function parseSize(s: string): number {
 }
 
 // ---------------------------------------------------------------- origin
-
-/**
- * nginx inside the link's namespace, bound to the namespace address only: a C origin
- * with sendfile, so the origin is never what caps the link. Every path it writes (pid,
- * error log, temp dirs) is in the work directory; running as root inside the namespace
- * lets its worker read the image in a private temp dir.
- */
-async function startOrigin(link: EmulatedLink, dir: string, image: string): Promise<{ url: string; child: ChildProcess; config: string }> {
-  const odir = path.join(dir, `nginx-${link.ns}`);
-  fs.mkdirSync(path.join(odir, 'tmp'), { recursive: true });
-  const v = spawnSync('nginx', ['-V'], { encoding: 'utf8' });
-  if (v.error) throw new Error('nginx is missing: apt-get install nginx-light');
-  // Temp paths exist only for compiled-in modules (nginx-light leaves some out); naming
-  // a missing module's directive would stop nginx, leaving one out would make it create
-  // its compiled-in default under /var/lib/nginx.
-  const temps = ['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']
-    .filter((m) => m === 'client_body' || !v.stderr.includes(`--without-http_${m}_module`))
-    .map((m) => `  ${m}_temp_path ${odir}/tmp/${m};`);
-  const config = `# written by bench/streaming.ts
-daemon off;
-master_process on;
-worker_processes 1;
-user root;
-pid ${odir}/nginx.pid;
-error_log ${odir}/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_timeout 300s;
-  keepalive_requests 1000000;
-  default_type application/octet-stream;
-${temps.join('\n')}
-  server {
-    listen ${link.nsAddr}:${ORIGIN_PORT};
-    location /images/ { alias ${path.dirname(image)}/; }
-  }
-}
-`;
-  const conf = path.join(odir, 'nginx.conf');
-  fs.writeFileSync(conf, config);
-  // `ip netns exec` execs nginx, so the tracked PID is nginx's master (daemon off).
-  const { child, stderr } = spawnTracked('ip', ['netns', 'exec', link.ns, 'nginx', '-p', odir, '-e', path.join(odir, 'error.log'), '-c', conf]);
-  const url = `http://${link.nsAddr}:${ORIGIN_PORT}/images/${path.basename(image)}`;
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`nginx exited (${child.exitCode}): ${stderr()} ${readTail(path.join(odir, 'error.log'))}`);
-    try {
-      const r = await fetch(url, { method: 'HEAD', signal: AbortSignal.timeout(1000) });
-      if (r.ok && r.headers.get('accept-ranges') === 'bytes') break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) throw new Error(`nginx did not answer on ${url}: ${stderr()} ${readTail(path.join(odir, 'error.log'))}`);
-    await sleep(50);
-  }
-  return { url, child, config };
-}
-
-function readTail(file: string): string {
-  try {
-    return fs.readFileSync(file, 'utf8').slice(-2000);
-  } catch {
-    return '';
-  }
-}
-
-function rxBytes(link: EmulatedLink): number {
-  return Number(fs.readFileSync(`/sys/class/net/${link.hostIf}/statistics/rx_bytes`, 'utf8'));
-}
 
 // ---------------------------------------------------------------- peers
 
@@ -456,7 +385,7 @@ async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, re
   let peer: Peer | null = null;
   let client: NbdClient | null = null;
   try {
-    const rx0 = rxBytes(link);
+    const rx0 = link.rxBytes();
     const t0 = performance.now();
     peer = await startPeer(name, { url, size, rundir, agentArgs: opts.agentArgs });
     const p = peer;
@@ -482,7 +411,7 @@ async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, re
     const slack = coldSlack(spec.rate);
     const cold: number[] = [];
     while (opts.foreground && cold.length < opts.coldSamples && running()) {
-      const lo = rxBytes(link) - rx0 + slack;
+      const lo = link.rxBytes() - rx0 + slack;
       if (lo > size - 16 * MiB) break;
       const off = Math.floor((lo + Math.random() * (size - lo - 4096)) / 4096) * 4096;
       const ts = performance.now();
@@ -496,7 +425,7 @@ async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, re
 
     // 4. sequential 1 MiB reader ahead of the frontier
     if (opts.foreground && running()) {
-      const start = Math.ceil(Math.max(rxBytes(link) - rx0 + slack, size / 2) / MiB) * MiB;
+      const start = Math.ceil(Math.max(link.rxBytes() - rx0 + slack, size / 2) / MiB) * MiB;
       const ts = performance.now();
       let off = start;
       while (running() && off < size) {
@@ -515,7 +444,7 @@ async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, re
     if (hydrationError) throw hydrationError;
     rec.hydrationMs = doneAt - t0;
     rec.pctOfLink = (100 * (size / spec.rate) * 1000) / rec.hydrationMs;
-    rec.wireBytes = rxBytes(link) - rx0;
+    rec.wireBytes = link.rxBytes() - rx0;
     rec.wirePerImage = rec.wireBytes / size;
     rec.serverCpuS = cpuSeconds(p.pid, name);
     // Correctness after hydration: a read now is served locally by every peer.
@@ -769,14 +698,15 @@ async function main(): Promise<void> {
       await link.destroy();
     };
     onCleanup(teardown);
-    const o = await startOrigin(link, dir, image);
+    const o = await startNginxOrigin(link, dir, path.dirname(image));
+    const url = `${o.base}/${path.basename(image)}`;
     origin = o;
     nginxConfigs.push(o.config);
-    log(`  ${spec.name}: ${link.ns} ${link.hostIf}↔${link.nsIf}, origin ${o.url} (nginx pid ${o.child.pid})`);
+    log(`  ${spec.name}: ${link.ns} ${link.hostIf}↔${link.nsIf}, origin ${url} (nginx pid ${o.child.pid})`);
     for (let rep = 1; rep <= opts.reps; rep++) {
       const order = opts.peers.map((_, i) => opts.peers[(i + rep - 1) % opts.peers.length]!);
       for (const name of order) {
-        const r = await measureRun(name, link, spec, rep, opts, o.url, dir, img);
+        const r = await measureRun(name, link, spec, rep, opts, url, dir, img);
         runs.push(r);
         log(
           r.ok

@@ -9,6 +9,7 @@
  * binds inside the namespace, and nothing else is ever addressed.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 
 export interface LinkOptions {
   /** 0–255: picks the namespace name and the /30 (several links may coexist). */
@@ -83,6 +84,11 @@ export class EmulatedLink {
     this.children.add(child);
     child.once('exit', () => this.children.delete(child));
     return child;
+  }
+
+  /** Bytes received on the host end of the link so far (what crossed it, headers included). */
+  rxBytes(): number {
+    return Number(readFileSync(`/sys/class/net/${this.hostIf}/statistics/rx_bytes`, 'utf8'));
   }
 
   /** Removes the namespace and link of `index` if they exist (what a crashed run left). */
