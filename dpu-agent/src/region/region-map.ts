@@ -8,8 +8,11 @@
  *             previous tenant's): reads must come from the image.
  *   zero    — the region reads as zeros (a WRITE_ZEROES or TRIM covered it whole); the
  *             local bytes still mean nothing until the zeros are written there.
- *   filling — transient, never persisted: a fetch, a zero fill or a whole-region host write
- *             is putting the region's bytes on the local target. Everyone else waits.
+ *   filling — transient, never persisted as such: a fetch, a zero fill or a whole-region
+ *             host write is putting the region's bytes on the local target. Everyone else
+ *             waits. A commit persists it as the state it had before the fill (remote or
+ *             zero): a flushed WRITE_ZEROES must still read as zeros after a power cut that
+ *             comes while a later write or the zero fill is under way.
  *   local   — the local target holds the region's bytes (perhaps only in the page cache).
  *
  *        read miss / hydrator          write lands
@@ -94,6 +97,8 @@ export class RegionMap {
   readonly regionShift: number;
   readonly count: number;
   readonly states: Uint8Array;
+  /** For a `filling` region: the state it had before (what a commit persists for it). */
+  private readonly beforeFill: Uint8Array;
   private readonly identityHash: Buffer;
   private readonly file: string;
   private fd: number;
@@ -113,6 +118,7 @@ export class RegionMap {
     this.regionShift = Math.log2(geo.regionSize);
     this.count = Math.ceil(geo.diskSize / geo.regionSize);
     this.states = new Uint8Array(this.count);
+    this.beforeFill = new Uint8Array(this.count);
     this.identityHash = createHash('sha256').update(geo.identity).digest();
     this.file = path.join(dir, MAP_FILE);
     this.fd = fd;
@@ -245,10 +251,18 @@ export class RegionMap {
     else if (old === RegionState.Zero) this.zeroRegions--;
     if (s === RegionState.Local) this.localRegions++;
     else if (s === RegionState.Zero) this.zeroRegions++;
+    // `filling` persists as the state before it: moving in or out of it changes the
+    // snapshot only when the persisted meaning (local / zero / neither) changes.
+    const before = this.persisted(r);
+    if (s === RegionState.Filling) this.beforeFill[r] = old;
     this.states[r] = s;
-    // `filling` is never persisted; moving in or out of it changes the snapshot only when
-    // the persisted meaning (local / zero / neither) changes.
-    if (persistedBits(old) !== persistedBits(s)) this.version++;
+    if (this.persisted(r) !== before) this.version++;
+  }
+
+  /** What a commit writes for region r. */
+  private persisted(r: number): RegionState {
+    const s = this.states[r] as RegionState;
+    return s === RegionState.Filling ? (this.beforeFill[r] as RegionState) : s;
   }
 
   regionOf(offset: number): number {
@@ -272,7 +286,8 @@ export class RegionMap {
 
   /**
    * Step (1) of a commit: the bytes of the next slot, taken now. Regions that are
-   * `filling` are persisted as what they were before (remote or zero): never as local.
+   * `filling` are persisted as what they were before (remote or zero): never as local,
+   * and never a flushed `zero` turned back into `remote`.
    */
   snapshot(): MapSnapshot {
     const buf = Buffer.alloc(this.slotBytes);
@@ -289,7 +304,8 @@ export class RegionMap {
     const zeroOff = HEADER_BYTES + this.bitmapBytes;
     const states = this.states;
     for (let r = 0; r < this.count; r++) {
-      const s = states[r];
+      let s = states[r];
+      if (s === RegionState.Filling) s = this.beforeFill[r];
       if (s === RegionState.Local) buf[localOff + (r >> 3)]! |= 1 << (r & 7);
       else if (s === RegionState.Zero) buf[zeroOff + (r >> 3)]! |= 1 << (r & 7);
     }
@@ -331,10 +347,6 @@ export class RegionMap {
       this.fd = -1;
     }
   }
-}
-
-function persistedBits(s: RegionState): number {
-  return s === RegionState.Local ? 1 : s === RegionState.Zero ? 2 : 0;
 }
 
 function validateGeometry(geo: RegionMapGeometry): void {
