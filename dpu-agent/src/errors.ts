@@ -87,6 +87,12 @@ export const ERRORS = {
     retryable: false,
     errno: NbdErrno.EIO,
   },
+  DPU_ERR_TARGET_FAILED: {
+    message: 'the local target failed (a write or an fdatasync returned an I/O error); the disk is stopped',
+    retryable: false,
+    errno: NbdErrno.EIO,
+    http: 503,
+  },
   DPU_ERR_TARGET_TOO_SMALL: {
     message: 'the local target is smaller than the image',
     retryable: false,

@@ -170,7 +170,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
       .catch((err: unknown) => {
         throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
       });
-    if (status?.kind === 'cached' && !disk.verified) disk = await uploadManifest(rec, deps, status.manifest);
+    if (status?.kind === 'cached' && !disk.manifest) disk = await uploadManifest(rec, deps, status.manifest);
   } catch (err) {
     if (err instanceof DelayedError) throw err;
     return fail(deps, job, rec, err);
@@ -184,7 +184,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   }
   // Not required: upload a cached manifest, or have it built and stream unverified meanwhile.
   let note: string | null = null;
-  if (!required && deps.config.manifests.enabled && !disk.verified && disk.state !== 'complete') {
+  if (!required && deps.config.manifests.enabled && !disk.manifest && disk.state !== 'complete') {
     key = manifestKey(image, rec.spec.instance_info, disk.region_size);
     if (key) {
       try {
@@ -238,7 +238,7 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
   }
   if (disk) {
     let note: string | null = null;
-    if (rec.manifest_key && !disk.verified && disk.state !== 'complete' && deps.config.manifests.enabled) {
+    if (rec.manifest_key && !disk.manifest && disk.state !== 'complete' && deps.config.manifests.enabled) {
       try {
         const status = await manifestStatus(deps, rec, rec.manifest_key, disk.region_size);
         if (status.kind === 'cached') disk = await uploadManifest(rec, deps, status.manifest);

@@ -265,7 +265,7 @@ export interface components {
         readonly Disk: {
             readonly id: components["schemas"]["DiskId"];
             /**
-             * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: see last_error.
+             * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error.
              * @enum {string}
              */
             readonly state: "streaming" | "complete" | "failed";
@@ -298,18 +298,25 @@ export interface components {
                 readonly total: number;
                 readonly local: number;
                 readonly zero: number;
+                /** @description Regions that failed verification five times in all: not fetched again (host reads of them fail with EIO) until the source URL is replaced. */
+                readonly failed: number;
             };
             readonly bytes_fetched: number;
             /** @description Bytes per second fetched from the origin over the last few seconds. */
             readonly fetch_rate_bps: number;
             readonly fetch_retries: number;
-            /** @description Whether fetched regions are checked against a manifest (PUT /v1/disks/{id}/manifest); false: they are served as the origin sends them. */
+            /** @description A manifest is applied: regions fetched from now on are verified (see verified for those fetched before). */
+            readonly manifest: boolean;
+            /** @description Every region fetched from the origin was checked against a manifest (PUT /v1/disks/{id}/manifest), including regions fetched before it arrived, which are read back and verified first; false: no manifest yet, that read-back still running, or local regions of unknown origin that do not match it. */
             readonly verified: boolean;
             /** @description Fetched regions dropped because their hash differed from the manifest (each fetched again). */
             readonly integrity_failures: number;
             readonly hydration: {
-                /** @enum {string} */
-                readonly state: "running" | "paused" | "complete" | "stopped" | "disabled";
+                /**
+                 * @description failed: the local target failed, or only regions that failed verification are left (see last_error).
+                 * @enum {string}
+                 */
+                readonly state: "running" | "paused" | "complete" | "stopped" | "disabled" | "failed";
                 readonly bandwidth: number;
             };
             readonly last_error: string | null;

@@ -7,6 +7,11 @@
  *
  * `lieAboutSync` makes datasync a no-op: a broken device (or a broken ordering above it)
  * that the crash torture must catch.
+ *
+ * `failNextSync()` models a writeback error as Linux reports it: the cached writes are
+ * dropped (the kernel marks the pages clean), the next datasync fails with EIO once, and
+ * every datasync after it succeeds again — over the lost data. A fake named as such: this
+ * machine has no device-mapper for dm-error or dm-flakey.
  */
 import fs from 'node:fs';
 import type { Target } from '../../dpu-agent/src/local/target.js';
@@ -16,6 +21,7 @@ export const SECTOR = 512;
 export class VolatileCacheTarget implements Target {
   private cache: { pos: number; data: Buffer }[] = [];
   private dead = false;
+  private syncFailures = 0;
   private readonly fd: number;
 
   constructor(
@@ -52,6 +58,12 @@ export class VolatileCacheTarget implements Target {
 
   async datasync(): Promise<void> {
     this.alive();
+    if (this.syncFailures > 0) {
+      this.syncFailures--;
+      this.cache = []; // lost: the pages were marked clean after the failed writeback
+      await new Promise((r) => setImmediate(r));
+      throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: -5, syscall: 'fdatasync' });
+    }
     if (this.opts.lieAboutSync) return;
     // Writes that complete while this runs belong to the next datasync: take the list now.
     const list = this.cache;
@@ -59,6 +71,11 @@ export class VolatileCacheTarget implements Target {
     for (const w of list) fs.writeSync(this.fd, w.data, 0, w.data.length, w.pos);
     fs.fdatasyncSync(this.fd);
     await new Promise((r) => setImmediate(r));
+  }
+
+  /** The next datasync loses the cached writes and fails with EIO; later ones succeed. */
+  failNextSync(): void {
+    this.syncFailures++;
   }
 
   /** Power cut: each cached write is lost, kept, or torn per sector; then the device is gone. */

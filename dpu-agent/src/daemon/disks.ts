@@ -9,6 +9,9 @@
  *                fsync, rename, fsync of the directory).
  *   manifest.bin the image manifest uploaded with PUT /v1/disks/{id}/manifest (optional),
  *                re-applied whenever the disk is opened again. Written atomically.
+ *   manifest.verifying  present while the regions that were local before the manifest came
+ *                are read back and verified; a disk opened with it present runs that pass
+ *                again, so `verified` never survives a crash in the middle of it.
  *   disk.json, regions.map, lock   the streaming disk's own (see streaming/open.ts).
  *
  * Ordering, and why:
@@ -39,6 +42,7 @@ import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
 import { redactUrl } from '../remote/redact.js';
 import { noop } from '../streaming/deferred.js';
+import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
 
@@ -71,6 +75,7 @@ export interface DiskMetrics {
   hydrationRunning: boolean;
   complete: boolean;
   failed: boolean;
+  failedRegions: number;
 }
 
 export interface DiskManagerOptions {
@@ -82,6 +87,7 @@ const RATE_WINDOW_MS = 5_000;
 const RATE_SAMPLE_MS = 1_000;
 const WIPE_BYTES = 1 << 20;
 const MANIFEST_FILE = 'manifest.bin';
+const VERIFYING_FILE = 'manifest.verifying';
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
 const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
@@ -286,6 +292,7 @@ export class DiskManager {
       }
       const headers = update.headers ? { ...update.headers } : m.spec.source.headers;
       m.opened?.origin?.setUrl(update.url, headers); // validates the URL before anything is written
+      m.opened?.disk.retryFailedRegions(); // a new URL may serve what the old one corrupted
       m.spec = { ...m.spec, source: { ...m.spec.source, url: update.url, headers } };
       writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
       this.log.info({ disk: id, source: redactUrl(update.url) }, 'source URL replaced');
@@ -316,11 +323,27 @@ export class DiskManager {
       if (manifest.size !== size || manifest.regionSize !== regionSize) {
         throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${manifest.size} bytes in ${manifest.regionSize}-byte regions; disk "${id}" has ${size} bytes in ${regionSize}-byte regions`);
       }
+      // The marker first: a crash before the read-back pass ends makes the next open run it again.
+      writeFileAtomic(path.join(m.dir, VERIFYING_FILE), Buffer.alloc(0));
       writeFileAtomic(path.join(m.dir, MANIFEST_FILE), body);
-      m.opened?.disk.setManifest(manifest);
+      const disk = m.opened?.disk;
+      if (disk) {
+        const pass = disk.setManifest(manifest);
+        // The answer does not wait for the read-back: `verified` turns true when it ends.
+        pass.then(
+          () => this.verificationDone(m, disk),
+          (err: Error) => this.log.error({ disk: id, err: err.message }, 'verifying local regions against the manifest failed'),
+        );
+      }
       this.log.info({ disk: id, regions: manifest.count, zero: manifest.zeroRegions, imageHash: `${manifest.imageHashAlgo}:${manifest.imageHash.toString('hex').slice(0, 16)}…` }, 'manifest set: fetched regions are verified');
       return this.view(m);
     });
+  }
+
+  /** The read-back pass of `disk` ended: drop the marker, unless the disk was reopened since. */
+  private verificationDone(m: ManagedDisk, disk: StreamingDisk): void {
+    if (m.opened?.disk !== disk || m.removed) return;
+    fs.rmSync(path.join(m.dir, VERIFYING_FILE), { force: true });
   }
 
   metrics(): DiskMetrics[] {
@@ -334,7 +357,8 @@ export class DiskManager {
         fetchRetries: p?.fetchRetries ?? 0,
         hydrationRunning: m.opened?.hydrator.state === 'running',
         complete: p?.complete ?? false,
-        failed: !m.opened,
+        failed: !m.opened || (p?.failed ?? false),
+        failedRegions: p?.failedRegions ?? 0,
       };
     });
   }
@@ -434,6 +458,7 @@ export class DiskManager {
     const d = this.config.defaults;
     const log = this.log.child({ disk: spec.id });
     const manifest = readManifest(m.dir, log);
+    const verifyLocalAtOpen = manifest !== null && fs.existsSync(path.join(m.dir, VERIFYING_FILE));
     const opened = await openStreamingDisk({
       source: {
         url: spec.source.url,
@@ -452,8 +477,14 @@ export class DiskManager {
       hydrator: { bandwidth: spec.hydration.bandwidth, batchBytes: d.batch_size, concurrency: d.hydrate_connections },
       commitIntervalMs: d.commit_interval_ms,
       ...(manifest ? { manifest } : {}),
+      ...(verifyLocalAtOpen ? { verifyLocalAtOpen } : {}),
       log,
     });
+    if (verifyLocalAtOpen) {
+      const disk = opened.disk;
+      // The constructor started the pass; wait for it on the side (verified stays false meanwhile).
+      void disk.whenVerified().then(() => this.verificationDone(m, disk), noop);
+    }
     const ep: Endpoint = spec.export.kind === 'tcp' ? { kind: 'tcp', host: spec.export.host ?? '127.0.0.1', port: spec.export.port ?? 0 } : { kind: 'unix', path: this.socketPath(spec.id) };
     const tls = ep.kind === 'tcp' ? this.tcpTls : undefined;
     const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log, ...(tls ? { tls } : {}) });
@@ -483,6 +514,12 @@ export class DiskManager {
     });
     opened.disk.on('commit-error', (err) => {
       m.lastError = `committing the region map: ${err.message}`;
+    });
+    opened.disk.on('failed', (err) => {
+      m.lastError = err.message;
+    });
+    opened.hydrator.on('state', (state) => {
+      if (state === 'failed' && opened.hydrator.lastError) m.lastError = opened.hydrator.lastError;
     });
     opened.disk.on('complete', () => {
       m.lastError = null;
@@ -535,17 +572,18 @@ export class DiskManager {
     else hydration = opened.hydrator.state;
     return {
       id: spec.id,
-      state: !opened ? 'failed' : p!.complete ? 'complete' : 'streaming',
+      state: !opened || p!.failed ? 'failed' : p!.complete ? 'complete' : 'streaming',
       created_at: spec.created_at,
       source: { url: redactUrl(spec.source.url), ...(identity !== undefined ? { identity } : {}), format: spec.source.format ?? 'raw' },
       target: { path: spec.target.path },
       export: m.exportInfo,
       size,
       region_size: regionSize,
-      regions: { total: p?.regionsTotal ?? Math.ceil(size / regionSize), local: p?.regionsLocal ?? 0, zero: p?.regionsZero ?? 0 },
+      regions: { total: p?.regionsTotal ?? Math.ceil(size / regionSize), local: p?.regionsLocal ?? 0, zero: p?.regionsZero ?? 0, failed: p?.failedRegions ?? 0 },
       bytes_fetched: p?.bytesFetched ?? 0,
       fetch_rate_bps: opened ? m.rate.rate() : 0,
       fetch_retries: p?.fetchRetries ?? 0,
+      manifest: p?.hasManifest ?? false,
       verified: p?.verified ?? false,
       integrity_failures: p?.integrityFailures ?? 0,
       hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },

@@ -25,7 +25,8 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
     ['fetch_retries', 'Range-request attempts retried since the disk was opened.', (d) => d.fetchRetries],
     ['hydration_running', '1 while background hydration runs.', (d) => (d.hydrationRunning ? 1 : 0)],
     ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
-    ['failed', '1 while the disk cannot be opened (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
+    ['failed', '1 while the disk cannot be opened or its local target failed (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
+    ['regions_failed', 'Regions that failed verification five times and are not fetched again.', (d) => d.failedRegions],
   ];
   // One snapshot per scrape, shared by every gauge's collect().
   let snapshot: { at: number; disks: DiskMetrics[] } | null = null;

@@ -38,6 +38,7 @@
 import zlib from 'node:zlib';
 import type { Logger } from 'pino';
 import { DpuError } from '../errors.js';
+import { settleAll } from '../streaming/deferred.js';
 import type { FetchPriority, RemoteReadOptions, RemoteSource, RemoteSourceStats } from './source.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -695,13 +696,6 @@ export class Qcow2Source implements RemoteSource {
 
 function hostEnd(p: Extract<Piece, { kind: 'data' | 'compressed' }>): number {
   return p.kind === 'data' ? p.host + p.len : p.extentEnd;
-}
-
-/** Waits for every task, then throws the first failure (so no task outlives the read). */
-async function settleAll(tasks: Promise<void>[]): Promise<void> {
-  const results = await Promise.allSettled(tasks);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
 }
 
 function u64(buf: Buffer, at: number, field: string): number {

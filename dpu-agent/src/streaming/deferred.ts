@@ -21,3 +21,15 @@ export function deferred<T>(): Deferred<T> {
 }
 
 export const noop = (): void => undefined;
+
+/**
+ * Waits for every task, then throws the first failure. A request that writes into a
+ * caller's buffer from several tasks uses this, never Promise.all: with Promise.all the
+ * first failure ends the request while other tasks may still copy into the buffer — which
+ * by then has gone back to a pool and belongs to another request.
+ */
+export async function settleAll(tasks: readonly Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(tasks);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}

@@ -19,6 +19,22 @@
  *  - FLUSH and FUA commit: fdatasync of the target, then the map (group commit: callers
  *    that arrive while a commit runs share the next one). The map is also committed at
  *    least every `commitIntervalMs` while it has changes.
+ *  - An I/O error writing the target, or a failed fdatasync, fails the disk (as dm-clone
+ *    goes to fail mode): from then on every request and every commit fails with
+ *    DPU_ERR_TARGET_FAILED and the map is never written again. Linux reports a writeback
+ *    error once; the next fdatasync returns 0 over the lost pages, so committing after a
+ *    failed one would record `local` over data that is gone. The persisted map is the last
+ *    one written before the failure, which is consistent; reopening the disk resumes there.
+ *  - A request that writes into the caller's buffer from several regions settles every
+ *    part before it fails (settleAll): the buffer goes back to a pool when the request ends.
+ *  - A region whose fetched bytes fail verification REGION_INTEGRITY_LIMIT times is marked
+ *    failed: never fetched again until the source changes (setSource), reads of it fail at
+ *    once with DPU_ERR_INTEGRITY, and the hydrator reports it instead of looping on it.
+ *  - `verified` means every region that came from the origin was checked: a manifest that
+ *    arrives after regions were fetched (or that finds local regions of unknown origin at
+ *    open) first reads those regions back and verifies them. A fetched region that does not
+ *    match goes back to `remote`; one of unknown origin (perhaps the host's own writes) is
+ *    left alone and counted as unverifiable.
  */
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
@@ -28,7 +44,7 @@ import type { Target } from '../local/target.js';
 import type { Manifest } from '../manifest/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../remote/source.js';
-import { deferred, noop, type Deferred } from './deferred.js';
+import { deferred, noop, settleAll, type Deferred } from './deferred.js';
 
 export interface StreamingDiskOptions {
   /** Null once the disk has cut over: every region is local and the network is not needed. */
@@ -42,11 +58,23 @@ export interface StreamingDiskOptions {
   readOnly?: boolean;
   /** Verifies every fetched region and marks zero regions (see setManifest). */
   manifest?: Manifest | null;
+  /**
+   * Regions local at open were not verified against `manifest` (it was stored, but the
+   * read-back pass had not finished): verify them as setManifest does. @default false
+   */
+  verifyLocalAtOpen?: boolean;
   log?: Logger;
 }
 
 /** A host read whose region fails verification is fetched this many times in all before EIO. */
 const INTEGRITY_ATTEMPTS = 3;
+
+/**
+ * A region whose fetched bytes fail verification this many times in all (host reads and
+ * hydration together) is marked failed and not fetched again: a damaged object in the store
+ * fails every time, while a flaky proxy that corrupts a few answers in a row is ridden out.
+ */
+export const REGION_INTEGRITY_LIMIT = 5;
 
 /** Zero runs shorter than this are written (cheaper than starting a zeroing command). */
 const ZERO_OFFLOAD_MIN_BYTES = 32 << 20;
@@ -108,16 +136,31 @@ export interface DiskProgress {
   fetchFailures: number;
   /** Regions whose fetched bytes did not match the manifest (dropped, re-fetched). */
   integrityFailures: number;
-  /** Whether fetched regions are verified against a manifest. */
+  /** A manifest is applied: every region fetched from now on is verified. */
+  hasManifest: boolean;
+  /** Every region fetched from the origin was verified against a manifest. */
   verified: boolean;
+  /** Local regions a manifest could not vouch for (local before it came, and different). */
+  unverifiableRegions: number;
+  /** Regions that failed verification REGION_INTEGRITY_LIMIT times: not fetched again. */
+  failedRegions: number;
   complete: boolean;
+  /** The local target failed: every request fails until the disk is reopened. */
+  failed: boolean;
+  /** Why the disk failed, or null. */
+  failure: string | null;
 }
+
+/** Why a local region is not (yet) verified: fetched without a manifest, or local at open. */
+const Provenance = { Verified: 0, FetchedUnverified: 1, Unknown: 2 } as const;
 
 export interface StreamingDiskEvents {
   complete: [];
   'foreground-idle': [];
   'region-settled': [region: number];
   'commit-error': [err: Error];
+  /** The local target failed: the disk is stopped (see the rules at the top). */
+  failed: [err: DpuError];
 }
 
 export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements BlockBackend {
@@ -137,6 +180,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private lastSourceStats = { bytesFetched: 0, retries: 0, failures: 0 };
   private manifest: Manifest | null = null;
   private integrityFailures = 0;
+  /** Verification failures per region, and the regions that reached the limit. */
+  private readonly integrityCounts = new Map<number, number>();
+  private readonly badRegions = new Set<number>();
+  /** Per region, a Provenance: why a local region is not yet verified (0 when it is). */
+  private readonly provenance: Uint8Array;
+  private pendingVerification = 0;
+  private unverifiable = 0;
+  private verifying: Promise<void> | null = null;
+  private failure: DpuError | null = null;
   private closed = false;
 
   constructor(opts: StreamingDiskOptions) {
@@ -159,9 +211,14 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       cache: true,
       multiConn: true,
     };
-    if (opts.manifest) this.setManifest(opts.manifest);
+    this.provenance = new Uint8Array(this.map.count);
+    if (!opts.manifest || opts.verifyLocalAtOpen) {
+      // Local regions whose origin we cannot vouch for: a manifest set later checks them.
+      for (let r = 0; r < this.map.count; r++) if (this.map.states[r] === RegionState.Local) this.markProvenance(r, Provenance.Unknown);
+    }
+    if (opts.manifest) this.setManifest(opts.manifest).catch((err: Error) => this.log?.error({ err: err.message }, 'verifying local regions against the manifest failed'));
     this.commitTimer = setInterval(() => {
-      if (this.map.dirty && !this.commitRunning) this.commit().catch((err: Error) => this.emit('commit-error', err));
+      if (this.map.dirty && !this.commitRunning && !this.failure) this.commit().catch((err: Error) => this.emit('commit-error', err));
     }, opts.commitIntervalMs ?? 1000);
     this.commitTimer.unref();
   }
@@ -187,17 +244,48 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       fetchRetries: s.retries,
       fetchFailures: s.failures,
       integrityFailures: this.integrityFailures,
-      verified: this.manifest !== null,
+      hasManifest: this.manifest !== null,
+      verified: this.verified,
+      unverifiableRegions: this.unverifiable,
+      failedRegions: this.badRegions.size,
       complete: this.map.complete,
+      failed: this.failure !== null,
+      failure: this.failure?.message ?? null,
     };
+  }
+
+  /** Every region fetched from the origin has been checked against the manifest. */
+  get verified(): boolean {
+    return this.manifest !== null && this.verifying === null && this.pendingVerification === 0 && this.unverifiable === 0;
+  }
+
+  /** Resolves when no read-back verification pass is running. */
+  async whenVerified(): Promise<void> {
+    while (this.verifying) await this.verifying.catch(noop);
+  }
+
+  /** Regions that failed verification too often (see the rules at the top). */
+  get failedRegions(): ReadonlySet<number> {
+    return this.badRegions;
+  }
+
+  get failed(): boolean {
+    return this.failure !== null;
+  }
+
+  /** The source changed (a new URL): regions that failed verification may be fetched again. */
+  retryFailedRegions(): void {
+    this.badRegions.clear();
+    this.integrityCounts.clear();
   }
 
   /**
    * From now on every fetched region is checked against `m` before anyone sees it, and
-   * regions the manifest says are zeros become `zero` without a fetch. (Regions already
-   * local stay as they are: the host may have written them.)
+   * regions the manifest says are zeros become `zero` without a fetch. Regions that became
+   * local before, from the origin, are read back and verified (resolves when they are): a
+   * bad one goes back to `remote`. Regions the host wrote are the host's and are not checked.
    */
-  setManifest(m: Manifest): void {
+  setManifest(m: Manifest): Promise<void> {
     if (m.size !== this.size || m.regionSize !== this.map.regionSize) {
       throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${m.size} bytes in ${m.regionSize}-byte regions; this disk has ${this.size} bytes in ${this.map.regionSize}-byte regions`);
     }
@@ -208,12 +296,71 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         this.emit('region-settled', r);
       }
     }
+    if (this.pendingVerification === 0) return Promise.resolve();
+    const pass = (this.verifying ?? Promise.resolve()).then(() => this.verifyLocalRegions(m));
+    const mine = pass.finally(() => {
+      if (this.verifying === mine) this.verifying = null;
+    });
+    this.verifying = mine;
+    return mine;
+  }
+
+  /**
+   * Reads back every local region not yet verified and checks it against `m`, one region a
+   * turn of the event loop so the host's requests keep flowing. The read and the verdict
+   * happen in one synchronous step, so no host write can slip between them.
+   */
+  private async verifyLocalRegions(m: Manifest): Promise<void> {
+    const buf = Buffer.allocUnsafe(this.map.regionSize);
+    let bad = 0;
+    for (let r = 0; r < this.map.count && this.pendingVerification > 0; r++) {
+      const why = this.provenance[r]!;
+      if (why === Provenance.Verified) continue;
+      if (this.closed || this.failure || this.manifest !== m) return;
+      if (this.map.state(r) === RegionState.Local) {
+        const data = buf.subarray(0, this.map.regionLength(r));
+        this.target.readSync(data, this.map.regionStart(r));
+        if (m.verify(r, data)) {
+          this.markProvenance(r, Provenance.Verified);
+        } else if (why === Provenance.FetchedUnverified) {
+          // Fetched before the manifest came, never written by the host since: the origin
+          // sent wrong bytes. Fetch the region again.
+          bad++;
+          this.integrityFailures++;
+          this.log?.warn({ region: r, code: 'DPU_ERR_INTEGRITY' }, `region ${r}, fetched before the manifest arrived, does not match it: fetched again`);
+          this.markProvenance(r, Provenance.Verified);
+          this.settle(r, RegionState.Remote);
+        } else {
+          // Local before this process opened the disk: perhaps the host's own writes. Keep it.
+          this.markProvenance(r, Provenance.Verified);
+          this.unverifiable++;
+        }
+      } else {
+        this.markProvenance(r, Provenance.Verified); // no longer local: it is verified when fetched
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    if (bad > 0) this.log?.warn({ regions: bad }, 'local regions did not match the manifest and were dropped');
+    if (this.unverifiable > 0) this.log?.warn({ regions: this.unverifiable }, 'local regions of unknown origin do not match the manifest (host writes from an earlier run?): the disk is not reported verified');
+  }
+
+  private markProvenance(r: number, p: number): void {
+    const old = this.provenance[r]!;
+    if (old === p) return;
+    if (old === Provenance.Verified) this.pendingVerification++;
+    else if (p === Provenance.Verified) this.pendingVerification--;
+    this.provenance[r] = p;
+  }
+
+  /** The host wrote [first, last]: those regions' bytes are the host's, nothing to verify. */
+  private hostWrote(first: number, last: number): void {
+    for (let r = first; r <= last; r++) this.markProvenance(r, Provenance.Verified);
   }
 
   // ---- reads -------------------------------------------------------------------------
 
   read(offset: number, dest: Buffer): MaybePromise<void> {
-    if (this.closed) throw new DpuError('DPU_ERR_SHUTTING_DOWN');
+    this.assertUsable();
     const map = this.map;
     const first = map.regionOf(offset);
     const last = map.regionOf(offset + dest.length - 1);
@@ -234,10 +381,10 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     let r = first;
     while (r <= last) {
       const s = map.state(r);
-      if (s === RegionState.Remote) {
+      if (s === RegionState.Remote && !this.badRegions.has(r)) {
         // Fetch the whole run of adjacent remote regions this read needs in one request.
         let n = 1;
-        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote) n++;
+        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote && !this.badRegions.has(r + n)) n++;
         this.fetchRun(r, n, 'foreground').catch(noop); // errors reach us through each region's fill
       }
       const segStart = Math.max(offset, map.regionStart(r));
@@ -247,7 +394,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       if (done) waits.push(done);
       r++;
     }
-    await Promise.all(waits);
+    // Every part settles before the request ends, failed or not (see the rules at the top).
+    await settleAll(waits);
   }
 
   /** Reads part of one region; synchronous when the region is local or zero. */
@@ -273,7 +421,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         return;
       }
       if (s === RegionState.Remote) {
-        this.fetchRun(r, 1, 'foreground').catch(noop);
+        this.assertFetchable(r);
+        const fetch = this.fetchRun(r, 1, 'foreground');
+        fetch.catch(noop); // errors reach us through the region's fill
+        // A fetch that could not start (the source is closed) left the region remote: its
+        // error is the answer. Looping on it would spin the event loop forever.
+        if (this.map.state(r) === RegionState.Remote) await fetch;
         continue;
       }
       const fill = this.inflight.get(r)!;
@@ -283,7 +436,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           data = await fill.data;
         } catch (err) {
           // Bytes that failed verification were dropped: fetch again, a bounded number of times.
-          if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS) continue;
+          if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
           throw err;
         }
         const from = pos - this.map.regionStart(r);
@@ -304,6 +457,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    */
   fetchRun(first: number, count: number, priority: FetchPriority): Promise<void> {
     const source = this.source;
+    if (this.failure) return Promise.reject(this.failure);
     if (!source || this.closed) return Promise.reject(new DpuError('DPU_ERR_SOURCE_CLOSED'));
     const map = this.map;
     const start = map.regionStart(first);
@@ -320,6 +474,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     }
     const buf = this.fetchBuffers.take(total);
     let landed = 0;
+    let integrityError: DpuError | null = null;
     const land = (filled: number): void => {
       while (landed < count && filled >= fills[landed]!.end) {
         const i = landed++;
@@ -327,10 +482,10 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         const from = i === 0 ? 0 : fills[i - 1]!.end;
         const data = buf.subarray(from, fills[i]!.end);
         if (this.manifest && !this.manifest.verify(r, data)) {
-          // Never served, never written: the region stays remote and is fetched again.
-          this.integrityFailures++;
-          const err = new DpuError('DPU_ERR_INTEGRITY', `region ${r} (bytes ${start + from}-${start + fills[i]!.end - 1}) from ${source.description}`);
-          this.log?.warn({ region: r, code: err.code }, err.message);
+          // Never served, never written: the region stays remote and is fetched again, a
+          // bounded number of times in all.
+          const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+          integrityError ??= err;
           this.settle(r, RegionState.Remote);
           fills[i]!.data.reject(err);
           fills[i]!.done.reject(err);
@@ -340,10 +495,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         try {
           this.target.writeSync([data], start + from);
         } catch (err) {
+          const failure = this.fail(err, `writing region ${r}`);
           this.settle(r, RegionState.Remote);
-          fills[i]!.done.reject(err);
+          fills[i]!.done.reject(failure);
           continue;
         }
+        this.integrityCounts.delete(r);
+        if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
         this.settle(r, RegionState.Local);
         fills[i]!.done.resolve();
       }
@@ -351,7 +509,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     if (priority === 'foreground') this.fgFetches++;
     return source
       .read(start, buf, { priority, onProgress: land })
-      .then(() => land(total))
+      .then(() => {
+        land(total);
+        // The batch delivered bytes that failed verification: it did not succeed.
+        if (integrityError) throw integrityError;
+      })
       .catch((err: unknown) => {
         for (let i = landed; i < count; i++) {
           this.settle(first + i, RegionState.Remote);
@@ -367,7 +529,32 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       });
   }
 
+  /** Counts a verification failure of region r; at the limit the region is marked failed. */
+  private integrityFailed(r: number, detail: string): DpuError {
+    this.integrityFailures++;
+    const n = (this.integrityCounts.get(r) ?? 0) + 1;
+    this.integrityCounts.set(r, n);
+    if (n >= REGION_INTEGRITY_LIMIT && !this.badRegions.has(r)) {
+      this.badRegions.add(r);
+      const err = new DpuError('DPU_ERR_INTEGRITY', `region ${r} failed verification ${n} times (${detail}); not fetched again until the source URL is replaced`);
+      this.log?.error({ region: r, code: err.code }, err.message);
+      return err;
+    }
+    const err = new DpuError('DPU_ERR_INTEGRITY', `region ${r} (${detail})`);
+    this.log?.warn({ region: r, code: err.code, attempt: n }, err.message);
+    return err;
+  }
+
+  /** A region that failed verification too often is not fetched again: fail at once. */
+  private assertFetchable(r: number): void {
+    this.assertUsable();
+    if (this.badRegions.has(r)) {
+      throw new DpuError('DPU_ERR_INTEGRITY', `region ${r} failed verification ${REGION_INTEGRITY_LIMIT} times; not fetched again until the source URL is replaced`);
+    }
+  }
+
   private settle(r: number, s: RegionState): void {
+    if (s === RegionState.Local) this.badRegions.delete(r); // the host wrote it whole
     this.map.set(r, s);
     this.inflight.delete(r);
     this.emit('region-settled', r);
@@ -384,10 +571,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           this.zeroFill(r);
           return;
         case RegionState.Remote:
+          this.assertFetchable(r);
           try {
             await this.fetchRun(r, 1, 'foreground');
           } catch (err) {
-            if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS) break;
+            if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) break;
             throw err;
           }
           break;
@@ -399,7 +587,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   /** zero → local: the zeros are written, so the local bytes become the region's truth. */
   zeroFill(r: number): void {
-    this.target.writeZeroesSync(this.map.regionStart(r), this.map.regionLength(r));
+    try {
+      this.target.writeZeroesSync(this.map.regionStart(r), this.map.regionLength(r));
+    } catch (err) {
+      throw this.fail(err, `zeroing region ${r}`);
+    }
     this.settle(r, RegionState.Local);
   }
 
@@ -435,9 +627,10 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       try {
         this.target.writeZeroesSync(start, end - start);
       } catch (werr) {
+        const failure = this.fail(werr, `zeroing regions ${first}-${first + n - 1}`);
         for (let r = first; r < first + n; r++) this.settle(r, RegionState.Zero);
-        done.reject(werr);
-        throw werr;
+        done.reject(failure);
+        throw failure;
       }
     }
     for (let r = first; r < first + n; r++) this.settle(r, RegionState.Local);
@@ -454,7 +647,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     let r = first;
     while (r <= last && map.states[r] === RegionState.Local) r++;
     if (r > last) {
-      this.target.writeSync(chunks, offset);
+      try {
+        this.target.writeSync(chunks, offset);
+      } catch (err) {
+        throw this.fail(err, `writing ${length} bytes at ${offset}`);
+      }
+      if (this.pendingVerification > 0) this.hostWrote(first, last);
       return fua ? this.commit() : undefined;
     }
     return this.writeSlow(offset, chunks, length, fua, first, last);
@@ -463,11 +661,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private async writeSlow(offset: number, chunks: readonly Buffer[], length: number, fua: boolean, first: number, last: number): Promise<void> {
     const claimed = await this.prepareRange(offset, length, first, last);
     try {
+      this.assertUsable(); // the disk may have failed or closed while we waited
       this.target.writeSync(chunks, offset);
     } catch (err) {
       this.release(claimed, false);
-      throw err;
+      throw err instanceof DpuError ? err : this.fail(err, `writing ${length} bytes at ${offset}`);
     }
+    if (this.pendingVerification > 0) this.hostWrote(first, last);
     this.release(claimed, true);
     if (fua) await this.commit();
   }
@@ -490,6 +690,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
             await this.inflight.get(r)!.done.catch(noop); // then look again: it may have failed
             continue;
           }
+          this.assertUsable();
           if (whole) {
             const done = deferred<void>();
             claimed.push({ r, was: s, done });
@@ -555,7 +756,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         if (!mustZero) break;
         await this.makeLocal(r);
         const from = Math.max(offset, rs);
-        this.target.writeZeroesSync(from, Math.min(end, re) - from);
+        this.assertUsable();
+        try {
+          this.target.writeZeroesSync(from, Math.min(end, re) - from);
+        } catch (err) {
+          throw this.fail(err, `zeroing ${Math.min(end, re) - from} bytes at ${from}`);
+        }
+        if (this.pendingVerification > 0) this.hostWrote(r, r);
         break;
       }
       // A 100 GiB WRITE_ZEROES must not hold the event loop: let other requests run.
@@ -565,6 +772,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   cache(offset: number, length: number): MaybePromise<void> {
+    this.assertUsable();
     const first = this.map.regionOf(offset);
     const last = this.map.regionOf(offset + length - 1);
     const waits: Promise<void>[] = [];
@@ -578,6 +786,26 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   flush(): Promise<void> {
     return this.commit();
+  }
+
+  /**
+   * The local target failed (an I/O error writing it, or a failed fdatasync): the disk
+   * stops. Returns the error every request gets from now on.
+   */
+  private fail(err: unknown, what: string): DpuError {
+    if (this.failure) return this.failure;
+    const cause = err as NodeJS.ErrnoException;
+    const detail = cause instanceof Error ? cause.message : String(err);
+    this.failure = new DpuError('DPU_ERR_TARGET_FAILED', `${what} on ${this.target.path} failed (${detail}); the disk is stopped, every request fails until the agent reopens it`, { cause: err });
+    clearInterval(this.commitTimer);
+    this.log?.error({ code: this.failure.code, err: cause?.message }, this.failure.message);
+    this.emit('failed', this.failure);
+    return this.failure;
+  }
+
+  private assertUsable(): void {
+    if (this.closed) throw new DpuError('DPU_ERR_SHUTTING_DOWN');
+    if (this.failure) throw this.failure;
   }
 
   /** Data, then metadata (see the durability order in region/region-map.ts). */
@@ -600,8 +828,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   private async runCommit(): Promise<void> {
+    if (this.failure) throw this.failure;
     const snap = this.map.dirty ? this.map.snapshot() : null; // (1)
-    await this.target.datasync(); // (2)
+    try {
+      await this.target.datasync(); // (2)
+    } catch (err) {
+      // Never commit again: the next fdatasync would return 0 over the lost pages.
+      throw this.fail(err, 'fdatasync');
+    }
+    if (this.failure) throw this.failure; // a write failed while we synced
     if (snap) await this.map.persist(snap); // (3)
   }
 
@@ -626,7 +861,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   private assertWritable(): void {
-    if (this.closed) throw new DpuError('DPU_ERR_SHUTTING_DOWN');
+    this.assertUsable();
     if (this.capabilities.readOnly) throw new DpuError('DPU_ERR_READ_ONLY');
   }
 
@@ -638,7 +873,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     await this.source?.close();
     const pending = [...this.inflight.values()].map((f) => f.done.catch(noop));
     await Promise.all(pending);
-    await this.commit();
+    await this.verifying?.catch(noop);
+    if (!this.failure) await this.commit(); // a failed disk keeps the last map written before it failed
     this.map.close();
     this.target.close();
   }

@@ -10,7 +10,14 @@
  *    cap is smooth even at low rates);
  *  - pause/resume; after a failed batch, exponential backoff, then the regions are
  *    retried on the next pass;
+ *  - regions the disk marked failed (verification failed too often) are skipped; when
+ *    only they remain, or the disk's local target failed, the hydrator ends in `failed`
+ *    and says why in lastError;
  *  - when every region is local: cutover (see StreamingDisk.cutover).
+ *
+ * Every sleep (a nap: paused, backoff, pacing, waiting for an event) is woken by a poke
+ * (pause, resume, a bandwidth change, stop): all of them, since several can be asleep at
+ * once — the main loop and each failed batch's backoff.
  */
 import { EventEmitter, once } from 'node:events';
 import type { Logger } from 'pino';
@@ -24,10 +31,12 @@ export interface HydratorOptions {
   concurrency?: number;
   /** Cap in bytes per second; 0 means none. @default 0 */
   bandwidth?: number;
+  /** Test seam: schedules `fn` after `ms` and returns a cancel function. @default setTimeout */
+  schedule?: (fn: () => void, ms: number) => () => void;
   log?: Logger;
 }
 
-export type HydratorState = 'running' | 'paused' | 'complete' | 'stopped';
+export type HydratorState = 'running' | 'paused' | 'complete' | 'stopped' | 'failed';
 
 export interface HydratorEvents {
   state: [state: HydratorState];
@@ -40,11 +49,13 @@ const ZERO_RUN_MAX_BYTES = 1 << 30;
 
 export class Hydrator extends EventEmitter<HydratorEvents> {
   private readonly disk: StreamingDisk;
-  private readonly opts: Required<Omit<HydratorOptions, 'log'>>;
+  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule'>>;
+  private readonly schedule: (fn: () => void, ms: number) => () => void;
   private readonly log: Logger | undefined;
   private current: HydratorState = 'paused';
   private started = false;
-  private wake: (() => void) | null = null;
+  /** Every nap in progress: a poke wakes them all. */
+  private readonly naps = new Set<() => void>();
   private nextSlotAt = 0;
   private cursor = 0;
   private failures = 0;
@@ -55,8 +66,20 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     super();
     this.disk = disk;
     this.log = opts.log;
-    this.opts = { batchBytes: 8 << 20, concurrency: 2, bandwidth: 0, ...stripUndefined(opts) };
+    const { schedule, ...rest } = opts;
+    this.opts = { batchBytes: 8 << 20, concurrency: 2, bandwidth: 0, ...stripUndefined(rest) };
+    this.schedule =
+      schedule ??
+      ((fn, ms) => {
+        const t = setTimeout(fn, ms);
+        return () => clearTimeout(t);
+      });
     if (disk.complete) this.current = 'complete';
+    disk.on('failed', (err) => {
+      this.lastErrorMessage = err.message;
+      if (this.current !== 'complete') this.setState('failed');
+      this.poke();
+    });
   }
 
   get state(): HydratorState {
@@ -85,6 +108,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
 
   pause(): void {
     if (this.current === 'running') this.setState('paused');
+    this.poke();
   }
 
   resume(): void {
@@ -101,9 +125,14 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   }
 
   async stop(): Promise<void> {
-    if (this.current !== 'complete') this.setState('stopped');
+    if (this.current !== 'complete' && this.current !== 'failed') this.setState('stopped');
     this.poke();
     await this.loop;
+  }
+
+  /** Neither stopped nor failed: the loop goes on. */
+  private get alive(): boolean {
+    return this.current !== 'stopped' && this.current !== 'failed';
   }
 
   private setState(s: HydratorState): void {
@@ -113,23 +142,30 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   }
 
   private poke(): void {
-    const w = this.wake;
-    this.wake = null;
-    w?.();
+    const naps = [...this.naps];
+    this.naps.clear();
+    for (const wake of naps) wake();
   }
 
   /** Sleeps until `ms` pass or someone pokes (pause/resume/bandwidth/stop). */
   private nap(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const t = setTimeout(done, ms);
-      const self = this;
-      function done(): void {
-        clearTimeout(t);
-        if (self.wake === done) self.wake = null;
+    return this.napWithWake(ms).slept;
+  }
+
+  /** A nap, and the function that ends this one nap (and no other) early. */
+  private napWithWake(ms: number): { slept: Promise<void>; wake: () => void } {
+    let wake!: () => void;
+    const slept = new Promise<void>((resolve) => {
+      const done = (): void => {
+        cancel();
+        this.naps.delete(done);
         resolve();
-      }
-      this.wake = done;
+      };
+      const cancel = this.schedule(done, ms);
+      this.naps.add(done);
+      wake = done;
     });
+    return { slept, wake };
   }
 
   private async run(): Promise<void> {
@@ -137,7 +173,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     const map = disk.map;
     const inflight = new Set<Promise<void>>();
     let wrapped = false;
-    while (this.current !== 'stopped') {
+    while (this.alive) {
       if (map.allLocal) break;
       if (this.current === 'paused') {
         await this.nap(60_000);
@@ -161,6 +197,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           continue;
         }
         if (inflight.size > 0) await Promise.race(inflight);
+        else if (this.onlyFailedRegionsLeft()) break;
         else await this.waitFor('region-settled', 1000);
         wrapped = false;
         this.cursor = 0;
@@ -172,7 +209,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         try {
           await disk.zeroFillRun(run.first, run.count);
         } catch (err) {
-          if ((this.current as HydratorState) === 'stopped') break; // the disk closed under the zero fill
+          if (!this.alive) break; // the disk closed or failed under the zero fill
           throw err;
         }
         await new Promise<void>((resolve) => setImmediate(resolve));
@@ -196,28 +233,41 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           this.lastErrorMessage = err.message;
           this.emit('batch-error', err);
           this.log?.warn({ err: err.message, first: run.first, count: n, failures: this.failures }, 'background fetch failed; will retry');
-          if (this.current !== 'stopped') await this.nap(Math.min(BACKOFF_FIRST_MS * 2 ** (this.failures - 1), BACKOFF_MAX_MS));
+          if (this.alive) await this.nap(Math.min(BACKOFF_FIRST_MS * 2 ** (this.failures - 1), BACKOFF_MAX_MS));
         })
         .finally(() => inflight.delete(p));
       inflight.add(p);
     }
     await Promise.allSettled(inflight);
-    if (map.allLocal && this.current !== 'stopped') {
+    if (map.allLocal && this.alive) {
       await disk.cutover();
       this.setState('complete');
+    } else if (this.alive && this.onlyFailedRegionsLeft()) {
+      const bad = [...disk.failedRegions].sort((a, b) => a - b);
+      this.lastErrorMessage = `${bad.length} region(s) failed verification and are not fetched again (region ${bad.slice(0, 8).join(', region ')}${bad.length > 8 ? ', …' : ''}): the origin serves bytes that do not match the image manifest; replace the source URL to try again`;
+      this.log?.error({ regions: bad.length }, this.lastErrorMessage);
+      this.setState('failed');
     }
+  }
+
+  /** Every region that is not local failed verification too often: nothing left to copy. */
+  private onlyFailedRegionsLeft(): boolean {
+    const map = this.disk.map;
+    const bad = this.disk.failedRegions.size;
+    return bad > 0 && map.count - map.local === bad;
   }
 
   /** Waits for a disk event, a poke, or `ms`, whichever comes first, leaving no listener behind. */
   private async waitFor(event: 'foreground-idle' | 'region-settled', ms: number): Promise<void> {
     const ac = new AbortController();
+    const nap = this.napWithWake(ms);
     try {
-      await Promise.race([once(this.disk, event, { signal: ac.signal }), this.nap(ms)]);
+      await Promise.race([once(this.disk, event, { signal: ac.signal }), nap.slept]);
     } catch {
       // aborted: the nap won
     } finally {
       ac.abort();
-      this.poke();
+      nap.wake(); // ends this wait's own nap only: a failed batch's backoff keeps sleeping
     }
   }
 
@@ -229,12 +279,14 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     // Zero runs cost no network and no tokens: take up to 1 GiB at once, so a sparse image
     // is zeroed with a few offloaded commands.
     const maxZeroRegions = Math.max(1, Math.floor(ZERO_RUN_MAX_BYTES / map.regionSize));
+    const bad = this.disk.failedRegions;
     for (let r = this.cursor; r < map.count; r++) {
       const s = states[r];
       if (s !== RegionState.Remote && s !== RegionState.Zero) continue;
+      if (bad.size > 0 && bad.has(r)) continue;
       const max = s === RegionState.Zero ? maxZeroRegions : maxRegions;
       let n = 1;
-      while (r + n < map.count && n < max && states[r + n] === s) n++;
+      while (r + n < map.count && n < max && states[r + n] === s && !(bad.size > 0 && bad.has(r + n))) n++;
       return { first: r, count: n, zero: s === RegionState.Zero };
     }
     return null;
@@ -257,5 +309,5 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {
-  return Object.fromEntries(Object.entries(o).filter(([k, v]) => v !== undefined && k !== 'log')) as Partial<T>;
+  return Object.fromEntries(Object.entries(o).filter(([k, v]) => v !== undefined && k !== 'log' && k !== 'schedule')) as Partial<T>;
 }

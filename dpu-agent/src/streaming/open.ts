@@ -45,6 +45,8 @@ export interface OpenDiskOptions {
   commitIntervalMs?: number;
   /** Verify fetched regions against it and skip its zero regions (see manifest/manifest.ts). */
   manifest?: Manifest;
+  /** The manifest's read-back of regions local before it came had not finished: run it again. */
+  verifyLocalAtOpen?: boolean;
   log?: Logger;
 }
 
@@ -126,6 +128,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       map,
       ...(opts.commitIntervalMs !== undefined ? { commitIntervalMs: opts.commitIntervalMs } : {}),
       ...(opts.manifest ? { manifest: opts.manifest } : {}),
+      ...(opts.verifyLocalAtOpen ? { verifyLocalAtOpen: true } : {}),
       ...(log ? { log } : {}),
     });
     const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}) });
