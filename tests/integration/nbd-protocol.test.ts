@@ -764,6 +764,67 @@ function transmissionTests(get: () => Fixture): void {
   });
 }
 
+/*
+ * Its own streaming disk, hydrator not started, so every region a test names is still
+ * remote when it starts: 0-1 refused flags; 2-3 the health check after each test.
+ */
+function conformanceTests(): void {
+  let f: Fixture | undefined;
+  const get = (): Fixture => f!;
+  before(async function () {
+    f = await setUp(true);
+  });
+  after(async function () {
+    await tearDown(f);
+  });
+  afterEach(async function () {
+    await assertServerHealthy(get());
+  });
+
+  it('refuses with EINVAL a flag its command does not take; FUA, advertised, is taken by every command', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      const before = f.opened.disk.map.states.slice();
+      const refused: [string, RequestSpec][] = [
+        ['READ + NO_HOLE', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.NO_HOLE }],
+        ['READ + DF (no structured replies, so no SEND_DF)', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.DF }],
+        ['READ + REQ_ONE', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.REQ_ONE }],
+        ['READ + FAST_ZERO', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.FAST_ZERO }],
+        ['TRIM + NO_HOLE', { type: Cmd.TRIM, offset: REGION, length: REGION, flags: CmdFlag.NO_HOLE }],
+        ['TRIM + FAST_ZERO', { type: Cmd.TRIM, offset: REGION, length: REGION, flags: CmdFlag.FAST_ZERO }],
+        ['FLUSH + NO_HOLE', { type: Cmd.FLUSH, flags: CmdFlag.NO_HOLE }],
+        ['CACHE + NO_HOLE', { type: Cmd.CACHE, offset: REGION, length: 4096, flags: CmdFlag.NO_HOLE }],
+        ['CACHE + DF', { type: Cmd.CACHE, offset: REGION, length: 4096, flags: CmdFlag.DF }],
+        ['WRITE_ZEROES + DF', { type: Cmd.WRITE_ZEROES, offset: REGION, length: REGION, flags: CmdFlag.DF }],
+        ['WRITE_ZEROES + REQ_ONE', { type: Cmd.WRITE_ZEROES, offset: REGION, length: REGION, flags: CmdFlag.REQ_ONE }],
+      ];
+      // A refused write still has its payload drained: it begins with what looks like a header.
+      const payload = pattern(8192, 30);
+      const fake = c.encode({ type: Cmd.READ, offset: 0, length: 512 }).bytes;
+      fake.writeBigUInt64BE(0xbadn, 8);
+      fake.copy(payload, 0);
+      refused.push(['WRITE + NO_HOLE', { type: Cmd.WRITE, offset: 4096, length: payload.length, data: payload, flags: CmdFlag.NO_HOLE }]);
+      refused.push(['WRITE + FAST_ZERO', { type: Cmd.WRITE, offset: 4096, length: payload.length, data: payload, flags: CmdFlag.FAST_ZERO }]);
+      const replies = await Promise.all(refused.map(([, spec]) => c.request(spec)));
+      replies.forEach((r, i) => assert.equal(r.error, EINVAL, refused[i]![0]));
+      assert.equal(c.protocolError, null, 'no reply to the header hidden in the payload');
+      assert.deepEqual(f.opened.disk.map.states, before, 'no refused request changed a region');
+      // proto.md: with SEND_FUA the server MUST accept FUA on all commands (it may ignore it).
+      const fua = await Promise.all([
+        c.request({ type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.FUA }),
+        c.request({ type: Cmd.FLUSH, flags: CmdFlag.FUA }),
+        c.request({ type: Cmd.CACHE, offset: 0, length: 4096, flags: CmdFlag.FUA }),
+      ]);
+      fua.forEach((r, i) => assert.equal(r.error, 0, `FUA on command ${i}`));
+      assert.ok(fua[0]!.data!.equals(f.model.subarray(0, 4096)));
+      assert.ok((await c.readAt(0, REGION + 4096)).equals(f.model.subarray(0, REGION + 4096)), 'the refused writes and zeroes changed nothing');
+    } finally {
+      c.destroy();
+    }
+  });
+}
+
 describe('NBD protocol: in-process server over a unix socket, raw client', function () {
   this.timeout(30_000);
 
@@ -1044,5 +1105,9 @@ describe('NBD protocol: in-process server over a unix socket, raw client', funct
     });
 
     transmissionTests(get);
+  });
+
+  describe('conformance to doc/proto.md: command flags, FAST_ZERO, NO_HOLE, CACHE (streaming disk)', function () {
+    conformanceTests();
   });
 });

@@ -145,7 +145,7 @@ export class NbdServer {
         // and DISC, or bad magic, behind NBD_OPT_GO): `t` is not assigned yet then.
         let finished = false;
         let t: Transmission | undefined;
-        t = new Transmission(s, this.backends.get(result.export.name)!, queue, log, this.stats, () => {
+        t = new Transmission(s, this.backends.get(result.export.name)!, result.export.flags, queue, log, this.stats, () => {
           finished = true;
           if (t) this.transmissions.delete(t);
         });

@@ -8,6 +8,10 @@
  * before its payload arrived still has its payload drained, and a reply header is written
  * only once its data or its error is known. Backpressure: reading from the socket pauses
  * while too many requests or too many reply bytes are outstanding.
+ *
+ * Command flags are checked against the command and the transmission flags this export
+ * advertised (doc/proto.md, "Command flags"): anything else is EINVAL before the backend
+ * sees it.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -24,6 +28,7 @@ import {
   REQUEST_HEADER_BYTES,
   type RequestHeader,
   SIMPLE_REPLY_BYTES,
+  TFlag,
   writeSimpleReplyHeader,
 } from './protocol.js';
 
@@ -31,7 +36,6 @@ const MAX_INFLIGHT = 256;
 const MAX_PENDING_REPLY_BYTES = 16 << 20;
 /** Shared by every connection of the process: replies are short-lived and alike. */
 const replyPool = new BufferPool();
-const KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO;
 
 export interface TransmissionStats {
   requests: number;
@@ -43,6 +47,9 @@ type Phase = { kind: 'header' } | { kind: 'payload'; req: RequestHeader } | { ki
 export class Transmission {
   private phase: Phase = { kind: 'header' };
   private inflight = 0;
+  /** Command flags a WRITE_ZEROES may carry on this export; every other command, `otherFlags`. */
+  private readonly zeroFlags: number;
+  private readonly otherFlags: number;
   private paused = false;
   private corked = false;
   private finished = false;
@@ -52,11 +59,20 @@ export class Transmission {
   constructor(
     private readonly socket: Socket,
     private readonly backend: BlockBackend,
+    /** The transmission flags the client was given for this export. */
+    exportFlags: number,
     private readonly queue: ByteQueue,
     private readonly log: Logger,
     private readonly stats: TransmissionStats,
     private readonly onDone: () => void,
   ) {
+    // doc/proto.md: FUA is valid on every command once SEND_FUA is advertised (the server
+    // MUST accept it, even where there is nothing to persist); NO_HOLE only on WRITE_ZEROES,
+    // and FAST_ZERO there too if SEND_FAST_ZERO was advertised (else EINVAL). DF needs
+    // structured replies and REQ_ONE needs BLOCK_STATUS, neither of which this server
+    // speaks, so no request may carry them.
+    this.otherFlags = exportFlags & TFlag.SEND_FUA ? CmdFlag.FUA : 0;
+    this.zeroFlags = this.otherFlags | CmdFlag.NO_HOLE | (exportFlags & TFlag.SEND_FAST_ZERO ? CmdFlag.FAST_ZERO : 0);
     socket.on('data', (b: Buffer) => {
       // Once closing (after DISC), what a client still sends is read and dropped: were it
       // left unread, the client's writes would stall and the close never complete.
@@ -179,7 +195,7 @@ export class Transmission {
   /** 0, or the errno that refuses the request before it reaches the backend. */
   private validate(req: RequestHeader): number {
     const caps = this.backend.capabilities;
-    if ((req.flags & ~KNOWN_FLAGS) !== 0) return NbdErrno.EINVAL;
+    if ((req.flags & ~(req.type === Cmd.WRITE_ZEROES ? this.zeroFlags : this.otherFlags)) !== 0) return NbdErrno.EINVAL;
     switch (req.type) {
       case Cmd.DISC:
         return 0;
