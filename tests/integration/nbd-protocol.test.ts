@@ -12,6 +12,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 
+import type { BlockBackend } from '../../dpu-agent/src/block/backend.js';
 import { NbdServer } from '../../dpu-agent/src/nbd/server.js';
 import { Cmd, CmdFlag, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, Info, MAX_OPTION_BYTES, MAX_PAYLOAD, Opt, Rep, TFlag } from '../../dpu-agent/src/nbd/protocol.js';
 import { RegionState } from '../../dpu-agent/src/region/region-map.js';
@@ -764,11 +765,19 @@ function transmissionTests(get: () => Fixture): void {
   });
 }
 
+/** Bytes the target file has allocated (st_blocks are 512-byte units whatever the file system). */
+function targetAllocated(f: Fixture): number {
+  return fs.statSync(path.join(f.dir, 'target.raw')).blocks * 512;
+}
+
 /*
  * Its own streaming disk, hydrator not started, so every region a test names is still
- * remote when it starts: 0-1 refused flags; 2-3 the health check after each test.
+ * remote when it starts: 0-1 refused flags; 2-3 the health check after each test; 4
+ * FAST_ZERO on a whole remote region; 5-8 and 12 FAST_ZERO refused; 9-10 NO_HOLE; 15 an
+ * export without FAST_ZERO.
  */
 function conformanceTests(): void {
+  const ENOTSUP = 95;
   let f: Fixture | undefined;
   const get = (): Fixture => f!;
   before(async function () {
@@ -821,6 +830,119 @@ function conformanceTests(): void {
       assert.ok((await c.readAt(0, REGION + 4096)).equals(f.model.subarray(0, REGION + 4096)), 'the refused writes and zeroes changed nothing');
     } finally {
       c.destroy();
+    }
+  });
+
+  it('advertises SEND_FAST_ZERO; FAST_ZERO over whole remote regions marks them zero without a fetch', async function () {
+    const f = get();
+    const c = await RawClient.connect(f.sock);
+    try {
+      await c.start();
+      const { flags } = await c.go();
+      assert.equal(flags & (TFlag.SEND_WRITE_ZEROES | TFlag.SEND_FAST_ZERO), TFlag.SEND_WRITE_ZEROES | TFlag.SEND_FAST_ZERO, `flags 0x${flags.toString(16)}`);
+      assert.equal(regionState(f, 4), RegionState.Remote);
+      const fetched = f.origin.stats.rangeRequests;
+      const r = await c.request({ type: Cmd.WRITE_ZEROES, offset: 4 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.FUA });
+      assert.equal(r.error, 0);
+      assert.equal(regionState(f, 4), RegionState.Zero);
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      f.model.fill(0, 4 * REGION, 5 * REGION);
+      assert.ok((await c.readAt(4 * REGION, REGION)).equals(f.model.subarray(4 * REGION, 5 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('FAST_ZERO that would need a fetch or a data write fails at once with ENOTSUP and changes nothing', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      // Region 8 local with the host's bytes (a whole-region write claims it without a fetch).
+      const d8 = pattern(REGION, 31);
+      await c.writeAt(8 * REGION, d8);
+      d8.copy(f.model, 8 * REGION);
+      assert.equal(regionState(f, 8), RegionState.Local);
+      for (const r of [5, 6, 7, 12]) assert.equal(regionState(f, r), RegionState.Remote);
+      const before = f.opened.disk.map.states.slice();
+      const fetched = f.origin.stats.rangeRequests;
+      const cases: [string, RequestSpec][] = [
+        ['part of a remote region (needs a fetch)', { type: Cmd.WRITE_ZEROES, offset: 5 * REGION + 4096, length: 8192, flags: CmdFlag.FAST_ZERO }],
+        ['a whole remote region and part of the next', { type: Cmd.WRITE_ZEROES, offset: 6 * REGION, length: REGION + 4096, flags: CmdFlag.FAST_ZERO }],
+        ['a local region (zeros would be written)', { type: Cmd.WRITE_ZEROES, offset: 8 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.FUA }],
+        ['a whole remote region with NO_HOLE (zeros would be written)', { type: Cmd.WRITE_ZEROES, offset: 12 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE }],
+      ];
+      for (const [what, spec] of cases) assert.equal((await c.request(spec)).error, ENOTSUP, what);
+      assert.deepEqual(f.opened.disk.map.states, before, 'no region changed state');
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      for (const r of [5, 6, 7, 8, 12]) assert.ok((await c.readAt(r * REGION, REGION)).equals(f.model.subarray(r * REGION, (r + 1) * REGION)), `region ${r} unchanged`);
+      // Without FAST_ZERO the same request is done (and never ENOTSUP).
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 5 * REGION + 4096, length: 8192 })).error, 0);
+      f.model.fill(0, 5 * REGION + 4096, 5 * REGION + 12_288);
+      assert.ok((await c.readAt(5 * REGION, REGION)).equals(f.model.subarray(5 * REGION, 6 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('NO_HOLE leaves the range allocated: zeros written, the region local, never just marked zero', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      for (const r of [9, 10]) assert.equal(regionState(f, r), RegionState.Remote);
+      // A whole remote region with NO_HOLE: zeros written to the target, no fetch.
+      const fetched = f.origin.stats.rangeRequests;
+      const allocated = targetAllocated(f);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 9 * REGION, length: REGION, flags: CmdFlag.NO_HOLE })).error, 0);
+      assert.equal(regionState(f, 9), RegionState.Local, 'region 9 is local, not zero');
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      assert.ok(targetAllocated(f) - allocated >= REGION, `the target allocated ${targetAllocated(f) - allocated} bytes for the zeroed region`);
+      // A region already `zero` (WRITE_ZEROES without NO_HOLE), then NO_HOLE on part of it.
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 10 * REGION, length: REGION })).error, 0);
+      assert.equal(regionState(f, 10), RegionState.Zero);
+      const allocatedZero = targetAllocated(f);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 10 * REGION + 4096, length: 65_536, flags: CmdFlag.NO_HOLE | CmdFlag.FUA })).error, 0);
+      assert.equal(regionState(f, 10), RegionState.Local, 'region 10 is local, not zero');
+      assert.ok(targetAllocated(f) - allocatedZero >= 65_536, 'the target allocated the zeroed range');
+      f.model.fill(0, 9 * REGION, 11 * REGION);
+      assert.ok((await c.readAt(9 * REGION, 2 * REGION)).equals(f.model.subarray(9 * REGION, 11 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('FAST_ZERO on an export that does not advertise SEND_FAST_ZERO is EINVAL', async function () {
+    const f = get();
+    const disk = f.opened.disk;
+    // The same disk behind a filter that does not offer fast zeroing (nbdkit-style: what it
+    // does not change it forwards).
+    const slow: BlockBackend = {
+      size: disk.size,
+      capabilities: { ...disk.capabilities, fastZero: false },
+      read: (o, d) => disk.read(o, d),
+      write: (o, ch, l, fua) => disk.write(o, ch, l, fua),
+      flush: () => disk.flush(),
+      trim: (o, l, fua) => disk.trim(o, l, fua),
+      writeZeroes: (o, l, fua, opts) => disk.writeZeroes(o, l, fua, opts),
+      cache: (o, l) => disk.cache(o, l),
+      close: async () => {},
+    };
+    const sock = path.join(f.dir, 'nbd-slow-zero.sock');
+    const server = new NbdServer({ exports: [{ name: 'slow', backend: slow }], log: pino({ level: 'silent' }) });
+    await server.listen({ kind: 'unix', path: sock });
+    const c = await RawClient.connect(sock);
+    try {
+      await c.start();
+      const { flags } = await c.go();
+      assert.equal(flags & TFlag.SEND_WRITE_ZEROES, TFlag.SEND_WRITE_ZEROES);
+      assert.equal(flags & TFlag.SEND_FAST_ZERO, 0, 'SEND_FAST_ZERO not advertised');
+      assert.equal(regionState(f, 15), RegionState.Remote);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 15 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO })).error, EINVAL);
+      assert.equal(regionState(f, 15), RegionState.Remote, 'nothing zeroed');
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 15 * REGION, length: REGION })).error, 0);
+      f.model.fill(0, 15 * REGION, 16 * REGION);
+    } finally {
+      c.destroy();
+      await server.close(500);
     }
   });
 }

@@ -59,6 +59,7 @@ export function exportFlags(backend: BlockBackend): number {
   if (c.fua) f |= TFlag.SEND_FUA;
   if (c.trim && !c.readOnly) f |= TFlag.SEND_TRIM;
   if (c.writeZeroes && !c.readOnly) f |= TFlag.SEND_WRITE_ZEROES;
+  if (c.writeZeroes && c.fastZero && !c.readOnly) f |= TFlag.SEND_FAST_ZERO;
   if (c.cache) f |= TFlag.SEND_CACHE;
   if (c.multiConn) f |= TFlag.CAN_MULTI_CONN;
   return f;

@@ -181,9 +181,11 @@ export class Transmission {
       case Cmd.TRIM:
         this.run(req, null, () => b.trim(req.offset, req.length, fua));
         break;
-      case Cmd.WRITE_ZEROES:
-        this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua));
+      case Cmd.WRITE_ZEROES: {
+        const opts = { noHole: (req.flags & CmdFlag.NO_HOLE) !== 0, fastZero: (req.flags & CmdFlag.FAST_ZERO) !== 0 };
+        this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua, opts));
         break;
+      }
       case Cmd.CACHE:
         this.run(req, null, () => b.cache(req.offset, req.length));
         break;
@@ -253,7 +255,9 @@ export class Transmission {
     const errno = toNbdErrno(err);
     this.stats.errors++;
     const code = err instanceof DpuError ? err.code : (err as NodeJS.ErrnoException)?.code;
-    this.log.warn({ cmd: CMD_NAMES[req.type], offset: req.offset, length: req.length, errno, code, err: (err as Error)?.message }, 'request failed');
+    // A FAST_ZERO the backend cannot do quickly is refused as the client asked it to be;
+    // the client falls back. Not worth a warning.
+    this.log[code === 'DPU_ERR_ZERO_NOT_FAST' ? 'debug' : 'warn']({ cmd: CMD_NAMES[req.type], offset: req.offset, length: req.length, errno, code, err: (err as Error)?.message }, 'request failed');
     reply.writeUInt32BE(errno, 4);
     this.send(reply.subarray(0, SIMPLE_REPLY_BYTES)); // an error reply carries no data
   }
