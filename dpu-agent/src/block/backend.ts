@@ -46,6 +46,12 @@ export interface BlockBackend {
   /** Size in bytes; fixed for the life of the backend. */
   readonly size: number;
   readonly capabilities: BlockCapabilities;
+  /**
+   * The smallest aligned request that is efficient now, in bytes (NBD_INFO_BLOCK_SIZE's
+   * preferred size); read at each negotiation, so it may change over the backend's life.
+   * Absent: 4 KiB. The server keeps it a power of two within what NBD allows.
+   */
+  readonly preferredBlockSize?: number;
   /** Fill `dest` (dest.length bytes) with the disk's bytes at `offset`. */
   read(offset: number, dest: Buffer): MaybePromise<void>;
   /**

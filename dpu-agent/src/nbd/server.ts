@@ -12,7 +12,7 @@ import type { Logger } from 'pino';
 import type { BlockBackend } from '../block/backend.js';
 import { DpuError } from '../errors.js';
 import { type Conn, type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
-import { TFlag } from './protocol.js';
+import { MAX_PAYLOAD, PREFERRED_BLOCK, TFlag } from './protocol.js';
 import type { NbdTls } from './tls.js';
 import { Transmission, type TransmissionStats } from './transmission.js';
 
@@ -65,6 +65,17 @@ export function exportFlags(backend: BlockBackend): number {
   return f;
 }
 
+/**
+ * The preferred block size to advertise: the backend's, kept to what proto.md allows (a
+ * power of two, at least 512 and the minimum block, at most the maximum payload) and never
+ * below the 4 KiB default; the default when the backend states none.
+ */
+export function preferredBlock(backend: BlockBackend): number {
+  const p = backend.preferredBlockSize;
+  if (p === undefined || !Number.isInteger(Math.log2(p))) return PREFERRED_BLOCK;
+  return Math.min(MAX_PAYLOAD, Math.max(PREFERRED_BLOCK, p));
+}
+
 export class NbdServer {
   private readonly server: net.Server;
   private readonly catalog: ExportCatalog;
@@ -84,7 +95,7 @@ export class NbdServer {
     this.tls = opts.tls;
     const entries: NegotiableExport[] = opts.exports.map((e) => {
       this.backends.set(e.name, e.backend);
-      return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend) };
+      return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend), preferredBlock: () => preferredBlock(e.backend) };
     });
     const defaultName = opts.defaultExport ?? entries[0]!.name;
     const byName = new Map(entries.map((e) => [e.name, e]));

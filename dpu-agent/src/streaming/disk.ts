@@ -176,6 +176,14 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     return this.map.complete;
   }
 
+  /**
+   * While regions are not local, less than a region costs a whole region's fetch (a read
+   * that misses, a partial write's read-modify-write): clients are told the region size.
+   */
+  get preferredBlockSize(): number | undefined {
+    return this.map.allLocal ? undefined : this.map.regionSize;
+  }
+
   progress(): DiskProgress {
     const s = this.source?.stats() ?? this.lastSourceStats;
     return {
