@@ -16,7 +16,7 @@ import type { BlockBackend } from '../../dpu-agent/src/block/backend.js';
 import { NbdServer } from '../../dpu-agent/src/nbd/server.js';
 import { Cmd, CmdFlag, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, Info, MAX_OPTION_BYTES, MAX_PAYLOAD, Opt, Rep, TFlag } from '../../dpu-agent/src/nbd/protocol.js';
 import { RegionState } from '../../dpu-agent/src/region/region-map.js';
-import { openStreamingDisk, type OpenedDisk } from '../../dpu-agent/src/streaming/open.js';
+import { type OpenDiskOptions, openStreamingDisk, type OpenedDisk } from '../../dpu-agent/src/streaming/open.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 
@@ -332,7 +332,8 @@ interface Fixture {
   streaming: boolean;
 }
 
-async function setUp(streaming: boolean): Promise<Fixture> {
+/** `source` is merged into the disk's HTTP source options (e.g. a shorter retry deadline). */
+async function setUp(streaming: boolean, source: Partial<Omit<OpenDiskOptions['source'], 'url'>> = {}): Promise<Fixture> {
   const { dir, cleanup } = tempDir(streaming ? 'nbd-proto-stream' : 'nbd-proto-hydrated');
   const imageFile = path.join(dir, 'image.raw');
   makeImage(imageFile, IMAGE_SIZE, streaming ? 11 : 12);
@@ -341,7 +342,7 @@ async function setUp(streaming: boolean): Promise<Fixture> {
   const url = await origin.start();
   const log = pino({ level: 'silent' });
   const opened = await openStreamingDisk({
-    source: { url },
+    source: { ...source, url },
     targetPath: path.join(dir, 'target.raw'),
     stateDir: path.join(dir, 'state'),
     regionSize: REGION,
@@ -765,6 +766,23 @@ function transmissionTests(get: () => Fixture): void {
   });
 }
 
+/** Resolves once region `r` settles in `state` (the disk emits 'region-settled' on every change). */
+function settledAs(f: Fixture, r: number, state: RegionState): Promise<void> {
+  const disk = f.opened.disk;
+  return withTimeout(
+    new Promise<void>((resolve) => {
+      const on = (x: number): void => {
+        if (x !== r || disk.map.state(r) !== state) return;
+        disk.off('region-settled', on);
+        resolve();
+      };
+      disk.on('region-settled', on);
+    }),
+    IO_TIMEOUT_MS,
+    `region ${r} to settle as ${state}`,
+  );
+}
+
 /** Bytes the target file has allocated (st_blocks are 512-byte units whatever the file system). */
 function targetAllocated(f: Fixture): number {
   return fs.statSync(path.join(f.dir, 'target.raw')).blocks * 512;
@@ -773,15 +791,17 @@ function targetAllocated(f: Fixture): number {
 /*
  * Its own streaming disk, hydrator not started, so every region a test names is still
  * remote when it starts: 0-1 refused flags; 2-3 the health check after each test; 4
- * FAST_ZERO on a whole remote region; 5-8 and 12 FAST_ZERO refused; 9-10 NO_HOLE; 15 an
- * export without FAST_ZERO.
+ * FAST_ZERO on a whole remote region; 5-8 and 12 FAST_ZERO refused; 9-10 NO_HOLE; 11, 13,
+ * 14 CACHE; 15 an export without FAST_ZERO. The source
+ * gives up at the first failure (retryDeadlineMs 0), so an injected 500 fails a fetch at once.
  */
 function conformanceTests(): void {
   const ENOTSUP = 95;
+  const EIO = 5;
   let f: Fixture | undefined;
   const get = (): Fixture => f!;
   before(async function () {
-    f = await setUp(true);
+    f = await setUp(true, { retryDeadlineMs: 0, probeDeadlineMs: IO_TIMEOUT_MS });
   });
   after(async function () {
     await tearDown(f);
@@ -906,6 +926,59 @@ function conformanceTests(): void {
       f.model.fill(0, 9 * REGION, 11 * REGION);
       assert.ok((await c.readAt(9 * REGION, 2 * REGION)).equals(f.model.subarray(9 * REGION, 11 * REGION)));
     } finally {
+      c.destroy();
+    }
+  });
+
+  it('CACHE without flags is answered once the fetch has started, before the region is local', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      assert.equal(regionState(f, 11), RegionState.Remote);
+      const local = settledAs(f, 11, RegionState.Local);
+      const order: string[] = [];
+      // In one write: the CACHE, then a READ refused at once. The refusal needs no I/O; the
+      // CACHE reply comes first only if it did not wait for the fetch.
+      const cache = c.encode({ type: Cmd.CACHE, offset: 11 * REGION, length: REGION });
+      const bad = c.encode({ type: Cmd.READ, offset: IMAGE_SIZE, length: 512 });
+      const seen = [cache.reply.then((r) => order.push(`cache ${r.error}`)), bad.reply.then((r) => order.push(`bad read ${r.error}`))];
+      c.write(Buffer.concat([cache.bytes, bad.bytes]));
+      await withTimeout(Promise.all(seen), IO_TIMEOUT_MS, 'CACHE and READ replies');
+      assert.deepEqual(order, ['cache 0', `bad read ${EINVAL}`]);
+      await local; // the prefetch goes on after the reply
+      const fetched = f.origin.stats.rangeRequests;
+      assert.ok((await c.readAt(11 * REGION, REGION)).equals(f.model.subarray(11 * REGION, 12 * REGION)));
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'the read was served locally');
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('a CACHE answered early whose fetch then fails leaves no unhandled rejection; CACHE with FUA waits and reports it', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    const unhandled: unknown[] = [];
+    const onUnhandled = (err: unknown): void => {
+      unhandled.push(err);
+    };
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      for (const r of [13, 14]) assert.equal(regionState(f, r), RegionState.Remote);
+      f.origin.faults.push('500'); // the source gives up at once (retryDeadlineMs 0)
+      const failed = settledAs(f, 13, RegionState.Remote);
+      assert.equal((await c.request({ type: Cmd.CACHE, offset: 13 * REGION, length: REGION })).error, 0, 'answered before the fetch failed');
+      await failed;
+      await new Promise((resolve) => setImmediate(resolve)); // unhandled rejections are reported by now
+      assert.deepEqual(unhandled, []);
+      // With a flag proto.md does not allow the early reply: the failure is the answer.
+      f.origin.faults.push('500');
+      assert.equal((await c.request({ type: Cmd.CACHE, offset: 14 * REGION, length: REGION, flags: CmdFlag.FUA })).error, EIO);
+      assert.equal(regionState(f, 14), RegionState.Remote);
+      // Nothing is lost: the regions are fetched again on demand.
+      assert.ok((await c.readAt(13 * REGION, 2 * REGION)).equals(f.model.subarray(13 * REGION, 15 * REGION)));
+      assert.deepEqual(unhandled, []);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
       c.destroy();
     }
   });

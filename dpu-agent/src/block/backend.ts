@@ -66,7 +66,11 @@ export interface BlockBackend {
   trim(offset: number, length: number, fua: boolean): MaybePromise<void>;
   /** The range reads back as zeros afterwards; `opts` says how it may get there. */
   writeZeroes(offset: number, length: number, fua: boolean, opts?: WriteZeroesOptions): MaybePromise<void>;
-  /** Advisory prefetch of a range. */
+  /**
+   * Advisory prefetch of a range; settles when the range is cached. The server may answer
+   * the client before that (NBD allows it), so the prefetch must be started by the time
+   * this returns, and a rejection must leave nothing to clean up: reads still work.
+   */
   cache(offset: number, length: number): MaybePromise<void>;
   close(): Promise<void>;
 }

@@ -11,11 +11,12 @@
  *
  * Command flags are checked against the command and the transmission flags this export
  * advertised (doc/proto.md, "Command flags"): anything else is EINVAL before the backend
- * sees it.
+ * sees it. NBD_CMD_CACHE without flags is answered as soon as the backend has started the
+ * prefetch, which runs on after the reply (see `detach`).
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import type { BlockBackend } from '../block/backend.js';
+import type { BlockBackend, MaybePromise } from '../block/backend.js';
 import { DpuError, NbdErrno, toNbdErrno } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ByteQueue } from './byte-queue.js';
@@ -47,6 +48,8 @@ type Phase = { kind: 'header' } | { kind: 'payload'; req: RequestHeader } | { ki
 export class Transmission {
   private phase: Phase = { kind: 'header' };
   private inflight = 0;
+  /** Backend calls still running after their reply was sent (CACHE prefetches). */
+  private detached = 0;
   /** Command flags a WRITE_ZEROES may carry on this export; every other command, `otherFlags`. */
   private readonly zeroFlags: number;
   private readonly otherFlags: number;
@@ -128,7 +131,7 @@ export class Transmission {
       } else {
         break;
       }
-      if (this.phase.kind !== 'closing' && (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
+      if (this.phase.kind !== 'closing' && (this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
         this.paused = true;
         this.socket.pause();
         break;
@@ -140,7 +143,7 @@ export class Transmission {
   }
 
   private maybeResume(): void {
-    if (!this.paused || this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
+    if (!this.paused || this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
     this.paused = false;
     this.socket.resume();
     this.process();
@@ -186,9 +189,14 @@ export class Transmission {
         this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua, opts));
         break;
       }
-      case Cmd.CACHE:
-        this.run(req, null, () => b.cache(req.offset, req.length));
+      case Cmd.CACHE: {
+        // proto.md: "When no command flags are in use, the server MAY send a reply prior to
+        // the requested area being fully cached." With FUA the reply waits, as before.
+        const { offset, length } = req;
+        if (req.flags === 0) this.run(req, null, () => this.detach(offset, length, b.cache(offset, length)));
+        else this.run(req, null, () => b.cache(offset, length));
         break;
+      }
       default:
         this.replyError(req, NbdErrno.EINVAL);
     }
@@ -249,6 +257,27 @@ export class Transmission {
         this.afterAsync();
       },
     );
+  }
+
+  /**
+   * Lets a backend call's promise run on after the reply has gone (NBD_CMD_CACHE without
+   * flags), returning at once. The promise is always handled: a failure later is logged,
+   * as the client has its answer and later reads fetch the range again. It keeps nothing of
+   * the request but two numbers (not the header's buffer, not the reply), and it still
+   * counts toward MAX_INFLIGHT, so the prefetches one client starts stay bounded.
+   */
+  private detach(offset: number, length: number, result: MaybePromise<void>): void {
+    if (result === undefined) return;
+    this.detached++;
+    const done = (): void => {
+      this.detached--;
+      if (this.phase.kind !== 'closing') this.maybeResume();
+    };
+    result.then(done, (err: unknown) => {
+      const code = err instanceof DpuError ? err.code : (err as NodeJS.ErrnoException)?.code;
+      this.log.debug({ cmd: 'CACHE', offset, length, code, err: (err as Error)?.message }, 'prefetch after an early NBD_CMD_CACHE reply failed');
+      done();
+    });
   }
 
   private fail(req: RequestHeader, reply: Buffer, err: unknown): void {
