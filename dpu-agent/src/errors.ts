@@ -137,6 +137,11 @@ export const ERRORS = {
     errno: NbdErrno.ESHUTDOWN,
     http: 503,
   },
+  DPU_ERR_ZERO_NOT_FAST: {
+    message: 'this WRITE_ZEROES asked to be fast (NBD_CMD_FLAG_FAST_ZERO) but needs data written or fetched; nothing was changed',
+    retryable: false,
+    errno: NbdErrno.ENOTSUP,
+  },
   DPU_ERR_NBD_PROTOCOL: {
     message: 'the NBD client broke the protocol; the connection was closed',
     retryable: false,

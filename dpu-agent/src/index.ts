@@ -1,5 +1,5 @@
 /** The DPU agent's public surface. */
-export type { BlockBackend, BlockCapabilities, MaybePromise } from './block/backend.js';
+export type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions } from './block/backend.js';
 export { DpuError, ERRORS, NbdErrno, toNbdErrno, type DpuErrorCode } from './errors.js';
 export { LocalTarget } from './local/target.js';
 export { NbdServer, parseEndpoint, type Endpoint, type NbdExport } from './nbd/server.js';

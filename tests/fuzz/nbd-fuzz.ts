@@ -83,6 +83,7 @@ const REP_ERR_TOO_BIG = ERR(9);
 const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, CACHE: 5, WRITE_ZEROES: 6, BLOCK_STATUS: 7, RESIZE: 8 };
 const FLAG_FUA = 1;
 const FLAG_NO_HOLE = 2;
+const FLAG_FAST_ZERO = 16;
 const DEFINED_CMD_FLAGS = 0x1f; // FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO
 /** NBD's errno values (proto.md "Error values"). */
 const NBD_ERRNOS = new Set([1, 5, 12, 22, 28, 75, 95, 108]);
@@ -362,13 +363,18 @@ const modifying = (t: number): boolean => t === CMD.WRITE || t === CMD.TRIM || t
 function expectation(type: number, flags: number, offset: bigint, length: number): Framed['expect'] {
   const known = type === CMD.READ || type === CMD.WRITE || type === CMD.FLUSH || type === CMD.TRIM || type === CMD.CACHE || type === CMD.WRITE_ZEROES;
   if (!known) return 'fail'; // BLOCK_STATUS/RESIZE were not negotiated; others do not exist
-  if ((flags & ~DEFINED_CMD_FLAGS) !== 0) return 'fail';
-  if (type === CMD.FLUSH) return offset === 0n && length === 0 && (flags & ~FLAG_FUA) === 0 ? 'ok' : 'any';
+  // The export advertises SEND_FUA and SEND_FAST_ZERO: FUA is valid on every command (the
+  // server MUST accept it), NO_HOLE and FAST_ZERO on WRITE_ZEROES; DF (no structured
+  // replies) and REQ_ONE (no BLOCK_STATUS) on none. Other flags SHOULD be EINVAL: this
+  // server does that, so the oracle holds it to it.
+  const allowed = type === CMD.WRITE_ZEROES ? FLAG_FUA | FLAG_NO_HOLE | FLAG_FAST_ZERO : FLAG_FUA;
+  if ((flags & ~allowed) !== 0) return 'fail';
+  if (type === CMD.FLUSH) return offset === 0n && length === 0 ? 'ok' : 'any';
   if ((type === CMD.READ || type === CMD.WRITE || type === CMD.CACHE) && length > MAX_PAYLOAD) return 'fail';
   if (length > 0 && offset + BigInt(length) > BigInt(DISK_SIZE)) return 'fail';
   if (length === 0) return 'any';
-  const plainFlags = type === CMD.WRITE_ZEROES ? FLAG_FUA | FLAG_NO_HOLE : type === CMD.READ || type === CMD.CACHE ? 0 : FLAG_FUA;
-  return (flags & ~plainFlags) === 0 ? 'ok' : 'any';
+  // A FAST_ZERO the disk cannot do without writing data is refused with ENOTSUP.
+  return (flags & FLAG_FAST_ZERO) === 0 ? 'ok' : 'any';
 }
 
 /**

@@ -68,6 +68,29 @@ describe('dpu-agent stream with real NBD clients', function () {
     fs.rmSync(out);
   });
 
+  it('nbdinfo and qemu-io see FAST_ZERO and the region size as preferred block; qemu-io fast zeroing works or is refused untouched', async () => {
+    const a = start('fastzero', ['--no-hydrate']);
+    await a.agent.listening();
+    const info = await run('nbdinfo', ['--json', nbdUri(a.sock)]);
+    const exp = (JSON.parse(info.stdout) as { exports: Record<string, unknown>[] }).exports[0]!;
+    assert.equal(exp['can_fast_zero'], true);
+    assert.equal(exp['block_size_preferred'], MiB, 'the region size while streaming');
+    // qemu-io `write -z -n` sends WRITE_ZEROES with FAST_ZERO (and NO_HOLE unless -u).
+    const io = (cmd: string) => run('qemu-io', ['-f', 'raw', nbdUri(a.sock), '-c', cmd], { allowFail: true });
+    const whole = await io(`write -z -u -n ${2 * MiB} ${2 * MiB}`); // two whole remote regions: the map only
+    assert.doesNotMatch(whole.stdout + whole.stderr, /failed/);
+    const partial = await io(`write -z -u -n ${5 * MiB + 4096} 4096`); // would need a fetch
+    assert.match(partial.stdout + partial.stderr, /write failed: Operation not supported/);
+    const noHole = await io(`write -z -n ${6 * MiB} ${MiB}`); // NO_HOLE: zeros must be written
+    assert.match(noHole.stdout + noHole.stderr, /write failed: Operation not supported/);
+    const out = path.join(dir, 'fastzero.raw');
+    await run('nbdcopy', [nbdUri(a.sock), out]);
+    const want = Buffer.from(fs.readFileSync(imagePath));
+    want.fill(0, 2 * MiB, 4 * MiB);
+    assert.ok(fs.readFileSync(out).equals(want), 'zeros where the fast zero succeeded, the image everywhere else');
+    fs.rmSync(out);
+  });
+
   it('qemu-io pattern writes across regions read back, around image bytes, after a restart', async () => {
     const a = start('qemuio', ['--no-hydrate']);
     await a.agent.listening();

@@ -12,10 +12,11 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 
+import type { BlockBackend } from '../../dpu-agent/src/block/backend.js';
 import { NbdServer } from '../../dpu-agent/src/nbd/server.js';
 import { Cmd, CmdFlag, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, Info, MAX_OPTION_BYTES, MAX_PAYLOAD, Opt, Rep, TFlag } from '../../dpu-agent/src/nbd/protocol.js';
 import { RegionState } from '../../dpu-agent/src/region/region-map.js';
-import { openStreamingDisk, type OpenedDisk } from '../../dpu-agent/src/streaming/open.js';
+import { type OpenDiskOptions, openStreamingDisk, type OpenedDisk } from '../../dpu-agent/src/streaming/open.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 
@@ -331,7 +332,8 @@ interface Fixture {
   streaming: boolean;
 }
 
-async function setUp(streaming: boolean): Promise<Fixture> {
+/** `source` is merged into the disk's HTTP source options (e.g. a shorter retry deadline). */
+async function setUp(streaming: boolean, source: Partial<Omit<OpenDiskOptions['source'], 'url'>> = {}): Promise<Fixture> {
   const { dir, cleanup } = tempDir(streaming ? 'nbd-proto-stream' : 'nbd-proto-hydrated');
   const imageFile = path.join(dir, 'image.raw');
   makeImage(imageFile, IMAGE_SIZE, streaming ? 11 : 12);
@@ -340,7 +342,7 @@ async function setUp(streaming: boolean): Promise<Fixture> {
   const url = await origin.start();
   const log = pino({ level: 'silent' });
   const opened = await openStreamingDisk({
-    source: { url },
+    source: { ...source, url },
     targetPath: path.join(dir, 'target.raw'),
     stateDir: path.join(dir, 'state'),
     regionSize: REGION,
@@ -764,6 +766,260 @@ function transmissionTests(get: () => Fixture): void {
   });
 }
 
+/** Resolves once region `r` settles in `state` (the disk emits 'region-settled' on every change). */
+function settledAs(f: Fixture, r: number, state: RegionState): Promise<void> {
+  const disk = f.opened.disk;
+  return withTimeout(
+    new Promise<void>((resolve) => {
+      const on = (x: number): void => {
+        if (x !== r || disk.map.state(r) !== state) return;
+        disk.off('region-settled', on);
+        resolve();
+      };
+      disk.on('region-settled', on);
+    }),
+    IO_TIMEOUT_MS,
+    `region ${r} to settle as ${state}`,
+  );
+}
+
+/** Bytes the target file has allocated (st_blocks are 512-byte units whatever the file system). */
+function targetAllocated(f: Fixture): number {
+  return fs.statSync(path.join(f.dir, 'target.raw')).blocks * 512;
+}
+
+/*
+ * Its own streaming disk, hydrator not started, so every region a test names is still
+ * remote when it starts: 0-1 refused flags; 2-3 the health check after each test; 4
+ * FAST_ZERO on a whole remote region; 5-8 and 12 FAST_ZERO refused; 9-10 NO_HOLE; 11, 13,
+ * 14 CACHE; 15 an export without FAST_ZERO. The source
+ * gives up at the first failure (retryDeadlineMs 0), so an injected 500 fails a fetch at once.
+ */
+function conformanceTests(): void {
+  const ENOTSUP = 95;
+  const EIO = 5;
+  let f: Fixture | undefined;
+  const get = (): Fixture => f!;
+  before(async function () {
+    f = await setUp(true, { retryDeadlineMs: 0, probeDeadlineMs: IO_TIMEOUT_MS });
+  });
+  after(async function () {
+    await tearDown(f);
+  });
+  afterEach(async function () {
+    await assertServerHealthy(get());
+  });
+
+  it('refuses with EINVAL a flag its command does not take; FUA, advertised, is taken by every command', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      const before = f.opened.disk.map.states.slice();
+      const refused: [string, RequestSpec][] = [
+        ['READ + NO_HOLE', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.NO_HOLE }],
+        ['READ + DF (no structured replies, so no SEND_DF)', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.DF }],
+        ['READ + REQ_ONE', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.REQ_ONE }],
+        ['READ + FAST_ZERO', { type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.FAST_ZERO }],
+        ['TRIM + NO_HOLE', { type: Cmd.TRIM, offset: REGION, length: REGION, flags: CmdFlag.NO_HOLE }],
+        ['TRIM + FAST_ZERO', { type: Cmd.TRIM, offset: REGION, length: REGION, flags: CmdFlag.FAST_ZERO }],
+        ['FLUSH + NO_HOLE', { type: Cmd.FLUSH, flags: CmdFlag.NO_HOLE }],
+        ['CACHE + NO_HOLE', { type: Cmd.CACHE, offset: REGION, length: 4096, flags: CmdFlag.NO_HOLE }],
+        ['CACHE + DF', { type: Cmd.CACHE, offset: REGION, length: 4096, flags: CmdFlag.DF }],
+        ['WRITE_ZEROES + DF', { type: Cmd.WRITE_ZEROES, offset: REGION, length: REGION, flags: CmdFlag.DF }],
+        ['WRITE_ZEROES + REQ_ONE', { type: Cmd.WRITE_ZEROES, offset: REGION, length: REGION, flags: CmdFlag.REQ_ONE }],
+      ];
+      // A refused write still has its payload drained: it begins with what looks like a header.
+      const payload = pattern(8192, 30);
+      const fake = c.encode({ type: Cmd.READ, offset: 0, length: 512 }).bytes;
+      fake.writeBigUInt64BE(0xbadn, 8);
+      fake.copy(payload, 0);
+      refused.push(['WRITE + NO_HOLE', { type: Cmd.WRITE, offset: 4096, length: payload.length, data: payload, flags: CmdFlag.NO_HOLE }]);
+      refused.push(['WRITE + FAST_ZERO', { type: Cmd.WRITE, offset: 4096, length: payload.length, data: payload, flags: CmdFlag.FAST_ZERO }]);
+      const replies = await Promise.all(refused.map(([, spec]) => c.request(spec)));
+      replies.forEach((r, i) => assert.equal(r.error, EINVAL, refused[i]![0]));
+      assert.equal(c.protocolError, null, 'no reply to the header hidden in the payload');
+      assert.deepEqual(f.opened.disk.map.states, before, 'no refused request changed a region');
+      // proto.md: with SEND_FUA the server MUST accept FUA on all commands (it may ignore it).
+      const fua = await Promise.all([
+        c.request({ type: Cmd.READ, offset: 0, length: 4096, flags: CmdFlag.FUA }),
+        c.request({ type: Cmd.FLUSH, flags: CmdFlag.FUA }),
+        c.request({ type: Cmd.CACHE, offset: 0, length: 4096, flags: CmdFlag.FUA }),
+      ]);
+      fua.forEach((r, i) => assert.equal(r.error, 0, `FUA on command ${i}`));
+      assert.ok(fua[0]!.data!.equals(f.model.subarray(0, 4096)));
+      assert.ok((await c.readAt(0, REGION + 4096)).equals(f.model.subarray(0, REGION + 4096)), 'the refused writes and zeroes changed nothing');
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('advertises SEND_FAST_ZERO; FAST_ZERO over whole remote regions marks them zero without a fetch', async function () {
+    const f = get();
+    const c = await RawClient.connect(f.sock);
+    try {
+      await c.start();
+      const { flags } = await c.go();
+      assert.equal(flags & (TFlag.SEND_WRITE_ZEROES | TFlag.SEND_FAST_ZERO), TFlag.SEND_WRITE_ZEROES | TFlag.SEND_FAST_ZERO, `flags 0x${flags.toString(16)}`);
+      assert.equal(regionState(f, 4), RegionState.Remote);
+      const fetched = f.origin.stats.rangeRequests;
+      const r = await c.request({ type: Cmd.WRITE_ZEROES, offset: 4 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.FUA });
+      assert.equal(r.error, 0);
+      assert.equal(regionState(f, 4), RegionState.Zero);
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      f.model.fill(0, 4 * REGION, 5 * REGION);
+      assert.ok((await c.readAt(4 * REGION, REGION)).equals(f.model.subarray(4 * REGION, 5 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('FAST_ZERO that would need a fetch or a data write fails at once with ENOTSUP and changes nothing', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      // Region 8 local with the host's bytes (a whole-region write claims it without a fetch).
+      const d8 = pattern(REGION, 31);
+      await c.writeAt(8 * REGION, d8);
+      d8.copy(f.model, 8 * REGION);
+      assert.equal(regionState(f, 8), RegionState.Local);
+      for (const r of [5, 6, 7, 12]) assert.equal(regionState(f, r), RegionState.Remote);
+      const before = f.opened.disk.map.states.slice();
+      const fetched = f.origin.stats.rangeRequests;
+      const cases: [string, RequestSpec][] = [
+        ['part of a remote region (needs a fetch)', { type: Cmd.WRITE_ZEROES, offset: 5 * REGION + 4096, length: 8192, flags: CmdFlag.FAST_ZERO }],
+        ['a whole remote region and part of the next', { type: Cmd.WRITE_ZEROES, offset: 6 * REGION, length: REGION + 4096, flags: CmdFlag.FAST_ZERO }],
+        ['a local region (zeros would be written)', { type: Cmd.WRITE_ZEROES, offset: 8 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.FUA }],
+        ['a whole remote region with NO_HOLE (zeros would be written)', { type: Cmd.WRITE_ZEROES, offset: 12 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO | CmdFlag.NO_HOLE }],
+      ];
+      for (const [what, spec] of cases) assert.equal((await c.request(spec)).error, ENOTSUP, what);
+      assert.deepEqual(f.opened.disk.map.states, before, 'no region changed state');
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      for (const r of [5, 6, 7, 8, 12]) assert.ok((await c.readAt(r * REGION, REGION)).equals(f.model.subarray(r * REGION, (r + 1) * REGION)), `region ${r} unchanged`);
+      // Without FAST_ZERO the same request is done (and never ENOTSUP).
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 5 * REGION + 4096, length: 8192 })).error, 0);
+      f.model.fill(0, 5 * REGION + 4096, 5 * REGION + 12_288);
+      assert.ok((await c.readAt(5 * REGION, REGION)).equals(f.model.subarray(5 * REGION, 6 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('NO_HOLE leaves the range allocated: zeros written, the region local, never just marked zero', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      for (const r of [9, 10]) assert.equal(regionState(f, r), RegionState.Remote);
+      // A whole remote region with NO_HOLE: zeros written to the target, no fetch.
+      const fetched = f.origin.stats.rangeRequests;
+      const allocated = targetAllocated(f);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 9 * REGION, length: REGION, flags: CmdFlag.NO_HOLE })).error, 0);
+      assert.equal(regionState(f, 9), RegionState.Local, 'region 9 is local, not zero');
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'nothing fetched');
+      assert.ok(targetAllocated(f) - allocated >= REGION, `the target allocated ${targetAllocated(f) - allocated} bytes for the zeroed region`);
+      // A region already `zero` (WRITE_ZEROES without NO_HOLE), then NO_HOLE on part of it.
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 10 * REGION, length: REGION })).error, 0);
+      assert.equal(regionState(f, 10), RegionState.Zero);
+      const allocatedZero = targetAllocated(f);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 10 * REGION + 4096, length: 65_536, flags: CmdFlag.NO_HOLE | CmdFlag.FUA })).error, 0);
+      assert.equal(regionState(f, 10), RegionState.Local, 'region 10 is local, not zero');
+      assert.ok(targetAllocated(f) - allocatedZero >= 65_536, 'the target allocated the zeroed range');
+      f.model.fill(0, 9 * REGION, 11 * REGION);
+      assert.ok((await c.readAt(9 * REGION, 2 * REGION)).equals(f.model.subarray(9 * REGION, 11 * REGION)));
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('CACHE without flags is answered once the fetch has started, before the region is local', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    try {
+      assert.equal(regionState(f, 11), RegionState.Remote);
+      const local = settledAs(f, 11, RegionState.Local);
+      const order: string[] = [];
+      // In one write: the CACHE, then a READ refused at once. The refusal needs no I/O; the
+      // CACHE reply comes first only if it did not wait for the fetch.
+      const cache = c.encode({ type: Cmd.CACHE, offset: 11 * REGION, length: REGION });
+      const bad = c.encode({ type: Cmd.READ, offset: IMAGE_SIZE, length: 512 });
+      const seen = [cache.reply.then((r) => order.push(`cache ${r.error}`)), bad.reply.then((r) => order.push(`bad read ${r.error}`))];
+      c.write(Buffer.concat([cache.bytes, bad.bytes]));
+      await withTimeout(Promise.all(seen), IO_TIMEOUT_MS, 'CACHE and READ replies');
+      assert.deepEqual(order, ['cache 0', `bad read ${EINVAL}`]);
+      await local; // the prefetch goes on after the reply
+      const fetched = f.origin.stats.rangeRequests;
+      assert.ok((await c.readAt(11 * REGION, REGION)).equals(f.model.subarray(11 * REGION, 12 * REGION)));
+      assert.equal(f.origin.stats.rangeRequests, fetched, 'the read was served locally');
+    } finally {
+      c.destroy();
+    }
+  });
+
+  it('a CACHE answered early whose fetch then fails leaves no unhandled rejection; CACHE with FUA waits and reports it', async function () {
+    const f = get();
+    const c = await transmissionClient(f);
+    const unhandled: unknown[] = [];
+    const onUnhandled = (err: unknown): void => {
+      unhandled.push(err);
+    };
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      for (const r of [13, 14]) assert.equal(regionState(f, r), RegionState.Remote);
+      f.origin.faults.push('500'); // the source gives up at once (retryDeadlineMs 0)
+      const failed = settledAs(f, 13, RegionState.Remote);
+      assert.equal((await c.request({ type: Cmd.CACHE, offset: 13 * REGION, length: REGION })).error, 0, 'answered before the fetch failed');
+      await failed;
+      await new Promise((resolve) => setImmediate(resolve)); // unhandled rejections are reported by now
+      assert.deepEqual(unhandled, []);
+      // With a flag proto.md does not allow the early reply: the failure is the answer.
+      f.origin.faults.push('500');
+      assert.equal((await c.request({ type: Cmd.CACHE, offset: 14 * REGION, length: REGION, flags: CmdFlag.FUA })).error, EIO);
+      assert.equal(regionState(f, 14), RegionState.Remote);
+      // Nothing is lost: the regions are fetched again on demand.
+      assert.ok((await c.readAt(13 * REGION, 2 * REGION)).equals(f.model.subarray(13 * REGION, 15 * REGION)));
+      assert.deepEqual(unhandled, []);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+      c.destroy();
+    }
+  });
+
+  it('FAST_ZERO on an export that does not advertise SEND_FAST_ZERO is EINVAL', async function () {
+    const f = get();
+    const disk = f.opened.disk;
+    // The same disk behind a filter that does not offer fast zeroing (nbdkit-style: what it
+    // does not change it forwards).
+    const slow: BlockBackend = {
+      size: disk.size,
+      capabilities: { ...disk.capabilities, fastZero: false },
+      read: (o, d) => disk.read(o, d),
+      write: (o, ch, l, fua) => disk.write(o, ch, l, fua),
+      flush: () => disk.flush(),
+      trim: (o, l, fua) => disk.trim(o, l, fua),
+      writeZeroes: (o, l, fua, opts) => disk.writeZeroes(o, l, fua, opts),
+      cache: (o, l) => disk.cache(o, l),
+      close: async () => {},
+    };
+    const sock = path.join(f.dir, 'nbd-slow-zero.sock');
+    const server = new NbdServer({ exports: [{ name: 'slow', backend: slow }], log: pino({ level: 'silent' }) });
+    await server.listen({ kind: 'unix', path: sock });
+    const c = await RawClient.connect(sock);
+    try {
+      await c.start();
+      const { flags } = await c.go();
+      assert.equal(flags & TFlag.SEND_WRITE_ZEROES, TFlag.SEND_WRITE_ZEROES);
+      assert.equal(flags & TFlag.SEND_FAST_ZERO, 0, 'SEND_FAST_ZERO not advertised');
+      assert.equal(regionState(f, 15), RegionState.Remote);
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 15 * REGION, length: REGION, flags: CmdFlag.FAST_ZERO })).error, EINVAL);
+      assert.equal(regionState(f, 15), RegionState.Remote, 'nothing zeroed');
+      assert.equal((await c.request({ type: Cmd.WRITE_ZEROES, offset: 15 * REGION, length: REGION })).error, 0);
+      f.model.fill(0, 15 * REGION, 16 * REGION);
+    } finally {
+      c.destroy();
+      await server.close(500);
+    }
+  });
+}
+
 describe('NBD protocol: in-process server over a unix socket, raw client', function () {
   this.timeout(30_000);
 
@@ -925,7 +1181,8 @@ describe('NBD protocol: in-process server over a unix socket, raw client', funct
           assert.equal(bs.data.length, 14);
           const [min, pref, max] = [bs.data.readUInt32BE(2), bs.data.readUInt32BE(6), bs.data.readUInt32BE(10)];
           assert.equal(min, 1);
-          assert.equal(pref, 4096);
+          // Streaming: I/O smaller than a region that is not local costs a whole-region fetch.
+          assert.equal(pref, REGION, 'preferred block size is the region size while streaming');
           assert.equal(max, MAX_PAYLOAD);
           const exp = replies.find((r) => r.type === Rep.INFO && r.data.readUInt16BE(0) === Info.EXPORT)!;
           assert.equal(exp.data.length, 12);
@@ -1043,6 +1300,24 @@ describe('NBD protocol: in-process server over a unix socket, raw client', funct
       await assertServerHealthy(get());
     });
 
+    it('NBD_INFO_BLOCK_SIZE: the preferred block size is back to 4096 once every region is local', async function () {
+      const c = await RawClient.connect(get().sock);
+      try {
+        await c.start();
+        for (const opt of [Opt.INFO, Opt.GO]) {
+          const replies = opt === Opt.GO ? (await c.go('disk', [Info.BLOCK_SIZE])).replies : (c.sendOption(opt, goPayload('disk', [Info.BLOCK_SIZE])), await c.optionReplies());
+          const bs = replies.find((r) => r.type === Rep.INFO && r.data.readUInt16BE(0) === Info.BLOCK_SIZE)!;
+          assert.deepEqual([bs.data.readUInt32BE(2), bs.data.readUInt32BE(6), bs.data.readUInt32BE(10)], [1, 4096, MAX_PAYLOAD], `option ${opt}`);
+        }
+      } finally {
+        c.destroy();
+      }
+    });
+
     transmissionTests(get);
+  });
+
+  describe('conformance to doc/proto.md: command flags, FAST_ZERO, NO_HOLE, CACHE (streaming disk)', function () {
+    conformanceTests();
   });
 });

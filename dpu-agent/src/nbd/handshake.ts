@@ -41,7 +41,6 @@ import {
   MIN_BLOCK,
   Opt,
   OPTION_HEADER_BYTES,
-  PREFERRED_BLOCK,
   Rep,
 } from './protocol.js';
 import type { NbdTls } from './tls.js';
@@ -51,6 +50,8 @@ export interface NegotiableExport {
   description: string;
   size: number;
   flags: number;
+  /** NBD_INFO_BLOCK_SIZE's preferred block size now (it may change between connections). */
+  preferredBlock(): number;
 }
 
 export interface ExportCatalog {
@@ -237,7 +238,7 @@ export async function negotiate(conn: Conn, catalog: ExportCatalog, log: Logger,
         reply(option, Rep.INFO, encodeInfoExport(exp.size, exp.flags));
         if (req.infos.includes(Info.NAME)) reply(option, Rep.INFO, encodeInfoString(Info.NAME, exp.name));
         if (req.infos.includes(Info.DESCRIPTION)) reply(option, Rep.INFO, encodeInfoString(Info.DESCRIPTION, exp.description));
-        reply(option, Rep.INFO, encodeInfoBlockSize(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD));
+        reply(option, Rep.INFO, encodeInfoBlockSize(MIN_BLOCK, exp.preferredBlock(), MAX_PAYLOAD));
         reply(option, Rep.ACK);
         if (option === Opt.GO) return { export: exp };
         break;

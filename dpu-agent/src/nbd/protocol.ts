@@ -94,7 +94,10 @@ export const REQUEST_HEADER_BYTES = 28;
 export const SIMPLE_REPLY_BYTES = 16;
 export const OPTION_HEADER_BYTES = 16;
 
-/** Block size constraints we advertise: any byte granularity, 4 KiB preferred, 32 MiB max payload. */
+/**
+ * Block size constraints we advertise: any byte granularity, 32 MiB max payload, and 4 KiB
+ * preferred unless the backend states its own (server.ts `preferredBlock`).
+ */
 export const MIN_BLOCK = 1;
 export const PREFERRED_BLOCK = 4096;
 export const MAX_PAYLOAD = 32 << 20;

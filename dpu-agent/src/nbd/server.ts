@@ -12,7 +12,7 @@ import type { Logger } from 'pino';
 import type { BlockBackend } from '../block/backend.js';
 import { DpuError } from '../errors.js';
 import { type Conn, type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
-import { TFlag } from './protocol.js';
+import { MAX_PAYLOAD, PREFERRED_BLOCK, TFlag } from './protocol.js';
 import type { NbdTls } from './tls.js';
 import { Transmission, type TransmissionStats } from './transmission.js';
 
@@ -59,9 +59,21 @@ export function exportFlags(backend: BlockBackend): number {
   if (c.fua) f |= TFlag.SEND_FUA;
   if (c.trim && !c.readOnly) f |= TFlag.SEND_TRIM;
   if (c.writeZeroes && !c.readOnly) f |= TFlag.SEND_WRITE_ZEROES;
+  if (c.writeZeroes && c.fastZero && !c.readOnly) f |= TFlag.SEND_FAST_ZERO;
   if (c.cache) f |= TFlag.SEND_CACHE;
   if (c.multiConn) f |= TFlag.CAN_MULTI_CONN;
   return f;
+}
+
+/**
+ * The preferred block size to advertise: the backend's, kept to what proto.md allows (a
+ * power of two, at least 512 and the minimum block, at most the maximum payload) and never
+ * below the 4 KiB default; the default when the backend states none.
+ */
+export function preferredBlock(backend: BlockBackend): number {
+  const p = backend.preferredBlockSize;
+  if (p === undefined || !Number.isInteger(Math.log2(p))) return PREFERRED_BLOCK;
+  return Math.min(MAX_PAYLOAD, Math.max(PREFERRED_BLOCK, p));
 }
 
 export class NbdServer {
@@ -83,7 +95,7 @@ export class NbdServer {
     this.tls = opts.tls;
     const entries: NegotiableExport[] = opts.exports.map((e) => {
       this.backends.set(e.name, e.backend);
-      return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend) };
+      return { name: e.name, description: e.description ?? '', size: e.backend.size, flags: exportFlags(e.backend), preferredBlock: () => preferredBlock(e.backend) };
     });
     const defaultName = opts.defaultExport ?? entries[0]!.name;
     const byName = new Map(entries.map((e) => [e.name, e]));
@@ -145,7 +157,7 @@ export class NbdServer {
         // and DISC, or bad magic, behind NBD_OPT_GO): `t` is not assigned yet then.
         let finished = false;
         let t: Transmission | undefined;
-        t = new Transmission(s, this.backends.get(result.export.name)!, queue, log, this.stats, () => {
+        t = new Transmission(s, this.backends.get(result.export.name)!, result.export.flags, queue, log, this.stats, () => {
           finished = true;
           if (t) this.transmissions.delete(t);
         });

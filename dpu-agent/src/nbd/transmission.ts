@@ -8,10 +8,15 @@
  * before its payload arrived still has its payload drained, and a reply header is written
  * only once its data or its error is known. Backpressure: reading from the socket pauses
  * while too many requests or too many reply bytes are outstanding.
+ *
+ * Command flags are checked against the command and the transmission flags this export
+ * advertised (doc/proto.md, "Command flags"): anything else is EINVAL before the backend
+ * sees it. NBD_CMD_CACHE without flags is answered as soon as the backend has started the
+ * prefetch, which runs on after the reply (see `detach`).
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import type { BlockBackend } from '../block/backend.js';
+import type { BlockBackend, MaybePromise } from '../block/backend.js';
 import { DpuError, NbdErrno, toNbdErrno } from '../errors.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ByteQueue } from './byte-queue.js';
@@ -24,6 +29,7 @@ import {
   REQUEST_HEADER_BYTES,
   type RequestHeader,
   SIMPLE_REPLY_BYTES,
+  TFlag,
   writeSimpleReplyHeader,
 } from './protocol.js';
 
@@ -31,7 +37,6 @@ const MAX_INFLIGHT = 256;
 const MAX_PENDING_REPLY_BYTES = 16 << 20;
 /** Shared by every connection of the process: replies are short-lived and alike. */
 const replyPool = new BufferPool();
-const KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO;
 
 export interface TransmissionStats {
   requests: number;
@@ -43,6 +48,11 @@ type Phase = { kind: 'header' } | { kind: 'payload'; req: RequestHeader } | { ki
 export class Transmission {
   private phase: Phase = { kind: 'header' };
   private inflight = 0;
+  /** Backend calls still running after their reply was sent (CACHE prefetches). */
+  private detached = 0;
+  /** Command flags a WRITE_ZEROES may carry on this export; every other command, `otherFlags`. */
+  private readonly zeroFlags: number;
+  private readonly otherFlags: number;
   private paused = false;
   private corked = false;
   private finished = false;
@@ -52,11 +62,20 @@ export class Transmission {
   constructor(
     private readonly socket: Socket,
     private readonly backend: BlockBackend,
+    /** The transmission flags the client was given for this export. */
+    exportFlags: number,
     private readonly queue: ByteQueue,
     private readonly log: Logger,
     private readonly stats: TransmissionStats,
     private readonly onDone: () => void,
   ) {
+    // doc/proto.md: FUA is valid on every command once SEND_FUA is advertised (the server
+    // MUST accept it, even where there is nothing to persist); NO_HOLE only on WRITE_ZEROES,
+    // and FAST_ZERO there too if SEND_FAST_ZERO was advertised (else EINVAL). DF needs
+    // structured replies and REQ_ONE needs BLOCK_STATUS, neither of which this server
+    // speaks, so no request may carry them.
+    this.otherFlags = exportFlags & TFlag.SEND_FUA ? CmdFlag.FUA : 0;
+    this.zeroFlags = this.otherFlags | CmdFlag.NO_HOLE | (exportFlags & TFlag.SEND_FAST_ZERO ? CmdFlag.FAST_ZERO : 0);
     socket.on('data', (b: Buffer) => {
       // Once closing (after DISC), what a client still sends is read and dropped: were it
       // left unread, the client's writes would stall and the close never complete.
@@ -112,7 +131,7 @@ export class Transmission {
       } else {
         break;
       }
-      if (this.phase.kind !== 'closing' && (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
+      if (this.phase.kind !== 'closing' && (this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
         this.paused = true;
         this.socket.pause();
         break;
@@ -124,7 +143,7 @@ export class Transmission {
   }
 
   private maybeResume(): void {
-    if (!this.paused || this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
+    if (!this.paused || this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
     this.paused = false;
     this.socket.resume();
     this.process();
@@ -165,12 +184,19 @@ export class Transmission {
       case Cmd.TRIM:
         this.run(req, null, () => b.trim(req.offset, req.length, fua));
         break;
-      case Cmd.WRITE_ZEROES:
-        this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua));
+      case Cmd.WRITE_ZEROES: {
+        const opts = { noHole: (req.flags & CmdFlag.NO_HOLE) !== 0, fastZero: (req.flags & CmdFlag.FAST_ZERO) !== 0 };
+        this.run(req, null, () => b.writeZeroes(req.offset, req.length, fua, opts));
         break;
-      case Cmd.CACHE:
-        this.run(req, null, () => b.cache(req.offset, req.length));
+      }
+      case Cmd.CACHE: {
+        // proto.md: "When no command flags are in use, the server MAY send a reply prior to
+        // the requested area being fully cached." With FUA the reply waits, as before.
+        const { offset, length } = req;
+        if (req.flags === 0) this.run(req, null, () => this.detach(offset, length, b.cache(offset, length)));
+        else this.run(req, null, () => b.cache(offset, length));
         break;
+      }
       default:
         this.replyError(req, NbdErrno.EINVAL);
     }
@@ -179,7 +205,7 @@ export class Transmission {
   /** 0, or the errno that refuses the request before it reaches the backend. */
   private validate(req: RequestHeader): number {
     const caps = this.backend.capabilities;
-    if ((req.flags & ~KNOWN_FLAGS) !== 0) return NbdErrno.EINVAL;
+    if ((req.flags & ~(req.type === Cmd.WRITE_ZEROES ? this.zeroFlags : this.otherFlags)) !== 0) return NbdErrno.EINVAL;
     switch (req.type) {
       case Cmd.DISC:
         return 0;
@@ -233,11 +259,34 @@ export class Transmission {
     );
   }
 
+  /**
+   * Lets a backend call's promise run on after the reply has gone (NBD_CMD_CACHE without
+   * flags), returning at once. The promise is always handled: a failure later is logged,
+   * as the client has its answer and later reads fetch the range again. It keeps nothing of
+   * the request but two numbers (not the header's buffer, not the reply), and it still
+   * counts toward MAX_INFLIGHT, so the prefetches one client starts stay bounded.
+   */
+  private detach(offset: number, length: number, result: MaybePromise<void>): void {
+    if (result === undefined) return;
+    this.detached++;
+    const done = (): void => {
+      this.detached--;
+      if (this.phase.kind !== 'closing') this.maybeResume();
+    };
+    result.then(done, (err: unknown) => {
+      const code = err instanceof DpuError ? err.code : (err as NodeJS.ErrnoException)?.code;
+      this.log.debug({ cmd: 'CACHE', offset, length, code, err: (err as Error)?.message }, 'prefetch after an early NBD_CMD_CACHE reply failed');
+      done();
+    });
+  }
+
   private fail(req: RequestHeader, reply: Buffer, err: unknown): void {
     const errno = toNbdErrno(err);
     this.stats.errors++;
     const code = err instanceof DpuError ? err.code : (err as NodeJS.ErrnoException)?.code;
-    this.log.warn({ cmd: CMD_NAMES[req.type], offset: req.offset, length: req.length, errno, code, err: (err as Error)?.message }, 'request failed');
+    // A FAST_ZERO the backend cannot do quickly is refused as the client asked it to be;
+    // the client falls back. Not worth a warning.
+    this.log[code === 'DPU_ERR_ZERO_NOT_FAST' ? 'debug' : 'warn']({ cmd: CMD_NAMES[req.type], offset: req.offset, length: req.length, errno, code, err: (err as Error)?.message }, 'request failed');
     reply.writeUInt32BE(errno, 4);
     this.send(reply.subarray(0, SIMPLE_REPLY_BYTES)); // an error reply carries no data
   }

@@ -13,9 +13,10 @@
  *  - A write covering a whole remote region needs no fetch: it claims the region and its
  *    bytes become the region. A partial write first makes the region local
  *    (read-modify-write); otherwise the rest of the region would be the previous tenant's.
- *  - WRITE_ZEROES or TRIM covering a whole remote region marks it `zero` without a fetch.
- *    A region that is already local stays local (zeros are written there), so a disk
- *    that has cut over never needs its source again.
+ *  - WRITE_ZEROES or TRIM covering a whole remote region marks it `zero` without a fetch
+ *    (WRITE_ZEROES with NO_HOLE writes the zeros instead; see zeroRange). A region that is
+ *    already local stays local (zeros are written there), so a disk that has cut over never
+ *    needs its source again.
  *  - FLUSH and FUA commit: fdatasync of the target, then the map (group commit: callers
  *    that arrive while a commit runs share the next one). The map is also committed at
  *    least every `commitIntervalMs` while it has changes.
@@ -38,7 +39,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
-import type { BlockBackend, BlockCapabilities, MaybePromise } from '../block/backend.js';
+import type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions } from '../block/backend.js';
 import { DpuError } from '../errors.js';
 import type { Target } from '../local/target.js';
 import type { Manifest } from '../manifest/manifest.js';
@@ -208,6 +209,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       fua: true,
       trim: true,
       writeZeroes: true,
+      fastZero: true,
       cache: true,
       multiConn: true,
     };
@@ -229,6 +231,14 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   get complete(): boolean {
     return this.map.complete;
+  }
+
+  /**
+   * While regions are not local, less than a region costs a whole region's fetch (a read
+   * that misses, a partial write's read-modify-write): clients are told the region size.
+   */
+  get preferredBlockSize(): number | undefined {
+    return this.map.allLocal ? undefined : this.map.regionSize;
   }
 
   progress(): DiskProgress {
@@ -716,9 +726,33 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     }
   }
 
-  writeZeroes(offset: number, length: number, fua: boolean): MaybePromise<void> {
+  writeZeroes(offset: number, length: number, fua: boolean, opts: WriteZeroesOptions = {}): MaybePromise<void> {
     this.assertWritable();
-    return this.zeroRange(offset, length, fua, true);
+    const noHole = opts.noHole === true;
+    if (opts.fastZero && !this.zeroesWithoutData(offset, length, noHole)) {
+      // Decided before anything changes, and synchronously: a FAST_ZERO refusal must be
+      // quick and leave the disk as it was (proto.md).
+      throw new DpuError('DPU_ERR_ZERO_NOT_FAST', `bytes ${offset}+${length} need data written or fetched`);
+    }
+    return this.zeroRange(offset, length, fua, true, noHole);
+  }
+
+  /**
+   * Whether zeroing [offset, offset+length) touches only the region map: every region in
+   * it is `zero` already, or `remote` and covered whole (it becomes `zero`). Anything else
+   * needs a fetch (part of a remote region), zeros written (a local region, or NO_HOLE), or
+   * a wait for a fill in progress.
+   */
+  private zeroesWithoutData(offset: number, length: number, noHole: boolean): boolean {
+    if (noHole) return false;
+    const map = this.map;
+    const end = offset + length;
+    for (let r = map.regionOf(offset); r <= map.regionOf(end - 1); r++) {
+      const s = map.state(r);
+      if (s === RegionState.Zero) continue;
+      if (s !== RegionState.Remote || offset > map.regionStart(r) || end < map.regionStart(r) + map.regionLength(r)) return false;
+    }
+    return true;
   }
 
   trim(offset: number, length: number, fua: boolean): MaybePromise<void> {
@@ -730,9 +764,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * Whole remote regions become `zero` without a fetch (for TRIM as for WRITE_ZEROES: a
    * trimmed range may read back as anything the disk held, and zeros are that). With
    * `mustZero` (WRITE_ZEROES) the rest of the range gets zeros written locally; TRIM is
-   * advisory and leaves it alone.
+   * advisory and leaves it alone. With `noHole` (WRITE_ZEROES with NO_HOLE) no region is
+   * left `zero`: the client wants the range allocated, so the zeros are written and the
+   * region becomes local (a `zero` region's target bytes may be a hole, or anything).
    */
-  private async zeroRange(offset: number, length: number, fua: boolean, mustZero: boolean): Promise<void> {
+  private async zeroRange(offset: number, length: number, fua: boolean, mustZero: boolean, noHole = false): Promise<void> {
     const map = this.map;
     const end = offset + length;
     const first = map.regionOf(offset);
@@ -747,10 +783,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           await this.inflight.get(r)!.done.catch(noop);
           continue;
         }
-        if (s === RegionState.Zero) break;
-        if (s === RegionState.Remote && whole) {
-          map.set(r, RegionState.Zero);
-          this.emit('region-settled', r);
+        if (s === RegionState.Zero && !noHole) break;
+        if ((s === RegionState.Remote && whole) || s === RegionState.Zero) {
+          // Nothing of the region's old bytes survives, so none is fetched.
+          if (noHole) {
+            this.zeroFill(r); // zeros written over the whole region, which becomes local
+          } else {
+            map.set(r, RegionState.Zero);
+            this.emit('region-settled', r);
+          }
           break;
         }
         if (!mustZero) break;
