@@ -10,4 +10,7 @@ fi
 # Generated code is generated: fail when openapi/generated/ no longer matches the YAML.
 bash scripts/gen-openapi.sh --check
 npx tsc -p tsconfig.json
+# Test builds poison pooled NBD reply buffers on release and check them on reuse: a late
+# write into a finished request's buffer stops the agent (dpu-agent/src/nbd/buffer-pool.ts).
+export DPU_AGENT_POISON_BUFFERS=1
 exec npx mocha "$@"

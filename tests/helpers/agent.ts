@@ -32,7 +32,7 @@ export class AgentProcess {
 
   constructor(args: StreamArgs) {
     const argv = [AGENT_BIN, 'stream', '--source', args.source, '--target', args.target, '--state', args.state, '--listen', `unix:${args.socket}`, '--progress', 'json', '--log-level', 'warn', ...(args.extra ?? [])];
-    this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DPU_AGENT_POISON_BUFFERS: '1' } });
     let buf = '';
     this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       buf += d;

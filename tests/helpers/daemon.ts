@@ -12,7 +12,7 @@ export class DaemonProcess {
   private readonly exited: Promise<number | null>;
 
   constructor(configFile: string) {
-    this.child = spawn(process.execPath, [AGENT_BIN, 'serve', '--config', configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child = spawn(process.execPath, [AGENT_BIN, 'serve', '--config', configFile], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DPU_AGENT_POISON_BUFFERS: '1' } });
     this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       this.stdout += d;
     });

@@ -4,6 +4,15 @@
  * buffer goes back to the pool when the socket has taken its bytes. Size classes are
  * powers of two; each class keeps at most `classBytes` worth of idle buffers.
  */
+/**
+ * Test builds (DPU_AGENT_POISON_BUFFERS=1): a released buffer is filled with POISON and
+ * checked when it is handed out again; a byte that changed means something wrote into a
+ * request's buffer after the request ended — into another request's reply, in production.
+ * The process then stops at once (uncaught), which fails whatever test was running.
+ */
+const POISON_BUFFERS = process.env['DPU_AGENT_POISON_BUFFERS'] === '1';
+export const POISON = 0xdb;
+
 const MIN_CLASS_SHIFT = 13; // 8 KiB: a 4 KiB read reply (4 KiB + 16) fits
 const MAX_CLASS_SHIFT = 26; // 64 MiB: the largest reply (32 MiB + 16) fits
 
@@ -22,7 +31,9 @@ export class BufferPool {
   acquire(size: number): Buffer {
     const shift = Math.max(MIN_CLASS_SHIFT, Math.ceil(Math.log2(size)));
     if (shift > MAX_CLASS_SHIFT) return Buffer.allocUnsafe(size);
-    const whole = this.free[shift]!.pop() ?? Buffer.allocUnsafeSlow(2 ** shift);
+    const reused = this.free[shift]!.pop();
+    if (reused && POISON_BUFFERS) checkPoison(reused);
+    const whole = reused ?? Buffer.allocUnsafeSlow(2 ** shift);
     return whole.subarray(0, size);
   }
 
@@ -32,6 +43,14 @@ export class BufferPool {
     const shift = Math.log2(whole.length);
     if (!Number.isInteger(shift) || shift < MIN_CLASS_SHIFT || shift > MAX_CLASS_SHIFT || buf.byteOffset !== 0) return;
     const list = this.free[shift]!;
-    if (list.length < this.maxIdle[shift]!) list.push(whole);
+    if (list.length < this.maxIdle[shift]!) {
+      if (POISON_BUFFERS) whole.fill(POISON);
+      list.push(whole);
+    }
   }
+}
+
+function checkPoison(buf: Buffer): void {
+  const at = buf.findIndex((b) => b !== POISON);
+  if (at >= 0) throw new Error(`DPU_AGENT_POISON_BUFFERS: byte ${at} of a ${buf.length}-byte pooled buffer changed after its request ended (a late write into another request's buffer)`);
 }
