@@ -26,6 +26,7 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
     ['hydration_running', '1 while background hydration runs.', (d) => (d.hydrationRunning ? 1 : 0)],
     ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
     ['failed', '1 while the disk cannot be opened (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
+    ['wipe_pending', '1 while the disk is deleted but its target is not wiped yet (state wiping; a DELETE retries the wipe).', (d) => (d.wipePending ? 1 : 0)],
   ];
   // One snapshot per scrape, shared by every gauge's collect().
   let snapshot: { at: number; disks: DiskMetrics[] } | null = null;
