@@ -228,7 +228,7 @@ export interface components {
                  * @default true
                  */
                 readonly enabled?: boolean;
-                /** @default false */
+                /** @description Start with background hydration paused (PATCH …/hydration resumes it). Default: the agent config's defaults.hydration_paused (false unless set). */
                 readonly paused?: boolean;
                 /**
                  * @description Bytes per second; 0 for no cap.

@@ -495,7 +495,9 @@ export class DiskManager {
       target: { path: target },
       region_size: regionSize,
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
-      hydration: h ? { enabled: h.enabled ?? true, paused: h.paused ?? false, bandwidth: h.bandwidth ?? 0 } : { enabled: true, paused: false, bandwidth: cfg.defaults.bandwidth },
+      hydration: h
+        ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0 }
+        : { enabled: true, paused: cfg.defaults.hydration_paused, bandwidth: cfg.defaults.bandwidth },
     };
   }
 
