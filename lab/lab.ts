@@ -47,6 +47,9 @@ const HELP = `Usage: npm run lab -- [up] [options] | status | down
     --keep            leave the lab running after the summary (until Ctrl-C or "down")
     --no-verify       do not require the image's manifest (regions stream unverified
                       until it is built, as the driver does by default)
+    --hold-hydration  hold the background copy (the agent creates the disk paused) until
+                      the host prints its boot marker, then resume it: the host provably
+                      boots from regions fetched on demand, however fast the copy is
     --json            print the summary as one JSON line (for tests)
     --dir DIR         work directory (default /var/tmp/smartnic-lab)
   status            what runs where
@@ -154,7 +157,7 @@ function bar(frac: number, width = 24): string {
   return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
 }
 
-async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link: number | null; linkIndex: number; keep: boolean; json: boolean; verify: boolean }): Promise<number> {
+async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link: number | null; linkIndex: number; keep: boolean; json: boolean; verify: boolean; holdHydration: boolean }): Promise<number> {
   const { dir } = opts;
   const existing = readRecord(dir);
   if (existing && alive(existing.pid)) {
@@ -217,7 +220,8 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
     const redis = new RedisServer(path.join(dir, 'redis'));
     await redis.start();
     stops.push(() => redis.stop());
-    const agent = await agentDaemon({ dir: path.join(dir, 'agent'), extra: { log_level: 'warn' } });
+    // --hold-hydration: every disk starts with its background copy paused; resumed below at the boot marker.
+    const agent = await agentDaemon({ dir: path.join(dir, 'agent'), extra: { log_level: 'warn', ...(opts.holdHydration ? { defaults: { hydration_paused: true } } : {}) } });
     const driver = await driverService({
       dir,
       redisUrl: redis.url,
@@ -254,6 +258,7 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
     await ironic.baremetal('node', 'set', NODE, '--instance-info', `image_source=${glanceImage.id}`);
 
     const api = new DriverClient({ baseUrl: driver.url, token: TOKEN });
+    const agentApi = new AgentClient({ baseUrl: agent.url, token: TOKEN });
     const dashboard = `${driver.url}/dashboard/#token=${TOKEN}`;
     say(`dashboard: ${dashboard}`);
     say('openstack baremetal node deploy');
@@ -265,6 +270,8 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
     let markerAt = 0;
     let completeAt = 0;
     let atMarker = -1;
+    /** Read from the agent at the marker: what the host's boot alone had fetched, when the copy was held. */
+    let diskAtMarker: { fraction: number; bytes_fetched: number; hydration: string } | null = null;
     let provision = node.provision_state;
     let fraction = 0;
     let fetched = 0;
@@ -291,6 +298,15 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
       if (!markerAt && bmc.serial().includes(BOOT_MARKER)) {
         markerAt = Date.now() - t0;
         atMarker = fraction;
+        if (opts.holdHydration) {
+          // The copy was held: everything local now is what the boot read, on demand. Resume it.
+          const disk = (await agentApi.listDisks()).find((x) => x.target.path === target);
+          if (!disk) throw new Error(`the agent has no disk on ${target} at the boot marker`);
+          diskAtMarker = { fraction: disk.regions.total ? disk.regions.local / disk.regions.total : 0, bytes_fetched: disk.bytes_fetched, hydration: disk.hydration.state };
+          atMarker = diskAtMarker.fraction;
+          await agentApi.updateHydration(disk.id, { paused: false });
+          say(`boot marker seen: resuming the held copy (${(atMarker * 100).toFixed(0)}% local, ${formatBytes(disk.bytes_fetched)} fetched by the boot)`);
+        }
       }
       const secs = ((Date.now() - t0) / 1000).toFixed(1).padStart(5);
       const line = `t=${secs}s  ironic: ${provision.padEnd(16)} host: ${markerAt ? `booted ${(markerAt / 1000).toFixed(1)}s` : bmc.qemuPid() ? 'booting…' : 'off'}`.padEnd(62) + `  disk ${bar(fraction)} ${(fraction * 100).toFixed(0).padStart(3)}%`;
@@ -311,6 +327,9 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
       verified: false,
       integrity_failures: 0,
       hydrated_fraction_at_marker: atMarker,
+      /** With --hold-hydration: the copy was paused until the marker, and what the boot had fetched by then. */
+      hydration_held_until_marker: diskAtMarker !== null && diskAtMarker.hydration === 'paused',
+      bytes_fetched_at_marker: diskAtMarker?.bytes_fetched ?? null,
       bytes_fetched: fetched,
       fetched_over_image: fetched / imageBytes.length,
       link_bytes_per_s: opts.link ?? 0,
@@ -318,7 +337,7 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
       local_disk_equals_image: sameAsImage,
       wiped_on_undeploy: null as boolean | null,
     };
-    const disk = (await new AgentClient({ baseUrl: agent.url, token: TOKEN }).listDisks())[0];
+    const disk = (await agentApi.listDisks())[0];
     summary.verified = disk?.verified ?? false;
     summary.integrity_failures = disk?.integrity_failures ?? 0;
     const print = (): void => {
@@ -331,7 +350,7 @@ async function up(opts: { dir: string; imageMiB: number; bandwidth: number; link
           '',
           'summary',
           `  image                    ${formatBytes(imageBytes.length)} in Glance, stored in Swift, read through a temp URL`,
-          `  link to Swift            ${opts.link === null ? 'none (loopback)' : linkText(opts.link)}; hydration cap ${opts.bandwidth ? `${formatBytes(opts.bandwidth)}/s` : 'none'}`,
+          `  link to Swift            ${opts.link === null ? 'none (loopback)' : linkText(opts.link)}; hydration cap ${opts.bandwidth ? `${formatBytes(opts.bandwidth)}/s` : 'none'}${opts.holdHydration ? ', held until the boot marker' : ''}`,
           `  deploy → ACTIVE          ${(activeAt / 1000).toFixed(1)} s`,
           `  deploy → boot marker     ${(markerAt / 1000).toFixed(1)} s (hydration ${(atMarker * 100).toFixed(0)}% done at that moment)`,
           `  deploy → all local       ${(completeAt / 1000).toFixed(1)} s (hydration at ${formatBytes(summary.hydration_bytes_per_s)}/s = ${((summary.hydration_bytes_per_s * 8) / 1e6).toFixed(0)} Mbit/s)`,
@@ -367,6 +386,7 @@ async function main(): Promise<number> {
     options: {
       'image-mib': { type: 'string', default: '256' },
       'no-verify': { type: 'boolean' },
+      'hold-hydration': { type: 'boolean' },
       bandwidth: { type: 'string', default: '16M' },
       keep: { type: 'boolean' },
       json: { type: 'boolean' },
@@ -393,7 +413,7 @@ async function main(): Promise<number> {
   const linkIndex = Number(values['link-index']);
   if (!Number.isInteger(linkIndex) || linkIndex < 0 || linkIndex > 255) throw new Error(`--link-index ${values['link-index']} must be an integer from 0 to 255`);
   const link = values.link!.trim() === '0' ? null : parseRate(values.link!, '--link');
-  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), link, linkIndex, keep: !!values.keep, json: !!values.json, verify: !values['no-verify'] });
+  return up({ dir, imageMiB, bandwidth: parseRate(values.bandwidth!, '--bandwidth'), link, linkIndex, keep: !!values.keep, json: !!values.json, verify: !values['no-verify'], holdHydration: !!values['hold-hydration'] });
 }
 
 main().then(

@@ -192,6 +192,16 @@ export const ERRORS = {
     retryable: true,
     http: 409,
   },
+  DPU_ERR_WIPE_FAILED: {
+    message: 'wiping the target of a deleted disk failed; the disk stays listed (state `wiping`) until a DELETE wipes it',
+    retryable: true,
+    http: 500,
+  },
+  DPU_ERR_DISK_WIPING: {
+    message: 'the disk was deleted and its target is not wiped yet',
+    retryable: true,
+    http: 409,
+  },
   DPU_ERR_INTERNAL: {
     message: 'the agent failed unexpectedly',
     retryable: true,

@@ -12,7 +12,12 @@
  *             URL) → the same job is moved to delayed for `monitor_interval_ms` (so no
  *             job runs for minutes, a restart loses nothing, and bull-board shows its
  *             progress)
- *   teardown  delete the disk on the agent (wiping it by default) → remove the record
+ *   teardown  delete the disk on the agent (wiping it by default) → remove the record. The
+ *             agent answers 200 only once the target is wiped, and keeps a disk whose wipe
+ *             failed (state `wiping`, 500 DPU_ERR_WIPE_FAILED, retryable): so the job
+ *             retries, then leaves the deployment `failed` with the reason, never removed
+ *             over an unwiped disk; a 404 means the agent has no such disk (never created,
+ *             or deleted and wiped), and only then is the record removed.
  *   manifest  (manifests.ts) read the image once, check its digest, cache its manifest
  *
  * Manifests: the attach job, once the disk exists, uploads the image's cached manifest
@@ -179,7 +184,8 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   // nothing to delete, so this job cleans up what it made instead of leaving an orphan.
   const now = await current(deps, job);
   if (!now || now.state === 'deleting') {
-    await agent.deleteDisk(rec.disk_id, true).catch(() => undefined);
+    // If this wipe fails the agent keeps the disk (`wiping`, its target refused to new disks) and retries it at its next start.
+    await agent.deleteDisk(rec.disk_id, true).catch((err: unknown) => deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, err: (err as Error).message }, 'deleting the disk of a deployment torn down while attaching failed'));
     return 'cancelled: torn down while attaching';
   }
   // Not required: upload a cached manifest, or have it built and stream unverified meanwhile.
@@ -235,6 +241,11 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
     }
     // Unreachable agent: keep polling (the host runs from the DPU either way), say so.
     await deps.store.update(rec.node_uuid, rec.deployment_id, { last_error: `${agentError(err, 'polling progress').message}; still polling` });
+  }
+  if (disk?.state === 'wiping') {
+    // Deleted on the agent behind the driver's back (a DELETE of this deployment sets `deleting` first, which stops this job).
+    await deps.store.update(rec.node_uuid, rec.deployment_id, { state: 'failed', last_error: `DRV_ERR_AGENT_REJECTED: disk ${rec.disk_id} was deleted on the DPU agent at ${rec.agent_url} and waits for its wipe${disk.last_error ? ` (${disk.last_error})` : ''}` });
+    return 'stopped: the disk was deleted on the agent';
   }
   if (disk) {
     let note: string | null = null;
@@ -320,7 +331,9 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
     await agentFor(rec, deps.config)
       .deleteDisk(rec.disk_id, job.data.wipe ?? true)
       .catch((err: unknown) => {
-        if (err instanceof ApiError && err.status === 404) return null; // never created, or already deleted
+        // Never created, or deleted and (if a wipe was asked for) wiped: the agent keeps a disk until its wipe succeeded.
+        if (err instanceof ApiError && err.status === 404) return null;
+        // DPU_ERR_WIPE_FAILED is retryable: retried with backoff, then the deployment is left failed with it.
         throw agentError(err, `deleting disk ${rec.disk_id} on ${rec.agent_url}`);
       });
   } catch (err) {

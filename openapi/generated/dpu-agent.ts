@@ -53,7 +53,8 @@ export interface paths {
          * @description Idempotent on `id`: creating a disk that exists with the same source identity and
          *     target returns it (200); with a different one, 409. The export is listening when
          *     the response is sent (state `streaming`, or `complete` if the state directory
-         *     already held a complete copy).
+         *     already held a complete copy). A disk with this id, or another disk on this target,
+         *     that waits for its wipe (state `wiping`) answers 409 DPU_ERR_DISK_WIPING.
          */
         readonly post: operations["createDisk"];
         readonly delete?: never;
@@ -75,7 +76,15 @@ export interface paths {
         readonly get: operations["getDisk"];
         readonly put?: never;
         readonly post?: never;
-        /** Stop exporting a disk and forget it; optionally wipe the local target. */
+        /**
+         * Stop exporting a disk and forget it; optionally wipe the local target.
+         * @description With `wipe`, the disk is forgotten only once its target is wiped: until then it
+         *     stays listed with state `wiping` (not exported; its id and target refused to new
+         *     disks) and the wipe is owed across agent restarts. A wipe that fails answers 500
+         *     DPU_ERR_WIPE_FAILED (retryable) with the disk's `last_error` saying why; any later
+         *     DELETE of that disk, with or without `wipe`, tries the wipe again, and so does an
+         *     agent that starts. So 404 means the disk is gone, wiped if a wipe was asked for.
+         */
         readonly delete: operations["deleteDisk"];
         readonly options?: never;
         readonly head?: never;
@@ -219,7 +228,7 @@ export interface components {
                  * @default true
                  */
                 readonly enabled?: boolean;
-                /** @default false */
+                /** @description Start with background hydration paused (PATCH …/hydration resumes it). Default: the agent config's defaults.hydration_paused (false unless set). */
                 readonly paused?: boolean;
                 /**
                  * @description Bytes per second; 0 for no cap.
@@ -265,10 +274,10 @@ export interface components {
         readonly Disk: {
             readonly id: components["schemas"]["DiskId"];
             /**
-             * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error.
+             * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error; wiping: deleted with wipe, and the target is not wiped yet (not exported; last_error says why the last attempt failed; a DELETE retries it).
              * @enum {string}
              */
-            readonly state: "streaming" | "complete" | "failed";
+            readonly state: "streaming" | "complete" | "failed" | "wiping";
             /** Format: date-time */
             readonly created_at: string;
             readonly source: {
@@ -376,8 +385,17 @@ export interface components {
                 readonly "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description A disk with this id exists with another source or target. */
+        /** @description A disk with this id exists with another source or target (DPU_ERR_DISK_EXISTS), another disk uses the target (DPU_ERR_TARGET_IN_USE), or the disk or target waits for a wipe (DPU_ERR_DISK_WIPING). */
         readonly Conflict: {
+            headers: {
+                readonly [name: string]: unknown;
+            };
+            content: {
+                readonly "application/json": components["schemas"]["Error"];
+            };
+        };
+        /** @description The disk was deleted and its target is not wiped yet (DPU_ERR_DISK_WIPING); DELETE it again to retry the wipe. */
+        readonly Wiping: {
             headers: {
                 readonly [name: string]: unknown;
             };
@@ -558,7 +576,7 @@ export interface operations {
         };
         readonly requestBody?: never;
         readonly responses: {
-            /** @description Deleted; the body is the disk's last state. */
+            /** @description Deleted (and wiped, when asked or owed); the body is the disk's last state. */
             readonly 200: {
                 headers: {
                     readonly [name: string]: unknown;
@@ -569,6 +587,15 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+            /** @description The wipe failed (DPU_ERR_WIPE_FAILED); the disk stays, state `wiping`, until a DELETE wipes it. */
+            readonly 500: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly getRegionMap: {
@@ -593,7 +620,7 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
-            /** @description The disk is listed but never opened (`DPU_ERR_DISK_FAILED`, e.g. its origin was down when the agent restarted); its `error` says why. It is retried; the map exists once it opens. */
+            /** @description The disk is listed but never opened (`DPU_ERR_DISK_FAILED`, e.g. its origin was down when the agent restarted); its `error` says why. It is retried; the map exists once it opens. Or the disk was deleted and waits for its wipe (`DPU_ERR_DISK_WIPING`). */
             readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;
@@ -637,6 +664,7 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+            readonly 409: components["responses"]["Wiping"];
         };
     };
     readonly updateSource: {
@@ -672,7 +700,7 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
-            /** @description The identity given is not the disk's. */
+            /** @description The identity given is not the disk's (DPU_ERR_SOURCE_MISMATCH), or the disk was deleted and waits for its wipe (DPU_ERR_DISK_WIPING). */
             readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;
@@ -710,7 +738,7 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
-            /** @description The disk has never been opened, so its size is unknown (DPU_ERR_DISK_FAILED). */
+            /** @description The disk has never been opened, so its size is unknown (DPU_ERR_DISK_FAILED), or it was deleted and waits for its wipe (DPU_ERR_DISK_WIPING). */
             readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;

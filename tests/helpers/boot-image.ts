@@ -13,6 +13,23 @@ import { performance } from 'node:perf_hooks';
 
 export const BOOT_MARKER = 'SMARTNIC-BOOT-OK';
 
+const MiB = 1 << 20;
+
+/**
+ * Bytes of a boot image of `sizeMiB` that its guest never reads: the middle of partition 2
+ * (random data), kept 9 MiB — more than one background batch (8 MiB by default) — from
+ * the FAT partition it boots from (1–25 MiB) and from the last MiB, which it hashes. An
+ * origin that holds them back (TestOrigin.hold) keeps hydration from finishing, however
+ * fast or slow the machine, while the guest boots undisturbed: so "the host booted before
+ * the copy ended" is a fact of the setup, not a race against the clock.
+ */
+export function unreadRange(sizeMiB: number): { from: number; to: number } {
+  const from = (25 + 9) * MiB;
+  const to = (sizeMiB - 1 - 9) * MiB;
+  if (to <= from) throw new Error(`a ${sizeMiB} MiB boot image has no range its guest never reads, far enough from what it reads (at least 45 MiB needed)`);
+  return { from, to };
+}
+
 // The script is not copied by tsc, so look for it both next to the sources
 // (running .ts directly) and from dist/tests/helpers/ back to tests/fixtures/.
 function scriptPath(): string {

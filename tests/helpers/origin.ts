@@ -1,8 +1,10 @@
 /**
  * The test suite's own HTTP image origin: serves one file with Range support and injects
  * faults on request, so tests can see the disk answer correct bytes or a clean error
- * under every failure an origin can produce. It also counts what it served, and can cap
- * its rate (for tests that must see hydration still running).
+ * under every failure an origin can produce. It also counts what it served, can cap its
+ * rate, and can hold back a byte range (`hold`): for tests that must see hydration still
+ * running at some event, whatever the speed of the machine — a copy that cannot fetch a
+ * range cannot finish, however much time passes.
  */
 import fs from 'node:fs';
 import http from 'node:http';
@@ -55,10 +57,12 @@ export interface OriginStats {
   refused: number;
   /** Responses cut off mid-body when an outage began. */
   cutByOutage: number;
+  /** Ranged GETs held back by `hold` (answered at `release`, if their client still waits). */
+  held: number;
 }
 
 export class TestOrigin {
-  readonly stats: OriginStats = { requests: 0, rangeRequests: 0, bytesSent: 0, faultsInjected: 0, byKind: {}, refused: 0, cutByOutage: 0 };
+  readonly stats: OriginStats = { requests: 0, rangeRequests: 0, bytesSent: 0, faultsInjected: 0, byKind: {}, refused: 0, cutByOutage: 0, held: 0 };
   readonly faults: Fault[];
   private readonly server: http.Server;
   private readonly sockets = new Set<Socket>();
@@ -68,6 +72,8 @@ export class TestOrigin {
   private nextSendAt = 0;
   private down = false;
   private listening: { host: string; port: number } | null = null;
+  private holding: { from: number; to: number } | null = null;
+  private readonly waiting: (() => void)[] = [];
   /** Responses whose body is still being sent (an outage cuts them). */
   private readonly sending = new Set<http.ServerResponse>();
   url = '';
@@ -125,7 +131,24 @@ export class TestOrigin {
     this.opts.rate = bytesPerSecond;
   }
 
+  /**
+   * Holds back every ranged GET that overlaps bytes [from, to): no header is sent until
+   * `release()`. Regions there cannot become local meanwhile, so the disk cannot be
+   * complete; choose a range the host never reads (and, because the disk coalesces its
+   * background reads, at least a batch away from anything the host reads), or its reads hang.
+   */
+  hold(from: number, to: number): void {
+    this.holding = { from, to };
+  }
+
+  /** Answers the held requests whose clients still wait (retries of abandoned ones come anew) and holds nothing more. */
+  release(): void {
+    this.holding = null;
+    for (const answer of this.waiting.splice(0)) answer();
+  }
+
   async stop(): Promise<void> {
+    this.waiting.length = 0;
     for (const s of this.sockets) s.destroy();
     if (this.server.listening) await new Promise<void>((resolve) => this.server.close(() => resolve()));
     fs.closeSync(this.fd);
@@ -142,7 +165,7 @@ export class TestOrigin {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('no such image\n');
       return;
     }
-    const etag = this.opts.noEtag ? {} : { etag: '"test-image-v1"' };
+    const etag: Record<string, string> = this.opts.noEtag ? {} : { etag: '"test-image-v1"' };
     if (req.method === 'HEAD') {
       res.writeHead(200, { 'content-length': this.size, 'accept-ranges': 'bytes', ...etag }).end();
       return;
@@ -161,6 +184,18 @@ export class TestOrigin {
       }
       this.stats.rangeRequests++;
     }
+    const h = this.holding;
+    if (ranged && h && start < h.to && end >= h.from) {
+      this.stats.held++;
+      this.waiting.push(() => {
+        if (!res.destroyed && !req.socket.destroyed) this.answer(req, res, start, end, ranged, etag);
+      });
+      return;
+    }
+    this.answer(req, res, start, end, ranged, etag);
+  }
+
+  private answer(req: http.IncomingMessage, res: http.ServerResponse, start: number, end: number, ranged: boolean, etag: Record<string, string>): void {
     const fault = this.faults.length > 0 ? this.faults.shift() : ranged ? this.opts.plan?.({ start, end }) : undefined;
     if (fault) {
       this.stats.faultsInjected++;

@@ -354,6 +354,142 @@ describe('agent daemon API (in-process)', function () {
   });
 });
 
+/** Makes a directory immutable (chattr +i) or not: even root can then not remove a file in it. */
+async function immutable(dir: string, on: boolean): Promise<void> {
+  await run('chattr', [on ? '+i' : '-i', dir]);
+}
+
+describe('agent daemon: a wipe that fails is kept, shown and retried', function () {
+  // The fault: a file target in a directory made immutable, so the agent's own wipe of a
+  // file target (removing it) fails with EPERM, as a failing device would fail its wipe.
+  this.timeout(60_000);
+  let dir: string;
+  let cleanup: () => void;
+  let origin: TestOrigin;
+  let targets: string;
+  let stateDir: string;
+  let exportDir: string;
+  let manager: DiskManager | null = null;
+  let app: FastifyInstance | null = null;
+  let client: AgentClient;
+
+  const start = async (): Promise<void> => {
+    const config = parseAgentConfig(
+      { auth: { tokens: [TOKEN] }, state_dir: stateDir, export_dir: exportDir, allowed_targets: [targets], defaults: { commit_interval_ms: 200, open_timeout_ms: 2000 } },
+      'wipe test config',
+    );
+    const log = pino({ level: 'silent' });
+    manager = new DiskManager({ config, log });
+    await manager.start();
+    app = buildAgentApi({ config, manager, log, responseValidation: 'strict' });
+    client = new AgentClient({ baseUrl: await app.listen({ port: 0, host: '127.0.0.1' }), token: TOKEN });
+  };
+  const stop = async (): Promise<void> => {
+    await app?.close();
+    await manager?.close();
+    app = null;
+    manager = null;
+  };
+  const create = (id: string): Promise<Disk> =>
+    client.createDisk({ id, source: { url: origin.url, identity: 'image-w' }, target: { path: path.join(targets, `${id}.raw`) }, region_size: REGION });
+  const stateOf = (id: string): string => path.join(stateDir, 'disks', id);
+
+  before(async () => {
+    ({ dir, cleanup } = tempDir('agent-wipe'));
+    const image = path.join(dir, 'image.raw');
+    makeImage(image, IMAGE_SIZE, 13);
+    origin = new TestOrigin({ file: image });
+    await origin.start();
+    targets = path.join(dir, 'targets') + '/';
+    fs.mkdirSync(targets);
+    stateDir = path.join(dir, 'state');
+    exportDir = path.join(dir, 'run');
+    await start();
+  });
+
+  after(async () => {
+    await immutable(targets, false).catch(() => undefined);
+    await stop();
+    await origin?.stop();
+    cleanup?.();
+  });
+
+  it('DELETE whose wipe fails answers 500 DPU_ERR_WIPE_FAILED and keeps the disk, state wiping, until a DELETE wipes it', async () => {
+    await create('eps');
+    await waitState(client, 'eps', 'complete');
+    const target = path.join(targets, 'eps.raw');
+    await immutable(targets, true);
+    try {
+      const err = await rejects(client.deleteDisk('eps', true), 500, 'DPU_ERR_WIPE_FAILED');
+      assert.equal(err.retryable, true);
+      const d = await client.getDisk('eps');
+      assert.equal(d.state, 'wiping');
+      assert.match(d.last_error ?? '', /not permitted/);
+      assert.equal(d.hydration.state, 'stopped');
+      assert.deepEqual((await client.listDisks()).map((x) => [x.id, x.state]), [['eps', 'wiping']]);
+      assert.ok(fs.existsSync(target), 'the target is not wiped');
+      assert.ok(!fs.existsSync(path.join(exportDir, 'eps.sock')), 'no longer exported');
+      assert.ok(!fs.existsSync(path.join(stateOf('eps'), 'regions.map')), 'no region map is left over data about to be wiped');
+      assert.ok(fs.existsSync(path.join(stateOf('eps'), 'spec.json')), 'the pending wipe is on disk');
+      // Nothing else may use the disk or its target meanwhile.
+      await rejects(create('eps'), 409, 'DPU_ERR_DISK_WIPING');
+      await rejects(client.createDisk({ id: 'other', source: { url: origin.url, identity: 'image-w' }, target: { path: target }, region_size: REGION }), 409, 'DPU_ERR_DISK_WIPING');
+      await rejects(client.updateHydration('eps', { paused: false }), 409, 'DPU_ERR_DISK_WIPING');
+      await rejects(client.regionMap('eps'), 409, 'DPU_ERR_DISK_WIPING');
+      // A repeated DELETE retries the wipe, and fails again while the fault lasts.
+      await rejects(client.deleteDisk('eps', true), 500, 'DPU_ERR_WIPE_FAILED');
+      assert.equal((await client.getDisk('eps')).state, 'wiping');
+    } finally {
+      await immutable(targets, false);
+    }
+    const last = await client.deleteDisk('eps', true);
+    assert.equal(last.id, 'eps');
+    assert.ok(!fs.existsSync(target), 'wiped');
+    assert.ok(!fs.existsSync(stateOf('eps')), 'state directory removed');
+    await rejects(client.getDisk('eps'), 404, 'DPU_ERR_NOT_FOUND');
+    await rejects(client.deleteDisk('eps', true), 404, 'DPU_ERR_NOT_FOUND');
+  });
+
+  it('a pending wipe survives a restart: listed wiping, not exported; a DELETE without wipe still wipes', async () => {
+    await create('zeta');
+    const target = path.join(targets, 'zeta.raw');
+    await immutable(targets, true);
+    try {
+      await rejects(client.deleteDisk('zeta', true), 500, 'DPU_ERR_WIPE_FAILED');
+      await stop();
+      await start(); // tries the wipe again at start-up: it fails again
+      const d = await client.getDisk('zeta');
+      assert.equal(d.state, 'wiping');
+      assert.match(d.last_error ?? '', /not permitted/);
+      assert.ok(!fs.existsSync(path.join(exportDir, 'zeta.sock')), 'a disk waiting for its wipe is not exported again');
+      assert.ok(fs.existsSync(target));
+    } finally {
+      await immutable(targets, false);
+    }
+    // A wipe once asked for is not cancelled by a DELETE that does not ask for one.
+    await client.deleteDisk('zeta', false);
+    assert.ok(!fs.existsSync(target), 'wiped');
+    await rejects(client.getDisk('zeta'), 404, 'DPU_ERR_NOT_FOUND');
+  });
+
+  it('a restart after the fault cleared finishes the pending wipe by itself', async () => {
+    await create('eta');
+    const target = path.join(targets, 'eta.raw');
+    await immutable(targets, true);
+    try {
+      await rejects(client.deleteDisk('eta', true), 500, 'DPU_ERR_WIPE_FAILED');
+      await stop();
+    } finally {
+      await immutable(targets, false);
+    }
+    await start();
+    assert.ok(!fs.existsSync(target), 'wiped at start-up');
+    assert.ok(!fs.existsSync(stateOf('eta')));
+    await rejects(client.getDisk('eta'), 404, 'DPU_ERR_NOT_FOUND');
+    assert.deepEqual(await client.listDisks(), []);
+  });
+});
+
 describe('agent daemon process: restart after SIGTERM and after kill -9', function () {
   this.timeout(90_000);
   let dir: string;

@@ -37,7 +37,10 @@ describe('crash (kill -9) during hydration', function () {
       const target = path.join(dir, `t${trial}.target`);
       const state = path.join(dir, `t${trial}.state`);
       const args = { source: origin.url, target, state, socket: sock };
-      const a = new AgentProcess({ ...args, extra: ['--bandwidth', '6M', '--commit-interval', '200ms'] });
+      // The origin holds back 28..36 MiB until the crash, so hydration is provably unfinished
+      // when it comes; 1 MiB batches keep the held fetches clear of the regions written below.
+      origin.hold(28 * MiB, 36 * MiB);
+      const a = new AgentProcess({ ...args, extra: ['--bandwidth', '6M', '--batch-size', '1M', '--commit-interval', '200ms'] });
       agents.push(a);
       await a.listening();
       // Writes at offsets that differ per trial: partial regions, whole regions, straddling.
@@ -53,8 +56,9 @@ describe('crash (kill -9) during hydration', function () {
       // Let hydration run on a little, then crash mid-way, without any chance to commit.
       await a.waitFor((e) => e.event === 'progress' && (e['regionsLocal'] as number) >= 8 + trial * 2, 30_000);
       await a.kill();
+      origin.release();
       const p = a.latestProgress()!;
-      assert.ok((p['regionsLocal'] as number) < (p['regionsTotal'] as number), 'crashed before hydration finished');
+      assert.ok((p['regionsLocal'] as number) <= (p['regionsTotal'] as number) - 8, 'crashed before hydration finished');
 
       const b = new AgentProcess({ ...args, extra: ['--no-hydrate'] });
       agents.push(b);

@@ -171,6 +171,35 @@ describe('driver service with a real agent, Redis and origin', function () {
     assert.equal((await agentApi.listDisks()).length, 0);
   });
 
+  it('a teardown whose wipe fails is not done: the deployment stays failed with the reason, the disk stays on the agent, until a DELETE wipes it', async () => {
+    await api.createDeployment(request('node-w'));
+    const done = await state('node-w', ['complete']);
+    // The fault: the target's directory made immutable, so the agent cannot remove (wipe) the file target.
+    const targets = path.join(dir, 'agent', 'targets');
+    await run('chattr', ['+i', targets]);
+    try {
+      await api.deleteDeployment('node-w');
+      const failed = await state('node-w', ['failed'], 60_000);
+      assert.match(failed.last_error!, /DPU_ERR_WIPE_FAILED/);
+      const job = failed.jobs.find((j) => j.queue === 'teardown')!;
+      assert.equal(job.state, 'failed');
+      assert.ok((job.attempts ?? 0) > 1, 'a failed wipe is retried');
+      assert.equal((await agentApi.getDisk(done.disk_id)).state, 'wiping', 'the agent still shows the disk, waiting for its wipe');
+      assert.ok(fs.existsSync(target('node-w')), 'not wiped');
+      // DELETE again while the fault lasts: the wipe is tried again and fails again, never counted as done.
+      await api.deleteDeployment('node-w');
+      const again = await state('node-w', ['failed'], 60_000);
+      assert.match(again.last_error!, /DPU_ERR_WIPE_FAILED/);
+      assert.equal((await agentApi.getDisk(done.disk_id)).state, 'wiping');
+    } finally {
+      await run('chattr', ['-i', targets]);
+    }
+    await api.deleteDeployment('node-w');
+    await gone('node-w');
+    assert.equal(fs.existsSync(target('node-w')), false, 'wiped');
+    assert.equal((await agentApi.listDisks()).length, 0);
+  });
+
   it('survives restarts of the driver, the agent and Redis mid-deployment', async () => {
     origin.setRate(3 * MiB); // hydration of 24 MiB takes ~8 s: time to restart things
     try {

@@ -188,13 +188,16 @@ describe('images from Glance and Swift (real Swift, Glance, agent and driver)', 
     it('deploys a Glance image from the Swift store through a temp URL, signature never shown', async () => {
       const v = await swiftApi.validate(request('v-swift', `glance://${onSwift.id}`));
       assert.equal(v.image_size, IMAGE_SIZE);
+      const asked = Math.floor(Date.now() / 1000);
       await swiftApi.createDeployment(request('node-swift', `glance://${onSwift.id}`));
       const ready = await state(swiftApi, 'node-swift', ['ready', 'complete']);
+      const answered = Math.floor(Date.now() / 1000);
       const shown = new URL(ready.image_url);
       assert.equal(`${shown.origin}${shown.pathname}`, `${os.swift.storageUrl}/glance/${onSwift.id}`);
       assert.equal(shown.searchParams.get('temp_url_sig'), 'REDACTED');
       const expires = Number(shown.searchParams.get('temp_url_expires'));
-      assert.ok(Math.abs(expires - (Date.now() / 1000 + TEMP_URL_SECONDS)) < 10, `expires ${expires}`);
+      // Signed between the request and the answer (bracketed, not compared with a tolerance).
+      assert.ok(expires >= asked + TEMP_URL_SECONDS && expires <= answered + TEMP_URL_SECONDS, `expires ${expires}, signed between ${asked} and ${answered} + ${TEMP_URL_SECONDS}`);
       assert.equal(ready.image_expires_at, new Date(expires * 1000).toISOString());
       // The agent got the real temp URL, signed exactly as python-swiftclient signs it.
       const real = agentSourceUrl(ready.disk_id);
@@ -214,9 +217,13 @@ describe('images from Glance and Swift (real Swift, Glance, agent and driver)', 
     });
 
     it('renews the temp URL during a long hydration; the agent switches to it and completes', async () => {
-      // ~26 s of hydration at 640 KiB/s: the first URL (20 s) expires half-way.
+      // The copy is held (paused on the agent) until the first URL (20 s) has expired and the
+      // agent restarted, so it is provably still running then; capped at 640 KiB/s (~26 s for
+      // the image) so that the pause comes long before it could have finished.
       await swiftApi.createDeployment(request('node-renew', onSwift.id, { smartnic_bandwidth: 640 * 1024 }));
       const ready = await state(swiftApi, 'node-renew', ['ready']);
+      const held = await agentApi.updateHydration(ready.disk_id, { paused: true });
+      assert.notEqual(held.state, 'complete', 'the copy was paused before it finished');
       const firstUrl = agentSourceUrl(ready.disk_id);
       const firstExpiry = ready.image_expires_at!;
       // The agent refuses a "renewal" that names another image.
@@ -226,8 +233,10 @@ describe('images from Glance and Swift (real Swift, Glance, agent and driver)', 
         if (d.state !== 'ready') throw new Error(`state ${d.state} before the renewal: ${d.last_error}`);
         return d.image_expires_at !== firstExpiry ? d : null;
       }, TEMP_URL_SECONDS * 1000);
-      const left = (Date.parse(firstExpiry) - Date.now()) / 1000;
-      assert.ok(left > 0 && left <= TEMP_URL_SECONDS / 3 + 1, `renewed with ${left.toFixed(1)} s of ${TEMP_URL_SECONDS} left`);
+      // When the renewal was signed, from the URLs themselves (not from when this test noticed it).
+      const signedAt = Date.parse(renewed.image_expires_at!) / 1000 - TEMP_URL_SECONDS;
+      const left = Date.parse(firstExpiry) / 1000 - signedAt;
+      assert.ok(left > 0 && left <= TEMP_URL_SECONDS / 3 + 1, `renewed with ${left} s of ${TEMP_URL_SECONDS} left`);
       assert.ok(Date.parse(renewed.image_expires_at!) > Date.parse(firstExpiry));
       assert.match(renewed.image_url, new RegExp(`temp_url_expires=${Date.parse(renewed.image_expires_at!) / 1000}$`));
       assert.doesNotMatch(renewed.image_url, CLEAR_SIG);
@@ -237,9 +246,10 @@ describe('images from Glance and Swift (real Swift, Glance, agent and driver)', 
       // Past the first URL's expiry, a restarted agent re-opens the disk with the URL its
       // spec.json holds — the new one — and hydration goes on through it.
       await until('the first URL expired', async () => Date.now() > Date.parse(firstExpiry) + 500, TEMP_URL_SECONDS * 1000);
-      assert.equal((await swiftApi.getDeployment('node-renew')).state, 'ready', 'still hydrating when the first URL expired');
+      assert.equal((await agentApi.getDisk(ready.disk_id)).hydration.state, 'paused', 'still hydrating (held) when the first URL expired');
       await agent.stop('SIGKILL');
       await agent.start();
+      await agentApi.updateHydration(ready.disk_id, { paused: false, bandwidth: 0 });
       const done = await state(swiftApi, 'node-renew', ['complete'], 60_000);
       const old = await fetch(firstUrl, { headers: { Range: 'bytes=0-0' } });
       assert.equal(old.status, 401, 'the first URL has expired');

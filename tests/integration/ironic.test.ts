@@ -14,7 +14,7 @@ import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
-import { BOOT_MARKER, buildBootImage } from '../helpers/boot-image.js';
+import { BOOT_MARKER, buildBootImage, unreadRange } from '../helpers/boot-image.js';
 import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { freePort, RedisServer } from '../helpers/redis.js';
@@ -254,8 +254,10 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     assert.ok(await noDeployment(uuid));
   });
 
-  describe('(e) push: the driver service heartbeats Ironic; the poll (every 60 s) is not what resumes', () => {
-    const POLL_S = 60;
+  describe('(e) push: the driver service heartbeats Ironic; the poll (every hour) is not what resumes', () => {
+    // An hour: within a test only the push can move a node on, so reaching the state at all
+    // proves the push, without timing it against the poll.
+    const POLL_S = 3600;
     let pushIronic: IronicServer;
 
     before(async () => {
@@ -286,14 +288,13 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       return created.uuid;
     }
 
-    it('fake-hardware deploy → active within seconds, resumed by the heartbeat; the token is never shown', async () => {
+    it('fake-hardware deploy → active, resumed by the heartbeat; the token is never shown', async () => {
       const uuid = await pushNode('node-push', target('node-push'));
       const t0 = Date.now();
       await pushIronic.baremetal('node', 'deploy', 'node-push');
       const active = await pushIronic.waitForProvisionState('node-push', 'active', 30_000);
       const took = Date.now() - t0;
       console.log(`      push: deploy → active in ${took} ms (poll every ${POLL_S} s)`);
-      assert.ok(took < 15_000, `active after ${took} ms: not resumed by the push`);
       assert.equal(active.power_state, 'power on');
       assert.ok(pushIronic.logLines(uuid).some((l) => /streaming disk of node \S+ is ready; resuming the deploy \(push\)/.test(l)), 'resumed by heartbeat()');
       // Ironic wiped the token at the end of the deploy; the driver never shows it.
@@ -308,14 +309,13 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       assert.ok(await noDeployment(uuid));
     });
 
-    it('a failure is pushed too: "deploy failed" with the service\'s message within seconds', async () => {
+    it('a failure is pushed too: "deploy failed" with the service\'s message', async () => {
       const uuid = await pushNode('node-push-fail', path.join(dir, 'elsewhere', 'node-push-fail.raw'));
       const t0 = Date.now();
       await pushIronic.baremetal('node', 'deploy', 'node-push-fail');
       const failed = await pushIronic.waitForProvisionState('node-push-fail', 'deploy failed', 30_000);
       const took = Date.now() - t0;
-      console.log(`      push: deploy → deploy failed in ${took} ms`);
-      assert.ok(took < 20_000, `failed after ${took} ms: not by the push`);
+      console.log(`      push: deploy → deploy failed in ${took} ms (poll every ${POLL_S} s)`);
       assert.match(failed.last_error!, /DPU_ERR_TARGET_NOT_ALLOWED/);
       await pushIronic.baremetal('node', 'undeploy', 'node-push-fail');
       await pushIronic.waitForProvisionState('node-push-fail', 'available', 60_000);
@@ -347,9 +347,13 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
         ...bmc.driverInfo(),
         smartnic_agent_url: agent.url,
         smartnic_target: target('node-ipmi'),
-        // Slow the background copy so the host provably boots while hydration runs.
+        // Slow the background copy so that it visibly runs while the host boots.
         smartnic_bandwidth: 4 * MiB,
       });
+      // The origin holds back a range the guest never reads until the boot marker: ACTIVE
+      // and the boot provably come before the copy ends, however fast or slow the machine.
+      const held = unreadRange(64);
+      bootOrigin.hold(held.from, held.to);
       const enrolled = await ironic.node('node-ipmi');
       assert.equal(enrolled.deploy_interface, 'smartnic-streaming', 'the default deploy interface of smartnic-ipmi');
       assert.equal(enrolled.power_state, 'power off');
@@ -368,6 +372,8 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
       await until('boot marker on the serial console', async () => bmc.serial().includes(BOOT_MARKER), 120_000, 250);
       console.log(`      IPMI: boot marker ${Date.now() - t0} ms after deploy`);
+      assert.notEqual((await agentApi.listDisks()).find((d) => d.target.path === target('node-ipmi'))?.state, 'complete', 'booted before the copy ended');
+      bootOrigin.release();
       // The guest saw the streaming disk as its NVMe drive, with the image's size.
       const size = await until('NVMe size line', async () => /SMARTNIC-NVME-SIZE sectors=\d+ bytes=(\d+)/.exec(bmc.serial()), 30_000, 250);
       assert.equal(Number(size[1]), fs.statSync(path.join(dir, 'boot.raw')).size);
@@ -381,12 +387,16 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       assert.equal(fs.existsSync(target('node-ipmi')), false, 'the target was wiped');
     });
 
-    it('deploy → active does not grow with the image: an 8× larger image boots as soon', async () => {
+    it('deploy → active does not grow with the image: an 8× larger image is ACTIVE and boots with most of it not copied', async () => {
       assert.ok(smallMs > 0, 'the 64 MiB deploy ran');
       const big = path.join(dir, 'boot-big.raw');
       await buildBootImage(big, { sizeMiB: 512 });
       const bigOrigin = new TestOrigin({ file: big });
       await bigOrigin.start();
+      // All but the first 34 MiB and the last 10 MiB held back until the marker: if ACTIVE or
+      // the boot waited for the copy (as a copy-first deploy's would, 8× longer), it would never come.
+      const held = unreadRange(512);
+      bigOrigin.hold(held.from, held.to);
       try {
         fs.rmSync(bmc.serialLog, { force: true });
         await ironic.baremetal('node', 'set', 'node-ipmi', '--instance-info', `image_source=${bigOrigin.url}`);
@@ -398,10 +408,10 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
         const p = active.driver_internal_info['smartnic_progress'] as { fraction: number; regions_total: number };
         assert.equal(p.regions_total, 512, '512 regions of 1 MiB');
         assert.ok(p.fraction < 0.5, `ACTIVE long before the copy ends (fraction ${p.fraction})`);
-        // Loose on purpose (2 shared cores): what must not happen is a time that scales with
-        // the image, as a copy-first deploy's would (8× the bytes).
-        assert.ok(bigMs < smallMs + 10_000, `512 MiB took ${bigMs} ms, 64 MiB ${smallMs} ms`);
         await until('boot marker from the 512 MiB image', async () => bmc.serial().includes(BOOT_MARKER), 120_000, 250);
+        const disk = (await agentApi.listDisks()).find((d) => d.target.path === target('node-ipmi'))!;
+        assert.ok(disk.regions.local <= disk.regions.total - (held.to - held.from) / MiB, `booted with ${disk.regions.local} of ${disk.regions.total} regions local`);
+        bigOrigin.release();
         await ironic.baremetal('node', 'undeploy', 'node-ipmi');
         await ironic.waitForProvisionState('node-ipmi', 'available', 90_000);
         assert.equal(bmc.qemuPid(), null);

@@ -23,6 +23,7 @@ export interface AgentConfig {
   defaults: {
     region_size: number;
     bandwidth: number;
+    hydration_paused: boolean;
     batch_size: number;
     hydrate_connections: number;
     max_connections: number;
@@ -98,6 +99,11 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         region_size: { type: 'integer', minimum: 4096, maximum: 1 << 30, default: MiB, description: 'Region size in bytes, a power of two, when the request gives none.' },
         bandwidth: { type: 'integer', minimum: 0, default: 0, description: 'Background hydration cap in bytes/s when the request has no `hydration` object; 0 for none.' },
+        hydration_paused: {
+          type: 'boolean',
+          default: false,
+          description: 'New disks start with background hydration paused unless the request says `hydration.paused`; `PATCH /v1/disks/{id}/hydration` with `{"paused": false}` starts it. For labs and tests that hold the copy back until the host has booted.',
+        },
         batch_size: { type: 'integer', minimum: 4096, default: 8 * MiB, description: 'Largest background range request, bytes.' },
         hydrate_connections: { type: 'integer', minimum: 1, default: 2, description: 'Background range requests in flight per disk.' },
         max_connections: { type: 'integer', minimum: 2, default: 8, description: 'HTTP connections per disk to its origin at most; those beyond `hydrate_connections` are kept for host reads.' },

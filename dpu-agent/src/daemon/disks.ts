@@ -6,7 +6,8 @@
  * Files, per disk, under `<state_dir>/disks/<id>/`:
  *   spec.json    the create request, normalised, with the source headers (mode 0600): all
  *                that is needed to open the disk again. Written atomically (temp file,
- *                fsync, rename, fsync of the directory).
+ *                fsync, rename, fsync of the directory). A delete with wipe adds
+ *                `wipe_pending` to it: the disk is then never opened again, only wiped.
  *   manifest.bin the image manifest uploaded with PUT /v1/disks/{id}/manifest (optional),
  *                re-applied whenever the disk is opened again. Written atomically.
  *   manifest.verifying  present while the regions that were local before the manifest came
@@ -18,9 +19,18 @@
  *  - create writes spec.json *before* opening the disk: a daemon killed in between finds
  *    the spec at start-up and finishes what the caller asked for (a retried create then
  *    answers 200). A create that fails removes the directory it made.
- *  - delete closes the export, then the disk (which commits the map), then removes
- *    spec.json and the state directory, and only then wipes the target. Wiping first
- *    would leave, after a crash, a map that says `local` over zeroed data.
+ *  - delete closes the export, then the disk (which commits the map). Without wipe it
+ *    then removes spec.json and the state directory: the disk is forgotten.
+ *  - delete with wipe, after closing: spec.json is rewritten with `wipe_pending` (the wipe
+ *    is now owed, whatever happens next), the region map and every other file but
+ *    spec.json and disk.json are removed, and only then is the target wiped; spec.json and
+ *    the directory go last, and only then does the disk answer 404. A wipe before the map
+ *    is gone could leave, after a crash, a map that says `local` over zeroed data; a
+ *    forget before the wipe has succeeded would report a disk clean that is not (a retried
+ *    DELETE would get 404). So a wipe that fails leaves the disk listed, state `wiping`
+ *    with `last_error`, not exported, its target refused to any other disk; a DELETE
+ *    (with or without wipe: an owed wipe is never cancelled) tries it again, and so does
+ *    a daemon that starts and finds `wipe_pending`.
  *  - every operation on one id runs under that id's lock (create, delete, hydration
  *    changes and the background re-open), so two of them never see a half-built disk.
  *
@@ -34,7 +44,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
 import { DpuError } from '../errors.js';
-import { writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
+import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
 import { Manifest } from '../manifest/manifest.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
@@ -63,6 +73,8 @@ export interface DiskSpec {
   region_size: number;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
   hydration: { enabled: boolean; paused: boolean; bandwidth: number };
+  /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
+  wipe_pending?: { requested_at: string };
 }
 
 /** Per-disk numbers for the metrics endpoint. */
@@ -76,6 +88,7 @@ export interface DiskMetrics {
   complete: boolean;
   failed: boolean;
   failedRegions: number;
+  wipePending: boolean;
 }
 
 export interface DiskManagerOptions {
@@ -88,6 +101,8 @@ const RATE_SAMPLE_MS = 1_000;
 const WIPE_BYTES = 1 << 20;
 const MANIFEST_FILE = 'manifest.bin';
 const VERIFYING_FILE = 'manifest.verifying';
+/** What a disk whose wipe is pending keeps in its directory: the spec (with the pending wipe) and disk.json (its size, for the view). */
+const KEPT_WHILE_WIPING = new Set(['spec.json', 'disk.json']);
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
 const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
@@ -121,6 +136,8 @@ class ManagedDisk {
   readonly rate = new RateWindow();
   retryTimer: NodeJS.Timeout | null = null;
   removed = false;
+  /** Deleted with wipe, and the wipe has not succeeded yet (spec.wipe_pending is on disk). */
+  wiping: boolean;
 
   constructor(
     public spec: DiskSpec,
@@ -129,6 +146,8 @@ class ManagedDisk {
     tcpTls: boolean,
   ) {
     this.record = readDiskRecord(dir);
+    this.wiping = spec.wipe_pending !== undefined;
+    this.removed = this.wiping;
     const { kind, name, host, port } = spec.export;
     this.exportInfo =
       kind === 'unix'
@@ -175,10 +194,14 @@ export class DiskManager {
       }
       this.disks.set(id, new ManagedDisk(spec, dir, this.socketPath(id), this.tcpTls !== undefined));
     }
-    await Promise.all([...this.disks.values()].map((m) => this.exclusive(m.spec.id, () => this.tryOpen(m))));
+    // A disk whose wipe is pending is not opened again: its wipe is finished instead (a failure is logged and kept in last_error).
+    await Promise.all([...this.disks.values()].map((m) => this.exclusive(m.spec.id, () => (m.wiping ? this.finishWipe(m) : this.tryOpen(m))).catch(noop)));
     this.sampler = setInterval(() => this.sampleRates(), RATE_SAMPLE_MS);
     this.sampler.unref();
-    if (this.disks.size) this.log.info({ disks: this.disks.size, failed: [...this.disks.values()].filter((m) => !m.opened).length }, 'disks resumed');
+    if (this.disks.size) {
+      const all = [...this.disks.values()];
+      this.log.info({ disks: all.length, failed: all.filter((m) => !m.opened && !m.wiping).length, wiping: all.filter((m) => m.wiping).length }, 'disks resumed');
+    }
   }
 
   list(): DiskView[] {
@@ -195,6 +218,7 @@ export class DiskManager {
     return this.exclusive(spec.id, async () => {
       if (this.closing) throw new DpuError('DPU_ERR_SHUTTING_DOWN', 'the agent is stopping');
       const existing = this.disks.get(spec.id);
+      if (existing?.wiping) throw new DpuError('DPU_ERR_DISK_WIPING', `disk "${spec.id}" was deleted and its target ${existing.spec.target.path} is not wiped yet; DELETE it again to retry the wipe`);
       if (existing) {
         if (sourceKey(existing.spec) === sourceKey(spec) && existing.spec.target.path === spec.target.path) return { disk: this.view(existing), created: false };
         throw new DpuError(
@@ -203,7 +227,9 @@ export class DiskManager {
         );
       }
       for (const other of this.disks.values()) {
-        if (other.spec.target.path === spec.target.path) throw new DpuError('DPU_ERR_TARGET_IN_USE', `${spec.target.path} is the target of disk "${other.spec.id}"`, { field: 'target.path' });
+        if (other.spec.target.path !== spec.target.path) continue;
+        if (other.wiping) throw new DpuError('DPU_ERR_DISK_WIPING', `${spec.target.path} is not wiped yet since disk "${other.spec.id}" was deleted; DELETE that disk again to retry the wipe`, { field: 'target.path' });
+        throw new DpuError('DPU_ERR_TARGET_IN_USE', `${spec.target.path} is the target of disk "${other.spec.id}"`, { field: 'target.path' });
       }
       const dir = path.join(this.disksDir, spec.id);
       const fresh = !fs.existsSync(dir);
@@ -225,30 +251,67 @@ export class DiskManager {
     });
   }
 
-  /** Stops exporting a disk and forgets it; with `wipe`, destroys the target's data. */
+  /**
+   * Stops exporting a disk and forgets it; with `wipe`, destroys the target's data first
+   * and forgets it only once that succeeded (DPU_ERR_WIPE_FAILED otherwise: the disk stays,
+   * state `wiping`). A disk whose wipe is pending is wiped by any DELETE.
+   */
   async delete(id: string, wipe: boolean): Promise<DiskView> {
     return this.exclusive(id, async () => {
       const m = this.find(id);
-      m.removed = true;
-      if (m.retryTimer) clearTimeout(m.retryTimer);
       const last = this.view(m);
-      try {
-        await this.closeDisk(m);
-      } catch (err) {
-        this.log.error({ disk: id, err }, 'closing the disk failed; deleting it anyway');
+      if (!m.wiping) {
+        m.removed = true;
+        if (m.retryTimer) clearTimeout(m.retryTimer);
+        try {
+          await this.closeDisk(m);
+        } catch (err) {
+          this.log.error({ disk: id, err }, 'closing the disk failed; deleting it anyway');
+        }
+        if (!wipe) {
+          this.disks.delete(id);
+          // spec.json first: once it is gone the disk is forgotten, whatever happens next.
+          fs.rmSync(path.join(m.dir, 'spec.json'), { force: true });
+          fs.rmSync(m.dir, { recursive: true, force: true });
+          this.log.info({ disk: id, wipe }, 'disk deleted');
+          return last;
+        }
+        // The wipe is owed from here on, across a crash or a restart: written before anything is destroyed.
+        m.spec = { ...m.spec, wipe_pending: { requested_at: new Date().toISOString() } };
+        writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
+        m.wiping = true;
+      } else if (!wipe) {
+        this.log.info({ disk: id }, 'DELETE without wipe of a disk whose wipe is pending: wiping it all the same');
       }
-      this.disks.delete(id);
-      // spec.json first: once it is gone the disk is forgotten, whatever happens next.
-      fs.rmSync(path.join(m.dir, 'spec.json'), { force: true });
-      fs.rmSync(m.dir, { recursive: true, force: true });
-      if (wipe) await this.wipeTarget(m.spec.target.path);
-      this.log.info({ disk: id, wipe }, 'disk deleted');
+      await this.finishWipe(m);
+      this.log.info({ disk: id, wipe: true }, 'disk deleted');
       return last;
     });
   }
 
+  /**
+   * Finishes a delete with wipe (under the disk's lock): removes the region map and the
+   * rest of the disk's state, wipes the target, and only then forgets the disk. On failure
+   * the disk stays, state `wiping`, with the reason in last_error.
+   */
+  private async finishWipe(m: ManagedDisk): Promise<void> {
+    try {
+      for (const name of fs.existsSync(m.dir) ? fs.readdirSync(m.dir) : []) if (!KEPT_WHILE_WIPING.has(name)) fs.rmSync(path.join(m.dir, name), { recursive: true, force: true });
+      await this.wipeTarget(m.spec.target.path);
+    } catch (err) {
+      const e = err instanceof DpuError ? err : new DpuError('DPU_ERR_WIPE_FAILED', `removing the state of disk "${m.spec.id}": ${(err as Error).message}`, { cause: err });
+      m.lastError = e.message;
+      this.log.error({ disk: m.spec.id, target: m.spec.target.path, err: e.message }, 'wipe failed; the disk stays listed (wiping) until a DELETE wipes it');
+      throw e;
+    }
+    m.lastError = null;
+    this.disks.delete(m.spec.id);
+    fs.rmSync(path.join(m.dir, 'spec.json'), { force: true });
+    fs.rmSync(m.dir, { recursive: true, force: true });
+  }
+
   regionMap(id: string): RegionMapView {
-    const m = this.find(id);
+    const m = this.findLive(id);
     if (!m.opened) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" could not be opened (${m.lastError ?? 'unknown error'}); it is retried in the background`);
     const map = m.opened.disk.map;
     return { region_size: map.regionSize, count: map.count, encoding: 'rle', map: encodeRle(map.states) };
@@ -256,7 +319,7 @@ export class DiskManager {
 
   async setHydration(id: string, update: HydrationUpdate): Promise<DiskView> {
     return this.exclusive(id, async () => {
-      const m = this.find(id);
+      const m = this.findLive(id);
       const h = m.opened?.hydrator;
       const next = { ...m.spec.hydration };
       if (update.bandwidth !== undefined) {
@@ -285,7 +348,7 @@ export class DiskManager {
    */
   async setSource(id: string, update: SourceUpdate): Promise<DiskView> {
     return this.exclusive(id, async () => {
-      const m = this.find(id);
+      const m = this.findLive(id);
       const identity = m.spec.source.identity ?? m.record?.identity;
       if (update.identity !== undefined && identity !== undefined && update.identity !== identity) {
         throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `disk "${id}" streams image "${identity}", not "${update.identity}"; create another disk for another image`, { field: 'identity' });
@@ -314,7 +377,7 @@ export class DiskManager {
    */
   async setManifest(id: string, body: Buffer): Promise<DiskView> {
     return this.exclusive(id, async () => {
-      const m = this.find(id);
+      const m = this.findLive(id);
       const manifest = Manifest.decode(body);
       const p = m.opened?.disk.progress();
       const size = p?.size ?? m.record?.size;
@@ -357,8 +420,9 @@ export class DiskManager {
         fetchRetries: p?.fetchRetries ?? 0,
         hydrationRunning: m.opened?.hydrator.state === 'running',
         complete: p?.complete ?? false,
-        failed: !m.opened || (p?.failed ?? false),
+        failed: (!m.opened || (p?.failed ?? false)) && !m.wiping,
         failedRegions: p?.failedRegions ?? 0,
+        wipePending: m.wiping,
       };
     });
   }
@@ -380,6 +444,13 @@ export class DiskManager {
   private find(id: string): ManagedDisk {
     const m = this.disks.get(id);
     if (!m) throw new DpuError('DPU_ERR_NOT_FOUND', `no disk "${id}"`);
+    return m;
+  }
+
+  /** A disk that is not waiting for its wipe: the only kind that may be changed or read from. */
+  private findLive(id: string): ManagedDisk {
+    const m = this.find(id);
+    if (m.wiping) throw new DpuError('DPU_ERR_DISK_WIPING', `disk "${id}" was deleted and its target is not wiped yet (${m.lastError ?? 'wiping'}); DELETE it again to retry the wipe`);
     return m;
   }
 
@@ -448,7 +519,9 @@ export class DiskManager {
       target: { path: target },
       region_size: regionSize,
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
-      hydration: h ? { enabled: h.enabled ?? true, paused: h.paused ?? false, bandwidth: h.bandwidth ?? 0 } : { enabled: true, paused: false, bandwidth: cfg.defaults.bandwidth },
+      hydration: h
+        ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0 }
+        : { enabled: true, paused: cfg.defaults.hydration_paused, bandwidth: cfg.defaults.bandwidth },
     };
   }
 
@@ -572,7 +645,7 @@ export class DiskManager {
     else hydration = opened.hydrator.state;
     return {
       id: spec.id,
-      state: !opened || p!.failed ? 'failed' : p!.complete ? 'complete' : 'streaming',
+      state: m.wiping ? 'wiping' : !opened || p!.failed ? 'failed' : p!.complete ? 'complete' : 'streaming',
       created_at: spec.created_at,
       source: { url: redactUrl(spec.source.url), ...(identity !== undefined ? { identity } : {}), format: spec.source.format ?? 'raw' },
       target: { path: spec.target.path },
@@ -597,21 +670,25 @@ export class DiskManager {
   }
 
   /**
-   * Destroys the target's data. A file is removed. A block device is discarded
-   * (`blkdiscard`, when installed and the device supports it) and its first and last MiB —
-   * partition tables, RAID and LVM labels — are overwritten with zeros, so the next
-   * tenant's firmware finds nothing to boot; it is not a secure erase.
+   * Destroys the target's data, or throws DPU_ERR_WIPE_FAILED. A file is removed. A block
+   * device is discarded (`blkdiscard`, when installed and the device supports it) and its
+   * first and last MiB — partition tables, RAID and LVM labels — are overwritten with
+   * zeros, so the next tenant's firmware finds nothing to boot; it is not a secure erase.
    */
   private async wipeTarget(target: string): Promise<void> {
     let st: fs.Stats;
     try {
       st = fs.statSync(target);
-    } catch {
-      return; // nothing was ever written
+    } catch (err) {
+      // Only a target that does not exist has nothing to wipe; any other failure is a failed wipe.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw new DpuError('DPU_ERR_WIPE_FAILED', `wiping ${target}: ${(err as Error).message}`, { cause: err });
     }
     try {
       if (st.isFile()) {
-        fs.rmSync(target);
+        fs.unlinkSync(target);
+        // Durable before the pending wipe is cleared: a crash must not bring the file back without it.
+        fsyncDir(path.dirname(target));
       } else if (st.isBlockDevice()) {
         await new Promise<void>((resolve) =>
           execFile('blkdiscard', [target], (err) => {
@@ -632,7 +709,7 @@ export class DiskManager {
       }
       this.log.info({ target }, 'target wiped');
     } catch (err) {
-      throw new DpuError('DPU_ERR_TARGET_IO', `the disk is deleted, but wiping ${target} failed: ${(err as Error).message}`, { cause: err });
+      throw new DpuError('DPU_ERR_WIPE_FAILED', `wiping ${target}: ${(err as Error).message}`, { cause: err });
     }
   }
 }

@@ -27,6 +27,7 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
     ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
     ['failed', '1 while the disk cannot be opened or its local target failed (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
     ['regions_failed', 'Regions that failed verification five times and are not fetched again.', (d) => d.failedRegions],
+    ['wipe_pending', '1 while the disk is deleted but its target is not wiped yet (state wiping; a DELETE retries the wipe).', (d) => (d.wipePending ? 1 : 0)],
   ];
   // One snapshot per scrape, shared by every gauge's collect().
   let snapshot: { at: number; disks: DiskMetrics[] } | null = null;
