@@ -672,10 +672,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const claimed = await this.prepareRange(offset, length, first, last);
     try {
       this.assertUsable(); // the disk may have failed or closed while we waited
+    } catch (err) {
+      this.release(claimed, false);
+      throw err;
+    }
+    try {
       this.target.writeSync(chunks, offset);
     } catch (err) {
       this.release(claimed, false);
-      throw err instanceof DpuError ? err : this.fail(err, `writing ${length} bytes at ${offset}`);
+      throw this.fail(err, `writing ${length} bytes at ${offset}`);
     }
     if (this.pendingVerification > 0) this.hostWrote(first, last);
     this.release(claimed, true);
