@@ -313,7 +313,8 @@ describe('streaming disk defects (issue #12)', () => {
       const size = 6 * R;
       const { img, geo, targetFile, state } = setup(size);
       const manifest = await Manifest.build(new ControlledSourceAuto(img), { regionSize: R });
-      const src = new ControlledSourceAuto(img, (offset, length) => offset <= 2 * R && 2 * R < offset + length ? 2 * R - offset : -1);
+      let corrupting = true;
+      const src = new ControlledSourceAuto(img, (offset, length) => (corrupting && offset <= 2 * R && 2 * R < offset + length ? 2 * R - offset : -1));
       disk = new StreamingDisk({ source: src, target: LocalTarget.open(targetFile, { create: false, size }), map: RegionMap.open(state, geo), manifest });
       const h = new Hydrator(disk, { batchBytes: 2 * R });
       const failed = new Promise<void>((resolve) => h.on('state', (s) => s === 'failed' && resolve()));
@@ -326,6 +327,14 @@ describe('streaming disk defects (issue #12)', () => {
       assert.equal(disk.map.describe(), 'LLrLLL');
       await assert.rejects(disk.read(2 * R, Buffer.alloc(10)) as Promise<void>, (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
       assert.equal(src.requests.filter(([o, l]) => o <= 2 * R && 2 * R < o + l).length, 5, 'a host read of a failed region fails at once, without another fetch');
+      // The source URL is replaced (the daemon's setSource): the region is fetched again.
+      corrupting = false;
+      disk.retryFailedRegions();
+      const complete = new Promise<void>((resolve) => disk!.once('complete', () => resolve()));
+      h.retry();
+      await complete;
+      assert.equal(h.state, 'complete');
+      assert.ok(fs.readFileSync(targetFile).subarray(0, size).equals(img), 'the target equals the image');
     });
   });
 

@@ -355,7 +355,9 @@ export class DiskManager {
       }
       const headers = update.headers ? { ...update.headers } : m.spec.source.headers;
       m.opened?.origin?.setUrl(update.url, headers); // validates the URL before anything is written
-      m.opened?.disk.retryFailedRegions(); // a new URL may serve what the old one corrupted
+      // A new URL may serve what the old one corrupted: fetch those regions again.
+      m.opened?.disk.retryFailedRegions();
+      if (m.spec.hydration.enabled && !m.spec.hydration.paused) m.opened?.hydrator.retry();
       m.spec = { ...m.spec, source: { ...m.spec.source, url: update.url, headers } };
       writeJsonAtomic(path.join(m.dir, 'spec.json'), m.spec);
       this.log.info({ disk: id, source: redactUrl(update.url) }, 'source URL replaced');

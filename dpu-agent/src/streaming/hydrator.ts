@@ -106,6 +106,17 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     });
   }
 
+  /**
+   * Starts again after ending `failed` on regions that failed verification, once they may
+   * be fetched again (the source URL was replaced). A disk whose target failed stays failed.
+   */
+  retry(): void {
+    if (this.current !== 'failed' || this.disk.failed) return;
+    this.started = false;
+    this.lastErrorMessage = null;
+    this.start();
+  }
+
   pause(): void {
     if (this.current === 'running') this.setState('paused');
     this.poke();
