@@ -320,5 +320,5 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {
-  return Object.fromEntries(Object.entries(o).filter(([k, v]) => v !== undefined && k !== 'log' && k !== 'schedule')) as Partial<T>;
+  return Object.fromEntries(Object.entries(o).filter(([k, v]) => v !== undefined && k !== 'log')) as Partial<T>;
 }
