@@ -99,6 +99,18 @@ export const ERRORS = {
     errno: NbdErrno.ENOSPC,
     http: 400,
   },
+  DPU_ERR_DISK_TOO_SMALL: {
+    message: 'the disk size asked for is smaller than the image',
+    retryable: false,
+    errno: NbdErrno.EINVAL,
+    http: 400,
+  },
+  DPU_ERR_CONFIG_DRIVE: {
+    message: 'the config drive cannot be written to this disk',
+    retryable: false,
+    errno: NbdErrno.EINVAL,
+    http: 400,
+  },
   DPU_ERR_INTEGRITY: {
     message: 'a region fetched from the origin does not match the image manifest',
     retryable: true,

@@ -36,7 +36,37 @@ export class Manifest {
     readonly imageHash: Buffer,
     private readonly hashes: Buffer,
     private readonly zeros: Buffer,
+    /**
+     * Where the image's bytes end, when this manifest describes a disk larger than its
+     * image (see padTo): beyond, the disk holds zeros, and a region that straddles it is
+     * checked as the image's bytes followed by zeros.
+     */
+    readonly imageSize: number = size,
   ) {}
+
+  /**
+   * This manifest for a disk of `diskSize` bytes that holds the image at its start and
+   * zeros after it (a root disk larger than the image): the regions past the image are
+   * zero regions, and the region that straddles the image's end verifies as the image's
+   * bytes then zeros. The image digest stays the image's.
+   */
+  padTo(diskSize: number): Manifest {
+    if (diskSize === this.size) return this;
+    if (this.size !== this.imageSize || diskSize < this.size) {
+      throw new DpuError('DPU_ERR_MANIFEST_INVALID', `a manifest of a ${this.size}-byte image cannot describe a ${diskSize}-byte disk`);
+    }
+    const count = Math.ceil(diskSize / this.regionSize);
+    const hashes = Buffer.alloc(count * 32);
+    this.hashes.copy(hashes);
+    const zeros = Buffer.alloc(Math.ceil(count / 8));
+    this.zeros.copy(zeros);
+    const empty = zeroHash(0);
+    for (let r = this.count; r < count; r++) {
+      zeros[r >> 3]! |= 1 << (r & 7);
+      empty.copy(hashes, r * 32);
+    }
+    return new Manifest(diskSize, this.regionSize, count, this.imageHashAlgo, this.imageHash, hashes, zeros, this.size);
+  }
 
   /** Whether region r is all zeros in the image. */
   isZero(r: number): boolean {
@@ -51,10 +81,18 @@ export class Manifest {
 
   /** True when `data` is region r's bytes exactly. */
   verify(r: number, data: Buffer): boolean {
-    return createHash('sha256').update(data).digest().equals(this.hashes.subarray(r * 32, r * 32 + 32));
+    const start = r * this.regionSize;
+    let image = data;
+    if (start + data.length > this.imageSize) {
+      image = data.subarray(0, Math.max(0, this.imageSize - start));
+      if (!isAllZero(data.subarray(image.length))) return false;
+    }
+    return createHash('sha256').update(image).digest().equals(this.hashes.subarray(r * 32, r * 32 + 32));
   }
 
+  /** The manifest as `build` made it (a padded one encodes as the image's: see padTo). */
   encode(): Buffer {
+    if (this.imageSize !== this.size) throw new Error('encode the image\'s manifest, not one padded to a disk');
     const body = Buffer.alloc(HEADER + this.count * 32 + this.zeros.length);
     MAGIC.copy(body, 0);
     body.writeUInt32LE(VERSION, 8);

@@ -60,6 +60,11 @@ export interface StreamingDiskOptions {
   /** Verifies every fetched region and marks zero regions (see setManifest). */
   manifest?: Manifest | null;
   /**
+   * Where the image ends, on a disk larger than its image (remote/padded.ts): a manifest
+   * of the image is applied as one of the disk, zeros after the image. @default the disk's size
+   */
+  imageSize?: number;
+  /**
    * Regions local at open were not verified against `manifest` (it was stored, but the
    * read-back pass had not finished): verify them as setManifest does. @default false
    */
@@ -166,6 +171,8 @@ export interface StreamingDiskEvents {
 
 export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements BlockBackend {
   readonly size: number;
+  /** Where the image ends: the disk holds zeros after it (equal to size unless the disk is larger). */
+  readonly imageSize: number;
   readonly capabilities: BlockCapabilities;
   readonly map: RegionMap;
   private readonly target: Target;
@@ -198,6 +205,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     this.target = opts.target;
     this.source = opts.source;
     this.size = opts.map.diskSize;
+    this.imageSize = opts.imageSize ?? this.size;
     this.log = opts.log;
     this.maxForegroundRun = opts.maxForegroundRun ?? 8;
     if (!this.source && !this.map.allLocal) {
@@ -296,6 +304,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * bad one goes back to `remote`. Regions the host wrote are the host's and are not checked.
    */
   setManifest(m: Manifest): Promise<void> {
+    if (m.size === this.imageSize && m.regionSize === this.map.regionSize) m = m.padTo(this.size);
     if (m.size !== this.size || m.regionSize !== this.map.regionSize) {
       throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${m.size} bytes in ${m.regionSize}-byte regions; this disk has ${this.size} bytes in ${this.map.regionSize}-byte regions`);
     }

@@ -14,10 +14,11 @@ import type { Logger } from 'pino';
 import { DpuError } from '../errors.js';
 import { writeJsonAtomic } from '../local/atomic-file.js';
 import { LocalTarget } from '../local/target.js';
-import { RegionMap } from '../region/region-map.js';
+import { RegionMap, RegionState } from '../region/region-map.js';
 import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
 import type { Manifest } from '../manifest/manifest.js';
 import { isQcow2, Qcow2Source, readHead } from '../remote/qcow2.js';
+import { PaddedSource } from '../remote/padded.js';
 import { redactUrl } from '../remote/redact.js';
 import type { RemoteSource } from '../remote/source.js';
 import { StreamingDisk } from './disk.js';
@@ -41,6 +42,12 @@ export interface OpenDiskOptions {
   stateDir: string;
   /** @default 1 MiB, or what the state directory already uses */
   regionSize?: number;
+  /**
+   * The emulated disk's size, when it is larger than the image (a root disk of `root_gb`,
+   * or the whole target device): the image at its start, zeros after it, never fetched
+   * (see remote/padded.ts). @default the image's size, or what the state directory records
+   */
+  diskSize?: number;
   hydrator?: Omit<HydratorOptions, 'log'>;
   commitIntervalMs?: number;
   /** Verify fetched regions against it and skip its zero regions (see manifest/manifest.ts). */
@@ -61,7 +68,10 @@ export interface OpenedDisk {
 
 interface DiskRecord {
   version: 1;
+  /** The disk's size. */
   size: number;
+  /** The image's size, when the disk is larger (absent: the same as size). */
+  imageSize?: number;
   regionSize: number;
   identity: string;
   source: string;
@@ -87,11 +97,13 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     }
     const regionSize = record?.regionSize ?? opts.regionSize ?? DEFAULT_REGION_SIZE;
     let size: number;
+    let imageSize: number;
     let identity: string;
     let format: 'raw' | 'qcow2' = record?.format ?? 'raw';
     if (record && isComplete(opts.stateDir, record)) {
       // Cut over already: the origin is not needed, and not contacted.
       size = record.size;
+      imageSize = record.imageSize ?? record.size;
       identity = record.identity;
       log?.info({ stateDir: opts.stateDir }, 'disk is complete: serving from the local target only');
     } else {
@@ -99,19 +111,28 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       // On failure the catch below closes the file's source; on success the decoder owns it.
       source = await decodeFormat(source, opts.format ?? 'raw', log);
       format = source instanceof Qcow2Source ? 'qcow2' : 'raw';
-      size = source.size;
+      imageSize = source.size;
       identity = source.identity;
-      if (record && (record.size !== size || record.identity !== identity)) {
+      if (record && ((record.imageSize ?? record.size) !== imageSize || record.identity !== identity)) {
         throw new DpuError(
           'DPU_ERR_SOURCE_MISMATCH',
           `${opts.stateDir} was made for ${record.source} (${record.identity}); ${source.description} is ${identity}. Use a new --state directory for another image`,
         );
       }
+      size = record?.size ?? opts.diskSize ?? imageSize;
+      if (size < imageSize) {
+        throw new DpuError('DPU_ERR_DISK_TOO_SMALL', `the disk would hold ${size} bytes, but the image is ${imageSize} bytes (${source.description}); give a disk size of at least the image's`, { field: 'size' });
+      }
+      if (size > imageSize) source = new PaddedSource(source, size);
+    }
+    if (record && opts.diskSize !== undefined && opts.diskSize !== record.size) {
+      throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `${opts.stateDir} holds a ${record.size}-byte disk, not ${opts.diskSize} bytes; use a new --state directory for another size`, { field: 'size' });
     }
     if (!record) {
       writeJsonAtomic(recordPath, {
         version: 1,
         size,
+        ...(imageSize !== size ? { imageSize } : {}),
         regionSize,
         identity,
         source: redactUrl(opts.source.url),
@@ -122,7 +143,12 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     }
     target = LocalTarget.open(opts.targetPath, { create: true, size });
     map = RegionMap.open(opts.stateDir, { diskSize: size, regionSize, identity });
+    // Regions wholly past the image are zeros: never fetched (idempotent on every open).
+    for (let r = Math.ceil(imageSize / regionSize); r < map.count; r++) {
+      if (map.state(r) === RegionState.Remote) map.set(r, RegionState.Zero);
+    }
     const disk = new StreamingDisk({
+      imageSize,
       source,
       target,
       map,
