@@ -57,6 +57,14 @@ export class AgentClient {
     );
   }
 
+  /** Writes a config drive (the ISO itself) onto the disk as ironic-python-agent would; see PUT /v1/disks/{id}/config-drive. */
+  setConfigDrive(id: string, drive: Buffer): Promise<Disk> {
+    return call(
+      this.http.put<Disk>(`/v1/disks/${encodeURIComponent(id)}/config-drive`, drive, { headers: { 'Content-Type': 'application/octet-stream' }, maxBodyLength: Infinity }),
+      `config drive of ${id}`,
+    );
+  }
+
   metrics(): Promise<string> {
     return call(this.http.get<string>('/metrics', { responseType: 'text' }), 'agent metrics');
   }

@@ -187,6 +187,40 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/config-drive": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Write a config drive onto the disk, as ironic-python-agent writes it for a whole-disk image.
+         * @description The body is the config drive itself: an ISO 9660 (or FAT) image labelled `config-2`,
+         *     at most 64 MiB, not compressed or encoded (the driver service decodes what Ironic
+         *     gives it). Written before the host boots, through the disk's own write path, as
+         *     `partition_utils.create_config_drive_partition` does: a partition whose filesystem
+         *     is labelled `config-2` is reused; otherwise, on a GPT, the backup table moves to the
+         *     disk's end (`sgdisk -e`) and a partition is added over the last 64 MiB of the largest
+         *     free block (`sgdisk -n 0:-64MB:0`); on an MBR, a primary partition over the last
+         *     64 MiB (below 2 TiB on larger disks), refused when four primaries exist. The drive's
+         *     bytes become local regions (never fetched); only the image's sectors holding the
+         *     partition tables are fetched to be rewritten. Durable when answered; recorded with
+         *     the disk, so the same drive again is answered at once without writing, and a
+         *     restarted agent still reports it. Anything refused (400 DPU_ERR_CONFIG_DRIVE, the
+         *     message says what and what to do) leaves the disk as it was.
+         */
+        readonly put: operations["setConfigDrive"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -221,6 +255,15 @@ export interface components {
             };
             /** @description Power of two; default 1 MiB. */
             readonly region_size?: number;
+            /**
+             * @description The emulated disk's size in bytes: the node's root disk (Ironic's `root_gb`). The
+             *     image is at its start; the bytes after it read as zeros and are never fetched, so
+             *     cloud-init's growpart can extend the last partition over them. At least the
+             *     image's size (else 400 DPU_ERR_DISK_TOO_SMALL); a block-device target must hold
+             *     it (else 400 DPU_ERR_TARGET_TOO_SMALL). Default: the target's size when it is a
+             *     block device, else the image's size.
+             */
+            readonly size?: number;
             readonly export?: components["schemas"]["ExportRequest"];
             readonly hydration?: {
                 /**
@@ -301,7 +344,28 @@ export interface components {
                 readonly host?: string;
                 readonly port?: number;
             };
+            /** @description The emulated disk's size in bytes. */
             readonly size: number;
+            /** @description The image's size in bytes: the disk reads as zeros after it. */
+            readonly image_size: number;
+            /** @description The config drive written onto the disk (PUT /v1/disks/{id}/config-drive), or null. */
+            readonly config_drive: null | {
+                /** @enum {string} */
+                readonly table: "gpt" | "mbr";
+                /** @description 1-based partition number. */
+                readonly partition: number;
+                /** @description The partition's first byte. */
+                readonly offset: number;
+                /** @description The partition's length in bytes. */
+                readonly length: number;
+                /** @description The config drive's length. */
+                readonly bytes: number;
+                readonly sha256: string;
+                /** @description The image already had a config-2 partition. */
+                readonly reused?: boolean;
+                /** Format: date-time */
+                readonly written_at: string;
+            };
             readonly region_size: number;
             readonly regions: {
                 readonly total: number;
@@ -749,6 +813,62 @@ export interface operations {
             };
             /** @description The body is larger than 64 MiB. */
             readonly 413: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly setConfigDrive: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/octet-stream": string;
+            };
+        };
+        readonly responses: {
+            /** @description The disk, with `config_drive` set. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Disk"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description The disk is not open (DPU_ERR_DISK_FAILED) or waits for its wipe (DPU_ERR_DISK_WIPING). */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The body is larger than 64 MiB. */
+            readonly 413: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The local target failed while writing (DPU_ERR_TARGET_FAILED). */
+            readonly 503: {
                 headers: {
                     readonly [name: string]: unknown;
                 };

@@ -69,8 +69,12 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the manifest is a binary body with Content-Type: application/octet-stream (see `dpu-agent manifest`)');
       return manager.setManifest(idOf(req), req.body);
     },
+    setConfigDrive: async (req) => {
+      if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the config drive is a binary body (the ISO itself, not encoded) with Content-Type: application/octet-stream', { field: 'body' });
+      return manager.setConfigDrive(idOf(req), req.body);
+    },
   };
-  // The one binary request body (a manifest): read whole, up to its bound, as a Buffer.
+  // The binary request bodies (a manifest, a config drive): read whole, up to 64 MiB, as a Buffer.
   app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer', bodyLimit: MAX_MANIFEST_BYTES }, (_req, body, done) => done(null, body));
   registerOpenApi(app, loadOpenApi(SPEC_URL), {
     handlers,

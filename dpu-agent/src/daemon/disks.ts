@@ -39,6 +39,7 @@
  * opens. Source headers are never returned or logged; URLs are shown redacted.
  */
 import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -47,6 +48,7 @@ import { DpuError } from '../errors.js';
 import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
 import { Manifest } from '../manifest/manifest.js';
+import { writeConfigDrive } from '../streaming/config-drive.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
@@ -71,6 +73,8 @@ export interface DiskSpec {
   source: { url: string; headers: Record<string, string>; identity?: string; format?: Exclude<ImageFormat, 'raw'> };
   target: { path: string };
   region_size: number;
+  /** The emulated disk's size (the root disk); absent: the target device's, else the image's. */
+  size?: number;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
   hydration: { enabled: boolean; paused: boolean; bandwidth: number };
   /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
@@ -100,6 +104,9 @@ const RATE_WINDOW_MS = 5_000;
 const RATE_SAMPLE_MS = 1_000;
 const WIPE_BYTES = 1 << 20;
 const MANIFEST_FILE = 'manifest.bin';
+/** The config drive written onto the disk (its place and hash), once it is durable. */
+const CONFIG_DRIVE_FILE = 'config-drive.json';
+type ConfigDriveRecord = NonNullable<DiskView['config_drive']>;
 const VERIFYING_FILE = 'manifest.verifying';
 /** What a disk whose wipe is pending keeps in its directory: the spec (with the pending wipe) and disk.json (its size, for the view). */
 const KEPT_WHILE_WIPING = new Set(['spec.json', 'disk.json']);
@@ -132,7 +139,9 @@ class ManagedDisk {
   exportInfo: DiskView['export'];
   lastError: string | null = null;
   /** disk.json's geometry and identity, once the disk has been opened (for a failed disk's view). */
-  record: { size: number; regionSize: number; identity: string } | null;
+  record: { size: number; imageSize: number; regionSize: number; identity: string } | null;
+  /** The config drive written onto the disk, or null. */
+  configDrive: ConfigDriveRecord | null;
   readonly rate = new RateWindow();
   retryTimer: NodeJS.Timeout | null = null;
   removed = false;
@@ -146,6 +155,7 @@ class ManagedDisk {
     tcpTls: boolean,
   ) {
     this.record = readDiskRecord(dir);
+    this.configDrive = readConfigDriveRecord(dir);
     this.wiping = spec.wipe_pending !== undefined;
     this.removed = this.wiping;
     const { kind, name, host, port } = spec.export;
@@ -383,10 +393,12 @@ export class DiskManager {
       const manifest = Manifest.decode(body);
       const p = m.opened?.disk.progress();
       const size = p?.size ?? m.record?.size;
+      const imageSize = p?.imageSize ?? m.record?.imageSize;
       const regionSize = p?.regionSize ?? m.record?.regionSize ?? m.spec.region_size;
       if (size === undefined) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" has never been opened, so its size is unknown; upload the manifest once it is`);
-      if (manifest.size !== size || manifest.regionSize !== regionSize) {
-        throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${manifest.size} bytes in ${manifest.regionSize}-byte regions; disk "${id}" has ${size} bytes in ${regionSize}-byte regions`);
+      // The image's manifest: on a disk larger than its image, the disk pads it (zeros after the image).
+      if ((manifest.size !== size && manifest.size !== imageSize) || manifest.regionSize !== regionSize) {
+        throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${manifest.size} bytes in ${manifest.regionSize}-byte regions; disk "${id}" holds a ${imageSize ?? size}-byte image in ${regionSize}-byte regions`);
       }
       // The marker first: a crash before the read-back pass ends makes the next open run it again.
       writeFileAtomic(path.join(m.dir, VERIFYING_FILE), Buffer.alloc(0));
@@ -401,6 +413,27 @@ export class DiskManager {
         );
       }
       this.log.info({ disk: id, regions: manifest.count, zero: manifest.zeroRegions, imageHash: `${manifest.imageHashAlgo}:${manifest.imageHash.toString('hex').slice(0, 16)}…` }, 'manifest set: fetched regions are verified');
+      return this.view(m);
+    });
+  }
+
+  /**
+   * Writes `drive` (the config drive's ISO) onto the disk as ironic-python-agent would
+   * (streaming/config-drive.ts), durably, then records where: the same drive again is
+   * answered from the record without writing. The driver does it before the host boots.
+   */
+  async setConfigDrive(id: string, drive: Buffer): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.findLive(id);
+      const sha256 = createHash('sha256').update(drive).digest('hex');
+      if (m.configDrive?.sha256 === sha256) return this.view(m);
+      const disk = m.opened?.disk;
+      if (!disk) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" is not open${m.lastError ? ` (${m.lastError})` : ''}; write the config drive once it is`);
+      const placed = await writeConfigDrive(disk, drive);
+      const record: ConfigDriveRecord = { ...placed, bytes: drive.length, sha256, written_at: new Date().toISOString() };
+      writeJsonAtomic(path.join(m.dir, CONFIG_DRIVE_FILE), record);
+      m.configDrive = record;
+      this.log.info({ disk: id, ...record }, 'config drive written');
       return this.view(m);
     });
   }
@@ -508,6 +541,7 @@ export class DiskManager {
       throw new DpuError('DPU_ERR_BAD_REQUEST', `id "${req.id}" is too long for a unix socket path under ${cfg.export_dir}`, { field: 'id' });
     }
     const h = req.hydration;
+    const size = req.size ?? targetDeviceSize(real);
     return {
       version: 1,
       id: req.id,
@@ -520,6 +554,8 @@ export class DiskManager {
       },
       target: { path: target },
       region_size: regionSize,
+      // A whole device is the root disk unless told otherwise; decided once, at creation.
+      ...(size !== undefined ? { size } : {}),
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
       hydration: h
         ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0 }
@@ -534,6 +570,7 @@ export class DiskManager {
     const log = this.log.child({ disk: spec.id });
     const manifest = readManifest(m.dir, log);
     const verifyLocalAtOpen = manifest !== null && fs.existsSync(path.join(m.dir, VERIFYING_FILE));
+    const diskSize = spec.size;
     const opened = await openStreamingDisk({
       source: {
         url: spec.source.url,
@@ -549,6 +586,7 @@ export class DiskManager {
       targetPath: spec.target.path,
       stateDir: m.dir,
       regionSize: spec.region_size,
+      ...(diskSize !== undefined ? { diskSize } : {}),
       hydrator: { bandwidth: spec.hydration.bandwidth, batchBytes: d.batch_size, concurrency: d.hydrate_connections },
       commitIntervalMs: d.commit_interval_ms,
       ...(manifest ? { manifest } : {}),
@@ -653,6 +691,8 @@ export class DiskManager {
       target: { path: spec.target.path },
       export: m.exportInfo,
       size,
+      image_size: p?.imageSize ?? m.record?.imageSize ?? size,
+      config_drive: m.configDrive,
       region_size: regionSize,
       regions: { total: p?.regionsTotal ?? Math.ceil(size / regionSize), local: p?.regionsLocal ?? 0, zero: p?.regionsZero ?? 0, failed: p?.failedRegions ?? 0 },
       bytes_fetched: p?.bytesFetched ?? 0,
@@ -764,12 +804,32 @@ function readManifest(dir: string, log: Logger): Manifest | null {
   }
 }
 
-function readDiskRecord(dir: string): ManagedDisk['record'] {
+function readConfigDriveRecord(dir: string): ConfigDriveRecord | null {
   try {
-    const r = JSON.parse(fs.readFileSync(path.join(dir, 'disk.json'), 'utf8')) as { size: number; regionSize: number; identity: string };
-    return { size: r.size, regionSize: r.regionSize, identity: r.identity };
+    return JSON.parse(fs.readFileSync(path.join(dir, CONFIG_DRIVE_FILE), 'utf8')) as ConfigDriveRecord;
   } catch {
     return null;
   }
 }
 
+function readDiskRecord(dir: string): ManagedDisk['record'] {
+  try {
+    const r = JSON.parse(fs.readFileSync(path.join(dir, 'disk.json'), 'utf8')) as { size: number; imageSize?: number; regionSize: number; identity: string };
+    return { size: r.size, imageSize: r.imageSize ?? r.size, regionSize: r.regionSize, identity: r.identity };
+  } catch {
+    return null;
+  }
+}
+
+
+/** The size of a block-device target (a whole root disk by default), or undefined for a file. */
+function targetDeviceSize(target: string | null): number | undefined {
+  if (target === null) return undefined;
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(target);
+  } catch {
+    return undefined;
+  }
+  return st.isBlockDevice() ? blockDeviceSize(st.rdev) : undefined;
+}

@@ -132,6 +132,8 @@ interface Fill {
 
 export interface DiskProgress {
   size: number;
+  /** Where the image ends (the disk reads as zeros after it). */
+  imageSize: number;
   regionSize: number;
   regionsTotal: number;
   regionsLocal: number;
@@ -253,6 +255,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const s = this.source?.stats() ?? this.lastSourceStats;
     return {
       size: this.size,
+      imageSize: this.imageSize,
       regionSize: this.map.regionSize,
       regionsTotal: this.map.count,
       regionsLocal: this.map.local,
