@@ -14,6 +14,7 @@ import type { RawServerDefault } from 'fastify';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { checkConfigDriveField } from './configdrive.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
@@ -45,7 +46,7 @@ const DASHBOARD = new URL('../../../driver/dashboard/', import.meta.url);
 
 export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
-  const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 1 << 20 });
+  const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 10 << 20 /* an inline config drive: up to 8 MiB */ });
 
   app.setErrorHandler((err: FastifyError & { field?: string }, req, reply) => {
     if (err.validation) {
@@ -111,6 +112,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
       },
       async validate(req) {
         const body = req.body as ValidateRequest;
+        checkConfigDriveField(body.instance_info.configdrive);
         const image = await resolveImage(body.instance_info, config);
         const token = body.driver_info.smartnic_agent_token ?? config.agent.token;
         const agent = new AgentClient({ baseUrl: body.driver_info.smartnic_agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
@@ -121,6 +123,8 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         if (image.size !== undefined && size !== image.size) {
           throw new DriverError('DRV_ERR_IMAGE_SOURCE', `${redactUrl(image.url)} serves ${size} bytes, but the image is ${image.size}`, { field: 'instance_info.image_source' });
         }
+        // A qcow2's disk is its virtual size, which the agent learns when it opens it.
+        if (image.format === 'raw') checkRootDisk(body.instance_info.root_gb, size);
         return { valid: true, image_size: size };
       },
       async listDeployments() {
@@ -128,8 +132,10 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
       },
       async createDeployment(req, reply) {
         const body = req.body as DeploymentCreate;
-        // A malformed source is refused now; Glance and Swift are asked by the attach job.
+        // A malformed source or config drive is refused now; Glance, Swift and a config
+        // drive's URL are asked by the attach job.
         const image = parseImageSource(body.instance_info, config);
+        checkConfigDriveField(body.instance_info.configdrive);
         const deploymentId = body.deployment_id ?? derivedId(body);
         const now = new Date().toISOString();
         const rec: DeploymentRecord = {
@@ -214,6 +220,16 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
 }
 
 /** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
+/** Ironic's check_image_size: the root disk must hold the image. */
+function checkRootDisk(rootGb: number | undefined, imageSize: number): void {
+  if (!rootGb) return;
+  if (rootGb * GiB < imageSize) {
+    throw new DriverError('DRV_ERR_INVALID', `instance_info.root_gb is ${rootGb} GiB, but the image is ${(imageSize / GiB).toFixed(2)} GiB: give the node a root disk at least as large as the image`, { field: 'instance_info.root_gb' });
+  }
+}
+
+const GiB = 2 ** 30;
+
 function isRedisUnavailable(err: Error): boolean {
   return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT/.test(err.message);
 }

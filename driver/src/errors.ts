@@ -21,6 +21,7 @@ export const DRIVER_ERRORS = {
   DRV_ERR_IMAGE_UNREACHABLE: { message: 'the image source could not be reached', http: 422, retryable: true },
   DRV_ERR_IMAGE_NOT_FOUND: { message: 'the image does not exist', http: 422, retryable: false },
   DRV_ERR_IMAGE_MISMATCH: { message: 'the image does not match the digest Glance records', http: 422, retryable: false },
+  DRV_ERR_CONFIG_DRIVE: { message: 'the config drive is not usable', http: 422, retryable: false },
   DRV_ERR_AGENT_UNREACHABLE: { message: 'the DPU agent could not be reached', http: 502, retryable: true },
   DRV_ERR_AGENT_REJECTED: { message: 'the DPU agent refused the request', http: 502, retryable: false },
   DRV_ERR_EXPORT_TIMEOUT: { message: 'the streaming disk did not become ready in time', http: 504, retryable: false },

@@ -40,6 +40,7 @@ import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { type CallbackStatus, notifyIronic } from './callback.js';
 import type { DriverConfig } from './config.js';
+import { loadConfigDrive } from './configdrive.js';
 import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
@@ -169,6 +170,8 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
           ...(image.format !== 'raw' ? { format: image.format } : {}),
         },
         target: { path: di.smartnic_target },
+        // Ironic's root_gb is GiB; 0 or absent: the agent's default (the whole target device, else the image).
+        ...(rec.spec.instance_info.root_gb ? { size: rec.spec.instance_info.root_gb * 2 ** 30 } : {}),
         ...(di.smartnic_region_size || required ? { region_size: di.smartnic_region_size ?? DEFAULT_REGION_SIZE } : {}),
         hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
       })
@@ -176,6 +179,9 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
         throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
       });
     if (status?.kind === 'cached' && !disk.manifest) disk = await uploadManifest(rec, deps, status.manifest);
+    // Before the disk is ready, so before Ironic powers the host on.
+    const configdrive = rec.spec.instance_info.configdrive;
+    if (configdrive) disk = await writeConfigDrive(rec, deps, configdrive);
   } catch (err) {
     if (err instanceof DelayedError) throw err;
     return fail(deps, job, rec, err);
@@ -216,6 +222,19 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via, verified: disk.verified }, 'streaming disk ready');
   return `ready: ${disk.export.uri}${disk.verified ? ' (verified)' : ''}`;
+}
+
+/** Downloads or decodes the config drive and has the agent write it onto the disk (a no-op when it already holds it). */
+async function writeConfigDrive(rec: DeploymentRecord, deps: JobDeps, value: string): Promise<Disk> {
+  const drive = await loadConfigDrive(value, deps.config.glance.timeout_ms);
+  const disk = await agentFor(rec, deps.config)
+    .setConfigDrive(rec.disk_id, drive)
+    .catch((err: unknown) => {
+      throw agentError(err, `writing the config drive onto disk ${rec.disk_id} on ${rec.agent_url}`);
+    });
+  const cd = disk.config_drive;
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, partition: cd?.partition, offset: cd?.offset, bytes: cd?.bytes }, 'config drive written');
+  return disk;
 }
 
 async function uploadManifest(rec: DeploymentRecord, deps: JobDeps, manifest: Buffer): Promise<Disk> {

@@ -151,6 +151,10 @@ export interface components {
             readonly image_os_hash_value?: string;
             /** @enum {string} */
             readonly image_disk_format?: "raw";
+            /** @description The root disk's size in GiB (Nova's flavor disk): the emulated disk has this size, the image at its start and zeros after it, so cloud-init can grow the root partition. 0 or absent: the whole DPU target if it is a block device, else the image's size. Smaller than the image: refused (DRV_ERR_INVALID). */
+            readonly root_gb?: number;
+            /** @description The config drive, as Ironic hands it to a deploy interface (the smartnic-streaming interface resolves the dict form with Ironic's own builder): a gzipped, base64-encoded ISO 9660 (or FAT) image labelled config-2, or an http(s) URL of one (Ironic's [deploy]configdrive_use_object_store). Written onto the disk as ironic-python-agent writes it for a whole-disk image (a config-2 partition in the last 64 MiB) before the disk is ready. Never returned by the API or logged. Larger than 8 MiB encoded: give a URL. */
+            readonly configdrive?: string;
         };
         /** @description The node's driver_info; unknown keys are ignored. */
         readonly DriverInfo: {

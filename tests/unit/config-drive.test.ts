@@ -11,7 +11,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockBackend } from '../../dpu-agent/src/block/backend.js';
 import { DpuError } from '../../dpu-agent/src/errors.js';
-import { checkConfigDrive, filesystemLabel, writeConfigDrive } from '../../dpu-agent/src/streaming/config-drive.js';
+import { filesystemLabel } from '../../common/src/config-drive.js';
+import { checkConfigDrive, writeConfigDrive } from '../../dpu-agent/src/streaming/config-drive.js';
 import { tempDir } from '../helpers/agent.js';
 import { run } from '../helpers/run.js';
 

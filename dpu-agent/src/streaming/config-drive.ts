@@ -27,11 +27,10 @@
  */
 import { randomUUID } from 'node:crypto';
 import { crc32 } from 'node:zlib';
+import { CONFIG_DRIVE_LABEL, MAX_CONFIG_DRIVE_BYTES, configDriveProblem, filesystemLabel } from '../../../common/src/config-drive.js';
 import type { BlockBackend } from '../block/backend.js';
 import { DpuError } from '../errors.js';
 
-export const MAX_CONFIG_DRIVE_BYTES = 64 << 20;
-export const CONFIG_DRIVE_LABEL = 'config-2';
 const SECTOR = 512;
 const MIB_SECTORS = (1 << 20) / SECTOR;
 /** sgdisk's -64MB and parted's -64MiB: the same 64 MiB. */
@@ -55,31 +54,10 @@ export interface ConfigDrivePlacement {
 
 const bad = (why: string, field = 'config_drive'): DpuError => new DpuError('DPU_ERR_CONFIG_DRIVE', why, { field });
 
-/** The filesystem label of an ISO 9660 or FAT image at the start of `head` (≥ 34 KiB), or null if it is neither. */
-export function filesystemLabel(head: Buffer): { fs: 'iso9660' | 'vfat'; label: string } | null {
-  // ISO 9660: the primary volume descriptor at 32 KiB, "CD001", volume id at +40 (32 bytes).
-  if (head.length >= 32768 + 72 && head.toString('latin1', 32769, 32774) === 'CD001') {
-    return { fs: 'iso9660', label: head.toString('latin1', 32768 + 40, 32768 + 72).trimEnd() };
-  }
-  // FAT: boot sector signature, and the file system type string of FAT12/16 or FAT32.
-  if (head.length >= 512 && head.readUInt16LE(510) === 0xaa55) {
-    if (head.toString('latin1', 0x36, 0x39) === 'FAT') return { fs: 'vfat', label: head.toString('latin1', 0x2b, 0x36).trimEnd() };
-    if (head.toString('latin1', 0x52, 0x57) === 'FAT32') return { fs: 'vfat', label: head.toString('latin1', 0x47, 0x52).trimEnd() };
-  }
-  return null;
-}
-
 /** Refuses what cloud-init could not use, naming what is wrong. */
 export function checkConfigDrive(drive: Buffer): void {
-  if (drive.length === 0) throw bad('the config drive is empty');
-  if (drive.length > MAX_CONFIG_DRIVE_BYTES) {
-    throw bad(`the config drive is ${(drive.length / 2 ** 20).toFixed(1)} MiB; ironic-python-agent and this agent take at most 64 MiB`);
-  }
-  const fs = filesystemLabel(drive);
-  if (!fs) throw bad('the config drive is neither an ISO 9660 nor a FAT filesystem image: give the ISO Ironic builds (openstack baremetal node deploy --config-drive), gzipped and base64-encoded, or its URL');
-  if (fs.label.toLowerCase() !== CONFIG_DRIVE_LABEL) {
-    throw bad(`the config drive's ${fs.fs} filesystem is labelled "${fs.label}"; cloud-init's ConfigDrive datasource only finds one labelled "${CONFIG_DRIVE_LABEL}"`);
-  }
+  const problem = configDriveProblem(drive);
+  if (problem) throw bad(problem);
 }
 
 interface Part {
