@@ -18,7 +18,8 @@ LOG = logging.getLogger(__name__)
 CONF = smartnic_conf.CONF
 
 # instance_info keys the service understands; the rest of a node's
-# instance_info (capabilities, root_gb, ...) is Ironic's business.
+# instance_info (capabilities, traits, ...) is Ironic's business. root_gb and
+# configdrive are added by request_body (converted).
 INSTANCE_INFO_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
                       'image_os_hash_value', 'image_disk_format')
 DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
@@ -87,10 +88,21 @@ class DriverServiceClient(object):
         return resp.json()
 
     @staticmethod
-    def request_body(node, deployment_id=None):
-        """The instance_info and driver_info subsets the service accepts."""
+    def request_body(node, deployment_id=None, configdrive=None):
+        """The instance_info and driver_info subsets the service accepts.
+
+        :param configdrive: the config drive as Ironic hands it to a deploy
+            interface (manager_utils.get_configdrive_image: gzip+base64 or a
+            URL), or None.
+        """
         ii = {k: node.instance_info[k] for k in INSTANCE_INFO_KEYS
               if node.instance_info.get(k) not in (None, '')}
+        root_gb = node.instance_info.get('root_gb')
+        if root_gb not in (None, '', 0, '0'):
+            # Nova writes an int, the CLI a string; deploy.validate checked it.
+            ii['root_gb'] = int(root_gb)
+        if configdrive:
+            ii['configdrive'] = configdrive
         di = {k: node.driver_info[k] for k in DRIVER_INFO_KEYS
               if node.driver_info.get(k) not in (None, '')}
         for k in ('smartnic_region_size', 'smartnic_bandwidth'):
@@ -107,14 +119,16 @@ class DriverServiceClient(object):
                              'the node\'s instance_info and driver_info',
                              json=self.request_body(node))
 
-    def create_deployment(self, node, deployment_id, callback=None):
+    def create_deployment(self, node, deployment_id, callback=None,
+                          configdrive=None):
         """Asks for the node's deployment.
 
+        :param configdrive: see request_body.
         :param callback: None, or {'url': Ironic's heartbeat URL of the node,
             'agent_token': the node's pregenerated agent token}: the service
             then pushes a heartbeat when the deployment is ready or failed.
         """
-        body = self.request_body(node, deployment_id)
+        body = self.request_body(node, deployment_id, configdrive=configdrive)
         if callback:
             body['callback'] = callback
         return self._request('POST', '/v1/deployments',

@@ -158,11 +158,24 @@ def check_instance_info(node):
 
     :raises: MissingParameterValue
     """
-    if not (node.instance_info or {}).get('image_source'):
+    info = node.instance_info or {}
+    if not info.get('image_source'):
         raise exception.MissingParameterValue(
             _('Node %s has no instance_info["image_source"]: set it to the '
               'image to deploy (an http(s) URL of a raw disk image, or what '
               'else the SmartNIC driver service accepts)') % node.uuid)
+    root_gb = info.get('root_gb')
+    if root_gb not in (None, ''):
+        try:
+            ok = int(root_gb) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise exception.InvalidParameterValue(
+                _('instance_info["root_gb"] of node %(node)s must be a whole '
+                  'number of GiB (the root disk the DPU emulates; 0 for the '
+                  'whole DPU target), not "%(v)s"')
+                % {'node': node.uuid, 'v': root_gb})
 
 
 def progress_of(deployment):
@@ -256,8 +269,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
 
         deployment_id = 'ironic-%s' % uuidutils.generate_uuid()[:18]
         callback = self._callback(task)
+        # A dict config drive (API 1.56+) is built into an ISO by Ironic's own
+        # builder, as for any deploy interface; a string or URL passes as is.
+        configdrive = manager_utils.get_configdrive_image(node)
         deployment = client.create_deployment(node, deployment_id,
-                                              callback=callback)
+                                              callback=callback,
+                                              configdrive=configdrive)
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))

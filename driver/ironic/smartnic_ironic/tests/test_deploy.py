@@ -88,13 +88,31 @@ class TestFields(unittest.TestCase):
         deploy.check_instance_info(
             FakeNode(GOOD_DI, {'image_source': 'glance://x'}))
 
+    def test_root_gb_must_be_whole_gib(self):
+        for bad in ('ten', -1, '1.5'):
+            with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                        'root_gb'):
+                deploy.check_instance_info(FakeNode(
+                    GOOD_DI, {'image_source': 'http://i/x', 'root_gb': bad}))
+        deploy.check_instance_info(
+            FakeNode(GOOD_DI, {'image_source': 'http://i/x', 'root_gb': '8'}))
+
     def test_request_body_carries_only_known_fields(self):
         node = FakeNode(dict(GOOD_DI, ipmi_password='secret',
                              smartnic_bandwidth='100'),
-                        {'image_source': 'http://i/x.raw', 'root_gb': 10})
-        body = service_client.DriverServiceClient.request_body(node, 'd1')
-        self.assertEqual({'image_source': 'http://i/x.raw'},
+                        {'image_source': 'http://i/x.raw', 'root_gb': '10',
+                         'capabilities': {'boot_mode': 'uefi'},
+                         'configdrive': {'user_data': 'raw dict form'}})
+        body = service_client.DriverServiceClient.request_body(
+            node, 'd1', configdrive='H4sI...')
+        # root_gb as an integer; the config drive as Ironic resolved it, never
+        # the raw instance_info value.
+        self.assertEqual({'image_source': 'http://i/x.raw', 'root_gb': 10,
+                          'configdrive': 'H4sI...'},
                          body['instance_info'])
+        node.instance_info['root_gb'] = 0
+        self.assertNotIn('root_gb', service_client.DriverServiceClient
+                         .request_body(node)['instance_info'])
         self.assertNotIn('ipmi_password', body['driver_info'])
         self.assertEqual(100, body['driver_info']['smartnic_bandwidth'])
         self.assertEqual('d1', body['deployment_id'])
