@@ -18,6 +18,7 @@ import { BOOT_MARKER, buildBootImage, unreadRange } from '../helpers/boot-image.
 import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { freePort, RedisServer } from '../helpers/redis.js';
+import { run } from '../helpers/run.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 import { VirtualBmc } from '../helpers/vbmc.js';
 
@@ -177,6 +178,56 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     assert.ok(await noDeployment(uuid), 'the driver service has no deployment left');
     assert.equal((await agentApi.listDisks()).length, 0, 'the agent has no disk left');
     assert.equal(fs.existsSync(target('node-a')), false, 'the target was wiped');
+  });
+
+  it('(f) a config drive in both forms the CLI sends (JSON dict: Ironic builds it; a directory: the client does) and root_gb reach the disk', async () => {
+    // A whole-disk image with a GPT, as cloud images have.
+    const gptImage = path.join(dir, 'gpt.raw');
+    fs.writeFileSync(gptImage, Buffer.alloc(0));
+    fs.truncateSync(gptImage, 24 * MiB);
+    await run('sgdisk', ['-o', '-n', '1:2048:+4M', '-t', '1:ef00', '-n', '2:0:0', gptImage]);
+    const gptOrigin = new TestOrigin({ file: gptImage });
+    await gptOrigin.start();
+    const cdDir = path.join(dir, 'cd-dir', 'openstack', 'latest');
+    fs.mkdirSync(cdDir, { recursive: true });
+    fs.writeFileSync(path.join(cdDir, 'meta_data.json'), JSON.stringify({ uuid: 'node-f', public_keys: { k: 'ssh-ed25519 AAAAdir' } }));
+    fs.writeFileSync(path.join(cdDir, 'user_data'), '#cloud-config\nruncmd: [echo FROM-DIR]\n');
+    const forms: [string, string][] = [
+      ['dict', JSON.stringify({ meta_data: { public_keys: { k: 'ssh-ed25519 AAAAdict' } }, user_data: '#cloud-config\nruncmd: [echo FROM-DICT]\n', network_data: { links: [], networks: [], services: [] } })],
+      ['dir', path.join(dir, 'cd-dir')],
+    ];
+    try {
+      for (const [form, arg] of forms) {
+        const name = `node-f-${form}`;
+        const uuid = await fakeNode(name, { smartnic_agent_url: agent.url, smartnic_target: target(name) });
+        await ironic.baremetal('node', 'set', name, '--instance-info', `image_source=${gptOrigin.url}`, '--instance-info', 'root_gb=1');
+        await ironic.baremetal('node', 'deploy', name, '--config-drive', arg);
+        await ironic.waitForProvisionState(name, 'active', 60_000);
+        const disk = (await agentApi.listDisks()).find((d) => d.target.path === target(name))!;
+        assert.equal(disk.size, 1 << 30, `${form}: the disk is root_gb`);
+        const cd = disk.config_drive!;
+        assert.ok(cd, `${form}: a config drive on the disk`);
+        assert.equal(cd.table, 'gpt');
+        // Read the ISO back from the DPU's target, as the host's cloud-init would find it.
+        const isoFile = path.join(dir, `${name}.iso`);
+        const fd = fs.openSync(target(name), 'r');
+        const buf = Buffer.alloc(cd.bytes);
+        fs.readSync(fd, buf, 0, cd.bytes, cd.offset);
+        fs.closeSync(fd);
+        fs.writeFileSync(isoFile, buf);
+        const label = await run('isoinfo', ['-d', '-i', isoFile]);
+        assert.match(label.stdout, /Volume id: config-2/);
+        const userData = await run('isoinfo', ['-R', '-x', '/openstack/latest/user_data', '-i', isoFile]);
+        assert.match(userData.stdout, form === 'dict' ? /FROM-DICT/ : /FROM-DIR/);
+        const meta = JSON.parse((await run('isoinfo', ['-R', '-x', '/openstack/latest/meta_data.json', '-i', isoFile])).stdout) as { uuid?: string };
+        if (form === 'dict') assert.equal(meta.uuid, uuid, 'Ironic fills in the node\'s uuid');
+        await ironic.baremetal('node', 'undeploy', name);
+        await ironic.waitForProvisionState(name, 'available', 60_000);
+        assert.equal(fs.existsSync(target(name)), false, 'the target was wiped');
+      }
+    } finally {
+      await gptOrigin.stop();
+    }
   });
 
   it('(b) a missing image is refused at deploy time with the origin\'s answer; the node stays available', async () => {
