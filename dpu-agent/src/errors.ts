@@ -214,6 +214,23 @@ export const ERRORS = {
     retryable: true,
     http: 409,
   },
+  DPU_ERR_TARGET_ERASING: {
+    message: 'an erasure of this target is running',
+    retryable: true,
+    http: 409,
+  },
+  DPU_ERR_ERASE_FAILED: {
+    message: 'erasing the target failed',
+    retryable: false,
+  },
+  DPU_ERR_ERASE_INTERRUPTED: {
+    message: 'the erasure was interrupted: the agent stopped or restarted while it ran, and the target is only partly erased',
+    retryable: true,
+  },
+  DPU_ERR_ERASE_CANCELLED: {
+    message: 'the erasure was cancelled before it finished; the target is only partly erased',
+    retryable: true,
+  },
   DPU_ERR_INTERNAL: {
     message: 'the agent failed unexpectedly',
     retryable: true,

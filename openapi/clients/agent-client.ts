@@ -9,6 +9,8 @@ export type RegionMap = components['schemas']['RegionMap'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type AgentHealth = components['schemas']['Health'];
+export type Erasure = components['schemas']['Erasure'];
+export type ErasureCreate = components['schemas']['ErasureCreate'];
 
 export class AgentClient {
   private readonly http: AxiosInstance;
@@ -63,6 +65,24 @@ export class AgentClient {
       this.http.put<Disk>(`/v1/disks/${encodeURIComponent(id)}/config-drive`, drive, { headers: { 'Content-Type': 'application/octet-stream' }, maxBodyLength: Infinity }),
       `config drive of ${id}`,
     );
+  }
+
+  /** Starts erasing a target no disk uses (or returns the erasure running on it in this mode); see POST /v1/erasures. */
+  createErasure(body: ErasureCreate): Promise<Erasure> {
+    return call(this.http.post<Erasure>('/v1/erasures', body), `erase ${body.target.path} (${body.mode})`);
+  }
+
+  getErasure(id: string): Promise<Erasure> {
+    return call(this.http.get<Erasure>(`/v1/erasures/${encodeURIComponent(id)}`), `get erasure ${id}`);
+  }
+
+  listErasures(): Promise<Erasure[]> {
+    return call(this.http.get<{ erasures: Erasure[] }>('/v1/erasures'), 'list erasures').then((r) => [...r.erasures]);
+  }
+
+  /** Stops a running erasure; answers once it has stopped (state failed, DPU_ERR_ERASE_CANCELLED). */
+  cancelErasure(id: string): Promise<Erasure> {
+    return call(this.http.post<Erasure>(`/v1/erasures/${encodeURIComponent(id)}/cancel`, {}), `cancel erasure ${id}`);
   }
 
   metrics(): Promise<string> {

@@ -221,6 +221,83 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/erasures": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        /** Every erasure the agent remembers (running, and the latest finished ones). */
+        readonly get: operations["listErasures"];
+        readonly put?: never;
+        /**
+         * Erase a target that no disk uses (Ironic's clean steps, done by the DPU).
+         * @description Starts erasing the target and answers at once (202) with the erasure, whose
+         *     `state`, `bytes_done` and `bytes_total` then move as it runs (GET
+         *     /v1/erasures/{id}). `metadata` zeroes the first and last MiB of the target and of
+         *     every partition its GPT or MBR names — where partition tables and filesystem,
+         *     RAID, LVM and swap signatures live (what ironic-python-agent's
+         *     erase_devices_metadata destroys) — and leaves the rest. `full` makes every byte
+         *     read zero: a block device by BLKZEROOUT (zeros written where that fails), a file by
+         *     truncating it to zero and extending it again to its size (sparse). Durable
+         *     (fsync) before `done`. The target must lie under `allowed_targets`; no disk may use
+         *     it, be created on it or wait for its wipe (409), and a block device must not be
+         *     held by the kernel (mounted: 409). Idempotent while it runs: asking again for the
+         *     same target and mode returns the running erasure (200); another mode is refused
+         *     (409 DPU_ERR_TARGET_ERASING). A file target that does not exist is done at once,
+         *     with nothing to erase. An agent that stops or restarts records a running erasure
+         *     failed (DPU_ERR_ERASE_INTERRUPTED): ask again.
+         */
+        readonly post: operations["createErasure"];
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
+    readonly "/v1/erasures/{id}": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["ErasureIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        /** One erasure's state and progress. */
+        readonly get: operations["getErasure"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
+    readonly "/v1/erasures/{id}/cancel": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["ErasureIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        readonly put?: never;
+        /**
+         * Stop a running erasure.
+         * @description Answers once the erasure has stopped: `failed` with DPU_ERR_ERASE_CANCELLED (the
+         *     target is partly erased). A finished erasure is returned as it is.
+         */
+        readonly post: operations["cancelErasure"];
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -415,6 +492,54 @@ export interface components {
             /** @description The image identity the caller expects; refused unless it is the disk's. */
             readonly identity?: string;
         };
+        /** @description Chosen by the agent. */
+        readonly ErasureId: string;
+        readonly ErasureCreate: {
+            readonly target: {
+                /** @description A block device or file under one of the agent's allowed target prefixes, that no disk uses. */
+                readonly path: string;
+            };
+            /**
+             * @description metadata: the first and last MiB of the target and of each partition (tables and signatures; ironic-python-agent's erase_devices_metadata). full: every byte (erase_devices).
+             * @enum {string}
+             */
+            readonly mode: "metadata" | "full";
+        };
+        readonly Erasure: {
+            readonly id: components["schemas"]["ErasureId"];
+            readonly target: {
+                readonly path: string;
+                /**
+                 * @description absent: a file target that does not exist (nothing to erase).
+                 * @enum {string}
+                 */
+                readonly kind: "block" | "file" | "absent";
+            };
+            /** @enum {string} */
+            readonly mode: "metadata" | "full";
+            /**
+             * @description done: erased and durable. failed: see error_code and last_error — DPU_ERR_ERASE_FAILED (an I/O error), DPU_ERR_ERASE_INTERRUPTED (the agent stopped or restarted meanwhile; ask again), DPU_ERR_ERASE_CANCELLED.
+             * @enum {string}
+             */
+            readonly state: "running" | "done" | "failed";
+            /**
+             * @description How the bytes are erased: zeroout (BLKZEROOUT), write (zeros written), truncate (a file truncated and extended again, sparse), none (no file). Planned while running; what was done once done.
+             * @enum {string}
+             */
+            readonly method: "zeroout" | "write" | "truncate" | "none";
+            /** @description metadata mode: how many partitions the target's tables name (each one's first and last MiB are zeroed); null otherwise, or before they are read. */
+            readonly partitions: number | null;
+            readonly bytes_done: number;
+            /** @description full: the target's size; metadata: the bytes of the ranges zeroed (known once the tables are read). */
+            readonly bytes_total: number;
+            /** Format: date-time */
+            readonly started_at: string;
+            /** Format: date-time */
+            readonly finished_at: string | null;
+            readonly last_error: string | null;
+            /** @description The DPU_ERR_* code of a failed erasure. */
+            readonly error_code: string | null;
+        };
         readonly HydrationUpdate: {
             readonly paused?: boolean;
             /** @description Bytes per second; 0 for no cap. */
@@ -449,7 +574,7 @@ export interface components {
                 readonly "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description A disk with this id exists with another source or target (DPU_ERR_DISK_EXISTS), another disk uses the target (DPU_ERR_TARGET_IN_USE), or the disk or target waits for a wipe (DPU_ERR_DISK_WIPING). */
+        /** @description A disk with this id exists with another source or target (DPU_ERR_DISK_EXISTS), another disk uses the target (DPU_ERR_TARGET_IN_USE), the disk or target waits for a wipe (DPU_ERR_DISK_WIPING), or the target is being erased (DPU_ERR_TARGET_ERASING, POST /v1/erasures). */
         readonly Conflict: {
             headers: {
                 readonly [name: string]: unknown;
@@ -479,6 +604,7 @@ export interface components {
     };
     parameters: {
         readonly DiskIdParam: components["schemas"]["DiskId"];
+        readonly ErasureIdParam: components["schemas"]["ErasureId"];
     };
     requestBodies: never;
     headers: never;
@@ -876,6 +1002,138 @@ export interface operations {
                     readonly "application/json": components["schemas"]["Error"];
                 };
             };
+        };
+    };
+    readonly listErasures: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The erasures, oldest first. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": {
+                        readonly erasures: readonly components["schemas"]["Erasure"][];
+                    };
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+        };
+    };
+    readonly createErasure: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                /**
+                 * @example {
+                 *       "target": {
+                 *         "path": "/dev/nvme0n1"
+                 *       },
+                 *       "mode": "full"
+                 *     }
+                 */
+                readonly "application/json": components["schemas"]["ErasureCreate"];
+            };
+        };
+        readonly responses: {
+            /** @description An erasure of this target in this mode is running already; here it is. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Erasure"];
+                };
+            };
+            /** @description Started. */
+            readonly 202: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Erasure"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            /** @description A disk uses the target (DPU_ERR_TARGET_IN_USE; also a block device the kernel holds), a deleted disk waits for its wipe on it (DPU_ERR_DISK_WIPING), or an erasure in the other mode runs on it (DPU_ERR_TARGET_ERASING). */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The agent is stopping (DPU_ERR_SHUTTING_DOWN). */
+            readonly 503: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly getErasure: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["ErasureIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The erasure. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Erasure"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly cancelErasure: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["ErasureIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The erasure, stopped. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Erasure"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
         };
     };
 }

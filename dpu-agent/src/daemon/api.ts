@@ -14,6 +14,7 @@ import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenA
 import { DpuError } from '../errors.js';
 import { type AgentConfig, resolveTokens } from './config.js';
 import type { DiskCreate, DiskManager, HydrationUpdate, SourceUpdate } from './disks.js';
+import type { ErasureCreate } from './erasures.js';
 import { createMetrics } from './metrics.js';
 
 // From dist/dpu-agent/src/daemon/api.js (and from the sources) back to the repository root.
@@ -69,6 +70,13 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the manifest is a binary body with Content-Type: application/octet-stream (see `dpu-agent manifest`)');
       return manager.setManifest(idOf(req), req.body);
     },
+    listErasures: async () => ({ erasures: manager.erasures.list() }),
+    createErasure: async (req, reply) => {
+      const { erasure, created } = manager.erasures.create(req.body as ErasureCreate);
+      return reply.code(created ? 202 : 200).send(erasure);
+    },
+    getErasure: async (req) => manager.erasures.get(idOf(req)),
+    cancelErasure: async (req) => manager.erasures.cancel(idOf(req)),
     setConfigDrive: async (req) => {
       if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the config drive is a binary body (the ISO itself, not encoded) with Content-Type: application/octet-stream', { field: 'body' });
       return manager.setConfigDrive(idOf(req), req.body);

@@ -57,6 +57,8 @@ import { noop } from '../streaming/deferred.js';
 import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
+import { ErasureManager } from './erasures.js';
+import { resolveTarget, targetKey } from './targets.js';
 
 export type DiskView = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
@@ -174,14 +176,26 @@ export class DiskManager {
   private readonly disks = new Map<string, ManagedDisk>();
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly disksDir: string;
+  /** Targets of disks being created (between the checks and the open), by targetKey: erasures must not start on them. */
+  private readonly opening = new Map<string, string>();
   private sampler: NodeJS.Timeout | null = null;
   private closing = false;
+  /** Erasures of targets no disk uses (erasures.ts); they and the disks never share a target. */
+  readonly erasures: ErasureManager;
 
   constructor(opts: DiskManagerOptions) {
     this.config = opts.config;
     this.log = opts.log;
     this.tcpTls = agentNbdTls(opts.config);
     this.disksDir = path.join(opts.config.state_dir, 'disks');
+    this.erasures = new ErasureManager({ config: opts.config, log: opts.log, targets: this });
+  }
+
+  /** The disk that uses a target (a targetKey): one listed, waiting for its wipe, or being created. */
+  targetUser(key: string): { id: string; wiping: boolean } | null {
+    for (const m of this.disks.values()) if (targetKey(m.spec.target.path) === key) return { id: m.spec.id, wiping: m.wiping };
+    const creating = this.opening.get(key);
+    return creating !== undefined ? { id: creating, wiping: false } : null;
   }
 
   get count(): number {
@@ -192,6 +206,7 @@ export class DiskManager {
   async start(): Promise<void> {
     fs.mkdirSync(this.disksDir, { recursive: true, mode: 0o700 });
     fs.mkdirSync(this.config.export_dir, { recursive: true, mode: 0o750 });
+    this.erasures.start();
     for (const id of fs.readdirSync(this.disksDir).sort()) {
       const dir = path.join(this.disksDir, id);
       let spec: DiskSpec;
@@ -241,11 +256,16 @@ export class DiskManager {
         if (other.wiping) throw new DpuError('DPU_ERR_DISK_WIPING', `${spec.target.path} is not wiped yet since disk "${other.spec.id}" was deleted; DELETE that disk again to retry the wipe`, { field: 'target.path' });
         throw new DpuError('DPU_ERR_TARGET_IN_USE', `${spec.target.path} is the target of disk "${other.spec.id}"`, { field: 'target.path' });
       }
+      const key = targetKey(spec.target.path);
+      const erasure = this.erasures.erasing(key);
+      if (erasure) throw new DpuError('DPU_ERR_TARGET_ERASING', `${spec.target.path} is being erased (erasure "${erasure.id}", ${erasure.mode}); create the disk once it has ended`, { field: 'target.path' });
+      if (this.opening.has(key)) throw new DpuError('DPU_ERR_TARGET_IN_USE', `${spec.target.path} is the target of disk "${this.opening.get(key)!}", being created`, { field: 'target.path' });
       const dir = path.join(this.disksDir, spec.id);
       const fresh = !fs.existsSync(dir);
       fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
       writeJsonAtomic(path.join(dir, 'spec.json'), spec);
       const m = new ManagedDisk(spec, dir, this.socketPath(spec.id), this.tcpTls !== undefined);
+      this.opening.set(key, spec.id);
       try {
         if (!spec.target.path.startsWith('/dev/')) fs.mkdirSync(path.dirname(spec.target.path), { recursive: true, mode: 0o750 });
         await this.open(m);
@@ -254,6 +274,8 @@ export class DiskManager {
         if (fresh) fs.rmSync(dir, { recursive: true, force: true });
         else fs.rmSync(path.join(dir, 'spec.json'), { force: true });
         throw err;
+      } finally {
+        this.opening.delete(key);
       }
       this.disks.set(spec.id, m);
       this.log.info({ disk: spec.id, source: redactUrl(spec.source.url), target: spec.target.path, export: m.exportInfo.uri }, 'disk created');
@@ -466,6 +488,7 @@ export class DiskManager {
   async close(): Promise<void> {
     this.closing = true;
     if (this.sampler) clearInterval(this.sampler);
+    await this.erasures.close();
     await Promise.all(
       [...this.disks.values()].map((m) => {
         if (m.retryTimer) clearTimeout(m.retryTimer);
@@ -509,20 +532,7 @@ export class DiskManager {
   private normalise(req: DiskCreate): DiskSpec {
     const cfg = this.config;
     const given = req.target.path;
-    if (!path.isAbsolute(given)) throw new DpuError('DPU_ERR_BAD_REQUEST', `target.path "${given}" must be an absolute path`, { field: 'target.path' });
-    const target = path.resolve(given);
-    const allowed = (p: string): boolean => cfg.allowed_targets.some((prefix) => p.startsWith(prefix));
-    let real: string | null = null;
-    try {
-      real = fs.realpathSync(target);
-    } catch {
-      // does not exist yet: a file target is created
-    }
-    if (!allowed(target) || (real !== null && !allowed(real))) {
-      throw new DpuError('DPU_ERR_TARGET_NOT_ALLOWED', `target.path "${given}"${real && real !== target ? ` (${real})` : ''} is not under any of ${cfg.allowed_targets.join(', ')} (config key allowed_targets)`, {
-        field: 'target.path',
-      });
-    }
+    const { path: target, real } = resolveTarget(cfg, given);
     if (real !== null) {
       const st = fs.statSync(real);
       if (!st.isFile() && !st.isBlockDevice()) throw new DpuError('DPU_ERR_BAD_REQUEST', `target.path "${given}" is neither a block device nor a regular file`, { field: 'target.path' });
