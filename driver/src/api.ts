@@ -14,6 +14,7 @@ import type { RawServerDefault } from 'fastify';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { type CleaningCreate, type CleaningRecord, CleaningStore, cleaningView, FINISHED, newCleaning } from './cleaning.js';
 import { checkConfigDriveField } from './configdrive.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
@@ -22,9 +23,9 @@ import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToke
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import { describeImageRef, parseImageSource, resolveImage } from './image.js';
-import { agentFor } from './jobs.js';
+import { agentFor, agentForCleaning } from './jobs.js';
 import { probeImage } from './probe.js';
-import { QUEUE_NAMES, type Queues } from './queues.js';
+import { QUEUE_NAMES, Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
 import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
 
@@ -36,6 +37,8 @@ export interface DriverApiDeps {
   metrics: DriverMetrics;
   log: Logger;
   version: string;
+  /** Node cleanings; default: on `redis` under the config's prefix. */
+  cleanings?: CleaningStore;
 }
 
 /** The app, typed with the pino logger it was given. */
@@ -46,6 +49,7 @@ const DASHBOARD = new URL('../../../driver/dashboard/', import.meta.url);
 
 export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
+  const cleanings = deps.cleanings ?? new CleaningStore(deps.redis, config.redis.prefix);
   const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 10 << 20 /* an inline config drive: up to 8 MiB */ });
 
   app.setErrorHandler((err: FastifyError & { field?: string }, req, reply) => {
@@ -87,6 +91,13 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     updated_at: rec.updated_at,
     jobs: await queues.jobsOf(rec),
   });
+
+  const cleaningOf = async (node: string): Promise<CleaningRecord> => {
+    const rec = await cleanings.get(node);
+    if (!rec) throw new DriverError('DRV_ERR_NOT_FOUND', `node ${node} has no cleaning`);
+    return rec;
+  };
+  const showCleaning = async (rec: CleaningRecord) => cleaningView(rec, await queues.cleanJobs(rec));
 
   const mustGet = async (node: string): Promise<DeploymentRecord> => {
     const rec = await store.get(node);
@@ -137,6 +148,10 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         const image = parseImageSource(body.instance_info, config);
         checkConfigDriveField(body.instance_info.configdrive);
         const deploymentId = body.deployment_id ?? derivedId(body);
+        const cleaning = await cleanings.get(body.node_uuid);
+        if (cleaning && !FINISHED.includes(cleaning.state)) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${body.node_uuid} is being cleaned (${cleaning.step}, ${cleaning.state}): its DPU target is being erased; deploy once the cleaning has ended`);
+        }
         const now = new Date().toISOString();
         const rec: DeploymentRecord = {
           node_uuid: body.node_uuid,
@@ -172,6 +187,45 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           if (err instanceof ApiError && err.status === 404) throw new DriverError('DRV_ERR_NOT_FOUND', `the DPU agent has no disk for node ${rec.node_uuid} yet (deployment ${rec.state})`);
           throw new DriverError('DRV_ERR_AGENT_UNREACHABLE', `region map of ${rec.disk_id} from ${rec.agent_url}: ${(err as Error).message}`);
         }
+      },
+      async getCleaning(req) {
+        return showCleaning(await cleaningOf((req.params as { node_uuid: string }).node_uuid));
+      },
+      async createCleaning(req, reply) {
+        const { node_uuid } = req.params as { node_uuid: string };
+        const body = req.body as CleaningCreate;
+        const deployment = await store.get(node_uuid);
+        if (deployment) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${node_uuid} has deployment ${deployment.deployment_id} (${deployment.state}), whose disk uses the DPU target; DELETE /v1/deployments/${node_uuid} before cleaning`);
+        }
+        const rec = newCleaning(node_uuid, body);
+        const existing = await cleanings.createIfIdle(rec);
+        if (existing && (existing.step !== rec.step || existing.target !== rec.target || existing.agent_url !== rec.agent_url)) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${node_uuid} has a cleaning ${existing.state} (${existing.step} of ${existing.target}); wait for it to end or DELETE /v1/nodes/${node_uuid}/cleaning`);
+        }
+        const current = existing ?? rec;
+        // Enqueue for a duplicate too: it repairs a request that died between the record and
+        // the job; BullMQ keeps the job it has.
+        await queues.enqueueClean(current);
+        req.log.info({ node: node_uuid, cleaning: current.cleaning_id, step: current.step, target: current.target, duplicate: !!existing }, 'cleaning requested');
+        return reply.code(existing ? 200 : 202).send(await showCleaning(current));
+      },
+      async cancelCleaning(req) {
+        const { node_uuid } = req.params as { node_uuid: string };
+        const rec = await cleaningOf(node_uuid);
+        if (FINISHED.includes(rec.state)) return showCleaning(rec);
+        await cleanings.update(node_uuid, rec.cleaning_id, { state: 'cancelled', last_error: 'cancelled by DELETE /v1/nodes/{node}/cleaning', finished_at: new Date().toISOString() });
+        // The job stops at its next run; the erasure it started is stopped here (a job that
+        // is just starting one stops it itself, finding the cleaning cancelled).
+        if (rec.erasure_id) {
+          await agentForCleaning(rec, config)
+            .cancelErasure(rec.erasure_id)
+            .catch((err: Error) => req.log.warn({ node: node_uuid, erasure: rec.erasure_id, err: err.message }, 'could not cancel the erasure on the agent; it may run to its end'));
+        }
+        const job = await queues.byName.clean.getJob(Queues.cleanJobId(rec));
+        if (job && ['waiting', 'delayed', 'prioritized'].includes(await job.getState())) await job.remove().catch(() => undefined);
+        req.log.info({ node: node_uuid, cleaning: rec.cleaning_id }, 'cleaning cancelled');
+        return showCleaning((await cleanings.get(node_uuid)) ?? rec);
       },
       async getDeployment(req) {
         return view(await mustGet((req.params as { node_uuid: string }).node_uuid));
@@ -219,7 +273,6 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   return app;
 }
 
-/** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
 /** Ironic's check_image_size: the root disk must hold the image. */
 function checkRootDisk(rootGb: number | undefined, imageSize: number): void {
   if (!rootGb) return;
@@ -230,6 +283,7 @@ function checkRootDisk(rootGb: number | undefined, imageSize: number): void {
 
 const GiB = 2 ** 30;
 
+/** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
 function isRedisUnavailable(err: Error): boolean {
   return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT/.test(err.message);
 }

@@ -18,8 +18,8 @@ const HELP = `Usage: smartnic-driver <command> [--config FILE]
 Commands:
   serve                          Run the REST API and the job workers (SIGTERM stops cleanly)
   jobs list [--queue Q] [--state S] [--limit N]
-                                 Jobs per queue (Q: attach, monitor, teardown; S: waiting,
-                                 active, delayed, completed, failed)
+                                 Jobs per queue (Q: attach, monitor, teardown, manifest,
+                                 clean; S: waiting, active, delayed, completed, failed)
   jobs show ID                   One job: data, state, attempts, progress, result or error
   jobs retry ID                  Retry a failed job
   jobs clean [--queue Q] [--state completed|failed] [--grace SECONDS]

@@ -9,6 +9,7 @@ export interface DriverConfig {
   jobs: {
     attach_attempts: number;
     teardown_attempts: number;
+    clean_attempts: number;
     backoff_ms: number;
     export_timeout_ms: number;
     monitor_interval_ms: number;
@@ -88,9 +89,10 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         attach_attempts: { type: 'integer', minimum: 1, default: 8, description: 'Attempts of an attach job on transient errors (exponential backoff).' },
         teardown_attempts: { type: 'integer', minimum: 1, default: 12, description: 'Attempts of a teardown job on transient errors.' },
+        clean_attempts: { type: 'integer', minimum: 1, default: 8, description: 'Attempts of a clean job on transient errors (agent unreachable or 5xx); polls of a running erasure do not count.' },
         backoff_ms: { type: 'integer', minimum: 10, default: 1000, description: 'First backoff delay; doubles per attempt.' },
         export_timeout_ms: { type: 'integer', minimum: 1000, default: 120000, description: 'How long attach waits for the agent to report the export ready.' },
-        monitor_interval_ms: { type: 'integer', minimum: 50, default: 2000, description: 'How often a monitor job polls hydration progress.' },
+        monitor_interval_ms: { type: 'integer', minimum: 50, default: 2000, description: 'How often a monitor job polls hydration progress (and a clean job its erasure).' },
         concurrency: { type: 'integer', minimum: 1, default: 8, description: 'Jobs one service process runs at once, per queue.' },
         keep_completed: { type: 'integer', minimum: 0, default: 1000, description: 'Completed jobs kept per queue for inspection.' },
       },

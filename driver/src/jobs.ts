@@ -19,6 +19,13 @@
  *             over an unwiped disk; a 404 means the agent has no such disk (never created,
  *             or deleted and wiped), and only then is the record removed.
  *   manifest  (manifests.ts) read the image once, check its digest, cache its manifest
+ *   clean     (cleaning.ts) start the erasure of the node's DPU target on the agent (POST
+ *             /v1/erasures: Ironic's erase_devices_metadata or erase_devices) → one poll
+ *             of it per run, moved to delayed between polls as monitor is → done, or
+ *             failed with the agent's reason. An erasure the agent reports interrupted
+ *             (it restarted meanwhile) or no longer knows is started again, at most
+ *             MAX_CLEAN_RESTARTS times: a partly erased target is erased anew, never
+ *             reported clean.
  *
  * Manifests: the attach job, once the disk exists, uploads the image's cached manifest
  * or queues its build and goes on (the disk streams unverified meanwhile, and says so in
@@ -36,7 +43,8 @@ import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
-import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
+import { AgentClient, type Disk, type Erasure } from '../../openapi/clients/agent-client.js';
+import { type CleaningRecord, type CleaningStore, FINISHED } from './cleaning.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { type CallbackStatus, notifyIronic } from './callback.js';
 import type { DriverConfig } from './config.js';
@@ -48,6 +56,7 @@ import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
 
 export interface JobDeps {
   store: DeploymentStore;
+  cleanings: CleaningStore;
   queues: Queues;
   manifests: ManifestCache;
   config: Readonly<DriverConfig>;
@@ -361,4 +370,95 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   await deps.store.remove(rec.node_uuid, rec.deployment_id);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, wipe: job.data.wipe ?? true }, 'torn down');
   return 'deleted';
+}
+
+/** How often a clean job starts an erasure again after the agent restarted during one. */
+export const MAX_CLEAN_RESTARTS = 3;
+
+export function agentForCleaning(rec: CleaningRecord, config: Readonly<DriverConfig>): AgentClient {
+  const token = rec.driver_info.smartnic_agent_token ?? config.agent.token;
+  return new AgentClient({ baseUrl: rec.agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+}
+
+/** Records a clean job's failure; throws what makes BullMQ retry (transient) or stop (permanent). */
+async function failCleaning(deps: JobDeps, job: Job<JobData>, rec: CleaningRecord, err: unknown): Promise<never> {
+  const e = err instanceof DriverError ? err : new DriverError('DRV_ERR_INTERNAL', (err as Error).message, { cause: err });
+  const attempts = job.opts.attempts ?? 1;
+  const final = !e.retryable || job.attemptsMade + 1 >= attempts;
+  const message = `${e.code}: ${e.message}`;
+  if (final) {
+    await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, { state: 'failed', last_error: message, finished_at: new Date().toISOString() });
+    deps.log.warn({ node: rec.node_uuid, job: job.id, code: e.code }, `clean failed for good: ${e.message}`);
+    throw new UnrecoverableError(message);
+  }
+  await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, { last_error: `${message} (attempt ${job.attemptsMade + 1} of ${attempts}; retrying)` });
+  deps.log.info({ node: rec.node_uuid, job: job.id, code: e.code }, `clean will retry: ${e.message}`);
+  throw e;
+}
+
+export async function clean(deps: JobDeps, job: Job<JobData>, token: string | undefined): Promise<string> {
+  const rec = await deps.cleanings.get(job.data.node);
+  if (!rec || rec.cleaning_id !== job.data.cleaning) return 'skipped: the cleaning was replaced';
+  if (FINISHED.includes(rec.state)) return `stopped: the cleaning is ${rec.state}`;
+  const agent = agentForCleaning(rec, deps.config);
+  const at = `${rec.target} on ${rec.agent_url}`;
+  let erasure: Erasure | null = null;
+  let restarts = rec.restarts;
+  try {
+    if (rec.erasure_id) {
+      erasure = await agent.getErasure(rec.erasure_id).catch((err: unknown) => {
+        if (err instanceof ApiError && err.status === 404) return null;
+        throw agentError(err, `polling erasure ${rec.erasure_id} of ${at}`);
+      });
+      const lost = erasure === null ? 'the agent no longer knows it' : erasure.state === 'failed' && erasure.error_code === 'DPU_ERR_ERASE_INTERRUPTED' ? erasure.last_error : null;
+      if (lost !== null) {
+        if (restarts >= MAX_CLEAN_RESTARTS) throw new DriverError('DRV_ERR_AGENT_REJECTED', `erasure ${rec.erasure_id} of ${at} did not finish (${lost}), ${restarts + 1} times; the target is only partly erased`);
+        restarts += 1;
+        deps.log.warn({ node: rec.node_uuid, erasure: rec.erasure_id, why: lost }, 'the erasure did not finish; erasing again from the start');
+        erasure = null;
+      }
+    }
+    if (!erasure) {
+      erasure = await agent.createErasure({ target: { path: rec.target }, mode: rec.mode }).catch((err: unknown) => {
+        throw agentError(err, `erasing ${at} (${rec.mode})`);
+      });
+      const recorded = await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, {
+        state: 'running',
+        erasure_id: erasure.id,
+        restarts,
+        started_at: rec.started_at ?? erasure.started_at,
+        last_error: restarts > rec.restarts ? `the agent's erasure was interrupted; erasing again (${restarts} of at most ${MAX_CLEAN_RESTARTS})` : null,
+      });
+      if (!recorded) {
+        // Cancelled (or replaced) while the agent was starting it: stop what this job started.
+        await agent.cancelErasure(erasure.id).catch((err: unknown) => deps.log.warn({ node: rec.node_uuid, erasure: erasure!.id, err: (err as Error).message }, 'cancelling the erasure of a cancelled cleaning failed'));
+        return 'cancelled while starting';
+      }
+      deps.log.info({ node: rec.node_uuid, erasure: erasure.id, target: rec.target, mode: rec.mode }, 'erasure started');
+    }
+  } catch (err) {
+    return failCleaning(deps, job, rec, err);
+  }
+  const progress = {
+    method: erasure.method,
+    bytes_done: erasure.bytes_done,
+    bytes_total: erasure.bytes_total,
+    fraction: erasure.bytes_total > 0 ? erasure.bytes_done / erasure.bytes_total : erasure.state === 'done' ? 1 : 0,
+  };
+  if (erasure.state === 'done') {
+    await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, { ...progress, fraction: 1, state: 'done', last_error: null, finished_at: erasure.finished_at ?? new Date().toISOString() });
+    await job.updateProgress(100);
+    deps.log.info({ node: rec.node_uuid, erasure: erasure.id, mode: rec.mode, method: erasure.method, bytes: erasure.bytes_total }, 'cleaning done');
+    return `done: ${erasure.bytes_total} bytes of ${rec.target} erased (${rec.mode}, ${erasure.method})`;
+  }
+  if (erasure.state === 'failed') {
+    const message = `DRV_ERR_AGENT_REJECTED: erasing ${at} (${rec.mode}) failed: ${erasure.error_code ?? 'DPU_ERR_ERASE_FAILED'}: ${erasure.last_error ?? 'no reason given'}`;
+    await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, { ...progress, state: 'failed', last_error: message, finished_at: erasure.finished_at ?? new Date().toISOString() });
+    deps.log.warn({ node: rec.node_uuid, erasure: erasure.id, code: erasure.error_code }, message);
+    throw new UnrecoverableError(message);
+  }
+  await deps.cleanings.update(rec.node_uuid, rec.cleaning_id, { ...progress, state: 'running' });
+  await job.updateProgress(Math.floor(progress.fraction * 100));
+  await job.moveToDelayed(Date.now() + deps.config.jobs.monitor_interval_ms, token);
+  throw new DelayedError();
 }

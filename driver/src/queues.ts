@@ -1,5 +1,6 @@
 /**
- * The BullMQ queues: attach, monitor, teardown per deployment; manifest per image (see
+ * The BullMQ queues: attach, monitor, teardown per deployment; clean per node cleaning
+ * (cleaning.ts; job id `clean-<node>-<cleaning_id>`); manifest per image (see
  * manifests.ts for its job ids, derived from the image's content instead). A job's id is derived from the node, the deployment and the
  * record's generation (its creation time), so a duplicate request or a retry enqueues
  * nothing new, while a new deployment of the same node (even reusing a deployment id)
@@ -9,9 +10,12 @@ import { type Job, Queue, type JobsOptions } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { DriverConfig } from './config.js';
 import { manifestJobId } from './manifests.js';
+import type { CleaningRecord } from './cleaning.js';
 import type { DeploymentRecord } from './store.js';
 
-export const QUEUE_NAMES = ['attach', 'monitor', 'teardown', 'manifest'] as const;
+export const QUEUE_NAMES = ['attach', 'monitor', 'teardown', 'manifest', 'clean'] as const;
+/** The queues of a deployment's jobs (a cleaning's are in `clean`). */
+const DEPLOYMENT_QUEUES = ['attach', 'monitor', 'teardown', 'manifest'] as const;
 export type QueueName = (typeof QUEUE_NAMES)[number];
 
 export interface JobData {
@@ -22,6 +26,8 @@ export interface JobData {
   /** For manifest: the cache key (manifests.ts) and region size; node and deployment are the first asker's. */
   key?: string;
   region_size?: number;
+  /** For clean: the cleaning_id (deployment is empty). */
+  cleaning?: string;
 }
 
 export function jobIdFor(queue: QueueName, rec: Pick<DeploymentRecord, 'node_uuid' | 'deployment_id' | 'created_at'>): string {
@@ -29,7 +35,7 @@ export function jobIdFor(queue: QueueName, rec: Pick<DeploymentRecord, 'node_uui
 }
 
 export interface JobView {
-  queue: QueueName;
+  queue: (typeof DEPLOYMENT_QUEUES)[number];
   id: string;
   state: string;
   attempts: number;
@@ -45,7 +51,7 @@ export class Queues {
     this.cfg = cfg;
     this.manifestAttempts = manifestAttempts;
     const make = (name: QueueName): Queue<JobData> => new Queue<JobData>(name, { connection, prefix });
-    this.byName = { attach: make('attach'), monitor: make('monitor'), teardown: make('teardown'), manifest: make('manifest') };
+    this.byName = { attach: make('attach'), monitor: make('monitor'), teardown: make('teardown'), manifest: make('manifest'), clean: make('clean') };
   }
 
   private options(queue: QueueName, rec: DeploymentRecord): JobsOptions {
@@ -65,6 +71,7 @@ export class Queues {
   }
 
   async job(queue: QueueName, rec: DeploymentRecord): Promise<Job<JobData> | undefined> {
+    if (queue === 'clean') return undefined;
     if (queue === 'manifest') return rec.manifest_key ? this.byName.manifest.getJob(manifestJobId(rec.manifest_key)) : undefined;
     return this.byName[queue].getJob(jobIdFor(queue, rec));
   }
@@ -90,11 +97,33 @@ export class Queues {
   /** The deployment's jobs that exist, with their states (for the API and the CLI). */
   async jobsOf(rec: DeploymentRecord): Promise<JobView[]> {
     const out: JobView[] = [];
-    for (const q of QUEUE_NAMES) {
+    for (const q of DEPLOYMENT_QUEUES) {
       const job = await this.job(q, rec);
       if (job) out.push({ queue: q, id: job.id!, state: await job.getState(), attempts: job.attemptsMade });
     }
     return out;
+  }
+
+  /** The clean job of a cleaning; one per cleaning, so a repeated request enqueues nothing. */
+  static cleanJobId(rec: Pick<CleaningRecord, 'node_uuid' | 'cleaning_id'>): string {
+    return `clean-${rec.node_uuid}-${rec.cleaning_id}`;
+  }
+
+  async enqueueClean(rec: CleaningRecord): Promise<void> {
+    const keep = { count: this.cfg.keep_completed };
+    await this.byName.clean.add('clean', { node: rec.node_uuid, deployment: '', cleaning: rec.cleaning_id }, {
+      jobId: Queues.cleanJobId(rec),
+      attempts: this.cfg.clean_attempts,
+      backoff: { type: 'exponential', delay: this.cfg.backoff_ms },
+      removeOnComplete: keep,
+      removeOnFail: keep,
+    });
+  }
+
+  /** A cleaning's job, with its state (for the API). */
+  async cleanJobs(rec: CleaningRecord): Promise<{ queue: 'clean'; id: string; state: string; attempts: number }[]> {
+    const job = await this.byName.clean.getJob(Queues.cleanJobId(rec));
+    return job ? [{ queue: 'clean', id: job.id!, state: await job.getState(), attempts: job.attemptsMade }] : [];
   }
 
   async close(): Promise<void> {

@@ -9,7 +9,8 @@ import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { buildDriverApi, type DriverApp } from './api.js';
 import type { DriverConfig } from './config.js';
-import { attach, type JobDeps, monitor, teardown } from './jobs.js';
+import { CleaningStore } from './cleaning.js';
+import { attach, clean, type JobDeps, monitor, teardown } from './jobs.js';
 import { buildManifest, ManifestCache } from './manifests.js';
 import { createMetrics } from './metrics.js';
 import { type JobData, QUEUE_NAMES, Queues, type QueueName } from './queues.js';
@@ -62,7 +63,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   const store = new DeploymentStore(workerRedis, prefix);
   const apiStore = new DeploymentStore(apiRedis, prefix);
   const metrics = createMetrics(apiStore, apiQueues);
-  const deps: JobDeps = { store, queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0' };
+  const deps: JobDeps = { store, cleanings: new CleaningStore(workerRedis, prefix), queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0' };
 
   const workers: Worker<JobData>[] = [];
   if (opts.workers ?? true) {
@@ -71,6 +72,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
       monitor: (job, token) => monitor({ ...deps, log: log.child({ job: job.id }) }, job, token),
       teardown: (job) => teardown({ ...deps, log: log.child({ job: job.id }) }, job),
       manifest: (job) => buildManifest({ ...deps, log: log.child({ job: job.id }) }, job),
+      clean: (job, token) => clean({ ...deps, log: log.child({ job: job.id }) }, job, token),
     };
     for (const q of QUEUE_NAMES) {
       // A manifest build reads a whole image: two at a time per process at most.

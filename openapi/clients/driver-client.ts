@@ -8,6 +8,8 @@ export type DeploymentCreate = components['schemas']['DeploymentCreate'];
 export type ValidateRequest = components['schemas']['ValidateRequest'];
 export type ValidateResult = components['schemas']['ValidateResult'];
 export type DriverHealth = components['schemas']['Health'];
+export type Cleaning = components['schemas']['Cleaning'];
+export type CleaningCreate = components['schemas']['CleaningCreate'];
 
 export class DriverClient {
   private readonly http: AxiosInstance;
@@ -38,6 +40,19 @@ export class DriverClient {
 
   deleteDeployment(node: string, wipe = true): Promise<Deployment> {
     return call(this.http.delete<Deployment>(`/v1/deployments/${encodeURIComponent(node)}`, { params: { wipe } }), `tear down ${node}`);
+  }
+
+  /** Runs an Ironic clean step on the node's DPU target (a `clean` job); see POST /v1/nodes/{node}/cleaning. */
+  startCleaning(node: string, body: CleaningCreate): Promise<Cleaning> {
+    return call(this.http.post<Cleaning>(`/v1/nodes/${encodeURIComponent(node)}/cleaning`, body), `clean node ${node} (${body.step})`);
+  }
+
+  getCleaning(node: string): Promise<Cleaning> {
+    return call(this.http.get<Cleaning>(`/v1/nodes/${encodeURIComponent(node)}/cleaning`), `cleaning of ${node}`);
+  }
+
+  cancelCleaning(node: string): Promise<Cleaning> {
+    return call(this.http.delete<Cleaning>(`/v1/nodes/${encodeURIComponent(node)}/cleaning`), `cancel the cleaning of ${node}`);
   }
 
   metrics(): Promise<string> {

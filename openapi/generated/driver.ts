@@ -120,6 +120,42 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/nodes/{node_uuid}/cleaning": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        /** The node's last cleaning, with progress. */
+        readonly get: operations["getCleaning"];
+        readonly put?: never;
+        /**
+         * Run one of Ironic's clean steps on the node's DPU target.
+         * @description `erase_devices_metadata` has the DPU agent zero the first and last MiB of the target
+         *     and of each partition on it (partition tables and filesystem signatures);
+         *     `erase_devices` every byte of it. A `clean` job starts the erasure on the agent
+         *     (POST /v1/erasures) and follows it until it ends; the cleaning's `state`,
+         *     `bytes_done`/`bytes_total` and `last_error` say where it stands. Refused (409
+         *     DRV_ERR_CONFLICT) while the node has a deployment: its disk uses the target. While
+         *     the node's cleaning is queued or running, the same step and target return it (200);
+         *     another is refused (409). A finished cleaning is replaced by the new one (202).
+         */
+        readonly post: operations["createCleaning"];
+        /**
+         * Cancel the node's cleaning (Ironic aborted or tore down the step).
+         * @description A queued or running cleaning becomes `cancelled` and its erasure is stopped on the
+         *     agent (best effort: if the agent cannot be reached, the erasure may finish there).
+         *     A finished cleaning is returned as it is.
+         */
+        readonly delete: operations["cancelCleaning"];
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -201,6 +237,58 @@ export interface components {
             readonly url: string;
             /** @description The node's pregenerated agent token. Secret: kept with the create request, never returned by the API and never logged. */
             readonly agent_token: string;
+        };
+        readonly CleaningCreate: {
+            /**
+             * @description Ironic's clean step: erase_devices_metadata zeroes the partition tables and signatures (the agent's metadata erasure), erase_devices every byte (full).
+             * @enum {string}
+             */
+            readonly step: "erase_devices_metadata" | "erase_devices";
+            readonly driver_info: components["schemas"]["DriverInfo"];
+        };
+        readonly Cleaning: {
+            readonly node_uuid: components["schemas"]["NodeId"];
+            /** @description Chosen by the service; the clean job's id is clean-<node>-<cleaning_id>. */
+            readonly cleaning_id: string;
+            /** @enum {string} */
+            readonly step: "erase_devices_metadata" | "erase_devices";
+            /**
+             * @description The agent's erasure mode.
+             * @enum {string}
+             */
+            readonly mode: "metadata" | "full";
+            /**
+             * @description queued: the clean job has not reached the agent yet; running: the agent erases; done: erased and durable; failed: see last_error; cancelled: DELETE /v1/nodes/{node}/cleaning.
+             * @enum {string}
+             */
+            readonly state: "queued" | "running" | "done" | "failed" | "cancelled";
+            readonly agent_url: string;
+            readonly target: string;
+            /** @description The agent's erasure (GET /v1/erasures/{id} on the agent). */
+            readonly erasure_id: string | null;
+            /** @description How the agent erases: zeroout, write, truncate or none. */
+            readonly method: string | null;
+            readonly bytes_done: number;
+            readonly bytes_total: number;
+            readonly fraction: number;
+            /** @description Erasures started again because the agent restarted during one. */
+            readonly restarts: number;
+            /** Format: date-time */
+            readonly started_at: string | null;
+            /** Format: date-time */
+            readonly finished_at: string | null;
+            readonly last_error: string | null;
+            /** Format: date-time */
+            readonly created_at: string;
+            /** Format: date-time */
+            readonly updated_at: string;
+            readonly jobs: readonly {
+                /** @enum {string} */
+                readonly queue: "clean";
+                readonly id: string;
+                readonly state: string;
+                readonly attempts?: number;
+            }[];
         };
         readonly RegionMap: {
             readonly region_size: number;
@@ -544,6 +632,125 @@ export interface operations {
             readonly 404: components["responses"]["NotFound"];
             /** @description The DPU agent could not be asked. */
             readonly 502: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly getCleaning: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The cleaning. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Cleaning"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            /** @description The node has never been cleaned through this service. */
+            readonly 404: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly createCleaning: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                /**
+                 * @example {
+                 *       "step": "erase_devices",
+                 *       "driver_info": {
+                 *         "smartnic_agent_url": "http://dpu-12.example:9611",
+                 *         "smartnic_target": "/dev/nvme0n1"
+                 *       }
+                 *     }
+                 */
+                readonly "application/json": components["schemas"]["CleaningCreate"];
+            };
+        };
+        readonly responses: {
+            /** @description This cleaning is queued or running already. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Cleaning"];
+                };
+            };
+            /** @description Accepted; the clean job is queued. */
+            readonly 202: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Cleaning"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            /** @description The node has a deployment, or another cleaning of it is queued or running (DRV_ERR_CONFLICT). */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly cancelCleaning: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The cleaning, as it ended. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Cleaning"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            /** @description The node has no cleaning. */
+            readonly 404: {
                 headers: {
                     readonly [name: string]: unknown;
                 };
