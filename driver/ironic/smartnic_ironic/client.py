@@ -145,3 +145,25 @@ class DriverServiceClient(object):
                              'to delete the deployment',
                              params={'wipe': 'true' if wipe else 'false'},
                              not_found_ok=True)
+
+    def start_cleaning(self, node, step):
+        """Asks for a clean step on the node's DPU target (a ``clean`` job).
+
+        :param step: erase_devices or erase_devices_metadata.
+        :returns: the cleaning; the one already queued or running when it is
+            the same step, so a repeated request is harmless.
+        """
+        body = {'step': step,
+                'driver_info': self.request_body(node)['driver_info']}
+        return self._request('POST', '/v1/nodes/%s/cleaning' % node.uuid,
+                             'to run clean step %s' % step, json=body)
+
+    def get_cleaning(self, node_uuid):
+        """The node's last cleaning, or None if it has none."""
+        return self._request('GET', '/v1/nodes/%s/cleaning' % node_uuid,
+                             'to show the cleaning', not_found_ok=True)
+
+    def cancel_cleaning(self, node_uuid):
+        """Cancels the node's cleaning if it runs; None if it has none."""
+        return self._request('DELETE', '/v1/nodes/%s/cleaning' % node_uuid,
+                             'to cancel the cleaning', not_found_ok=True)

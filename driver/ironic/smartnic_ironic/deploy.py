@@ -37,6 +37,24 @@ driver service never touches them. The id of the deployment a deploy asked for
 is kept in driver_internal_info: the poll trusts only that deployment. A new
 deploy first removes any earlier deployment of the node (one that failed or
 was abandoned), since the service holds one per node.
+
+Cleaning runs on the DPU too: the tenant's data is on the DPU's target, so no
+ramdisk boots on the host (prepare_cleaning and tear_down_cleaning boot
+nothing)::
+
+    erase_devices_metadata (clean step, priority 99 or
+    [deploy]erase_devices_metadata_priority), erase_devices (priority 10 or
+    [deploy]erase_devices_priority)
+        POST /v1/nodes/{node}/cleaning -> CLEANWAIT
+    _check_cleanings (periodic, every [smartnic]poll_interval, nodes in
+    "clean wait")
+        GET /v1/nodes/{node}/cleaning:
+          done                -> resume the cleaning
+          failed | cancelled  -> "clean failed", last_error = the service's
+          running             -> driver_internal_info["smartnic_cleaning"]
+                                 := its progress
+    tear_down_cleaning (also on abort and failure)
+        a cleaning still running is cancelled (DELETE)
 """
 
 import time
@@ -203,6 +221,35 @@ def _still_hydrating(node):
     dii = node.driver_internal_info or {}
     return (node.deploy_interface == INTERFACE_NAME
             and (dii.get(PROGRESS_KEY) or {}).get('state') in HYDRATING)
+
+
+# ironic-python-agent's priorities of its two erase steps, which Ironic uses
+# when [deploy]erase_devices_priority / erase_devices_metadata_priority are
+# unset (their default): ours take the same places in automated cleaning.
+ERASE_DEVICES_PRIORITY = 10
+ERASE_DEVICES_METADATA_PRIORITY = 99
+_PRIORITY_OPTIONS = {'erase_devices': 'erase_devices_priority',
+                     'erase_devices_metadata':
+                         'erase_devices_metadata_priority'}
+
+# driver_internal_info key of the clean step under way: the cleaning's id and
+# step, and its progress as last recorded.
+CLEANING_KEY = 'smartnic_cleaning'
+
+
+def cleaning_progress_of(cleaning):
+    """What driver_internal_info["smartnic_cleaning"] shows of a cleaning."""
+    return {
+        'cleaning_id': cleaning.get('cleaning_id'),
+        'step': cleaning.get('step'),
+        'state': cleaning.get('state'),
+        'fraction': round(float(cleaning.get('fraction') or 0), 4),
+        'bytes_done': cleaning.get('bytes_done'),
+        'bytes_total': cleaning.get('bytes_total'),
+        'method': cleaning.get('method'),
+        'last_error': cleaning.get('last_error'),
+        'recorded_at': time.time(),
+    }
 
 
 class SmartNICStreamingDeploy(base.DeployInterface):
@@ -567,3 +614,195 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         if progress['state'] == 'complete':
             LOG.info('Every region of the SmartNIC streaming disk of node %s '
                      'is local', node.uuid)
+
+    # ---- cleaning -----------------------------------------------------------
+
+    def get_clean_steps(self, task):
+        """The clean steps, with the priorities [deploy] gives them.
+
+        Read at each call, as Ironic's agent interfaces read them: the options
+        are mutable. Unset (their default), the steps keep IPA's priorities.
+        """
+        steps = []
+        for step in super().get_clean_steps(task):
+            step = dict(step)
+            option = _PRIORITY_OPTIONS.get(step['step'])
+            if option is not None:
+                value = getattr(CONF.deploy, option)
+                if value is not None:
+                    step['priority'] = value
+            steps.append(step)
+        return steps
+
+    @METRICS.timer('SmartNICStreamingDeploy.prepare_cleaning')
+    def prepare_cleaning(self, task):
+        """Boots nothing: the DPU agent erases, not a ramdisk on the host.
+
+        Checks the node's driver_info, so that a node that cannot be cleaned
+        fails here, before its first step.
+
+        :returns: None (synchronous).
+        :raises: MissingParameterValue, InvalidParameterValue
+        """
+        parse_driver_info(task.node)
+        return None
+
+    @METRICS.timer('SmartNICStreamingDeploy.tear_down_cleaning')
+    def tear_down_cleaning(self, task):
+        """Cancels a clean step of ours that still runs (abort or failure).
+
+        After a successful cleaning there is nothing left to do. A
+        cancellation the service cannot be asked for is logged, not raised:
+        the erasure then runs to its end on the DPU, which harms nothing.
+        """
+        node = task.node
+        info = node.driver_internal_info.get(CLEANING_KEY)
+        if not info:
+            return
+        try:
+            service_client.DriverServiceClient().cancel_cleaning(node.uuid)
+            LOG.info('SmartNIC cleaning %(id)s (%(step)s) of node %(node)s '
+                     'cancelled', {'id': info.get('cleaning_id'),
+                                   'step': info.get('step'),
+                                   'node': node.uuid})
+        except smartnic_exc.SmartNICError as e:
+            LOG.warning('Could not cancel the SmartNIC cleaning of node '
+                        '%(node)s: %(err)s', {'node': node.uuid, 'err': e})
+        node.del_driver_internal_info(CLEANING_KEY)
+        node.save()
+
+    @METRICS.timer('SmartNICStreamingDeploy.erase_devices_metadata')
+    @base.clean_step(priority=ERASE_DEVICES_METADATA_PRIORITY, abortable=True,
+                     requires_ramdisk=False)
+    def erase_devices_metadata(self, task):
+        """Zeroes partition tables and signatures on the DPU target.
+
+        The DPU agent zeroes the first and last MiB of the target and of each
+        partition its GPT or MBR names: what ironic-python-agent's step of
+        this name destroys (wipefs on every partition and the disk, the
+        primary and backup GPT).
+
+        :returns: CLEANWAIT; _check_cleanings resumes the cleaning.
+        """
+        return self._start_cleaning(task, 'erase_devices_metadata')
+
+    @METRICS.timer('SmartNICStreamingDeploy.erase_devices')
+    @base.clean_step(priority=ERASE_DEVICES_PRIORITY, abortable=True,
+                     requires_ramdisk=False)
+    def erase_devices(self, task):
+        """Zeroes every byte of the DPU target.
+
+        BLKZEROOUT on a device (zeros written where it is refused); a file
+        target is truncated and extended again, sparse.
+
+        :returns: CLEANWAIT; _check_cleanings resumes the cleaning.
+        """
+        return self._start_cleaning(task, 'erase_devices')
+
+    def _start_cleaning(self, task, step):
+        node = task.node
+        parse_driver_info(node)
+        client = service_client.DriverServiceClient()
+        existing = client.get_deployment(node.uuid)
+        if existing is not None:
+            # Left by a failed or abandoned deploy: its disk uses the target
+            # this step erases, and the node is not deployed.
+            LOG.info('Removing the SmartNIC deployment %(dep)s (%(state)s) of '
+                     'node %(node)s before cleaning',
+                     {'dep': existing.get('deployment_id'),
+                      'state': existing.get('state'), 'node': node.uuid})
+            self._delete_deployment(task, client)
+        try:
+            cleaning = client.start_cleaning(node, step)
+        except smartnic_exc.ServiceError as e:
+            raise smartnic_exc.CleaningFailed(
+                node=node.uuid, step=step,
+                error='%s: %s' % (e.error_code, e.error))
+        node.set_driver_internal_info(CLEANING_KEY,
+                                      cleaning_progress_of(cleaning))
+        node.save()
+        LOG.info('SmartNIC cleaning %(id)s of node %(node)s requested: '
+                 '%(step)s of %(target)s on the DPU',
+                 {'id': cleaning.get('cleaning_id'), 'node': node.uuid,
+                  'step': step, 'target': cleaning.get('target')})
+        return states.CLEANWAIT
+
+    @METRICS.timer('SmartNICStreamingDeploy._check_cleanings')
+    @periodics.node_periodic(
+        purpose='checking SmartNIC cleanings',
+        spacing=CONF.smartnic.poll_interval,
+        filters={'provision_state': states.CLEANWAIT, 'reserved': False,
+                 'maintenance': False},
+        predicate_extra_fields=['deploy_interface'],
+        predicate=_is_ours,
+    )
+    def _check_cleanings(self, task, manager, context):
+        self.check_cleaning(task)
+
+    def check_cleaning(self, task):
+        """Resumes, fails or records the progress of a clean step of ours."""
+        node = task.node
+        info = node.driver_internal_info.get(CLEANING_KEY)
+        if not info:
+            return  # waiting for another interface's step
+        try:
+            cleaning = service_client.DriverServiceClient().get_cleaning(
+                node.uuid)
+        except smartnic_exc.SmartNICError as e:
+            # [conductor]clean_callback_timeout bounds how long this lasts.
+            LOG.warning('Cannot check the SmartNIC cleaning of node %(node)s: '
+                        '%(err)s', {'node': node.uuid, 'err': e})
+            return
+        if cleaning is None or cleaning.get('cleaning_id') != info.get(
+                'cleaning_id'):
+            self._fail_cleaning(task, _(
+                'the driver service no longer has cleaning %s of this node '
+                '(deleted or replaced outside Ironic); clean again')
+                % info.get('cleaning_id'))
+            return
+        state = cleaning.get('state')
+        if state == 'done':
+            task.upgrade_lock(purpose='resuming SmartNIC cleaning')
+            if task.node.provision_state != states.CLEANWAIT:
+                return
+            task.node.del_driver_internal_info(CLEANING_KEY)
+            task.node.save()
+            LOG.info('SmartNIC clean step %(step)s of node %(node)s done '
+                     '(%(bytes)s bytes, %(method)s); resuming the cleaning',
+                     {'step': cleaning.get('step'), 'node': node.uuid,
+                      'bytes': cleaning.get('bytes_total'),
+                      'method': cleaning.get('method')})
+            manager_utils.notify_conductor_resume_clean(task)
+        elif state in ('failed', 'cancelled'):
+            self._fail_cleaning(task, cleaning.get('last_error') or state)
+        else:
+            self._record_cleaning_progress(task, info, cleaning)
+
+    def _record_cleaning_progress(self, task, info, cleaning):
+        """Copies a running cleaning's progress, every progress_interval."""
+        interval = CONF.smartnic.progress_interval
+        progress = cleaning_progress_of(cleaning)
+        if not interval or time.time() - (info.get('recorded_at') or 0) < \
+                interval:
+            return
+        if all(progress[k] == info.get(k) for k in progress
+               if k != 'recorded_at'):
+            return
+        task.upgrade_lock(purpose='recording SmartNIC cleaning progress')
+        if task.node.provision_state != states.CLEANWAIT:
+            return
+        task.node.set_driver_internal_info(CLEANING_KEY, progress)
+        task.node.save()
+
+    def _fail_cleaning(self, task, reason):
+        info = task.node.driver_internal_info.get(CLEANING_KEY) or {}
+        err = smartnic_exc.CleaningFailed(node=task.node.uuid,
+                                          step=info.get('step'), error=reason)
+        task.upgrade_lock(purpose='failing a SmartNIC clean step')
+        if task.node.provision_state != states.CLEANWAIT:
+            return
+        # Nothing left to cancel: tear_down_cleaning (which the handler calls)
+        # finds no step of ours.
+        task.node.del_driver_internal_info(CLEANING_KEY)
+        task.node.save()
+        manager_utils.cleaning_error_handler(task, str(err))

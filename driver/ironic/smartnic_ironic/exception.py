@@ -52,3 +52,8 @@ class DeploymentTimeout(SmartNICError):
 class TeardownFailed(SmartNICError):
     _msg_fmt = _('The SmartNIC driver service did not tear down the '
                  'streaming disk of node %(node)s: %(error)s')
+
+
+class CleaningFailed(SmartNICError):
+    _msg_fmt = _('The SmartNIC driver service could not run clean step '
+                 '%(step)s on the DPU target of node %(node)s: %(error)s')

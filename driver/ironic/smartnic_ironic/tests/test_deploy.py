@@ -122,13 +122,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Answers from the class's script: path -> list of (status, body)."""
     script = {}
     seen = []
+    bodies = []
 
     def _answer(self):
         self.seen.append((self.command, self.path,
                           self.headers.get('Authorization')))
         length = int(self.headers.get('Content-Length') or 0)
         if length:
-            self.rfile.read(length)
+            self.bodies.append(json.loads(self.rfile.read(length)))
         key = '%s %s' % (self.command, self.path.split('?')[0])
         replies = self.script.get(key) or [(500, {'code': 'X',
                                                   'message': 'unscripted'})]
@@ -161,6 +162,7 @@ class TestClient(unittest.TestCase):
     def setUp(self):
         Handler.script = {}
         Handler.seen = []
+        Handler.bodies = []
         CONF.set_override('driver_url', self.url, 'smartnic')
         CONF.set_override('token', 'tok-0123456789abcdef', 'smartnic')
         CONF.set_override('request_attempts', 3, 'smartnic')
@@ -221,6 +223,261 @@ class TestClient(unittest.TestCase):
         with self.assertRaisesRegex(smartnic_exc.ServiceUnreachable,
                                     r'\[smartnic\]driver_url'):
             c.get_deployment('n')
+
+
+class TestCleaningClient(unittest.TestCase):
+    """The cleaning calls, against TestClient's scripted server."""
+
+    setUpClass = classmethod(TestClient.setUpClass.__func__)
+    tearDownClass = classmethod(TestClient.tearDownClass.__func__)
+    setUp = TestClient.setUp
+
+    def test_start_cleaning_posts_the_step_and_driver_info(self):
+        node = FakeNode(dict(GOOD_DI, smartnic_region_size='65536',
+                             ipmi_password='secret'))
+        path = '/v1/nodes/%s/cleaning' % node.uuid
+        Handler.script['POST ' + path] = [(202, {'cleaning_id': 'c-1',
+                                                 'state': 'queued'})]
+        c = service_client.DriverServiceClient().start_cleaning(
+            node, 'erase_devices')
+        self.assertEqual('c-1', c['cleaning_id'])
+        self.assertEqual(('POST', path), Handler.seen[0][:2])
+        body = Handler.bodies[0]
+        self.assertEqual('erase_devices', body['step'])
+        self.assertEqual(65536, body['driver_info']['smartnic_region_size'])
+        self.assertNotIn('ipmi_password', body['driver_info'])
+        self.assertEqual(['driver_info', 'step'], sorted(body))
+
+    def test_absent_cleaning_is_none(self):
+        path = '/v1/nodes/%s/cleaning' % FakeNode().uuid
+        for verb in ('GET', 'DELETE'):
+            Handler.script['%s %s' % (verb, path)] = [
+                (404, {'code': 'DRV_ERR_NOT_FOUND', 'message': 'no'})]
+        c = service_client.DriverServiceClient()
+        self.assertIsNone(c.get_cleaning(FakeNode().uuid))
+        self.assertIsNone(c.cancel_cleaning(FakeNode().uuid))
+
+    def test_conflict_is_not_retried(self):
+        node = FakeNode(GOOD_DI)
+        Handler.script['POST /v1/nodes/%s/cleaning' % node.uuid] = [
+            (409, {'code': 'DRV_ERR_CONFLICT', 'retryable': False,
+                   'message': 'node has deployment d1'})]
+        with self.assertRaisesRegex(smartnic_exc.ServiceError,
+                                    'has deployment'):
+            service_client.DriverServiceClient().start_cleaning(
+                node, 'erase_devices')
+        self.assertEqual(1, len(Handler.seen))
+
+
+class TestCleanSteps(unittest.TestCase):
+    """The clean steps, their priorities, and prepare/tear_down_cleaning."""
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        self.node = FakeNode(GOOD_DI, provision_state=states.CLEANING)
+        self.task = mock.Mock(node=self.node)
+        p = mock.patch.object(service_client, 'DriverServiceClient',
+                              autospec=True)
+        self.client = p.start().return_value
+        self.addCleanup(p.stop)
+
+    def steps(self):
+        return {s['step']: s for s in self.iface.get_clean_steps(self.task)}
+
+    def test_two_steps_on_the_deploy_interface_without_ramdisk(self):
+        steps = self.steps()
+        self.assertEqual({'erase_devices', 'erase_devices_metadata'},
+                         set(steps))
+        for s in steps.values():
+            self.assertEqual('deploy', s['interface'])
+            self.assertTrue(s['abortable'])
+            self.assertFalse(s['requires_ramdisk'])
+            self.assertIsNone(s['argsinfo'])
+
+    def test_priorities_are_ipas_when_deploy_options_are_unset(self):
+        self.assertIsNone(CONF.deploy.erase_devices_priority)
+        self.assertIsNone(CONF.deploy.erase_devices_metadata_priority)
+        steps = self.steps()
+        self.assertEqual(10, steps['erase_devices']['priority'])
+        self.assertEqual(99, steps['erase_devices_metadata']['priority'])
+
+    def test_deploy_options_override_the_priorities_at_each_call(self):
+        CONF.set_override('erase_devices_priority', 0, 'deploy')
+        CONF.set_override('erase_devices_metadata_priority', 42, 'deploy')
+        self.addCleanup(CONF.clear_override, 'erase_devices_priority',
+                        'deploy')
+        self.addCleanup(CONF.clear_override,
+                        'erase_devices_metadata_priority', 'deploy')
+        steps = self.steps()
+        self.assertEqual(0, steps['erase_devices']['priority'])
+        self.assertEqual(42, steps['erase_devices_metadata']['priority'])
+        # The interface's own list is not changed by a call.
+        own = {s['step']: s['priority'] for s in self.iface.clean_steps}
+        self.assertEqual({'erase_devices': 10, 'erase_devices_metadata': 99},
+                         own)
+
+    def test_prepare_cleaning_boots_nothing(self):
+        self.assertIsNone(self.iface.prepare_cleaning(self.task))
+        self.assertEqual([], self.task.driver.boot.mock_calls)
+        self.assertEqual([], self.task.driver.power.mock_calls)
+        self.node.driver_info = {'smartnic_agent_url': 'http://dpu:9611'}
+        with self.assertRaisesRegex(exception.MissingParameterValue,
+                                    'smartnic_target'):
+            self.iface.prepare_cleaning(self.task)
+
+    def test_a_step_starts_the_cleaning_and_waits(self):
+        self.client.get_deployment.return_value = None
+        self.client.start_cleaning.return_value = {
+            'cleaning_id': 'c-7', 'step': 'erase_devices', 'state': 'queued',
+            'target': '/dev/nvme0n1', 'fraction': 0}
+        self.assertEqual(states.CLEANWAIT,
+                         self.iface.erase_devices(self.task))
+        self.client.start_cleaning.assert_called_once_with(self.node,
+                                                           'erase_devices')
+        info = self.node.driver_internal_info[deploy.CLEANING_KEY]
+        self.assertEqual('c-7', info['cleaning_id'])
+        self.assertEqual('erase_devices', info['step'])
+        self.assertGreaterEqual(self.node.saved, 1)
+        self.client.start_cleaning.reset_mock()
+        self.assertEqual(states.CLEANWAIT,
+                         self.iface.erase_devices_metadata(self.task))
+        self.client.start_cleaning.assert_called_once_with(
+            self.node, 'erase_devices_metadata')
+
+    def test_a_leftover_deployment_is_removed_first(self):
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'failed'}
+        self.client.start_cleaning.return_value = {'cleaning_id': 'c-8'}
+        with mock.patch.object(self.iface, '_delete_deployment',
+                               autospec=True) as delete:
+            self.iface.erase_devices(self.task)
+        delete.assert_called_once_with(self.task, self.client)
+
+    def test_a_refused_step_raises_with_the_service_reason(self):
+        self.client.get_deployment.return_value = None
+        self.client.start_cleaning.side_effect = smartnic_exc.ServiceError(
+            what='x', status=409, error_code='DRV_ERR_CONFLICT',
+            error='node has a cleaning running (erase_devices)')
+        with self.assertRaisesRegex(smartnic_exc.CleaningFailed,
+                                    'erase_devices_metadata .* '
+                                    'DRV_ERR_CONFLICT: node has a cleaning'):
+            self.iface.erase_devices_metadata(self.task)
+        self.assertNotIn(deploy.CLEANING_KEY, self.node.driver_internal_info)
+
+    def test_tear_down_cleaning_cancels_a_step_of_ours(self):
+        self.node.driver_internal_info[deploy.CLEANING_KEY] = {
+            'cleaning_id': 'c-1', 'step': 'erase_devices'}
+        self.iface.tear_down_cleaning(self.task)
+        self.client.cancel_cleaning.assert_called_once_with(self.node.uuid)
+        self.assertNotIn(deploy.CLEANING_KEY, self.node.driver_internal_info)
+
+    def test_tear_down_cleaning_after_success_does_nothing(self):
+        self.iface.tear_down_cleaning(self.task)
+        self.client.cancel_cleaning.assert_not_called()
+
+    def test_tear_down_cleaning_never_raises(self):
+        self.node.driver_internal_info[deploy.CLEANING_KEY] = {
+            'cleaning_id': 'c-1'}
+        self.client.cancel_cleaning.side_effect = \
+            smartnic_exc.ServiceUnreachable(url='http://x', error='refused')
+        self.iface.tear_down_cleaning(self.task)
+        self.assertNotIn(deploy.CLEANING_KEY, self.node.driver_internal_info)
+
+
+class TestCleaningPoll(unittest.TestCase):
+    """check_cleaning's decisions for a node in "clean wait"."""
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        self.node = FakeNode(GOOD_DI, provision_state=states.CLEANWAIT, dii={
+            deploy.CLEANING_KEY: {'cleaning_id': 'c-1',
+                                  'step': 'erase_devices', 'state': 'queued',
+                                  'fraction': 0, 'recorded_at': 0}})
+        self.task = mock.Mock(node=self.node)
+        p = mock.patch.object(service_client, 'DriverServiceClient',
+                              autospec=True)
+        self.client = p.start().return_value
+        self.addCleanup(p.stop)
+        p = mock.patch.object(deploy, 'manager_utils', autospec=True)
+        self.mu = p.start()
+        self.addCleanup(p.stop)
+
+    def cleaning(self, state, **kw):
+        c = {'cleaning_id': 'c-1', 'step': 'erase_devices', 'state': state,
+             'fraction': 0.5, 'bytes_done': 1 << 20, 'bytes_total': 2 << 20,
+             'method': 'zeroout', 'last_error': None}
+        c.update(kw)
+        return c
+
+    def test_done_resumes_the_cleaning(self):
+        self.client.get_cleaning.return_value = self.cleaning(
+            'done', fraction=1)
+        self.iface.check_cleaning(self.task)
+        self.task.upgrade_lock.assert_called_once()
+        self.mu.notify_conductor_resume_clean.assert_called_once_with(
+            self.task)
+        self.mu.cleaning_error_handler.assert_not_called()
+        self.assertNotIn(deploy.CLEANING_KEY, self.node.driver_internal_info)
+
+    def test_failed_fails_the_cleaning_with_the_service_reason(self):
+        self.client.get_cleaning.return_value = self.cleaning(
+            'failed', last_error='DRV_ERR_AGENT_REJECTED: erasing /dev/x '
+                                 'failed: DPU_ERR_ERASE_FAILED: EIO')
+        self.iface.check_cleaning(self.task)
+        msg = self.mu.cleaning_error_handler.call_args[0][1]
+        self.assertIn('erase_devices', msg)
+        self.assertIn('DPU_ERR_ERASE_FAILED: EIO', msg)
+        self.mu.notify_conductor_resume_clean.assert_not_called()
+        self.assertNotIn(deploy.CLEANING_KEY, self.node.driver_internal_info)
+
+    def test_vanished_or_replaced_fails(self):
+        for c in (None, self.cleaning('running', cleaning_id='c-2')):
+            with self.subTest(c=c):
+                self.mu.reset_mock()
+                self.node.driver_internal_info[deploy.CLEANING_KEY] = {
+                    'cleaning_id': 'c-1', 'step': 'erase_devices'}
+                self.client.get_cleaning.return_value = c
+                self.iface.check_cleaning(self.task)
+                self.assertIn('no longer has cleaning c-1',
+                              self.mu.cleaning_error_handler.call_args[0][1])
+
+    def test_running_records_progress_every_progress_interval(self):
+        CONF.set_override('progress_interval', 30, 'smartnic')
+        self.addCleanup(CONF.clear_override, 'progress_interval', 'smartnic')
+        self.client.get_cleaning.return_value = self.cleaning('running')
+        self.iface.check_cleaning(self.task)
+        info = self.node.driver_internal_info[deploy.CLEANING_KEY]
+        self.assertEqual(0.5, info['fraction'])
+        self.assertEqual('running', info['state'])
+        self.mu.notify_conductor_resume_clean.assert_not_called()
+        self.mu.cleaning_error_handler.assert_not_called()
+        # Within the interval: not written again.
+        self.task.upgrade_lock.reset_mock()
+        self.client.get_cleaning.return_value = self.cleaning(
+            'running', fraction=0.75)
+        self.iface.check_cleaning(self.task)
+        self.task.upgrade_lock.assert_not_called()
+        self.assertEqual(0.5, self.node.driver_internal_info[
+            deploy.CLEANING_KEY]['fraction'])
+
+    def test_waits_for_other_steps_and_an_unreachable_service(self):
+        self.client.get_cleaning.side_effect = \
+            smartnic_exc.ServiceUnreachable(url='http://x', error='refused')
+        self.iface.check_cleaning(self.task)
+        self.mu.cleaning_error_handler.assert_not_called()
+        del self.node.driver_internal_info[deploy.CLEANING_KEY]
+        self.client.get_cleaning.reset_mock()
+        self.iface.check_cleaning(self.task)
+        self.client.get_cleaning.assert_not_called()
+
+    def test_a_node_that_left_clean_wait_is_left_alone(self):
+        self.client.get_cleaning.return_value = self.cleaning('done')
+
+        def upgrade(purpose=None):
+            self.node.provision_state = states.CLEANFAIL
+        self.task.upgrade_lock.side_effect = upgrade
+        self.iface.check_cleaning(self.task)
+        self.mu.notify_conductor_resume_clean.assert_not_called()
 
 
 class TestPoll(unittest.TestCase):
