@@ -235,7 +235,7 @@ export interface paths {
          * Erase a target that no disk uses (Ironic's clean steps, done by the DPU).
          * @description Starts erasing the target and answers at once (202) with the erasure, whose
          *     `state`, `bytes_done` and `bytes_total` then move as it runs (GET
-         *     /v1/erasures/{id}). `metadata` zeroes the first and last MiB of the target and of
+         *     /v1/erasures/{erasure_id}). `metadata` zeroes the first and last MiB of the target and of
          *     every partition its GPT or MBR names — where partition tables and filesystem,
          *     RAID, LVM and swap signatures live (what ironic-python-agent's
          *     erase_devices_metadata destroys) — and leaves the rest. `full` makes every byte
@@ -256,12 +256,12 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
-    readonly "/v1/erasures/{id}": {
+    readonly "/v1/erasures/{erasure_id}": {
         readonly parameters: {
             readonly query?: never;
             readonly header?: never;
             readonly path: {
-                readonly id: components["parameters"]["ErasureIdParam"];
+                readonly erasure_id: components["parameters"]["ErasureIdParam"];
             };
             readonly cookie?: never;
         };
@@ -275,12 +275,12 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
-    readonly "/v1/erasures/{id}/cancel": {
+    readonly "/v1/erasures/{erasure_id}/cancel": {
         readonly parameters: {
             readonly query?: never;
             readonly header?: never;
             readonly path: {
-                readonly id: components["parameters"]["ErasureIdParam"];
+                readonly erasure_id: components["parameters"]["ErasureIdParam"];
             };
             readonly cookie?: never;
         };
@@ -1093,7 +1093,7 @@ export interface operations {
             readonly query?: never;
             readonly header?: never;
             readonly path: {
-                readonly id: components["parameters"]["ErasureIdParam"];
+                readonly erasure_id: components["parameters"]["ErasureIdParam"];
             };
             readonly cookie?: never;
         };
@@ -1117,7 +1117,7 @@ export interface operations {
             readonly query?: never;
             readonly header?: never;
             readonly path: {
-                readonly id: components["parameters"]["ErasureIdParam"];
+                readonly erasure_id: components["parameters"]["ErasureIdParam"];
             };
             readonly cookie?: never;
         };

@@ -202,7 +202,7 @@ describe('agent erasures (in-process; file targets and a loop device)', function
     await rejects(client.createErasure({ target: { path: 'targets/x.raw' }, mode: 'full' }), 400, 'DPU_ERR_BAD_REQUEST', 'target.path');
     await rejects(client.createErasure({ target: { path: `${targets}x.raw` }, mode: 'secure' as 'full' }), 400, 'DPU_ERR_BAD_REQUEST', 'mode');
     await rejects(client.getErasure('e-nope'), 404, 'DPU_ERR_NOT_FOUND');
-    await rejects(client.getErasure('Bad'), 400, 'DPU_ERR_BAD_REQUEST', 'id');
+    await rejects(client.getErasure('Bad'), 400, 'DPU_ERR_BAD_REQUEST', 'erasure_id');
     await rejects(new AgentClient({ baseUrl: base }).listErasures(), 401, 'DPU_ERR_UNAUTHORIZED');
   });
 

@@ -52,6 +52,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
   const metrics = createMetrics(manager);
   const version = (JSON.parse(fs.readFileSync(PACKAGE_URL, 'utf8')) as { version: string }).version;
   const idOf = (req: { params: unknown }): string => (req.params as { id: string }).id;
+  const erasureIdOf = (req: { params: unknown }): string => (req.params as { erasure_id: string }).erasure_id;
 
   const handlers: Record<string, RouteHandlerMethod> = {
     getHealth: async () => ({ status: 'ok', version, disks: manager.count }),
@@ -75,8 +76,8 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       const { erasure, created } = manager.erasures.create(req.body as ErasureCreate);
       return reply.code(created ? 202 : 200).send(erasure);
     },
-    getErasure: async (req) => manager.erasures.get(idOf(req)),
-    cancelErasure: async (req) => manager.erasures.cancel(idOf(req)),
+    getErasure: async (req) => manager.erasures.get(erasureIdOf(req)),
+    cancelErasure: async (req) => manager.erasures.cancel(erasureIdOf(req)),
     setConfigDrive: async (req) => {
       if (!Buffer.isBuffer(req.body)) throw new DpuError('DPU_ERR_BAD_REQUEST', 'the config drive is a binary body (the ISO itself, not encoded) with Content-Type: application/octet-stream', { field: 'body' });
       return manager.setConfigDrive(idOf(req), req.body);
