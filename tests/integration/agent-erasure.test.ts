@@ -131,7 +131,8 @@ describe('agent erasures (in-process; file targets and a loop device)', function
       { auth: { tokens: [TOKEN] }, state_dir: stateDir, export_dir: path.join(dir, 'run'), allowed_targets: [targets, loopDev], log_level: 'warn' },
       'test config',
     );
-    const log = pino({ level: 'error' });
+    // fatal: the expected failures (a wipe made to fail) would log errors.
+    const log = pino({ level: 'fatal' });
     manager = new DiskManager({ config, log });
     await manager.start();
     app = buildAgentApi({ config, manager, log, responseValidation: 'strict' });
@@ -218,6 +219,22 @@ describe('agent erasures (in-process; file targets and a loop device)', function
     const done = await waitDone((await client.createErasure({ target: { path: file }, mode: 'full' })).id);
     assert.equal(done.state, 'done');
     assert.ok(allZero(file, fs.statSync(file).size));
+  });
+
+  it('refuses a target whose deleted disk waits for its wipe (409 DPU_ERR_DISK_WIPING)', async () => {
+    const sub = path.join(targets, 'wiping') + '/';
+    const file = path.join(sub, 'w.raw');
+    await client.createDisk({ id: 'wiping', source: { url: origin.url }, target: { path: file }, hydration: { enabled: false } });
+    await run('chattr', ['+i', sub]); // the wipe (removing the file) fails
+    try {
+      await rejects(client.deleteDisk('wiping', true), 500, 'DPU_ERR_WIPE_FAILED');
+      await rejects(client.createErasure({ target: { path: file }, mode: 'full' }), 409, 'DPU_ERR_DISK_WIPING', 'target.path');
+    } finally {
+      await run('chattr', ['-i', sub]);
+    }
+    await client.deleteDisk('wiping', true);
+    const done = await waitDone((await client.createErasure({ target: { path: file }, mode: 'full' })).id);
+    assert.equal(done.target.kind, 'absent', 'the wipe removed the file');
   });
 
   it('full on a 256 MiB loop device: progress grows, every byte ends zero; while it runs the target is refused to disks and to the other mode', async () => {
