@@ -15,6 +15,7 @@ import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { checkConfigDriveField } from './configdrive.js';
+import { nodeDevice } from './device.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
@@ -80,6 +81,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     image_expires_at: rec.image_expires_at,
     agent_url: rec.agent_url,
     disk_id: rec.disk_id,
+    device: nodeDevice(rec.spec),
     export_uri: rec.export_uri,
     progress: rec.progress,
     last_error: rec.last_error,

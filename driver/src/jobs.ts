@@ -41,6 +41,7 @@ import { ApiError } from '../../openapi/clients/http.js';
 import { type CallbackStatus, notifyIronic } from './callback.js';
 import type { DriverConfig } from './config.js';
 import { loadConfigDrive } from './configdrive.js';
+import { nodeDevice } from './device.js';
 import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
@@ -170,6 +171,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
           ...(image.format !== 'raw' ? { format: image.format } : {}),
         },
         target: { path: di.smartnic_target },
+        device: nodeDevice(rec.spec),
         // Ironic's root_gb is GiB; 0 or absent: the agent's default (the whole target device, else the image).
         ...(rec.spec.instance_info.root_gb ? { size: rec.spec.instance_info.root_gb * 2 ** 30 } : {}),
         ...(di.smartnic_region_size || required ? { region_size: di.smartnic_region_size ?? DEFAULT_REGION_SIZE } : {}),

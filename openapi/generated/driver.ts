@@ -186,6 +186,20 @@ export interface components {
             readonly instance_info: components["schemas"]["InstanceInfo"];
             readonly driver_info: components["schemas"]["DriverInfo"];
             readonly callback?: components["schemas"]["DeploymentCallback"];
+            readonly device?: components["schemas"]["DeviceIdentity"];
+        };
+        /**
+         * @description What the emulated NVMe disk presents to the host (the DPU agent's DeviceIdentity):
+         *     the serial and model numbers and the namespace's WWN (`eui.` + 16 hex digits), by
+         *     which Ironic's root device hints and the OS's /dev/disk/by-id name it. Each field
+         *     defaults to one derived from the node, stable across its deployments: the serial is
+         *     the node UUID's first 20 hex digits. The Ironic plugin sends the values the node's
+         *     `properties.root_device` hints ask for.
+         */
+        readonly DeviceIdentity: {
+            readonly serial?: string;
+            readonly model?: string;
+            readonly wwn?: string;
         };
         /**
          * @description Where to push the outcome: when the deployment becomes ready (or complete) or fails
@@ -222,6 +236,12 @@ export interface components {
         };
         readonly Deployment: {
             readonly node_uuid: components["schemas"]["NodeId"];
+            /** @description The identity the node's emulated NVMe disk presents (see DeviceIdentity). */
+            readonly device: {
+                readonly serial: string;
+                readonly model: string;
+                readonly wwn: string;
+            };
             readonly deployment_id: components["schemas"]["DeploymentId"];
             /**
              * @description attaching: the disk is being created; ready: the export serves the image (boot the node), hydration runs; complete: every region is local; failed: see last_error; deleting: teardown queued or running.

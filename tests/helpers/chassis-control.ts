@@ -30,6 +30,21 @@ interface AgentDisk {
   id: string;
   target: { path: string };
   export: { uri: string };
+  device: { serial: string; model: string; wwn: string };
+}
+
+/**
+ * The NVMe controller and namespace the DPU presents, with the disk's identity: QEMU's
+ * nvme takes the serial, its namespace the EUI-64 (Linux's wwid `eui.…`); QEMU cannot set
+ * the model number (it is always "QEMU NVMe Ctrl"), which SNAP on a BlueField can.
+ */
+export function nvmeArgs(drive: string, device: AgentDisk['device']): string[] {
+  const eui64 = /^eui\.([0-9a-f]{16})$/.exec(device.wwn)?.[1];
+  return [
+    '-drive', `file=${drive},if=none,id=d0,format=raw`,
+    '-device', `nvme,id=nvme0,serial=${device.serial.replace(/,/g, ',,')}`,
+    '-device', `nvme-ns,drive=d0,bus=nvme0,nsid=1${eui64 ? `,eui64=0x${eui64}` : ''}`,
+  ];
 }
 
 const pidFile = (c: ChassisConfig): string => path.join(c.stateDir, 'qemu.pid');
@@ -79,7 +94,7 @@ async function powerOn(c: ChassisConfig): Promise<void> {
   const args = [
     '-machine', 'q35', '-m', String(c.memoryMiB ?? 512), '-nographic', '-nodefaults',
     '-serial', `file:${c.serialLog}`, '-monitor', 'none',
-    '-drive', `file=${drive},if=none,id=d0,format=raw`, '-device', 'nvme,drive=d0,serial=smartnic0',
+    ...nvmeArgs(drive, disk.device),
     '-boot', 'c', '-no-reboot',
   ];
   // detached: QEMU runs in a session of its own (setsid), so neither ipmi_sim nor this

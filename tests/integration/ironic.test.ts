@@ -205,6 +205,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
         await ironic.waitForProvisionState(name, 'active', 60_000);
         const disk = (await agentApi.listDisks()).find((d) => d.target.path === target(name))!;
         assert.equal(disk.size, 1 << 30, `${form}: the disk is root_gb`);
+        assert.equal(disk.device.serial, uuid.replace(/-/g, '').slice(0, 20), 'the NVMe serial is the node\'s');
         const cd = disk.config_drive!;
         assert.ok(cd, `${form}: a config drive on the disk`);
         assert.equal(cd.table, 'gpt');

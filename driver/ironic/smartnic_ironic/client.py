@@ -88,18 +88,25 @@ class DriverServiceClient(object):
         return resp.json()
 
     @staticmethod
-    def request_body(node, deployment_id=None, configdrive=None):
+    def request_body(node, deployment_id=None, configdrive=None, device=None,
+                     root_gb=None):
         """The instance_info and driver_info subsets the service accepts.
 
         :param configdrive: the config drive as Ironic hands it to a deploy
             interface (manager_utils.get_configdrive_image: gzip+base64 or a
             URL), or None.
+        :param device: the emulated disk's identity as the root device hints
+            fix it (deploy.emulated_disk), or None.
+        :param root_gb: the root disk size a size hint asks for, used when
+            instance_info has no root_gb.
         """
         ii = {k: node.instance_info[k] for k in INSTANCE_INFO_KEYS
               if node.instance_info.get(k) not in (None, '')}
-        root_gb = node.instance_info.get('root_gb')
-        if root_gb not in (None, '', 0, '0'):
+        given = node.instance_info.get('root_gb')
+        if given not in (None, '', 0, '0'):
             # Nova writes an int, the CLI a string; deploy.validate checked it.
+            ii['root_gb'] = int(given)
+        elif root_gb:
             ii['root_gb'] = int(root_gb)
         if configdrive:
             ii['configdrive'] = configdrive
@@ -112,6 +119,8 @@ class DriverServiceClient(object):
                 'driver_info': di}
         if deployment_id:
             body['deployment_id'] = deployment_id
+        if device:
+            body['device'] = device
         return body
 
     def validate(self, node):
@@ -120,7 +129,7 @@ class DriverServiceClient(object):
                              json=self.request_body(node))
 
     def create_deployment(self, node, deployment_id, callback=None,
-                          configdrive=None):
+                          configdrive=None, device=None, root_gb=None):
         """Asks for the node's deployment.
 
         :param configdrive: see request_body.
@@ -128,7 +137,8 @@ class DriverServiceClient(object):
             'agent_token': the node's pregenerated agent token}: the service
             then pushes a heartbeat when the deployment is ready or failed.
         """
-        body = self.request_body(node, deployment_id, configdrive=configdrive)
+        body = self.request_body(node, deployment_id, configdrive=configdrive,
+                                 device=device, root_gb=root_gb)
         if callback:
             body['callback'] = callback
         return self._request('POST', '/v1/deployments',

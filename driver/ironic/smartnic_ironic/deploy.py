@@ -39,10 +39,13 @@ deploy first removes any earlier deployment of the node (one that failed or
 was abandoned), since the service holds one per node.
 """
 
+import re
 import time
 
 from ironic_lib import metrics_utils
+from ironic_lib import utils as il_utils
 from oslo_log import log as logging
+from oslo_utils import units
 from oslo_utils import uuidutils
 
 from ironic.common import boot_devices
@@ -178,6 +181,107 @@ def check_instance_info(node):
                 % {'node': node.uuid, 'v': root_gb})
 
 
+# Root device hints (properties.root_device) and the emulated NVMe disk.
+DISK_NAME = '/dev/nvme0n1'
+EUI_WWN = re.compile(r'^eui\.[0-9a-f]{16}$')
+# Hints a DPU-emulated NVMe namespace has no value for.
+UNSUPPORTED_HINTS = ('vendor', 'hctl', 'by_path', 'wwn_with_extension',
+                     'wwn_vendor_extension')
+
+
+_OPERATOR = re.compile(r'^\s*(s?(==|!=|>=|<=|>|<)|<in>|<or>)(\s|$)')
+
+
+def _equal_value(hint):
+    """X when a hint asks for exactly X ("X", "s== X", "== X"), else None.
+
+    Read from the hint as the operator wrote it: ironic-lib's parsed form is
+    lowercased and URL-quoted, and the disk should present the value itself.
+    """
+    if isinstance(hint, int) and not isinstance(hint, bool):
+        return str(hint)
+    if not isinstance(hint, str):
+        return None
+    m = re.match(r'^\s*s?==\s*(.+?)\s*$', hint)
+    if m:
+        return m.group(1)
+    return None if _OPERATOR.match(hint) else hint.strip()
+
+
+def emulated_disk(node):
+    """The identity the node's emulated NVMe disk presents, fitted to its hints.
+
+    The DPU chooses what its disk is, so where properties.root_device names a
+    serial, model or WWN exactly, the disk presents that; the rest is derived
+    from the node by the driver service. The whole disk is then matched with
+    ironic-lib's own matcher, so the host boots the disk the hints name.
+
+    :returns: (device, root_gb): the DeploymentCreate "device" (only the
+        fields the hints fix) and the root disk size in GiB a size hint asks
+        for when instance_info has no root_gb, else None.
+    :raises: InvalidParameterValue naming the hint.
+    """
+    raw = (node.properties or {}).get('root_device') or {}
+    if not raw:
+        return {}, None
+    try:
+        hints = il_utils.parse_root_device_hints(raw)
+    except ValueError as e:
+        raise exception.InvalidParameterValue(
+            _('properties["root_device"] of node %(node)s: %(err)s')
+            % {'node': node.uuid, 'err': e})
+    bad = [h for h in UNSUPPORTED_HINTS if h in hints]
+    if bad:
+        raise exception.InvalidParameterValue(
+            _('Node %(node)s boots from the NVMe disk its DPU emulates, which '
+              'has no %(hints)s; use serial, wwn (eui.<16 hex digits>), model, '
+              'size, name (%(name)s) or rotational (false) in '
+              'properties["root_device"]')
+            % {'node': node.uuid, 'hints': ', '.join(bad), 'name': DISK_NAME})
+    device = {}
+    for key, limit in (('serial', 20), ('model', 40), ('wwn', None)):
+        value = _equal_value(raw.get(key))
+        if value is None:
+            continue
+        if key == 'wwn' and not EUI_WWN.match(value):
+            raise exception.InvalidParameterValue(
+                _('properties["root_device"]["wwn"] of node %(node)s is '
+                  '"%(v)s", but an emulated NVMe namespace has an EUI-64 WWN '
+                  '(eui. and 16 hex digits)') % {'node': node.uuid, 'v': value})
+        if limit and len(value) > limit:
+            raise exception.InvalidParameterValue(
+                _('properties["root_device"]["%(k)s"] of node %(node)s is '
+                  'longer than an NVMe %(k)s (%(n)d characters)')
+                % {'k': key, 'node': node.uuid, 'n': limit})
+        device[key] = value
+    root_gb = (node.instance_info or {}).get('root_gb')
+    size_gb = None
+    if root_gb in (None, '', 0, '0'):
+        size = _equal_value(raw.get('size'))
+        size_gb = int(size) if size and size.isdigit() else None
+    # What the host will see: ironic-lib decides whether the hints match it.
+    # Fields the driver service derives are not known here and match any
+    # hint that is not an exact value (which was adopted above).
+    gb = int(root_gb) if root_gb not in (None, '', 0, '0') else size_gb
+    candidate = {'name': DISK_NAME, 'rotational': False,
+                 'size': gb * units.Gi if gb else None,
+                 'serial': device.get('serial'), 'model': device.get('model'),
+                 'wwn': device.get('wwn')}
+    # The hints as written: the matcher parses them itself.
+    checked = {k: v for k, v in raw.items()
+               if candidate.get(k) is not None or k in ('name', 'rotational')}
+    if checked and il_utils.match_root_device_hints([candidate],
+                                                    checked) is None:
+        raise exception.InvalidParameterValue(
+            _('properties["root_device"] of node %(node)s (%(hints)s) does not '
+              'match the NVMe disk its DPU emulates (%(disk)s): the host would '
+              'not boot from it')
+            % {'node': node.uuid, 'hints': raw,
+               'disk': ', '.join('%s=%s' % (k, v) for k, v in
+                                 sorted(candidate.items()) if v is not None)})
+    return device, size_gb
+
+
 def progress_of(deployment):
     """What driver_internal_info["smartnic_progress"] shows of a deployment."""
     p = deployment.get('progress') or {}
@@ -224,6 +328,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         parse_driver_info(node)
         check_instance_info(node)
+        emulated_disk(node)
         try:
             service_client.DriverServiceClient().validate(node)
         except smartnic_exc.ServiceError as e:
@@ -272,9 +377,11 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         # A dict config drive (API 1.56+) is built into an ISO by Ironic's own
         # builder, as for any deploy interface; a string or URL passes as is.
         configdrive = manager_utils.get_configdrive_image(node)
+        device, size_gb = emulated_disk(node)
         deployment = client.create_deployment(node, deployment_id,
                                               callback=callback,
-                                              configdrive=configdrive)
+                                              configdrive=configdrive,
+                                              device=device, root_gb=size_gb)
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))

@@ -30,8 +30,9 @@ DOCS = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..', 'docs',
 
 class FakeNode(object):
     def __init__(self, driver_info=None, instance_info=None,
-                 provision_state=states.AVAILABLE, dii=None):
+                 provision_state=states.AVAILABLE, dii=None, properties=None):
         self.uuid = '1be26c0b-03f2-4d2e-ae87-c02d7f33c123'
+        self.properties = properties or {}
         self.driver_info = driver_info or {}
         self.instance_info = instance_info or {}
         self.driver_internal_info = dict(dii or {})
@@ -116,6 +117,58 @@ class TestFields(unittest.TestCase):
         self.assertNotIn('ipmi_password', body['driver_info'])
         self.assertEqual(100, body['driver_info']['smartnic_bandwidth'])
         self.assertEqual('d1', body['deployment_id'])
+
+
+class TestRootDeviceHints(unittest.TestCase):
+    """properties.root_device against the NVMe disk the DPU emulates."""
+
+    def disk(self, hints, ii=None):
+        node = FakeNode(GOOD_DI, dict({'image_source': 'http://i/x'}, **(ii or {})),
+                        properties={'root_device': hints})
+        return deploy.emulated_disk(node)
+
+    def test_no_hints_nothing_fixed(self):
+        self.assertEqual(({}, None), deploy.emulated_disk(FakeNode(GOOD_DI)))
+
+    def test_exact_serial_wwn_model_are_presented(self):
+        device, size = self.disk({'serial': 'SN-42', 'wwn': 'eui.02aabbccddeeff00',
+                                  'model': 'DPU Disk'})
+        self.assertEqual({'serial': 'SN-42', 'wwn': 'eui.02aabbccddeeff00',
+                          'model': 'DPU Disk'}, device)
+        self.assertEqual({'serial': 'SN-42'},
+                         self.disk({'serial': 's== SN-42'})[0])
+        self.assertEqual({}, self.disk({'serial': '<in> SN'})[0])
+        self.assertIsNone(size)
+
+    def test_size_hint_sizes_the_disk_or_must_match_root_gb(self):
+        self.assertEqual(({}, 40), self.disk({'size': 40}))
+        self.assertEqual(({}, None), self.disk({'size': 40}, {'root_gb': 40}))
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'does not match the NVMe disk'):
+            self.disk({'size': 40}, {'root_gb': 20})
+        self.assertEqual(({}, None), self.disk({'size': '>= 10'},
+                                               {'root_gb': 20}))
+
+    def test_what_an_emulated_nvme_cannot_be_is_refused(self):
+        for hints, pattern in (({'rotational': True}, 'does not match'),
+                               ({'name': '/dev/sda'}, 'does not match'),
+                               ({'hctl': '0:0:0:0'}, 'has no hctl'),
+                               ({'vendor': 'ATA'}, 'has no vendor'),
+                               ({'wwn': '0x5000c500a1b2c3d4'}, 'EUI-64'),
+                               ({'serial': 'x' * 21}, 'longer than'),
+                               ({'size': 'big'}, 'root_device')):
+            with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                        pattern):
+                self.disk(hints)
+        self.assertEqual(({}, None), self.disk({'name': '/dev/nvme0n1',
+                                                'rotational': False}))
+
+    def test_request_body_carries_the_identity(self):
+        node = FakeNode(GOOD_DI, {'image_source': 'http://i/x'})
+        body = service_client.DriverServiceClient.request_body(
+            node, device={'serial': 'sn-42'}, root_gb=40)
+        self.assertEqual({'serial': 'sn-42'}, body['device'])
+        self.assertEqual(40, body['instance_info']['root_gb'])
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
