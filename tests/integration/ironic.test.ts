@@ -231,6 +231,62 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     }
   });
 
+  it('(g) rebuild deploys a new disk with the new config drive, the old one wiped first; adopt takes a served disk and refuses without one', async () => {
+    const gptImage = path.join(dir, 'gpt-g.raw');
+    fs.writeFileSync(gptImage, Buffer.alloc(0));
+    fs.truncateSync(gptImage, 24 * MiB);
+    await run('sgdisk', ['-o', '-n', '1:2048:+4M', '-t', '1:ef00', '-n', '2:0:0', gptImage]);
+    const gptOrigin = new TestOrigin({ file: gptImage });
+    await gptOrigin.start();
+    const drive = (marker: string): string => JSON.stringify({ user_data: `#cloud-config\nruncmd: [echo ${marker}]\n` });
+    try {
+      // Rebuild.
+      const uuid = await fakeNode('node-g', { smartnic_agent_url: agent.url, smartnic_target: target('node-g') });
+      await ironic.baremetal('node', 'set', 'node-g', '--instance-info', `image_source=${gptOrigin.url}`, '--instance-info', 'root_gb=1');
+      await ironic.baremetal('node', 'deploy', 'node-g', '--config-drive', drive('FIRST'));
+      await ironic.waitForProvisionState('node-g', 'active', 60_000);
+      const first = await api.getDeployment(uuid);
+      const firstDrive = (await agentApi.listDisks()).find((d) => d.target.path === target('node-g'))!.config_drive!;
+      await ironic.baremetal('node', 'rebuild', 'node-g', '--config-drive', drive('SECOND'));
+      await ironic.waitForProvisionState('node-g', 'active', 60_000);
+      const second = await api.getDeployment(uuid);
+      assert.notEqual(second.deployment_id, first.deployment_id, 'a new deployment');
+      const disks = (await agentApi.listDisks()).filter((d) => d.target.path === target('node-g'));
+      assert.equal(disks.length, 1, 'the old disk is gone');
+      assert.equal(disks[0]!.id, second.disk_id);
+      assert.notEqual(disks[0]!.config_drive!.sha256, firstDrive.sha256, 'the new config drive');
+      assert.ok(ironic.logLines(uuid).some((l) => /Removing the earlier SmartNIC deployment/.test(l)), 'the old deployment was removed (and wiped) first');
+      await ironic.baremetal('node', 'undeploy', 'node-g');
+      await ironic.waitForProvisionState('node-g', 'available', 60_000);
+
+      // Adopt: a host already running from a disk the service serves.
+      const created = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-adopt', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-adopt')}`, '-f', 'json')) as IronicNode;
+      await ironic.baremetal('node', 'set', 'node-adopt', '--instance-info', `image_source=${gptOrigin.url}`);
+      await ironic.baremetal('node', 'manage', 'node-adopt');
+      await ironic.waitForProvisionState('node-adopt', 'manageable');
+      await api.createDeployment({ node_uuid: created.uuid, deployment_id: 'pre-existing', instance_info: { image_source: gptOrigin.url }, driver_info: { smartnic_agent_url: agent.url, smartnic_target: target('node-adopt') } });
+      await until('pre-existing deployment ready', async () => ['ready', 'complete'].includes((await api.getDeployment(created.uuid)).state), 60_000, 250);
+      await ironic.baremetal('node', 'adopt', 'node-adopt');
+      const adopted = await ironic.waitForProvisionState('node-adopt', 'active', 60_000);
+      assert.equal(adopted.driver_internal_info['smartnic_deployment'], 'pre-existing');
+      await ironic.baremetal('node', 'undeploy', 'node-adopt');
+      await ironic.waitForProvisionState('node-adopt', 'available', 60_000);
+      assert.ok(await noDeployment(created.uuid), 'undeploy removed the adopted deployment');
+
+      // Adopt without one: refused, saying why.
+      const lone = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-lone', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-lone')}`, '-f', 'json')) as IronicNode;
+      await ironic.baremetal('node', 'set', 'node-lone', '--instance-info', `image_source=${gptOrigin.url}`);
+      await ironic.baremetal('node', 'manage', 'node-lone');
+      await ironic.waitForProvisionState('node-lone', 'manageable');
+      await ironic.baremetal('node', 'adopt', 'node-lone');
+      const failed = await ironic.waitForProvisionState('node-lone', 'adopt failed', 60_000);
+      assert.match(failed.last_error ?? '', /has no deployment of it/);
+      assert.ok(await noDeployment(lone.uuid));
+    } finally {
+      await gptOrigin.stop();
+    }
+  });
+
   it('(b) a missing image is refused at deploy time with the origin\'s answer; the node stays available', async () => {
     const missing = new TestOrigin({ file: image, notFound: true });
     await missing.start();

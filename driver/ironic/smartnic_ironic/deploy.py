@@ -549,8 +549,47 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         is deployed again or undeployed.
         """
 
+    @METRICS.timer('SmartNICStreamingDeploy.take_over')
     def take_over(self, task):
-        """Nothing to do: the driver service keeps its state in Redis."""
+        """Adoption, or another conductor taking the node over.
+
+        The driver service keeps the deployment in Redis, so nothing moves:
+        the node's deployment is looked up and recorded. Adoption needs one
+        that serves the disk (ready or complete): the host already runs from
+        it; without one there is nothing to adopt, and the node is deployed
+        instead. A conductor that takes over an ACTIVE node resumes showing
+        its progress.
+
+        :raises: InstanceDeployFailure when adopting a node without a
+            bootable deployment.
+        """
+        node = task.node
+        deployment = service_client.DriverServiceClient().get_deployment(
+            node.uuid)
+        if node.provision_state == states.ADOPTING:
+            if deployment is None or deployment.get('state') not in BOOTABLE:
+                raise exception.InstanceDeployFailure(
+                    _('Node %(node)s cannot be adopted by the %(iface)s deploy '
+                      'interface: the SmartNIC driver service has %(what)s. '
+                      'Adopt only a node whose host runs from a streaming '
+                      'disk the service serves; otherwise deploy it.')
+                    % {'node': node.uuid, 'iface': INTERFACE_NAME,
+                       'what': ('no deployment of it' if deployment is None
+                                else 'its deployment in state %s (%s)'
+                                % (deployment.get('state'),
+                                   deployment.get('last_error')))})
+        if deployment is None:
+            LOG.warning('Taking over node %s: the SmartNIC driver service has '
+                        'no deployment of it', node.uuid)
+            return
+        node.set_driver_internal_info(DEPLOYMENT_KEY,
+                                      deployment.get('deployment_id'))
+        node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
+        node.save()
+        LOG.info('Took over node %(node)s with SmartNIC deployment %(dep)s '
+                 '(%(state)s)', {'node': node.uuid,
+                                 'dep': deployment.get('deployment_id'),
+                                 'state': deployment.get('state')})
 
     # ---- periodic tasks ---------------------------------------------------
 

@@ -276,6 +276,45 @@ class TestClient(unittest.TestCase):
             c.get_deployment('n')
 
 
+class TestTakeOver(unittest.TestCase):
+    """Adoption and conductor take-over look the deployment up."""
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        p = mock.patch.object(service_client, 'DriverServiceClient',
+                              autospec=True)
+        self.client = p.start().return_value
+        self.addCleanup(p.stop)
+
+    def task(self, state):
+        return mock.Mock(node=FakeNode(GOOD_DI, provision_state=state))
+
+    def test_adopting_without_a_deployment_fails_saying_so(self):
+        self.client.get_deployment.return_value = None
+        with self.assertRaisesRegex(exception.InstanceDeployFailure,
+                                    'no deployment of it'):
+            self.iface.take_over(self.task(states.ADOPTING))
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'failed', 'last_error': 'boom'}
+        with self.assertRaisesRegex(exception.InstanceDeployFailure,
+                                    'state failed .boom'):
+            self.iface.take_over(self.task(states.ADOPTING))
+
+    def test_adopting_a_served_disk_records_it(self):
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'ready', 'progress': {}}
+        task = self.task(states.ADOPTING)
+        self.iface.take_over(task)
+        self.assertEqual('d1', task.node.driver_internal_info[
+            deploy.DEPLOYMENT_KEY])
+        self.assertEqual('ready', task.node.driver_internal_info[
+            deploy.PROGRESS_KEY]['state'])
+
+    def test_take_over_of_an_active_node_without_one_only_warns(self):
+        self.client.get_deployment.return_value = None
+        self.iface.take_over(self.task(states.ACTIVE))
+
+
 class TestPoll(unittest.TestCase):
     """check_deployment's decisions for a node in "wait call-back"."""
 
