@@ -52,7 +52,9 @@ function readRange(file: string, from: number, to: number): Buffer {
 }
 
 describe('a real OS (Debian 12 cloud image) boots from the streaming disk', function () {
+  // Each boot: about a minute to the prompt (300 s allowed), then the rest of the copy.
   this.timeout(600_000);
+  this.slow(180_000);
   let dir: string;
   let cleanup: () => void;
   const origins = new Map<string, TestOrigin>();
