@@ -14,6 +14,7 @@ PACKAGES=(
   ironic-api ironic-conductor python3-ironicclient python3-pip  # Ironic standalone and the plugin's install
   openipmi ipmitool                                     # ipmi_sim as the virtual BMC, Ironic's ipmitool driver
   shellcheck                                            # the DevStack plugin's scripts (tests/integration/devstack.test.ts)
+  genisoimage fdisk openssh-client                      # config drives (Ironic builds them with genisoimage; isoinfo, sfdisk check them), the lab's SSH key
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
