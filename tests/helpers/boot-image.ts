@@ -216,13 +216,14 @@ export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
  * settings), so each boot gets a fresh copy in `dir`; OVMF_CODE_4M.fd is the build
  * without Secure Boot enforcement, which the test images (unsigned GRUB) need.
  */
-function firmwareArgs(firmware: Firmware, dir: () => string): string[] {
+export function firmwareArgs(firmware: Firmware, dir: () => string): string[] {
   if (firmware === 'seabios') return [];
   for (const f of [OVMF_CODE, OVMF_VARS]) {
     if (!existsSync(f)) throw new Error(`UEFI firmware not found: ${f} (install Debian package: ovmf)`);
   }
+  // A machine's NVRAM: made once per directory, kept across its power cycles.
   const vars = path.join(dir(), 'OVMF_VARS.fd');
-  copyFileSync(OVMF_VARS, vars);
+  if (!existsSync(vars)) copyFileSync(OVMF_VARS, vars);
   return [
     '-drive', `if=pflash,format=raw,readonly=on,file=${OVMF_CODE.replace(/,/g, ',,')}`,
     '-drive', `if=pflash,format=raw,file=${vars.replace(/,/g, ',,')}`,

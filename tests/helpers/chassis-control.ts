@@ -14,7 +14,7 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { nbdUriToQemu } from './boot-image.js';
+import { type Firmware, firmwareArgs, nbdUriToQemu } from './boot-image.js';
 
 export interface ChassisConfig {
   stateDir: string;
@@ -24,6 +24,10 @@ export interface ChassisConfig {
   target: string;
   serialLog: string;
   memoryMiB?: number;
+  /** The host's firmware: SeaBIOS (legacy BIOS boot) or OVMF (UEFI). @default 'seabios' */
+  firmware?: Firmware;
+  /** Give the host a NIC (QEMU user networking, DHCP) whose port 22 is forwarded to 127.0.0.1:sshPort. */
+  sshPort?: number;
 }
 
 interface AgentDisk {
@@ -43,7 +47,8 @@ export function nvmeArgs(drive: string, device: AgentDisk['device']): string[] {
   return [
     '-drive', `file=${drive},if=none,id=d0,format=raw`,
     '-device', `nvme,id=nvme0,serial=${device.serial.replace(/,/g, ',,')}`,
-    '-device', `nvme-ns,drive=d0,bus=nvme0,nsid=1${eui64 ? `,eui64=0x${eui64}` : ''}`,
+    // bootindex: the firmware boots the disk, never the NIC first (PXE costs minutes under TCG).
+    '-device', `nvme-ns,drive=d0,bus=nvme0,nsid=1,bootindex=0${eui64 ? `,eui64=0x${eui64}` : ''}`,
   ];
 }
 
@@ -94,7 +99,9 @@ async function powerOn(c: ChassisConfig): Promise<void> {
   const args = [
     '-machine', 'q35', '-m', String(c.memoryMiB ?? 512), '-nographic', '-nodefaults',
     '-serial', `file:${c.serialLog}`, '-monitor', 'none',
+    ...firmwareArgs(c.firmware ?? 'seabios', () => c.stateDir),
     ...nvmeArgs(drive, disk.device),
+    ...(c.sshPort ? ['-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${c.sshPort}-:22`, '-device', 'virtio-net-pci,netdev=n0,romfile='] : []),
     '-boot', 'c', '-no-reboot',
   ];
   // detached: QEMU runs in a session of its own (setsid), so neither ipmi_sim nor this

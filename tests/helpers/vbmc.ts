@@ -24,6 +24,10 @@ export interface VirtualBmcSetup {
   agentToken: string;
   /** The node's smartnic_target: the host boots the agent disk with this target. */
   target: string;
+  /** The host's firmware, memory and NIC (see ChassisConfig). */
+  firmware?: ChassisConfig['firmware'];
+  memoryMiB?: number;
+  sshPort?: number;
 }
 
 export class VirtualBmc {
@@ -52,7 +56,16 @@ export class VirtualBmc {
   async start(): Promise<void> {
     fs.mkdirSync(this.stateDir, { recursive: true });
     this.port = await freePort(); // a free TCP port number; UDP on it is almost surely free too
-    const chassis: ChassisConfig = { stateDir: this.stateDir, agentUrl: this.s.agentUrl, agentToken: this.s.agentToken, target: this.s.target, serialLog: this.serialLog };
+    const chassis: ChassisConfig = {
+      stateDir: this.stateDir,
+      agentUrl: this.s.agentUrl,
+      agentToken: this.s.agentToken,
+      target: this.s.target,
+      serialLog: this.serialLog,
+      ...(this.s.firmware ? { firmware: this.s.firmware } : {}),
+      ...(this.s.memoryMiB ? { memoryMiB: this.s.memoryMiB } : {}),
+      ...(this.s.sshPort ? { sshPort: this.s.sshPort } : {}),
+    };
     const chassisFile = path.join(this.s.dir, 'chassis.json');
     fs.writeFileSync(chassisFile, JSON.stringify(chassis));
     const lan = path.join(this.s.dir, 'lan.conf');
