@@ -27,6 +27,7 @@ import { agentFor } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, type Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
+import type { RedisFitness } from './redis-fitness.js';
 import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
 
 export interface DriverApiDeps {
@@ -37,6 +38,8 @@ export interface DriverApiDeps {
   metrics: DriverMetrics;
   log: Logger;
   version: string;
+  /** The last reading of Redis's eviction policy and persistence, for /v1/health. */
+  fitness?: () => RedisFitness | null;
 }
 
 /** The app, typed with the pino logger it was given. */
@@ -107,7 +110,9 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           () => true,
           () => false,
         );
-        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down' });
+        const f = deps.fitness?.() ?? null;
+        const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown' } : {};
+        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down', ...fitness });
       },
       async getMetrics(_req, reply) {
         return reply.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());

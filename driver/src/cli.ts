@@ -8,8 +8,9 @@ import { type Job, Queue } from 'bullmq';
 import { pino } from 'pino';
 import { ConfigError, renderConfigDocs } from '../../common/src/config.js';
 import { DRIVER_CONFIG_SCHEMA, type DriverConfig, resolveDriverConfig } from './config.js';
+import { DriverError } from './errors.js';
 import { type JobData, QUEUE_NAMES, type QueueName } from './queues.js';
-import { redisConnection, startDriverService } from './service.js';
+import { redactRedisUrl, redisConnection, startDriverService } from './service.js';
 
 const DEFAULT_CONFIG = '/etc/smartnic/driver.yaml';
 
@@ -71,6 +72,10 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`smartnic-driver: DRV_ERR_CONFIG: ${err.message}\n`);
       return 2;
     }
+    if (err instanceof DriverError && err.code === 'DRV_ERR_REDIS_UNFIT') {
+      process.stderr.write(`smartnic-driver: ${err.code}: ${err.message}\n`);
+      return 2;
+    }
     process.stderr.write(`smartnic-driver: ${(err as Error).message}\n`);
     return 1;
   }
@@ -83,7 +88,7 @@ async function serve(config: Readonly<DriverConfig>): Promise<number> {
   });
   const service = await startDriverService(config, log, { version: version() });
   process.stdout.write(JSON.stringify({ event: 'listening', url: service.url }) + '\n');
-  log.info({ url: service.url, redis: redactRedis(config.redis.url), auth: config.auth.tokens.length > 0 }, 'driver service listening');
+  log.info({ url: service.url, redis: redactRedisUrl(config.redis.url), auth: config.auth.tokens.length > 0 }, 'driver service listening');
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', () => resolve());
     process.once('SIGINT', () => resolve());
@@ -176,10 +181,6 @@ async function jobs(config: Readonly<DriverConfig>, sub: string | undefined, arg
     await Promise.all(QUEUE_NAMES.map((q) => queues[q].close()));
     redis.disconnect();
   }
-}
-
-function redactRedis(url: string): string {
-  return url.replace(/\/\/([^@/]*)@/, '//REDACTED@');
 }
 
 function version(): string {

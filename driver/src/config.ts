@@ -4,7 +4,7 @@ import { ConfigError, type ConfigSchema, loadConfigFile, resolveTokenList, valid
 export interface DriverConfig {
   listen: { host: string; port: number };
   auth: { tokens: string[]; token_file?: string; disabled: boolean };
-  redis: { url: string; prefix: string };
+  redis: { url: string; prefix: string; allow_eviction: boolean; require_persistence: boolean; check_interval_ms: number };
   agent: { token?: string; timeout_ms: number };
   jobs: {
     attach_attempts: number;
@@ -68,6 +68,17 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         url: { type: 'string', pattern: '^rediss?://', default: 'redis://127.0.0.1:6379/0', description: 'redis:// or rediss:// URL (password in the URL is redacted from logs).' },
         prefix: { type: 'string', pattern: '^[a-z0-9_-]+$', default: 'smartnic', description: 'Key prefix for queues and deployment records.' },
+        allow_eviction: {
+          type: 'boolean',
+          default: false,
+          description: "Start even though Redis's maxmemory-policy is not noeviction. An evicting Redis drops deployment records and jobs under memory pressure without an error, so by default the service refuses to start on one (docs/operations.md, Redis).",
+        },
+        require_persistence: {
+          type: 'boolean',
+          default: false,
+          description: 'Refuse to start unless Redis persists its data (appendonly yes, or RDB snapshots: a non-empty save), and when that cannot be checked (CONFIG disabled, as on managed Redis). false: such a Redis is only warned about.',
+        },
+        check_interval_ms: { type: 'integer', minimum: 0, default: 60000, description: "How often Redis's eviction policy and persistence are checked again while the service runs (a change is logged, /v1/health and the metrics follow it); 0: at start only." },
       },
     },
     agent: {

@@ -1,6 +1,7 @@
 /** Prometheus metrics of the driver service, on a registry of its own (several apps per process in tests). */
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { QUEUE_NAMES, type Queues } from './queues.js';
+import { PERSISTENCE_MODES, type RedisFitness } from './redis-fitness.js';
 import type { DeploymentStore } from './store.js';
 
 export interface DriverMetrics {
@@ -8,7 +9,12 @@ export interface DriverMetrics {
   jobsFinished: Counter<'queue' | 'result'>;
 }
 
-export function createMetrics(store: DeploymentStore, queues: Queues): DriverMetrics {
+export interface OpsSources {
+  /** The last reading of Redis's settings (redis-fitness.ts). */
+  fitness?: () => RedisFitness | null;
+}
+
+export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSources = {}): DriverMetrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'smartnic_driver_' });
   new Gauge({
@@ -51,5 +57,28 @@ export function createMetrics(store: DeploymentStore, queues: Queues): DriverMet
     labelNames: ['queue', 'result'],
     registers: [registry],
   });
+  const { fitness } = ops;
+  if (fitness) {
+    new Gauge({
+      name: 'smartnic_driver_redis_persistence',
+      help: 'How Redis persists the deployments: 1 for the mode found (aof, rdb, none, unknown: CONFIG refused and no AOF), 0 for the others.',
+      labelNames: ['mode'],
+      registers: [registry],
+      collect() {
+        const mode = fitness()?.persistence ?? 'unknown';
+        for (const m of PERSISTENCE_MODES) this.set({ mode: m }, m === mode ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_redis_maxmemory_policy',
+      help: "Redis's maxmemory-policy (1 for the policy found; anything but noeviction can drop deployments).",
+      labelNames: ['policy'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.set({ policy: fitness()?.maxmemory_policy ?? 'unknown' }, 1);
+      },
+    });
+  }
   return { registry, jobsFinished };
 }

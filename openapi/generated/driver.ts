@@ -138,6 +138,13 @@ export interface components {
             readonly version: string;
             /** @enum {string} */
             readonly redis: "up" | "down";
+            /**
+             * @description How Redis persists the deployments, as last checked (at start, then every redis.check_interval_ms): aof (append-only file on), rdb (snapshots only), none (a Redis restart loses every deployment), unknown (not checked yet, or CONFIG refused and the append-only file off: verify by hand).
+             * @enum {string}
+             */
+            readonly redis_persistence?: "aof" | "rdb" | "none" | "unknown";
+            /** @description Redis's maxmemory-policy as last checked (unknown when it could not be read); anything but noeviction can drop deployments. */
+            readonly redis_maxmemory_policy?: string;
         };
         /** @description The Ironic node UUID (or another stable node name). */
         readonly NodeId: string;
