@@ -1,15 +1,19 @@
 /** Prometheus metrics of the driver service, on a registry of its own (several apps per process in tests). */
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { QUEUE_NAMES, type Queues } from './queues.js';
+import type { ReconcileStore } from './reconcile.js';
 import { PERSISTENCE_MODES, type RedisFitness } from './redis-fitness.js';
 import type { DeploymentStore } from './store.js';
 
 export interface DriverMetrics {
   registry: Registry;
   jobsFinished: Counter<'queue' | 'result'>;
+  orphansRemoved: Counter;
 }
 
 export interface OpsSources {
+  /** The orphans and the last reconcile pass, read from Redis at scrape time. */
+  reconcile?: ReconcileStore;
   /** The last reading of Redis's settings (redis-fitness.ts). */
   fitness?: () => RedisFitness | null;
 }
@@ -57,7 +61,42 @@ export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSo
     labelNames: ['queue', 'result'],
     registers: [registry],
   });
-  const { fitness } = ops;
+  const orphansRemoved = new Counter({
+    name: 'smartnic_driver_orphan_disks_removed_total',
+    help: 'Orphan disks this process deleted (with wipe) on DPU agents (reconcile.remove_orphans).',
+    registers: [registry],
+  });
+  const { reconcile, fitness } = ops;
+  if (reconcile) {
+    new Gauge({
+      name: 'smartnic_driver_orphan_disks',
+      help: 'Disks with a driver-style id on DPU agents that no deployment record names, as the last reconcile pass found them (GET /v1/orphans).',
+      registers: [registry],
+      async collect() {
+        this.set(await reconcile.orphanCount());
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_reconcile_last_run_timestamp_seconds',
+      help: 'When the last reconcile pass ended (any driver process on this Redis); 0 before the first.',
+      registers: [registry],
+      async collect() {
+        const last = await reconcile.last();
+        this.set(last ? Date.parse(last.finished_at) / 1000 : 0);
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_reconcile_agents',
+      help: 'DPU agents by whether the last reconcile pass could list their disks (result ok or error).',
+      labelNames: ['result'],
+      registers: [registry],
+      async collect() {
+        const scans = await reconcile.scans();
+        this.set({ result: 'ok' }, scans.filter((s) => !s.error).length);
+        this.set({ result: 'error' }, scans.filter((s) => s.error).length);
+      },
+    });
+  }
   if (fitness) {
     new Gauge({
       name: 'smartnic_driver_redis_persistence',
@@ -80,5 +119,5 @@ export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSo
       },
     });
   }
-  return { registry, jobsFinished };
+  return { registry, jobsFinished, orphansRemoved };
 }

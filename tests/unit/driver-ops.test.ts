@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { diskId } from '../../driver/src/api.js';
 import { resolveDriverConfig } from '../../driver/src/config.js';
 import { judgeRedis, parseInfo, type RedisFitness } from '../../driver/src/redis-fitness.js';
 
@@ -40,5 +42,18 @@ describe('Redis fitness verdicts', () => {
     const m = parseInfo('# Persistence\r\naof_enabled:1\r\nrdb_saves:0\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n');
     assert.equal(m.get('aof_enabled'), '1');
     assert.equal(m.get('maxmemory_policy'), 'noeviction');
+  });
+});
+
+describe('reconcile config', () => {
+  it("the default disk_id_pattern matches every id the driver makes", () => {
+    const pattern = new RegExp(resolveDriverConfig({ object: { auth: { disabled: true } } }).reconcile.disk_id_pattern);
+    const id = fc.stringMatching(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/);
+    fc.assert(fc.property(id, id, (node, deployment) => pattern.test(diskId(node, deployment))));
+    assert.equal(pattern.test('scratch'), false);
+  });
+
+  it('refuses a disk_id_pattern that is not a regular expression, naming the key', () => {
+    assert.throws(() => resolveDriverConfig({ object: { auth: { disabled: true }, reconcile: { disk_id_pattern: '([' } } }), /reconcile\.disk_id_pattern" is not a regular expression/);
   });
 });
