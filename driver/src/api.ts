@@ -135,6 +135,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           })),
           agents: scans,
           reconciled_at: last?.finished_at ?? null,
+          removal_held: last?.removal_held ?? null,
         };
       },
       async getMetrics(_req, reply) {

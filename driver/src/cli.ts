@@ -222,6 +222,7 @@ async function reconcile(config: Readonly<DriverConfig>, sub: string | undefined
       process.stdout.write(`  orphan  ${o.agent_url}  ${o.disk_id}  ${o.state}  ${o.size} bytes  ${o.target}  since ${o.first_seen_at}  ${after}${o.last_error ? `  last error: ${o.last_error}` : ''}\n`);
     }
     for (const s of scans.filter((x) => x.error)) process.stdout.write(`  agent   ${s.agent_url}  not listed: ${s.error}\n`);
+    if (r.removal_held) process.stdout.write(`  held    ${r.removal_held}\n`);
     return r.agents_failed ? 1 : 0;
   } finally {
     redis.disconnect();

@@ -35,6 +35,7 @@ export interface DriverConfig {
     interval_ms: number;
     remove_orphans: boolean;
     grace_ms: number;
+    max_removals: number;
     concurrency: number;
     disk_id_pattern: string;
     agents: { url: string; token?: string }[];
@@ -174,6 +175,12 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         interval_ms: { type: 'integer', minimum: 0, default: 300000, description: 'How often the agents are scanned (one pass at a time across every driver process on the Redis, under a lock); 0: never on a schedule (`smartnic-driver reconcile` still runs a pass).' },
         remove_orphans: { type: 'boolean', default: false, description: 'Delete (and wipe) a disk that has been an orphan for grace_ms. false: orphans are only reported.' },
         grace_ms: { type: 'integer', minimum: 0, default: 3600000, description: 'How long a disk must have been seen as an orphan, by consecutive passes, before it is removed.' },
+        max_removals: {
+          type: 'integer',
+          minimum: 0,
+          default: 5,
+          description: 'A pass that finds more orphans due for removal than this removes none and logs an error: many at once look like deployment records lost with Redis, whose hosts may still run from the disks (docs/operations.md, Losing Redis).',
+        },
         concurrency: { type: 'integer', minimum: 1, default: 8, description: 'Agents scanned at once.' },
         disk_id_pattern: {
           type: 'string',

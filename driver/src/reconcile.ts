@@ -68,6 +68,8 @@ export interface ReconcileReport {
   agents_failed: number;
   orphans: number;
   removed: number;
+  /** Why no orphan was removed although some were due (reconcile.max_removals), else null. */
+  removal_held: string | null;
   /** Complete deployments whose disk was gone, marked failed. */
   records_failed: number;
 }
@@ -336,13 +338,26 @@ export class Reconciler {
 
     // 4. Remove those past their grace period.
     let removed = 0;
-    const due = [...current.values()].filter((o) => Date.now() - Date.parse(o.first_seen_at) >= cfg.grace_ms);
+    let held: string | null = null;
+    let due = [...current.values()].filter((o) => Date.now() - Date.parse(o.first_seen_at) >= cfg.grace_ms);
     if (cfg.remove_orphans && !dryRun && due.length) {
       // Read again right before deleting: a deployment created since step 2 protects its disk.
       records = await store.list();
       named = new Set(records.map((r) => r.disk_id));
+      due = due.filter((o) => !named.has(o.disk_id));
+      // Leftovers of races come one or two at a time. Many at once look like lost records
+      // (a Redis that lost its data), whose disks may be running hosts: hold, and say so.
+      if (due.length > cfg.max_removals) {
+        held =
+          `${due.length} orphan disks are due for removal, more than reconcile.max_removals (${cfg.max_removals}): that looks like lost deployment records ` +
+          `(a Redis that lost its data) rather than leftovers, and their hosts may still run from them. None removed. Check GET /v1/orphans against Ironic's active nodes; ` +
+          `then remove them by hand, or raise reconcile.max_removals`;
+        const before = await this.rs.last().catch(() => null);
+        if (before?.removal_held !== held) log.error({ due: due.length, max_removals: cfg.max_removals }, held);
+        due = [];
+      }
       for (const o of due) {
-        if (named.has(o.disk_id) || this.lockLost()) continue;
+        if (this.lockLost()) break;
         const key = ReconcileStore.field(o.agent_url, o.disk_id);
         try {
           await this.client(o.agent_url, agents.get(o.agent_url))
@@ -390,6 +405,7 @@ export class Reconciler {
       agents_failed: scans.filter((s) => s.error).length,
       orphans: current.size - removed + [...prior.values()].filter((o) => agents.has(o.agent_url) && !listed.has(o.agent_url)).length,
       removed,
+      removal_held: held,
       records_failed: recordsFailed,
     };
     await redis.set(this.rs.lastKey, JSON.stringify(report));

@@ -185,6 +185,8 @@ export interface components {
              * @description When the last pass ended; null before the first.
              */
             readonly reconciled_at: string | null;
+            /** @description Why the last pass removed no orphan although some were due: more than reconcile.max_removals at once (they look like deployment records lost with Redis); null otherwise. */
+            readonly removal_held: string | null;
         };
         readonly Orphan: {
             readonly agent_url: string;

@@ -43,6 +43,7 @@ async function redisWith(dir: string, args: string[], port?: number): Promise<{ 
 }
 
 interface OrphanList {
+  removal_held: string | null;
   orphans: { agent_url: string; disk_id: string; state: string; size: number; target: string; first_seen_at: string; last_seen_at: string; remove_after: string | null; last_error: string | null }[];
   agents: { agent_url: string; scanned_at: string; error: string | null }[];
   reconciled_at: string | null;
@@ -237,6 +238,7 @@ describe('driver service operations: reconcile orphan disks', function () {
     assert.equal(o.target, target('node-o'));
     assert.equal(o.size, 4 * MiB);
     assert.equal(o.remove_after, null, 'remove_orphans is off');
+    assert.equal(found.removal_held, null);
     assert.ok(found.reconciled_at);
     const scans = Object.fromEntries(found.agents.map((a) => [a.agent_url, a.error]));
     assert.equal(scans[o.agent_url], null);
@@ -270,6 +272,13 @@ describe('driver service operations: reconcile orphan disks', function () {
     assert.ok(await onAgent('node-o-d1'), 'a dry run removes nothing');
 
     await orphan('node-p-d1', 'node-p');
+    // Two due at once, more than max_removals: none removed, and the pass says why.
+    const held = await cli(['reconcile', '--config', cliConfig('cli-held', { remove_orphans: true, grace_ms: 0, max_removals: 1 })]);
+    assert.equal(held.code, 0, held.stderr);
+    assert.match(held.stdout, /2 orphan disk\(s\), 0 removed/);
+    assert.match(held.stdout, /held {4}2 orphan disks are due for removal, more than reconcile\.max_removals \(1\).*lost deployment records/);
+    assert.match(held.stderr, /"level":50.*more than reconcile\.max_removals/);
+    assert.ok((await onAgent('node-o-d1')) && (await onAgent('node-p-d1')), 'nothing removed while held');
     // Passes until both are gone; each removal must come at least grace_ms after the disk
     // was first seen as an orphan (the removal's log line carries both times).
     const grace = 3000;
