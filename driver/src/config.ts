@@ -179,7 +179,7 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
           type: 'integer',
           minimum: 0,
           default: 5,
-          description: 'A pass that finds more orphans due for removal than this removes none and logs an error: many at once look like deployment records lost with Redis, whose hosts may still run from the disks (docs/operations.md, Losing Redis).',
+          description: 'A pass that finds more orphans due for removal than this removes none and logs an error: many at once look like deployment records lost with Redis, whose hosts may still run from the disks (docs/operations.md, Backups, and losing Redis).',
         },
         concurrency: { type: 'integer', minimum: 1, default: 8, description: 'Agents scanned at once.' },
         disk_id_pattern: {
