@@ -27,6 +27,8 @@ import { agentFor } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, type Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
+import { ReconcileStore } from './reconcile.js';
+import type { RedisFitness } from './redis-fitness.js';
 import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
 
 export interface DriverApiDeps {
@@ -37,6 +39,10 @@ export interface DriverApiDeps {
   metrics: DriverMetrics;
   log: Logger;
   version: string;
+  /** The last reading of Redis's eviction policy and persistence, for /v1/health. */
+  fitness?: () => RedisFitness | null;
+  /** Where reconcile keeps orphans (default: on `redis`). */
+  reconcile?: ReconcileStore;
 }
 
 /** The app, typed with the pino logger it was given. */
@@ -47,6 +53,7 @@ const DASHBOARD = new URL('../../../driver/dashboard/', import.meta.url);
 
 export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
+  const reconcile = deps.reconcile ?? new ReconcileStore(deps.redis, config.redis.prefix);
   const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 10 << 20 /* an inline config drive: up to 8 MiB */ });
 
   app.setErrorHandler((err: FastifyError & { field?: string }, req, reply) => {
@@ -107,7 +114,29 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           () => true,
           () => false,
         );
-        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down' });
+        const f = deps.fitness?.() ?? null;
+        const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown' } : {};
+        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down', ...fitness });
+      },
+      async listOrphans() {
+        const [orphans, scans, last] = await Promise.all([reconcile.orphans(), reconcile.scans(), reconcile.last()]);
+        const { grace_ms, remove_orphans } = config.reconcile;
+        return {
+          orphans: orphans.map((o) => ({
+            agent_url: o.agent_url,
+            disk_id: o.disk_id,
+            state: o.state,
+            size: o.size,
+            target: o.target,
+            first_seen_at: o.first_seen_at,
+            last_seen_at: o.last_seen_at,
+            remove_after: remove_orphans ? new Date(Date.parse(o.first_seen_at) + grace_ms).toISOString() : null,
+            last_error: o.last_error,
+          })),
+          agents: scans,
+          reconciled_at: last?.finished_at ?? null,
+          removal_held: last?.removal_held ?? null,
+        };
       },
       async getMetrics(_req, reply) {
         return reply.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());
@@ -242,8 +271,11 @@ function derivedId(body: DeploymentCreate): string {
   return `d-${h.slice(0, 16)}`;
 }
 
-/** The agent's disk id: lower-case, safe characters, bounded (openapi/dpu-agent.yaml DiskId). */
-function diskId(node: string, deployment: string): string {
+/**
+ * The agent's disk id: lower-case, safe characters, bounded (openapi/dpu-agent.yaml DiskId).
+ * reconcile.disk_id_pattern's default matches every id this makes.
+ */
+export function diskId(node: string, deployment: string): string {
   return `${node}-${deployment}`.toLowerCase().replace(/[^a-z0-9._-]/g, '-').slice(0, 128);
 }
 

@@ -45,6 +45,7 @@ import { nodeDevice } from './device.js';
 import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
+import type { ReconcileStore } from './reconcile.js';
 import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
 
 export interface JobDeps {
@@ -55,6 +56,8 @@ export interface JobDeps {
   log: Logger;
   /** The service's version, sent as agent_version in pushes to Ironic. */
   version?: string;
+  /** Where the agents the service uses are registered for reconcile (reconcile.ts). */
+  reconcile?: ReconcileStore;
 }
 
 /** Pushes the outcome to Ironic if the deployment asked for it; never waits, never throws. */
@@ -143,6 +146,9 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   let image: ResolvedImage;
   let key: string | null = null;
   let status: ManifestStatus | null = null;
+  // Before any disk is made there, so reconcile looks at this agent even if the record is
+  // lost later (reconcile.ts).
+  await deps.reconcile?.register(rec.agent_url, di.smartnic_agent_token);
   try {
     image = await resolveImage(rec.spec.instance_info, deps.config);
     if (required) {

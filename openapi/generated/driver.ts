@@ -101,6 +101,31 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/orphans": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        /**
+         * Disks on the DPU agents that no deployment names, as the last reconcile pass found them.
+         * @description An orphan is a disk with a driver-style id (`reconcile.disk_id_pattern`) on an agent
+         *     the service has used, that no deployment record names in any state: left by a Redis
+         *     that lost its data, or by an attach that ended after its deployment was torn down.
+         *     The reconcile pass (every `reconcile.interval_ms`, or `smartnic-driver reconcile`)
+         *     finds them; with `reconcile.remove_orphans` it deletes and wipes one once it has been
+         *     an orphan for `reconcile.grace_ms`. See docs/operations.md.
+         */
+        readonly get: operations["listOrphans"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/deployments/{node_uuid}/regions": {
         readonly parameters: {
             readonly query?: never;
@@ -138,6 +163,54 @@ export interface components {
             readonly version: string;
             /** @enum {string} */
             readonly redis: "up" | "down";
+            /**
+             * @description How Redis persists the deployments, as last checked (at start, then every redis.check_interval_ms): aof (append-only file on), rdb (snapshots only), none (a Redis restart loses every deployment), unknown (not checked yet, or CONFIG refused and the append-only file off: verify by hand).
+             * @enum {string}
+             */
+            readonly redis_persistence?: "aof" | "rdb" | "none" | "unknown";
+            /** @description Redis's maxmemory-policy as last checked (unknown when it could not be read); anything but noeviction can drop deployments. */
+            readonly redis_maxmemory_policy?: string;
+        };
+        readonly OrphanList: {
+            readonly orphans: readonly components["schemas"]["Orphan"][];
+            /** @description The agents the last passes scanned; an agent that could not be listed has `error`, and its orphans are as last seen. */
+            readonly agents: readonly {
+                readonly agent_url: string;
+                /** Format: date-time */
+                readonly scanned_at: string;
+                readonly error: string | null;
+            }[];
+            /**
+             * Format: date-time
+             * @description When the last pass ended; null before the first.
+             */
+            readonly reconciled_at: string | null;
+            /** @description Why the last pass removed no orphan although some were due: more than reconcile.max_removals at once (they look like deployment records lost with Redis); null otherwise. */
+            readonly removal_held: string | null;
+        };
+        readonly Orphan: {
+            readonly agent_url: string;
+            readonly disk_id: string;
+            /** @description The agent's state of the disk (streaming, complete, failed, wiping). */
+            readonly state: string;
+            /** @description The disk's size in bytes. */
+            readonly size: number;
+            /** @description The local target on the DPU. */
+            readonly target: string;
+            /**
+             * Format: date-time
+             * @description When a pass first found it an orphan.
+             */
+            readonly first_seen_at: string;
+            /** Format: date-time */
+            readonly last_seen_at: string;
+            /**
+             * Format: date-time
+             * @description When a pass may delete and wipe it (first_seen_at + reconcile.grace_ms); null when reconcile.remove_orphans is false.
+             */
+            readonly remove_after: string | null;
+            /** @description Why the last attempt to remove it failed. */
+            readonly last_error: string | null;
         };
         /** @description The Ironic node UUID (or another stable node name). */
         readonly NodeId: string;
@@ -538,6 +611,27 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly listOrphans: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The orphans, and which agents the last pass could list. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["OrphanList"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
         };
     };
     readonly getDeploymentRegions: {
