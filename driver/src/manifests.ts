@@ -6,7 +6,8 @@
  *
  *   key      what the manifest is of: `<format>;<region size>;<digest>` where the digest is
  *            the image's hash when one is known (Glance's os_hash_algo/value, or
- *            instance_info image_os_hash_algo/value or image_checksum), else the resolved
+ *            instance_info image_os_hash_algo/value or image_checksum, read as Ironic
+ *            reads it: image.ts infoDigest), else the resolved
  *            identity (a Swift ETag, say). An image with neither gets no manifest.
  *   Redis    `<prefix>:manifest:<sha256 of key>` the encoded manifest (binary);
  *            `<prefix>:manifest-failed:<sha256 of key>` why it can never be built (the
@@ -30,7 +31,7 @@ import { openImageSource } from '../../dpu-agent/src/streaming/open.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import type { InstanceInfo, ResolvedImage } from './image.js';
-import { resolveImage } from './image.js';
+import { infoDigest, resolveImage } from './image.js';
 import type { JobData } from './queues.js';
 import type { DeploymentStore } from './store.js';
 
@@ -39,10 +40,7 @@ export const DEFAULT_REGION_SIZE = 1 << 20;
 
 /** The digest of the image's content to check, when instance_info or Glance gives one. */
 export function expectedDigest(image: ResolvedImage, info: InstanceInfo): { algo: string; value: string } | null {
-  if (image.hash) return image.hash;
-  if (info.image_os_hash_value) return { algo: info.image_os_hash_algo ?? 'sha512', value: info.image_os_hash_value };
-  if (info.image_checksum) return { algo: 'md5', value: info.image_checksum };
-  return null;
+  return image.hash ?? infoDigest(info);
 }
 
 /** The cache key of the image's manifest in `regionSize` regions, or null when nothing names its content. */
@@ -135,7 +133,7 @@ export async function buildManifest(deps: ManifestJobDeps, job: Job<JobData>): P
     if (err instanceof UnrecoverableError) throw err;
     if (err instanceof DpuError && err.code === 'DPU_ERR_MANIFEST_INVALID') {
       const detail = err.message.replace(/^the image manifest is unusable: /, '');
-      await permanent(deps, job, key, `DRV_ERR_IMAGE_MISMATCH: the image does not match Glance (its ${check!.algo}${image.hash ? '' : ', as instance_info image_os_hash_value gives it'}): ${detail}`);
+      await permanent(deps, job, key, `DRV_ERR_IMAGE_MISMATCH: the image does not match Glance (its ${check!.algo}${image.hash ? '' : ', as instance_info gives it'}): ${detail}`);
     }
     throw err;
   } finally {
