@@ -146,11 +146,15 @@ export interface components {
         readonly InstanceInfo: {
             /** @description An http(s) URL of the image (honouring Range), a Glance image id (UUID, or glance://UUID), or a Swift object (swift://container/object, or its URL under glance.swift_endpoint_url). See docs/driver.md, Image sources. */
             readonly image_source: string;
+            /** @description The image's digest as Ironic reads it: `algo:value`, or hex whose length names the algorithm (32 md5, 64 sha256, 128 sha512). Checked while the manifest is built. */
             readonly image_checksum?: string;
             readonly image_os_hash_algo?: string;
             readonly image_os_hash_value?: string;
-            /** @enum {string} */
-            readonly image_disk_format?: "raw";
+            /**
+             * @description raw (the default), or qcow2, which the DPU agent decodes as it reads it.
+             * @enum {string}
+             */
+            readonly image_disk_format?: "raw" | "qcow2";
         };
         /** @description The node's driver_info; unknown keys are ignored. */
         readonly DriverInfo: {
