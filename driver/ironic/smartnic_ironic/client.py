@@ -21,6 +21,9 @@ CONF = smartnic_conf.CONF
 # instance_info (capabilities, root_gb, ...) is Ironic's business.
 INSTANCE_INFO_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
                       'image_os_hash_value', 'image_disk_format')
+# The ones that describe the image (replaced as a whole by request_body's image).
+IMAGE_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
+              'image_os_hash_value', 'image_disk_format')
 DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
                     'smartnic_target', 'smartnic_region_size',
                     'smartnic_bandwidth')
@@ -87,10 +90,19 @@ class DriverServiceClient(object):
         return resp.json()
 
     @staticmethod
-    def request_body(node, deployment_id=None):
-        """The instance_info and driver_info subsets the service accepts."""
+    def request_body(node, deployment_id=None, image=None):
+        """The instance_info and driver_info subsets the service accepts.
+
+        :param image: the image fields to send instead of instance_info's
+            (image_policy.forwarded: what Ironic resolved, checksums read as
+            Ironic reads them); None sends instance_info's as they are.
+        """
         ii = {k: node.instance_info[k] for k in INSTANCE_INFO_KEYS
               if node.instance_info.get(k) not in (None, '')}
+        if image is not None:
+            for k in IMAGE_KEYS:
+                ii.pop(k, None)
+            ii.update(image)
         di = {k: node.driver_info[k] for k in DRIVER_INFO_KEYS
               if node.driver_info.get(k) not in (None, '')}
         for k in ('smartnic_region_size', 'smartnic_bandwidth'):
@@ -102,19 +114,20 @@ class DriverServiceClient(object):
             body['deployment_id'] = deployment_id
         return body
 
-    def validate(self, node):
+    def validate(self, node, image=None):
         return self._request('POST', '/v1/validate',
                              'the node\'s instance_info and driver_info',
-                             json=self.request_body(node))
+                             json=self.request_body(node, image=image))
 
-    def create_deployment(self, node, deployment_id, callback=None):
+    def create_deployment(self, node, deployment_id, callback=None,
+                          image=None):
         """Asks for the node's deployment.
 
         :param callback: None, or {'url': Ironic's heartbeat URL of the node,
             'agent_token': the node's pregenerated agent token}: the service
             then pushes a heartbeat when the deployment is ready or failed.
         """
-        body = self.request_body(node, deployment_id)
+        body = self.request_body(node, deployment_id, image=image)
         if callback:
             body['callback'] = callback
         return self._request('POST', '/v1/deployments',

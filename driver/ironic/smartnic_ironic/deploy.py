@@ -57,6 +57,7 @@ from ironic.drivers import base
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
 from smartnic_ironic import exception as smartnic_exc
+from smartnic_ironic import image_policy
 
 LOG = logging.getLogger(__name__)
 METRICS = metrics_utils.get_metrics_logger(__name__)
@@ -152,9 +153,11 @@ def _as_int(parsed, key):
 def check_instance_info(node):
     """Checks that instance_info names an image.
 
-    What the image source may be (an http(s) URL, a Glance image, a Swift
-    object) and in which format is the driver service's to decide: validate()
-    asks it, so the plugin never refuses what a newer service accepts.
+    Which sources it may name (an http(s) URL, a Glance image, a Swift
+    object) is the driver service's to decide: validate() asks it, so the
+    plugin never refuses a scheme a newer service accepts. What the image
+    must be (whole-disk, checksummed, raw or qcow2) is Ironic's policy:
+    image_policy.
 
     :raises: MissingParameterValue
     """
@@ -200,9 +203,11 @@ class SmartNICStreamingDeploy(base.DeployInterface):
 
     @METRICS.timer('SmartNICStreamingDeploy.validate')
     def validate(self, task):
-        """Checks driver_info and instance_info, then asks the service.
+        """Checks the node's fields and image, then asks the service.
 
-        The driver service checks that the DPU agent answers and that the
+        The image must be a whole-disk image in a format the DPU serves, with
+        a checksum unless it is in Glance (image_policy). The
+        driver service then checks that the DPU agent answers and that the
         image source honours Range requests, so an unusable node or image is
         refused before the node is touched.
 
@@ -211,8 +216,17 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         parse_driver_info(node)
         check_instance_info(node)
+        image = image_policy.validate(task)
+        if image is None:
+            LOG.debug('The image of node %s is checked by the driver service '
+                      'in prepare, once the conductor serves it', node.uuid)
+            return
+        self._service_validate(node, image)
+
+    @staticmethod
+    def _service_validate(node, image):
         try:
-            service_client.DriverServiceClient().validate(node)
+            service_client.DriverServiceClient().validate(node, image=image)
         except smartnic_exc.ServiceError as e:
             field = (' (%s)' % e.field) if e.field else ''
             raise exception.InvalidParameterValue(
@@ -225,8 +239,20 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     @METRICS.timer('SmartNICStreamingDeploy.prepare')
     @task_manager.require_exclusive_lock
     def prepare(self, task):
-        if task.node.provision_state == states.DEPLOYING:
-            task.driver.network.validate(task)
+        """Before the deploy steps: Ironic resolves a Glance image.
+
+        As the direct interface does (AgentDeploy._update_instance_info):
+        instance_info gets image_url, the hashes and the disk format, which
+        the deploy step forwards; the driver service checks the resolved URL
+        at once, so a bad one fails here, before the node is touched.
+        """
+        node = task.node
+        if node.provision_state != states.DEPLOYING:
+            return
+        task.driver.network.validate(task)
+        if image_policy.resolved_in_ironic(node):
+            image_policy.resolve(task)
+            self._service_validate(node, image_policy.forwarded(node))
 
     @METRICS.timer('SmartNICStreamingDeploy.deploy')
     @base.deploy_step(priority=100)
@@ -256,8 +282,9 @@ class SmartNICStreamingDeploy(base.DeployInterface):
 
         deployment_id = 'ironic-%s' % uuidutils.generate_uuid()[:18]
         callback = self._callback(task)
-        deployment = client.create_deployment(node, deployment_id,
-                                              callback=callback)
+        deployment = client.create_deployment(
+            node, deployment_id, callback=callback,
+            image=image_policy.forwarded(node))
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))

@@ -30,13 +30,15 @@ DOCS = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..', 'docs',
 
 class FakeNode(object):
     def __init__(self, driver_info=None, instance_info=None,
-                 provision_state=states.AVAILABLE, dii=None):
+                 provision_state=states.AVAILABLE, dii=None, properties=None):
         self.uuid = '1be26c0b-03f2-4d2e-ae87-c02d7f33c123'
         self.driver_info = driver_info or {}
         self.instance_info = instance_info or {}
         self.driver_internal_info = dict(dii or {})
+        self.properties = properties or {}
         self.provision_state = provision_state
         self.deploy_interface = deploy.INTERFACE_NAME
+        self.management_interface = 'fake'
         self.saved = 0
 
     def set_driver_internal_info(self, k, v):
@@ -170,7 +172,8 @@ class TestClient(unittest.TestCase):
             'code': 'DRV_ERR_INVALID', 'retryable': False,
             'message': 'driver_info.smartnic_agent_url http://dpu does not '
                        'answer', 'field': 'driver_info.smartnic_agent_url'})]
-        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i'}))
+        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i',
+                                                 'image_checksum': 'a' * 64}))
         with self.assertRaisesRegex(exception.InvalidParameterValue,
                                     'does not answer'):
             deploy.SmartNICStreamingDeploy().validate(task)
