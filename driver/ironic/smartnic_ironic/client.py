@@ -8,6 +8,7 @@ so repeating one is safe.
 """
 
 from oslo_log import log as logging
+from oslo_utils import strutils
 import requests
 import tenacity
 
@@ -26,7 +27,7 @@ IMAGE_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
               'image_os_hash_value', 'image_disk_format')
 DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
                     'smartnic_target', 'smartnic_region_size',
-                    'smartnic_bandwidth')
+                    'smartnic_bandwidth', 'smartnic_require_verification')
 
 
 def _retryable(exc):
@@ -108,6 +109,10 @@ class DriverServiceClient(object):
         for k in ('smartnic_region_size', 'smartnic_bandwidth'):
             if k in di:
                 di[k] = int(di[k])
+        if 'smartnic_require_verification' in di:
+            # The CLI stores "true"/"false" strings; the service wants a boolean.
+            di['smartnic_require_verification'] = strutils.bool_from_string(
+                di['smartnic_require_verification'], strict=True)
         body = {'node_uuid': node.uuid, 'instance_info': ii,
                 'driver_info': di}
         if deployment_id:

@@ -43,6 +43,7 @@ import time
 
 from ironic_lib import metrics_utils
 from oslo_log import log as logging
+from oslo_utils import strutils
 from oslo_utils import uuidutils
 
 from ironic.common import boot_devices
@@ -83,6 +84,13 @@ OPTIONAL_PROPERTIES = {
                               'Optional.'),
     'smartnic_bandwidth': _('Cap on the background copy, in bytes/s; 0 (the '
                             'default) means unlimited. Optional.'),
+    'smartnic_require_verification': _(
+        'true: the streaming disk is created only once the driver service has '
+        'read the whole image and checked it against its checksum (the first '
+        'deploy of an image waits for that read), so the host never reads an '
+        'unverified byte; false: it boots at once and regions are verified '
+        'once the check is done. Defaults to the driver service\'s '
+        'manifests.require. Optional.'),
 }
 
 COMMON_PROPERTIES = dict(REQUIRED_PROPERTIES, **OPTIONAL_PROPERTIES)
@@ -132,6 +140,16 @@ def parse_driver_info(node):
                 _('driver_info["smartnic_region_size"] must be a power of two '
                   'from %(lo)d to %(hi)d, not %(v)d')
                 % {'lo': _MIN_REGION, 'hi': _MAX_REGION, 'v': size})
+    if 'smartnic_require_verification' in parsed:
+        try:
+            parsed['smartnic_require_verification'] = (
+                strutils.bool_from_string(
+                    parsed['smartnic_require_verification'], strict=True))
+        except ValueError:
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_require_verification"] must be true '
+                  'or false, not "%s"')
+                % parsed['smartnic_require_verification'])
     if 'smartnic_bandwidth' in parsed:
         if _as_int(parsed, 'smartnic_bandwidth') < 0:
             raise exception.InvalidParameterValue(

@@ -71,6 +71,21 @@ class TestFields(unittest.TestCase):
         self.assertEqual(0, info['smartnic_bandwidth'])
         self.assertNotIn('ipmi_address', info)
 
+    def test_require_verification_is_a_boolean_and_is_forwarded(self):
+        # The documented driver_info switch used to be dropped on the way to
+        # the service: Ironic's nodes could never require verification.
+        node = FakeNode(dict(GOOD_DI, smartnic_require_verification='True'),
+                        {'image_source': 'http://i/x.raw'})
+        self.assertIs(True, deploy.parse_driver_info(node)[
+            'smartnic_require_verification'])
+        body = service_client.DriverServiceClient.request_body(node)
+        self.assertIs(True,
+                      body['driver_info']['smartnic_require_verification'])
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'true or false'):
+            deploy.parse_driver_info(FakeNode(dict(
+                GOOD_DI, smartnic_require_verification='maybe')))
+
     def test_refuses_bad_values(self):
         for extra, pattern in (
                 ({'smartnic_agent_url': 'dpu:9611'}, 'http'),
