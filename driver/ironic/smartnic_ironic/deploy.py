@@ -54,6 +54,8 @@ from ironic.conductor import periodics
 from ironic.conductor import task_manager
 from ironic.conductor import utils as manager_utils
 from ironic.drivers import base
+from ironic.drivers.modules import boot_mode_utils
+from ironic.drivers.modules import deploy_utils
 
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
@@ -186,6 +188,43 @@ def check_instance_info(node):
               'else the SmartNIC driver service accepts)') % node.uuid)
 
 
+def check_boot_mode(task):
+    """Checks the boot mode and the other capabilities Ironic knows.
+
+    Values as Ironic checks them (boot_mode bios|uefi, secure_boot
+    true|false, disk_label msdos|gpt, from properties/capabilities or
+    instance_info/capabilities), an instance_info boot mode that contradicts
+    the node's properties, and root device hints. Secure boot is refused
+    unless the management interface can switch it on: the host boots the
+    image straight from the streaming disk, with no boot interface that could
+    do it instead. The mode itself is set in the deploy step.
+
+    :raises: InvalidParameterValue
+    """
+    node = task.node
+    deploy_utils.validate_capabilities(node)
+    boot_mode_utils.get_boot_mode_for_deploy(node)
+    if (boot_mode_utils.is_secure_boot_requested(node)
+            and not _implements(task.driver.management,
+                                'set_secure_boot_state')):
+        raise exception.InvalidParameterValue(
+            _('Node %(node)s requests secure boot (capabilities '
+              'secure_boot:true), but its management interface %(iface)s '
+              'cannot enable it; use one that can (e.g. redfish) or unset '
+              'secure_boot') % {'node': node.uuid,
+                                'iface': node.management_interface})
+    # The syntax only: the streaming disk is the one disk the DPU presents,
+    # smartnic_target picks the DPU's device (see docs/ironic.md).
+    deploy_utils.get_root_device_for_deploy(node)
+
+
+def _implements(interface, method):
+    """Whether a driver interface overrides a base method (supports it)."""
+    impl = getattr(type(interface), method, None)
+    return impl is not None and impl is not getattr(base.ManagementInterface,
+                                                    method)
+
+
 def progress_of(deployment):
     """What driver_internal_info["smartnic_progress"] shows of a deployment."""
     p = deployment.get('progress') or {}
@@ -224,7 +263,8 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         """Checks the node's fields and image, then asks the service.
 
         The image must be a whole-disk image in a format the DPU serves, with
-        a checksum unless it is in Glance (image_policy). The
+        a checksum unless it is in Glance (image_policy); the boot mode must
+        be one Ironic knows and the management interface can honour. The
         driver service then checks that the DPU agent answers and that the
         image source honours Range requests, so an unusable node or image is
         refused before the node is touched.
@@ -234,6 +274,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         parse_driver_info(node)
         check_instance_info(node)
+        check_boot_mode(task)
         image = image_policy.validate(task)
         if image is None:
             LOG.debug('The image of node %s is checked by the driver service '
@@ -284,6 +325,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         # Off before the disk changes under the host.
         manager_utils.node_power_action(task, states.POWER_OFF)
+        # Ironic's rule (as the pxe boot interface applies it): the node's
+        # boot mode or [deploy]default_boot_mode, set through the management
+        # interface where it can; a node that reports another mode and cannot
+        # be switched fails here. ipmitool has no boot mode call: the mode
+        # goes with the boot device (the EFI bit) in boot_instance.
+        boot_mode_utils.sync_boot_mode(task)
         with manager_utils.power_state_for_network_configuration(task):
             task.driver.network.configure_tenant_networks(task)
 
@@ -388,11 +435,13 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
         node.del_driver_internal_info(STARTED_KEY)
         node.save()
+        boot_mode_utils.configure_secure_boot_if_needed(task)
         self._boot_from_disk(task)
         manager_utils.node_power_action(task, states.POWER_ON)
         LOG.info('Node %(node)s boots from its SmartNIC streaming disk '
-                 '(%(pct).1f%% local)',
+                 'in %(mode)s mode (%(pct).1f%% local)',
                  {'node': node.uuid,
+                  'mode': boot_mode_utils.get_boot_mode(node),
                   'pct': 100 * node.driver_internal_info[PROGRESS_KEY][
                       'fraction']})
 

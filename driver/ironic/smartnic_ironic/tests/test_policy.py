@@ -1,8 +1,9 @@
-"""Unit tests of the image policy, as Ironic 21.4 states it (image_policy.py):
-whole-disk images only, checksums for non-Glance images, the disk formats the
-DPU serves, Glance images resolved by Ironic's own image service. Ironic's
-helpers run for real; Glance, the driver service and the conductor utilities
-are mocked. The same behaviour on a real Ironic with Glance on Swift:
+"""Unit tests of the image policy and the boot mode, as Ironic 21.4 states them
+(image_policy.py, deploy.check_boot_mode): whole-disk images only, checksums for
+non-Glance images, the disk formats the DPU serves, Glance images resolved by
+Ironic's own image service, boot mode and secure boot. Ironic's helpers run for
+real; Glance, the driver service and the conductor utilities are mocked. The
+same behaviour on a real Ironic with Glance on Swift:
 tests/integration/ironic-policy.test.ts.
 
 Run: /usr/bin/python3 -m unittest discover -s driver/ironic -t driver/ironic
@@ -18,6 +19,7 @@ from ironic.common import states
 from ironic.conductor import task_manager
 from ironic.drivers.modules import deploy_utils
 from ironic.drivers.modules import fake
+from ironic.drivers.modules import ipmitool
 
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
@@ -184,7 +186,8 @@ class TestChecksums(PolicyCase):
                           'image_checksum': SHA256})
         self.client.get_deployment.return_value = None
         self.client.create_deployment.return_value = {'state': 'attaching'}
-        with mock.patch.object(deploy, 'manager_utils', autospec=True):
+        with mock.patch.object(deploy, 'manager_utils', autospec=True), \
+                mock.patch.object(deploy, 'boot_mode_utils', autospec=True):
             self.iface.deploy(task)
         image = self.client.create_deployment.call_args[1]['image']
         self.assertEqual({'image_source': 'https://i/x.raw',
@@ -327,6 +330,55 @@ class TestGlanceThroughIronic(PolicyCase):
         self.assertEqual(1700000000, image_policy.temp_url_expiry(
             self.glance.swift_temp_url.return_value))
         self.assertIsNone(image_policy.temp_url_expiry('http://i/x.raw'))
+
+
+class SecureBootManagement(fake.FakeManagement):
+    def set_secure_boot_state(self, task, state):
+        pass
+
+
+class TestBootMode(PolicyCase):
+    HTTP = {'image_source': 'http://i/x.raw', 'image_checksum': MD5}
+
+    def test_unknown_boot_mode_is_refused(self):
+        self.refused(self.HTTP, r"'boot_mode' from properties/capabilities "
+                                r"has an invalid value: 'legacy'",
+                     properties={'capabilities': 'boot_mode:legacy'})
+        self.refused(dict(self.HTTP, capabilities={'boot_mode': 'efi'}),
+                     r"'boot_mode' from instance_info\['capabilities'\]")
+
+    def test_instance_boot_mode_must_agree_with_the_node(self):
+        self.refused(dict(self.HTTP, capabilities={'boot_mode': 'uefi'}),
+                     r'boot mode uefi violates node properties/capabilities '
+                     r'bios', properties={'capabilities': 'boot_mode:bios'})
+
+    def test_secure_boot_needs_a_management_interface_that_does_it(self):
+        ii = dict(self.HTTP, capabilities={'secure_boot': 'true'})
+        for mgmt in (fake.FakeManagement(),
+                     object.__new__(ipmitool.IPMIManagement)):
+            with self.subTest(mgmt=type(mgmt).__name__):
+                self.refused(ii, r'requests secure boot.*cannot enable it',
+                             management=mgmt)
+        self.accepted(ii, management=SecureBootManagement())
+
+    def test_bad_root_device_hints_are_refused(self):
+        self.refused(dict(self.HTTP, root_device={'size': 'big'}),
+                     r'root device hints')
+
+    def test_the_deploy_step_syncs_the_boot_mode_and_boot_sets_secure_boot(
+            self):
+        task = self.task(self.HTTP)
+        self.client.get_deployment.return_value = None
+        self.client.create_deployment.return_value = {'state': 'attaching'}
+        with mock.patch.object(deploy, 'manager_utils', autospec=True), \
+                mock.patch.object(deploy, 'boot_mode_utils',
+                                  autospec=True) as bmu:
+            self.iface.deploy(task)
+            bmu.sync_boot_mode.assert_called_once_with(task)
+            bmu.configure_secure_boot_if_needed.assert_not_called()
+            self.client.get_deployment.return_value = {'state': 'ready'}
+            self.iface.boot_instance(task)
+            bmu.configure_secure_boot_if_needed.assert_called_once_with(task)
 
 
 if __name__ == '__main__':
