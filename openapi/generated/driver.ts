@@ -101,6 +101,32 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/deployments/{node_uuid}/image": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Give the deployment a new URL of the same image (a renewed temp URL).
+         * @description For images resolved by the caller (Ironic signs Swift temp URLs of Glance images):
+         *     before the URL expires, the caller puts a new one here. The image fields replace
+         *     the deployment's; they must name the same content (the same digest), which the
+         *     agent checks again. A disk that is streaming gets the URL at once; one still
+         *     being attached uses it from its next attempt; a complete one needs no source.
+         */
+        readonly put: operations["replaceDeploymentImage"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/deployments/{node_uuid}/regions": {
         readonly parameters: {
             readonly query?: never;
@@ -186,6 +212,10 @@ export interface components {
             readonly instance_info: components["schemas"]["InstanceInfo"];
             readonly driver_info: components["schemas"]["DriverInfo"];
             readonly callback?: components["schemas"]["DeploymentCallback"];
+        };
+        readonly DeploymentImage: {
+            readonly deployment_id: components["schemas"]["DeploymentId"];
+            readonly instance_info: components["schemas"]["InstanceInfo"];
         };
         /**
          * @description Where to push the outcome: when the deployment becomes ready (or complete) or fails
@@ -518,6 +548,54 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly replaceDeploymentImage: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/json": components["schemas"]["DeploymentImage"];
+            };
+        };
+        readonly responses: {
+            /** @description The deployment, now reading the new URL. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            readonly 409: components["responses"]["Conflict"];
+            /** @description Not the same image, no digest to tell, or a source that cannot work; `message` says which. */
+            readonly 422: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The DPU agent could not be asked, or refused the URL. */
+            readonly 502: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly getDeploymentRegions: {
