@@ -47,7 +47,7 @@ export function imageInfoArgs(url: string, file: string): string[] {
  * needs no Keystone either. `image_download_source = swift`: Glance images are read
  * through temp URLs, not copied to the conductor.
  */
-export function ironicGlanceConf(glanceUrl: string, swift: { url: string; account: string }, tempUrlKey: string): Conf {
+export function ironicGlanceConf(glanceUrl: string, swift: { url: string; account: string }, tempUrlKey: string, tempUrlSeconds = 1200): Conf {
   return {
     glance: {
       auth_type: 'none',
@@ -56,7 +56,7 @@ export function ironicGlanceConf(glanceUrl: string, swift: { url: string; accoun
       swift_account: swift.account,
       swift_container: 'glance',
       swift_temp_url_key: tempUrlKey,
-      swift_temp_url_duration: 1200,
+      swift_temp_url_duration: tempUrlSeconds,
     },
     agent: { image_download_source: 'swift' },
   };

@@ -9,7 +9,8 @@
  *     images (instance_info and Glance), missing checksums, disk formats the DPU does not
  *     serve, a Glance image Ironic cannot see, unknown boot modes, secure boot without a
  *     management interface that does it; no QEMU, no deploy;
- *   - a raw and a qcow2 Glance image deploy through the Swift temp URL Ironic made;
+ *   - a raw and a qcow2 Glance image deploy through the Swift temp URL Ironic made, and
+ *     Ironic renews that URL while the copy outlives it;
  *   - a checksum is verified, in the algorithm Ironic reads it in;
  *   - the boot mode Ironic sets reaches the BMC (ipmi_sim, recorded at ipmitool: the
  *     EFI bit never reaches ipmi_sim's chassis program).
@@ -31,6 +32,7 @@ import { IpmitoolRecorder, VirtualBmc } from '../helpers/vbmc.js';
 
 const MiB = 1 << 20;
 const TEMP_URL_KEY = 'policy-temp-url-key';
+const TEMP_URL_SECONDS = 24;
 const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
 type Validation = { Interface: string; Result: boolean | null; Reason: string | null };
@@ -92,7 +94,8 @@ describe('Ironic image policy and boot mode (real Ironic, Glance on Swift, drive
       pluginDir,
       pathPrefix: ipmitool.binDir,
       conf: {
-        ...ironicGlanceConf(g.url, os.swift, TEMP_URL_KEY),
+        // Short-lived temp URLs: a capped copy outlives several (the renewal test).
+        ...ironicGlanceConf(g.url, os.swift, TEMP_URL_KEY, TEMP_URL_SECONDS),
         smartnic: { driver_url: driver.url, token: TOKEN, deploy_timeout: 60, teardown_timeout: 30 },
       },
     });
@@ -216,6 +219,30 @@ describe('Ironic image policy and boot mode (real Ironic, Glance on Swift, drive
     assert.ok(fs.readFileSync(target('pol-glance')).equals(raw), 'the DPU target holds the Glance image');
     await ironic.baremetal('node', 'undeploy', 'pol-glance');
     await ironic.waitForProvisionState('pol-glance', 'available', 60_000);
+  });
+
+  it('Ironic renews its temp URL while the copy goes on: a copy that outlives two temp URLs completes', async () => {
+    const uuid = await fakeNode('pol-renew');
+    // 6 MiB at 128 KiB/s: ~48 s of copying, twice the temp URL's life.
+    await ironic.baremetal('node', 'set', 'pol-renew', '--driver-info', `smartnic_bandwidth=${128 * 1024}`, '--instance-info', `image_source=${glance.raw.id}`);
+    await ironic.baremetal('node', 'deploy', 'pol-renew');
+    await ironic.waitForProvisionState('pol-renew', 'active', 90_000);
+    const expiry = (url: string): number => Number(new URL(url).searchParams.get('temp_url_expires'));
+    const first = expiry((await api.getDeployment(uuid)).image_url);
+    const t0 = Date.now();
+    const done = await until('hydration complete', async () => {
+      const dep = await api.getDeployment(uuid);
+      assert.notEqual(dep.state, 'failed', dep.last_error ?? '');
+      return dep.state === 'complete' ? dep : null;
+    }, 120_000, 500);
+    const took = (Date.now() - t0) / 1000;
+    console.log(`      copy took ${took.toFixed(0)} s more after ACTIVE; temp URLs live ${TEMP_URL_SECONDS} s`);
+    assert.ok(Date.now() / 1000 > first, 'the first temp URL expired before the copy ended');
+    assert.ok(expiry(done.image_url) > first, `the service was given a renewed URL (${done.image_url})`);
+    assert.ok(ironic.logLines(uuid).some((l) => /Renewed the Swift temp URL of the image/.test(l)));
+    assert.ok(fs.readFileSync(target('pol-renew')).equals(raw), 'the DPU target holds the image');
+    await ironic.baremetal('node', 'undeploy', 'pol-renew');
+    await ironic.waitForProvisionState('pol-renew', 'available', 60_000);
   });
 
   it('a qcow2 Glance image deploys through Ironic: image_disk_format qcow2 reaches the agent, which serves the disk it describes', async () => {

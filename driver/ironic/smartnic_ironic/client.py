@@ -138,6 +138,13 @@ class DriverServiceClient(object):
         return self._request('POST', '/v1/deployments',
                              'to create a deployment', json=body)
 
+    def replace_image(self, node_uuid, deployment_id, image):
+        """Gives the deployment a new URL of the same image (a renewed temp URL)."""
+        return self._request('PUT', '/v1/deployments/%s/image' % node_uuid,
+                             'to replace the image URL',
+                             json={'deployment_id': deployment_id,
+                                   'instance_info': image})
+
     def get_deployment(self, node_uuid):
         """The node's deployment, or None if it has none."""
         return self._request('GET', '/v1/deployments/%s' % node_uuid,

@@ -544,6 +544,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         if DEPLOYMENT_KEY not in node.driver_internal_info:
             return  # waiting for something other than our deployment
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)
@@ -610,6 +611,43 @@ class SmartNICStreamingDeploy(base.DeployInterface):
             return
         manager_utils.deploying_error_handler(task, str(err), str(err))
 
+    def renew_image_url(self, task):
+        """Before Ironic's temp URL of the image expires, a new one for the copy.
+
+        The streaming disk reads the image long after the deploy step (the
+        copy goes on after ACTIVE), so a Swift temp URL that Ironic signed in
+        prepare would expire under it. Called from the two polls (wait
+        call-back, and ACTIVE while the disk still copies); a failure is
+        logged and tried again at the next poll, while the old URL still
+        works.
+        """
+        node = task.node
+        deployment_id = node.driver_internal_info.get(DEPLOYMENT_KEY)
+        if not deployment_id or not image_policy.renewal_due(node):
+            return
+        old = node.instance_info.get('image_url')
+        try:
+            url = image_policy.renewed_url(task)
+            if url == old:
+                # [glance]swift_temp_url_cache_enabled hands out the cached
+                # URL until it is about to expire.
+                return
+            service_client.DriverServiceClient().replace_image(
+                node.uuid, deployment_id,
+                dict(image_policy.forwarded(node), image_source=url))
+        except (exception.IronicException, smartnic_exc.SmartNICError) as e:
+            LOG.warning('Could not renew the image URL of node %(node)s (it '
+                        'expires at %(exp)s): %(err)s',
+                        {'node': node.uuid,
+                         'exp': image_policy.temp_url_expiry(old), 'err': e})
+            return
+        task.upgrade_lock(purpose='recording a renewed image URL')
+        task.node.set_instance_info('image_url', url)
+        task.node.save()
+        LOG.info('Renewed the Swift temp URL of the image of node %(node)s; '
+                 'it now expires at %(exp)s',
+                 {'node': node.uuid, 'exp': image_policy.temp_url_expiry(url)})
+
     @METRICS.timer('SmartNICStreamingDeploy._record_progress')
     @periodics.node_periodic(
         purpose='recording SmartNIC hydration progress',
@@ -625,6 +663,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     def record_progress(self, task):
         """Copies the service's progress of an ACTIVE node's disk."""
         node = task.node
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)

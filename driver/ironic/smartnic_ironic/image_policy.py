@@ -31,11 +31,16 @@ image must *be* the disk:
   ``direct`` interface does — into ``image_url`` (a Swift temp URL with
   ``[agent]image_download_source = swift``; the conductor's own HTTP copy with
   ``http``/``local``), the hashes and the disk format. The driver service is
-  then given that URL, so it needs no Glance credentials. Off, the Glance id is
-  passed on and the driver service resolves it with its own ``glance`` config
+  then given that URL, so it needs no Glance credentials. A temp URL outlives
+  the deploy (the copy goes on after ACTIVE), so while the disk still copies
+  the interface has Ironic sign a new one before a third of
+  ``[glance]swift_temp_url_duration`` is left and hands it to the service
+  (``PUT /v1/deployments/{node}/image``). Off, the Glance id is passed on and
+  the driver service resolves (and renews) it with its own ``glance`` config
   (standalone use).
 """
 
+import time
 from urllib import parse as urlparse
 
 from ironic.common import checksum_utils
@@ -305,3 +310,27 @@ def temp_url_expiry(url):
         return int(query['temp_url_expires'][0])
     except (KeyError, IndexError, ValueError):
         return None
+
+
+def renewal_due(node, now=None):
+    """Whether the Swift temp URL Ironic made for the node's image is to renew.
+
+    A third or less of [glance]swift_temp_url_duration left, as the driver
+    service renews the temp URLs it makes itself. Only temp URLs expire: the
+    conductor's own HTTP copy (image_download_source http/local) does not.
+    """
+    if not resolved_in_ironic(node):
+        return False
+    expires = temp_url_expiry((node.instance_info or {}).get('image_url'))
+    if expires is None:
+        return False
+    left = expires - (time.time() if now is None else now)
+    return left <= CONF.glance.swift_temp_url_duration / 3.0
+
+
+def renewed_url(task):
+    """A new Swift temp URL of the node's Glance image, made by Ironic."""
+    image_id = service_utils.parse_image_id(
+        task.node.instance_info['image_source'])
+    return glance_image_service.GlanceImageService(
+        context=task.context).swift_temp_url({'id': image_id})

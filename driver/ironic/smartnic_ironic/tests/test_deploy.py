@@ -44,6 +44,9 @@ class FakeNode(object):
     def set_driver_internal_info(self, k, v):
         self.driver_internal_info[k] = v
 
+    def set_instance_info(self, k, v):
+        self.instance_info[k] = v
+
     def del_driver_internal_info(self, k):
         return self.driver_internal_info.pop(k, None)
 

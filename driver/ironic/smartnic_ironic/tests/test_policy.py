@@ -24,6 +24,7 @@ from ironic.drivers.modules import ipmitool
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
 from smartnic_ironic import deploy
+from smartnic_ironic import exception as smartnic_exc
 from smartnic_ironic import image_policy
 from smartnic_ironic.tests.test_deploy import FakeNode
 from smartnic_ironic.tests.test_deploy import GOOD_DI
@@ -330,6 +331,95 @@ class TestGlanceThroughIronic(PolicyCase):
         self.assertEqual(1700000000, image_policy.temp_url_expiry(
             self.glance.swift_temp_url.return_value))
         self.assertIsNone(image_policy.temp_url_expiry('http://i/x.raw'))
+
+
+class TestTempUrlRenewal(PolicyCase):
+    """Ironic's temp URL is renewed while the disk still reads the image."""
+
+    OLD = ('http://swift:8080/v1/AUTH_g/glance/%s?temp_url_sig=old&'
+           'temp_url_expires=%d')
+    NEW = ('http://swift:8080/v1/AUTH_g/glance/%s?temp_url_sig=new&'
+           'temp_url_expires=%d')
+
+    def setUp(self):
+        super().setUp()
+        p = mock.patch.object(glance_service, 'GlanceImageService',
+                              autospec=True)
+        self.glance = p.start().return_value
+        self.addCleanup(p.stop)
+        override(self, 'swift_temp_url_duration', 1200, 'glance')
+        self.now = 1700000000
+
+    def node_task(self, left):
+        task = self.task({'image_source': GLANCE_ID,
+                          'image_url': self.OLD % (GLANCE_ID, self.now + left),
+                          'image_os_hash_algo': 'sha512',
+                          'image_os_hash_value': SHA512,
+                          'image_disk_format': 'raw'})
+        task.node.provision_state = states.ACTIVE
+        task.node.driver_internal_info[deploy.DEPLOYMENT_KEY] = 'ironic-1'
+        self.glance.swift_temp_url.return_value = self.NEW % (
+            GLANCE_ID, self.now + 1200)
+        return task
+
+    def test_due_in_the_last_third_of_the_duration(self):
+        node = self.node_task(400).node
+        self.assertTrue(image_policy.renewal_due(node, now=self.now))
+        node = self.node_task(401).node
+        self.assertFalse(image_policy.renewal_due(node, now=self.now))
+        node.instance_info['image_url'] = 'http://conductor/images/x'
+        self.assertFalse(image_policy.renewal_due(node, now=self.now),
+                         'the conductor\'s own URL does not expire')
+        override(self, 'resolve_images_in_ironic', False)
+        self.assertFalse(image_policy.renewal_due(self.node_task(10).node,
+                                                  now=self.now))
+
+    def renew(self, task):
+        with mock.patch.object(image_policy.time, 'time',
+                               return_value=self.now):
+            self.iface.renew_image_url(task)
+
+    def test_renews_through_ironic_and_tells_the_service(self):
+        task = self.node_task(300)
+        self.renew(task)
+        self.glance.swift_temp_url.assert_called_once_with({'id': GLANCE_ID})
+        new = self.NEW % (GLANCE_ID, self.now + 1200)
+        self.client.replace_image.assert_called_once_with(
+            task.node.uuid, 'ironic-1',
+            {'image_source': new, 'image_os_hash_algo': 'sha512',
+             'image_os_hash_value': SHA512, 'image_disk_format': 'raw'})
+        self.assertEqual(new, task.node.instance_info['image_url'])
+        task.upgrade_lock.assert_called_once()
+        self.assertEqual(1, task.node.saved)
+
+    def test_not_due_or_cached_asks_nothing(self):
+        self.renew(self.node_task(1000))
+        task = self.node_task(300)
+        self.glance.swift_temp_url.return_value = task.node.instance_info[
+            'image_url']
+        self.renew(task)
+        self.client.replace_image.assert_not_called()
+        self.assertEqual(0, task.node.saved)
+
+    def test_a_failure_keeps_the_old_url_for_the_next_poll(self):
+        task = self.node_task(300)
+        old = task.node.instance_info['image_url']
+        self.client.replace_image.side_effect = smartnic_exc.ServiceUnreachable(
+            url='http://svc', error='refused')
+        self.renew(task)
+        self.assertEqual(old, task.node.instance_info['image_url'])
+        task.upgrade_lock.assert_not_called()
+
+    def test_both_polls_renew(self):
+        for poll in ('record_progress', 'check_deployment'):
+            with self.subTest(poll=poll):
+                task = self.node_task(300)
+                self.client.get_deployment.return_value = None
+                with mock.patch.object(self.iface, 'renew_image_url') as r, \
+                        mock.patch.object(deploy, 'manager_utils',
+                                          autospec=True):
+                    getattr(self.iface, poll)(task)
+                r.assert_called_once_with(task)
 
 
 class SecureBootManagement(fake.FakeManagement):
