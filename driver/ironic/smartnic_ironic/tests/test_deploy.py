@@ -403,6 +403,22 @@ class TestTearDown(unittest.TestCase):
         self.assertEqual(2, client.get_deployment.call_count)
 
 
+class TestHardware(unittest.TestCase):
+
+    def test_no_rescue_only(self):
+        # AgentRescue would boot a ramdisk and wait for an IPA heartbeat that
+        # this deploy interface never gets: refuse rescue at once instead.
+        from ironic.drivers.modules import noop
+        from smartnic_ironic import hardware
+        types = [hardware.SmartNICIPMIHardware]
+        if getattr(hardware, 'SmartNICRedfishHardware', None):
+            types.append(hardware.SmartNICRedfishHardware)
+        for hw in types:
+            self.assertEqual([noop.NoRescue], hw().supported_rescue_interfaces)
+            self.assertIs(deploy.SmartNICStreamingDeploy,
+                          hw().supported_deploy_interfaces[0])
+
+
 class TestDocs(unittest.TestCase):
     """docs/ironic.md documents every option and node field."""
 
