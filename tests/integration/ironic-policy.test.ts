@@ -296,13 +296,14 @@ describe('Ironic image policy and boot mode (real Ironic, Glance on Swift, drive
       await bmc?.stop();
     });
 
-    async function deployAndBootFlags(): Promise<{ node: IronicNode; flags: ReturnType<IpmitoolRecorder['bootFlags']> }> {
+    async function deployAndBootFlags(whileActive?: () => Promise<void>): Promise<{ node: IronicNode; flags: ReturnType<IpmitoolRecorder['bootFlags']> }> {
       // Undeploy empties instance_info: set it for every deploy.
       await ironic.baremetal('node', 'set', 'pol-ipmi', ...imageInfoArgs(origin.url, rawFile));
       const before = ipmitool.bootFlags().length;
       await ironic.baremetal('node', 'deploy', 'pol-ipmi');
       const node = await ironic.waitForProvisionState('pol-ipmi', 'active', 90_000);
       const flags = ipmitool.bootFlags().slice(before);
+      await whileActive?.();
       await ironic.baremetal('node', 'undeploy', 'pol-ipmi');
       await ironic.waitForProvisionState('pol-ipmi', 'available', 90_000);
       return { node, flags };
@@ -316,7 +317,13 @@ describe('Ironic image policy and boot mode (real Ironic, Glance on Swift, drive
       assert.deepEqual(uefi.flags.at(-1), { mode: 'uefi', device: 'disk', persistent: true }, JSON.stringify(uefi.flags));
 
       await ironic.baremetal('node', 'set', 'pol-ipmi', '--property', 'capabilities=boot_mode:bios');
-      const bios = await deployAndBootFlags();
+      const bios = await deployAndBootFlags(async () => {
+        // Rescue needs a ramdisk this interface never boots: the hardware type offers no-rescue only.
+        const rescue = await ironic.baremetalResult('node', 'rescue', 'pol-ipmi', '--rescue-password', 'secret');
+        assert.notEqual(rescue.code, 0);
+        assert.match(rescue.stderr, /Driver smartnic-ipmi does not support rescue/);
+        assert.equal((await ironic.node('pol-ipmi')).provision_state, 'active');
+      });
       // (sync_boot_mode records deploy_boot_mode only when it picked the mode itself.)
       assert.deepEqual(bios.flags.at(-1), { mode: 'legacy', device: 'disk', persistent: true }, JSON.stringify(bios.flags));
       // ipmi_sim's chassis program saw the same "default" (disk) both times: the mode is not passed on.
