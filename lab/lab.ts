@@ -31,7 +31,7 @@ import { buildBootImage, buildDebianImage, BOOT_MARKER, LOGIN_PROMPT } from '../
 import { CLOUD_INIT_DONE, configDriveDict, guestReport, sshKey } from '../tests/helpers/cloud-config.js';
 import { freePort } from '../tests/helpers/redis.js';
 import { run } from '../tests/helpers/run.js';
-import { installPlugin, IronicServer } from '../tests/helpers/ironic.js';
+import { installPlugin, IronicServer, ironicGlanceConf } from '../tests/helpers/ironic.js';
 import { OpenStack } from '../tests/helpers/openstack.js';
 import { RedisServer } from '../tests/helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../tests/helpers/services.js';
@@ -249,7 +249,8 @@ async function up(opts: UpOptions): Promise<number> {
     rec.urls['openstack'] = `swift ${os.swift.url}${netns ? ` (in netns ${netns.name})` : ''}, glance ${os.glance.swift!.url}`;
     save();
     await os.swift.setTempUrlKey(TEMP_URL_KEY);
-    const glanceImage = await os.glance.swift!.uploadImage(imageBytes, { name: 'smartnic-lab', disk_format: 'raw' });
+    // Public: Ironic, which resolves the image (no Keystone here), sees public images only.
+    const glanceImage = await os.glance.swift!.uploadImage(imageBytes, { name: 'smartnic-lab', disk_format: 'raw', visibility: 'public' });
     say(`image ${glanceImage.id} in Glance (${formatBytes(glanceImage.size ?? 0)}, stored in Swift)`);
 
     say('starting Redis, the DPU agent, the driver service and Ironic');
@@ -262,7 +263,6 @@ async function up(opts: UpOptions): Promise<number> {
       dir,
       redisUrl: redis.url,
       extra: {
-        glance: { url: os.glance.swift!.url, swift_endpoint_url: os.swift.storageUrl, swift_temp_url_key: TEMP_URL_KEY },
         // Every region the host or the copy fetches is checked against the image's manifest,
         // built once from the image and its Glance digest (the first deploy of an image waits
         // for that build; later deploys of it find it cached).
@@ -272,7 +272,14 @@ async function up(opts: UpOptions): Promise<number> {
     const pluginDir = path.join(dir, 'plugin');
     await Promise.all([agent.start(), driver.start(), installPlugin(pluginDir)]);
     stops.push(() => driver.stop(), () => agent.stop());
-    const ironic = await IronicServer.create({ dir: path.join(dir, 'ironic'), pluginDir, conf: { smartnic: { driver_url: driver.url, token: TOKEN, poll_interval: 1 } } });
+    // Ironic resolves the Glance image itself ([smartnic]resolve_images_in_ironic): its
+    // [glance] section names Glance and the Swift account, and the driver service (which
+    // has no glance config here) is given the temp URL Ironic signs.
+    const ironic = await IronicServer.create({
+      dir: path.join(dir, 'ironic'),
+      pluginDir,
+      conf: { ...ironicGlanceConf(os.glance.swift!.url, os.swift, TEMP_URL_KEY), smartnic: { driver_url: driver.url, token: TOKEN, poll_interval: 1 } },
+    });
     await ironic.start();
     stops.push(() => ironic.stop());
     const target = path.join(dir, 'agent', 'targets', `${NODE}.raw`);

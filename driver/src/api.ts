@@ -18,7 +18,7 @@ import { checkConfigDriveField } from './configdrive.js';
 import { nodeDevice } from './device.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
-import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
+import type { Deployment, DeploymentCreate, DeploymentImage, ValidateRequest } from '../../openapi/clients/driver-client.js';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
@@ -194,6 +194,38 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         if (current.state === 'attaching') await queues.enqueue('attach', current);
         req.log.info({ node: current.node_uuid, deployment: current.deployment_id, image: current.image_url, duplicate: !!existing }, 'deployment requested');
         return reply.code(existing ? 200 : 202).send(await view(current));
+      },
+      async replaceDeploymentImage(req) {
+        const { node_uuid } = req.params as { node_uuid: string };
+        const body = req.body as DeploymentImage;
+        const rec = await mustGet(node_uuid);
+        if (rec.deployment_id !== body.deployment_id) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${node_uuid} has deployment ${rec.deployment_id}, not ${body.deployment_id}`);
+        }
+        if (rec.state === 'deleting' || rec.state === 'failed') throw new DriverError('DRV_ERR_CONFLICT', `the deployment of node ${node_uuid} is ${rec.state}`);
+        const info = { ...rec.spec.instance_info, ...body.instance_info };
+        // Only a URL of the same content may replace the current one: both must name it by
+        // their digest (resolving an http source asks nothing of the network).
+        const [now, next] = await Promise.all([resolveImage(rec.spec.instance_info, config), resolveImage(info, config)]);
+        if (!next.identity || next.identity !== now.identity) {
+          throw new DriverError('DRV_ERR_INVALID', `the new image (${next.identity ?? 'no digest'}) is not the deployment's (${now.identity ?? 'no digest'}): only a new URL of the same image, with the same digest, can replace it`, {
+            field: 'instance_info.image_source',
+          });
+        }
+        // A streaming disk switches now; an attach that is running may still create the disk
+        // with the old URL, which then still has the caller's renewal margin to live.
+        if (rec.state === 'ready') {
+          await agentFor(rec, config)
+            .updateSource(rec.disk_id, { url: next.url, ...(next.headers && Object.keys(next.headers).length ? { headers: next.headers } : {}), identity: next.identity })
+            .catch((err: unknown) => {
+              if (err instanceof ApiError && err.status === 404) return null; // not created yet, or gone: the spec below is what counts
+              throw new DriverError(err instanceof ApiError && err.status !== null ? 'DRV_ERR_AGENT_REJECTED' : 'DRV_ERR_AGENT_UNREACHABLE', `replacing the source URL of disk ${rec.disk_id} on ${rec.agent_url}: ${(err as Error).message}`, { cause: err });
+            });
+        }
+        const image_url = redactUrl(next.url);
+        await store.update(rec.node_uuid, rec.deployment_id, { spec: { ...rec.spec, instance_info: info }, ...(rec.state === 'attaching' ? {} : { image_url }) });
+        req.log.info({ node: node_uuid, deployment: rec.deployment_id, image: image_url, state: rec.state }, 'image URL replaced');
+        return view((await store.get(node_uuid)) ?? rec);
       },
       async getDeploymentRegions(req) {
         const rec = await mustGet((req.params as { node_uuid: string }).node_uuid);

@@ -126,6 +126,32 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/deployments/{node_uuid}/image": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Give the deployment a new URL of the same image (a renewed temp URL).
+         * @description For images resolved by the caller (Ironic signs Swift temp URLs of Glance images):
+         *     before the URL expires, the caller puts a new one here. The image fields replace
+         *     the deployment's; they must name the same content (the same digest), which the
+         *     agent checks again. A disk that is streaming gets the URL at once; one still
+         *     being attached uses it from its next attempt; a complete one needs no source.
+         */
+        readonly put: operations["replaceDeploymentImage"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/deployments/{node_uuid}/regions": {
         readonly parameters: {
             readonly query?: never;
@@ -219,11 +245,15 @@ export interface components {
         readonly InstanceInfo: {
             /** @description An http(s) URL of the image (honouring Range), a Glance image id (UUID, or glance://UUID), or a Swift object (swift://container/object, or its URL under glance.swift_endpoint_url). See docs/driver.md, Image sources. */
             readonly image_source: string;
+            /** @description The image's digest as Ironic reads it: `algo:value`, or hex whose length names the algorithm (32 md5, 64 sha256, 128 sha512). Checked while the manifest is built. */
             readonly image_checksum?: string;
             readonly image_os_hash_algo?: string;
             readonly image_os_hash_value?: string;
-            /** @enum {string} */
-            readonly image_disk_format?: "raw";
+            /**
+             * @description raw (the default), or qcow2, which the DPU agent decodes as it reads it.
+             * @enum {string}
+             */
+            readonly image_disk_format?: "raw" | "qcow2";
             /** @description The root disk's size in GiB (Nova's flavor disk): the emulated disk has this size, the image at its start and zeros after it, so cloud-init can grow the root partition. 0 or absent: the whole DPU target if it is a block device, else the image's size. Smaller than the image: refused (DRV_ERR_INVALID). */
             readonly root_gb?: number;
             /** @description The config drive, as Ironic hands it to a deploy interface (the smartnic-streaming interface resolves the dict form with Ironic's own builder): a gzipped, base64-encoded ISO 9660 (or FAT) image labelled config-2, or an http(s) URL of one (Ironic's [deploy]configdrive_use_object_store). Written onto the disk as ironic-python-agent writes it for a whole-disk image (a config-2 partition in the last 64 MiB) before the disk is ready. Never returned by the API or logged. Larger than 8 MiB encoded: give a URL. */
@@ -273,6 +303,10 @@ export interface components {
             readonly serial?: string;
             readonly model?: string;
             readonly wwn?: string;
+        };
+        readonly DeploymentImage: {
+            readonly deployment_id: components["schemas"]["DeploymentId"];
+            readonly instance_info: components["schemas"]["InstanceInfo"];
         };
         /**
          * @description Where to push the outcome: when the deployment becomes ready (or complete) or fails
@@ -632,6 +666,54 @@ export interface operations {
                 };
             };
             readonly 401: components["responses"]["Unauthorized"];
+        };
+    };
+    readonly replaceDeploymentImage: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/json": components["schemas"]["DeploymentImage"];
+            };
+        };
+        readonly responses: {
+            /** @description The deployment, now reading the new URL. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            readonly 409: components["responses"]["Conflict"];
+            /** @description Not the same image, no digest to tell, or a source that cannot work; `message` says which. */
+            readonly 422: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The DPU agent could not be asked, or refused the URL. */
+            readonly 502: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly getDeploymentRegions: {

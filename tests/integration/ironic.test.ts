@@ -15,7 +15,7 @@ import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { BOOT_MARKER, buildBootImage, unreadRange } from '../helpers/boot-image.js';
-import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
+import { imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { freePort, RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
@@ -146,7 +146,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(a) fake-hardware: deploy → active with progress shown, undeploy → available with the disk wiped', async () => {
     const uuid = await fakeNode('node-a', { smartnic_agent_url: agent.url, smartnic_target: target('node-a') });
-    await ironic.baremetal('node', 'set', 'node-a', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-a', ...imageInfoArgs(origin.url, image));
     const validate = await ironic.baremetal('node', 'validate', 'node-a', '-f', 'json');
     const deployIface = (JSON.parse(validate) as { Interface: string; Result: boolean; Reason: string }[]).find((r) => r.Interface === 'deploy')!;
     assert.equal(deployIface.Result, true, deployIface.Reason);
@@ -292,7 +292,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     await missing.start();
     try {
       const uuid = await fakeNode('node-b', { smartnic_agent_url: agent.url, smartnic_target: target('node-b') });
-      await ironic.baremetal('node', 'set', 'node-b', '--instance-info', `image_source=${missing.url}`);
+      await ironic.baremetal('node', 'set', 'node-b', ...imageInfoArgs(missing.url, image));
       const res = await ironic.baremetalResult('node', 'deploy', 'node-b');
       assert.notEqual(res.code, 0);
       assert.match(res.stderr, /instance_info\.image_source/);
@@ -312,7 +312,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
   it('(b) a failure the service meets while deploying ends in "deploy failed" with its message; fixed, the node deploys', async () => {
     const outside = path.join(dir, 'elsewhere', 'node-c.raw'); // not under the agent's allowed_targets
     const uuid = await fakeNode('node-c', { smartnic_agent_url: agent.url, smartnic_target: outside });
-    await ironic.baremetal('node', 'set', 'node-c', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-c', ...imageInfoArgs(origin.url, image));
     await ironic.baremetal('node', 'deploy', 'node-c');
     const failed = await ironic.waitForProvisionState('node-c', 'deploy failed', 60_000);
     assert.match(failed.last_error!, /could not prepare the streaming disk of node/);
@@ -332,7 +332,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(c) a hung DPU agent: the deploy times out cleanly into "deploy failed" and the deployment is abandoned', async () => {
     const uuid = await fakeNode('node-d', { smartnic_agent_url: hung.url, smartnic_target: target('node-d') });
-    await ironic.baremetal('node', 'set', 'node-d', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-d', ...imageInfoArgs(origin.url, image));
     const t0 = Date.now();
     await ironic.baremetal('node', 'deploy', 'node-d');
     await ironic.waitForProvisionState('node-d', 'wait call-back', 20_000);
@@ -352,7 +352,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(c) undeploy during "wait call-back" tears the pending deployment down', async () => {
     const uuid = await fakeNode('node-e', { smartnic_agent_url: hung.url, smartnic_target: target('node-e') });
-    await ironic.baremetal('node', 'set', 'node-e', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-e', ...imageInfoArgs(origin.url, image));
     await ironic.baremetal('node', 'deploy', 'node-e');
     await ironic.waitForProvisionState('node-e', 'wait call-back', 20_000);
     assert.equal((await api.getDeployment(uuid)).state, 'attaching');
@@ -392,7 +392,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       await pushIronic.waitForProvisionState(name, 'manageable');
       await pushIronic.baremetal('node', 'provide', name);
       await pushIronic.waitForProvisionState(name, 'available');
-      await pushIronic.baremetal('node', 'set', name, '--instance-info', `image_source=${origin.url}`);
+      await pushIronic.baremetal('node', 'set', name, ...imageInfoArgs(origin.url, image));
       return created.uuid;
     }
 
@@ -465,7 +465,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       const enrolled = await ironic.node('node-ipmi');
       assert.equal(enrolled.deploy_interface, 'smartnic-streaming', 'the default deploy interface of smartnic-ipmi');
       assert.equal(enrolled.power_state, 'power off');
-      await ironic.baremetal('node', 'set', 'node-ipmi', '--instance-info', `image_source=${bootOrigin.url}`);
+      await ironic.baremetal('node', 'set', 'node-ipmi', ...imageInfoArgs(bootOrigin.url, path.join(dir, 'boot.raw')));
 
       const t0 = Date.now();
       await ironic.baremetal('node', 'deploy', 'node-ipmi');
@@ -507,7 +507,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       bigOrigin.hold(held.from, held.to);
       try {
         fs.rmSync(bmc.serialLog, { force: true });
-        await ironic.baremetal('node', 'set', 'node-ipmi', '--instance-info', `image_source=${bigOrigin.url}`);
+        await ironic.baremetal('node', 'set', 'node-ipmi', ...imageInfoArgs(bigOrigin.url, big));
         const t0 = Date.now();
         await ironic.baremetal('node', 'deploy', 'node-ipmi');
         const active = await ironic.waitForProvisionState('node-ipmi', 'active', 90_000);

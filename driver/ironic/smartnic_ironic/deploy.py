@@ -45,6 +45,7 @@ import time
 from ironic_lib import metrics_utils
 from ironic_lib import utils as il_utils
 from oslo_log import log as logging
+from oslo_utils import strutils
 from oslo_utils import units
 from oslo_utils import uuidutils
 
@@ -56,10 +57,13 @@ from ironic.conductor import periodics
 from ironic.conductor import task_manager
 from ironic.conductor import utils as manager_utils
 from ironic.drivers import base
+from ironic.drivers.modules import boot_mode_utils
+from ironic.drivers.modules import deploy_utils
 
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
 from smartnic_ironic import exception as smartnic_exc
+from smartnic_ironic import image_policy
 
 LOG = logging.getLogger(__name__)
 METRICS = metrics_utils.get_metrics_logger(__name__)
@@ -85,6 +89,13 @@ OPTIONAL_PROPERTIES = {
                               'Optional.'),
     'smartnic_bandwidth': _('Cap on the background copy, in bytes/s; 0 (the '
                             'default) means unlimited. Optional.'),
+    'smartnic_require_verification': _(
+        'true: the streaming disk is created only once the driver service has '
+        'read the whole image and checked it against its checksum (the first '
+        'deploy of an image waits for that read), so the host never reads an '
+        'unverified byte; false: it boots at once and regions are verified '
+        'once the check is done. Defaults to the driver service\'s '
+        'manifests.require. Optional.'),
 }
 
 COMMON_PROPERTIES = dict(REQUIRED_PROPERTIES, **OPTIONAL_PROPERTIES)
@@ -134,6 +145,16 @@ def parse_driver_info(node):
                 _('driver_info["smartnic_region_size"] must be a power of two '
                   'from %(lo)d to %(hi)d, not %(v)d')
                 % {'lo': _MIN_REGION, 'hi': _MAX_REGION, 'v': size})
+    if 'smartnic_require_verification' in parsed:
+        try:
+            parsed['smartnic_require_verification'] = (
+                strutils.bool_from_string(
+                    parsed['smartnic_require_verification'], strict=True))
+        except ValueError:
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_require_verification"] must be true '
+                  'or false, not "%s"')
+                % parsed['smartnic_require_verification'])
     if 'smartnic_bandwidth' in parsed:
         if _as_int(parsed, 'smartnic_bandwidth') < 0:
             raise exception.InvalidParameterValue(
@@ -155,9 +176,11 @@ def _as_int(parsed, key):
 def check_instance_info(node):
     """Checks that instance_info names an image.
 
-    What the image source may be (an http(s) URL, a Glance image, a Swift
-    object) and in which format is the driver service's to decide: validate()
-    asks it, so the plugin never refuses what a newer service accepts.
+    Which sources it may name (an http(s) URL, a Glance image, a Swift
+    object) is the driver service's to decide: validate() asks it, so the
+    plugin never refuses a scheme a newer service accepts. What the image
+    must be (whole-disk, checksummed, raw or qcow2) is Ironic's policy:
+    image_policy.
 
     :raises: MissingParameterValue
     """
@@ -282,6 +305,43 @@ def emulated_disk(node):
     return device, size_gb
 
 
+def check_boot_mode(task):
+    """Checks the boot mode and the other capabilities Ironic knows.
+
+    Values as Ironic checks them (boot_mode bios|uefi, secure_boot
+    true|false, disk_label msdos|gpt, from properties/capabilities or
+    instance_info/capabilities), an instance_info boot mode that contradicts
+    the node's properties, and root device hints. Secure boot is refused
+    unless the management interface can switch it on: the host boots the
+    image straight from the streaming disk, with no boot interface that could
+    do it instead. The mode itself is set in the deploy step.
+
+    :raises: InvalidParameterValue
+    """
+    node = task.node
+    deploy_utils.validate_capabilities(node)
+    boot_mode_utils.get_boot_mode_for_deploy(node)
+    if (boot_mode_utils.is_secure_boot_requested(node)
+            and not _implements(task.driver.management,
+                                'set_secure_boot_state')):
+        raise exception.InvalidParameterValue(
+            _('Node %(node)s requests secure boot (capabilities '
+              'secure_boot:true), but its management interface %(iface)s '
+              'cannot enable it; use one that can (e.g. redfish) or unset '
+              'secure_boot') % {'node': node.uuid,
+                                'iface': node.management_interface})
+    # The syntax only: the streaming disk is the one disk the DPU presents,
+    # smartnic_target picks the DPU's device (see docs/ironic.md).
+    deploy_utils.get_root_device_for_deploy(node)
+
+
+def _implements(interface, method):
+    """Whether a driver interface overrides a base method (supports it)."""
+    impl = getattr(type(interface), method, None)
+    return impl is not None and impl is not getattr(base.ManagementInterface,
+                                                    method)
+
+
 def progress_of(deployment):
     """What driver_internal_info["smartnic_progress"] shows of a deployment."""
     p = deployment.get('progress') or {}
@@ -317,9 +377,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
 
     @METRICS.timer('SmartNICStreamingDeploy.validate')
     def validate(self, task):
-        """Checks driver_info and instance_info, then asks the service.
+        """Checks the node's fields and image, then asks the service.
 
-        The driver service checks that the DPU agent answers and that the
+        The image must be a whole-disk image in a format the DPU serves, with
+        a checksum unless it is in Glance (image_policy); the boot mode must
+        be one Ironic knows and the management interface can honour. The
+        driver service then checks that the DPU agent answers and that the
         image source honours Range requests, so an unusable node or image is
         refused before the node is touched.
 
@@ -328,9 +391,19 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         parse_driver_info(node)
         check_instance_info(node)
+        check_boot_mode(task)
         emulated_disk(node)
+        image = image_policy.validate(task)
+        if image is None:
+            LOG.debug('The image of node %s is checked by the driver service '
+                      'in prepare, once the conductor serves it', node.uuid)
+            return
+        self._service_validate(node, image)
+
+    @staticmethod
+    def _service_validate(node, image):
         try:
-            service_client.DriverServiceClient().validate(node)
+            service_client.DriverServiceClient().validate(node, image=image)
         except smartnic_exc.ServiceError as e:
             field = (' (%s)' % e.field) if e.field else ''
             raise exception.InvalidParameterValue(
@@ -343,8 +416,20 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     @METRICS.timer('SmartNICStreamingDeploy.prepare')
     @task_manager.require_exclusive_lock
     def prepare(self, task):
-        if task.node.provision_state == states.DEPLOYING:
-            task.driver.network.validate(task)
+        """Before the deploy steps: Ironic resolves a Glance image.
+
+        As the direct interface does (AgentDeploy._update_instance_info):
+        instance_info gets image_url, the hashes and the disk format, which
+        the deploy step forwards; the driver service checks the resolved URL
+        at once, so a bad one fails here, before the node is touched.
+        """
+        node = task.node
+        if node.provision_state != states.DEPLOYING:
+            return
+        task.driver.network.validate(task)
+        if image_policy.resolved_in_ironic(node):
+            image_policy.resolve(task)
+            self._service_validate(node, image_policy.forwarded(node))
 
     @METRICS.timer('SmartNICStreamingDeploy.deploy')
     @base.deploy_step(priority=100)
@@ -358,6 +443,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         # Off before the disk changes under the host.
         manager_utils.node_power_action(task, states.POWER_OFF)
+        # Ironic's rule (as the pxe boot interface applies it): the node's
+        # boot mode or [deploy]default_boot_mode, set through the management
+        # interface where it can; a node that reports another mode and cannot
+        # be switched fails here. ipmitool has no boot mode call: the mode
+        # goes with the boot device (the EFI bit) in boot_instance.
+        boot_mode_utils.sync_boot_mode(task)
         with manager_utils.power_state_for_network_configuration(task):
             task.driver.network.configure_tenant_networks(task)
 
@@ -378,10 +469,10 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         # builder, as for any deploy interface; a string or URL passes as is.
         configdrive = manager_utils.get_configdrive_image(node)
         device, size_gb = emulated_disk(node)
-        deployment = client.create_deployment(node, deployment_id,
-                                              callback=callback,
-                                              configdrive=configdrive,
-                                              device=device, root_gb=size_gb)
+        deployment = client.create_deployment(
+            node, deployment_id, callback=callback,
+            image=image_policy.forwarded(node), configdrive=configdrive,
+            device=device, root_gb=size_gb)
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
@@ -467,11 +558,13 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
         node.del_driver_internal_info(STARTED_KEY)
         node.save()
+        boot_mode_utils.configure_secure_boot_if_needed(task)
         self._boot_from_disk(task)
         manager_utils.node_power_action(task, states.POWER_ON)
         LOG.info('Node %(node)s boots from its SmartNIC streaming disk '
-                 '(%(pct).1f%% local)',
+                 'in %(mode)s mode (%(pct).1f%% local)',
                  {'node': node.uuid,
+                  'mode': boot_mode_utils.get_boot_mode(node),
                   'pct': 100 * node.driver_internal_info[PROGRESS_KEY][
                       'fraction']})
 
@@ -613,6 +706,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         if DEPLOYMENT_KEY not in node.driver_internal_info:
             return  # waiting for something other than our deployment
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)
@@ -679,6 +773,43 @@ class SmartNICStreamingDeploy(base.DeployInterface):
             return
         manager_utils.deploying_error_handler(task, str(err), str(err))
 
+    def renew_image_url(self, task):
+        """Before Ironic's temp URL of the image expires, a new one for the copy.
+
+        The streaming disk reads the image long after the deploy step (the
+        copy goes on after ACTIVE), so a Swift temp URL that Ironic signed in
+        prepare would expire under it. Called from the two polls (wait
+        call-back, and ACTIVE while the disk still copies); a failure is
+        logged and tried again at the next poll, while the old URL still
+        works.
+        """
+        node = task.node
+        deployment_id = node.driver_internal_info.get(DEPLOYMENT_KEY)
+        if not deployment_id or not image_policy.renewal_due(node):
+            return
+        old = node.instance_info.get('image_url')
+        try:
+            url = image_policy.renewed_url(task)
+            if url == old:
+                # [glance]swift_temp_url_cache_enabled hands out the cached
+                # URL until it is about to expire.
+                return
+            service_client.DriverServiceClient().replace_image(
+                node.uuid, deployment_id,
+                dict(image_policy.forwarded(node), image_source=url))
+        except (exception.IronicException, smartnic_exc.SmartNICError) as e:
+            LOG.warning('Could not renew the image URL of node %(node)s (it '
+                        'expires at %(exp)s): %(err)s',
+                        {'node': node.uuid,
+                         'exp': image_policy.temp_url_expiry(old), 'err': e})
+            return
+        task.upgrade_lock(purpose='recording a renewed image URL')
+        task.node.set_instance_info('image_url', url)
+        task.node.save()
+        LOG.info('Renewed the Swift temp URL of the image of node %(node)s; '
+                 'it now expires at %(exp)s',
+                 {'node': node.uuid, 'exp': image_policy.temp_url_expiry(url)})
+
     @METRICS.timer('SmartNICStreamingDeploy._record_progress')
     @periodics.node_periodic(
         purpose='recording SmartNIC hydration progress',
@@ -694,6 +825,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     def record_progress(self, task):
         """Copies the service's progress of an ACTIVE node's disk."""
         node = task.node
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)

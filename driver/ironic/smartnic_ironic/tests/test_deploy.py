@@ -36,12 +36,17 @@ class FakeNode(object):
         self.driver_info = driver_info or {}
         self.instance_info = instance_info or {}
         self.driver_internal_info = dict(dii or {})
+        self.properties = properties or {}
         self.provision_state = provision_state
         self.deploy_interface = deploy.INTERFACE_NAME
+        self.management_interface = 'fake'
         self.saved = 0
 
     def set_driver_internal_info(self, k, v):
         self.driver_internal_info[k] = v
+
+    def set_instance_info(self, k, v):
+        self.instance_info[k] = v
 
     def del_driver_internal_info(self, k):
         return self.driver_internal_info.pop(k, None)
@@ -69,6 +74,21 @@ class TestFields(unittest.TestCase):
         self.assertEqual(65536, info['smartnic_region_size'])
         self.assertEqual(0, info['smartnic_bandwidth'])
         self.assertNotIn('ipmi_address', info)
+
+    def test_require_verification_is_a_boolean_and_is_forwarded(self):
+        # The documented driver_info switch used to be dropped on the way to
+        # the service: Ironic's nodes could never require verification.
+        node = FakeNode(dict(GOOD_DI, smartnic_require_verification='True'),
+                        {'image_source': 'http://i/x.raw'})
+        self.assertIs(True, deploy.parse_driver_info(node)[
+            'smartnic_require_verification'])
+        body = service_client.DriverServiceClient.request_body(node)
+        self.assertIs(True,
+                      body['driver_info']['smartnic_require_verification'])
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'true or false'):
+            deploy.parse_driver_info(FakeNode(dict(
+                GOOD_DI, smartnic_require_verification='maybe')))
 
     def test_refuses_bad_values(self):
         for extra, pattern in (
@@ -241,7 +261,8 @@ class TestClient(unittest.TestCase):
             'code': 'DRV_ERR_INVALID', 'retryable': False,
             'message': 'driver_info.smartnic_agent_url http://dpu does not '
                        'answer', 'field': 'driver_info.smartnic_agent_url'})]
-        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i'}))
+        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i',
+                                                 'image_checksum': 'a' * 64}))
         with self.assertRaisesRegex(exception.InvalidParameterValue,
                                     'does not answer'):
             deploy.SmartNICStreamingDeploy().validate(task)
@@ -490,6 +511,22 @@ class TestTearDown(unittest.TestCase):
         with mock.patch.object(deploy.time, 'sleep'):
             iface._delete_deployment(mock.Mock(node=FakeNode()), client)
         self.assertEqual(2, client.get_deployment.call_count)
+
+
+class TestHardware(unittest.TestCase):
+
+    def test_no_rescue_only(self):
+        # AgentRescue would boot a ramdisk and wait for an IPA heartbeat that
+        # this deploy interface never gets: refuse rescue at once instead.
+        from ironic.drivers.modules import noop
+        from smartnic_ironic import hardware
+        types = [hardware.SmartNICIPMIHardware]
+        if getattr(hardware, 'SmartNICRedfishHardware', None):
+            types.append(hardware.SmartNICRedfishHardware)
+        for hw in types:
+            self.assertEqual([noop.NoRescue], hw().supported_rescue_interfaces)
+            self.assertIs(deploy.SmartNICStreamingDeploy,
+                          hw().supported_deploy_interfaces[0])
 
 
 class TestDocs(unittest.TestCase):
