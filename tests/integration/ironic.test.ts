@@ -200,7 +200,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       for (const [form, arg] of forms) {
         const name = `node-f-${form}`;
         const uuid = await fakeNode(name, { smartnic_agent_url: agent.url, smartnic_target: target(name) });
-        await ironic.baremetal('node', 'set', name, '--instance-info', `image_source=${gptOrigin.url}`, '--instance-info', 'root_gb=1');
+        await ironic.baremetal('node', 'set', name, ...imageInfoArgs(gptOrigin.url, gptImage), '--instance-info', 'root_gb=1');
         await ironic.baremetal('node', 'deploy', name, '--config-drive', arg);
         await ironic.waitForProvisionState(name, 'active', 60_000);
         const disk = (await agentApi.listDisks()).find((d) => d.target.path === target(name))!;
@@ -242,7 +242,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     try {
       // Rebuild.
       const uuid = await fakeNode('node-g', { smartnic_agent_url: agent.url, smartnic_target: target('node-g') });
-      await ironic.baremetal('node', 'set', 'node-g', '--instance-info', `image_source=${gptOrigin.url}`, '--instance-info', 'root_gb=1');
+      await ironic.baremetal('node', 'set', 'node-g', ...imageInfoArgs(gptOrigin.url, gptImage), '--instance-info', 'root_gb=1');
       await ironic.baremetal('node', 'deploy', 'node-g', '--config-drive', drive('FIRST'));
       await ironic.waitForProvisionState('node-g', 'active', 60_000);
       const first = await api.getDeployment(uuid);
@@ -261,7 +261,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
       // Adopt: a host already running from a disk the service serves.
       const created = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-adopt', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-adopt')}`, '-f', 'json')) as IronicNode;
-      await ironic.baremetal('node', 'set', 'node-adopt', '--instance-info', `image_source=${gptOrigin.url}`);
+      await ironic.baremetal('node', 'set', 'node-adopt', ...imageInfoArgs(gptOrigin.url, gptImage));
       await ironic.baremetal('node', 'manage', 'node-adopt');
       await ironic.waitForProvisionState('node-adopt', 'manageable');
       await api.createDeployment({ node_uuid: created.uuid, deployment_id: 'pre-existing', instance_info: { image_source: gptOrigin.url }, driver_info: { smartnic_agent_url: agent.url, smartnic_target: target('node-adopt') } });
@@ -275,7 +275,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
       // Adopt without one: refused, saying why.
       const lone = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-lone', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-lone')}`, '-f', 'json')) as IronicNode;
-      await ironic.baremetal('node', 'set', 'node-lone', '--instance-info', `image_source=${gptOrigin.url}`);
+      await ironic.baremetal('node', 'set', 'node-lone', ...imageInfoArgs(gptOrigin.url, gptImage));
       await ironic.baremetal('node', 'manage', 'node-lone');
       await ironic.waitForProvisionState('node-lone', 'manageable');
       await ironic.baremetal('node', 'adopt', 'node-lone');
