@@ -6,12 +6,15 @@ PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra seabios   # the host (QEMU, NVMe over NBD) and qemu-img/qemu-io
   nbdkit libnbd-bin fio gnuplot-nox nginx-light         # NBD peers and clients; the benchmarks' origin and plots
   busybox-static syslinux syslinux-common extlinux mtools e2fsprogs openssl  # bootable test image
+  mmdebstrap gdisk dosfstools grub-common grub-efi-amd64-bin grub-pc-bin  # the Debian 12 cloud image, built without mounting (GRUB -bin packages ship files only, they leave the host's boot loader alone)
+  ovmf                                                  # UEFI firmware for QEMU, to boot that image the UEFI way
   redis-server                                          # the driver service's queues and records
   chromium                                              # the dashboard's browser test (playwright-core drives it)
   swift swift-proxy swift-object swift-container swift-account python3-swiftclient memcached glance-api  # Swift and Glance for the image-source tests
   ironic-api ironic-conductor python3-ironicclient python3-pip  # Ironic standalone and the plugin's install
   openipmi ipmitool                                     # ipmi_sim as the virtual BMC, Ironic's ipmitool driver
   shellcheck                                            # the DevStack plugin's scripts (tests/integration/devstack.test.ts)
+  genisoimage fdisk openssh-client                      # config drives (Ironic builds them with genisoimage; isoinfo, sfdisk check them), the lab's SSH key
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -16,9 +16,10 @@ import type { Logger } from 'pino';
 import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
 import { type CleaningCreate, type CleaningRecord, CleaningStore, cleaningView, FINISHED, newCleaning } from './cleaning.js';
 import { checkConfigDriveField } from './configdrive.js';
+import { nodeDevice } from './device.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
-import type { Deployment, DeploymentCreate, ValidateRequest } from '../../openapi/clients/driver-client.js';
+import type { Deployment, DeploymentCreate, DeploymentImage, ValidateRequest } from '../../openapi/clients/driver-client.js';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
@@ -27,6 +28,8 @@ import { agentFor, agentForCleaning } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
+import { ReconcileStore } from './reconcile.js';
+import type { RedisFitness } from './redis-fitness.js';
 import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
 
 export interface DriverApiDeps {
@@ -37,6 +40,10 @@ export interface DriverApiDeps {
   metrics: DriverMetrics;
   log: Logger;
   version: string;
+  /** The last reading of Redis's eviction policy and persistence, for /v1/health. */
+  fitness?: () => RedisFitness | null;
+  /** Where reconcile keeps orphans (default: on `redis`). */
+  reconcile?: ReconcileStore;
   /** Node cleanings; default: on `redis` under the config's prefix. */
   cleanings?: CleaningStore;
 }
@@ -49,6 +56,7 @@ const DASHBOARD = new URL('../../../driver/dashboard/', import.meta.url);
 
 export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
+  const reconcile = deps.reconcile ?? new ReconcileStore(deps.redis, config.redis.prefix);
   const cleanings = deps.cleanings ?? new CleaningStore(deps.redis, config.redis.prefix);
   const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 10 << 20 /* an inline config drive: up to 8 MiB */ });
 
@@ -84,6 +92,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     image_expires_at: rec.image_expires_at,
     agent_url: rec.agent_url,
     disk_id: rec.disk_id,
+    device: nodeDevice(rec.spec),
     export_uri: rec.export_uri,
     progress: rec.progress,
     last_error: rec.last_error,
@@ -116,7 +125,29 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           () => true,
           () => false,
         );
-        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down' });
+        const f = deps.fitness?.() ?? null;
+        const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown' } : {};
+        return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down', ...fitness });
+      },
+      async listOrphans() {
+        const [orphans, scans, last] = await Promise.all([reconcile.orphans(), reconcile.scans(), reconcile.last()]);
+        const { grace_ms, remove_orphans } = config.reconcile;
+        return {
+          orphans: orphans.map((o) => ({
+            agent_url: o.agent_url,
+            disk_id: o.disk_id,
+            state: o.state,
+            size: o.size,
+            target: o.target,
+            first_seen_at: o.first_seen_at,
+            last_seen_at: o.last_seen_at,
+            remove_after: remove_orphans ? new Date(Date.parse(o.first_seen_at) + grace_ms).toISOString() : null,
+            last_error: o.last_error,
+          })),
+          agents: scans,
+          reconciled_at: last?.finished_at ?? null,
+          removal_held: last?.removal_held ?? null,
+        };
       },
       async getMetrics(_req, reply) {
         return reply.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());
@@ -178,6 +209,38 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         if (current.state === 'attaching') await queues.enqueue('attach', current);
         req.log.info({ node: current.node_uuid, deployment: current.deployment_id, image: current.image_url, duplicate: !!existing }, 'deployment requested');
         return reply.code(existing ? 200 : 202).send(await view(current));
+      },
+      async replaceDeploymentImage(req) {
+        const { node_uuid } = req.params as { node_uuid: string };
+        const body = req.body as DeploymentImage;
+        const rec = await mustGet(node_uuid);
+        if (rec.deployment_id !== body.deployment_id) {
+          throw new DriverError('DRV_ERR_CONFLICT', `node ${node_uuid} has deployment ${rec.deployment_id}, not ${body.deployment_id}`);
+        }
+        if (rec.state === 'deleting' || rec.state === 'failed') throw new DriverError('DRV_ERR_CONFLICT', `the deployment of node ${node_uuid} is ${rec.state}`);
+        const info = { ...rec.spec.instance_info, ...body.instance_info };
+        // Only a URL of the same content may replace the current one: both must name it by
+        // their digest (resolving an http source asks nothing of the network).
+        const [now, next] = await Promise.all([resolveImage(rec.spec.instance_info, config), resolveImage(info, config)]);
+        if (!next.identity || next.identity !== now.identity) {
+          throw new DriverError('DRV_ERR_INVALID', `the new image (${next.identity ?? 'no digest'}) is not the deployment's (${now.identity ?? 'no digest'}): only a new URL of the same image, with the same digest, can replace it`, {
+            field: 'instance_info.image_source',
+          });
+        }
+        // A streaming disk switches now; an attach that is running may still create the disk
+        // with the old URL, which then still has the caller's renewal margin to live.
+        if (rec.state === 'ready') {
+          await agentFor(rec, config)
+            .updateSource(rec.disk_id, { url: next.url, ...(next.headers && Object.keys(next.headers).length ? { headers: next.headers } : {}), identity: next.identity })
+            .catch((err: unknown) => {
+              if (err instanceof ApiError && err.status === 404) return null; // not created yet, or gone: the spec below is what counts
+              throw new DriverError(err instanceof ApiError && err.status !== null ? 'DRV_ERR_AGENT_REJECTED' : 'DRV_ERR_AGENT_UNREACHABLE', `replacing the source URL of disk ${rec.disk_id} on ${rec.agent_url}: ${(err as Error).message}`, { cause: err });
+            });
+        }
+        const image_url = redactUrl(next.url);
+        await store.update(rec.node_uuid, rec.deployment_id, { spec: { ...rec.spec, instance_info: info }, ...(rec.state === 'attaching' ? {} : { image_url }) });
+        req.log.info({ node: node_uuid, deployment: rec.deployment_id, image: image_url, state: rec.state }, 'image URL replaced');
+        return view((await store.get(node_uuid)) ?? rec);
       },
       async getDeploymentRegions(req) {
         const rec = await mustGet((req.params as { node_uuid: string }).node_uuid);
@@ -294,8 +357,11 @@ function derivedId(body: DeploymentCreate): string {
   return `d-${h.slice(0, 16)}`;
 }
 
-/** The agent's disk id: lower-case, safe characters, bounded (openapi/dpu-agent.yaml DiskId). */
-function diskId(node: string, deployment: string): string {
+/**
+ * The agent's disk id: lower-case, safe characters, bounded (openapi/dpu-agent.yaml DiskId).
+ * reconcile.disk_id_pattern's default matches every id this makes.
+ */
+export function diskId(node: string, deployment: string): string {
   return `${node}-${deployment}`.toLowerCase().replace(/[^a-z0-9._-]/g, '-').slice(0, 128);
 }
 

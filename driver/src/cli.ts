@@ -1,6 +1,7 @@
 /**
  * `smartnic-driver`: `serve` runs the service; `jobs` inspects and repairs the same queues
- * from a shell (what bull-board shows, for operators without a browser).
+ * from a shell (what bull-board shows, for operators without a browser); `reconcile` runs
+ * one reconcile pass now (what the service does every reconcile.interval_ms).
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -8,8 +9,11 @@ import { type Job, Queue } from 'bullmq';
 import { pino } from 'pino';
 import { ConfigError, renderConfigDocs } from '../../common/src/config.js';
 import { DRIVER_CONFIG_SCHEMA, type DriverConfig, resolveDriverConfig } from './config.js';
+import { DriverError } from './errors.js';
 import { type JobData, QUEUE_NAMES, type QueueName } from './queues.js';
-import { redisConnection, startDriverService } from './service.js';
+import { Reconciler } from './reconcile.js';
+import { redactRedisUrl, redisConnection, startDriverService } from './service.js';
+import { DeploymentStore } from './store.js';
 
 const DEFAULT_CONFIG = '/etc/smartnic/driver.yaml';
 
@@ -24,6 +28,11 @@ Commands:
   jobs retry ID                  Retry a failed job
   jobs clean [--queue Q] [--state completed|failed] [--grace SECONDS]
                                  Remove finished jobs older than the grace period (default 3600)
+  reconcile [--dry-run]          One reconcile pass now: list the agents' disks, report orphans
+                                 (disks no deployment names), remove those past reconcile.grace_ms
+                                 if reconcile.remove_orphans (not with --dry-run); exit 0, or 1 if
+                                 an agent could not be listed
+  reconcile forget AGENT_URL     Stop scanning a decommissioned agent (one no deployment names)
 
 Options:
   --config FILE   YAML/JSON config (default ${DEFAULT_CONFIG}); keys:
@@ -42,6 +51,7 @@ export async function main(argv: string[]): Promise<number> {
         state: { type: 'string' },
         limit: { type: 'string', default: '20' },
         grace: { type: 'string', default: '3600' },
+        'dry-run': { type: 'boolean' },
         help: { type: 'boolean' },
         version: { type: 'boolean' },
       },
@@ -64,11 +74,16 @@ export async function main(argv: string[]): Promise<number> {
     const config = resolveDriverConfig({ file: values.config! });
     if (command === 'serve') return await serve(config);
     if (command === 'jobs') return await jobs(config, sub, arg, values);
+    if (command === 'reconcile') return await reconcile(config, sub, arg, values['dry-run'] ?? false);
     process.stderr.write(`smartnic-driver: unknown command "${command}"; see --help\n`);
     return 2;
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`smartnic-driver: DRV_ERR_CONFIG: ${err.message}\n`);
+      return 2;
+    }
+    if (err instanceof DriverError && err.code === 'DRV_ERR_REDIS_UNFIT') {
+      process.stderr.write(`smartnic-driver: ${err.code}: ${err.message}\n`);
       return 2;
     }
     process.stderr.write(`smartnic-driver: ${(err as Error).message}\n`);
@@ -83,7 +98,7 @@ async function serve(config: Readonly<DriverConfig>): Promise<number> {
   });
   const service = await startDriverService(config, log, { version: version() });
   process.stdout.write(JSON.stringify({ event: 'listening', url: service.url }) + '\n');
-  log.info({ url: service.url, redis: redactRedis(config.redis.url), auth: config.auth.tokens.length > 0 }, 'driver service listening');
+  log.info({ url: service.url, redis: redactRedisUrl(config.redis.url), auth: config.auth.tokens.length > 0 }, 'driver service listening');
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', () => resolve());
     process.once('SIGINT', () => resolve());
@@ -178,8 +193,40 @@ async function jobs(config: Readonly<DriverConfig>, sub: string | undefined, arg
   }
 }
 
-function redactRedis(url: string): string {
-  return url.replace(/\/\/([^@/]*)@/, '//REDACTED@');
+async function reconcile(config: Readonly<DriverConfig>, sub: string | undefined, arg: string | undefined, dryRun: boolean): Promise<number> {
+  if (sub !== undefined && sub !== 'forget') throw new Error(`"reconcile ${sub}": use reconcile [--dry-run] or reconcile forget AGENT_URL`);
+  const redis = redisConnection(config.redis.url, true);
+  redis.on('error', () => undefined);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`Redis at ${redactRedisUrl(config.redis.url)} does not answer`)), 10_000);
+      redis.once('ready', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    const log = pino({ level: config.log_level }, pino.destination(2));
+    const reconciler = new Reconciler({ redis, store: new DeploymentStore(redis, config.redis.prefix), config, log });
+    if (sub === 'forget') {
+      if (!arg) throw new Error('reconcile forget needs the agent URL (as GET /v1/orphans lists it)');
+      const known = await reconciler.rs.forget(arg);
+      process.stdout.write(known ? `forgot ${arg}\n` : `${arg} was not registered\n`);
+      return 0;
+    }
+    const r = await reconciler.runOnce({ dryRun });
+    const orphans = await reconciler.rs.orphans();
+    const scans = await reconciler.rs.scans();
+    process.stdout.write(`reconcile: ${r.agents} agent(s), ${r.agents_failed} not listed; ${r.orphans} orphan disk(s), ${r.removed} removed; ${r.records_failed} complete deployment(s) marked failed (disk gone)${dryRun ? ' [dry run]' : ''}\n`);
+    for (const o of orphans) {
+      const after = config.reconcile.remove_orphans ? `removable after ${new Date(Date.parse(o.first_seen_at) + config.reconcile.grace_ms).toISOString()}` : 'kept (reconcile.remove_orphans is false)';
+      process.stdout.write(`  orphan  ${o.agent_url}  ${o.disk_id}  ${o.state}  ${o.size} bytes  ${o.target}  since ${o.first_seen_at}  ${after}${o.last_error ? `  last error: ${o.last_error}` : ''}\n`);
+    }
+    for (const s of scans.filter((x) => x.error)) process.stdout.write(`  agent   ${s.agent_url}  not listed: ${s.error}\n`);
+    if (r.removal_held) process.stdout.write(`  held    ${r.removal_held}\n`);
+    return r.agents_failed ? 1 : 0;
+  } finally {
+    redis.disconnect();
+  }
 }
 
 function version(): string {

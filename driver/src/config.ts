@@ -4,7 +4,7 @@ import { ConfigError, type ConfigSchema, loadConfigFile, resolveTokenList, valid
 export interface DriverConfig {
   listen: { host: string; port: number };
   auth: { tokens: string[]; token_file?: string; disabled: boolean };
-  redis: { url: string; prefix: string };
+  redis: { url: string; prefix: string; allow_eviction: boolean; require_persistence: boolean; check_interval_ms: number };
   agent: { token?: string; timeout_ms: number };
   jobs: {
     attach_attempts: number;
@@ -32,6 +32,15 @@ export interface DriverConfig {
     swift_store_multiple_containers_seed: number;
   };
   manifests: { enabled: boolean; require: boolean; max_regions: number; attempts: number };
+  reconcile: {
+    interval_ms: number;
+    remove_orphans: boolean;
+    grace_ms: number;
+    max_removals: number;
+    concurrency: number;
+    disk_id_pattern: string;
+    agents: { url: string; token?: string }[];
+  };
   log_level: string;
   response_validation: 'off' | 'log' | 'strict';
 }
@@ -69,6 +78,17 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         url: { type: 'string', pattern: '^rediss?://', default: 'redis://127.0.0.1:6379/0', description: 'redis:// or rediss:// URL (password in the URL is redacted from logs).' },
         prefix: { type: 'string', pattern: '^[a-z0-9_-]+$', default: 'smartnic', description: 'Key prefix for queues and deployment records.' },
+        allow_eviction: {
+          type: 'boolean',
+          default: false,
+          description: "Start even though Redis's maxmemory-policy is not noeviction. An evicting Redis drops deployment records and jobs under memory pressure without an error, so by default the service refuses to start on one (docs/operations.md, Redis).",
+        },
+        require_persistence: {
+          type: 'boolean',
+          default: false,
+          description: 'Refuse to start unless Redis persists its data (appendonly yes, or RDB snapshots: a non-empty save), and when that cannot be checked (CONFIG disabled, as on managed Redis). false: such a Redis is only warned about.',
+        },
+        check_interval_ms: { type: 'integer', minimum: 0, default: 60000, description: "How often Redis's eviction policy and persistence are checked again while the service runs (a change is logged, /v1/health and the metrics follow it); 0: at start only." },
       },
     },
     agent: {
@@ -148,6 +168,42 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         attempts: { type: 'integer', minimum: 1, default: 3, description: 'Attempts of a manifest job when reading the image fails transiently.' },
       },
     },
+    reconcile: {
+      type: 'object',
+      description: "Reconciling the DPU agents' disks with the deployment records (docs/operations.md, Reconcile): a disk with a driver-style id and no deployment record is an orphan, reported by GET /v1/orphans and smartnic_driver_orphan_disks, and removed (with wipe) only when remove_orphans is set.",
+      default: {},
+      additionalProperties: false,
+      properties: {
+        interval_ms: { type: 'integer', minimum: 0, default: 300000, description: 'How often the agents are scanned (one pass at a time across every driver process on the Redis, under a lock); 0: never on a schedule (`smartnic-driver reconcile` still runs a pass).' },
+        remove_orphans: { type: 'boolean', default: false, description: 'Delete (and wipe) a disk that has been an orphan for grace_ms. false: orphans are only reported.' },
+        grace_ms: { type: 'integer', minimum: 0, default: 3600000, description: 'How long a disk must have been seen as an orphan, by consecutive passes, before it is removed.' },
+        max_removals: {
+          type: 'integer',
+          minimum: 0,
+          default: 5,
+          description: 'A pass that finds more orphans due for removal than this removes none and logs an error: many at once look like deployment records lost with Redis, whose hosts may still run from the disks (docs/operations.md, Backups, and losing Redis).',
+        },
+        concurrency: { type: 'integer', minimum: 1, default: 8, description: 'Agents scanned at once.' },
+        disk_id_pattern: {
+          type: 'string',
+          minLength: 1,
+          default: '^[a-z0-9][a-z0-9._-]*-[a-z0-9][a-z0-9._-]*$',
+          description: "The disk ids reconcile considers the driver's (`<node>-<deployment>`, lower-cased); other disks are never reported or touched. Narrow it when people or other tools create disks on the same agents, e.g. `^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-` for Ironic node UUIDs.",
+        },
+        agents: {
+          type: 'array',
+          default: [],
+          secret: true,
+          items: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['url'],
+            properties: { url: { type: 'string', pattern: '^https?://' }, token: { type: 'string' } },
+          },
+          description: "Agents scanned besides those the service has used (kept in Redis, so a Redis that lost its data forgets them: list the fleet here so that the disks it left are found). Each `{url, token}`; token default agent.token.",
+        },
+      },
+    },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level.' },
     response_validation: { type: 'string', enum: ['off', 'log', 'strict'], default: 'off', description: 'Check API responses against openapi/driver.yaml (tests use strict).' },
   },
@@ -159,6 +215,11 @@ export function resolveDriverConfig(source: { file: string } | { object: unknown
   const tokens = resolveTokenList(cfg.auth);
   if (tokens.length === 0 && !cfg.auth.disabled) {
     throw new ConfigError('config key "auth.tokens": no token configured; set auth.tokens or auth.token_file (or auth.disabled: true for a loopback lab)', 'auth.tokens');
+  }
+  try {
+    new RegExp(cfg.reconcile.disk_id_pattern);
+  } catch (err) {
+    throw new ConfigError(`config key "reconcile.disk_id_pattern" is not a regular expression: ${(err as Error).message}`, 'reconcile.disk_id_pattern');
   }
   return Object.freeze({ ...cfg, auth: Object.freeze({ ...cfg.auth, tokens: cfg.auth.disabled ? [] : tokens }) });
 }

@@ -126,11 +126,32 @@ export function describeImageRef(ref: ImageRef): string {
   }
 }
 
-/** The content hash instance_info carries (Ironic copies Glance's into it), as `algo=value`. */
+/** image_checksum's algorithm by the length of its hex value, as Ironic's checksum_utils.get_checksum_and_algo reads it. */
+const CHECKSUM_LENGTHS: Record<number, string> = { 32: 'md5', 64: 'sha256', 128: 'sha512' };
+
+/**
+ * The digest instance_info gives of the image (Ironic copies Glance's into it), read as
+ * Ironic reads it: image_os_hash_algo/value when given; else image_checksum, which names
+ * its algorithm as `algo:value` or by its length: 32 hex digits md5 (the legacy meaning),
+ * 64 sha256, 128 sha512. A checksum-file URL is refused: the service does not fetch
+ * those (the Ironic plugin resolves them before it calls).
+ */
+export function infoDigest(info: InstanceInfo): { algo: string; value: string } | null {
+  if (info.image_os_hash_value) return { algo: (info.image_os_hash_algo ?? 'sha512').toLowerCase(), value: info.image_os_hash_value };
+  const checksum = info.image_checksum?.trim();
+  if (!checksum) return null;
+  if (/^https?:\/\//i.test(checksum)) {
+    throw new DriverError('DRV_ERR_IMAGE_SOURCE', `instance_info.image_checksum is a URL (${redactUrl(checksum)}); this service does not fetch checksum files: give the checksum itself, or image_os_hash_algo and image_os_hash_value`, { field: 'instance_info.image_checksum' });
+  }
+  const named = /^([A-Za-z0-9_-]+):([0-9A-Fa-f]+)$/.exec(checksum);
+  if (named) return { algo: named[1]!.toLowerCase(), value: named[2]! };
+  return { algo: CHECKSUM_LENGTHS[checksum.length] ?? 'md5', value: checksum };
+}
+
+/** The content hash instance_info carries, as `algo=value`. */
 function infoHash(info: InstanceInfo): string | undefined {
-  if (info.image_os_hash_value) return `${info.image_os_hash_algo ?? 'sha512'}=${info.image_os_hash_value}`;
-  if (info.image_checksum) return `md5=${info.image_checksum}`;
-  return undefined;
+  const d = infoDigest(info);
+  return d ? `${d.algo}=${d.value}` : undefined;
 }
 
 function formatOf(diskFormat: string | null | undefined, what: string): AgentFormat {

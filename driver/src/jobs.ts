@@ -49,9 +49,11 @@ import { ApiError } from '../../openapi/clients/http.js';
 import { type CallbackStatus, notifyIronic } from './callback.js';
 import type { DriverConfig } from './config.js';
 import { loadConfigDrive } from './configdrive.js';
+import { nodeDevice } from './device.js';
 import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
+import type { ReconcileStore } from './reconcile.js';
 import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
 
 export interface JobDeps {
@@ -63,6 +65,8 @@ export interface JobDeps {
   log: Logger;
   /** The service's version, sent as agent_version in pushes to Ironic. */
   version?: string;
+  /** Where the agents the service uses are registered for reconcile (reconcile.ts). */
+  reconcile?: ReconcileStore;
 }
 
 /** Pushes the outcome to Ironic if the deployment asked for it; never waits, never throws. */
@@ -151,6 +155,9 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   let image: ResolvedImage;
   let key: string | null = null;
   let status: ManifestStatus | null = null;
+  // Before any disk is made there, so reconcile looks at this agent even if the record is
+  // lost later (reconcile.ts).
+  await deps.reconcile?.register(rec.agent_url, di.smartnic_agent_token);
   try {
     image = await resolveImage(rec.spec.instance_info, deps.config);
     if (required) {
@@ -179,6 +186,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
           ...(image.format !== 'raw' ? { format: image.format } : {}),
         },
         target: { path: di.smartnic_target },
+        device: nodeDevice(rec.spec),
         // Ironic's root_gb is GiB; 0 or absent: the agent's default (the whole target device, else the image).
         ...(rec.spec.instance_info.root_gb ? { size: rec.spec.instance_info.root_gb * 2 ** 30 } : {}),
         ...(di.smartnic_region_size || required ? { region_size: di.smartnic_region_size ?? DEFAULT_REGION_SIZE } : {}),

@@ -6,7 +6,8 @@
  *
  *   key      what the manifest is of: `<format>;<region size>;<digest>` where the digest is
  *            the image's hash when one is known (Glance's os_hash_algo/value, or
- *            instance_info image_os_hash_algo/value or image_checksum), else the resolved
+ *            instance_info image_os_hash_algo/value or image_checksum, read as Ironic
+ *            reads it: image.ts infoDigest), else the resolved
  *            identity (a Swift ETag, say). An image with neither gets no manifest.
  *   Redis    `<prefix>:manifest:<sha256 of key>` the encoded manifest (binary);
  *            `<prefix>:manifest-failed:<sha256 of key>` why it can never be built (the
@@ -16,9 +17,10 @@
  *
  * The job reads the image through openImageSource with the URL, headers and format the
  * agent uses. For a raw image the whole-image digest is checked against the expected one
- * while reading. For a qcow2 image the digest Glance records is of the qcow2 FILE, while
- * the manifest is of the raw disk it describes: that check is skipped (the per-region
- * hashes are still of the decoded disk, the bytes every agent serves).
+ * while reading. For a qcow2 image the digest Glance (or instance_info) gives is of the
+ * qcow2 FILE, while the manifest is of the raw disk it describes: the file is read once
+ * more as it is, alongside the build, and its digest checked (the per-region hashes are
+ * of the decoded disk, the bytes every agent serves). Either mismatch is permanent.
  */
 import { createHash, getHashes } from 'node:crypto';
 import { type Job, UnrecoverableError } from 'bullmq';
@@ -30,7 +32,7 @@ import { openImageSource } from '../../dpu-agent/src/streaming/open.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import type { InstanceInfo, ResolvedImage } from './image.js';
-import { resolveImage } from './image.js';
+import { infoDigest, resolveImage } from './image.js';
 import type { JobData } from './queues.js';
 import type { DeploymentStore } from './store.js';
 
@@ -39,10 +41,7 @@ export const DEFAULT_REGION_SIZE = 1 << 20;
 
 /** The digest of the image's content to check, when instance_info or Glance gives one. */
 export function expectedDigest(image: ResolvedImage, info: InstanceInfo): { algo: string; value: string } | null {
-  if (image.hash) return image.hash;
-  if (info.image_os_hash_value) return { algo: info.image_os_hash_algo ?? 'sha512', value: info.image_os_hash_value };
-  if (info.image_checksum) return { algo: 'md5', value: info.image_checksum };
-  return null;
+  return image.hash ?? infoDigest(info);
 }
 
 /** The cache key of the image's manifest in `regionSize` regions, or null when nothing names its content. */
@@ -112,13 +111,20 @@ export async function buildManifest(deps: ManifestJobDeps, job: Job<JobData>): P
     throw err;
   }
   const digest = expectedDigest(image, info);
-  // qcow2: Glance's digest is of the file, the manifest of the disk it describes (see above).
-  const check = digest && image.format === 'raw' && getHashes().includes(digest.algo) ? digest : null;
-  const source = await openImageSource({
-    source: { url: image.url, ...(image.headers ? { headers: image.headers } : {}), ...(image.identity ? { identity: image.identity } : {}), maxConnections: 3, backgroundConnections: 2 },
-    format: image.format,
-    log: deps.log,
-  });
+  const algo = digest ? nodeHash(digest.algo) : null;
+  // raw: the digest is of the disk the manifest hashes. qcow2: it is of the file, while the
+  // manifest is of the disk the file describes: the file is read once more, as it is, and
+  // hashed on its own (alongside the build).
+  const check = digest && algo && image.format === 'raw' ? { algo, value: digest.value } : null;
+  const fileCheck = digest && algo && image.format !== 'raw' ? { algo, value: digest.value } : null;
+  const sourceOpts = { url: image.url, ...(image.headers ? { headers: image.headers } : {}), ...(image.identity ? { identity: image.identity } : {}), maxConnections: 3, backgroundConnections: 2 };
+  const source = await openImageSource({ source: sourceOpts, format: image.format, log: deps.log });
+  const fileHash = fileCheck
+    ? fileDigest(sourceOpts, fileCheck.algo, deps.log).then(
+        (hex) => ({ hex }),
+        (err: unknown) => ({ err }),
+      )
+    : null;
   let manifest: Manifest;
   try {
     const regions = Math.ceil(source.size / regionSize);
@@ -135,15 +141,50 @@ export async function buildManifest(deps: ManifestJobDeps, job: Job<JobData>): P
     if (err instanceof UnrecoverableError) throw err;
     if (err instanceof DpuError && err.code === 'DPU_ERR_MANIFEST_INVALID') {
       const detail = err.message.replace(/^the image manifest is unusable: /, '');
-      await permanent(deps, job, key, `DRV_ERR_IMAGE_MISMATCH: the image does not match Glance (its ${check!.algo}${image.hash ? '' : ', as instance_info image_os_hash_value gives it'}): ${detail}`);
+      await permanent(deps, job, key, `DRV_ERR_IMAGE_MISMATCH: the image does not match Glance (its ${check!.algo}${image.hash ? '' : ', as instance_info gives it'}): ${detail}`);
     }
     throw err;
   } finally {
     await source.close();
+    if (fileHash) await fileHash; // never left running behind a failed build
   }
+  if (fileHash && fileCheck) {
+    const got = await fileHash;
+    if ('err' in got) throw got.err;
+    if (got.hex !== fileCheck.value.toLowerCase()) {
+      await permanent(deps, job, key, `DRV_ERR_IMAGE_MISMATCH: the image does not match ${image.hash ? 'Glance' : 'instance_info'}: the ${image.format} file's ${fileCheck.algo} is ${got.hex.slice(0, 16)}…, not the expected ${fileCheck.value.slice(0, 16)}…`);
+    }
+  }
+  const checked = check ?? fileCheck;
   await deps.manifests.put(key, manifest.encode());
-  deps.log.info({ key, regions: manifest.count, zero: manifest.zeroRegions, checked: check ? check.algo : 'none' }, 'image manifest built');
-  return `built: ${manifest.count} regions, ${manifest.zeroRegions} zero, ${check ? `${check.algo} checked` : 'no digest checked'}`;
+  deps.log.info({ key, regions: manifest.count, zero: manifest.zeroRegions, checked: checked ? checked.algo : 'none' }, 'image manifest built');
+  return `built: ${manifest.count} regions, ${manifest.zeroRegions} zero, ${checked ? `${checked.algo} checked${fileCheck ? ` (of the ${image.format} file)` : ''}` : 'no digest checked'}`;
+}
+
+/** Node's name of a hash algorithm Glance or Ironic name (hashlib's: sha3_512 is sha3-512), or null if Node has none. */
+function nodeHash(algo: string): string | null {
+  const hashes = getHashes();
+  const a = algo.toLowerCase();
+  if (hashes.includes(a)) return a;
+  const dashed = a.replace(/_/g, '-');
+  return hashes.includes(dashed) ? dashed : null;
+}
+
+/** The digest of the bytes at the URL as they are (a qcow2 file, not the disk it describes). */
+async function fileDigest(opts: Parameters<typeof openImageSource>[0]['source'], algo: string, log: Logger): Promise<string> {
+  const file = await openImageSource({ source: opts, format: 'raw', log });
+  try {
+    const hash = createHash(algo);
+    const buf = Buffer.allocUnsafe(Math.min(8 << 20, Math.max(1, file.size)));
+    for (let off = 0; off < file.size; off += buf.length) {
+      const chunk = buf.subarray(0, Math.min(buf.length, file.size - off));
+      await file.read(off, chunk, { priority: 'background' });
+      hash.update(chunk);
+    }
+    return hash.digest('hex');
+  } finally {
+    await file.close();
+  }
 }
 
 async function permanent(deps: ManifestJobDeps, job: Job<JobData>, key: string, message: string): Promise<never> {

@@ -1,14 +1,24 @@
 /** Prometheus metrics of the driver service, on a registry of its own (several apps per process in tests). */
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { QUEUE_NAMES, type Queues } from './queues.js';
+import type { ReconcileStore } from './reconcile.js';
+import { PERSISTENCE_MODES, type RedisFitness } from './redis-fitness.js';
 import type { DeploymentStore } from './store.js';
 
 export interface DriverMetrics {
   registry: Registry;
   jobsFinished: Counter<'queue' | 'result'>;
+  orphansRemoved: Counter;
 }
 
-export function createMetrics(store: DeploymentStore, queues: Queues): DriverMetrics {
+export interface OpsSources {
+  /** The orphans and the last reconcile pass, read from Redis at scrape time. */
+  reconcile?: ReconcileStore;
+  /** The last reading of Redis's settings (redis-fitness.ts). */
+  fitness?: () => RedisFitness | null;
+}
+
+export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSources = {}): DriverMetrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'smartnic_driver_' });
   new Gauge({
@@ -51,5 +61,63 @@ export function createMetrics(store: DeploymentStore, queues: Queues): DriverMet
     labelNames: ['queue', 'result'],
     registers: [registry],
   });
-  return { registry, jobsFinished };
+  const orphansRemoved = new Counter({
+    name: 'smartnic_driver_orphan_disks_removed_total',
+    help: 'Orphan disks this process deleted (with wipe) on DPU agents (reconcile.remove_orphans).',
+    registers: [registry],
+  });
+  const { reconcile, fitness } = ops;
+  if (reconcile) {
+    new Gauge({
+      name: 'smartnic_driver_orphan_disks',
+      help: 'Disks with a driver-style id on DPU agents that no deployment record names, as the last reconcile pass found them (GET /v1/orphans).',
+      registers: [registry],
+      async collect() {
+        this.set(await reconcile.orphanCount());
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_reconcile_last_run_timestamp_seconds',
+      help: 'When the last reconcile pass ended (any driver process on this Redis); 0 before the first.',
+      registers: [registry],
+      async collect() {
+        const last = await reconcile.last();
+        this.set(last ? Date.parse(last.finished_at) / 1000 : 0);
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_reconcile_agents',
+      help: 'DPU agents by whether the last reconcile pass could list their disks (result ok or error).',
+      labelNames: ['result'],
+      registers: [registry],
+      async collect() {
+        const scans = await reconcile.scans();
+        this.set({ result: 'ok' }, scans.filter((s) => !s.error).length);
+        this.set({ result: 'error' }, scans.filter((s) => s.error).length);
+      },
+    });
+  }
+  if (fitness) {
+    new Gauge({
+      name: 'smartnic_driver_redis_persistence',
+      help: 'How Redis persists the deployments: 1 for the mode found (aof, rdb, none, unknown: CONFIG refused and no AOF), 0 for the others.',
+      labelNames: ['mode'],
+      registers: [registry],
+      collect() {
+        const mode = fitness()?.persistence ?? 'unknown';
+        for (const m of PERSISTENCE_MODES) this.set({ mode: m }, m === mode ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'smartnic_driver_redis_maxmemory_policy',
+      help: "Redis's maxmemory-policy (1 for the policy found; anything but noeviction can drop deployments).",
+      labelNames: ['policy'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.set({ policy: fitness()?.maxmemory_policy ?? 'unknown' }, 1);
+      },
+    });
+  }
+  return { registry, jobsFinished, orphansRemoved };
 }

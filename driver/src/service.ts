@@ -1,8 +1,10 @@
 /**
  * Wiring: one place that composes the driver service from its parts — Redis connections,
- * the deployment store, the queues and their workers, the API. Two Redis connections on
- * purpose: workers wait out a Redis outage (commands queue until it is back), while the
- * API fails fast with 503 DRV_ERR_REDIS instead of hanging a conductor's request.
+ * the deployment store, the queues and their workers, reconcile, the API. Two Redis
+ * connections on purpose: workers wait out a Redis outage (commands queue until it is
+ * back), while the API fails fast with 503 DRV_ERR_REDIS instead of hanging a conductor's
+ * request. Before any of it, Redis's eviction policy and persistence are checked
+ * (redis-fitness.ts): an evicting Redis is refused.
  */
 import { type Job, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -14,6 +16,8 @@ import { attach, clean, type JobDeps, monitor, teardown } from './jobs.js';
 import { buildManifest, ManifestCache } from './manifests.js';
 import { createMetrics } from './metrics.js';
 import { type JobData, QUEUE_NAMES, Queues, type QueueName } from './queues.js';
+import { ReconcileStore, Reconciler } from './reconcile.js';
+import { RedisFitnessMonitor } from './redis-fitness.js';
 import { DeploymentStore } from './store.js';
 
 export interface DriverService {
@@ -51,7 +55,15 @@ export function redisConnection(url: string, patient: boolean): Redis {
   return new Redis(url, patient ? { maxRetriesPerRequest: null } : { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 2000 });
 }
 
+/** The Redis URL with any password replaced, for logs and messages. */
+export function redactRedisUrl(url: string): string {
+  return url.replace(/\/\/([^@/]*)@/, '//REDACTED@');
+}
+
 export async function startDriverService(config: Readonly<DriverConfig>, log: Logger, opts: StartOptions = {}): Promise<DriverService> {
+  const fitness = new RedisFitnessMonitor(config.redis, log, redactRedisUrl(config.redis.url));
+  // Throws DRV_ERR_REDIS_UNFIT before anything is started.
+  await fitness.checkAtStart(() => new Redis(config.redis.url, { lazyConnect: true, maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000, retryStrategy: () => null }));
   const workerRedis = redisConnection(config.redis.url, true);
   const apiRedis = redisConnection(config.redis.url, false);
   // An unreachable Redis is reported by health and by failing requests, not by crashing.
@@ -62,8 +74,14 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   const manifests = new ManifestCache(workerRedis, prefix);
   const store = new DeploymentStore(workerRedis, prefix);
   const apiStore = new DeploymentStore(apiRedis, prefix);
-  const metrics = createMetrics(apiStore, apiQueues);
-  const deps: JobDeps = { store, cleanings: new CleaningStore(workerRedis, prefix), queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0' };
+  const reconcileStore = new ReconcileStore(workerRedis, prefix);
+  const apiReconcile = new ReconcileStore(apiRedis, prefix);
+  const metrics = createMetrics(apiStore, apiQueues, { reconcile: apiReconcile, fitness: () => fitness.current });
+  const deps: JobDeps = { store, cleanings: new CleaningStore(workerRedis, prefix), queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0', reconcile: reconcileStore };
+  // Reconcile runs where the workers run (a pass at a time across all processes), on the
+  // fail-fast connection: a pass during a Redis outage fails at once (and is tried again
+  // at the next tick) instead of waiting, so it never holds up a stop.
+  const reconciler = (opts.workers ?? true) ? new Reconciler({ redis: apiRedis, store: apiStore, config, log: log.child({ component: 'reconcile' }), onRemoved: () => metrics.orphansRemoved.inc() }) : null;
 
   const workers: Worker<JobData>[] = [];
   if (opts.workers ?? true) {
@@ -96,13 +114,18 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
     }
   }
 
-  const app = await buildDriverApi({ config, store: apiStore, queues: apiQueues, redis: apiRedis, metrics, log, version: opts.version ?? '0.0.0' });
+  const app = await buildDriverApi({ config, store: apiStore, queues: apiQueues, redis: apiRedis, metrics, log, version: opts.version ?? '0.0.0', fitness: () => fitness.current, reconcile: apiReconcile });
   const url = await app.listen({ host: config.listen.host, port: config.listen.port });
+  fitness.start(apiRedis);
+  reconciler?.start();
   return {
     app,
     url,
     async close() {
+      fitness.stop();
       await app.close();
+      // A running reconcile pass may be waiting on an agent (agent.timeout_ms): bounded like the workers.
+      if (reconciler) await within(reconciler.stop(), CLOSE_GRACE_MS);
       // Workers finish the step they are on (a monitor step is one poll), then stop. With
       // Redis unreachable a graceful close never completes: after a grace period the workers
       // are closed by force (their jobs' locks expire and another process takes them over).

@@ -105,7 +105,7 @@ export class DeploymentStore {
    * Sets fields of the node's record if it still is `deploymentId` and — unless
    * `teardown` — is not being deleted; false when nothing was changed.
    */
-  async update(node: string, deploymentId: string, fields: Partial<Omit<DeploymentRecord, 'node_uuid' | 'deployment_id' | 'spec'>>, opts: { teardown?: boolean } = {}): Promise<boolean> {
+  async update(node: string, deploymentId: string, fields: Partial<Omit<DeploymentRecord, 'node_uuid' | 'deployment_id'>>, opts: { teardown?: boolean } = {}): Promise<boolean> {
     const flat = encode({ ...fields, updated_at: new Date().toISOString() });
     const res = await this.redis.eval(UPDATE_LUA, 1, this.key(node), deploymentId, opts.teardown ? '1' : '0', ...flat);
     return res === 1;

@@ -5,6 +5,7 @@ import { call, type ClientOptions, createHttp } from './http.js';
 
 export type Deployment = components['schemas']['Deployment'];
 export type DeploymentCreate = components['schemas']['DeploymentCreate'];
+export type DeploymentImage = components['schemas']['DeploymentImage'];
 export type ValidateRequest = components['schemas']['ValidateRequest'];
 export type ValidateResult = components['schemas']['ValidateResult'];
 export type DriverHealth = components['schemas']['Health'];
@@ -36,6 +37,11 @@ export class DriverClient {
 
   getDeployment(node: string): Promise<Deployment> {
     return call(this.http.get<Deployment>(`/v1/deployments/${encodeURIComponent(node)}`), `deployment of ${node}`);
+  }
+
+  /** A new URL of the same image for the node's deployment (a renewed temp URL). */
+  replaceDeploymentImage(node: string, body: DeploymentImage): Promise<Deployment> {
+    return call(this.http.put<Deployment>(`/v1/deployments/${encodeURIComponent(node)}/image`, body), `image of ${node}`);
   }
 
   deleteDeployment(node: string, wipe = true): Promise<Deployment> {

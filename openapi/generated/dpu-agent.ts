@@ -341,6 +341,7 @@ export interface components {
              *     block device, else the image's size.
              */
             readonly size?: number;
+            readonly device?: components["schemas"]["DeviceIdentity"];
             readonly export?: components["schemas"]["ExportRequest"];
             readonly hydration?: {
                 /**
@@ -377,6 +378,23 @@ export interface components {
             };
             /** @description A stable name for the image's content (e.g. Glance id and hash). Defaults to size and ETag. A disk is never resumed against another identity. */
             readonly identity?: string;
+        };
+        /**
+         * @description What the emulated NVMe controller and namespace tell the host they are: the NVMe
+         *     serial number and model number of the controller, and the namespace's EUI-64 (which
+         *     Linux shows as the disk's WWN, `eui.` and 16 hex digits). Ironic's root device hints
+         *     (`properties.root_device`) name the host's boot disk by these. The agent records and
+         *     reports them; the NVMe emulation (SNAP on a BlueField, `-device nvme,serial=…` and
+         *     `nvme-ns,eui64=…` in the lab's QEMU, which cannot set the model) presents them. Each
+         *     field defaults to a value derived from the disk id.
+         */
+        readonly DeviceIdentity: {
+            /** @description NVMe serial number: 1-20 printable ASCII characters. */
+            readonly serial?: string;
+            /** @description NVMe model number: 1-40 printable ASCII characters. */
+            readonly model?: string;
+            /** @description The namespace's EUI-64 as Linux names it (wwid), e.g. eui.02a1b2c3d4e5f607. */
+            readonly wwn?: string;
         };
         readonly ExportRequest: {
             /**
@@ -423,6 +441,12 @@ export interface components {
             };
             /** @description The emulated disk's size in bytes. */
             readonly size: number;
+            /** @description The identity the emulated NVMe disk presents (see DeviceIdentity). */
+            readonly device: {
+                readonly serial: string;
+                readonly model: string;
+                readonly wwn: string;
+            };
             /** @description The image's size in bytes: the disk reads as zeros after it. */
             readonly image_size: number;
             /** @description The config drive written onto the disk (PUT /v1/disks/{id}/config-drive), or null. */

@@ -101,6 +101,57 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/orphans": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        /**
+         * Disks on the DPU agents that no deployment names, as the last reconcile pass found them.
+         * @description An orphan is a disk with a driver-style id (`reconcile.disk_id_pattern`) on an agent
+         *     the service has used, that no deployment record names in any state: left by a Redis
+         *     that lost its data, or by an attach that ended after its deployment was torn down.
+         *     The reconcile pass (every `reconcile.interval_ms`, or `smartnic-driver reconcile`)
+         *     finds them; with `reconcile.remove_orphans` it deletes and wipes one once it has been
+         *     an orphan for `reconcile.grace_ms`. See docs/operations.md.
+         */
+        readonly get: operations["listOrphans"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
+    readonly "/v1/deployments/{node_uuid}/image": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Give the deployment a new URL of the same image (a renewed temp URL).
+         * @description For images resolved by the caller (Ironic signs Swift temp URLs of Glance images):
+         *     before the URL expires, the caller puts a new one here. The image fields replace
+         *     the deployment's; they must name the same content (the same digest), which the
+         *     agent checks again. A disk that is streaming gets the URL at once; one still
+         *     being attached uses it from its next attempt; a complete one needs no source.
+         */
+        readonly put: operations["replaceDeploymentImage"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/deployments/{node_uuid}/regions": {
         readonly parameters: {
             readonly query?: never;
@@ -174,6 +225,54 @@ export interface components {
             readonly version: string;
             /** @enum {string} */
             readonly redis: "up" | "down";
+            /**
+             * @description How Redis persists the deployments, as last checked (at start, then every redis.check_interval_ms): aof (append-only file on), rdb (snapshots only), none (a Redis restart loses every deployment), unknown (not checked yet, or CONFIG refused and the append-only file off: verify by hand).
+             * @enum {string}
+             */
+            readonly redis_persistence?: "aof" | "rdb" | "none" | "unknown";
+            /** @description Redis's maxmemory-policy as last checked (unknown when it could not be read); anything but noeviction can drop deployments. */
+            readonly redis_maxmemory_policy?: string;
+        };
+        readonly OrphanList: {
+            readonly orphans: readonly components["schemas"]["Orphan"][];
+            /** @description The agents the last passes scanned; an agent that could not be listed has `error`, and its orphans are as last seen. */
+            readonly agents: readonly {
+                readonly agent_url: string;
+                /** Format: date-time */
+                readonly scanned_at: string;
+                readonly error: string | null;
+            }[];
+            /**
+             * Format: date-time
+             * @description When the last pass ended; null before the first.
+             */
+            readonly reconciled_at: string | null;
+            /** @description Why the last pass removed no orphan although some were due: more than reconcile.max_removals at once (they look like deployment records lost with Redis); null otherwise. */
+            readonly removal_held: string | null;
+        };
+        readonly Orphan: {
+            readonly agent_url: string;
+            readonly disk_id: string;
+            /** @description The agent's state of the disk (streaming, complete, failed, wiping). */
+            readonly state: string;
+            /** @description The disk's size in bytes. */
+            readonly size: number;
+            /** @description The local target on the DPU. */
+            readonly target: string;
+            /**
+             * Format: date-time
+             * @description When a pass first found it an orphan.
+             */
+            readonly first_seen_at: string;
+            /** Format: date-time */
+            readonly last_seen_at: string;
+            /**
+             * Format: date-time
+             * @description When a pass may delete and wipe it (first_seen_at + reconcile.grace_ms); null when reconcile.remove_orphans is false.
+             */
+            readonly remove_after: string | null;
+            /** @description Why the last attempt to remove it failed. */
+            readonly last_error: string | null;
         };
         /** @description The Ironic node UUID (or another stable node name). */
         readonly NodeId: string;
@@ -182,11 +281,15 @@ export interface components {
         readonly InstanceInfo: {
             /** @description An http(s) URL of the image (honouring Range), a Glance image id (UUID, or glance://UUID), or a Swift object (swift://container/object, or its URL under glance.swift_endpoint_url). See docs/driver.md, Image sources. */
             readonly image_source: string;
+            /** @description The image's digest as Ironic reads it: `algo:value`, or hex whose length names the algorithm (32 md5, 64 sha256, 128 sha512). Checked while the manifest is built. */
             readonly image_checksum?: string;
             readonly image_os_hash_algo?: string;
             readonly image_os_hash_value?: string;
-            /** @enum {string} */
-            readonly image_disk_format?: "raw";
+            /**
+             * @description raw (the default), or qcow2, which the DPU agent decodes as it reads it.
+             * @enum {string}
+             */
+            readonly image_disk_format?: "raw" | "qcow2";
             /** @description The root disk's size in GiB (Nova's flavor disk): the emulated disk has this size, the image at its start and zeros after it, so cloud-init can grow the root partition. 0 or absent: the whole DPU target if it is a block device, else the image's size. Smaller than the image: refused (DRV_ERR_INVALID). */
             readonly root_gb?: number;
             /** @description The config drive, as Ironic hands it to a deploy interface (the smartnic-streaming interface resolves the dict form with Ironic's own builder): a gzipped, base64-encoded ISO 9660 (or FAT) image labelled config-2, or an http(s) URL of one (Ironic's [deploy]configdrive_use_object_store). Written onto the disk as ironic-python-agent writes it for a whole-disk image (a config-2 partition in the last 64 MiB) before the disk is ready. Never returned by the API or logged. Larger than 8 MiB encoded: give a URL. */
@@ -222,6 +325,24 @@ export interface components {
             readonly instance_info: components["schemas"]["InstanceInfo"];
             readonly driver_info: components["schemas"]["DriverInfo"];
             readonly callback?: components["schemas"]["DeploymentCallback"];
+            readonly device?: components["schemas"]["DeviceIdentity"];
+        };
+        /**
+         * @description What the emulated NVMe disk presents to the host (the DPU agent's DeviceIdentity):
+         *     the serial and model numbers and the namespace's WWN (`eui.` + 16 hex digits), by
+         *     which Ironic's root device hints and the OS's /dev/disk/by-id name it. Each field
+         *     defaults to one derived from the node, stable across its deployments: the serial is
+         *     the node UUID's first 20 hex digits. The Ironic plugin sends the values the node's
+         *     `properties.root_device` hints ask for.
+         */
+        readonly DeviceIdentity: {
+            readonly serial?: string;
+            readonly model?: string;
+            readonly wwn?: string;
+        };
+        readonly DeploymentImage: {
+            readonly deployment_id: components["schemas"]["DeploymentId"];
+            readonly instance_info: components["schemas"]["InstanceInfo"];
         };
         /**
          * @description Where to push the outcome: when the deployment becomes ready (or complete) or fails
@@ -310,6 +431,12 @@ export interface components {
         };
         readonly Deployment: {
             readonly node_uuid: components["schemas"]["NodeId"];
+            /** @description The identity the node's emulated NVMe disk presents (see DeviceIdentity). */
+            readonly device: {
+                readonly serial: string;
+                readonly model: string;
+                readonly wwn: string;
+            };
             readonly deployment_id: components["schemas"]["DeploymentId"];
             /**
              * @description attaching: the disk is being created; ready: the export serves the image (boot the node), hydration runs; complete: every region is local; failed: see last_error; deleting: teardown queued or running.
@@ -606,6 +733,75 @@ export interface operations {
             };
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
+        };
+    };
+    readonly listOrphans: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The orphans, and which agents the last pass could list. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["OrphanList"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+        };
+    };
+    readonly replaceDeploymentImage: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly node_uuid: components["parameters"]["NodeParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/json": components["schemas"]["DeploymentImage"];
+            };
+        };
+        readonly responses: {
+            /** @description The deployment, now reading the new URL. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            readonly 409: components["responses"]["Conflict"];
+            /** @description Not the same image, no digest to tell, or a source that cannot work; `message` says which. */
+            readonly 422: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The DPU agent could not be asked, or refused the URL. */
+            readonly 502: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     readonly getDeploymentRegions: {

@@ -64,7 +64,8 @@ type Json = any;
 const TOKEN = 'fuzz-token-0123456789abcdef';
 const TIME_MS = 2000;
 const SLOW_TIME_MS = 10_000;
-const BODY_LIMIT = 1 << 20;
+/** The JSON body limits: fastify's default for the agent; the driver takes inline config drives (driver/src/api.ts). */
+const BODY_LIMIT: Record<'agent' | 'driver', number> = { agent: 1 << 20, driver: 10 << 20 };
 const METHODS = ['get', 'post', 'put', 'patch', 'delete'] as const;
 
 // ---- the operations, read from the documents ------------------------------------------------
@@ -141,6 +142,11 @@ function override(key: string, env: Env): fc.Arbitrary<Json> | null {
       return fc.nat(5).map((i) => `fz-${i}`);
     case 'node_uuid':
       return fc.nat(7).map((i) => `node-${i}`);
+    // A root disk of a few MiB (the fuzz image is 1 MiB): a huge one would cost the agent a huge region map.
+    case 'size':
+      return fc.integer({ min: 1, max: 64 }).map((n) => n << 20);
+    case 'root_gb':
+      return fc.nat(2);
     case 'region_size':
     case 'smartnic_region_size':
       return fc.oneof(fc.constantFrom(4096, 65536, 1 << 20), fc.integer({ min: 4096, max: 1 << 30 }));
@@ -178,8 +184,13 @@ function validArb(schema: Json, key: string, env: Env): fc.Arbitrary<Json> {
       if (schema.pattern) return fc.stringMatching(new RegExp(schema.pattern), { maxLength: Math.min(schema.maxLength ?? 40, 40) }).filter((s) => s.length >= (schema.minLength ?? 0) && s.length <= (schema.maxLength ?? Infinity));
       if (schema.format === 'date-time') return fc.date({ noInvalidDate: true }).map((d) => d.toISOString());
       return fc.string({ minLength: schema.minLength ?? 0, maxLength: Math.min(schema.maxLength ?? 30, 30) });
-    case 'integer':
-      return fc.integer({ min: schema.minimum ?? -(2 ** 31), max: Math.min(schema.maximum ?? 2 ** 40, 2 ** 40) });
+    case 'integer': {
+      const min = schema.minimum ?? -(2 ** 31);
+      const max = Math.min(schema.maximum ?? 2 ** 40, 2 ** 40);
+      const step = schema.multipleOf as number | undefined;
+      if (step) return fc.integer({ min: Math.ceil(min / step), max: Math.floor(max / step) }).map((n) => n * step);
+      return fc.integer({ min, max });
+    }
     case 'number':
       return fc.double({ min: schema.minimum ?? -1e9, max: schema.maximum ?? 1e9, noNaN: true });
     case 'boolean':
@@ -398,7 +409,7 @@ function build(op: Operation, input: ApiInput, env: Env): BuiltRequest {
         if (op.body.kind === 'json' || ct !== 'application/json') defective({ statuses: [415, 400], message: /[Mm]edia [Tt]ype|content-type|Content-Type|body must be object/, what: `Content-Type ${ct}` }); // text/plain parses as a string
         else defective({ statuses: [400, 404], what: `Content-Type ${ct}` });
       } else if (d.how === 'oversize' && op.body.kind === 'json') {
-        payload = JSON.stringify({ ...input.body, pad: 'p'.repeat(BODY_LIMIT + (d.pick % 1000)) });
+        payload = JSON.stringify({ ...input.body, pad: 'p'.repeat(BODY_LIMIT[op.api] + (d.pick % 1000)) });
         defective({ statuses: [413], message: /too large|[Ll]arge/, what: 'an oversized body' });
       }
       break;

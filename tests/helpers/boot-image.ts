@@ -1,17 +1,33 @@
-// Test helpers: build the bootable fixture disk (tests/fixtures/make-boot-image.sh)
-// and boot QEMU from an NBD export of it, timing how long the guest takes to
-// print its marker on the serial console.
+// Test helpers: build the bootable fixture disks and boot QEMU from an NBD export of
+// one, timing how long the guest takes to print its marker on the serial console.
 //
-// The guest is a Debian kernel + busybox initramfs whose /init prints
-// SMARTNIC-BOOT-OK, then "SMARTNIC-NVME-SIZE ..." and "SMARTNIC-NVME-TAIL-SHA256 ..."
-// and powers off, so with -no-reboot QEMU exits by itself after the marker.
+// Two fixtures:
+//   - tests/fixtures/make-boot-image.sh (buildBootImage): a Debian kernel + busybox
+//     initramfs whose /init prints SMARTNIC-BOOT-OK, then "SMARTNIC-NVME-SIZE ..." and
+//     "SMARTNIC-NVME-TAIL-SHA256 ..." and powers off, so with -no-reboot QEMU exits by
+//     itself after the marker. SeaBIOS, seconds to boot.
+//   - tests/fixtures/make-debian-image.sh (buildDebianImage): a real Debian 12 cloud image
+//     (GPT, GRUB, systemd, cloud-init) for UEFI (OVMF) or BIOS (SeaBIOS). It boots to a
+//     serial login prompt (LOGIN_PROMPT) in about a minute under TCG and keeps running:
+//     boot it with `afterMarker: 'stop'`.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 
 export const BOOT_MARKER = 'SMARTNIC-BOOT-OK';
+
+/**
+ * The serial getty's prompt ("debian login: "): a real OS has reached multi-user. Anchored
+ * at a line start, so no boot message that merely contains "login:" matches.
+ */
+export const LOGIN_PROMPT = /^[\w.-]+ login: /m;
+
+/** The Debian image's root file system UUID (fixed by make-debian-image.sh). */
+export const DEBIAN_ROOT_UUID = '5a3c6e1f-0d2b-4c8e-9f17-53d4e0c2a001';
 
 const MiB = 1 << 20;
 
@@ -30,32 +46,69 @@ export function unreadRange(sizeMiB: number): { from: number; to: number } {
   return { from, to };
 }
 
-// The script is not copied by tsc, so look for it both next to the sources
+// The scripts are not copied by tsc, so look for them both next to the sources
 // (running .ts directly) and from dist/tests/helpers/ back to tests/fixtures/.
-function scriptPath(): string {
+function scriptPath(name: string): string {
   const candidates = [
-    new URL('../fixtures/make-boot-image.sh', import.meta.url),
-    new URL('../../../tests/fixtures/make-boot-image.sh', import.meta.url),
+    new URL(`../fixtures/${name}`, import.meta.url),
+    new URL(`../../../tests/fixtures/${name}`, import.meta.url),
   ].map((u) => fileURLToPath(u));
   const found = candidates.find((p) => existsSync(p));
-  if (!found) throw new Error(`make-boot-image.sh not found (looked in ${candidates.join(', ')})`);
+  if (!found) throw new Error(`${name} not found (looked in ${candidates.join(', ')})`);
   return found;
 }
 
-export async function buildBootImage(outPath: string, opts: { sizeMiB?: number } = {}): Promise<void> {
-  const args = [scriptPath(), outPath];
-  if (opts.sizeMiB !== undefined) args.push('--size-mib', String(opts.sizeMiB));
-  await new Promise<void>((resolve, reject) => {
-    const child = spawn('bash', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Runs a fixture script; its stderr (progress, and the reason on failure) goes to `log` line by line. */
+function runFixture(name: string, args: string[], log?: (line: string) => void): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const child = spawn('bash', [scriptPath(name), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
+    /** Where the next line to hand to `log` starts in `stderr`. */
+    let logged = 0;
+    const emit = (all: boolean): void => {
+      if (!log) return;
+      const end = all ? stderr.length : stderr.lastIndexOf('\n') + 1;
+      if (end <= logged) return;
+      for (const l of stderr.slice(logged, end).split('\n')) if (l.trim()) log(l);
+      logged = end;
+    };
     child.stdout.setEncoding('utf8').on('data', () => undefined);
-    child.stderr.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+      emit(false);
+    });
     child.on('error', reject);
     child.on('close', (code, signal) => {
+      emit(true);
       if (code === 0) resolve();
-      else reject(new Error(`make-boot-image.sh failed (${signal ?? `exit ${code}`}):\n${stderr.trim()}`));
+      else reject(new Error(`${name} failed (${signal ?? `exit ${code}`}):\n${stderr.trim()}`));
     });
   });
+}
+
+export async function buildBootImage(outPath: string, opts: { sizeMiB?: number } = {}): Promise<void> {
+  const args = [outPath];
+  if (opts.sizeMiB !== undefined) args.push('--size-mib', String(opts.sizeMiB));
+  await runFixture('make-boot-image.sh', args);
+}
+
+export interface DebianImageOptions {
+  /** How the image boots: GRUB on an ESP (UEFI, OVMF) or GRUB i386-pc (BIOS, SeaBIOS). @default 'uefi' */
+  boot?: 'uefi' | 'bios';
+  /** The whole image's size; by default the root file system's content plus ~25% free. */
+  sizeMiB?: number;
+  /** Receives the script's progress lines (the first build runs mmdebstrap for minutes). */
+  log?: (line: string) => void;
+}
+
+/**
+ * Writes a Debian 12 cloud image to `outPath` (tests/fixtures/make-debian-image.sh: needs
+ * root, and the mirror the first time; later calls copy the cached image in seconds).
+ */
+export async function buildDebianImage(outPath: string, opts: DebianImageOptions = {}): Promise<void> {
+  const args = [outPath, '--boot', opts.boot ?? 'uefi'];
+  if (opts.sizeMiB !== undefined) args.push('--size-mib', String(opts.sizeMiB));
+  await runFixture('make-debian-image.sh', args, opts.log);
 }
 
 /**
@@ -91,62 +144,141 @@ export function nbdUriToQemu(uri: string): string {
 export interface BootResult {
   /** Milliseconds from spawning QEMU to the marker appearing on the serial console. */
   markerSeenMs: number;
-  /** QEMU's exit code; null if it had to be killed. */
+  /** QEMU's exit code; null if it was stopped (afterMarker 'stop') or had to be killed. */
   exitCode: number | null;
   /** Everything the guest wrote to the serial console. */
   serial: string;
 }
 
+/** The host's firmware: SeaBIOS (QEMU's default) or OVMF (UEFI, Debian package ovmf). */
+export type Firmware = 'seabios' | 'ovmf';
+
 export interface BootOptions {
-  marker?: string;
+  /** What to wait for on the serial console: text, or a pattern such as LOGIN_PROMPT. @default BOOT_MARKER */
+  marker?: string | RegExp;
   /** Deadline for the marker, from spawn (default 120 s: TCG is slow). */
   timeoutMs?: number;
   memoryMiB?: number;
-  /** Called once when the marker is seen, while QEMU may still be running. */
+  /** @default 'seabios' */
+  firmware?: Firmware;
+  /** The NVMe controller's serial number, as the guest sees it (up to 20 printable characters, no comma). @default 'smartnic0' */
+  nvmeSerial?: string;
+  /**
+   * Give the guest a virtio NIC on QEMU's user-mode network (its built-in DHCP server, no
+   * host-side setup), so a real OS's DHCP client gets an address. @default false
+   */
+  network?: boolean;
+  /** Called once when the marker is seen, while QEMU is still running. */
   onMarker?: () => void | Promise<void>;
+  /**
+   * After the marker (and onMarker): `wait` for the guest to power off by itself (the
+   * busybox fixture does), or `stop` QEMU (SIGTERM) — a real OS at its login prompt keeps
+   * running. @default 'wait'
+   */
+  afterMarker?: 'wait' | 'stop';
   /** Receives each serial line (and QEMU stderr lines prefixed "qemu: "). */
   log?: (line: string) => void;
-  /** How long to wait after the marker for the guest's poweroff (default 20 s). */
+  /** How long to wait after the marker for the guest's poweroff, or after `stop` for QEMU to exit, before SIGKILL (default 20 s). */
   exitGraceMs?: number;
 }
 
-// QEMU processes still alive; killed if the test process exits abruptly so
-// a failed or interrupted run never leaves an orphan emulator behind.
+// QEMU processes still alive, and their scratch directories (OVMF variable stores):
+// killed and removed if the test process exits abruptly, so a failed or interrupted run
+// never leaves an orphan emulator behind.
 const live = new Set<number>();
+const scratch = new Set<string>();
 let exitHookInstalled = false;
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const p of live) {
+      try { process.kill(p, 'SIGKILL'); } catch { /* already gone */ }
+    }
+    for (const d of scratch) rmSync(d, { recursive: true, force: true });
+  });
+}
 function track(pid: number): void {
+  installExitHook();
   live.add(pid);
-  if (!exitHookInstalled) {
-    exitHookInstalled = true;
-    process.on('exit', () => {
-      for (const p of live) {
-        try { process.kill(p, 'SIGKILL'); } catch { /* already gone */ }
-      }
-    });
-  }
 }
 
 const SERIAL_CAP = 1 << 20;
 const TAIL_BYTES = 2048;
+/** How far back a pattern marker is searched again when more output arrives (it may straddle chunks). */
+const PATTERN_OVERLAP = 512;
+
+export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
+export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
+
+/**
+ * QEMU arguments for the firmware. OVMF's variable store is writable (boot entries,
+ * settings), so each boot gets a fresh copy in `dir`; OVMF_CODE_4M.fd is the build
+ * without Secure Boot enforcement, which the test images (unsigned GRUB) need.
+ */
+export function firmwareArgs(firmware: Firmware, dir: () => string): string[] {
+  if (firmware === 'seabios') return [];
+  for (const f of [OVMF_CODE, OVMF_VARS]) {
+    if (!existsSync(f)) throw new Error(`UEFI firmware not found: ${f} (install Debian package: ovmf)`);
+  }
+  // A machine's NVRAM: made once per directory, kept across its power cycles.
+  const vars = path.join(dir(), 'OVMF_VARS.fd');
+  if (!existsSync(vars)) copyFileSync(OVMF_VARS, vars);
+  return [
+    '-drive', `if=pflash,format=raw,readonly=on,file=${OVMF_CODE.replace(/,/g, ',,')}`,
+    '-drive', `if=pflash,format=raw,file=${vars.replace(/,/g, ',,')}`,
+  ];
+}
 
 export async function bootFromNbd(nbdUri: string, opts: BootOptions = {}): Promise<BootResult> {
-  const marker = opts.marker ?? BOOT_MARKER;
+  // A pattern is tested repeatedly: without the g/y flags, so no lastIndex carries over.
+  const marker = opts.marker instanceof RegExp ? new RegExp(opts.marker.source, opts.marker.flags.replace(/[gy]/g, '')) : (opts.marker ?? BOOT_MARKER);
+  const markerText = typeof marker === 'string' ? JSON.stringify(marker) : String(marker);
   const timeoutMs = opts.timeoutMs ?? 120_000;
   const exitGraceMs = opts.exitGraceMs ?? 20_000;
+  const afterMarker = opts.afterMarker ?? 'wait';
+  const nvmeSerial = opts.nvmeSerial ?? 'smartnic0';
+  if (!/^[\x21-\x2b\x2d-\x7e]{1,20}$/.test(nvmeSerial)) throw new Error(`nvmeSerial must be 1-20 printable characters without spaces or commas: ${JSON.stringify(nvmeSerial)}`);
   const log = opts.log;
   // -drive option values escape ',' by doubling it.
   const file = nbdUriToQemu(nbdUri).replace(/,/g, ',,');
-  const args = [
-    '-machine', 'q35',
-    '-m', String(opts.memoryMiB ?? 512),
-    '-nographic', '-nodefaults',
-    '-serial', 'stdio',
-    '-monitor', 'none',
-    '-no-reboot',
-    '-drive', `file=${file},if=none,id=d0,format=raw`,
-    '-device', 'nvme,drive=d0,serial=smartnic0',
-    '-boot', 'c',
-  ];
+
+  let scratchDir: string | undefined;
+  const dir = (): string => {
+    if (!scratchDir) {
+      installExitHook();
+      scratchDir = mkdtempSync(path.join(os.tmpdir(), 'smartnic-qemu-'));
+      scratch.add(scratchDir);
+    }
+    return scratchDir;
+  };
+  const removeScratch = (): void => {
+    if (!scratchDir) return;
+    rmSync(scratchDir, { recursive: true, force: true });
+    scratch.delete(scratchDir);
+  };
+  let args: string[];
+  try {
+    args = [
+      '-machine', 'q35',
+      '-m', String(opts.memoryMiB ?? 512),
+      '-nographic', '-nodefaults',
+      '-serial', 'stdio',
+      '-monitor', 'none',
+      // A guest that reboots (a panic, a failed boot) ends QEMU instead of looping.
+      '-no-reboot',
+      ...firmwareArgs(opts.firmware ?? 'seabios', dir),
+      '-drive', `file=${file},if=none,id=d0,format=raw`,
+      // bootindex: the firmware boots the disk first, not the NIC (PXE would cost minutes under TCG).
+      '-device', `nvme,drive=d0,serial=${nvmeSerial},bootindex=0`,
+      // romfile= (empty): no iPXE option ROM; the guest OS drives the NIC itself.
+      ...(opts.network ? ['-netdev', 'user,id=n0', '-device', 'virtio-net-pci,netdev=n0,romfile='] : []),
+      '-boot', 'c',
+    ];
+  } catch (e) {
+    removeScratch();
+    throw e;
+  }
 
   const t0 = performance.now();
   const child: ChildProcess = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -154,20 +286,23 @@ export async function bootFromNbd(nbdUri: string, opts: BootOptions = {}): Promi
 
   return await new Promise<BootResult>((resolve, reject) => {
     let serial = '';
+    /** How much of `serial` a pattern marker has been searched in. */
+    let scanned = 0;
     let stderr = '';
     let lineBuf = '';
     let markerSeenMs: number | undefined;
     let markerCallback: Promise<void> | undefined;
     let exited = false;
     let settled = false;
-    let killedByUs = false;
+    let stoppedByUs = false;
     let timer: NodeJS.Timeout | undefined;
 
-    const kill = (): void => {
+    const signal = (sig: NodeJS.Signals): void => {
       if (exited || child.pid === undefined) return;
-      killedByUs = true;
-      try { process.kill(child.pid, 'SIGKILL'); } catch { /* raced with exit */ }
+      stoppedByUs = true;
+      try { process.kill(child.pid, sig); } catch { /* raced with exit */ }
     };
+    const kill = (): void => signal('SIGKILL');
     const tail = (): string => serial.slice(-TAIL_BYTES);
     const fail = (msg: string): void => {
       if (settled) return;
@@ -189,23 +324,45 @@ export async function bootFromNbd(nbdUri: string, opts: BootOptions = {}): Promi
       for (const p of parts) log(p.replace(/\r$/, ''));
     };
 
+    /** Whether the marker is in `serial`, given that `added` characters just arrived. */
+    const markerIn = (added: number): boolean => {
+      if (typeof marker === 'string') {
+        // Search the join region too: the marker can straddle two chunks.
+        const from = Math.max(0, serial.length - added - marker.length);
+        return serial.indexOf(marker, from) !== -1;
+      }
+      // Patterns are searched again from the start of the line before the join, so that
+      // one anchored at a line start (LOGIN_PROMPT) sees whole lines.
+      const from = serial.lastIndexOf('\n', Math.max(0, Math.min(scanned, serial.length - added) - PATTERN_OVERLAP)) + 1;
+      scanned = serial.length;
+      return marker.test(serial.slice(from));
+    };
+
     timer = setTimeout(() => {
-      fail(`QEMU boot timed out after ${timeoutMs} ms without marker ${JSON.stringify(marker)}`);
+      fail(`QEMU boot timed out after ${timeoutMs} ms without marker ${markerText}`);
     }, timeoutMs);
 
     child.stdout!.setEncoding('utf8').on('data', (d: string) => {
-      // Search the join region too: the marker can straddle two chunks.
-      const from = Math.max(0, serial.length - marker.length);
       serial += d;
-      if (serial.length > SERIAL_CAP) serial = serial.slice(-SERIAL_CAP);
+      if (serial.length > SERIAL_CAP) {
+        scanned = Math.max(0, scanned - (serial.length - SERIAL_CAP));
+        serial = serial.slice(-SERIAL_CAP);
+      }
       emitLines(d, false);
-      if (markerSeenMs === undefined && serial.indexOf(marker, Math.min(from, serial.length)) !== -1) {
+      if (markerSeenMs === undefined && markerIn(d.length)) {
         markerSeenMs = performance.now() - t0;
         clearTimeout(timer);
-        // After the marker the guest powers off by itself; bound that wait.
-        timer = setTimeout(kill, exitGraceMs);
+        // After the marker the busybox guest powers off by itself; bound that wait.
+        if (afterMarker === 'wait') timer = setTimeout(kill, exitGraceMs);
         markerCallback = (async () => { await opts.onMarker?.(); })();
-        markerCallback.catch((e: unknown) => fail(`onMarker failed: ${e instanceof Error ? e.message : String(e)}`));
+        markerCallback.then(
+          () => {
+            if (afterMarker !== 'stop' || settled) return;
+            signal('SIGTERM');
+            timer = setTimeout(kill, exitGraceMs);
+          },
+          (e: unknown) => fail(`onMarker failed: ${e instanceof Error ? e.message : String(e)}`),
+        );
       }
     });
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
@@ -217,21 +374,23 @@ export async function bootFromNbd(nbdUri: string, opts: BootOptions = {}): Promi
     child.on('error', (e) => {
       exited = true;
       if (child.pid !== undefined) live.delete(child.pid);
+      removeScratch();
       fail(`failed to start qemu-system-x86_64: ${e.message}`);
     });
     // 'close' (not 'exit') so all serial output has been read.
-    child.on('close', (code, signal) => {
+    child.on('close', (code, sig) => {
       exited = true;
       if (child.pid !== undefined) live.delete(child.pid);
+      removeScratch();
       emitLines('', true);
       if (settled) return;
       if (markerSeenMs === undefined) {
-        fail(`QEMU exited (${signal ?? `code ${code}`}) before marker ${JSON.stringify(marker)}`);
+        fail(`QEMU exited (${sig ?? `code ${code}`}) before marker ${markerText}`);
         return;
       }
       if (timer) clearTimeout(timer);
       const seen = markerSeenMs;
-      const exitCode = killedByUs ? null : code;
+      const exitCode = stoppedByUs ? null : code;
       void markerCallback!.then(() => {
         if (settled) return;
         settled = true;

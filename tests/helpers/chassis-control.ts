@@ -14,7 +14,7 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { nbdUriToQemu } from './boot-image.js';
+import { type Firmware, firmwareArgs, nbdUriToQemu } from './boot-image.js';
 
 export interface ChassisConfig {
   stateDir: string;
@@ -24,12 +24,32 @@ export interface ChassisConfig {
   target: string;
   serialLog: string;
   memoryMiB?: number;
+  /** The host's firmware: SeaBIOS (legacy BIOS boot) or OVMF (UEFI). @default 'seabios' */
+  firmware?: Firmware;
+  /** Give the host a NIC (QEMU user networking, DHCP) whose port 22 is forwarded to 127.0.0.1:sshPort. */
+  sshPort?: number;
 }
 
 interface AgentDisk {
   id: string;
   target: { path: string };
   export: { uri: string };
+  device: { serial: string; model: string; wwn: string };
+}
+
+/**
+ * The NVMe controller and namespace the DPU presents, with the disk's identity: QEMU's
+ * nvme takes the serial, its namespace the EUI-64 (Linux's wwid `eui.…`); QEMU cannot set
+ * the model number (it is always "QEMU NVMe Ctrl"), which SNAP on a BlueField can.
+ */
+export function nvmeArgs(drive: string, device: AgentDisk['device']): string[] {
+  const eui64 = /^eui\.([0-9a-f]{16})$/.exec(device.wwn)?.[1];
+  return [
+    '-drive', `file=${drive},if=none,id=d0,format=raw`,
+    '-device', `nvme,id=nvme0,serial=${device.serial.replace(/,/g, ',,')}`,
+    // bootindex: the firmware boots the disk, never the NIC first (PXE costs minutes under TCG).
+    '-device', `nvme-ns,drive=d0,bus=nvme0,nsid=1,bootindex=0${eui64 ? `,eui64=0x${eui64}` : ''}`,
+  ];
 }
 
 const pidFile = (c: ChassisConfig): string => path.join(c.stateDir, 'qemu.pid');
@@ -79,7 +99,9 @@ async function powerOn(c: ChassisConfig): Promise<void> {
   const args = [
     '-machine', 'q35', '-m', String(c.memoryMiB ?? 512), '-nographic', '-nodefaults',
     '-serial', `file:${c.serialLog}`, '-monitor', 'none',
-    '-drive', `file=${drive},if=none,id=d0,format=raw`, '-device', 'nvme,drive=d0,serial=smartnic0',
+    ...firmwareArgs(c.firmware ?? 'seabios', () => c.stateDir),
+    ...nvmeArgs(drive, disk.device),
+    ...(c.sshPort ? ['-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${c.sshPort}-:22`, '-device', 'virtio-net-pci,netdev=n0,romfile='] : []),
     '-boot', 'c', '-no-reboot',
   ];
   // detached: QEMU runs in a session of its own (setsid), so neither ipmi_sim nor this

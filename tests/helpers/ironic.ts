@@ -10,6 +10,7 @@
  * the REST API directly because every CLI start costs about a second.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,12 +22,44 @@ const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 export const PYTHON = '/usr/bin/python3';
 export const API_VERSION = '1.78'; // the newest python-ironicclient 5.0.1 speaks
 
-type Conf = Record<string, Record<string, string | number | boolean>>;
+export type Conf = Record<string, Record<string, string | number | boolean>>;
 
 /** Installs driver/ironic into `dir` the documented way, without PyPI; returns `dir`. */
 export async function installPlugin(dir: string): Promise<string> {
   await run('sh', [path.join(ROOT, 'driver/ironic/install.sh'), '--target', dir], { env: { ...process.env, PYTHON } });
   return dir;
+}
+
+/**
+ * `--instance-info` arguments naming an image file served at `url` with its SHA-256:
+ * Ironic's rule wants a checksum for every image that is not in Glance.
+ */
+export function imageInfoArgs(url: string, file: string): string[] {
+  const sha256 = createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+  return ['--instance-info', `image_source=${url}`, '--instance-info', 'image_os_hash_algo=sha256', '--instance-info', `image_os_hash_value=${sha256}`];
+}
+
+/**
+ * Ironic's `[glance]` and `[agent]` sections for the tests' Glance on Swift, which runs
+ * without Keystone: `auth_type = none` with `endpoint_override` gives glanceclient an
+ * unauthenticated session on Glance's URL (keystone.get_auth/get_endpoint accept both),
+ * and with swift_endpoint_url, swift_account and swift_temp_url_key set, swift_temp_url
+ * needs no Keystone either. `image_download_source = swift`: Glance images are read
+ * through temp URLs, not copied to the conductor.
+ */
+export function ironicGlanceConf(glanceUrl: string, swift: { url: string; account: string }, tempUrlKey: string, tempUrlSeconds = 1200): Conf {
+  return {
+    glance: {
+      auth_type: 'none',
+      endpoint_override: glanceUrl,
+      swift_endpoint_url: swift.url,
+      swift_account: swift.account,
+      swift_container: 'glance',
+      swift_temp_url_key: tempUrlKey,
+      swift_temp_url_duration: tempUrlSeconds,
+    },
+    agent: { image_download_source: 'swift' },
+  };
 }
 
 export interface IronicSetup {
@@ -35,6 +68,8 @@ export interface IronicSetup {
   pluginDir: string;
   /** Sections merged over the defaults below (e.g. `{ smartnic: { driver_url } }`). */
   conf?: Conf;
+  /** A directory put first on Ironic's PATH (e.g. a recording `ipmitool` wrapper). */
+  pathPrefix?: string;
 }
 
 export interface IronicNode {
@@ -64,6 +99,7 @@ export class IronicServer {
     private readonly pluginDir: string,
     /** The configuration written to confFile. */
     readonly conf: Conf,
+    private readonly pathPrefix?: string,
   ) {
     this.confFile = path.join(dir, 'ironic.conf');
     this.logFile = path.join(dir, 'ironic.log');
@@ -115,7 +151,7 @@ export class IronicServer {
     const conf: Conf = {};
     for (const [k, v] of Object.entries(base)) conf[k] = { ...v, ...s.conf?.[k] };
     for (const [k, v] of Object.entries(s.conf ?? {})) if (!conf[k]) conf[k] = { ...v };
-    const srv = new IronicServer(s.dir, s.pluginDir, conf);
+    const srv = new IronicServer(s.dir, s.pluginDir, conf, s.pathPrefix);
     srv.port = port;
     const text = Object.entries(conf)
       .map(([section, opts]) => `[${section}]\n${Object.entries(opts).map(([k, v]) => `${k} = ${String(v)}`).join('\n')}\n`)
@@ -137,6 +173,7 @@ export class IronicServer {
     return {
       ...process.env,
       PYTHONPATH: this.pluginDir,
+      ...(this.pathPrefix ? { PATH: `${this.pathPrefix}:${process.env['PATH'] ?? '/usr/bin:/bin'}` } : {}),
       XDG_CACHE_HOME: cache,
       OS_AUTH_TYPE: 'none',
       OS_ENDPOINT: this.url,
@@ -217,6 +254,13 @@ export class IronicServer {
     const res = await fetch(`${this.url}${p}`, { headers: { 'X-OpenStack-Ironic-API-Version': API_VERSION } });
     if (!res.ok) throw new Error(`GET ${p}: HTTP ${res.status}: ${await res.text()}`);
     return (await res.json()) as T;
+  }
+
+  /** PATCH /v1/nodes/{ident} with JSON-patch operations (what `baremetal node set` sends). */
+  async patchNode(ident: string, ops: { op: 'add' | 'replace' | 'remove'; path: string; value?: unknown }[]): Promise<IronicNode> {
+    const res = await fetch(`${this.url}/v1/nodes/${ident}`, { method: 'PATCH', headers: { 'X-OpenStack-Ironic-API-Version': API_VERSION, 'Content-Type': 'application/json' }, body: JSON.stringify(ops) });
+    if (!res.ok) throw new Error(`PATCH /v1/nodes/${ident}: HTTP ${res.status}: ${await res.text()}`);
+    return (await res.json()) as IronicNode;
   }
 
   node(ident: string): Promise<IronicNode> {

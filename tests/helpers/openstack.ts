@@ -448,6 +448,11 @@ export class Glance {
       };
     }
     const conf = path.join(this.dir, 'glance-api.conf');
+    // Without Keystone every request runs as an anonymous context that Glance's default
+    // policy does not let publicize an image; Ironic without Keystone sees public images
+    // only, so the tests that resolve images through Ironic need them.
+    const policy = path.join(this.dir, 'policy.yaml');
+    fs.writeFileSync(policy, '"publicize_image": ""\n');
     fs.writeFileSync(
       conf,
       ini({
@@ -464,6 +469,7 @@ export class Glance {
         paste_deploy: { flavor: '', config_file: '/etc/glance/glance-api-paste.ini' },
         glance_store: store,
         oslo_concurrency: { lock_path: path.join(this.dir, 'locks') },
+        oslo_policy: { policy_file: policy },
       }),
     );
     this.proc = new ServerProcess(`glance-api (${this.store} store)`, path.join(this.dir, 'glance-api.out'), '/usr/bin/glance-api', ['--config-file', conf]);
@@ -474,9 +480,16 @@ export class Glance {
     return this.proc ? [this.proc] : [];
   }
 
-  /** Creates an image record and uploads its data; returns the record after the upload. */
-  async uploadImage(data: Buffer, opts: { name?: string; disk_format?: string; container_format?: string } = {}): Promise<GlanceImage> {
-    const created = await this.json<GlanceImage>('POST', '/v2/images', { name: opts.name ?? 'test-image', disk_format: opts.disk_format ?? 'raw', container_format: opts.container_format ?? 'bare' });
+  /** Creates an image record (extra `properties` such as kernel_id) and uploads its data; returns the record after the upload. */
+  async uploadImage(data: Buffer, opts: { name?: string; disk_format?: string; container_format?: string; visibility?: 'public' | 'private' | 'shared'; properties?: Record<string, string> } = {}): Promise<GlanceImage> {
+    const created = await this.json<GlanceImage>('POST', '/v2/images', {
+      name: opts.name ?? 'test-image',
+      disk_format: opts.disk_format ?? 'raw',
+      container_format: opts.container_format ?? 'bare',
+      // Ironic without Keystone sees public images only (service_utils.is_image_available).
+      ...(opts.visibility ? { visibility: opts.visibility } : {}),
+      ...opts.properties,
+    });
     const res = await fetch(`${this.url}/v2/images/${created.id}/file`, { method: 'PUT', headers: { 'Content-Type': 'application/octet-stream' }, body: data });
     const text = await res.text();
     if (res.status !== 204) throw new Error(`uploading image ${created.id}: HTTP ${res.status} ${text.slice(0, 500)}\n${this.logTail()}`);

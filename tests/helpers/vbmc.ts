@@ -24,6 +24,10 @@ export interface VirtualBmcSetup {
   agentToken: string;
   /** The node's smartnic_target: the host boots the agent disk with this target. */
   target: string;
+  /** The host's firmware, memory and NIC (see ChassisConfig). */
+  firmware?: ChassisConfig['firmware'];
+  memoryMiB?: number;
+  sshPort?: number;
 }
 
 export class VirtualBmc {
@@ -52,7 +56,16 @@ export class VirtualBmc {
   async start(): Promise<void> {
     fs.mkdirSync(this.stateDir, { recursive: true });
     this.port = await freePort(); // a free TCP port number; UDP on it is almost surely free too
-    const chassis: ChassisConfig = { stateDir: this.stateDir, agentUrl: this.s.agentUrl, agentToken: this.s.agentToken, target: this.s.target, serialLog: this.serialLog };
+    const chassis: ChassisConfig = {
+      stateDir: this.stateDir,
+      agentUrl: this.s.agentUrl,
+      agentToken: this.s.agentToken,
+      target: this.s.target,
+      serialLog: this.serialLog,
+      ...(this.s.firmware ? { firmware: this.s.firmware } : {}),
+      ...(this.s.memoryMiB ? { memoryMiB: this.s.memoryMiB } : {}),
+      ...(this.s.sshPort ? { sshPort: this.s.sshPort } : {}),
+    };
     const chassisFile = path.join(this.s.dir, 'chassis.json');
     fs.writeFileSync(chassisFile, JSON.stringify(chassis));
     const lan = path.join(this.s.dir, 'lan.conf');
@@ -125,5 +138,49 @@ export class VirtualBmc {
     const exited = new Promise<void>((r) => c.once('exit', () => r()));
     c.kill('SIGTERM');
     await exited;
+  }
+}
+
+/**
+ * A recording `ipmitool` for Ironic's PATH: logs each command line, then runs the real
+ * one. The boot mode Ironic sets travels only in the boot flags of "Set System Boot
+ * Options" (parameter 5: 0xe0 persistent UEFI, 0xc0 persistent legacy, through
+ * `raw 0x00 0x08 0x05 …` or `chassis bootdev … options=persistent`), and ipmi_sim hands
+ * its chassis_control program only the device selector of those flags (lanserv
+ * bmc_chassis.c: `(data[2] >> 2) & 0xf`), so the EFI bit never reaches
+ * chassis-control.ts: this is where a test can see the mode.
+ */
+export class IpmitoolRecorder {
+  readonly binDir: string;
+  readonly logFile: string;
+
+  constructor(dir: string) {
+    this.binDir = path.join(dir, 'bin');
+    this.logFile = path.join(dir, 'ipmitool.log');
+    fs.mkdirSync(this.binDir, { recursive: true });
+    const real = ['/usr/bin/ipmitool', '/bin/ipmitool'].find((p) => fs.existsSync(p)) ?? 'ipmitool';
+    fs.writeFileSync(path.join(this.binDir, 'ipmitool'), `#!/bin/sh\nprintf '%s\\n' "$*" >> '${this.logFile}'\nexec ${real} "$@"\n`, { mode: 0o755 });
+  }
+
+  /** The recorded command lines, oldest first. */
+  commands(): string[] {
+    return fs.existsSync(this.logFile) ? fs.readFileSync(this.logFile, 'utf8').split('\n').filter((l) => l) : [];
+  }
+
+  /** The boot flags of every boot-device command so far: `uefi`/`legacy` with the device, in order. */
+  bootFlags(): { mode: 'uefi' | 'legacy'; device: string; persistent: boolean }[] {
+    const out: { mode: 'uefi' | 'legacy'; device: string; persistent: boolean }[] = [];
+    for (const c of this.commands()) {
+      const raw = /raw 0x00 0x08 0x05 (0x[0-9a-f]{2}) (0x[0-9a-f]{2})/i.exec(c);
+      if (raw) {
+        const flags = Number(raw[1]);
+        const devices: Record<number, string> = { 0x04: 'pxe', 0x08: 'disk', 0x14: 'cdrom', 0x18: 'bios', 0x24: 'disk' };
+        out.push({ mode: flags & 0x20 ? 'uefi' : 'legacy', device: devices[Number(raw[2])] ?? raw[2]!, persistent: (flags & 0x40) !== 0 });
+        continue;
+      }
+      const bootdev = /chassis bootdev (\S+)(?: options=(\S+))?/.exec(c);
+      if (bootdev) out.push({ mode: bootdev[2]?.includes('efiboot') ? 'uefi' : 'legacy', device: bootdev[1]!, persistent: bootdev[2]?.includes('persistent') ?? false });
+    }
+    return out;
   }
 }

@@ -164,6 +164,24 @@ describe('agent API: root disk size and config drive', function () {
     assert.ok(target.subarray(first.offset, first.offset + iso.length).equals(iso));
   });
 
+  it('the NVMe identity: derived from the id and stable, or as given; another one for the same disk is refused', async () => {
+    const derived = (await client.getDisk('root')).device;
+    assert.match(derived.serial, /^[0-9a-f]{20}$/);
+    assert.match(derived.wwn, /^eui\.[0-9a-f]{16}$/);
+    assert.equal(derived.model, 'SmartNIC Streaming Disk');
+    const device = { serial: 'SN-NODE-7', model: 'DPU Boot Disk', wwn: 'eui.02aabbccddeeff00' };
+    const given = await client.createDisk({ id: 'named', source: { url: origin.url }, target: { path: path.join(tmp.dir, 'targets', 'named.raw') }, region_size: REGION, device });
+    assert.deepEqual(given.device, device);
+    const again = await client.createDisk({ id: 'named', source: { url: origin.url }, target: { path: path.join(tmp.dir, 'targets', 'named.raw') }, region_size: REGION, device });
+    assert.deepEqual(again.device, device);
+    const e = await apiError(client.createDisk({ id: 'named', source: { url: origin.url }, target: { path: path.join(tmp.dir, 'targets', 'named.raw') }, region_size: REGION, device: { ...device, serial: 'OTHER' } }));
+    assert.equal(e.status, 409);
+    assert.equal(e.field, 'device.serial');
+    const bad = await apiError(client.createDisk({ id: 'badwwn', source: { url: origin.url }, target: { path: path.join(tmp.dir, 'targets', 'badwwn.raw') }, device: { wwn: '0x1234' } }));
+    assert.equal(bad.status, 400);
+    assert.match(bad.message, /wwn/);
+  });
+
   it('an image with no room at the disk\'s end is refused, naming the root disk size', async () => {
     await create('tight');
     const e = await apiError(client.setConfigDrive('tight', iso));

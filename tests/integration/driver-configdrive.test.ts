@@ -97,6 +97,7 @@ describe('driver service: config drive and root disk size', function () {
     const disk = (await agentApi.listDisks()).find((x) => x.target.path === target(node))!;
     assert.equal(disk.size, GiB, 'the disk is the root disk, not the image');
     assert.equal(disk.image_size, 24 * MiB);
+    assert.deepEqual(disk.device, d.device, 'the agent presents the identity the driver reports');
     const cd = disk.config_drive!;
     assert.ok(cd, 'the config drive was written before the disk was ready');
     assert.equal(cd.partition, 3);

@@ -15,6 +15,7 @@ import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
+import { run } from '../helpers/run.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
@@ -149,5 +150,35 @@ describe('driver service: image manifests (build once, upload, verify)', functio
     assert.equal(d.jobs.find((j) => j.queue === 'manifest')?.state, 'failed');
     await assert.rejects(agentApi.getDisk(d.disk_id), (e: unknown) => e instanceof ApiError && e.status === 404);
     await teardown('node-m4');
+  });
+
+  it('a qcow2 image: the digest of the qcow2 file is checked (it used to be skipped); a wrong one fails a deployment that requires verification', async () => {
+    const raw = path.join(dir, 'q.raw');
+    const qcow2 = path.join(dir, 'q.qcow2');
+    makeImage(raw, 8 * MiB, 11);
+    await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
+    const fileSha = createHash('sha256').update(fs.readFileSync(qcow2)).digest('hex');
+    const q = new TestOrigin({ file: qcow2 });
+    await q.start();
+    try {
+      const qrequest = (node: string, sha: string): DeploymentCreate => ({
+        node_uuid: node,
+        instance_info: { image_source: q.url, image_disk_format: 'qcow2', image_os_hash_algo: 'sha256', image_os_hash_value: sha },
+        driver_info: { smartnic_agent_url: agent.url, smartnic_target: target(node), smartnic_require_verification: true },
+      });
+      await api.createDeployment(qrequest('node-q1', createHash('sha256').update('not this file').digest('hex')));
+      const bad = await state('node-q1', ['failed']);
+      assert.match(bad.last_error!, /DRV_ERR_IMAGE_MISMATCH.*the qcow2 file's sha256 is/);
+      await teardown('node-q1');
+
+      await api.createDeployment(qrequest('node-q2', fileSha));
+      const ok = await state('node-q2', ['complete'], 60_000);
+      assert.equal(ok.jobs.find((j) => j.queue === 'manifest')?.state, 'completed');
+      assert.equal((await agentApi.getDisk(ok.disk_id)).verified, true);
+      assert.ok(fs.readFileSync(target('node-q2')).equals(fs.readFileSync(raw)), 'the target is the disk the qcow2 file describes');
+      await teardown('node-q2');
+    } finally {
+      await q.stop();
+    }
   });
 });

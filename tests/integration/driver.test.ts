@@ -5,6 +5,7 @@
  * mid-deployment and the deployment still completes.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
@@ -112,6 +113,36 @@ describe('driver service with a real agent, Redis and origin', function () {
     assert.equal(attachJobs.length, 1);
     await api.deleteDeployment('node-b');
     await gone('node-b');
+  });
+
+  it('PUT /image gives a streaming disk a new URL of the same image (a renewed temp URL); another image is refused', async () => {
+    const sha256 = createHash('sha256').update(fs.readFileSync(image)).digest('hex');
+    const digest = { image_os_hash_algo: 'sha256', image_os_hash_value: sha256 };
+    const second = new TestOrigin({ file: image });
+    await second.start();
+    try {
+      // Capped, so that the disk is still streaming when its URL is replaced.
+      await api.createDeployment({ ...request('node-url', { smartnic_bandwidth: 4 * MiB }), deployment_id: 'renew', instance_info: { image_source: origin.url, ...digest } });
+      const ready = await state('node-url', ['ready']);
+      const replaced = await api.replaceDeploymentImage('node-url', { deployment_id: 'renew', instance_info: { image_source: second.url, ...digest } });
+      assert.equal(replaced.image_url, second.url);
+      assert.equal((await agentApi.getDisk(ready.disk_id)).source.url, second.url, 'the agent reads the new URL');
+      const fetchedBefore = second.stats.requests;
+      // Not the same image: refused, nothing changes.
+      await assert.rejects(
+        api.replaceDeploymentImage('node-url', { deployment_id: 'renew', instance_info: { image_source: origin.url, image_os_hash_algo: 'sha256', image_os_hash_value: 'ab'.repeat(32) } }),
+        (e: unknown) => e instanceof ApiError && e.status === 422 && /only a new URL of the same image/.test(e.message),
+      );
+      await assert.rejects(api.replaceDeploymentImage('node-url', { deployment_id: 'other', instance_info: { image_source: origin.url, ...digest } }), (e: unknown) => e instanceof ApiError && e.status === 409);
+      const done = await state('node-url', ['complete']);
+      assert.equal(done.image_url, second.url);
+      assert.ok(second.stats.requests > fetchedBefore, 'the rest of the copy came from the new URL');
+      assert.ok(fs.readFileSync(target('node-url')).equals(fs.readFileSync(image)));
+      await api.deleteDeployment('node-url');
+      await gone('node-url');
+    } finally {
+      await second.stop();
+    }
   });
 
   it('refuses bad requests with a message naming the field, and unauthenticated calls', async () => {

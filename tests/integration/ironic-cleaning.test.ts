@@ -12,7 +12,7 @@ import path from 'node:path';
 import { AgentClient, type Erasure } from '../../openapi/clients/agent-client.js';
 import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
-import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
+import { imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
@@ -181,7 +181,7 @@ describe('Ironic cleans smartnic-streaming nodes on the DPU (real Ironic, automa
   });
 
   it('(a) deploy → active, undeploy → automated cleaning runs both steps on the DPU and the target ends zeroed', async () => {
-    await ironic.baremetal('node', 'set', 'node-1', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-1', ...imageInfoArgs(origin.url, image));
     const t0 = Date.now();
     await ironic.baremetal('node', 'deploy', 'node-1');
     await ironic.waitForProvisionState('node-1', 'active', 60_000);

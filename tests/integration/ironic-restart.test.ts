@@ -23,7 +23,7 @@ import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
-import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
+import { imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { freePort, RedisServer } from '../helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
@@ -169,7 +169,7 @@ describe('Ironic restarted mid-deployment (SIGKILL in "wait call-back")', functi
     await ironic.waitForProvisionState(name, 'manageable');
     await ironic.baremetal('node', 'provide', name);
     await ironic.waitForProvisionState(name, 'available');
-    await ironic.baremetal('node', 'set', name, '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', name, ...imageInfoArgs(origin.url, image));
     gate.holding = true;
     const creates = gate.creates;
     await ironic.baremetal('node', 'deploy', name);

@@ -15,7 +15,7 @@ import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { BOOT_MARKER, buildBootImage, unreadRange } from '../helpers/boot-image.js';
-import { installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
+import { imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { freePort, RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
@@ -146,7 +146,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(a) fake-hardware: deploy → active with progress shown, undeploy → available with the disk wiped', async () => {
     const uuid = await fakeNode('node-a', { smartnic_agent_url: agent.url, smartnic_target: target('node-a') });
-    await ironic.baremetal('node', 'set', 'node-a', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-a', ...imageInfoArgs(origin.url, image));
     const validate = await ironic.baremetal('node', 'validate', 'node-a', '-f', 'json');
     const deployIface = (JSON.parse(validate) as { Interface: string; Result: boolean; Reason: string }[]).find((r) => r.Interface === 'deploy')!;
     assert.equal(deployIface.Result, true, deployIface.Reason);
@@ -200,11 +200,12 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       for (const [form, arg] of forms) {
         const name = `node-f-${form}`;
         const uuid = await fakeNode(name, { smartnic_agent_url: agent.url, smartnic_target: target(name) });
-        await ironic.baremetal('node', 'set', name, '--instance-info', `image_source=${gptOrigin.url}`, '--instance-info', 'root_gb=1');
+        await ironic.baremetal('node', 'set', name, ...imageInfoArgs(gptOrigin.url, gptImage), '--instance-info', 'root_gb=1');
         await ironic.baremetal('node', 'deploy', name, '--config-drive', arg);
         await ironic.waitForProvisionState(name, 'active', 60_000);
         const disk = (await agentApi.listDisks()).find((d) => d.target.path === target(name))!;
         assert.equal(disk.size, 1 << 30, `${form}: the disk is root_gb`);
+        assert.equal(disk.device.serial, uuid.replace(/-/g, '').slice(0, 20), 'the NVMe serial is the node\'s');
         const cd = disk.config_drive!;
         assert.ok(cd, `${form}: a config drive on the disk`);
         assert.equal(cd.table, 'gpt');
@@ -230,12 +231,68 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
     }
   });
 
+  it('(g) rebuild deploys a new disk with the new config drive, the old one wiped first; adopt takes a served disk and refuses without one', async () => {
+    const gptImage = path.join(dir, 'gpt-g.raw');
+    fs.writeFileSync(gptImage, Buffer.alloc(0));
+    fs.truncateSync(gptImage, 24 * MiB);
+    await run('sgdisk', ['-o', '-n', '1:2048:+4M', '-t', '1:ef00', '-n', '2:0:0', gptImage]);
+    const gptOrigin = new TestOrigin({ file: gptImage });
+    await gptOrigin.start();
+    const drive = (marker: string): string => JSON.stringify({ user_data: `#cloud-config\nruncmd: [echo ${marker}]\n` });
+    try {
+      // Rebuild.
+      const uuid = await fakeNode('node-g', { smartnic_agent_url: agent.url, smartnic_target: target('node-g') });
+      await ironic.baremetal('node', 'set', 'node-g', ...imageInfoArgs(gptOrigin.url, gptImage), '--instance-info', 'root_gb=1');
+      await ironic.baremetal('node', 'deploy', 'node-g', '--config-drive', drive('FIRST'));
+      await ironic.waitForProvisionState('node-g', 'active', 60_000);
+      const first = await api.getDeployment(uuid);
+      const firstDrive = (await agentApi.listDisks()).find((d) => d.target.path === target('node-g'))!.config_drive!;
+      await ironic.baremetal('node', 'rebuild', 'node-g', '--config-drive', drive('SECOND'));
+      await ironic.waitForProvisionState('node-g', 'active', 60_000);
+      const second = await api.getDeployment(uuid);
+      assert.notEqual(second.deployment_id, first.deployment_id, 'a new deployment');
+      const disks = (await agentApi.listDisks()).filter((d) => d.target.path === target('node-g'));
+      assert.equal(disks.length, 1, 'the old disk is gone');
+      assert.equal(disks[0]!.id, second.disk_id);
+      assert.notEqual(disks[0]!.config_drive!.sha256, firstDrive.sha256, 'the new config drive');
+      assert.ok(ironic.logLines(uuid).some((l) => /Removing the earlier SmartNIC deployment/.test(l)), 'the old deployment was removed (and wiped) first');
+      await ironic.baremetal('node', 'undeploy', 'node-g');
+      await ironic.waitForProvisionState('node-g', 'available', 60_000);
+
+      // Adopt: a host already running from a disk the service serves.
+      const created = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-adopt', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-adopt')}`, '-f', 'json')) as IronicNode;
+      await ironic.baremetal('node', 'set', 'node-adopt', ...imageInfoArgs(gptOrigin.url, gptImage));
+      await ironic.baremetal('node', 'manage', 'node-adopt');
+      await ironic.waitForProvisionState('node-adopt', 'manageable');
+      await api.createDeployment({ node_uuid: created.uuid, deployment_id: 'pre-existing', instance_info: { image_source: gptOrigin.url }, driver_info: { smartnic_agent_url: agent.url, smartnic_target: target('node-adopt') } });
+      await until('pre-existing deployment ready', async () => ['ready', 'complete'].includes((await api.getDeployment(created.uuid)).state), 60_000, 250);
+      await ironic.baremetal('node', 'adopt', 'node-adopt');
+      const adopted = await ironic.waitForProvisionState('node-adopt', 'active', 60_000);
+      assert.equal(adopted.driver_internal_info['smartnic_deployment'], 'pre-existing');
+      await ironic.baremetal('node', 'undeploy', 'node-adopt');
+      await ironic.waitForProvisionState('node-adopt', 'available', 60_000);
+      assert.ok(await noDeployment(created.uuid), 'undeploy removed the adopted deployment');
+
+      // Adopt without one: refused, saying why.
+      const lone = JSON.parse(await ironic.baremetal('node', 'create', '--name', 'node-lone', '--driver', 'fake-hardware', '--deploy-interface', 'smartnic-streaming', '--driver-info', `smartnic_agent_url=${agent.url}`, '--driver-info', `smartnic_target=${target('node-lone')}`, '-f', 'json')) as IronicNode;
+      await ironic.baremetal('node', 'set', 'node-lone', ...imageInfoArgs(gptOrigin.url, gptImage));
+      await ironic.baremetal('node', 'manage', 'node-lone');
+      await ironic.waitForProvisionState('node-lone', 'manageable');
+      await ironic.baremetal('node', 'adopt', 'node-lone');
+      const failed = await ironic.waitForProvisionState('node-lone', 'adopt failed', 60_000);
+      assert.match(failed.last_error ?? '', /has no deployment of it/);
+      assert.ok(await noDeployment(lone.uuid));
+    } finally {
+      await gptOrigin.stop();
+    }
+  });
+
   it('(b) a missing image is refused at deploy time with the origin\'s answer; the node stays available', async () => {
     const missing = new TestOrigin({ file: image, notFound: true });
     await missing.start();
     try {
       const uuid = await fakeNode('node-b', { smartnic_agent_url: agent.url, smartnic_target: target('node-b') });
-      await ironic.baremetal('node', 'set', 'node-b', '--instance-info', `image_source=${missing.url}`);
+      await ironic.baremetal('node', 'set', 'node-b', ...imageInfoArgs(missing.url, image));
       const res = await ironic.baremetalResult('node', 'deploy', 'node-b');
       assert.notEqual(res.code, 0);
       assert.match(res.stderr, /instance_info\.image_source/);
@@ -255,7 +312,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
   it('(b) a failure the service meets while deploying ends in "deploy failed" with its message; fixed, the node deploys', async () => {
     const outside = path.join(dir, 'elsewhere', 'node-c.raw'); // not under the agent's allowed_targets
     const uuid = await fakeNode('node-c', { smartnic_agent_url: agent.url, smartnic_target: outside });
-    await ironic.baremetal('node', 'set', 'node-c', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-c', ...imageInfoArgs(origin.url, image));
     await ironic.baremetal('node', 'deploy', 'node-c');
     const failed = await ironic.waitForProvisionState('node-c', 'deploy failed', 60_000);
     assert.match(failed.last_error!, /could not prepare the streaming disk of node/);
@@ -275,7 +332,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(c) a hung DPU agent: the deploy times out cleanly into "deploy failed" and the deployment is abandoned', async () => {
     const uuid = await fakeNode('node-d', { smartnic_agent_url: hung.url, smartnic_target: target('node-d') });
-    await ironic.baremetal('node', 'set', 'node-d', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-d', ...imageInfoArgs(origin.url, image));
     const t0 = Date.now();
     await ironic.baremetal('node', 'deploy', 'node-d');
     await ironic.waitForProvisionState('node-d', 'wait call-back', 20_000);
@@ -295,7 +352,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
 
   it('(c) undeploy during "wait call-back" tears the pending deployment down', async () => {
     const uuid = await fakeNode('node-e', { smartnic_agent_url: hung.url, smartnic_target: target('node-e') });
-    await ironic.baremetal('node', 'set', 'node-e', '--instance-info', `image_source=${origin.url}`);
+    await ironic.baremetal('node', 'set', 'node-e', ...imageInfoArgs(origin.url, image));
     await ironic.baremetal('node', 'deploy', 'node-e');
     await ironic.waitForProvisionState('node-e', 'wait call-back', 20_000);
     assert.equal((await api.getDeployment(uuid)).state, 'attaching');
@@ -335,7 +392,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       await pushIronic.waitForProvisionState(name, 'manageable');
       await pushIronic.baremetal('node', 'provide', name);
       await pushIronic.waitForProvisionState(name, 'available');
-      await pushIronic.baremetal('node', 'set', name, '--instance-info', `image_source=${origin.url}`);
+      await pushIronic.baremetal('node', 'set', name, ...imageInfoArgs(origin.url, image));
       return created.uuid;
     }
 
@@ -408,7 +465,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       const enrolled = await ironic.node('node-ipmi');
       assert.equal(enrolled.deploy_interface, 'smartnic-streaming', 'the default deploy interface of smartnic-ipmi');
       assert.equal(enrolled.power_state, 'power off');
-      await ironic.baremetal('node', 'set', 'node-ipmi', '--instance-info', `image_source=${bootOrigin.url}`);
+      await ironic.baremetal('node', 'set', 'node-ipmi', ...imageInfoArgs(bootOrigin.url, path.join(dir, 'boot.raw')));
 
       const t0 = Date.now();
       await ironic.baremetal('node', 'deploy', 'node-ipmi');
@@ -450,7 +507,7 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       bigOrigin.hold(held.from, held.to);
       try {
         fs.rmSync(bmc.serialLog, { force: true });
-        await ironic.baremetal('node', 'set', 'node-ipmi', '--instance-info', `image_source=${bigOrigin.url}`);
+        await ironic.baremetal('node', 'set', 'node-ipmi', ...imageInfoArgs(bigOrigin.url, big));
         const t0 = Date.now();
         await ironic.baremetal('node', 'deploy', 'node-ipmi');
         const active = await ironic.waitForProvisionState('node-ipmi', 'active', 90_000);

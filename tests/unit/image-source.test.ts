@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { resolveDriverConfig } from '../../driver/src/config.js';
 import { DriverError } from '../../driver/src/errors.js';
-import { describeImageRef, parseImageSource } from '../../driver/src/image.js';
+import { describeImageRef, infoDigest, parseImageSource, resolveImage } from '../../driver/src/image.js';
+import { expectedDigest, manifestKey } from '../../driver/src/manifests.js';
 import { containerFor, objectOfUrl, swiftEndpoint, type SwiftOptions, tempUrl, tempUrlSignature } from '../../driver/src/swift.js';
 
 const ID = '2f0a3c1e-9b7d-4c55-8e21-0d6f4a7b9c10';
@@ -65,5 +66,30 @@ describe('image sources (driver/src/image.ts, swift.ts)', () => {
     assert.match(spaced.url, /^http:\/\/swift:8080\/v1\/AUTH_proj\/images\/a\/b%20c\.img\?temp_url_sig=[0-9a-f]{64}&temp_url_expires=\d+$/);
     assert.equal(spaced.path, '/v1/AUTH_proj/images/a/b c.img');
     assert.deepEqual(objectOfUrl(swift(), new URL(spaced.url.split('?')[0]!)), { container: 'images', object: 'a/b c.img' });
+  });
+
+  it("reads instance_info's digest as Ironic does: the hash pair first, else image_checksum by `algo:` or by its length", () => {
+    const md5 = 'ab'.repeat(16);
+    const sha256 = 'cd'.repeat(32);
+    const sha512 = 'ef'.repeat(64);
+    const src = 'http://web/x.raw';
+    assert.deepEqual(infoDigest({ image_source: src, image_checksum: md5 }), { algo: 'md5', value: md5 }, 'md5: the legacy meaning');
+    assert.deepEqual(infoDigest({ image_source: src, image_checksum: sha256 }), { algo: 'sha256', value: sha256 }, '64 hex digits are sha256, not md5');
+    assert.deepEqual(infoDigest({ image_source: src, image_checksum: sha512 }), { algo: 'sha512', value: sha512 });
+    assert.deepEqual(infoDigest({ image_source: src, image_checksum: `SHA256:${sha256}` }), { algo: 'sha256', value: sha256 });
+    assert.deepEqual(infoDigest({ image_source: src, image_checksum: md5, image_os_hash_algo: 'SHA512', image_os_hash_value: sha512 }), { algo: 'sha512', value: sha512 });
+    assert.equal(infoDigest({ image_source: src }), null);
+    assert.throws(() => infoDigest({ image_source: src, image_checksum: 'https://web/SHA256SUMS' }), (e: unknown) => e instanceof DriverError && e.field === 'instance_info.image_checksum' && /does not fetch checksum files/.test(e.message));
+  });
+
+  it('an http image is named, and its manifest keyed and checked, by that digest; qcow2 is served decoded', async () => {
+    const sha256 = 'cd'.repeat(32);
+    const info = { image_source: 'http://web/x.qcow2', image_checksum: sha256, image_disk_format: 'qcow2' as const };
+    const image = await resolveImage(info, config());
+    assert.equal(image.identity, `image;sha256=${sha256}`);
+    assert.equal(image.format, 'qcow2');
+    assert.deepEqual(expectedDigest(image, info), { algo: 'sha256', value: sha256 });
+    assert.equal(manifestKey(image, info, 1 << 20), `qcow2;1048576;sha256=${sha256}`);
+    await assert.rejects(resolveImage({ image_source: 'http://web/x', image_disk_format: 'vmdk' as never }, config()), /disk_format "vmdk"; the DPU serves raw and qcow2 images/);
   });
 });

@@ -44,6 +44,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
+import { type DeviceIdentity, deviceIdentity } from '../../../common/src/device-identity.js';
 import { DpuError } from '../errors.js';
 import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
@@ -62,6 +63,7 @@ import { resolveTarget, targetKey } from './targets.js';
 
 export type DiskView = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
+
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type RegionMapView = components['schemas']['RegionMap'];
@@ -77,6 +79,8 @@ export interface DiskSpec {
   region_size: number;
   /** The emulated disk's size (the root disk); absent: the target device's, else the image's. */
   size?: number;
+  /** What the emulated NVMe disk presents (absent in specs written before it existed: derived from the id). */
+  device?: DeviceIdentity;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
   hydration: { enabled: boolean; paused: boolean; bandwidth: number };
   /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
@@ -245,7 +249,16 @@ export class DiskManager {
       const existing = this.disks.get(spec.id);
       if (existing?.wiping) throw new DpuError('DPU_ERR_DISK_WIPING', `disk "${spec.id}" was deleted and its target ${existing.spec.target.path} is not wiped yet; DELETE it again to retry the wipe`);
       if (existing) {
-        if (sourceKey(existing.spec) === sourceKey(spec) && existing.spec.target.path === spec.target.path) return { disk: this.view(existing), created: false };
+        if (sourceKey(existing.spec) === sourceKey(spec) && existing.spec.target.path === spec.target.path) {
+          // The same disk, unless the request asks for another geometry or identity.
+          if (req.size !== undefined && req.size !== existing.spec.size) {
+            throw new DpuError('DPU_ERR_DISK_EXISTS', `disk "${spec.id}" exists with ${existing.spec.size ?? 'the image\'s'} bytes, not ${req.size}; delete it first or choose another id`, { field: 'size' });
+          }
+          const had = existing.spec.device ?? deviceIdentity(existing.spec.id);
+          const diff = (Object.keys(req.device ?? {}) as (keyof DeviceIdentity)[]).find((k) => req.device![k] !== had[k]);
+          if (diff) throw new DpuError('DPU_ERR_DISK_EXISTS', `disk "${spec.id}" exists with device.${diff} "${had[diff]}", not "${req.device![diff]}"; delete it first or choose another id`, { field: `device.${diff}` });
+          return { disk: this.view(existing), created: false };
+        }
         throw new DpuError(
           'DPU_ERR_DISK_EXISTS',
           `disk "${spec.id}" streams ${describeSource(existing.spec)} to ${existing.spec.target.path}; delete it first or choose another id`,
@@ -564,6 +577,7 @@ export class DiskManager {
       },
       target: { path: target },
       region_size: regionSize,
+      device: deviceIdentity(req.id, req.device),
       // A whole device is the root disk unless told otherwise; decided once, at creation.
       ...(size !== undefined ? { size } : {}),
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
@@ -702,6 +716,7 @@ export class DiskManager {
       export: m.exportInfo,
       size,
       image_size: p?.imageSize ?? m.record?.imageSize ?? size,
+      device: spec.device ?? deviceIdentity(spec.id),
       config_drive: m.configDrive,
       region_size: regionSize,
       regions: { total: p?.regionsTotal ?? Math.ceil(size / regionSize), local: p?.regionsLocal ?? 0, zero: p?.regionsZero ?? 0, failed: p?.failedRegions ?? 0 },

@@ -8,6 +8,7 @@ so repeating one is safe.
 """
 
 from oslo_log import log as logging
+from oslo_utils import strutils
 import requests
 import tenacity
 
@@ -22,9 +23,12 @@ CONF = smartnic_conf.CONF
 # configdrive are added by request_body (converted).
 INSTANCE_INFO_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
                       'image_os_hash_value', 'image_disk_format')
+# The ones that describe the image (replaced as a whole by request_body's image).
+IMAGE_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
+              'image_os_hash_value', 'image_disk_format')
 DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
                     'smartnic_target', 'smartnic_region_size',
-                    'smartnic_bandwidth')
+                    'smartnic_bandwidth', 'smartnic_require_verification')
 
 
 def _retryable(exc):
@@ -88,18 +92,32 @@ class DriverServiceClient(object):
         return resp.json()
 
     @staticmethod
-    def request_body(node, deployment_id=None, configdrive=None):
+    def request_body(node, deployment_id=None, image=None, configdrive=None,
+                     device=None, root_gb=None):
         """The instance_info and driver_info subsets the service accepts.
 
+        :param image: the image fields to send instead of instance_info's
+            (image_policy.forwarded: what Ironic resolved, checksums read as
+            Ironic reads them); None sends instance_info's as they are.
         :param configdrive: the config drive as Ironic hands it to a deploy
             interface (manager_utils.get_configdrive_image: gzip+base64 or a
             URL), or None.
+        :param device: the emulated disk's identity as the root device hints
+            fix it (deploy.emulated_disk), or None.
+        :param root_gb: the root disk size a size hint asks for, used when
+            instance_info has no root_gb.
         """
         ii = {k: node.instance_info[k] for k in INSTANCE_INFO_KEYS
               if node.instance_info.get(k) not in (None, '')}
-        root_gb = node.instance_info.get('root_gb')
-        if root_gb not in (None, '', 0, '0'):
+        if image is not None:
+            for k in IMAGE_KEYS:
+                ii.pop(k, None)
+            ii.update(image)
+        given = node.instance_info.get('root_gb')
+        if given not in (None, '', 0, '0'):
             # Nova writes an int, the CLI a string; deploy.validate checked it.
+            ii['root_gb'] = int(given)
+        elif root_gb:
             ii['root_gb'] = int(root_gb)
         if configdrive:
             ii['configdrive'] = configdrive
@@ -108,19 +126,26 @@ class DriverServiceClient(object):
         for k in ('smartnic_region_size', 'smartnic_bandwidth'):
             if k in di:
                 di[k] = int(di[k])
+        if 'smartnic_require_verification' in di:
+            # The CLI stores "true"/"false" strings; the service wants a boolean.
+            di['smartnic_require_verification'] = strutils.bool_from_string(
+                di['smartnic_require_verification'], strict=True)
         body = {'node_uuid': node.uuid, 'instance_info': ii,
                 'driver_info': di}
         if deployment_id:
             body['deployment_id'] = deployment_id
+        if device:
+            body['device'] = device
         return body
 
-    def validate(self, node):
+    def validate(self, node, image=None):
         return self._request('POST', '/v1/validate',
                              'the node\'s instance_info and driver_info',
-                             json=self.request_body(node))
+                             json=self.request_body(node, image=image))
 
     def create_deployment(self, node, deployment_id, callback=None,
-                          configdrive=None):
+                          image=None, configdrive=None, device=None,
+                          root_gb=None):
         """Asks for the node's deployment.
 
         :param configdrive: see request_body.
@@ -128,11 +153,20 @@ class DriverServiceClient(object):
             'agent_token': the node's pregenerated agent token}: the service
             then pushes a heartbeat when the deployment is ready or failed.
         """
-        body = self.request_body(node, deployment_id, configdrive=configdrive)
+        body = self.request_body(node, deployment_id, image=image,
+                                 configdrive=configdrive, device=device,
+                                 root_gb=root_gb)
         if callback:
             body['callback'] = callback
         return self._request('POST', '/v1/deployments',
                              'to create a deployment', json=body)
+
+    def replace_image(self, node_uuid, deployment_id, image):
+        """Gives the deployment a new URL of the same image (a renewed temp URL)."""
+        return self._request('PUT', '/v1/deployments/%s/image' % node_uuid,
+                             'to replace the image URL',
+                             json={'deployment_id': deployment_id,
+                                   'instance_info': image})
 
     def get_deployment(self, node_uuid):
         """The node's deployment, or None if it has none."""

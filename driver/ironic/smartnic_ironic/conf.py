@@ -84,6 +84,20 @@ opts = [
                       'driver_internal_info["smartnic_progress"] (until every '
                       'region is local). 0 disables it. Read when the '
                       'conductor loads the driver.')),
+    cfg.BoolOpt('resolve_images_in_ironic',
+                default=True,
+                help=_('Resolve Glance images with Ironic\'s own image service '
+                       '(its Keystone credentials and [glance] options), as '
+                       'the direct deploy interface does: validate looks the '
+                       'image up, prepare turns it into image_url (a Swift '
+                       'temp URL with [agent]image_download_source = swift, '
+                       'the conductor\'s HTTP copy with http or local), '
+                       'image_checksum, image_os_hash_* and '
+                       'image_disk_format, and the driver service is given '
+                       'that URL and those hashes: it needs no Glance '
+                       'credentials. false: the Glance image id is passed on '
+                       'and the driver service resolves it with its own '
+                       'glance configuration.')),
     cfg.BoolOpt('wipe_on_teardown',
                 default=True,
                 help=_('Destroy the local copy on the DPU\'s target when the '

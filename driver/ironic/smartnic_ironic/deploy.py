@@ -57,10 +57,14 @@ nothing)::
         a cleaning still running is cancelled (DELETE)
 """
 
+import re
 import time
 
 from ironic_lib import metrics_utils
+from ironic_lib import utils as il_utils
 from oslo_log import log as logging
+from oslo_utils import strutils
+from oslo_utils import units
 from oslo_utils import uuidutils
 
 from ironic.common import boot_devices
@@ -71,10 +75,13 @@ from ironic.conductor import periodics
 from ironic.conductor import task_manager
 from ironic.conductor import utils as manager_utils
 from ironic.drivers import base
+from ironic.drivers.modules import boot_mode_utils
+from ironic.drivers.modules import deploy_utils
 
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
 from smartnic_ironic import exception as smartnic_exc
+from smartnic_ironic import image_policy
 
 LOG = logging.getLogger(__name__)
 METRICS = metrics_utils.get_metrics_logger(__name__)
@@ -100,6 +107,13 @@ OPTIONAL_PROPERTIES = {
                               'Optional.'),
     'smartnic_bandwidth': _('Cap on the background copy, in bytes/s; 0 (the '
                             'default) means unlimited. Optional.'),
+    'smartnic_require_verification': _(
+        'true: the streaming disk is created only once the driver service has '
+        'read the whole image and checked it against its checksum (the first '
+        'deploy of an image waits for that read), so the host never reads an '
+        'unverified byte; false: it boots at once and regions are verified '
+        'once the check is done. Defaults to the driver service\'s '
+        'manifests.require. Optional.'),
 }
 
 COMMON_PROPERTIES = dict(REQUIRED_PROPERTIES, **OPTIONAL_PROPERTIES)
@@ -149,6 +163,16 @@ def parse_driver_info(node):
                 _('driver_info["smartnic_region_size"] must be a power of two '
                   'from %(lo)d to %(hi)d, not %(v)d')
                 % {'lo': _MIN_REGION, 'hi': _MAX_REGION, 'v': size})
+    if 'smartnic_require_verification' in parsed:
+        try:
+            parsed['smartnic_require_verification'] = (
+                strutils.bool_from_string(
+                    parsed['smartnic_require_verification'], strict=True))
+        except ValueError:
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_require_verification"] must be true '
+                  'or false, not "%s"')
+                % parsed['smartnic_require_verification'])
     if 'smartnic_bandwidth' in parsed:
         if _as_int(parsed, 'smartnic_bandwidth') < 0:
             raise exception.InvalidParameterValue(
@@ -170,9 +194,11 @@ def _as_int(parsed, key):
 def check_instance_info(node):
     """Checks that instance_info names an image.
 
-    What the image source may be (an http(s) URL, a Glance image, a Swift
-    object) and in which format is the driver service's to decide: validate()
-    asks it, so the plugin never refuses what a newer service accepts.
+    Which sources it may name (an http(s) URL, a Glance image, a Swift
+    object) is the driver service's to decide: validate() asks it, so the
+    plugin never refuses a scheme a newer service accepts. What the image
+    must be (whole-disk, checksummed, raw or qcow2) is Ironic's policy:
+    image_policy.
 
     :raises: MissingParameterValue
     """
@@ -194,6 +220,144 @@ def check_instance_info(node):
                   'number of GiB (the root disk the DPU emulates; 0 for the '
                   'whole DPU target), not "%(v)s"')
                 % {'node': node.uuid, 'v': root_gb})
+
+
+# Root device hints (properties.root_device) and the emulated NVMe disk.
+DISK_NAME = '/dev/nvme0n1'
+EUI_WWN = re.compile(r'^eui\.[0-9a-f]{16}$')
+# Hints a DPU-emulated NVMe namespace has no value for.
+UNSUPPORTED_HINTS = ('vendor', 'hctl', 'by_path', 'wwn_with_extension',
+                     'wwn_vendor_extension')
+
+
+_OPERATOR = re.compile(r'^\s*(s?(==|!=|>=|<=|>|<)|<in>|<or>)(\s|$)')
+
+
+def _equal_value(hint):
+    """X when a hint asks for exactly X ("X", "s== X", "== X"), else None.
+
+    Read from the hint as the operator wrote it: ironic-lib's parsed form is
+    lowercased and URL-quoted, and the disk should present the value itself.
+    """
+    if isinstance(hint, int) and not isinstance(hint, bool):
+        return str(hint)
+    if not isinstance(hint, str):
+        return None
+    m = re.match(r'^\s*s?==\s*(.+?)\s*$', hint)
+    if m:
+        return m.group(1)
+    return None if _OPERATOR.match(hint) else hint.strip()
+
+
+def emulated_disk(node):
+    """The identity the node's emulated NVMe disk presents, fitted to its hints.
+
+    The DPU chooses what its disk is, so where properties.root_device names a
+    serial, model or WWN exactly, the disk presents that; the rest is derived
+    from the node by the driver service. The whole disk is then matched with
+    ironic-lib's own matcher, so the host boots the disk the hints name.
+
+    :returns: (device, root_gb): the DeploymentCreate "device" (only the
+        fields the hints fix) and the root disk size in GiB a size hint asks
+        for when instance_info has no root_gb, else None.
+    :raises: InvalidParameterValue naming the hint.
+    """
+    raw = (node.properties or {}).get('root_device') or {}
+    if not raw:
+        return {}, None
+    try:
+        hints = il_utils.parse_root_device_hints(raw)
+    except ValueError as e:
+        raise exception.InvalidParameterValue(
+            _('properties["root_device"] of node %(node)s: %(err)s')
+            % {'node': node.uuid, 'err': e})
+    bad = [h for h in UNSUPPORTED_HINTS if h in hints]
+    if bad:
+        raise exception.InvalidParameterValue(
+            _('Node %(node)s boots from the NVMe disk its DPU emulates, which '
+              'has no %(hints)s; use serial, wwn (eui.<16 hex digits>), model, '
+              'size, name (%(name)s) or rotational (false) in '
+              'properties["root_device"]')
+            % {'node': node.uuid, 'hints': ', '.join(bad), 'name': DISK_NAME})
+    device = {}
+    for key, limit in (('serial', 20), ('model', 40), ('wwn', None)):
+        value = _equal_value(raw.get(key))
+        if value is None:
+            continue
+        if key == 'wwn' and not EUI_WWN.match(value):
+            raise exception.InvalidParameterValue(
+                _('properties["root_device"]["wwn"] of node %(node)s is '
+                  '"%(v)s", but an emulated NVMe namespace has an EUI-64 WWN '
+                  '(eui. and 16 hex digits)') % {'node': node.uuid, 'v': value})
+        if limit and len(value) > limit:
+            raise exception.InvalidParameterValue(
+                _('properties["root_device"]["%(k)s"] of node %(node)s is '
+                  'longer than an NVMe %(k)s (%(n)d characters)')
+                % {'k': key, 'node': node.uuid, 'n': limit})
+        device[key] = value
+    root_gb = (node.instance_info or {}).get('root_gb')
+    size_gb = None
+    if root_gb in (None, '', 0, '0'):
+        size = _equal_value(raw.get('size'))
+        size_gb = int(size) if size and size.isdigit() else None
+    # What the host will see: ironic-lib decides whether the hints match it.
+    # Fields the driver service derives are not known here and match any
+    # hint that is not an exact value (which was adopted above).
+    gb = int(root_gb) if root_gb not in (None, '', 0, '0') else size_gb
+    candidate = {'name': DISK_NAME, 'rotational': False,
+                 'size': gb * units.Gi if gb else None,
+                 'serial': device.get('serial'), 'model': device.get('model'),
+                 'wwn': device.get('wwn')}
+    # The hints as written: the matcher parses them itself.
+    checked = {k: v for k, v in raw.items()
+               if candidate.get(k) is not None or k in ('name', 'rotational')}
+    if checked and il_utils.match_root_device_hints([candidate],
+                                                    checked) is None:
+        raise exception.InvalidParameterValue(
+            _('properties["root_device"] of node %(node)s (%(hints)s) does not '
+              'match the NVMe disk its DPU emulates (%(disk)s): the host would '
+              'not boot from it')
+            % {'node': node.uuid, 'hints': raw,
+               'disk': ', '.join('%s=%s' % (k, v) for k, v in
+                                 sorted(candidate.items()) if v is not None)})
+    return device, size_gb
+
+
+def check_boot_mode(task):
+    """Checks the boot mode and the other capabilities Ironic knows.
+
+    Values as Ironic checks them (boot_mode bios|uefi, secure_boot
+    true|false, disk_label msdos|gpt, from properties/capabilities or
+    instance_info/capabilities), an instance_info boot mode that contradicts
+    the node's properties, and root device hints. Secure boot is refused
+    unless the management interface can switch it on: the host boots the
+    image straight from the streaming disk, with no boot interface that could
+    do it instead. The mode itself is set in the deploy step.
+
+    :raises: InvalidParameterValue
+    """
+    node = task.node
+    deploy_utils.validate_capabilities(node)
+    boot_mode_utils.get_boot_mode_for_deploy(node)
+    if (boot_mode_utils.is_secure_boot_requested(node)
+            and not _implements(task.driver.management,
+                                'set_secure_boot_state')):
+        raise exception.InvalidParameterValue(
+            _('Node %(node)s requests secure boot (capabilities '
+              'secure_boot:true), but its management interface %(iface)s '
+              'cannot enable it; use one that can (e.g. redfish) or unset '
+              'secure_boot') % {'node': node.uuid,
+                                'iface': node.management_interface})
+    # The syntax only: the streaming disk is the one disk the DPU presents,
+    # smartnic_target picks the DPU's device (see docs/ironic.md).
+    deploy_utils.get_root_device_for_deploy(node)
+
+
+def _implements(interface, method):
+    """Whether a driver interface overrides a base method (supports it)."""
+    impl = getattr(type(interface), method, None)
+    return impl is not None and impl is not getattr(base.ManagementInterface,
+                                                    method)
 
 
 def progress_of(deployment):
@@ -260,9 +424,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
 
     @METRICS.timer('SmartNICStreamingDeploy.validate')
     def validate(self, task):
-        """Checks driver_info and instance_info, then asks the service.
+        """Checks the node's fields and image, then asks the service.
 
-        The driver service checks that the DPU agent answers and that the
+        The image must be a whole-disk image in a format the DPU serves, with
+        a checksum unless it is in Glance (image_policy); the boot mode must
+        be one Ironic knows and the management interface can honour. The
+        driver service then checks that the DPU agent answers and that the
         image source honours Range requests, so an unusable node or image is
         refused before the node is touched.
 
@@ -271,8 +438,19 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         parse_driver_info(node)
         check_instance_info(node)
+        check_boot_mode(task)
+        emulated_disk(node)
+        image = image_policy.validate(task)
+        if image is None:
+            LOG.debug('The image of node %s is checked by the driver service '
+                      'in prepare, once the conductor serves it', node.uuid)
+            return
+        self._service_validate(node, image)
+
+    @staticmethod
+    def _service_validate(node, image):
         try:
-            service_client.DriverServiceClient().validate(node)
+            service_client.DriverServiceClient().validate(node, image=image)
         except smartnic_exc.ServiceError as e:
             field = (' (%s)' % e.field) if e.field else ''
             raise exception.InvalidParameterValue(
@@ -285,8 +463,20 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     @METRICS.timer('SmartNICStreamingDeploy.prepare')
     @task_manager.require_exclusive_lock
     def prepare(self, task):
-        if task.node.provision_state == states.DEPLOYING:
-            task.driver.network.validate(task)
+        """Before the deploy steps: Ironic resolves a Glance image.
+
+        As the direct interface does (AgentDeploy._update_instance_info):
+        instance_info gets image_url, the hashes and the disk format, which
+        the deploy step forwards; the driver service checks the resolved URL
+        at once, so a bad one fails here, before the node is touched.
+        """
+        node = task.node
+        if node.provision_state != states.DEPLOYING:
+            return
+        task.driver.network.validate(task)
+        if image_policy.resolved_in_ironic(node):
+            image_policy.resolve(task)
+            self._service_validate(node, image_policy.forwarded(node))
 
     @METRICS.timer('SmartNICStreamingDeploy.deploy')
     @base.deploy_step(priority=100)
@@ -300,6 +490,12 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         # Off before the disk changes under the host.
         manager_utils.node_power_action(task, states.POWER_OFF)
+        # Ironic's rule (as the pxe boot interface applies it): the node's
+        # boot mode or [deploy]default_boot_mode, set through the management
+        # interface where it can; a node that reports another mode and cannot
+        # be switched fails here. ipmitool has no boot mode call: the mode
+        # goes with the boot device (the EFI bit) in boot_instance.
+        boot_mode_utils.sync_boot_mode(task)
         with manager_utils.power_state_for_network_configuration(task):
             task.driver.network.configure_tenant_networks(task)
 
@@ -319,9 +515,11 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         # A dict config drive (API 1.56+) is built into an ISO by Ironic's own
         # builder, as for any deploy interface; a string or URL passes as is.
         configdrive = manager_utils.get_configdrive_image(node)
-        deployment = client.create_deployment(node, deployment_id,
-                                              callback=callback,
-                                              configdrive=configdrive)
+        device, size_gb = emulated_disk(node)
+        deployment = client.create_deployment(
+            node, deployment_id, callback=callback,
+            image=image_policy.forwarded(node), configdrive=configdrive,
+            device=device, root_gb=size_gb)
         node.set_driver_internal_info(DEPLOYMENT_KEY, deployment_id)
         node.set_driver_internal_info(STARTED_KEY, time.time())
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
@@ -407,11 +605,13 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
         node.del_driver_internal_info(STARTED_KEY)
         node.save()
+        boot_mode_utils.configure_secure_boot_if_needed(task)
         self._boot_from_disk(task)
         manager_utils.node_power_action(task, states.POWER_ON)
         LOG.info('Node %(node)s boots from its SmartNIC streaming disk '
-                 '(%(pct).1f%% local)',
+                 'in %(mode)s mode (%(pct).1f%% local)',
                  {'node': node.uuid,
+                  'mode': boot_mode_utils.get_boot_mode(node),
                   'pct': 100 * node.driver_internal_info[PROGRESS_KEY][
                       'fraction']})
 
@@ -489,8 +689,47 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         is deployed again or undeployed.
         """
 
+    @METRICS.timer('SmartNICStreamingDeploy.take_over')
     def take_over(self, task):
-        """Nothing to do: the driver service keeps its state in Redis."""
+        """Adoption, or another conductor taking the node over.
+
+        The driver service keeps the deployment in Redis, so nothing moves:
+        the node's deployment is looked up and recorded. Adoption needs one
+        that serves the disk (ready or complete): the host already runs from
+        it; without one there is nothing to adopt, and the node is deployed
+        instead. A conductor that takes over an ACTIVE node resumes showing
+        its progress.
+
+        :raises: InstanceDeployFailure when adopting a node without a
+            bootable deployment.
+        """
+        node = task.node
+        deployment = service_client.DriverServiceClient().get_deployment(
+            node.uuid)
+        if node.provision_state == states.ADOPTING:
+            if deployment is None or deployment.get('state') not in BOOTABLE:
+                raise exception.InstanceDeployFailure(
+                    _('Node %(node)s cannot be adopted by the %(iface)s deploy '
+                      'interface: the SmartNIC driver service has %(what)s. '
+                      'Adopt only a node whose host runs from a streaming '
+                      'disk the service serves; otherwise deploy it.')
+                    % {'node': node.uuid, 'iface': INTERFACE_NAME,
+                       'what': ('no deployment of it' if deployment is None
+                                else 'its deployment in state %s (%s)'
+                                % (deployment.get('state'),
+                                   deployment.get('last_error')))})
+        if deployment is None:
+            LOG.warning('Taking over node %s: the SmartNIC driver service has '
+                        'no deployment of it', node.uuid)
+            return
+        node.set_driver_internal_info(DEPLOYMENT_KEY,
+                                      deployment.get('deployment_id'))
+        node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
+        node.save()
+        LOG.info('Took over node %(node)s with SmartNIC deployment %(dep)s '
+                 '(%(state)s)', {'node': node.uuid,
+                                 'dep': deployment.get('deployment_id'),
+                                 'state': deployment.get('state')})
 
     # ---- periodic tasks ---------------------------------------------------
 
@@ -514,6 +753,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         node = task.node
         if DEPLOYMENT_KEY not in node.driver_internal_info:
             return  # waiting for something other than our deployment
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)
@@ -580,6 +820,43 @@ class SmartNICStreamingDeploy(base.DeployInterface):
             return
         manager_utils.deploying_error_handler(task, str(err), str(err))
 
+    def renew_image_url(self, task):
+        """Before Ironic's temp URL of the image expires, a new one for the copy.
+
+        The streaming disk reads the image long after the deploy step (the
+        copy goes on after ACTIVE), so a Swift temp URL that Ironic signed in
+        prepare would expire under it. Called from the two polls (wait
+        call-back, and ACTIVE while the disk still copies); a failure is
+        logged and tried again at the next poll, while the old URL still
+        works.
+        """
+        node = task.node
+        deployment_id = node.driver_internal_info.get(DEPLOYMENT_KEY)
+        if not deployment_id or not image_policy.renewal_due(node):
+            return
+        old = node.instance_info.get('image_url')
+        try:
+            url = image_policy.renewed_url(task)
+            if url == old:
+                # [glance]swift_temp_url_cache_enabled hands out the cached
+                # URL until it is about to expire.
+                return
+            service_client.DriverServiceClient().replace_image(
+                node.uuid, deployment_id,
+                dict(image_policy.forwarded(node), image_source=url))
+        except (exception.IronicException, smartnic_exc.SmartNICError) as e:
+            LOG.warning('Could not renew the image URL of node %(node)s (it '
+                        'expires at %(exp)s): %(err)s',
+                        {'node': node.uuid,
+                         'exp': image_policy.temp_url_expiry(old), 'err': e})
+            return
+        task.upgrade_lock(purpose='recording a renewed image URL')
+        task.node.set_instance_info('image_url', url)
+        task.node.save()
+        LOG.info('Renewed the Swift temp URL of the image of node %(node)s; '
+                 'it now expires at %(exp)s',
+                 {'node': node.uuid, 'exp': image_policy.temp_url_expiry(url)})
+
     @METRICS.timer('SmartNICStreamingDeploy._record_progress')
     @periodics.node_periodic(
         purpose='recording SmartNIC hydration progress',
@@ -595,6 +872,7 @@ class SmartNICStreamingDeploy(base.DeployInterface):
     def record_progress(self, task):
         """Copies the service's progress of an ACTIVE node's disk."""
         node = task.node
+        self.renew_image_url(task)
         try:
             deployment = service_client.DriverServiceClient().get_deployment(
                 node.uuid)

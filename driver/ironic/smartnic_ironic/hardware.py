@@ -3,10 +3,15 @@
 Ironic only lets a node use a deploy interface its hardware type lists (except
 for fake-hardware). These are the stock IPMI and Redfish hardware types with
 smartnic-streaming added first, so it is their default deploy interface when
-enabled; every other interface is the stock type's.
+enabled; every other interface is the stock type's, except rescue: Ironic's
+rescue (AgentRescue) boots the ramdisk and waits for IPA to heartbeat through
+the deploy interface, which the SmartNIC interface neither boots nor answers,
+so a rescue would only time out. The types offer no-rescue, which refuses
+``baremetal node rescue`` at once.
 """
 
 from ironic.drivers import ipmi
+from ironic.drivers.modules import noop
 
 from smartnic_ironic import deploy
 
@@ -18,6 +23,10 @@ class SmartNICIPMIHardware(ipmi.IPMIHardware):
     def supported_deploy_interfaces(self):
         return ([deploy.SmartNICStreamingDeploy]
                 + super().supported_deploy_interfaces)
+
+    @property
+    def supported_rescue_interfaces(self):
+        return [noop.NoRescue]
 
 
 try:
@@ -37,3 +46,7 @@ if redfish is not None:
         def supported_deploy_interfaces(self):
             return ([deploy.SmartNICStreamingDeploy]
                     + super().supported_deploy_interfaces)
+
+        @property
+        def supported_rescue_interfaces(self):
+            return [noop.NoRescue]

@@ -30,17 +30,23 @@ DOCS = os.path.join(os.path.dirname(__file__), '..', '..', '..', '..', 'docs',
 
 class FakeNode(object):
     def __init__(self, driver_info=None, instance_info=None,
-                 provision_state=states.AVAILABLE, dii=None):
+                 provision_state=states.AVAILABLE, dii=None, properties=None):
         self.uuid = '1be26c0b-03f2-4d2e-ae87-c02d7f33c123'
+        self.properties = properties or {}
         self.driver_info = driver_info or {}
         self.instance_info = instance_info or {}
         self.driver_internal_info = dict(dii or {})
+        self.properties = properties or {}
         self.provision_state = provision_state
         self.deploy_interface = deploy.INTERFACE_NAME
+        self.management_interface = 'fake'
         self.saved = 0
 
     def set_driver_internal_info(self, k, v):
         self.driver_internal_info[k] = v
+
+    def set_instance_info(self, k, v):
+        self.instance_info[k] = v
 
     def del_driver_internal_info(self, k):
         return self.driver_internal_info.pop(k, None)
@@ -68,6 +74,21 @@ class TestFields(unittest.TestCase):
         self.assertEqual(65536, info['smartnic_region_size'])
         self.assertEqual(0, info['smartnic_bandwidth'])
         self.assertNotIn('ipmi_address', info)
+
+    def test_require_verification_is_a_boolean_and_is_forwarded(self):
+        # The documented driver_info switch used to be dropped on the way to
+        # the service: Ironic's nodes could never require verification.
+        node = FakeNode(dict(GOOD_DI, smartnic_require_verification='True'),
+                        {'image_source': 'http://i/x.raw'})
+        self.assertIs(True, deploy.parse_driver_info(node)[
+            'smartnic_require_verification'])
+        body = service_client.DriverServiceClient.request_body(node)
+        self.assertIs(True,
+                      body['driver_info']['smartnic_require_verification'])
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'true or false'):
+            deploy.parse_driver_info(FakeNode(dict(
+                GOOD_DI, smartnic_require_verification='maybe')))
 
     def test_refuses_bad_values(self):
         for extra, pattern in (
@@ -116,6 +137,58 @@ class TestFields(unittest.TestCase):
         self.assertNotIn('ipmi_password', body['driver_info'])
         self.assertEqual(100, body['driver_info']['smartnic_bandwidth'])
         self.assertEqual('d1', body['deployment_id'])
+
+
+class TestRootDeviceHints(unittest.TestCase):
+    """properties.root_device against the NVMe disk the DPU emulates."""
+
+    def disk(self, hints, ii=None):
+        node = FakeNode(GOOD_DI, dict({'image_source': 'http://i/x'}, **(ii or {})),
+                        properties={'root_device': hints})
+        return deploy.emulated_disk(node)
+
+    def test_no_hints_nothing_fixed(self):
+        self.assertEqual(({}, None), deploy.emulated_disk(FakeNode(GOOD_DI)))
+
+    def test_exact_serial_wwn_model_are_presented(self):
+        device, size = self.disk({'serial': 'SN-42', 'wwn': 'eui.02aabbccddeeff00',
+                                  'model': 'DPU Disk'})
+        self.assertEqual({'serial': 'SN-42', 'wwn': 'eui.02aabbccddeeff00',
+                          'model': 'DPU Disk'}, device)
+        self.assertEqual({'serial': 'SN-42'},
+                         self.disk({'serial': 's== SN-42'})[0])
+        self.assertEqual({}, self.disk({'serial': '<in> SN'})[0])
+        self.assertIsNone(size)
+
+    def test_size_hint_sizes_the_disk_or_must_match_root_gb(self):
+        self.assertEqual(({}, 40), self.disk({'size': 40}))
+        self.assertEqual(({}, None), self.disk({'size': 40}, {'root_gb': 40}))
+        with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                    'does not match the NVMe disk'):
+            self.disk({'size': 40}, {'root_gb': 20})
+        self.assertEqual(({}, None), self.disk({'size': '>= 10'},
+                                               {'root_gb': 20}))
+
+    def test_what_an_emulated_nvme_cannot_be_is_refused(self):
+        for hints, pattern in (({'rotational': True}, 'does not match'),
+                               ({'name': '/dev/sda'}, 'does not match'),
+                               ({'hctl': '0:0:0:0'}, 'has no hctl'),
+                               ({'vendor': 'ATA'}, 'has no vendor'),
+                               ({'wwn': '0x5000c500a1b2c3d4'}, 'EUI-64'),
+                               ({'serial': 'x' * 21}, 'longer than'),
+                               ({'size': 'big'}, 'root_device')):
+            with self.assertRaisesRegex(exception.InvalidParameterValue,
+                                        pattern):
+                self.disk(hints)
+        self.assertEqual(({}, None), self.disk({'name': '/dev/nvme0n1',
+                                                'rotational': False}))
+
+    def test_request_body_carries_the_identity(self):
+        node = FakeNode(GOOD_DI, {'image_source': 'http://i/x'})
+        body = service_client.DriverServiceClient.request_body(
+            node, device={'serial': 'sn-42'}, root_gb=40)
+        self.assertEqual({'serial': 'sn-42'}, body['device'])
+        self.assertEqual(40, body['instance_info']['root_gb'])
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -190,7 +263,8 @@ class TestClient(unittest.TestCase):
             'code': 'DRV_ERR_INVALID', 'retryable': False,
             'message': 'driver_info.smartnic_agent_url http://dpu does not '
                        'answer', 'field': 'driver_info.smartnic_agent_url'})]
-        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i'}))
+        task = mock.Mock(node=FakeNode(GOOD_DI, {'image_source': 'http://i',
+                                                 'image_checksum': 'a' * 64}))
         with self.assertRaisesRegex(exception.InvalidParameterValue,
                                     'does not answer'):
             deploy.SmartNICStreamingDeploy().validate(task)
@@ -223,6 +297,45 @@ class TestClient(unittest.TestCase):
         with self.assertRaisesRegex(smartnic_exc.ServiceUnreachable,
                                     r'\[smartnic\]driver_url'):
             c.get_deployment('n')
+
+
+class TestTakeOver(unittest.TestCase):
+    """Adoption and conductor take-over look the deployment up."""
+
+    def setUp(self):
+        self.iface = deploy.SmartNICStreamingDeploy()
+        p = mock.patch.object(service_client, 'DriverServiceClient',
+                              autospec=True)
+        self.client = p.start().return_value
+        self.addCleanup(p.stop)
+
+    def task(self, state):
+        return mock.Mock(node=FakeNode(GOOD_DI, provision_state=state))
+
+    def test_adopting_without_a_deployment_fails_saying_so(self):
+        self.client.get_deployment.return_value = None
+        with self.assertRaisesRegex(exception.InstanceDeployFailure,
+                                    'no deployment of it'):
+            self.iface.take_over(self.task(states.ADOPTING))
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'failed', 'last_error': 'boom'}
+        with self.assertRaisesRegex(exception.InstanceDeployFailure,
+                                    'state failed .boom'):
+            self.iface.take_over(self.task(states.ADOPTING))
+
+    def test_adopting_a_served_disk_records_it(self):
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'ready', 'progress': {}}
+        task = self.task(states.ADOPTING)
+        self.iface.take_over(task)
+        self.assertEqual('d1', task.node.driver_internal_info[
+            deploy.DEPLOYMENT_KEY])
+        self.assertEqual('ready', task.node.driver_internal_info[
+            deploy.PROGRESS_KEY]['state'])
+
+    def test_take_over_of_an_active_node_without_one_only_warns(self):
+        self.client.get_deployment.return_value = None
+        self.iface.take_over(self.task(states.ACTIVE))
 
 
 class TestCleaningClient(unittest.TestCase):
@@ -655,6 +768,22 @@ class TestTearDown(unittest.TestCase):
         with mock.patch.object(deploy.time, 'sleep'):
             iface._delete_deployment(mock.Mock(node=FakeNode()), client)
         self.assertEqual(2, client.get_deployment.call_count)
+
+
+class TestHardware(unittest.TestCase):
+
+    def test_no_rescue_only(self):
+        # AgentRescue would boot a ramdisk and wait for an IPA heartbeat that
+        # this deploy interface never gets: refuse rescue at once instead.
+        from ironic.drivers.modules import noop
+        from smartnic_ironic import hardware
+        types = [hardware.SmartNICIPMIHardware]
+        if getattr(hardware, 'SmartNICRedfishHardware', None):
+            types.append(hardware.SmartNICRedfishHardware)
+        for hw in types:
+            self.assertEqual([noop.NoRescue], hw().supported_rescue_interfaces)
+            self.assertIs(deploy.SmartNICStreamingDeploy,
+                          hw().supported_deploy_interfaces[0])
 
 
 class TestDocs(unittest.TestCase):
