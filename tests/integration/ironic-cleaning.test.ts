@@ -12,7 +12,7 @@ import path from 'node:path';
 import { AgentClient, type Erasure } from '../../openapi/clients/agent-client.js';
 import { DriverClient } from '../../openapi/clients/driver-client.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
-import { imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
+import { API_VERSION, imageInfoArgs, installPlugin, IronicServer, type IronicNode } from '../helpers/ironic.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
@@ -21,6 +21,7 @@ import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '.
 const MiB = 1 << 20;
 const LOOP_SIZE = 256 * MiB;
 const IMAGE_SIZE = 24 * MiB;
+const BIG_SIZE = 16384 * MiB;
 
 function readAt(file: string, offset: number, length: number): Buffer {
   const fd = fs.openSync(file, 'r');
@@ -62,7 +63,7 @@ describe('Ironic cleans smartnic-streaming nodes on the DPU (real Ironic, automa
   let api: DriverClient;
   let agentApi: AgentClient;
   let loopDev = '';
-  let bigDev = ''; // 4 GiB: an erasure long enough to abort
+  let bigDev = ''; // 16 GiB, sparse: an erasure long enough to abort
   let uuid = '';
 
   before(async () => {
@@ -78,7 +79,7 @@ describe('Ironic cleans smartnic-streaming nodes on the DPU (real Ironic, automa
     loopDev = (await run('losetup', ['--find', '--show', backing])).stdout.trim();
     const bigBacking = path.join(dir, 'dpu-nvme-big.img');
     fs.writeFileSync(bigBacking, Buffer.alloc(0));
-    fs.truncateSync(bigBacking, 4096 * MiB);
+    fs.truncateSync(bigBacking, BIG_SIZE);
     bigDev = (await run('losetup', ['--find', '--show', bigBacking])).stdout.trim();
     redis = new RedisServer(path.join(dir, 'redis'));
     await redis.start();
@@ -257,7 +258,13 @@ describe('Ironic cleans smartnic-streaming nodes on the DPU (real Ironic, automa
       const c = await api.getCleaning(uuid);
       return c.state === 'running' && c.erasure_id ? c : null;
     }, 30_000, 100);
-    await ironic.baremetal('node', 'abort', 'node-1');
+    // Through the API rather than the CLI, whose start alone can outlast the erasure.
+    const res = await fetch(`${ironic.url}/v1/nodes/${uuid}/states/provision`, {
+      method: 'PUT',
+      headers: { 'Content-Type': 'application/json', 'X-OpenStack-Ironic-API-Version': API_VERSION },
+      body: JSON.stringify({ target: 'abort' }),
+    });
+    assert.equal(res.status, 202, await res.text());
     const failed = await ironic.waitForProvisionState('node-1', 'clean failed', 60_000);
     assert.match(failed.last_error!, /aborted/);
     const erasure = await until('the erasure stopped', async () => {
@@ -266,7 +273,8 @@ describe('Ironic cleans smartnic-streaming nodes on the DPU (real Ironic, automa
     }, 30_000, 100);
     assert.equal(erasure.state, 'failed');
     assert.equal(erasure.error_code, 'DPU_ERR_ERASE_CANCELLED');
-    assert.ok(erasure.bytes_done < 4096 * MiB, 'stopped before the end');
+    assert.ok(erasure.bytes_done < BIG_SIZE, 'stopped before the end');
+    console.log(`      abort in clean wait: the erasure stopped after ${Math.round(erasure.bytes_done / MiB)} of ${BIG_SIZE / MiB} MiB`);
     assert.equal((await api.getCleaning(uuid)).state, 'cancelled');
     assert.equal((await ironic.node('node-1')).driver_internal_info['smartnic_cleaning'], undefined);
     await ironic.baremetal('node', 'set', 'node-1', '--driver-info', `smartnic_target=${loopDev}`);
