@@ -163,6 +163,27 @@ function linkText(bytesPerSecond: number): string {
   return `${Number(v.toFixed(2))} ${u}bit/s (tc tbf)`;
 }
 
+/** Whether the file reads all zeros (a missing file counts: nothing is left). */
+function allZero(file: string): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return true;
+  }
+  try {
+    const buf = Buffer.alloc(4 << 20);
+    const zeros = Buffer.alloc(buf.length);
+    for (let off = 0; ; off += buf.length) {
+      const n = fs.readSync(fd, buf, 0, buf.length, off);
+      if (n === 0) return true;
+      if (!buf.subarray(0, n).equals(zeros.subarray(0, n))) return false;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function bar(frac: number, width = 24): string {
   const n = Math.max(0, Math.min(width, Math.round(frac * width)));
   return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
@@ -278,7 +299,7 @@ async function up(opts: UpOptions): Promise<number> {
     const ironic = await IronicServer.create({
       dir: path.join(dir, 'ironic'),
       pluginDir,
-      conf: { ...ironicGlanceConf(os.glance.swift!.url, os.swift, TEMP_URL_KEY), smartnic: { driver_url: driver.url, token: TOKEN, poll_interval: 1 } },
+      conf: { ...ironicGlanceConf(os.glance.swift!.url, os.swift, TEMP_URL_KEY), smartnic: { driver_url: driver.url, token: TOKEN, poll_interval: 1, wipe_on_teardown: false }, conductor: { automated_clean: true } },
     });
     await ironic.start();
     stops.push(() => ironic.stop());
@@ -437,7 +458,10 @@ async function up(opts: UpOptions): Promise<number> {
       link_bytes_per_s: opts.link ?? 0,
       hydration_bytes_per_s: firstFetch && lastFetch && lastFetch.t > firstFetch.t ? Math.round(((lastFetch.bytes - firstFetch.bytes) * 1000) / (lastFetch.t - firstFetch.t)) : 0,
       local_disk_equals_image: sameAsImage,
+      /** After undeploy and automated cleaning: the DPU's target reads all zeros (or is gone). */
       wiped_on_undeploy: null as boolean | null,
+      undeploy_to_available_ms: null as number | null,
+      cleaning_last_step: null as string | null,
     };
     summary.verified = agentDisk?.verified ?? false;
     summary.integrity_failures = agentDisk?.integrity_failures ?? 0;
@@ -468,7 +492,9 @@ async function up(opts: UpOptions): Promise<number> {
           `  fetched / image          ${formatBytes(fetched)} / ${formatBytes(imageBytes.length)} = ${summary.fetched_over_image.toFixed(3)}`,
           `  verified region by region ${summary.verified ? `yes (manifest checked against Glance's digest; ${summary.integrity_failures} bad regions refetched)` : 'no'}`,
           ...(sameAsImage === null ? [] : [`  local disk = image       ${sameAsImage ? 'yes' : 'NO'}`]),
-          ...(summary.wiped_on_undeploy === null ? [] : [`  undeploy wiped the disk  ${summary.wiped_on_undeploy ? 'yes' : 'NO'}`]),
+          ...(summary.wiped_on_undeploy === null
+            ? []
+            : [`  undeploy + cleaning      ${((summary.undeploy_to_available_ms ?? 0) / 1000).toFixed(1)} s to available (last step: ${summary.cleaning_last_step ?? 'none'}); the DPU's disk ${summary.wiped_on_undeploy ? 'reads all zeros' : 'is NOT zeroed'}`]),
           '',
         ].join('\n'),
       );
@@ -478,10 +504,17 @@ async function up(opts: UpOptions): Promise<number> {
       say(`the lab keeps running: dashboard ${dashboard}, queues ${driver.url}/queues (token ${TOKEN}); "npm run lab -- status", "npm run lab -- down"`);
       await new Promise(() => undefined); // until a signal
     }
-    say('openstack baremetal node undeploy');
+    // Undeploy keeps the DPU's copy (wipe_on_teardown off); Ironic's automated cleaning then
+    // runs the interface's erase_devices_metadata and erase_devices on the DPU, as it would
+    // run IPA's on a host's local disk.
+    say('openstack baremetal node undeploy (then automated cleaning on the DPU)');
+    const u0 = Date.now();
     await ironic.baremetal('node', 'undeploy', NODE);
-    await ironic.waitForProvisionState(NODE, 'available', 120_000);
-    summary.wiped_on_undeploy = !fs.existsSync(target);
+    await ironic.waitForProvisionState(NODE, 'available', 300_000);
+    summary.undeploy_to_available_ms = Date.now() - u0;
+    const cleaning = await api.getCleaning(uuid).catch(() => null);
+    summary.cleaning_last_step = cleaning ? `${cleaning.step} ${cleaning.state}` : null;
+    summary.wiped_on_undeploy = allZero(target);
     print();
     // Success is correctness (the disk equals the image, undeploy wiped it). Whether the host
     // booted before the copy ended depends on the image size and rates; the test asserts it.

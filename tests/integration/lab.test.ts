@@ -30,7 +30,7 @@ describe('the lab (npm run lab)', function () {
     cleanup();
   });
 
-  it('deploys a real cloud image with a config drive through Ironic: UEFI boot, cloud-init runs the user data while hydrating, the root grows, the key logs in; undeploy wipes', async () => {
+  it('deploys a real cloud image with a config drive through Ironic: UEFI boot, cloud-init runs the user data while hydrating, the root grows, the key logs in; undeploy and automated cleaning zero the DPU\'s disk', async () => {
     const res = await run(process.execPath, [LAB, '--json', '--hold-hydration', '--link-index', LINK_INDEX, '--dir', path.join(dir, 'lab')], { timeoutMs: 880_000, allowFail: true });
     const line = res.stdout.trim().split('\n').pop() ?? '';
     assert.equal(res.code, 0, `lab failed:\n${res.stderr.slice(-3000)}\n${line}`);
@@ -49,7 +49,8 @@ describe('the lab (npm run lab)', function () {
     assert.equal(s['disk_bytes'], 4 * 2 ** 30, 'the disk is root_gb');
     assert.ok((s['root_fs_bytes'] as number) > 3 * 2 ** 30, `the root file system grew over the root disk (${s['root_fs_bytes']} bytes)`);
     assert.equal(s['verified'], true, 'every region fetched was checked against the manifest built from Glance\'s digest');
-    assert.equal(s['wiped_on_undeploy'], true);
+    assert.equal(s['cleaning_last_step'], 'erase_devices done', 'automated cleaning ran the DPU\'s erase_devices');
+    assert.equal(s['wiped_on_undeploy'], true, 'undeploy then automated cleaning left the DPU\'s disk zeroed');
     assert.ok((s['fetched_over_image'] as number) <= 1.01, `fetched ${s['fetched_over_image']}× the image`);
     assert.equal(s['link_bytes_per_s'], 125_000_000, 'Swift behind the default 1 Gbit/s link');
     assert.doesNotMatch(execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' }), new RegExp(`^snlab${LINK_INDEX}\\b`, 'm'), 'the namespace was removed');
