@@ -32,11 +32,6 @@ export class PaddedSource implements RemoteSource {
     return `${this.inner.description} on a ${this.size}-byte disk`;
   }
 
-  /** The source beneath, e.g. for a renewed URL. */
-  get image(): RemoteSource {
-    return this.inner;
-  }
-
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
     const inImage = Math.max(0, Math.min(dest.length, this.imageSize - offset));
     if (inImage < dest.length) dest.fill(0, inImage);

@@ -84,6 +84,17 @@ async function labelledConfigDrive(disk: BlockBackend, p: Part): Promise<boolean
   return fs !== null && fs.label.toLowerCase() === CONFIG_DRIVE_LABEL;
 }
 
+/** The partition already labelled config-2 (IPA reuses it), if any; refused when the drive does not fit in it. */
+async function reusable(disk: BlockBackend, table: ConfigDrivePlacement['table'], parts: Part[], drive: Buffer): Promise<ConfigDrivePlacement | null> {
+  for (const p of parts) {
+    if (!(await labelledConfigDrive(disk, p))) continue;
+    const length = (p.last - p.first + 1) * SECTOR;
+    if (length < drive.length) throw bad(`the image's config-2 partition ${p.number} holds ${length} bytes, the config drive is ${drive.length}`);
+    return { table, partition: p.number, offset: p.first * SECTOR, length, reused: true };
+  }
+  return null;
+}
+
 /**
  * Writes `drive` onto `disk` as IPA does (see the top of this file) and makes it durable.
  * @throws DPU_ERR_CONFIG_DRIVE when it cannot, having written nothing.
@@ -138,15 +149,7 @@ async function writeGpt(disk: BlockBackend, head: Buffer, drive: Buffer): Promis
     parts.push(p);
   }
 
-  let placement: ConfigDrivePlacement | null = null;
-  for (const p of parts) {
-    if (await labelledConfigDrive(disk, p)) {
-      const length = (p.last - p.first + 1) * SECTOR;
-      if (length < drive.length) throw bad(`the image's config-2 partition ${p.number} holds ${length} bytes, the config drive is ${drive.length}`);
-      placement = { table: 'gpt', partition: p.number, offset: p.first * SECTOR, length, reused: true };
-      break;
-    }
-  }
+  let placement = await reusable(disk, 'gpt', parts, drive);
   if (!placement) {
     if (freeSlot < 0) throw bad(`the GPT has no free entry among its ${count} for a config drive partition`, 'source');
     // sgdisk: the largest free block; -64MB from its end, aligned down; 0 = its end.
@@ -229,13 +232,10 @@ async function writeMbr(disk: BlockBackend, head: Buffer, entries: Buffer[], dri
   entries.forEach((e, i) => {
     if (e[4] !== 0) parts.push({ number: i + 1, first: e.readUInt32LE(8), last: e.readUInt32LE(8) + e.readUInt32LE(12) - 1 });
   });
-  for (const p of parts) {
-    if (await labelledConfigDrive(disk, p)) {
-      const length = (p.last - p.first + 1) * SECTOR;
-      if (length < drive.length) throw bad(`the image's config-2 partition ${p.number} holds ${length} bytes, the config drive is ${drive.length}`);
-      await write(disk, p.first * SECTOR, drive);
-      return { table: 'mbr', partition: p.number, offset: p.first * SECTOR, length, reused: true };
-    }
+  const reused = await reusable(disk, 'mbr', parts, drive);
+  if (reused) {
+    await write(disk, reused.offset, drive);
+    return reused;
   }
   if (parts.length >= 4) {
     throw bad('the image uses MBR partitioning and already has four primary partitions: no config drive partition can be added (ironic-python-agent refuses this too); use a GPT image or one with at most three primary partitions', 'source');
