@@ -20,7 +20,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { Manifest } from '../dpu-agent/src/manifest/manifest.js';
+import { Manifest } from '../image-access/src/manifest.js';
 import { EmulatedLink } from '../lab/netns.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { TestOrigin } from '../tests/helpers/origin.js';

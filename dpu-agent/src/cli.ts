@@ -1,6 +1,6 @@
 /** The `dpu-agent` command: dispatches to subcommands; errors carry their DPU_ERR_* code. */
 import { readFileSync } from 'node:fs';
-import { DpuError } from './errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 
 // Subcommands are imported when they run: `stream` on a DPU should not carry the daemon's
 // HTTP server and schema validator in memory (measured: ~10 MiB of RSS).

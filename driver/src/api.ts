@@ -13,7 +13,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { RawServerDefault } from 'fastify';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import { type CleaningCreate, type CleaningRecord, CleaningStore, cleaningView, FINISHED, newCleaning } from './cleaning.js';
 import { checkConfigDriveField } from './configdrive.js';
 import { nodeDevice } from './device.js';

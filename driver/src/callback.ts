@@ -9,7 +9,7 @@
  */
 import axios from 'axios';
 import type { Logger } from 'pino';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import type { DeploymentRecord } from './store.js';
 
 /** Ironic's microversion that accepts agent_status/agent_status_message (and agent_token). */

@@ -7,7 +7,7 @@
  */
 import axios from 'axios';
 import { decodeConfigDrive, MAX_CONFIG_DRIVE_BYTES } from '../../common/src/config-drive.js';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import { DriverError } from './errors.js';
 
 const FIELD = 'instance_info.configdrive';

@@ -24,7 +24,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import axios from 'axios';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import type { DeploymentCreate } from '../../openapi/clients/driver-client.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';

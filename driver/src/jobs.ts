@@ -42,7 +42,7 @@
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
 import type { Logger } from 'pino';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import { AgentClient, type Disk, type Erasure } from '../../openapi/clients/agent-client.js';
 import { type CleaningRecord, type CleaningStore, FINISHED } from './cleaning.js';
 import { ApiError } from '../../openapi/clients/http.js';

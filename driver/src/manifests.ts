@@ -1,5 +1,5 @@
 /**
- * Image manifests (dpu-agent/src/manifest/manifest.ts) in the driver: built once per image
+ * Image manifests (image-access/src/manifest.ts) in the driver: built once per image
  * content and region size by a job of the `manifest` queue, kept in Redis, uploaded to
  * every disk of that image (the agent then verifies each region it fetches and never
  * fetches a zero region).
@@ -26,9 +26,7 @@ import { createHash, getHashes } from 'node:crypto';
 import { type Job, UnrecoverableError } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
-import { DpuError } from '../../dpu-agent/src/errors.js';
-import { Manifest } from '../../dpu-agent/src/manifest/manifest.js';
-import { openImageSource } from '../../dpu-agent/src/streaming/open.js';
+import { DpuError, Manifest, openImageSource } from '../../image-access/src/index.js';
 import type { DriverConfig } from './config.js';
 import { DriverError } from './errors.js';
 import type { InstanceInfo, ResolvedImage } from './image.js';

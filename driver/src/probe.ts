@@ -1,6 +1,6 @@
 /** Checks that an image URL answers Range requests, and learns its size, for validate. */
 import axios from 'axios';
-import { redactUrl } from '../../dpu-agent/src/remote/redact.js';
+import { redactUrl } from '../../image-access/src/index.js';
 import { DriverError } from './errors.js';
 
 export async function probeImage(url: string, timeoutMs = 10_000, headers: Record<string, string> = {}): Promise<number> {

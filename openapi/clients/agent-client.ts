@@ -51,7 +51,7 @@ export class AgentClient {
     return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/source`, body), `source of ${id}`);
   }
 
-  /** Uploads an encoded manifest (dpu-agent/src/manifest/manifest.ts); the disk is then `verified`. */
+  /** Uploads an encoded manifest (image-access/src/manifest.ts); the disk is then `verified`. */
   setManifest(id: string, manifest: Buffer): Promise<Disk> {
     return call(
       this.http.put<Disk>(`/v1/disks/${encodeURIComponent(id)}/manifest`, manifest, { headers: { 'Content-Type': 'application/octet-stream' }, maxBodyLength: Infinity }),

@@ -170,7 +170,7 @@ export interface paths {
         /**
          * Verify every region fetched from now on against the image's manifest.
          * @description The body is a manifest as `dpu-agent manifest` writes it (per region, the SHA-256
-         *     and whether it is all zeros; the format is in dpu-agent/src/manifest/manifest.ts),
+         *     and whether it is all zeros; the format is in image-access/src/manifest.ts),
          *     built from the same image with the disk's region size; at most 64 MiB (413 beyond).
          *     From then on a fetched region whose hash differs is dropped and fetched again (then
          *     fails with EIO, never serving wrong bytes; `integrity_failures` counts them), and

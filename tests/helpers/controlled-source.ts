@@ -5,8 +5,8 @@
  * contract; the disk under test is real.
  */
 import { EventEmitter, once } from 'node:events';
-import { DpuError } from '../../dpu-agent/src/errors.js';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../dpu-agent/src/remote/source.js';
+import { DpuError } from '../../image-access/src/errors.js';
+import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 
 export interface PendingRead {
   offset: number;

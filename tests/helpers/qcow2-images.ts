@@ -4,7 +4,7 @@
  * produces compressed, uncompressed and unallocated clusters alike).
  */
 import fs from 'node:fs';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../dpu-agent/src/remote/source.js';
+import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 import { run } from './run.js';
 
 /**

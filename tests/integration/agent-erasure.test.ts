@@ -16,7 +16,7 @@ import { ApiError } from '../../openapi/clients/http.js';
 import { buildAgentApi } from '../../dpu-agent/src/daemon/api.js';
 import { type AgentConfig, parseAgentConfig } from '../../dpu-agent/src/daemon/config.js';
 import { DiskManager } from '../../dpu-agent/src/daemon/disks.js';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { run } from '../helpers/run.js';

@@ -6,7 +6,7 @@ import { ConfigError, renderConfigDocs } from '../../common/src/config.js';
 import { AGENT_CONFIG_SCHEMA, parseAgentConfig, resolveTokens } from '../../dpu-agent/src/daemon/config.js';
 import { encodeRle } from '../../dpu-agent/src/daemon/disks.js';
 import { errorReply } from '../../dpu-agent/src/daemon/api.js';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { tempDir } from '../helpers/agent.js';
 
 const TOKEN = 'a-token-of-sixteen-chars';

@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockBackend } from '../../dpu-agent/src/block/backend.js';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { filesystemLabel } from '../../common/src/config-drive.js';
 import { checkConfigDrive, writeConfigDrive } from '../../dpu-agent/src/streaming/config-drive.js';
 import { tempDir } from '../helpers/agent.js';

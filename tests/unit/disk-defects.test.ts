@@ -7,11 +7,11 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { LocalTarget, type Target } from '../../dpu-agent/src/local/target.js';
-import { Manifest } from '../../dpu-agent/src/manifest/manifest.js';
+import { Manifest } from '../../image-access/src/manifest.js';
 import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js';
-import type { RemoteSource } from '../../dpu-agent/src/remote/source.js';
+import type { RemoteSource } from '../../image-access/src/source.js';
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
 import { tempDir } from '../helpers/agent.js';

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { DpuError, ERRORS, NbdErrno, toNbdErrno } from '../../dpu-agent/src/errors.js';
+import { DpuError, ERRORS, NbdErrno, toNbdErrno } from '../../image-access/src/errors.js';
 
 describe('error registry', () => {
   const doc = fs.readFileSync(fileURLToPath(new URL('../../../docs/errors.md', import.meta.url)), 'utf8');

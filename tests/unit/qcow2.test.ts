@@ -7,8 +7,8 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DpuError } from '../../dpu-agent/src/errors.js';
-import { parseQcow2Header, Qcow2Source, type Qcow2Header } from '../../dpu-agent/src/remote/qcow2.js';
+import { DpuError } from '../../image-access/src/errors.js';
+import { parseQcow2Header, Qcow2Source, type Qcow2Header } from '../../image-access/src/qcow2.js';
 import { tempDir } from '../helpers/agent.js';
 import { type ConvertOptions, FileSource, makeMixedImage, toQcow2 } from '../helpers/qcow2-images.js';
 import { run } from '../helpers/run.js';

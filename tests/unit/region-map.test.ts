@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js';
 import { tempDir } from '../helpers/agent.js';
 

@@ -9,11 +9,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LocalTarget } from '../../dpu-agent/src/local/target.js';
 import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../dpu-agent/src/remote/source.js';
+import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
-import { Manifest } from '../../dpu-agent/src/manifest/manifest.js';
-import { DpuError } from '../../dpu-agent/src/errors.js';
+import { Manifest } from '../../image-access/src/manifest.js';
+import { DpuError } from '../../image-access/src/errors.js';
 import { tempDir } from '../helpers/agent.js';
 
 const R = 64 << 10; // region size in these tests

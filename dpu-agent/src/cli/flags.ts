@@ -3,7 +3,7 @@
  * tables, so the reference cannot drift from the behaviour (docs/dpu-agent.md copies it).
  */
 import { parseArgs } from 'node:util';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { parseDuration, parseRate, parseSize } from './units.js';
 
 type Kind = 'string' | 'size' | 'rate' | 'duration' | 'int' | 'boolean' | 'list';

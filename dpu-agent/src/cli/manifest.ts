@@ -6,10 +6,11 @@
  */
 import fs from 'node:fs';
 import { pino } from 'pino';
-import { DpuError } from '../errors.js';
-import { Manifest } from '../manifest/manifest.js';
-import { redactUrl } from '../remote/redact.js';
-import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openImageSource } from '../streaming/open.js';
+import { DpuError } from '../../../image-access/src/errors.js';
+import { Manifest } from '../../../image-access/src/manifest.js';
+import { redactUrl } from '../../../image-access/src/redact.js';
+import { IMAGE_FORMATS, type ImageFormat, openImageSource } from '../../../image-access/src/open.js';
+import { DEFAULT_REGION_SIZE } from '../streaming/open.js';
 import { type FlagTable, parseFlags, renderHelp } from './flags.js';
 import { parseHeaders } from './stream.js';
 import { formatBytes } from './units.js';

@@ -5,12 +5,12 @@
  */
 import { pino, type Logger } from 'pino';
 import fs from 'node:fs';
-import { DpuError } from '../errors.js';
-import { Manifest } from '../manifest/manifest.js';
+import { DpuError } from '../../../image-access/src/errors.js';
+import { Manifest } from '../../../image-access/src/manifest.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { loadNbdTls, type NbdTls, type TlsMode } from '../nbd/tls.js';
 import { ConfigError } from '../../../common/src/config.js';
-import { redactHeaders, redactUrl } from '../remote/redact.js';
+import { redactHeaders, redactUrl } from '../../../image-access/src/redact.js';
 import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type FlagTable, type FlagValues, parseFlags, renderHelp } from './flags.js';
 import { formatBytes } from './units.js';

@@ -1,5 +1,5 @@
 /** Parsers for human-written quantities in flags and config; each error says what is accepted. */
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 
 const BINARY: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
 

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, LogController, type RouteHandlerMethod } from 'fastify';
 import type { Logger } from 'pino';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { type AgentConfig, resolveTokens } from './config.js';
 import type { DiskCreate, DiskManager, HydrationUpdate, SourceUpdate } from './disks.js';
 import type { ErasureCreate } from './erasures.js';

@@ -45,16 +45,16 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
 import { type DeviceIdentity, deviceIdentity } from '../../../common/src/device-identity.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file.js';
 import { blockDeviceSize } from '../local/target.js';
-import { Manifest } from '../manifest/manifest.js';
+import { Manifest } from '../../../image-access/src/manifest.js';
 import { writeConfigDrive } from '../streaming/config-drive.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
-import { redactUrl } from '../remote/redact.js';
-import { noop } from '../streaming/deferred.js';
+import { redactUrl } from '../../../image-access/src/redact.js';
+import { noop } from '../../../common/src/deferred.js';
 import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
@@ -417,7 +417,7 @@ export class DiskManager {
   }
 
   /**
-   * Verifies the disk's fetched regions with `body` (an encoded manifest/manifest.ts) from
+   * Verifies the disk's fetched regions with `body` (an encoded image-access/src/manifest.ts) from
    * now on, and stops fetching its zero regions. Checked against the disk's size and
    * region size first; then written to manifest.bin (so a restart re-applies it), then
    * applied to the open disk. A disk that is not open (yet) gets it when it opens.

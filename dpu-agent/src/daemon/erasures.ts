@@ -25,7 +25,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { components } from '../../../openapi/generated/dpu-agent.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { writeJsonAtomic } from '../local/atomic-file.js';
 import { type EraseMethod, eraseTarget, EraseTarget, rereadPartitions } from '../local/erase.js';
 import type { AgentConfig } from './config.js';

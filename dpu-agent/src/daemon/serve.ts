@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import { pino } from 'pino';
 import { ConfigError } from '../../../common/src/config.js';
 import { type FlagTable, parseFlags, renderHelp } from '../cli/flags.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { buildAgentApi, REDACT_PATHS } from './api.js';
 import { type AgentConfig, loadAgentConfig, renderConfigHelp } from './config.js';
 import { DiskManager } from './disks.js';

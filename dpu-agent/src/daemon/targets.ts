@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import type { AgentConfig } from './config.js';
 
 export interface ResolvedTarget {

@@ -36,7 +36,7 @@
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { blockDeviceSize } from './target.js';
 
 export type EraseMode = 'metadata' | 'full';

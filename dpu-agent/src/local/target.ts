@@ -8,7 +8,7 @@
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 
 export interface LocalTargetOptions {
   /** Create a regular file of `size` bytes if the path does not exist. */

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockBackend } from '../block/backend.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { type Conn, type ExportCatalog, HandshakeClosed, negotiate, type NegotiableExport, SocketReader } from './handshake.js';
 import { MAX_PAYLOAD, PREFERRED_BLOCK, TFlag } from './protocol.js';
 import type { NbdTls } from './tls.js';

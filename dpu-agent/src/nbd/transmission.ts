@@ -17,7 +17,7 @@
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockBackend, MaybePromise } from '../block/backend.js';
-import { DpuError, NbdErrno, toNbdErrno } from '../errors.js';
+import { DpuError, NbdErrno, toNbdErrno } from '../../../image-access/src/errors.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ByteQueue } from './byte-queue.js';
 import {

@@ -29,7 +29,7 @@ import { randomUUID } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { CONFIG_DRIVE_LABEL, MAX_CONFIG_DRIVE_BYTES, configDriveProblem, filesystemLabel } from '../../../common/src/config-drive.js';
 import type { BlockBackend } from '../block/backend.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 
 const SECTOR = 512;
 const MIB_SECTORS = (1 << 20) / SECTOR;

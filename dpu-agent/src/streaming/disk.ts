@@ -40,12 +40,12 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions } from '../block/backend.js';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import type { Target } from '../local/target.js';
-import type { Manifest } from '../manifest/manifest.js';
+import type { Manifest } from '../../../image-access/src/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
-import type { FetchPriority, RemoteSource } from '../remote/source.js';
-import { deferred, noop, settleAll, type Deferred } from './deferred.js';
+import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
+import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
 
 export interface StreamingDiskOptions {
   /** Null once the disk has cut over: every region is local and the network is not needed. */
@@ -60,7 +60,7 @@ export interface StreamingDiskOptions {
   /** Verifies every fetched region and marks zero regions (see setManifest). */
   manifest?: Manifest | null;
   /**
-   * Where the image ends, on a disk larger than its image (remote/padded.ts): a manifest
+   * Where the image ends, on a disk larger than its image (image-access/src/padded.ts): a manifest
    * of the image is applied as one of the disk, zeros after the image. @default the disk's size
    */
   imageSize?: number;

@@ -11,28 +11,24 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { DpuError } from '../errors.js';
+import { DpuError } from '../../../image-access/src/errors.js';
 import { writeJsonAtomic } from '../local/atomic-file.js';
 import { LocalTarget } from '../local/target.js';
 import { RegionMap, RegionState } from '../region/region-map.js';
-import { HttpSource, type HttpSourceOptions } from '../remote/http-source.js';
-import type { Manifest } from '../manifest/manifest.js';
-import { isQcow2, Qcow2Source, readHead } from '../remote/qcow2.js';
-import { PaddedSource } from '../remote/padded.js';
-import { redactUrl } from '../remote/redact.js';
-import type { RemoteSource } from '../remote/source.js';
+import { HttpSource, type HttpSourceOptions } from '../../../image-access/src/http-source.js';
+import type { Manifest } from '../../../image-access/src/manifest.js';
+import { decodeFormat, type ImageFormat } from '../../../image-access/src/open.js';
+import { Qcow2Source } from '../../../image-access/src/qcow2.js';
+import { PaddedSource } from '../../../image-access/src/padded.js';
+import { redactUrl } from '../../../image-access/src/redact.js';
+import type { RemoteSource } from '../../../image-access/src/source.js';
 import { StreamingDisk } from './disk.js';
 import { Hydrator, type HydratorOptions } from './hydrator.js';
 
+export { IMAGE_FORMATS, type ImageFormat } from '../../../image-access/src/open.js';
+
 export const DEFAULT_REGION_SIZE = 1 << 20;
 
-/**
- * How the bytes at the source are read: `raw` as they are; `qcow2` through Qcow2Source,
- * which serves the virtual disk (the target is that raw disk); `auto` looks for the qcow2
- * magic in the first bytes.
- */
-export type ImageFormat = 'raw' | 'qcow2' | 'auto';
-export const IMAGE_FORMATS: readonly ImageFormat[] = ['raw', 'qcow2', 'auto'];
 
 export interface OpenDiskOptions {
   source: Omit<HttpSourceOptions, 'log'>;
@@ -45,12 +41,12 @@ export interface OpenDiskOptions {
   /**
    * The emulated disk's size, when it is larger than the image (a root disk of `root_gb`,
    * or the whole target device): the image at its start, zeros after it, never fetched
-   * (see remote/padded.ts). @default the image's size, or what the state directory records
+   * (see image-access/src/padded.ts). @default the image's size, or what the state directory records
    */
   diskSize?: number;
   hydrator?: Omit<HydratorOptions, 'log'>;
   commitIntervalMs?: number;
-  /** Verify fetched regions against it and skip its zero regions (see manifest/manifest.ts). */
+  /** Verify fetched regions against it and skip its zero regions (see image-access/src/manifest.ts). */
   manifest?: Manifest;
   /** The manifest's read-back of regions local before it came had not finished: run it again. */
   verifyLocalAtOpen?: boolean;
@@ -182,25 +178,6 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     unlock();
     throw err;
   }
-}
-
-/** The image as a RemoteSource of its raw bytes: the HTTP origin, decoded if it is qcow2. */
-export async function openImageSource(opts: { source: Omit<HttpSourceOptions, 'log'>; format?: ImageFormat; log?: Logger }): Promise<RemoteSource> {
-  const http = await HttpSource.open({ ...opts.source, ...(opts.log ? { log: opts.log } : {}) });
-  try {
-    return await decodeFormat(http, opts.format ?? 'raw', opts.log);
-  } catch (err) {
-    await http.close();
-    throw err;
-  }
-}
-
-/** Wraps the file's source in the decoder its format needs (which then owns and closes it). */
-async function decodeFormat(file: RemoteSource, format: ImageFormat, log: Logger | undefined): Promise<RemoteSource> {
-  if (format === 'raw') return file;
-  const head = await readHead(file);
-  if (format === 'auto' && !isQcow2(head)) return file;
-  return Qcow2Source.open(file, { head, ...(log ? { log } : {}) });
 }
 
 function isComplete(stateDir: string, record: DiskRecord): boolean {

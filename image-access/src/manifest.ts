@@ -20,8 +20,8 @@
  *   …   SHA-256 of everything above, 32 — the manifest checks itself
  */
 import { createHash } from 'node:crypto';
-import { DpuError } from '../errors.js';
-import type { RemoteSource } from '../remote/source.js';
+import { DpuError } from './errors.js';
+import type { RemoteSource } from './source.js';
 
 const MAGIC = Buffer.from('SNICMANI', 'ascii');
 const VERSION = 1;

@@ -28,7 +28,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import type { Logger } from 'pino';
-import { DpuError } from '../errors.js';
+import { DpuError } from './errors.js';
 import { redactUrl } from './redact.js';
 import type { FetchPriority, RemoteReadOptions, RemoteSource, RemoteSourceStats } from './source.js';
 

@@ -37,8 +37,8 @@
  */
 import zlib from 'node:zlib';
 import type { Logger } from 'pino';
-import { DpuError } from '../errors.js';
-import { settleAll } from '../streaming/deferred.js';
+import { DpuError } from './errors.js';
+import { settleAll } from '../../common/src/deferred.js';
 import type { FetchPriority, RemoteReadOptions, RemoteSource, RemoteSourceStats } from './source.js';
 
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"

@@ -1,0 +1,49 @@
+/**
+ * Each program reaches the other only through contracts (openapi/) or a shared package
+ * (common/, image-access/), never through the other's sources: a refactor of the agent's
+ * internals must not break the driver, and the other way round.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+
+function sources(dir: string): string[] {
+  const out: string[] = [];
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) out.push(...sources(p));
+    else if (e.name.endsWith('.ts')) out.push(p);
+  }
+  return out;
+}
+
+/** Every relative module a file imports, resolved to a path relative to the repository. */
+function imports(file: string): string[] {
+  const text = fs.readFileSync(file, 'utf8');
+  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*'(\.[^']+)'/g)].map((m) => m[1]!);
+  return specs.map((s) => path.relative(root, path.resolve(path.dirname(file), s)));
+}
+
+const rules: { program: string; mayNotImport: string[] }[] = [
+  { program: 'driver/src', mayNotImport: ['dpu-agent/', 'lab/', 'tests/'] },
+  { program: 'dpu-agent/src', mayNotImport: ['driver/', 'lab/', 'tests/'] },
+  { program: 'image-access/src', mayNotImport: ['dpu-agent/', 'driver/', 'lab/', 'tests/', 'openapi/'] },
+  { program: 'common/src', mayNotImport: ['dpu-agent/', 'driver/', 'image-access/', 'lab/', 'tests/', 'openapi/'] },
+];
+
+describe('program boundaries', () => {
+  for (const rule of rules) {
+    it(`${rule.program} imports nothing from ${rule.mayNotImport.join(', ')}`, () => {
+      const bad: string[] = [];
+      for (const file of sources(path.join(root, rule.program))) {
+        for (const target of imports(file)) {
+          if (rule.mayNotImport.some((p) => target.startsWith(p))) bad.push(`${path.relative(root, file)} → ${target}`);
+        }
+      }
+      assert.deepEqual(bad, [], 'use the shared packages (image-access/, common/) or the openapi contracts instead');
+    });
+  }
+});
