@@ -46,7 +46,8 @@ export function expectedDigest(image: ResolvedImage, info: InstanceInfo): { algo
 export function manifestKey(image: ResolvedImage, info: InstanceInfo, regionSize: number): string | null {
   const d = expectedDigest(image, info);
   const content = d ? `${d.algo}=${d.value.toLowerCase()}` : image.identity ? `identity=${image.identity}` : null;
-  return content ? `${image.format};${regionSize};${content}` : null;
+  // v2: manifests with Merkle leaves (a miss verifies just its blocks); v1 ones cached before stay unused.
+  return content ? `v2;${image.format};${regionSize};${content}` : null;
 }
 
 const hashOf = (key: string): string => createHash('sha256').update(key).digest('hex');

@@ -166,6 +166,8 @@ export interface StreamingDiskEvents {
   complete: [];
   'foreground-idle': [];
   'region-settled': [region: number];
+  /** A host read missed region r and fetched only the blocks it needed: copy the rest soon. */
+  miss: [region: number];
   'commit-error': [err: Error];
   /** The local target failed: the disk is stopped (see the rules at the top). */
   failed: [err: DpuError];

@@ -1,11 +1,15 @@
 /**
  * The hydrator copies every region that is not yet local, in the background, until the
  * disk can cut over. Policy:
- *  - sequential from the start of the disk, adjacent remote regions coalesced into one
+ *  - first the regions the host just missed (the disk's `miss` event: a miss fetches only
+ *    the blocks asked for, and the rest of its region is likely to be read next), then the
+ *    regions of a boot profile in the order the host read them (prioritize), then
+ *    sequential from the start of the disk; adjacent remote regions coalesced into one
  *    range request of up to `batchBytes`; `zero` regions are filled locally, no network;
- *  - `concurrency` background requests in flight, and none started while a host read miss
- *    is being fetched: foreground misses never queue behind a background batch (the
- *    source also reserves connections for them);
+ *  - `concurrency` background requests in flight, but only one while a host read miss is
+ *    being fetched: the miss shares the link with one background stream instead of
+ *    queueing behind several (the source also reserves connections for foreground reads),
+ *    and the copy never stops while the host boots;
  *  - an optional bandwidth cap (token bucket on batch starts; batches shrink so that the
  *    cap is smooth even at low rates);
  *  - pause/resume; after a failed batch, exponential backoff, then the regions are
@@ -61,6 +65,11 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   private failures = 0;
   private lastErrorMessage: string | null = null;
   private loop: Promise<void> | null = null;
+  /** Regions to copy before the sweep, misses first; `queued` dedupes both lists. */
+  private readonly missed: number[] = [];
+  private readonly planned: number[] = [];
+  private plannedAt = 0;
+  private readonly queued = new Set<number>();
 
   constructor(disk: StreamingDisk, opts: HydratorOptions = {}) {
     super();
@@ -75,6 +84,12 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         return () => clearTimeout(t);
       });
     if (disk.complete) this.current = 'complete';
+    disk.on('miss', (r) => {
+      if (this.queued.has(r)) return;
+      this.queued.add(r);
+      this.missed.push(r);
+      this.poke();
+    });
     disk.on('failed', (err) => {
       this.lastErrorMessage = err.message;
       if (this.current !== 'complete') this.setState('failed');
@@ -127,6 +142,24 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     if (!this.started) return this.start();
     this.setState('running');
     this.poke();
+  }
+
+  /**
+   * Copies `regions` before the sequential sweep, in this order (a boot profile: the order
+   * a host read them). Regions already local, or queued, are skipped when their turn comes.
+   */
+  prioritize(regions: Iterable<number>): void {
+    for (const r of regions) {
+      if (!Number.isInteger(r) || r < 0 || r >= this.disk.map.count || this.queued.has(r)) continue;
+      this.queued.add(r);
+      this.planned.push(r);
+    }
+    this.poke();
+  }
+
+  /** Regions waiting in the priority lists (misses and a boot profile). */
+  get prioritized(): number {
+    return this.missed.length + this.planned.length - this.plannedAt;
   }
 
   setBandwidth(bytesPerSecond: number): void {
@@ -190,8 +223,9 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         await this.nap(60_000);
         continue;
       }
-      if (disk.foregroundFetches > 0) {
-        await this.waitFor('foreground-idle', 1000);
+      if (disk.foregroundFetches > 0 && inflight.size >= 1) {
+        // The host is waiting on a miss: one background stream goes on, no more start.
+        await Promise.race([this.waitFor('foreground-idle', 1000), ...inflight]);
         continue;
       }
       if (inflight.size >= this.opts.concurrency) {
@@ -215,7 +249,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         continue;
       }
       wrapped = false;
-      this.cursor = run.first + run.count;
+      if (!run.urgent) this.cursor = run.first + run.count;
       if (run.zero) {
         try {
           await disk.zeroFillRun(run.first, run.count);
@@ -282,25 +316,55 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     }
   }
 
-  /** The next run of adjacent remote (or of zero) regions at or after the cursor. */
-  private nextRun(): { first: number; count: number; zero: boolean } | null {
-    const map = this.disk.map;
-    const states = map.states;
-    const maxRegions = Math.max(1, Math.floor(this.batchLimit() / map.regionSize));
-    // Zero runs cost no network and no tokens: take up to 1 GiB at once, so a sparse image
-    // is zeroed with a few offloaded commands.
-    const maxZeroRegions = Math.max(1, Math.floor(ZERO_RUN_MAX_BYTES / map.regionSize));
-    const bad = this.disk.failedRegions;
-    for (let r = this.cursor; r < map.count; r++) {
-      const s = states[r];
-      if (s !== RegionState.Remote && s !== RegionState.Zero) continue;
-      if (bad.size > 0 && bad.has(r)) continue;
-      const max = s === RegionState.Zero ? maxZeroRegions : maxRegions;
-      let n = 1;
-      while (r + n < map.count && n < max && states[r + n] === s && !(bad.size > 0 && bad.has(r + n))) n++;
-      return { first: r, count: n, zero: s === RegionState.Zero };
+  /**
+   * The next run to copy: from a missed region, else from the boot profile, else the next
+   * run of adjacent remote (or of zero) regions at or after the cursor.
+   */
+  private nextRun(): { first: number; count: number; zero: boolean; urgent: boolean } | null {
+    for (const r of this.takeUrgent()) {
+      const run = this.runAt(r);
+      if (run) return { ...run, urgent: true };
+    }
+    const count = this.disk.map.count;
+    for (let r = this.cursor; r < count; r++) {
+      const run = this.runAt(r);
+      if (run) return { ...run, urgent: false };
     }
     return null;
+  }
+
+  /** Pops the priority lists, misses first; the caller stops at the first copyable one. */
+  private *takeUrgent(): Generator<number> {
+    while (this.missed.length > 0) {
+      const r = this.missed.shift()!;
+      this.queued.delete(r);
+      yield r;
+    }
+    while (this.plannedAt < this.planned.length) {
+      const r = this.planned[this.plannedAt++]!;
+      this.queued.delete(r);
+      yield r;
+    }
+    if (this.planned.length > 0) {
+      this.planned.length = 0;
+      this.plannedAt = 0;
+    }
+  }
+
+  /** The run of adjacent remote (or zero) regions that starts at r, or null if r has nothing to copy. */
+  private runAt(r: number): { first: number; count: number; zero: boolean } | null {
+    const map = this.disk.map;
+    const states = map.states;
+    const bad = this.disk.failedRegions;
+    const s = states[r];
+    if (s !== RegionState.Remote && s !== RegionState.Zero) return null;
+    if (bad.size > 0 && bad.has(r)) return null;
+    // Zero runs cost no network and no tokens: take up to 1 GiB at once, so a sparse image
+    // is zeroed with a few offloaded commands.
+    const max = s === RegionState.Zero ? Math.max(1, Math.floor(ZERO_RUN_MAX_BYTES / map.regionSize)) : Math.max(1, Math.floor(this.batchLimit() / map.regionSize));
+    let n = 1;
+    while (r + n < map.count && n < max && states[r + n] === s && !(bad.size > 0 && bad.has(r + n))) n++;
+    return { first: r, count: n, zero: s === RegionState.Zero };
   }
 
   /** Under a cap, a batch carries at most a quarter second of it, so pacing stays smooth. */
