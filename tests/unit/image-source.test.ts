@@ -89,7 +89,7 @@ describe('image sources (driver/src/image.ts, swift.ts)', () => {
     assert.equal(image.identity, `image;sha256=${sha256}`);
     assert.equal(image.format, 'qcow2');
     assert.deepEqual(expectedDigest(image, info), { algo: 'sha256', value: sha256 });
-    assert.equal(manifestKey(image, info, 1 << 20), `qcow2;1048576;sha256=${sha256}`);
+    assert.equal(manifestKey(image, info, 1 << 20), `v2;qcow2;1048576;sha256=${sha256}`);
     await assert.rejects(resolveImage({ image_source: 'http://web/x', image_disk_format: 'vmdk' as never }, config()), /disk_format "vmdk"; the DPU serves raw and qcow2 images/);
   });
 });
