@@ -92,7 +92,9 @@ export async function trial(seed: number, opts: { lieAboutSync?: boolean } = {})
     const geo = { diskSize: size, regionSize: REGION, identity: 'torture' };
 
     const target = new VolatileCacheTarget(file, opts);
-    const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40) });
+    // Misses fetch whole regions, or 4 or 16 KiB blocks of them (see StreamingDisk's rules).
+    const missBlockSize = [0, 4096, 16384][int(3)]!;
+    const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40), missBlockSize });
     disk.on('commit-error', () => undefined); // expected after the cut
     const hydrator = new Hydrator(disk, { batchBytes: REGION * (1 + int(4)), concurrency: 1 + int(2) });
     if (rnd() < 0.8) hydrator.start();
@@ -234,10 +236,13 @@ export async function concurrentTrial(seed: number, opts: { lieAboutSync?: boole
     const state = path.join(dir, 'state');
     const source = new FaultySource(image, rnd, rnd() < 0.5 ? 0.1 : 0);
     const geo = { diskSize: size, regionSize: REGION, identity: 'torture' };
-    const manifest = await Manifest.build(new MemorySource(image), { regionSize: REGION });
+    // A v1 manifest (whole regions verified) or a v2 one whose leaves let misses fetch and
+    // verify 4 or 16 KiB blocks; before it arrives, misses fetch unverified blocks or regions.
+    const manifest = await Manifest.build(new MemorySource(image), { regionSize: REGION, leafSize: [null, 4096, 16384][int(3)]! });
+    const missBlockSize = [0, 4096, 16384][int(3)]!;
 
     const target = new VolatileCacheTarget(file, opts);
-    const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40) });
+    const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40), missBlockSize });
     disk.on('commit-error', () => undefined); // expected after the cut
     const hydrator = new Hydrator(disk, { batchBytes: REGION * (1 + int(4)), concurrency: 1 + int(2) });
     hydrator.on('batch-error', () => undefined);

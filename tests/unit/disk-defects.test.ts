@@ -366,6 +366,31 @@ describe('streaming disk defects (issue #12)', () => {
       await stop;
     });
   });
+
+  describe('8. a failed WRITE_ZEROES changes nothing (issue #14)', () => {
+    it('zeroing that straddles two remote regions, the second of which cannot be fetched, leaves the first as it was', async () => {
+      // Found by the concurrent crash torture (seed 20) once misses fetched blocks: the
+      // first region's part was zeroed before the second region's fetch failed, so a
+      // request the host saw fail had changed the disk.
+      const { img, geo, targetFile, state } = setup(4 * R);
+      const src = new ControlledSource(img);
+      disk = new StreamingDisk({ source: src, target: LocalTarget.open(targetFile, { create: false, size: 4 * R }), map: RegionMap.open(state, geo), commitIntervalMs: 60_000, missBlockSize: 0 });
+      const z = disk.writeZeroes(R + R / 2, R, false) as Promise<void>;
+      z.catch(() => undefined);
+      for (let i = 0; i < 2; i++) {
+        const fetch = await src.next();
+        if (fetch.offset === R) src.deliver(fetch);
+        else src.fail(fetch);
+      }
+      await assert.rejects(z, /403/);
+      const got = Buffer.alloc(2 * R);
+      const read = Promise.resolve(disk.read(R, got));
+      const fetch = await src.next(); // region 2, still remote
+      src.deliver(fetch);
+      await read;
+      assert.ok(got.equals(img.subarray(R, 3 * R)), 'both regions read as the image: the failed request wrote no zeros');
+    });
+  });
 });
 
 /** An origin that answers at once; `corruptAt(offset, length)` gives a byte to flip, or -1. */

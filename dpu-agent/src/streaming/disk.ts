@@ -4,10 +4,22 @@
  * local as it goes. See region/region-map.ts for the states and the durability order.
  *
  * Rules, and why:
- *  - A read of a remote region starts one fetch for it (a run of adjacent remote regions
- *    becomes one range request); other reads of the region share that fetch and are
- *    answered from the fetched bytes as soon as they arrive — before the local write and
- *    long before the metadata commit, so the host never waits on our bookkeeping.
+ *  - A read that covers remote regions whole starts one fetch for them (a run of adjacent
+ *    remote regions becomes one range request); other reads of those regions share that
+ *    fetch and are answered from the fetched bytes as soon as they arrive — before the
+ *    local write and long before the metadata commit, so the host never waits on our
+ *    bookkeeping.
+ *  - A read that covers part of a remote region (a miss: what a booting host does, 4–128
+ *    KiB at a time) fetches only the blocks it needs (64 KiB, the manifest's Merkle
+ *    leaves), verifies each against its leaf hash, answers from them, and emits `miss` so
+ *    the hydrator copies the region next. The region stays `remote`: fetched blocks are
+ *    kept in memory (a byte budget, oldest evicted first) and concurrent misses share
+ *    them; when the region is fetched whole, only the blocks not yet here are requested,
+ *    and the whole region is verified and written as before (read-modify-write and the
+ *    durability order do not change). A disk whose manifest is version 1 (no leaves) can
+ *    verify whole regions only, and its misses fetch whole regions. Blocks are dropped
+ *    when their region leaves `remote` (a write claims it, a fetch takes it) and when a
+ *    manifest arrives (blocks fetched before it were not verified).
  *  - While a region is `filling`, writes to it wait: a fetch landing after a host write
  *    would put the image's old bytes over the host's new ones.
  *  - A write covering a whole remote region needs no fetch: it claims the region and its
@@ -56,6 +68,12 @@ export interface StreamingDiskOptions {
   commitIntervalMs?: number;
   /** Regions one foreground miss fetches at most in one range request. @default 8 */
   maxForegroundRun?: number;
+  /**
+   * The block a miss fetches when the disk has no manifest (with one, its leaf size; a
+   * version 1 manifest means whole regions); 0 makes every miss fetch whole regions.
+   * @default 64 KiB
+   */
+  missBlockSize?: number;
   readOnly?: boolean;
   /** Verifies every fetched region and marks zero regions (see setManifest). */
   manifest?: Manifest | null;
@@ -81,6 +99,15 @@ const INTEGRITY_ATTEMPTS = 3;
  * fails every time, while a flaky proxy that corrupts a few answers in a row is ridden out.
  */
 export const REGION_INTEGRITY_LIMIT = 5;
+
+/**
+ * Bytes of miss blocks kept at most (see the rules at the top): a booting host's misses
+ * land in a few dozen regions at a time, which the hydrator copies next.
+ */
+const BLOCK_CACHE_BYTES = 16 << 20;
+
+/** A miss's block when the disk has no manifest to say (one with leaves uses its leaf size). */
+const MISS_BLOCK_BYTES = 64 << 10;
 
 /** Zero runs shorter than this are written (cheaper than starting a zeroing command). */
 const ZERO_OFFLOAD_MIN_BYTES = 32 << 20;
@@ -130,6 +157,16 @@ interface Fill {
   data: Promise<Buffer> | null;
 }
 
+/** The blocks of one remote region fetched for misses (see the rules at the top). */
+class RegionBlocks {
+  /** Block index → its verified bytes (a view of the buffer its fetch filled; never pooled). */
+  readonly have = new Map<number, Buffer>();
+  /** Block index → the fetch bringing it. */
+  readonly pending = new Map<number, Promise<void>>();
+  bytes = 0;
+  constructor(readonly blockSize: number) {}
+}
+
 export interface DiskProgress {
   size: number;
   /** Where the image ends (the disk reads as zeros after it). */
@@ -140,6 +177,10 @@ export interface DiskProgress {
   regionsZero: number;
   bytesFetched: number;
   foregroundFetches: number;
+  /** Host misses answered by fetching only the blocks they needed. */
+  blockMisses: number;
+  /** Bytes those block fetches brought (part of bytesFetched). */
+  blockBytesFetched: number;
   fetchRetries: number;
   fetchFailures: number;
   /** Regions whose fetched bytes did not match the manifest (dropped, re-fetched). */
@@ -185,6 +226,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly fetchBuffers = new BufferRecycler();
   private readonly log: Logger | undefined;
   private readonly maxForegroundRun: number;
+  private readonly missBlockBytes: number;
   private commitRunning: Promise<void> | null = null;
   private commitQueued: Promise<void> | null = null;
   private readonly commitTimer: NodeJS.Timeout;
@@ -202,6 +244,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private verifying: Promise<void> | null = null;
   private failure: DpuError | null = null;
   private closed = false;
+  /** Miss blocks per remote region, oldest first (Map order), and their bytes. */
+  private readonly blocks = new Map<number, RegionBlocks>();
+  private blockBytes = 0;
+  private readonly blockFetches = new Set<Promise<void>>();
+  private blockMisses = 0;
+  private blockBytesFetched = 0;
 
   constructor(opts: StreamingDiskOptions) {
     super();
@@ -212,6 +260,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     this.imageSize = opts.imageSize ?? this.size;
     this.log = opts.log;
     this.maxForegroundRun = opts.maxForegroundRun ?? 8;
+    this.missBlockBytes = opts.missBlockSize ?? MISS_BLOCK_BYTES;
     if (!this.source && !this.map.allLocal) {
       throw new DpuError('DPU_ERR_CONFIG', 'a disk with regions that are not local needs a remote source');
     }
@@ -264,6 +313,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       regionsZero: this.map.zero,
       bytesFetched: s.bytesFetched,
       foregroundFetches: this.fgFetches,
+      blockMisses: this.blockMisses,
+      blockBytesFetched: this.blockBytesFetched,
       fetchRetries: s.retries,
       fetchFailures: s.failures,
       integrityFailures: this.integrityFailures,
@@ -314,6 +365,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${m.size} bytes in ${m.regionSize}-byte regions; this disk has ${this.size} bytes in ${this.map.regionSize}-byte regions`);
     }
     this.manifest = m;
+    // Blocks fetched before were not verified against it (or are another size): drop them.
+    for (const r of [...this.blocks.keys()]) this.dropBlocks(r);
     for (let r = 0; r < this.map.count; r++) {
       if (m.isZero(r) && this.map.state(r) === RegionState.Remote) {
         this.map.set(r, RegionState.Zero);
@@ -399,27 +452,168 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   }
 
   private async readSlow(offset: number, dest: Buffer, first: number, last: number): Promise<void> {
+    const waits: Promise<void>[] = [];
+    try {
+      this.startReads(offset, dest, first, last, waits);
+    } catch (err) {
+      // A part that failed at once (a local pread, say) must not abandon the parts already
+      // started: they still write into `dest`, so the request waits for them too.
+      waits.push(Promise.reject(err));
+    }
+    // Every part settles before the request ends, failed or not (see the rules at the top).
+    await settleAll(waits);
+  }
+
+  /** Starts reading every region of a read that missed; each part's promise goes to `waits`. */
+  private startReads(offset: number, dest: Buffer, first: number, last: number, waits: Promise<void>[]): void {
     const map = this.map;
     const end = offset + dest.length;
-    const waits: Promise<void>[] = [];
+    const covers = (r: number): boolean => offset <= map.regionStart(r) && end >= map.regionStart(r) + map.regionLength(r);
     let r = first;
     while (r <= last) {
-      const s = map.state(r);
-      if (s === RegionState.Remote && !this.badRegions.has(r)) {
-        // Fetch the whole run of adjacent remote regions this read needs in one request.
-        let n = 1;
-        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote && !this.badRegions.has(r + n)) n++;
-        this.fetchRun(r, n, 'foreground').catch(noop); // errors reach us through each region's fill
-      }
       const segStart = Math.max(offset, map.regionStart(r));
       const segEnd = Math.min(end, map.regionStart(r) + map.regionLength(r));
       const part = dest.subarray(segStart - offset, segEnd - offset);
+      const s = map.state(r);
+      if (s === RegionState.Remote && !this.badRegions.has(r)) {
+        if (!covers(r) && this.missBlockSize() !== null) {
+          // A miss: fetch only the blocks asked for, and have the hydrator copy the region next.
+          waits.push(this.readBlocks(r, segStart, part));
+          this.emit('miss', r);
+          r++;
+          continue;
+        }
+        // Fetch the whole run of adjacent remote regions this read needs in one request.
+        let n = 1;
+        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote && !this.badRegions.has(r + n) && (covers(r + n) || this.missBlockSize() === null)) n++;
+        this.fetchRun(r, n, 'foreground').catch(noop); // errors reach us through each region's fill
+      }
       const done = this.readRegion(r, segStart, part);
       if (done) waits.push(done);
       r++;
     }
-    // Every part settles before the request ends, failed or not (see the rules at the top).
-    await settleAll(waits);
+  }
+
+  /** The block a miss fetches, or null when misses must fetch whole regions (a v1 manifest). */
+  private missBlockSize(): number | null {
+    const size = this.manifest ? this.manifest.leafSize : this.missBlockBytes;
+    return size !== null && size > 0 && size < this.map.regionSize ? size : null;
+  }
+
+  /** Whether region r holds blocks fetched for misses (the hydrator fetches it alone). */
+  hasBlocks(r: number): boolean {
+    return this.blocks.has(r);
+  }
+
+  /**
+   * Answers a read of part of remote region r from its blocks, fetching those not yet
+   * here or on their way. `dest` is written only once every block it needs is here, in one
+   * synchronous step. If the region leaves `remote` meanwhile, the read goes the usual way.
+   */
+  private async readBlocks(r: number, pos: number, dest: Buffer): Promise<void> {
+    let integrityFailures = 0;
+    for (;;) {
+      const blockSize = this.missBlockSize();
+      if (this.map.state(r) !== RegionState.Remote || blockSize === null) {
+        await this.readRegion(r, pos, dest);
+        return;
+      }
+      this.assertFetchable(r);
+      let rb = this.blocks.get(r);
+      if (!rb || rb.blockSize !== blockSize) {
+        if (rb) this.dropBlocks(r);
+        rb = new RegionBlocks(blockSize);
+        this.blocks.set(r, rb);
+      }
+      const from = pos - this.map.regionStart(r);
+      const a = Math.floor(from / blockSize);
+      const b = Math.floor((from + dest.length - 1) / blockSize);
+      this.fetchBlocks(r, rb, a, b);
+      const waits: Promise<void>[] = [];
+      for (let i = a; i <= b; i++) if (!rb.have.has(i)) waits.push(rb.pending.get(i)!);
+      try {
+        await Promise.all(waits);
+      } catch (err) {
+        // Blocks that failed verification were dropped: fetch again, a bounded number of times.
+        if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
+        throw err;
+      }
+      let complete = true;
+      for (let i = a; i <= b && complete; i++) complete = rb.have.has(i);
+      if (!complete) continue; // evicted while we waited: rare; fetch again
+      for (let i = a; i <= b; i++) {
+        const block = rb.have.get(i)!;
+        const lo = Math.max(from, i * blockSize);
+        const hi = Math.min(from + dest.length, i * blockSize + block.length);
+        block.copy(dest, lo - from, lo - i * blockSize, hi - i * blockSize);
+      }
+      this.blockMisses++;
+      return;
+    }
+  }
+
+  /** Starts fetches for blocks [a, b] of region r that are neither here nor on their way, a range request per run. */
+  private fetchBlocks(r: number, rb: RegionBlocks, a: number, b: number): void {
+    const source = this.source;
+    if (!source || this.closed) throw new DpuError('DPU_ERR_SOURCE_CLOSED');
+    const regionStart = this.map.regionStart(r);
+    const regionLength = this.map.regionLength(r);
+    const size = rb.blockSize;
+    let i = a;
+    while (i <= b) {
+      if (rb.have.has(i) || rb.pending.has(i)) {
+        i++;
+        continue;
+      }
+      let n = 1;
+      while (i + n <= b && !rb.have.has(i + n) && !rb.pending.has(i + n)) n++;
+      const from = i * size;
+      const buf = Buffer.allocUnsafe(Math.min(n * size, regionLength - from));
+      const firstBlock = i;
+      this.fgFetches++;
+      const fetch = source
+        .read(regionStart + from, buf, { priority: 'foreground' })
+        .then(() => {
+          this.blockBytesFetched += buf.length;
+          const m = this.manifest;
+          if (m && !m.verifyBlocks(r, from, buf)) {
+            throw this.integrityFailed(r, `blocks ${regionStart + from}-${regionStart + from + buf.length - 1} from ${source.description}`);
+          }
+          // Readers that hold `rb` take the bytes even if the region has moved on since
+          // (the read was concurrent with whatever moved it); only a registered `rb` counts.
+          for (let k = 0; k < n; k++) rb.have.set(firstBlock + k, buf.subarray(k * size, Math.min(buf.length, (k + 1) * size)));
+          rb.bytes += buf.length;
+          if (this.blocks.get(r) === rb) {
+            this.blockBytes += buf.length;
+            this.evictBlocks();
+          }
+        })
+        .finally(() => {
+          for (let k = 0; k < n; k++) rb.pending.delete(firstBlock + k);
+          this.blockFetches.delete(fetch);
+          if (--this.fgFetches === 0) this.emit('foreground-idle');
+        });
+      fetch.catch(noop); // readers get the error through `pending`
+      this.blockFetches.add(fetch);
+      for (let k = 0; k < n; k++) rb.pending.set(firstBlock + k, fetch);
+      i += n;
+    }
+  }
+
+  /** Keeps miss blocks within their budget: the oldest regions with nothing in flight go first. */
+  private evictBlocks(): void {
+    for (const [r, rb] of this.blocks) {
+      if (this.blockBytes <= BLOCK_CACHE_BYTES) return;
+      if (rb.pending.size === 0) this.dropBlocks(r);
+    }
+  }
+
+  /** Forgets region r's miss blocks (readers already holding them keep their copy). */
+  private dropBlocks(r: number): void {
+    const rb = this.blocks.get(r);
+    if (!rb) return;
+    this.blocks.delete(r);
+    this.blockBytes -= rb.bytes;
   }
 
   /** Reads part of one region; synchronous when the region is local or zero. */
@@ -485,11 +679,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     if (!source || this.closed) return Promise.reject(new DpuError('DPU_ERR_SOURCE_CLOSED'));
     const map = this.map;
     const start = map.regionStart(first);
+    // A region alone is fetched around the blocks its misses brought; in a longer run they
+    // are dropped (the hydrator fetches regions with blocks alone).
+    const blocks = count === 1 ? this.blocks.get(first) : undefined;
     let total = 0;
     const fills: { data: Deferred<Buffer>; done: Deferred<void>; end: number }[] = [];
     for (let i = 0; i < count; i++) {
       const r = first + i;
       if (map.state(r) !== RegionState.Remote) throw new Error(`fetchRun: region ${r} is not remote`);
+      this.dropBlocks(r);
       total += map.regionLength(r);
       const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total };
       fills.push(f);
@@ -531,8 +729,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       }
     };
     if (priority === 'foreground') this.fgFetches++;
-    return source
-      .read(start, buf, { priority, onProgress: land })
+    const read = blocks ? this.readAroundBlocks(source, start, blocks, buf, priority) : source.read(start, buf, { priority, onProgress: land });
+    return read
       .then(() => {
         land(total);
         // The batch delivered bytes that failed verification: it did not succeed.
@@ -551,6 +749,34 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         if (priority === 'foreground' && --this.fgFetches === 0) this.emit('foreground-idle');
         this.fetchBuffers.give(buf);
       });
+  }
+
+  /**
+   * Fills `buf` with the region at `start`: the blocks misses brought are copied, only the
+   * runs between them are requested. Blocks still on their way are awaited first: fetching
+   * them again would spend the link twice. Every request settles before this does (`buf`
+   * goes back to a pool afterwards). The caller verifies the whole region.
+   */
+  private async readAroundBlocks(source: RemoteSource, start: number, rb: RegionBlocks, buf: Buffer, priority: FetchPriority): Promise<void> {
+    await Promise.allSettled(rb.pending.values());
+    const size = rb.blockSize;
+    const n = Math.ceil(buf.length / size);
+    const gaps: Promise<void>[] = [];
+    let i = 0;
+    while (i < n) {
+      const have = rb.have.get(i);
+      if (have) {
+        have.copy(buf, i * size);
+        i++;
+        continue;
+      }
+      let k = 1;
+      while (i + k < n && !rb.have.has(i + k)) k++;
+      const from = i * size;
+      gaps.push(source.read(start + from, buf.subarray(from, Math.min(buf.length, (i + k) * size)), { priority }));
+      i += k;
+    }
+    await settleAll(gaps);
   }
 
   /** Counts a verification failure of region r; at the limit the region is marked failed. */
@@ -723,6 +949,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           if (whole) {
             const done = deferred<void>();
             claimed.push({ r, was: s, done });
+            this.dropBlocks(r); // the host's bytes replace the image's
             map.set(r, RegionState.Filling);
             this.inflight.set(r, { done: done.promise, data: null });
             break;
@@ -792,6 +1019,17 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const end = offset + length;
     const first = map.regionOf(offset);
     const last = map.regionOf(end - 1);
+    if (mustZero) {
+      // The regions zeroed in part are made local before anything is zeroed: a fetch that
+      // fails then fails the request with the disk unchanged, as the host expects of an
+      // error (only the ends of the range can be partial).
+      for (const r of first === last ? [first] : [first, last]) {
+        const rs = map.regionStart(r);
+        const partial = offset > rs || end < rs + map.regionLength(r);
+        const s = map.state(r);
+        if (partial && (s === RegionState.Remote || s === RegionState.Filling)) await this.makeLocal(r);
+      }
+    }
     for (let r = first; r <= last; r++) {
       const rs = map.regionStart(r);
       const re = rs + map.regionLength(r);
@@ -808,6 +1046,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           if (noHole) {
             this.zeroFill(r); // zeros written over the whole region, which becomes local
           } else {
+            this.dropBlocks(r);
             map.set(r, RegionState.Zero);
             this.emit('region-settled', r);
           }
@@ -932,7 +1171,9 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     // Closing the source aborts in-flight fetches; their regions go back to `remote`.
     await this.source?.close();
     const pending = [...this.inflight.values()].map((f) => f.done.catch(noop));
-    await Promise.all(pending);
+    await Promise.all([...pending, ...[...this.blockFetches].map((f) => f.catch(noop))]);
+    this.blocks.clear();
+    this.blockBytes = 0;
     await this.verifying?.catch(noop);
     if (!this.failure) await this.commit(); // a failed disk keeps the last map written before it failed
     this.map.close();

@@ -362,8 +362,10 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     // Zero runs cost no network and no tokens: take up to 1 GiB at once, so a sparse image
     // is zeroed with a few offloaded commands.
     const max = s === RegionState.Zero ? Math.max(1, Math.floor(ZERO_RUN_MAX_BYTES / map.regionSize)) : Math.max(1, Math.floor(this.batchLimit() / map.regionSize));
+    // A region holding blocks fetched for misses is fetched alone, around those blocks.
+    if (s === RegionState.Remote && this.disk.hasBlocks(r)) return { first: r, count: 1, zero: false };
     let n = 1;
-    while (r + n < map.count && n < max && states[r + n] === s && !(bad.size > 0 && bad.has(r + n))) n++;
+    while (r + n < map.count && n < max && states[r + n] === s && !(bad.size > 0 && bad.has(r + n)) && !(s === RegionState.Remote && this.disk.hasBlocks(r + n))) n++;
     return { first: r, count: n, zero: s === RegionState.Zero };
   }
 
