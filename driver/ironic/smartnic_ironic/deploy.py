@@ -31,6 +31,10 @@ The flow, as deploy steps and a periodic task::
     tear_down
         power off -> DELETE /v1/deployments/{node}?wipe=true -> wait until it
         is gone (bounded by [smartnic]teardown_timeout) -> DELETED
+    take_over (adoption; or another conductor took an ACTIVE node over from
+    one that died: Ironic's _sync_local_state)
+        GET /v1/deployments/{node} -> recorded with its progress, and an entry
+        in the node's history naming both conductors
 
 The conductor holds the node's lock for power and boot-device changes; the
 driver service never touches them. The id of the deployment a deploy asked for
