@@ -13,11 +13,12 @@
  * deploy.prepare, deploy.take_over, then conductor_affinity := survivor. A node the dead
  * conductor left reserved is released first by _check_orphan_nodes.
  *
- * Observed through Ironic's API only: /v1/conductors (the deployer no longer alive), the
- * node's `conductor` field (the survivor), and the node's history, where the interface's
+ * Observed through Ironic's API: /v1/conductors (the deployer no longer alive), the node's
+ * `conductor` field (the survivor), and the node's history, where the interface's
  * take_over records who took the node over from whom (Ironic itself records a successful
- * take-over nowhere visible). Then the survivor keeps showing the copy's progress and
- * undeploys the node: disk wiped, nothing left.
+ * take-over nowhere visible); each conductor's log tells which one did what. Then the
+ * survivor keeps showing the copy's progress and undeploys the node: disk wiped, nothing
+ * left. No timing is asserted: every wait polls, with a generous deadline.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
