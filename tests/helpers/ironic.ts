@@ -8,6 +8,8 @@
  *
  * The `baremetal` CLI (python-ironicclient) is what the tests drive; polling goes through
  * the REST API directly because every CLI start costs about a second.
+ *
+ * ironicCluster runs several conductors on one database instead (JSON-RPC between them).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -70,6 +72,12 @@ export interface IronicSetup {
   conf?: Conf;
   /** A directory put first on Ironic's PATH (e.g. a recording `ipmitool` wrapper). */
   pathPrefix?: string;
+  /**
+   * `all-in-one` (the default): `/usr/bin/ironic`, API and conductor in one process;
+   * `conductor`: `/usr/bin/ironic-conductor` only, on a database that exists already
+   * (`[database]` in `conf`, another server's: no schema is created).
+   */
+  role?: 'all-in-one' | 'conductor';
 }
 
 export interface IronicNode {
@@ -88,6 +96,14 @@ export interface IronicNode {
   [k: string]: unknown;
 }
 
+/** `over` merged over `base`, section by section. */
+function mergeConf(base: Conf, over: Conf = {}): Conf {
+  const conf: Conf = {};
+  for (const [k, v] of Object.entries(base)) conf[k] = { ...v, ...over[k] };
+  for (const [k, v] of Object.entries(over)) if (!conf[k]) conf[k] = { ...v };
+  return conf;
+}
+
 export class IronicServer {
   child: ChildProcess | null = null;
   port = 0;
@@ -100,6 +116,7 @@ export class IronicServer {
     /** The configuration written to confFile. */
     readonly conf: Conf,
     private readonly pathPrefix?: string,
+    readonly role: 'all-in-one' | 'conductor' = 'all-in-one',
   ) {
     this.confFile = path.join(dir, 'ironic.conf');
     this.logFile = path.join(dir, 'ironic.log');
@@ -148,15 +165,14 @@ export class IronicServer {
       ipmi: { min_command_interval: 1, command_retry_timeout: 20 },
       smartnic: { poll_interval: 1, progress_interval: 1, request_timeout: 10 },
     };
-    const conf: Conf = {};
-    for (const [k, v] of Object.entries(base)) conf[k] = { ...v, ...s.conf?.[k] };
-    for (const [k, v] of Object.entries(s.conf ?? {})) if (!conf[k]) conf[k] = { ...v };
-    const srv = new IronicServer(s.dir, s.pluginDir, conf, s.pathPrefix);
+    const conf = mergeConf(base, s.conf);
+    const srv = new IronicServer(s.dir, s.pluginDir, conf, s.pathPrefix, s.role);
     srv.port = port;
     const text = Object.entries(conf)
       .map(([section, opts]) => `[${section}]\n${Object.entries(opts).map(([k, v]) => `${k} = ${String(v)}`).join('\n')}\n`)
       .join('\n');
     fs.writeFileSync(srv.confFile, text);
+    if (srv.role === 'conductor') return srv;
     // `ironic-dbsync upgrade` fails on sqlite; create_schema builds the current schema.
     await run('/usr/bin/ironic-dbsync', ['--config-file', srv.confFile, 'create_schema'], { env: srv.env() });
     return srv;
@@ -184,7 +200,8 @@ export class IronicServer {
 
   async start(timeoutMs = 60_000): Promise<void> {
     const out = fs.openSync(path.join(this.dir, 'ironic.stdout'), 'a');
-    const child = spawn('/usr/bin/ironic', ['--config-file', this.confFile], { env: this.env(), stdio: ['ignore', out, out] });
+    const program = this.role === 'conductor' ? '/usr/bin/ironic-conductor' : '/usr/bin/ironic';
+    const child = spawn(program, ['--config-file', this.confFile], { env: this.env(), stdio: ['ignore', out, out] });
     fs.closeSync(out);
     this.child = child;
     child.on('error', () => undefined);
@@ -198,6 +215,7 @@ export class IronicServer {
         await this.stop();
         throw new Error(`ironic failed to start:\n${this.logTail(40, log)}`);
       }
+      if (this.role === 'conductor' && log.includes('Created RPC server with')) return;
       if (log.includes('Successfully started conductor') && log.includes('wsgi starting up on')) {
         const ok = await fetch(`${this.url}/v1`).then(
           (r) => r.ok,
@@ -213,7 +231,7 @@ export class IronicServer {
     }
   }
 
-  /** SIGTERM (escalated to SIGKILL after 10 s); `SIGKILL` simulates a crash (one process: API and conductor). */
+  /** SIGTERM (escalated to SIGKILL after 10 s); `SIGKILL` simulates a crash (one process: API and conductor, or a conductor). */
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
     const c = this.child;
     this.child = null;
@@ -288,4 +306,40 @@ export class IronicServer {
     }
     throw new Error(`node ${ident} is still "${node.provision_state}" (target ${node.target_provision_state}) after ${timeoutMs} ms, waiting for ${wanted.join('/')}; last_error: ${node.last_error}\n${this.logTail(20)}`);
   }
+}
+
+/**
+ * Ironic with several conductors on one database, as a deployment with more than one
+ * conductor runs: the first of `hosts` is `/usr/bin/ironic` (the API and a conductor, the
+ * database's creator), every other `/usr/bin/ironic-conductor`, each with its files in
+ * `<dir>/<host>/`. The conductors start first, the API's process last, so that its first
+ * hash ring has them all.
+ *
+ * They talk JSON-RPC (`rpc_transport = json-rpc`, noauth): the API reaches a node's
+ * conductor at `http://<its [DEFAULT]host>:<[json_rpc]port>`, the port being the caller's
+ * own setting — one port for every conductor. So on one machine each conductor is named by
+ * a loopback address of its own (`127.0.0.2`…: `[DEFAULT]host` is an opaque string, and
+ * Linux answers on all of 127/8), where its JSON-RPC server listens.
+ */
+export async function ironicCluster(s: IronicSetup, hosts: string[]): Promise<IronicServer[]> {
+  const rpcPort = await freePort();
+  const servers: IronicServer[] = [];
+  for (const host of hosts) {
+    const first = servers[0];
+    const own: Conf = {
+      DEFAULT: { host, rpc_transport: 'json-rpc' },
+      json_rpc: { host_ip: host, port: rpcPort },
+      // The others use the first's database and point their CLIs at its API.
+      ...(first ? { database: first.conf['database']!, api: first.conf['api']! } : {}),
+    };
+    const srv = await IronicServer.create({ ...s, dir: path.join(s.dir, host), conf: mergeConf(s.conf ?? {}, own), role: first ? 'conductor' : 'all-in-one' });
+    servers.push(srv);
+  }
+  try {
+    for (const srv of [...servers.slice(1), servers[0]!]) await srv.start();
+  } catch (err) {
+    for (const srv of servers) await srv.stop();
+    throw err;
+  }
+  return servers;
 }

@@ -269,6 +269,9 @@ describe('Ironic deploys with smartnic-streaming (real Ironic, driver service, a
       await ironic.baremetal('node', 'adopt', 'node-adopt');
       const adopted = await ironic.waitForProvisionState('node-adopt', 'active', 60_000);
       assert.equal(adopted.driver_internal_info['smartnic_deployment'], 'pre-existing');
+      // The node's history says so (baremetal node history list).
+      const events = (await ironic.api<{ history: { event: string; event_type: string }[] }>(`/v1/nodes/${created.uuid}/history?detail=true`)).history;
+      assert.ok(events.some((e) => e.event_type === 'adoption' && /^SmartNIC deployment pre-existing \((ready|complete), [\d.]+% local\) adopted by conductor test-conductor$/.test(e.event)), JSON.stringify(events));
       await ironic.baremetal('node', 'undeploy', 'node-adopt');
       await ironic.waitForProvisionState('node-adopt', 'available', 60_000);
       assert.ok(await noDeployment(created.uuid), 'undeploy removed the adopted deployment');

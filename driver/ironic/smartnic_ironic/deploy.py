@@ -31,6 +31,10 @@ The flow, as deploy steps and a periodic task::
     tear_down
         power off -> DELETE /v1/deployments/{node}?wipe=true -> wait until it
         is gone (bounded by [smartnic]teardown_timeout) -> DELETED
+    take_over (adoption; or another conductor took an ACTIVE node over from
+    one that died: Ironic's _sync_local_state)
+        GET /v1/deployments/{node} -> recorded with its progress, and an entry
+        in the node's history naming both conductors
 
 The conductor holds the node's lock for power and boot-device changes; the
 driver service never touches them. The id of the deployment a deploy asked for
@@ -77,6 +81,7 @@ from ironic.conductor import utils as manager_utils
 from ironic.drivers import base
 from ironic.drivers.modules import boot_mode_utils
 from ironic.drivers.modules import deploy_utils
+from ironic import objects
 
 from smartnic_ironic import client as service_client
 from smartnic_ironic import conf as smartnic_conf
@@ -416,6 +421,27 @@ def cleaning_progress_of(cleaning):
     }
 
 
+def _previous(task):
+    """' from <hostname>' of the conductor a node is taken over from, or ''.
+
+    The node's conductor_affinity (the id of the conductor that deployed or
+    last took it over) still names it while take_over runs: Ironic updates
+    it afterwards. Only for the history entry: a failure to look it up is
+    not the take-over's.
+    """
+    affinity = task.node.conductor_affinity
+    if affinity is None:
+        return ''
+    try:
+        for conductor in objects.Conductor.list(task.context):
+            if conductor.id == affinity:
+                return _(' from %s') % conductor.hostname
+    except Exception as e:
+        LOG.debug('Cannot look up conductor %(id)s: %(err)s',
+                  {'id': affinity, 'err': e})
+    return _(' from conductor id %s') % affinity
+
+
 class SmartNICStreamingDeploy(base.DeployInterface):
     """Deploys by streaming the image to an NVMe disk emulated by the DPU."""
 
@@ -700,13 +726,22 @@ class SmartNICStreamingDeploy(base.DeployInterface):
         instead. A conductor that takes over an ACTIVE node resumes showing
         its progress.
 
+        Either way the node's history (``baremetal node history list``) gets
+        an entry naming this conductor, the one it took the node from and the
+        deployment: Ironic itself records a successful take-over nowhere an
+        operator can see.
+
         :raises: InstanceDeployFailure when adopting a node without a
-            bootable deployment.
+            bootable deployment. Any other error (the service unreachable)
+            propagates: Ironic then leaves the node's conductor affinity as
+            it was and tries again at its next [conductor]
+            sync_local_state_interval.
         """
         node = task.node
         deployment = service_client.DriverServiceClient().get_deployment(
             node.uuid)
-        if node.provision_state == states.ADOPTING:
+        adopting = node.provision_state == states.ADOPTING
+        if adopting:
             if deployment is None or deployment.get('state') not in BOOTABLE:
                 raise exception.InstanceDeployFailure(
                     _('Node %(node)s cannot be adopted by the %(iface)s deploy '
@@ -719,17 +754,32 @@ class SmartNICStreamingDeploy(base.DeployInterface):
                                 % (deployment.get('state'),
                                    deployment.get('last_error')))})
         if deployment is None:
-            LOG.warning('Taking over node %s: the SmartNIC driver service has '
-                        'no deployment of it', node.uuid)
+            event = (_('Taken over by conductor %(host)s%(prev)s; the '
+                       'SmartNIC driver service has no deployment of it')
+                     % {'host': CONF.host, 'prev': _previous(task)})
+            LOG.warning('Node %(node)s: %(event)s',
+                        {'node': node.uuid, 'event': event})
+            manager_utils.node_history_record(node, event=event,
+                                              event_type=states.TAKEOVER)
             return
         node.set_driver_internal_info(DEPLOYMENT_KEY,
                                       deployment.get('deployment_id'))
         node.set_driver_internal_info(PROGRESS_KEY, progress_of(deployment))
         node.save()
-        LOG.info('Took over node %(node)s with SmartNIC deployment %(dep)s '
-                 '(%(state)s)', {'node': node.uuid,
-                                 'dep': deployment.get('deployment_id'),
-                                 'state': deployment.get('state')})
+        event = (_('SmartNIC deployment %(dep)s (%(state)s, %(pct).1f%% '
+                   'local) %(how)s by conductor %(host)s%(prev)s')
+                 % {'dep': deployment.get('deployment_id'),
+                    'state': deployment.get('state'),
+                    'pct': 100 * node.driver_internal_info[PROGRESS_KEY][
+                        'fraction'],
+                    'how': _('adopted') if adopting else _('taken over'),
+                    'host': CONF.host,
+                    'prev': '' if adopting else _previous(task)})
+        LOG.info('Node %(node)s: %(event)s', {'node': node.uuid,
+                                               'event': event})
+        manager_utils.node_history_record(
+            node, event=event,
+            event_type=states.ADOPTION if adopting else states.TAKEOVER)
 
     # ---- periodic tasks ---------------------------------------------------
 

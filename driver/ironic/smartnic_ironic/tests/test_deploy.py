@@ -300,7 +300,7 @@ class TestClient(unittest.TestCase):
 
 
 class TestTakeOver(unittest.TestCase):
-    """Adoption and conductor take-over look the deployment up."""
+    """Adoption and conductor take-over look the deployment up and say so."""
 
     def setUp(self):
         self.iface = deploy.SmartNICStreamingDeploy()
@@ -308,9 +308,31 @@ class TestTakeOver(unittest.TestCase):
                               autospec=True)
         self.client = p.start().return_value
         self.addCleanup(p.stop)
+        p = mock.patch.object(deploy.manager_utils, 'node_history_record',
+                              autospec=True)
+        self.history = p.start()
+        self.addCleanup(p.stop)
+        # objects.Conductor exists once the conductor has registered Ironic's
+        # objects (objects.register_all), which these tests do not.
+        p = mock.patch.object(deploy.objects, 'Conductor', create=True)
+        self.conductors = p.start().list
+        self.addCleanup(p.stop)
+        self.conductors.return_value = [mock.Mock(id=7, hostname='cond-a'),
+                                        mock.Mock(id=8, hostname='cond-b')]
+        CONF.set_override('host', 'cond-b')
+        self.addCleanup(CONF.clear_override, 'host')
 
-    def task(self, state):
-        return mock.Mock(node=FakeNode(GOOD_DI, provision_state=state))
+    def task(self, state, affinity=None):
+        node = FakeNode(GOOD_DI, provision_state=state)
+        node.conductor_affinity = affinity
+        return mock.Mock(node=node)
+
+    def event(self):
+        """The one history entry recorded: (text, event_type)."""
+        self.history.assert_called_once()
+        kw = self.history.call_args.kwargs
+        self.assertNotIn('error', kw)  # an event, not the node's last_error
+        return kw['event'], kw['event_type']
 
     def test_adopting_without_a_deployment_fails_saying_so(self):
         self.client.get_deployment.return_value = None
@@ -322,20 +344,61 @@ class TestTakeOver(unittest.TestCase):
         with self.assertRaisesRegex(exception.InstanceDeployFailure,
                                     'state failed .boom'):
             self.iface.take_over(self.task(states.ADOPTING))
+        self.history.assert_not_called()
 
     def test_adopting_a_served_disk_records_it(self):
         self.client.get_deployment.return_value = {
-            'deployment_id': 'd1', 'state': 'ready', 'progress': {}}
+            'deployment_id': 'd1', 'state': 'ready',
+            'progress': {'fraction': 0.25}}
         task = self.task(states.ADOPTING)
         self.iface.take_over(task)
         self.assertEqual('d1', task.node.driver_internal_info[
             deploy.DEPLOYMENT_KEY])
         self.assertEqual('ready', task.node.driver_internal_info[
             deploy.PROGRESS_KEY]['state'])
+        self.assertEqual(('SmartNIC deployment d1 (ready, 25.0% local) '
+                          'adopted by conductor cond-b', states.ADOPTION),
+                         self.event())
+
+    def test_take_over_of_an_active_node_records_who_took_it_from_whom(self):
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'complete',
+            'progress': {'fraction': 1}}
+        task = self.task(states.ACTIVE, affinity=7)
+        self.iface.take_over(task)
+        self.assertEqual('d1', task.node.driver_internal_info[
+            deploy.DEPLOYMENT_KEY])
+        self.assertEqual('complete', task.node.driver_internal_info[
+            deploy.PROGRESS_KEY]['state'])
+        self.assertEqual(1, task.node.saved)
+        self.assertEqual(('SmartNIC deployment d1 (complete, 100.0% local) '
+                          'taken over by conductor cond-b from cond-a',
+                          states.TAKEOVER), self.event())
 
     def test_take_over_of_an_active_node_without_one_only_warns(self):
         self.client.get_deployment.return_value = None
-        self.iface.take_over(self.task(states.ACTIVE))
+        task = self.task(states.ACTIVE, affinity=7)
+        self.iface.take_over(task)
+        self.assertEqual(0, task.node.saved)
+        text, kind = self.event()
+        self.assertEqual(states.TAKEOVER, kind)
+        self.assertRegex(text, 'cond-b from cond-a; .*no deployment of it')
+
+    def test_a_previous_conductor_that_cannot_be_named_is_given_by_id(self):
+        self.client.get_deployment.return_value = {
+            'deployment_id': 'd1', 'state': 'complete', 'progress': {}}
+        self.conductors.side_effect = RuntimeError('db gone')
+        self.iface.take_over(self.task(states.ACTIVE, affinity=9))
+        self.assertRegex(self.event()[0], 'by conductor cond-b from conductor '
+                         'id 9$')
+
+    def test_an_unreachable_service_fails_the_take_over(self):
+        # Ironic keeps the old affinity and tries again at its next sync.
+        self.client.get_deployment.side_effect = (
+            smartnic_exc.ServiceUnreachable(url='http://x', error='refused'))
+        with self.assertRaises(smartnic_exc.ServiceUnreachable):
+            self.iface.take_over(self.task(states.ACTIVE, affinity=7))
+        self.history.assert_not_called()
 
 
 class TestCleaningClient(unittest.TestCase):
