@@ -566,6 +566,8 @@ interface Deployment extends Started {
   hostDir: string;
   /** performance.now() at deploy start. */
   t0: number;
+  /** Date.now() at deploy start, to place the agent's timestamped events on the run's clock. */
+  t0Wall: number;
   stop(): Promise<void>;
 }
 
@@ -586,9 +588,10 @@ async function deploy(lab: Lab, mode: Mode, img: BenchImage, agentExtra: string[
   try {
     spec.prepare?.(r);
     const t0 = performance.now();
+    const t0Wall = Date.now();
     const s = await spec.start(r);
     return {
-      ...s, mode, socket, hostDir, t0,
+      ...s, mode, socket, hostDir, t0, t0Wall,
       stop: async () => {
         await stopChild(s.child, 10_000);
         remove();
@@ -655,8 +658,10 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number): Prom
     await host.stop();
     let imageLocalS: number | null = d.downloadedAt !== null ? (d.downloadedAt - d.t0) / 1000 : null;
     if (d.agent) {
-      await d.agent.complete(hydrationTimeoutMs(lab, img.size));
-      imageLocalS = (performance.now() - d.t0) / 1000;
+      // When the event was sent, not when it is awaited: over a long boot (the real OS) the
+      // copy ends long before the prompt.
+      const done = await d.agent.complete(hydrationTimeoutMs(lab, img.size));
+      imageLocalS = (Date.parse(String(done['ts'])) - d.t0Wall) / 1000;
     }
     return {
       image: img.kind, link: lab.rate.label, size: img.size, rep, mode,
