@@ -1162,8 +1162,8 @@ function renderRealOsSection(p: RenderCommon & { img: BenchImage; cases: Case[];
   pristine copy, so every boot is a first boot (machine-id, SSH host keys, cloud-init); the
   clock stops at the serial console's \`login:\` prompt (LOGIN_PROMPT).`;
   return `${header(p, SECTION_REAL_OS, img, imageText)}
-- Rates: ${opts.rates.map((r) => rateLabel(r.rate)).join(' and ')}. TCG boots ~10× slower than hardware, so 100 Mbit/s
-  keeps roughly the ratio of boot time to wire time that a real host has on 1 Gbit/s.
+- Rates: ${opts.rates.map((r) => rateLabel(r.rate)).join(' and ')}. TCG boots ~10× slower than hardware, so a
+  100 Mbit/s link keeps roughly the ratio of boot time to wire time a real host has on 1 Gbit/s.
 - The guest's I/O is QEMU's own counters of the NVMe disk (QMP \`query-blockstats\`) at the
   prompt. Streaming's background copy runs during the boot, so what it fetched by the prompt
   is not the boot's working set: the working-set runs below are streaming boots with
