@@ -1,41 +1,60 @@
 /**
  * Deploy modes: how long a bare-metal host takes from "deploy" to a booted OS, and how fast
- * its disk is while and after the image arrives, for the four ways of giving it a disk —
- * on the same emulated link, from the same origin, with the same boot path.
+ * its disk is while and after the image arrives, for the ways of giving it a disk — on the
+ * same emulated link, from the same origin, with the same boot path.
  *
- *   streaming     `dpu-agent stream` from the origin URL; QEMU boots from its export at once
- *                 while the rest of the image is copied in the background.
- *   copy-first    what Ironic's `direct` deploy does: the whole image is downloaded to the
- *                 local disk (curl, then fsync), then QEMU boots from the local copy.
- *   network-only  the host reads the origin for ever: `nbdkit curl` with no cache.
- *   local         the baseline: the image already on the local disk (page cache dropped).
+ *   streaming          `dpu-agent stream` from the origin URL; QEMU boots from its export at
+ *                      once while the rest of the image is copied in the background.
+ *   streaming-profile  (slot) streaming with a learned boot profile, issue #14 part 3: the
+ *                      agent takes no profile yet, so the mode is declared but refused.
+ *   copy-first         what Ironic's `direct` deploy does: the whole image is downloaded to
+ *                      the local disk (curl, then fsync), then QEMU boots from the copy.
+ *   network-only       the host reads the origin for ever: `nbdkit curl` (with the cow
+ *                      filter when the guest writes, so its writes stay on the host).
+ *   local              the baseline: the image already on the local disk (page cache dropped).
+ *
+ * Two images (`--image`):
+ *   debian   (default) the real Debian 12 cloud image of tests/fixtures/make-debian-image.sh
+ *            (GPT, GRUB on an ESP, the cloud kernel, systemd, cloud-init), booted under OVMF
+ *            with a NIC on QEMU's user network; the clock stops at the serial login prompt
+ *            (LOGIN_PROMPT). Rounds at each `--rates` rate (1 Gbit/s, and 100 Mbit/s: TCG
+ *            boots ~10× slower than hardware, so a 10× slower link keeps the ratio of boot
+ *            time to wire time of a real host on 1 Gbit/s), plus per rate one streaming boot
+ *            with no background copy, which measures the boot's read working set.
+ *   busybox  the boot fixture (SYSLINUX, a Debian kernel, a busybox initramfs printing
+ *            SMARTNIC-BOOT-OK) padded to each `--sizes` size: seconds per boot, so it covers
+ *            8 GiB images and the fio part; the goals of issue #7 come from it.
  *
  * Why it is shaped this way:
  * - One boot path for all: every mode ends in an NBD export on a unix socket (the agent's,
  *   or `nbdkit file` / `nbdkit curl`) that QEMU (TCG, q35, NVMe disk) boots from, so the
  *   differences are where the bytes come from and when, never the emulated hardware.
+ * - The modes are one table (MODE_SPECS): an untimed `prepare` (the local copy, page cache
+ *   dropped) and a timed `start` that ends when an export answers. A new mode is an entry.
  * - The origin is nginx-light inside the link's network namespace, so every byte the host
  *   side gets crosses the veth pair shaped by `tc tbf`; nginx sends with sendfile and does
  *   not itself cap the link (a Node origin does near 1 Gbit/s). The veth's rx_bytes is what
  *   crossed the wire, headers included.
  * - The clock starts when the mode starts (agent spawned / curl spawned / nbdkit spawned),
- *   and stops when the boot marker appears on QEMU's serial console. Readiness of an export
+ *   and stops when the marker appears on QEMU's serial console. Readiness of an export
  *   is polled every 10 ms by reading its NBD greeting, without spawning a client, so the
  *   poll adds the same few ms to every mode.
- * - The image is the boot fixture padded with incompressible bytes (bench/lib/
- *   boot-image-padded.ts), built once per size and run, so every mode has the same bytes
- *   to move and none can skip zeros.
- * - Mode order is rotated every rep so slow drifts of the shared machine fall on all modes.
+ * - Every run boots a pristine image: the agent's target, curl's download, a fresh local
+ *   copy (when the guest writes) or a cow overlay are the run's own, so every Debian boot is
+ *   a first boot (machine-id, SSH host keys, cloud-init), the same work in every mode.
+ * - At the marker QEMU's own counters of the disk (QMP query-blockstats) say what the guest
+ *   read and wrote, in how many requests: the same for every mode, or a mode changed the boot.
+ * - Mode order is rotated every round so slow drifts of the shared machine fall on all modes.
  *   QEMU is stopped by PID at the marker in timing runs; files written by a run are deleted
  *   right after it (their dirty pages die with them instead of being written back during
  *   the next run).
- * - I/O runs are separate from timing runs (fio would otherwise slow the boot it measures)
- *   and use the smallest size only: each boots the host, then at the marker runs fio's nbd
- *   engine against the same export. "During" hydration needs a streaming deploy per
- *   workload, because at 1 Gbit/s a 1 GiB image has only a few seconds of hydration left at
- *   the marker; the sequential read starts at the hydration front (what the host has not
- *   got yet). "After" runs drop the page cache of the export's local file first, so they
- *   read the disk like a host whose RAM does not hold its image.
+ * - I/O runs (busybox only) are separate from timing runs (fio would otherwise slow the boot
+ *   it measures) and use the smallest size only: each boots the host, then at the marker
+ *   runs fio's nbd engine against the same export. "During" hydration needs a streaming
+ *   deploy per workload, because at 1 Gbit/s a 1 GiB image has only a few seconds of
+ *   hydration left at the marker; the sequential read starts at the hydration front (what
+ *   the host has not got yet). "After" runs drop the page cache of the export's local file
+ *   first, so they read the disk like a host whose RAM does not hold its image.
  *
  * Run it under the machine's heavy-work lock: `flock /tmp/heavy.lock node dist/bench/deploy-modes.js`.
  */
@@ -48,10 +67,12 @@ import { parseArgs } from 'node:util';
 import type { ChildProcess } from 'node:child_process';
 import { EmulatedLink } from '../lab/netns.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
+import { BOOT_MARKER, buildDebianImage, LOGIN_PROMPT } from '../tests/helpers/boot-image.js';
 import { run } from '../tests/helpers/run.js';
 import { startNginxOrigin } from './lib/nginx-origin.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
-import { startQemuHost } from './lib/boot-qemu.js';
+import { startQemuHost, type BlockStats, type QemuHostOptions } from './lib/boot-qemu.js';
+import { MODES, rateLabel, realOsGoals, roundOrder, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
 import {
   BENCH_FLAGS,
   DOC,
@@ -87,36 +108,60 @@ import {
 } from './lib/common.js';
 
 const SECTION = '## Deploy modes: streaming vs copy-first vs network-only';
+const SECTION_REAL_OS = '## Deploy modes on a real OS: Debian 12 (UEFI) to the login prompt';
 
 // ---------------------------------------------------------------- options
 
 const USAGE = `Usage: node dist/bench/deploy-modes.js [options]   (run it under: flock /tmp/heavy.lock …)
 
-Boots a QEMU host from an NBD disk deployed four ways over one emulated link (streaming,
-copy-first, network-only, local disk) and times deploy → boot marker; then measures the
-booted host's disk with fio during and after hydration (smallest size only).
+Boots a QEMU host from an NBD disk deployed several ways over one emulated link (streaming,
+copy-first, network-only, local disk) and times deploy → the OS is up. With the Debian
+image: to the serial login prompt, at each link rate, and the boot's read working set.
+With the busybox fixture: to its boot marker, per image size, then the booted host's disk
+with fio during and after hydration (smallest size only).
 
-  --sizes LIST      image sizes, e.g. 1G,8G (default 1G,8G; each ≥ 64M, whole MiB)
-  --link RATE       link rate, e.g. 1gbit, 10gbit, 500mbit (default 1gbit)
-  --reps N          timing runs per mode and size; tables show medians (default 3)
-  --io-runtime S    seconds per fio job (default 3)
+  --image NAME      debian (default: the Debian 12 cloud image, UEFI, to the login prompt)
+                    or busybox (the padded boot fixture, to SMARTNIC-BOOT-OK)
+  --rates LIST      link rates, e.g. 1gbit,100mbit (default: debian 1gbit,100mbit;
+                    busybox 1gbit; --quick: the first of the default)
+  --link RATE       one link rate (the same as --rates RATE)
+  --modes LIST      modes in each round, of streaming, copy-first, network-only, local
+                    (default: all four; streaming-profile is reserved for boot profiles)
+  --reps N          rounds per rate (and size); tables show medians (default: debian 5,
+                    busybox 3; --quick 1)
+  --working-set N   debian: streaming boots with no background copy per rate, to measure
+                    the boot's read working set (default 1; 0 skips them)
+  --sizes LIST      busybox: image sizes, e.g. 1G,8G (default 1G,8G; each ≥ 64M, whole MiB)
+  --io-runtime S    busybox: seconds per fio job (default 3)
+  --no-io           busybox: skip the fio part
   --link-index N    emulated link index, 50–57 (default 50)
   --agent-args STR  extra \`dpu-agent stream\` flags for the streaming mode, space-separated
                     (e.g. "--hydrate-connections 1"); shown in the report
-  --no-io           skip the fio part
-  --quick           smoke run: 256M, 1 rep, 2 s fio jobs; docs/ untouched unless --docs
+  --quick           smoke run: 1 round at one rate (busybox: 256M, 2 s fio jobs);
+                    docs/ untouched unless --docs
   --workdir DIR     where images, copies and sockets go (default: a fresh dir in the OS temp dir)
   --keep            keep the work directory
   --docs            update docs/benchmarks.md and the plots even with --quick
   --no-docs         do not touch docs/
   --help`;
 
-interface Options {
-  sizes: number[];
-  linkLabel: string;
+type ImageKind = 'busybox' | 'debian';
+
+interface RateSpec {
+  /** As given: 1gbit, 100mbit. */
+  label: string;
   /** Bytes per second. */
-  linkRate: number;
+  rate: number;
+}
+
+interface Options {
+  image: ImageKind;
+  /** busybox: the padded sizes; debian: empty (the image's own size). */
+  sizes: number[];
+  rates: RateSpec[];
+  modes: Mode[];
   reps: number;
+  workingSet: number;
   ioRuntime: number;
   linkIndex: number;
   agentArgs: string[];
@@ -133,9 +178,13 @@ function parseOptions(argv: string[]): Options {
     strict: true,
     options: {
       ...BENCH_FLAGS,
+      image: { type: 'string' },
       sizes: { type: 'string' },
+      rates: { type: 'string' },
       link: { type: 'string' },
+      modes: { type: 'string' },
       reps: { type: 'string' },
+      'working-set': { type: 'string' },
       'io-runtime': { type: 'string' },
       'link-index': { type: 'string' },
       'agent-args': { type: 'string' },
@@ -145,19 +194,39 @@ function parseOptions(argv: string[]): Options {
   const common = benchFlags(v, USAGE);
   const quick = common.quick;
   const num = (name: string, s: string | undefined, dflt: number): number => positive(name, s, dflt);
-  const linkLabel = v.link ?? '1gbit';
+  const image = (v.image ?? 'debian') as ImageKind;
+  if (image !== 'debian' && image !== 'busybox') throw new Error(`--image "${v.image}" is not debian or busybox`);
+  const debian = image === 'debian';
+  if (debian && (v.sizes !== undefined || v['io-runtime'] !== undefined || v['no-io'] !== undefined)) {
+    throw new Error('--sizes, --io-runtime and --no-io are for --image busybox: the Debian image has its own size and no fio part');
+  }
+  if (v.rates !== undefined && v.link !== undefined) throw new Error('give --rates or --link, not both');
+  const defaultRates = debian ? ['1gbit', '100mbit'] : ['1gbit'];
+  const rateList = (v.rates ?? v.link)?.split(',') ?? (quick ? defaultRates.slice(0, 1) : defaultRates);
+  const rates = [...new Map(rateList.map((s) => s.trim()).map((s) => [s, { label: s, rate: parseRateArg(s, '--rates') }])).values()];
   const linkIndex = Math.round(num('link-index', v['link-index'], 50));
   if (linkIndex < 50 || linkIndex > 57) throw new Error('--link-index must be 50–57 (other indexes belong to other users of lab/netns.ts)');
-  const sizes = (v.sizes ?? (quick ? '256M' : '1G,8G')).split(',').map((s) => parseSize(s));
+  const sizes = debian ? [] : (v.sizes ?? (quick ? '256M' : '1G,8G')).split(',').map((s) => parseSize(s));
+  const modes = (v.modes?.split(',').map((s) => s.trim()) ?? MODES.filter((m) => !MODE_SPECS[m].unavailable)) as Mode[];
+  for (const m of modes) {
+    if (!(MODES as readonly string[]).includes(m)) throw new Error(`--modes: "${m}" is not one of ${MODES.join(', ')}`);
+    const why = MODE_SPECS[m].unavailable;
+    if (why) throw new Error(`--modes: ${m} cannot run yet: ${why}`);
+  }
+  if (!modes.length) throw new Error('--modes: no mode');
+  const workingSet = v['working-set'] === undefined ? 1 : Number(v['working-set']);
+  if (!Number.isInteger(workingSet) || workingSet < 0) throw new Error(`--working-set "${v['working-set']}" is not a whole number ≥ 0`);
   return {
+    image,
     sizes: [...new Set(sizes)].sort((a, b) => a - b),
-    linkLabel,
-    linkRate: parseRateArg(linkLabel, '--link'),
-    reps: Math.round(num('reps', v.reps, quick ? 1 : 3)),
+    rates,
+    modes: [...new Set(modes)],
+    reps: Math.round(num('reps', v.reps, quick ? 1 : debian ? 5 : 3)),
+    workingSet: debian ? workingSet : 0,
     ioRuntime: num('io-runtime', v['io-runtime'], quick ? 2 : 3),
     linkIndex,
     agentArgs: (v['agent-args'] ?? '').split(/\s+/).filter(Boolean),
-    io: v['no-io'] !== true,
+    io: !debian && v['no-io'] !== true,
     ...common,
   };
 }
@@ -169,30 +238,83 @@ function parseSize(s: string): number {
 }
 
 function sizeLabel(n: number): string {
-  return n % GiB === 0 ? `${n / GiB} GiB` : `${n / MiB} MiB`;
+  return n % GiB === 0 ? `${n / GiB} GiB` : n % MiB === 0 ? `${n / MiB} MiB` : fmtBytes(n);
 }
 
-// ---------------------------------------------------------------- modes and records
+// ---------------------------------------------------------------- images
 
-const MODES = ['streaming', 'copy-first', 'network-only', 'local'] as const;
-type Mode = (typeof MODES)[number];
+/** A disk image at the origin, and how a host boots it. */
+interface BenchImage {
+  kind: ImageKind;
+  /** The file nginx serves (never written by a run). */
+  file: string;
+  url: string;
+  size: number;
+  /** Bytes of `file` allocated on disk (the Debian image is sparse; every mode moves `size` bytes). */
+  allocated: number;
+  /** "1 GiB", "Debian 12 cloud (770 MiB)". */
+  label: string;
+  /** What stops the clock, in words. */
+  markerName: string;
+  boot: Omit<QemuHostOptions, 'dir'>;
+  /**
+   * The guest writes to its disk (a real OS: journal, machine-id, SSH host keys, cloud-init's
+   * state). Then network-only gets the cow filter (nbdkit curl alone is read-only) and local
+   * boots a fresh copy, so no run writes the origin's file or sees an earlier run's writes.
+   */
+  guestWrites: boolean;
+}
 
-const MODE_HOW: Record<Mode, string> = {
-  streaming: '`dpu-agent stream --source URL --target FILE --state DIR --listen unix:SOCK` (defaults otherwise)',
-  'copy-first': '`curl -sS --fail -o FILE URL`, fsync, then `nbdkit -f -U SOCK file FILE`',
-  'network-only': '`nbdkit -f -U SOCK curl url=URL` (no cache filter)',
-  local: '`nbdkit -f -U SOCK file IMAGE` on the image already on the local disk, page cache dropped first',
-};
+function busyboxImage(dir: string, base: string, size: number): BenchImage {
+  const name = `boot-${size / MiB}M.raw`;
+  return {
+    kind: 'busybox', file: path.join(dir, name), url: `${base}/${name}`, size, allocated: size, label: sizeLabel(size),
+    markerName: 'boot marker',
+    boot: { marker: BOOT_MARKER, firmware: 'seabios', memoryMiB: 512, timeoutMs: 300_000 },
+    guestWrites: false,
+  };
+}
+
+function debianImage(dir: string, base: string): BenchImage {
+  const name = 'debian12-uefi.raw';
+  return {
+    kind: 'debian', file: path.join(dir, name), url: `${base}/${name}`, size: 0, allocated: 0, label: 'Debian 12 cloud image',
+    markerName: 'login prompt',
+    // Like tests/integration/real-os-boot.test.ts: 1 GiB of RAM, UEFI, a NIC for cloud-init's
+    // DHCP. Under TCG a boot takes 60–100 s, several times that on a busy machine.
+    boot: { marker: LOGIN_PROMPT, firmware: 'ovmf', memoryMiB: 1024, network: true, timeoutMs: 900_000 },
+    guestWrites: true,
+  };
+}
+
+/** Writes the image's file (the Debian one is copied from make-debian-image.sh's cache) and fills in its size. */
+async function buildImage(img: BenchImage, log: (s: string) => void): Promise<void> {
+  const t = performance.now();
+  if (img.kind === 'busybox') {
+    await buildPaddedBootImage(img.file, img.size, { onProgress: (w, n) => w % GiB === 0 && log(`  image ${sizeLabel(img.size)}: ${fmtBytes(w)} / ${fmtBytes(n)}`) });
+  } else {
+    await buildDebianImage(img.file, { boot: 'uefi', log: (l) => log(`  ${l}`) });
+    img.size = fs.statSync(img.file).size;
+    img.label = `Debian 12 cloud image (${sizeLabel(img.size)})`;
+  }
+  img.allocated = fs.statSync(img.file).blocks * 512;
+  log(`  image ${img.label} ready in ${((performance.now() - t) / 1000).toFixed(1)} s (${fmtBytes(img.allocated)} allocated)`);
+}
+
+// ---------------------------------------------------------------- records
 
 interface BootRun {
+  image: ImageKind;
+  /** The link rate's label (1gbit, 100mbit). */
+  link: string;
   size: number;
   rep: number;
   mode: Mode;
-  /** Deploy start → boot marker, seconds. */
+  /** Deploy start → marker (boot marker or login prompt), seconds. */
   toMarkerS: number;
   /** Deploy start → QEMU spawned (export answering), seconds. */
   toQemuS: number;
-  /** QEMU spawned → boot marker, seconds. */
+  /** QEMU spawned → marker, seconds. */
   qemuToMarkerS: number;
   /** Bytes received on the host side of the link from deploy start to the marker. */
   wireAtMarker: number;
@@ -202,11 +324,37 @@ interface BootRun {
   imageLocalS: number | null;
   /** Streaming: fraction of regions local when the marker appeared. */
   hydratedAtMarker: number | null;
+  /** Streaming: the agent's bytes fetched in its last progress line before the marker (lines come every second). */
+  agentFetchedAtMarker: number | null;
   /** CPU seconds (utime+stime) QEMU used from spawn to the marker: the boot's work, whatever the contention. */
   qemuCpuS: number;
   /** Streaming: CPU seconds the agent used from spawn to the marker (it shares the 2 cores with QEMU here). */
   agentCpuS: number | null;
+  /** QEMU's counters of the boot disk at the marker: what the guest read and wrote, in how many requests. */
+  guest: BlockStats | null;
   /** 1-minute load average when the run started (the machine is shared). */
+  load1: number;
+}
+
+/**
+ * A streaming boot with no background copy (`--no-hydrate`): every byte the agent fetched
+ * by the login prompt was asked for by the boot, so the fetched bytes are the boot's read
+ * working set in regions, and QEMU's counters the same working set as the guest asked.
+ */
+interface WorkingSetRun {
+  link: string;
+  rep: number;
+  toMarkerS: number;
+  qemuToMarkerS: number;
+  /** The agent's bytes fetched once QEMU stopped at the marker (its next progress line). */
+  fetched: number;
+  regionsLocal: number;
+  regionsTotal: number;
+  regionSize: number;
+  wireAtMarker: number;
+  guest: BlockStats | null;
+  qemuCpuS: number;
+  agentCpuS: number;
   load1: number;
 }
 
@@ -239,10 +387,8 @@ interface Lab {
   opts: Options;
   dir: string;
   link: EmulatedLink;
-  /** URL of the image of `size` at the origin. */
-  url(size: number): string;
-  image(size: number): string;
-  rx(): number;
+  /** The rate the link is shaped to now. */
+  rate: RateSpec;
   seq: number;
 }
 
@@ -280,18 +426,148 @@ async function waitGreeting(socket: string, child: ChildProcess, name: string, t
   throw new Error(`${name}: no NBD greeting on ${socket} within ${timeoutMs / 1000} s (${last})`);
 }
 
-// ---------------------------------------------------------------- one deployment
+/** Copies `src` to `dst` with every byte written (holes too), fsynced: a disk the image was written to. */
+function denseCopy(src: string, dst: string): void {
+  const buf = Buffer.allocUnsafe(8 * MiB);
+  const i = fs.openSync(src, 'r');
+  const o = fs.openSync(dst, 'w');
+  try {
+    let off = 0;
+    let n: number;
+    while ((n = fs.readSync(i, buf, 0, buf.length, off)) > 0) {
+      fs.writeSync(o, buf, 0, n, off);
+      off += n;
+    }
+    fs.fsyncSync(o);
+  } finally {
+    fs.closeSync(i);
+    fs.closeSync(o);
+  }
+}
 
-interface Deployment {
-  mode: Mode;
+// ---------------------------------------------------------------- the modes
+
+/** One run's deployment as a mode sees it. */
+interface ModeRun {
+  lab: Lab;
+  img: BenchImage;
+  /** Unique per run: names its files. */
+  id: string;
   socket: string;
-  /** performance.now() at deploy start. */
-  t0: number;
+  /** Extra `dpu-agent stream` flags of this run (after --agent-args). */
+  agentExtra: string[];
+  /** Files and directories of the run, deleted when it ends. */
+  files: string[];
+}
+
+/** What a mode's `start` leaves running: the export's process and where its bytes are. */
+interface Started {
+  child: ChildProcess;
+  agent: AgentProcess | null;
   /** The local file the export reads (null for network-only; the agent's target for streaming). */
   localFile: string | null;
-  agent: AgentProcess | null;
-  /** copy-first: when the download was durable. */
+  /** copy-first: performance.now() when the download was durable. */
   downloadedAt: number | null;
+}
+
+interface ModeSpec {
+  /** How the disk is given, for the report. */
+  how(img: BenchImage): string;
+  /** Why the mode cannot run yet; such a mode is left out of the default rounds and refused by --modes. */
+  unavailable?: string;
+  /** Untimed, before the clock starts: what the mode has in place before a deploy begins. */
+  prepare?(r: ModeRun): void;
+  /** Timed from its first line: returns once the export answers its NBD greeting. */
+  start(r: ModeRun): Promise<Started>;
+}
+
+async function startStreaming(r: ModeRun, flags: string[]): Promise<Started> {
+  const target = path.join(r.lab.dir, `${r.id}.target`);
+  const state = path.join(r.lab.dir, `${r.id}.state`);
+  r.files.push(target, state);
+  const agent = new AgentProcess({ source: r.img.url, target, state, socket: r.socket, extra: [...r.lab.opts.agentArgs, ...flags, ...r.agentExtra] });
+  track(agent.child);
+  await waitGreeting(r.socket, agent.child, 'dpu-agent');
+  return { child: agent.child, agent, localFile: target, downloadedAt: null };
+}
+
+async function startNbdkit(r: ModeRun, args: string[], name: string, localFile: string | null, downloadedAt: number | null = null): Promise<Started> {
+  const nbd = spawnTracked('nbdkit', ['-f', '-U', r.socket, ...args]);
+  await waitGreeting(r.socket, nbd.child, name);
+  return { child: nbd.child, agent: null, localFile, downloadedAt };
+}
+
+/** The local disk of the local mode: the origin's file (a guest that never writes), or a fresh copy of it. */
+const localCopy = (r: ModeRun): string => (r.img.guestWrites ? path.join(r.lab.dir, `${r.id}.local.raw`) : r.img.file);
+
+const MODE_SPECS: Record<Mode, ModeSpec> = {
+  streaming: {
+    how: () => '`dpu-agent stream --source URL --target FILE --state DIR --listen unix:SOCK` (defaults otherwise)',
+    start: (r) => startStreaming(r, []),
+  },
+  // The slot for streaming with a learned boot profile (issue #14 part 3). When the agent
+  // takes one: drop `unavailable`, pass its profile flag in `start`, and if the profile is
+  // recorded by an earlier boot of the image, add that boot to `prepare`-like setup (once
+  // per image and rate, before the rounds). The tables, the JSON and the goal row
+  // "Real-OS login with a boot profile ≤ 1.05× local" pick the mode up by its name.
+  'streaming-profile': {
+    unavailable: 'the agent takes no boot profile yet (issue #14 part 3)',
+    how: () => '`dpu-agent stream …` replaying the image\'s boot profile',
+    start: (r) => startStreaming(r, []),
+  },
+  'copy-first': {
+    how: () => '`curl -sS --fail -o FILE URL`, fsync, then `nbdkit -f -U SOCK file FILE`',
+    start: async (r) => {
+      const copy = path.join(r.lab.dir, `${r.id}.raw`);
+      r.files.push(copy);
+      const curl = spawnTracked('curl', ['-sS', '--fail', '-o', copy, r.img.url]);
+      const code = await new Promise<number | null>((resolve) => curl.child.once('exit', (c) => resolve(c)));
+      if (code !== 0) throw new Error(`curl ${r.img.url} failed (${code}): ${curl.stderr()}`);
+      flushFile(copy);
+      const downloadedAt = performance.now();
+      if (fs.statSync(copy).size !== r.img.size) throw new Error(`curl wrote ${fs.statSync(copy).size} bytes, expected ${r.img.size}`);
+      return startNbdkit(r, ['file', copy], 'nbdkit file', copy, downloadedAt);
+    },
+  },
+  'network-only': {
+    how: (img) =>
+      img.guestWrites
+        ? '`nbdkit -f -U SOCK --filter=cow curl url=URL` (reads go to the origin every time; the guest\'s writes stay in the cow overlay)'
+        : '`nbdkit -f -U SOCK curl url=URL` (no cache filter)',
+    // nbdkit curl alone is read-only, and a real OS that cannot write its root file system
+    // does not reach multi-user; the cow filter keeps the writes without caching reads.
+    start: (r) => startNbdkit(r, [...(r.img.guestWrites ? ['--filter=cow'] : []), 'curl', `url=${r.img.url}`, 'timeout=60'], 'nbdkit curl', null),
+  },
+  local: {
+    how: (img) =>
+      img.guestWrites
+        ? '`nbdkit -f -U SOCK file COPY` on a fresh copy of the image on the local disk (every byte written, fsynced, page cache dropped; made before the clock starts)'
+        : '`nbdkit -f -U SOCK file IMAGE` on the image already on the local disk, page cache dropped first',
+    prepare: (r) => {
+      const file = localCopy(r);
+      if (file !== r.img.file) {
+        r.files.push(file);
+        denseCopy(r.img.file, file);
+      }
+      // The baseline boots from a disk, not from RAM: the image's cached pages go first.
+      flushFile(file);
+      dropFileCache(file);
+    },
+    start: (r) => startNbdkit(r, ['file', localCopy(r)], 'nbdkit file', localCopy(r)),
+  },
+};
+
+// ---------------------------------------------------------------- one deployment
+
+interface Deployment extends Started {
+  mode: Mode;
+  socket: string;
+  /** Per-boot files of the host (QMP socket, OVMF's variable store). */
+  hostDir: string;
+  /** performance.now() at deploy start. */
+  t0: number;
+  /** Date.now() at deploy start, to place the agent's timestamped events on the run's clock. */
+  t0Wall: number;
   stop(): Promise<void>;
 }
 
@@ -299,62 +575,36 @@ function nbdUri(socket: string): string {
   return `nbd+unix:///?socket=${socket}`;
 }
 
-async function deploy(lab: Lab, mode: Mode, size: number): Promise<Deployment> {
+async function deploy(lab: Lab, mode: Mode, img: BenchImage, agentExtra: string[] = []): Promise<Deployment> {
   const id = `${mode}-${++lab.seq}`;
   const socket = path.join(lab.dir, `${id}.sock`);
-  const files: string[] = [socket];
+  const hostDir = path.join(lab.dir, `${id}.host`);
+  fs.mkdirSync(hostDir);
+  const r: ModeRun = { lab, img, id, socket, agentExtra, files: [socket, hostDir] };
   const remove = (): void => {
-    for (const f of files) fs.rmSync(f, { recursive: true, force: true });
+    for (const f of r.files) fs.rmSync(f, { recursive: true, force: true });
   };
-  const url = lab.url(size);
-
-  if (mode === 'local') {
-    // The baseline boots from a disk, not from RAM: the image's cached pages go first.
-    flushFile(lab.image(size));
-    dropFileCache(lab.image(size));
+  const spec = MODE_SPECS[mode];
+  try {
+    spec.prepare?.(r);
+    const t0 = performance.now();
+    const t0Wall = Date.now();
+    const s = await spec.start(r);
+    return {
+      ...s, mode, socket, hostDir, t0, t0Wall,
+      stop: async () => {
+        await stopChild(s.child, 10_000);
+        remove();
+      },
+    };
+  } catch (err) {
+    remove();
+    throw err;
   }
+}
 
-  const t0 = performance.now();
-  switch (mode) {
-    case 'streaming': {
-      const target = path.join(lab.dir, `${id}.target`);
-      const state = path.join(lab.dir, `${id}.state`);
-      files.push(target, state);
-      const agent = new AgentProcess({ source: url, target, state, socket, extra: lab.opts.agentArgs });
-      track(agent.child);
-      await waitGreeting(socket, agent.child, 'dpu-agent');
-      return {
-        mode, socket, t0, localFile: target, agent, downloadedAt: null,
-        stop: async () => {
-          await stopChild(agent.child, 10_000);
-          remove();
-        },
-      };
-    }
-    case 'copy-first': {
-      const copy = path.join(lab.dir, `${id}.raw`);
-      files.push(copy);
-      const curl = spawnTracked('curl', ['-sS', '--fail', '-o', copy, url]);
-      const code = await new Promise<number | null>((resolve) => curl.child.once('exit', (c) => resolve(c)));
-      if (code !== 0) throw new Error(`curl ${url} failed (${code}): ${curl.stderr()}`);
-      flushFile(copy);
-      const downloadedAt = performance.now();
-      if (fs.statSync(copy).size !== size) throw new Error(`curl wrote ${fs.statSync(copy).size} bytes, expected ${size}`);
-      const nbd = spawnTracked('nbdkit', ['-f', '-U', socket, 'file', copy]);
-      await waitGreeting(socket, nbd.child, 'nbdkit file');
-      return { mode, socket, t0, localFile: copy, agent: null, downloadedAt, stop: async () => { await stopChild(nbd.child); remove(); } };
-    }
-    case 'network-only': {
-      const nbd = spawnTracked('nbdkit', ['-f', '-U', socket, 'curl', `url=${url}`, 'timeout=60']);
-      await waitGreeting(socket, nbd.child, 'nbdkit curl');
-      return { mode, socket, t0, localFile: null, agent: null, downloadedAt: null, stop: async () => { await stopChild(nbd.child); remove(); } };
-    }
-    case 'local': {
-      const nbd = spawnTracked('nbdkit', ['-f', '-U', socket, 'file', lab.image(size)]);
-      await waitGreeting(socket, nbd.child, 'nbdkit file');
-      return { mode, socket, t0, localFile: lab.image(size), agent: null, downloadedAt: null, stop: async () => { await stopChild(nbd.child); remove(); } };
-    }
-  }
+function startHost(d: Deployment, img: BenchImage): ReturnType<typeof startQemuHost> {
+  return startQemuHost(d.socket, { dir: d.hostDir, ...img.boot });
 }
 
 function hydrated(agent: AgentProcess | null): number | null {
@@ -366,9 +616,24 @@ function hydrated(agent: AgentProcess | null): number | null {
   return typeof local === 'number' && typeof total === 'number' && total > 0 ? local / total : null;
 }
 
+function fetchedSoFar(agent: AgentProcess | null): number | null {
+  const b = agent?.latestProgress()?.['bytesFetched'];
+  return typeof b === 'number' ? b : null;
+}
+
 /** Generous: the image at a quarter of the link rate, plus two minutes. */
 function hydrationTimeoutMs(lab: Lab, size: number): number {
-  return (size / lab.opts.linkRate) * 4000 + 120_000;
+  return (size / lab.rate.rate) * 4000 + 120_000;
+}
+
+/** QEMU's disk counters, or null (and a warning) when QMP does not answer: a missing figure must not lose the run. */
+async function guestStats(host: ReturnType<typeof startQemuHost>): Promise<BlockStats | null> {
+  try {
+    return await host.blockStats();
+  } catch (err) {
+    console.error(`    (QMP query-blockstats failed: ${(err as Error).message})`);
+    return null;
+  }
 }
 
 // ---------------------------------------------------------------- timing run
@@ -377,25 +642,29 @@ function load1(): number {
   return Number(fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
 }
 
-async function bootRun(lab: Lab, mode: Mode, size: number, rep: number): Promise<BootRun> {
+async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number): Promise<BootRun> {
   const load = load1();
   const rx0 = lab.link.rxBytes();
-  const d = await deploy(lab, mode, size);
+  const d = await deploy(lab, mode, img);
   try {
-    const host = startQemuHost(d.socket, { timeoutMs: 300_000 });
+    const host = startHost(d, img);
     const markerAt = await host.marker;
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
+    const agentFetchedAtMarker = fetchedSoFar(d.agent);
     const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
     const agentCpuS = d.agent ? cpuSeconds(d.agent.child.pid!, 'dpu-agent') : null;
+    const guest = await guestStats(host);
     await host.stop();
     let imageLocalS: number | null = d.downloadedAt !== null ? (d.downloadedAt - d.t0) / 1000 : null;
     if (d.agent) {
-      await d.agent.complete(hydrationTimeoutMs(lab, size));
-      imageLocalS = (performance.now() - d.t0) / 1000;
+      // When the event was sent, not when it is awaited: over a long boot (the real OS) the
+      // copy ends long before the prompt.
+      const done = await d.agent.complete(hydrationTimeoutMs(lab, img.size));
+      imageLocalS = (Date.parse(String(done['ts'])) - d.t0Wall) / 1000;
     }
     return {
-      size, rep, mode,
+      image: img.kind, link: lab.rate.label, size: img.size, rep, mode,
       toMarkerS: (markerAt - d.t0) / 1000,
       toQemuS: (host.startedAt - d.t0) / 1000,
       qemuToMarkerS: (markerAt - host.startedAt) / 1000,
@@ -403,6 +672,43 @@ async function bootRun(lab: Lab, mode: Mode, size: number, rep: number): Promise
       wireTotal: lab.link.rxBytes() - rx0,
       imageLocalS,
       hydratedAtMarker,
+      agentFetchedAtMarker,
+      qemuCpuS,
+      agentCpuS,
+      guest,
+      load1: load,
+    };
+  } finally {
+    await d.stop();
+  }
+}
+
+async function workingSetRun(lab: Lab, img: BenchImage, rep: number): Promise<WorkingSetRun> {
+  const load = load1();
+  const rx0 = lab.link.rxBytes();
+  const d = await deploy(lab, 'streaming', img, ['--no-hydrate']);
+  try {
+    const host = startHost(d, img);
+    const markerAt = await host.marker;
+    const wireAtMarker = lab.link.rxBytes() - rx0;
+    const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
+    const agentCpuS = cpuSeconds(d.agent!.child.pid!, 'dpu-agent');
+    const guest = await guestStats(host);
+    await host.stop();
+    // With no background copy and no host, nothing more is fetched: the agent's next
+    // progress line (one a second) holds the boot's total.
+    const stoppedAt = Date.now();
+    const p = await d.agent!.waitFor((e) => e.event === 'progress' && Date.parse(String(e['ts'])) > stoppedAt, 5000);
+    return {
+      link: lab.rate.label, rep,
+      toMarkerS: (markerAt - d.t0) / 1000,
+      qemuToMarkerS: (markerAt - host.startedAt) / 1000,
+      fetched: p['bytesFetched'] as number,
+      regionsLocal: p['regionsLocal'] as number,
+      regionsTotal: p['regionsTotal'] as number,
+      regionSize: p['regionSize'] as number,
+      wireAtMarker,
+      guest,
       qemuCpuS,
       agentCpuS,
       load1: load,
@@ -433,9 +739,9 @@ async function runFio(uri: string, job: IoJob, runtimeS: number, offset: number)
  * Deploys and starts the host; unless `waitMarker` is false, returns once the host has
  * booted (it is still up, or powering off). `marker` resolves when the boot marker appears.
  */
-async function bootedDeployment(lab: Lab, mode: Mode, size: number, waitMarker = true): Promise<{ d: Deployment; marker: Promise<number>; stopHost: () => Promise<void> }> {
-  const d = await deploy(lab, mode, size);
-  const host = startQemuHost(d.socket, { timeoutMs: 300_000 });
+async function bootedDeployment(lab: Lab, mode: Mode, img: BenchImage, waitMarker = true): Promise<{ d: Deployment; marker: Promise<number>; stopHost: () => Promise<void> }> {
+  const d = await deploy(lab, mode, img);
+  const host = startHost(d, img);
   try {
     if (waitMarker) await host.marker;
   } catch (err) {
@@ -464,8 +770,9 @@ async function ioJob(lab: Lab, d: Deployment, phase: IoPhase, job: IoJob, size: 
   return run;
 }
 
-async function ioRuns(lab: Lab, size: number, rep: number, order: Mode[]): Promise<IoRun[]> {
+async function ioRuns(lab: Lab, img: BenchImage, rep: number, order: Mode[]): Promise<IoRun[]> {
   const out: IoRun[] = [];
+  const size = img.size;
   for (const mode of order) {
     if (mode === 'streaming') {
       // One deployment per "during" job, each started as soon as the export answers, while
@@ -473,7 +780,7 @@ async function ioRuns(lab: Lab, size: number, rep: number, order: Mode[]): Promi
       // measuring from the marker would leave too little of the hydration to measure. The
       // last deployment is then left to finish hydrating for the "after" jobs.
       for (const [i, job] of IO_JOBS.entries()) {
-        const { d, marker, stopHost } = await bootedDeployment(lab, mode, size, false);
+        const { d, marker, stopHost } = await bootedDeployment(lab, mode, img, false);
         try {
           out.push(await ioJob(lab, d, 'during', job, size, rep));
           await marker; // the host must still have booted, with fio reading beside it
@@ -491,7 +798,7 @@ async function ioRuns(lab: Lab, size: number, rep: number, order: Mode[]): Promi
       }
       continue;
     }
-    const { d, stopHost } = await bootedDeployment(lab, mode, size);
+    const { d, stopHost } = await bootedDeployment(lab, mode, img);
     try {
       if (d.localFile) {
         flushFile(d.localFile);
@@ -516,32 +823,50 @@ interface ModeMedians {
   wireTotal: number;
   imageLocalS: number | null;
   hydratedAtMarker: number | null;
+  agentFetchedAtMarker: number | null;
   qemuCpuS: number;
   agentCpuS: number | null;
+  guestReadBytes: number | null;
+  guestReadOps: number | null;
+  guestWriteBytes: number | null;
   runs: number[];
 }
 
-function medians(runs: BootRun[], size: number): Record<Mode, ModeMedians> {
-  const out = {} as Record<Mode, ModeMedians>;
-  for (const mode of MODES) {
-    const rs = runs.filter((r) => r.size === size && r.mode === mode);
-    const m = (f: (r: BootRun) => number): number => median(rs.map(f));
-    const mn = (f: (r: BootRun) => number | null): number | null => (rs.some((r) => f(r) !== null) ? median(rs.map((r) => f(r) ?? NaN)) : null);
-    out[mode] = {
-      toMarkerS: m((r) => r.toMarkerS),
-      toQemuS: m((r) => r.toQemuS),
-      qemuToMarkerS: m((r) => r.qemuToMarkerS),
-      wireAtMarker: m((r) => r.wireAtMarker),
-      wireTotal: m((r) => r.wireTotal),
+/** One table's worth: a link rate and an image size. */
+interface Case {
+  link: RateSpec;
+  size: number;
+  m: Partial<Record<Mode, ModeMedians>>;
+}
+
+function medians(opts: Options, runs: BootRun[], link: RateSpec, size: number): Case {
+  const m: Case['m'] = {};
+  for (const mode of opts.modes) {
+    const rs = runs.filter((r) => r.size === size && r.link === link.label && r.mode === mode);
+    if (!rs.length) continue;
+    const md = (f: (r: BootRun) => number): number => median(rs.map(f));
+    const mn = (f: (r: BootRun) => number | null | undefined): number | null => (rs.some((r) => f(r) != null) ? median(rs.map((r) => f(r) ?? NaN)) : null);
+    m[mode] = {
+      toMarkerS: md((r) => r.toMarkerS),
+      toQemuS: md((r) => r.toQemuS),
+      qemuToMarkerS: md((r) => r.qemuToMarkerS),
+      wireAtMarker: md((r) => r.wireAtMarker),
+      wireTotal: md((r) => r.wireTotal),
       imageLocalS: mn((r) => r.imageLocalS),
       hydratedAtMarker: mn((r) => r.hydratedAtMarker),
-      qemuCpuS: m((r) => r.qemuCpuS),
+      agentFetchedAtMarker: mn((r) => r.agentFetchedAtMarker),
+      qemuCpuS: md((r) => r.qemuCpuS),
       agentCpuS: mn((r) => r.agentCpuS),
+      guestReadBytes: mn((r) => r.guest?.readBytes),
+      guestReadOps: mn((r) => r.guest?.readOps),
+      guestWriteBytes: mn((r) => r.guest?.writeBytes),
       runs: rs.map((r) => r.toMarkerS),
     };
   }
-  return out;
+  return { link, size, m };
 }
+
+const toMarker = (c: Case, mode: Mode): number => c.m[mode]?.toMarkerS ?? NaN;
 
 interface IoMedian {
   mode: Mode;
@@ -560,8 +885,8 @@ const IO_ROWS: [Mode, IoPhase][] = [
   ['local', 'after'],
 ];
 
-function ioMedians(runs: IoRun[]): IoMedian[] {
-  return IO_ROWS.map(([mode, phase]) => {
+function ioMedians(opts: Options, runs: IoRun[]): IoMedian[] {
+  return IO_ROWS.filter(([mode]) => opts.modes.includes(mode)).map(([mode, phase]) => {
     const rs = (id: IoJob['id']): IoRun[] => runs.filter((r) => r.mode === mode && r.phase === phase && r.job === id);
     const hydration: IoMedian['hydration'] = {};
     if (phase === 'during') {
@@ -576,47 +901,94 @@ function ioMedians(runs: IoRun[]): IoMedian[] {
   });
 }
 
+/** Issue #7's goals, from the busybox runs (read by bench/summary.ts). */
 interface Goals {
   copyFirstOverStreaming: { size: number; link: string; ratio: number; goal: number; met: boolean; note?: string } | null;
-  streamingOverLocal: { size: number; ratio: number; goal: number; met: boolean }[];
+  streamingOverLocal: { size: number; link: string; ratio: number; goal: number; met: boolean }[];
 }
 
-function goals(opts: Options, med: Map<number, Record<Mode, ModeMedians>>): Goals {
-  const largest = Math.max(...med.keys());
-  const at = med.get(8 * GiB) ? 8 * GiB : largest;
-  const m = med.get(at);
-  const r = m ? m['copy-first'].toMarkerS / m.streaming.toMarkerS : NaN;
+function goals(cases: Case[]): Goals {
+  // The copy-first goal is stated for 8 GiB at 1 Gbit/s: that case if it ran, else the
+  // largest image at the rate nearest 1 Gbit/s, with a note.
+  const byFit = [...cases].sort((a, b) => Math.abs(a.link.rate - 125e6) - Math.abs(b.link.rate - 125e6) || b.size - a.size);
+  const c = byFit.find((x) => x.size === 8 * GiB && Math.abs(x.link.rate - 125e6) <= 1) ?? byFit[0];
   const notes: string[] = [];
-  if (at !== 8 * GiB) notes.push(`no 8 GiB run: figure for ${sizeLabel(at)}`);
-  if (Math.abs(opts.linkRate - 125e6) > 1) notes.push(`link is ${opts.linkLabel}, the goal is stated for 1gbit`);
+  if (c && c.size !== 8 * GiB) notes.push(`no 8 GiB run: figure for ${sizeLabel(c.size)}`);
+  if (c && Math.abs(c.link.rate - 125e6) > 1) notes.push(`link is ${c.link.label}, the goal is stated for 1gbit`);
+  const r = c ? toMarker(c, 'copy-first') / toMarker(c, 'streaming') : NaN;
   return {
-    copyFirstOverStreaming: m ? { size: at, link: opts.linkLabel, ratio: r, goal: 10, met: r >= 10, ...(notes.length ? { note: notes.join('; ') } : {}) } : null,
-    streamingOverLocal: [...med.entries()].map(([size, mm]) => {
-      const q = mm.streaming.toMarkerS / mm.local.toMarkerS;
-      return { size, ratio: q, goal: 1.05, met: q <= 1.05 };
-    }),
+    copyFirstOverStreaming: c && Number.isFinite(r) ? { size: c.size, link: c.link.label, ratio: r, goal: 10, met: r >= 10, ...(notes.length ? { note: notes.join('; ') } : {}) } : null,
+    streamingOverLocal: cases
+      .map((x) => ({ size: x.size, link: x.link.label, ratio: toMarker(x, 'streaming') / toMarker(x, 'local'), goal: 1.05, met: false }))
+      .filter((x) => Number.isFinite(x.ratio))
+      .map((x) => ({ ...x, met: x.ratio <= 1.05 })),
   };
+}
+
+interface WorkingSetMedian {
+  link: string;
+  runs: number;
+  toMarkerS: number;
+  fetched: number;
+  regionsLocal: number;
+  regionSize: number;
+  wireAtMarker: number;
+  guestReadBytes: number | null;
+  guestReadOps: number | null;
+  guestWriteBytes: number | null;
+  guestWriteOps: number | null;
+}
+
+function workingSetMedians(opts: Options, runs: WorkingSetRun[]): WorkingSetMedian[] {
+  return opts.rates
+    .map((link) => runs.filter((r) => r.link === link.label))
+    .filter((rs) => rs.length)
+    .map((rs) => {
+      const mn = (f: (r: WorkingSetRun) => number | undefined): number | null => (rs.some((r) => f(r) !== undefined) ? median(rs.map((r) => f(r) ?? NaN)) : null);
+      return {
+        link: rs[0]!.link,
+        runs: rs.length,
+        toMarkerS: median(rs.map((r) => r.toMarkerS)),
+        fetched: median(rs.map((r) => r.fetched)),
+        regionsLocal: median(rs.map((r) => r.regionsLocal)),
+        regionSize: rs[0]!.regionSize,
+        wireAtMarker: median(rs.map((r) => r.wireAtMarker)),
+        guestReadBytes: mn((r) => r.guest?.readBytes),
+        guestReadOps: mn((r) => r.guest?.readOps),
+        guestWriteBytes: mn((r) => r.guest?.writeBytes),
+        guestWriteOps: mn((r) => r.guest?.writeOps),
+      };
+    });
 }
 
 // ---------------------------------------------------------------- rendering
 
 const s1 = (x: number | null): string => (x === null || !Number.isFinite(x) ? '–' : x.toFixed(x >= 100 ? 0 : 1));
 const s2 = (x: number): string => (Number.isFinite(x) ? x.toFixed(2) : '–');
+const caseLabel = (opts: Options, c: Case, img: string): string => (opts.rates.length > 1 ? `${img}, ${rateLabel(c.link.rate)}` : img);
 
-function renderBootTable(m: Record<Mode, ModeMedians>): string {
+function renderBootTable(opts: Options, c: Case, markerName: string, realOs: boolean): string {
+  const modes = opts.modes.filter((mode) => c.m[mode]);
+  const guest = (x: ModeMedians): string =>
+    x.guestReadBytes === null ? '–' : `${fmtBytes(x.guestReadBytes)} in ${fmtNum(x.guestReadOps ?? NaN, 0)} reads; wrote ${fmtBytes(x.guestWriteBytes ?? NaN)}`;
   return markdownTable(
-    ['mode', 'deploy → boot marker (s)', 'deploy → QEMU start (s)', 'QEMU start → marker (s)', 'QEMU CPU until the marker (s)', '× local', 'on the wire until the marker', 'on the wire in total', 'deploy → image all local (s)', 'every run (s)'],
-    ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l'],
-    MODES.map((mode) => {
-      const x = m[mode];
-      const hyd = x.hydratedAtMarker !== null ? ` (${(x.hydratedAtMarker * 100).toFixed(0)}% local at the marker)` : '';
+    [
+      'mode', `deploy → ${markerName} (s)`, 'deploy → QEMU start (s)', `QEMU start → ${markerName} (s)`, `QEMU CPU until the ${markerName} (s)`, '× local',
+      ...(realOs ? ['× network-only', `guest I/O until the ${markerName} (QEMU's counters)`] : []),
+      `on the wire until the ${markerName}`, 'on the wire in total', 'deploy → image all local (s)', 'every run (s)',
+    ],
+    ['l', 'r', 'r', 'r', 'r', 'r', ...(realOs ? (['r', 'l'] as const) : []), 'r', 'r', 'r', 'l'],
+    modes.map((mode) => {
+      const x = c.m[mode]!;
+      const hyd = x.hydratedAtMarker !== null ? ` (${(x.hydratedAtMarker * 100).toFixed(0)}% local at the ${markerName})` : '';
       return [
         `${mode}`,
         `**${s2(x.toMarkerS)}**`,
         s2(x.toQemuS),
         s2(x.qemuToMarkerS),
         s2(x.qemuCpuS),
-        ratio(x.toMarkerS, m.local.toMarkerS),
+        ratio(x.toMarkerS, toMarker(c, 'local')),
+        ...(realOs ? [ratio(x.toMarkerS, toMarker(c, 'network-only')), guest(x)] : []),
         fmtBytes(x.wireAtMarker) + hyd,
         mode === 'network-only' ? `${fmtBytes(x.wireTotal)} (and every later read)` : fmtBytes(x.wireTotal),
         mode === 'network-only' ? 'never' : mode === 'local' ? '0 (already)' : s1(x.imageLocalS),
@@ -626,23 +998,23 @@ function renderBootTable(m: Record<Mode, ModeMedians>): string {
   );
 }
 
-function renderRatios(opts: Options, med: Map<number, Record<Mode, ModeMedians>>, g: Goals): string {
-  const rows = [...med.entries()].map(([size, m]) => [
-    sizeLabel(size),
-    `**${ratio(m['copy-first'].toMarkerS, m.streaming.toMarkerS)}**`,
-    `**${ratio(m.streaming.toMarkerS, m.local.toMarkerS)}**`,
-    ratio(m['network-only'].toMarkerS, m.local.toMarkerS),
-    ratio(m['copy-first'].toMarkerS, m.local.toMarkerS),
+function renderRatios(opts: Options, cases: Case[], g: Goals): string {
+  const rows = cases.map((c) => [
+    caseLabel(opts, c, sizeLabel(c.size)),
+    `**${ratio(toMarker(c, 'copy-first'), toMarker(c, 'streaming'))}**`,
+    `**${ratio(toMarker(c, 'streaming'), toMarker(c, 'local'))}**`,
+    ratio(toMarker(c, 'network-only'), toMarker(c, 'local')),
+    ratio(toMarker(c, 'copy-first'), toMarker(c, 'local')),
   ]);
-  const c = g.copyFirstOverStreaming;
+  const cf = g.copyFirstOverStreaming;
   const lines = [
     markdownTable(['image', 'copy-first / streaming', 'streaming / local', 'network-only / local', 'copy-first / local'], ['l', 'r', 'r', 'r', 'r'], rows),
     '',
     'Goals (issue #7):',
     '',
   ];
-  if (c) lines.push(`- copy-first ≥ 10× slower than streaming to the boot marker, ${sizeLabel(c.size)} at ${opts.linkLabel}: **${c.ratio.toFixed(2)}× — ${c.met ? 'met' : 'missed'}**${c.note ? ` (${c.note})` : ''}.`);
-  for (const s of g.streamingOverLocal) lines.push(`- streaming ≤ 1.05× a local-disk boot, ${sizeLabel(s.size)}: **${s.ratio.toFixed(3)}× — ${s.met ? 'met' : 'missed'}**.`);
+  if (cf) lines.push(`- copy-first ≥ 10× slower than streaming to the boot marker, ${sizeLabel(cf.size)} at ${cf.link}: **${cf.ratio.toFixed(2)}× — ${cf.met ? 'met' : 'missed'}**${cf.note ? ` (${cf.note})` : ''}.`);
+  for (const s of g.streamingOverLocal) lines.push(`- streaming ≤ 1.05× a local-disk boot, ${sizeLabel(s.size)}${opts.rates.length > 1 ? ` at ${s.link}` : ''}: **${s.ratio.toFixed(3)}× — ${s.met ? 'met' : 'missed'}**.`);
   return lines.join('\n');
 }
 
@@ -660,12 +1032,29 @@ function renderIoTable(io: IoMedian[]): string {
   );
 }
 
-function renderSection(p: {
-  opts: Options; cmd: string; date: string; m: MachineInfo; nginx: string; med: Map<number, Record<Mode, ModeMedians>>; g: Goals; io: IoMedian[]; ioSize: number; raw: string; pngs: (string | null)[];
-}): string {
+function hostLine(img: BenchImage): string {
+  const fw = img.boot.firmware === 'ovmf' ? ' -drive if=pflash,…OVMF_CODE_4M.fd -drive if=pflash,…(fresh OVMF_VARS per boot)' : '';
+  const dev = img.boot.firmware === 'ovmf' ? 'nvme,drive=d0,serial=smartnic0,bootindex=0' : 'nvme,drive=d0,serial=smartnic0';
+  const nic = img.boot.network ? ' -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile=' : '';
+  return `\`qemu-system-x86_64 -machine q35 -m ${img.boot.memoryMiB} -nographic -nodefaults -serial stdio -monitor none
+  -no-reboot${fw} -drive file=nbd:unix:SOCK,if=none,id=d0,format=raw -device ${dev}${nic}
+  -boot c -qmp unix:QMP,server=on,wait=off\`, TCG (no KVM here), stopped at the ${img.markerName}`;
+}
+
+interface RenderCommon {
+  opts: Options;
+  cmd: string;
+  date: string;
+  m: MachineInfo;
+  nginx: string;
+  raw: string;
+  pngs: (string | null)[];
+}
+
+function header(p: RenderCommon, heading: string, img: BenchImage, imageText: string): string {
   const { opts } = p;
-  const img = p.pngs.filter((x): x is string => !!x).map((f) => `![${path.basename(f, '.png')}](${path.relative('docs', f)})`).join('\n');
-  return `${SECTION}
+  const links = opts.rates.map((r) => `\`tc tbf rate ${r.label}\``).join(', then ');
+  return `${heading}
 
 Generated by \`bench/deploy-modes.ts\`; re-run it to update this section (the rest of the file is
 left alone).
@@ -673,28 +1062,33 @@ left alone).
 - Command: \`${p.cmd}\`
 - Date: ${p.date}
 - Machine: ${describeMachine(p.m)}; ${p.nginx}
-- Link: veth pair into a network namespace shaped with \`tc tbf rate ${opts.linkLabel}\` both ways
+- Link: veth pair into a network namespace shaped with ${links} both ways
   (lab/netns.ts); the origin is nginx-light (sendfile, Range) inside the namespace. Bytes on
   the wire are the host-side veth's rx_bytes (payload plus TCP/IP headers).
-- Image: the boot fixture (MBR, FAT with SYSLINUX + Debian kernel + busybox initramfs that
-  prints \`SMARTNIC-BOOT-OK\`) padded with incompressible bytes to each size; the boot
-  itself reads a few tens of MB of it.
-- Host: \`qemu-system-x86_64 -machine q35 -m 512 -nographic -nodefaults -serial stdio -monitor none
-  -no-reboot -drive file=nbd:unix:SOCK,if=none,id=d0,format=raw -device nvme,drive=d0,serial=smartnic0
-  -boot c\`, TCG (no KVM here), stopped at the marker.
+- Image: ${imageText}
+- Host: ${hostLine(img)}.
 - Modes (the clock starts when the first process of the mode is spawned; each export is
   polled every 10 ms for its NBD greeting before QEMU starts):
-${MODES.map((mode) => `  - **${mode}**: ${MODE_HOW[mode]}`).join('\n')}
-- ${opts.reps} run(s) per mode and size, mode order rotated per run; tables show medians.
-- Raw runs and the goal figures: \`${p.raw}\`
+${opts.modes.map((mode) => `  - **${mode}**: ${MODE_SPECS[mode].how(img)}`).join('\n')}${opts.agentArgs.length ? `\n  - streaming's extra flags: \`${opts.agentArgs.join(' ')}\`` : ''}
+- ${opts.reps} round(s) per ${opts.image === 'busybox' ? 'size and rate' : 'rate'}, every mode once per round, mode order rotated per round; tables show medians.
+- Raw runs and the goal figures: \`${p.raw}\``;
+}
 
-${[...p.med.entries()].map(([size, m]) => `### ${sizeLabel(size)} image\n\n${renderBootTable(m)}`).join('\n\n')}
+function renderSection(p: RenderCommon & { img: BenchImage; cases: Case[]; g: Goals; io: IoMedian[]; ioSize: number }): string {
+  const { opts } = p;
+  const img = p.pngs.filter((x): x is string => !!x).map((f) => `![${path.basename(f, '.png')}](${path.relative('docs', f)})`).join('\n');
+  const imageText = `the boot fixture (MBR, FAT with SYSLINUX + Debian kernel + busybox initramfs that
+  prints \`SMARTNIC-BOOT-OK\`) padded with incompressible bytes to each size; the boot
+  itself reads a few tens of MB of it.`;
+  return `${header(p, SECTION, p.img, imageText)}
+
+${p.cases.map((c) => `### ${caseLabel(opts, c, `${sizeLabel(c.size)} image`)}\n\n${renderBootTable(opts, c, 'boot marker', false)}`).join('\n\n')}
 
 ### Ratios of the medians
 
-${renderRatios(opts, p.med, p.g)}
+${renderRatios(opts, p.cases, p.g)}
 
-${opts.io ? `### Disk I/O of the booted host (${sizeLabel(p.ioSize)} image)
+${opts.io ? `### Disk I/O of the booted host (${sizeLabel(p.ioSize)} image${opts.rates.length > 1 ? `, ${opts.rates[0]!.label}` : ''})
 
 fio \`--ioengine=nbd\` (one job, one connection) against the export the host boots from,
 ${opts.ioRuntime} s per job, median of ${opts.reps}. "During": a fresh streaming deploy per job, fio started
@@ -708,17 +1102,100 @@ ${renderIoTable(p.io)}
 ` : '(I/O part skipped: --no-io)\n'}${img ? `\n${img}\n` : ''}`;
 }
 
-function plots(opts: Options, med: Map<number, Record<Mode, ModeMedians>>, io: IoMedian[], ioSize: number): (string | null)[] {
-  const sizes = [...med.keys()];
-  const ioCats = io.map((r) => `${r.mode}${r.phase === 'during' ? ' (during)' : ''}`);
+function renderRealOsRatios(opts: Options, cases: Case[], g: RealOsGoals): string {
+  const profile = opts.modes.includes('streaming-profile');
+  const rows = cases.map((c) => [
+    rateLabel(c.link.rate),
+    `**${ratio(toMarker(c, 'streaming'), toMarker(c, 'network-only'))}**`,
+    ...(profile ? [`**${ratio(toMarker(c, 'streaming-profile'), toMarker(c, 'local'))}**`] : []),
+    ratio(toMarker(c, 'streaming'), toMarker(c, 'local')),
+    ratio(toMarker(c, 'network-only'), toMarker(c, 'local')),
+    ratio(toMarker(c, 'copy-first'), toMarker(c, 'local')),
+    ratio(toMarker(c, 'copy-first'), toMarker(c, 'streaming')),
+  ]);
+  const lines = [
+    markdownTable(
+      ['link', 'streaming / network-only', ...(profile ? ['streaming with a profile / local'] : []), 'streaming / local', 'network-only / local', 'copy-first / local', 'copy-first / streaming'],
+      ['l', 'r', ...(profile ? (['r'] as const) : []), 'r', 'r', 'r', 'r'],
+      rows,
+    ),
+    '',
+    'Goals (issue #14), deploy → login prompt:',
+    '',
+  ];
+  for (const s of g.streamingOverNetworkOnly) lines.push(`- without a profile, streaming ≤ network-only at ${rateLabel(s.bitsPerSecond / 8)}: **${s.ratio.toFixed(3)}× — ${s.met ? 'met' : 'missed'}**.`);
+  if (g.profileOverLocal) {
+    for (const s of g.profileOverLocal) lines.push(`- with a boot profile, ≤ 1.05× a local boot at ${rateLabel(s.bitsPerSecond / 8)}: **${s.ratio.toFixed(3)}× — ${s.met ? 'met' : 'missed'}**.`);
+  } else {
+    lines.push('- with a boot profile, ≤ 1.05× a local boot: not measured yet (the agent takes no boot profile yet; the bench has the `streaming-profile` slot for it).');
+  }
+  return lines.join('\n');
+}
+
+function renderWorkingSet(img: BenchImage, ws: WorkingSetMedian[]): string {
+  const per = (b: number | null, n: number | null): string => (b === null || n === null || !n ? '–' : fmtBytes(b / n));
+  return markdownTable(
+    ['link', 'runs', 'deploy → login prompt, no background copy (s)', 'the guest read', 'mean read', 'the guest wrote', 'regions fetched', 'fetched', 'fetched / read', 'fetched / image', 'on the wire'],
+    ['l', 'r', 'r', 'l', 'r', 'l', 'r', 'r', 'r', 'r', 'r'],
+    ws.map((w) => [
+      rateLabel(parseRateArg(w.link, 'link')),
+      String(w.runs),
+      s2(w.toMarkerS),
+      w.guestReadBytes === null ? '–' : `${fmtBytes(w.guestReadBytes)} in ${fmtNum(w.guestReadOps ?? NaN, 0)} requests`,
+      per(w.guestReadBytes, w.guestReadOps),
+      w.guestWriteBytes === null ? '–' : `${fmtBytes(w.guestWriteBytes)} in ${fmtNum(w.guestWriteOps ?? NaN, 0)} requests`,
+      `${fmtNum(w.regionsLocal, 0)} × ${fmtBytes(w.regionSize)}`,
+      fmtBytes(w.fetched),
+      w.guestReadBytes ? `${(w.fetched / w.guestReadBytes).toFixed(2)}×` : '–',
+      `${((100 * w.fetched) / img.size).toFixed(1)}%`,
+      fmtBytes(w.wireAtMarker),
+    ]),
+  );
+}
+
+function renderRealOsSection(p: RenderCommon & { img: BenchImage; cases: Case[]; g: RealOsGoals; ws: WorkingSetMedian[] }): string {
+  const { opts, img } = p;
+  const pngs = p.pngs.filter((x): x is string => !!x).map((f) => `![${path.basename(f, '.png')}](${path.relative('docs', f)})`).join('\n');
+  const imageText = `${img.label} of tests/fixtures/make-debian-image.sh (GPT; GRUB on a FAT
+  ESP; ext4 root; the cloud kernel, systemd, cloud-init, OpenSSH), raw, ${fmtBytes(img.allocated)} of it
+  allocated, the rest holes that every mode moves as zeros (no manifest). Every run boots a
+  pristine copy, so every boot is a first boot (machine-id, SSH host keys, cloud-init); the
+  clock stops at the serial console's \`login:\` prompt (LOGIN_PROMPT).`;
+  return `${header(p, SECTION_REAL_OS, img, imageText)}
+- Rates: ${opts.rates.map((r) => rateLabel(r.rate)).join(' and ')}. TCG boots ~10× slower than hardware, so a
+  100 Mbit/s link keeps roughly the ratio of boot time to wire time a real host has on 1 Gbit/s.
+- The guest's I/O is QEMU's own counters of the NVMe disk (QMP \`query-blockstats\`) at the
+  prompt. Streaming's background copy runs during the boot, so what it fetched by the prompt
+  is not the boot's working set: the working-set runs below are streaming boots with
+  \`--no-hydrate\` (fetch only what the host reads).
+
+${p.cases.map((c) => `### ${rateLabel(c.link.rate)}\n\n${renderBootTable(opts, c, 'login prompt', true)}`).join('\n\n')}
+
+### Ratios of the medians
+
+${renderRealOsRatios(opts, p.cases, p.g)}
+
+${p.ws.length ? `### The boot's read working set
+
+Streaming boots with no background copy (\`dpu-agent stream … --no-hydrate\`): the agent
+fetches exactly the regions the boot reads, so its bytes fetched at the prompt (its progress
+line once QEMU has stopped) are the working set in whole regions; QEMU's counters are the same
+boot as the guest asked for it (re-reads included).
+
+${renderWorkingSet(img, p.ws)}
+` : '(working-set runs skipped: --working-set 0)\n'}${pngs ? `\n${pngs}\n` : ''}`;
+}
+
+function plots(opts: Options, cases: Case[], io: IoMedian[], ioSize: number): (string | null)[] {
+  const modes = opts.modes.filter((m) => cases.some((c) => c.m[m]));
   return [
     plot({
       file: 'bench-deploy-modes-boot.png',
-      title: `Deploy → boot marker over a ${opts.linkLabel} link (median, lower is better)`,
+      title: `Deploy → boot marker over ${opts.rates.map((r) => rateLabel(r.rate)).join(' / ')} (median, lower is better)`,
       xlabel: 'image size',
       ylabel: 'seconds',
-      categories: sizes.map(sizeLabel),
-      series: MODES.map((mode) => ({ title: mode, points: sizes.map((s, i): [number, number] => [i, med.get(s)![mode].toMarkerS]) })),
+      categories: cases.map((c) => caseLabel(opts, c, sizeLabel(c.size))),
+      series: modes.map((mode) => ({ title: mode, points: cases.map((c, i): [number, number] => [i, toMarker(c, mode)]) })),
     }),
     // No I/O plot without I/O runs (--no-io): the old PNG stays as it was.
     !opts.io ? null : plot({
@@ -726,7 +1203,7 @@ function plots(opts: Options, med: Map<number, Record<Mode, ModeMedians>>, io: I
       title: `Disk of the booted host, ${sizeLabel(ioSize)} image (higher is better)`,
       xlabel: '',
       ylabel: 'IOPS  |  MB/s',
-      categories: ioCats,
+      categories: io.map((r) => `${r.mode}${r.phase === 'during' ? ' (during)' : ''}`),
       series: [
         { title: '4K random read QD1 (IOPS)', points: io.map((r, i): [number, number] => [i, r.iops]) },
         { title: '1 MiB seq read QD8 (MB/s)', points: io.map((r, i): [number, number] => [i, r.mbps]) },
@@ -736,7 +1213,30 @@ function plots(opts: Options, med: Map<number, Record<Mode, ModeMedians>>, io: I
   ];
 }
 
+function realOsPlots(opts: Options, cases: Case[]): (string | null)[] {
+  const modes = opts.modes.filter((m) => cases.some((c) => c.m[m]));
+  return [
+    plot({
+      file: 'bench-deploy-modes-real-os.png',
+      title: 'Debian 12 (UEFI): deploy → login prompt (median, lower is better)',
+      xlabel: 'link',
+      ylabel: 'seconds',
+      categories: cases.map((c) => rateLabel(c.link.rate)),
+      series: modes.map((mode) => ({ title: mode, points: cases.map((c, i): [number, number] => [i, toMarker(c, mode)]) })),
+    }),
+  ];
+}
+
 // ---------------------------------------------------------------- main
+
+function logRun(log: (s: string) => void, what: string, r: BootRun, markerName: string): void {
+  const g = r.guest ? `  guest read ${fmtBytes(r.guest.readBytes)} in ${r.guest.readOps} requests` : '';
+  log(
+    `  ${what} ${r.mode.padEnd(12)} ${markerName} ${r.toMarkerS.toFixed(2).padStart(7)} s (QEMU at ${r.toQemuS.toFixed(2)} s + ${r.qemuToMarkerS.toFixed(2)} s)` +
+      ` QEMU CPU ${r.qemuCpuS.toFixed(2)} s${r.agentCpuS !== null ? `, agent CPU ${r.agentCpuS.toFixed(2)} s` : ''}, load ${r.load1}` +
+      `  wire ${fmtBytes(r.wireAtMarker)} / ${fmtBytes(r.wireTotal)}${r.imageLocalS !== null ? `  all local at ${r.imageLocalS.toFixed(1)} s` : ''}${g}`,
+  );
+}
 
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
@@ -749,9 +1249,10 @@ async function main(): Promise<void> {
   const dir = opts.workdir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'deploy-modes-'));
   fs.mkdirSync(dir, { recursive: true });
   if (!opts.keep) removeAtEnd(dir);
-  log(`deploy-modes: sizes ${opts.sizes.map(sizeLabel).join(', ')}, link ${opts.linkLabel}, ${opts.reps} rep(s); work dir ${dir}`);
+  const what = opts.image === 'debian' ? 'the Debian 12 image' : `sizes ${opts.sizes.map(sizeLabel).join(', ')}`;
+  log(`deploy-modes: ${what}, links ${opts.rates.map((r) => r.label).join(', ')}, modes ${opts.modes.join(', ')}, ${opts.reps} round(s); work dir ${dir}`);
 
-  const link = EmulatedLink.create({ index: opts.linkIndex, rate: opts.linkRate });
+  const link = EmulatedLink.create({ index: opts.linkIndex, rate: opts.rates[0]!.rate });
   let origin: ChildProcess | null = null;
   onCleanup(async () => {
     if (origin) await stopChild(origin);
@@ -761,69 +1262,93 @@ async function main(): Promise<void> {
   fs.mkdirSync(root, { recursive: true });
   const o = await startNginxOrigin(link, dir, root);
   origin = o.child;
-  const lab: Lab = {
-    opts, dir, link, seq: 0,
-    image: (size) => path.join(root, `boot-${size / MiB}M.raw`),
-    url: (size) => `${o.base}/boot-${size / MiB}M.raw`,
-    rx: () => link.rxBytes(),
-  };
-  log(`  link ${link.ns} (${link.hostIf} ⇄ ${link.nsIf}) at ${opts.linkLabel}; nginx pid ${o.child.pid} at ${o.base}`);
+  const lab: Lab = { opts, dir, link, rate: opts.rates[0]!, seq: 0 };
+  log(`  link ${link.ns} (${link.hostIf} ⇄ ${link.nsIf}); nginx pid ${o.child.pid} at ${o.base}`);
 
+  const images = opts.image === 'debian' ? [debianImage(root, o.base)] : opts.sizes.map((s) => busyboxImage(root, o.base, s));
   const bootRuns: BootRun[] = [];
+  const wsRuns: WorkingSetRun[] = [];
   const io: IoRun[] = [];
-  const ioSize = opts.sizes[0]!;
-  for (const size of opts.sizes) {
-    const t = performance.now();
-    await buildPaddedBootImage(lab.image(size), size, { onProgress: (w, n) => w % GiB === 0 && log(`  image ${sizeLabel(size)}: ${fmtBytes(w)} / ${fmtBytes(n)}`) });
-    log(`  image ${sizeLabel(size)} built in ${((performance.now() - t) / 1000).toFixed(1)} s`);
-    const head = await fetch(lab.url(size), { method: 'HEAD' });
-    if (Number(head.headers.get('content-length')) !== size) throw new Error(`origin serves ${head.headers.get('content-length')} bytes for ${lab.url(size)}, expected ${size}`);
+  for (const img of images) {
+    await buildImage(img, log);
+    const head = await fetch(img.url, { method: 'HEAD' });
+    if (Number(head.headers.get('content-length')) !== img.size) throw new Error(`origin serves ${head.headers.get('content-length')} bytes for ${img.url}, expected ${img.size}`);
 
-    for (let rep = 1; rep <= opts.reps; rep++) {
-      const order = MODES.map((_, i) => MODES[(i + rep - 1) % MODES.length]!);
-      for (const mode of order) {
-        const r = await bootRun(lab, mode, size, rep);
-        bootRuns.push(r);
+    for (const rate of opts.rates) {
+      lab.rate = rate;
+      link.setRate(rate.rate);
+      const tag = (round: number): string => `${img.kind === 'debian' ? '' : `${sizeLabel(img.size)} `}${rate.label} round ${round}`;
+      for (let round = 1; round <= opts.reps; round++) {
+        for (const mode of roundOrder(opts.modes, round)) {
+          const r = await bootRun(lab, mode, img, round);
+          bootRuns.push(r);
+          logRun(log, tag(round), r, img.markerName);
+          await sleep(500);
+        }
+      }
+      for (let i = 1; i <= opts.workingSet; i++) {
+        const w = await workingSetRun(lab, img, i);
+        wsRuns.push(w);
         log(
-          `  ${sizeLabel(size)} rep ${rep} ${mode.padEnd(12)} marker ${r.toMarkerS.toFixed(2).padStart(7)} s (QEMU at ${r.toQemuS.toFixed(2)} s + ${r.qemuToMarkerS.toFixed(2)} s)` +
-            ` QEMU CPU ${r.qemuCpuS.toFixed(2)} s${r.agentCpuS !== null ? `, agent CPU ${r.agentCpuS.toFixed(2)} s` : ''}, load ${r.load1}` +
-            `  wire ${fmtBytes(r.wireAtMarker)} / ${fmtBytes(r.wireTotal)}${r.imageLocalS !== null ? `  all local at ${r.imageLocalS.toFixed(1)} s` : ''}`,
+          `  ${rate.label} working set ${i}: login prompt ${w.toMarkerS.toFixed(2)} s with no background copy; fetched ${fmtBytes(w.fetched)} (${w.regionsLocal} regions of ${fmtBytes(w.regionSize)})` +
+            `${w.guest ? `; the guest read ${fmtBytes(w.guest.readBytes)} in ${w.guest.readOps} requests, wrote ${fmtBytes(w.guest.writeBytes)} in ${w.guest.writeOps}` : ''}; load ${w.load1}`,
         );
         await sleep(500);
       }
-    }
-    if (size === ioSize && opts.io) {
-      for (let rep = 1; rep <= opts.reps; rep++) {
-        const order = MODES.map((_, i) => MODES[(i + rep - 1) % MODES.length]!);
-        io.push(...(await ioRuns(lab, size, rep, order)));
+      // fio: on the smallest busybox image at the first rate, as before rates were a list.
+      if (opts.io && img === images[0] && rate === opts.rates[0]) {
+        for (let round = 1; round <= opts.reps; round++) io.push(...(await ioRuns(lab, img, round, roundOrder(opts.modes, round))));
       }
     }
-    if (!opts.keep) fs.rmSync(lab.image(size), { force: true });
+    if (!opts.keep) fs.rmSync(img.file, { force: true });
   }
 
-  const med = new Map(opts.sizes.map((s) => [s, medians(bootRuns, s)]));
-  const g = goals(opts, med);
-  const iom = ioMedians(io);
-  const raw = writeResults('deploy-modes', date, {
-    command: cmd,
-    date: date.toISOString(),
-    options: opts,
-    machine: m,
-    nginx: nginxV,
-    summary: {
-      linkBitsPerSecond: opts.linkRate * 8,
-      goals: g,
-      medians: Object.fromEntries([...med.entries()].map(([s, mm]) => [String(s), mm])),
-      io: iom,
-    },
-    bootRuns,
-    ioRuns: io,
-  });
-  const pngs = opts.docs ? plots(opts, med, iom, ioSize) : [];
-  const section = renderSection({ opts, cmd, date: date.toISOString(), m, nginx: nginxV, med, g, io: iom, ioSize, raw, pngs });
+  const cases = images.flatMap((img) => opts.rates.map((rate) => medians(opts, bootRuns, rate, img.size)));
+  const common = { command: cmd, date: date.toISOString(), quick: opts.quick, options: opts, machine: m, nginx: nginxV };
+  const rc: Omit<RenderCommon, 'raw' | 'pngs'> = { opts, cmd, date: date.toISOString(), m, nginx: nginxV };
+  let section: string;
+  let heading: string;
+  let raw: string;
+  if (opts.image === 'debian') {
+    const img = images[0]!;
+    const g = realOsGoals(cases.map((c) => ({ link: c.link.label, bitsPerSecond: c.link.rate * 8, toMarkerS: Object.fromEntries(Object.entries(c.m).map(([k, v]) => [k, v.toMarkerS])) })));
+    const ws = workingSetMedians(opts, wsRuns);
+    raw = writeResults('deploy-modes-debian', date, {
+      ...common,
+      image: { file: path.basename(img.file), size: img.size, allocated: img.allocated, firmware: img.boot.firmware },
+      summary: {
+        goals: g,
+        workingSet: ws,
+        medians: cases.map((c) => ({ link: c.link.label, bitsPerSecond: c.link.rate * 8, modes: c.m })),
+      },
+      bootRuns,
+      workingSetRuns: wsRuns,
+    });
+    const pngs = opts.docs ? realOsPlots(opts, cases) : [];
+    heading = SECTION_REAL_OS;
+    section = renderRealOsSection({ ...rc, raw, pngs, img, cases, g, ws });
+  } else {
+    const g = goals(cases);
+    const iom = ioMedians(opts, io);
+    const ioSize = opts.sizes[0]!;
+    raw = writeResults('deploy-modes', date, {
+      ...common,
+      summary: {
+        linkBitsPerSecond: opts.rates[0]!.rate * 8,
+        goals: g,
+        medians: Object.fromEntries(cases.map((c) => [opts.rates.length > 1 ? `${c.link.label}/${c.size}` : String(c.size), c.m])),
+        io: iom,
+      },
+      bootRuns,
+      ioRuns: io,
+    });
+    const pngs = opts.docs ? plots(opts, cases, iom, ioSize) : [];
+    heading = SECTION;
+    section = renderSection({ ...rc, raw, pngs, img: images[0]!, cases, g, io: iom, ioSize });
+  }
   console.log(section);
   if (opts.docs) {
-    updateDocSection(SECTION, section);
+    updateDocSection(heading, section);
     log(`updated ${path.relative(REPO, DOC)}; raw runs in ${raw}`);
   } else {
     log(`raw runs in ${raw} (docs/ not touched${opts.quick ? ': --quick' : ''})`);

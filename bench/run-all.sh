@@ -5,7 +5,7 @@
 # section of docs/benchmarks.md and writes its raw runs to bench/results/; the last step
 # writes the goals summary at the top of docs/benchmarks.md from those results.
 #
-#   bench/run-all.sh            full runs (about an hour on 2 cores)
+#   bench/run-all.sh            full runs (about two hours on 2 cores; the real-OS boots are half of it)
 #   bench/run-all.sh --quick    smoke runs of every bench (docs/benchmarks.md untouched)
 #
 # Needs root: the streaming, deploy-mode and scaling benches build network namespaces.
@@ -23,7 +23,8 @@ bench() {
 bench hotpath
 bench hotpath --tcp
 bench streaming
-bench deploy-modes
+bench deploy-modes --image busybox   # issue #7's goals: 1 and 8 GiB, the fio part
+bench deploy-modes                   # the real OS (Debian 12, UEFI) to the login prompt: issue #14's goals
 bench scaling
 case " ${extra[*]} " in
   *" --quick "*) ;;

@@ -1,0 +1,69 @@
+/**
+ * The pure part of the deploy-modes bench (bench/deploy-modes.ts): which modes exist, the
+ * order each round runs them in, link-rate labels, and the goals of issue #14 computed from
+ * the medians. Kept apart from the bench's processes so a unit test checks it
+ * (tests/unit/deploy-plan.test.ts).
+ */
+
+/**
+ * Every way the bench gives the host its disk. `streaming-profile` (streaming with a learned
+ * boot profile, issue #14 part 3) has its slot here and in the bench's mode table, but the
+ * agent takes no profile yet, so it is never in the default rounds and `--modes` refuses it.
+ */
+export const MODES = ['streaming', 'streaming-profile', 'copy-first', 'network-only', 'local'] as const;
+export type Mode = (typeof MODES)[number];
+
+/**
+ * The modes of round `round` (1-based), rotated by one per round so the slow drifts of a
+ * shared machine fall on every mode alike, and no mode always runs right after another.
+ */
+export function roundOrder<T>(modes: readonly T[], round: number): T[] {
+  const n = modes.length;
+  return modes.map((_, i) => modes[(i + round - 1) % n]!);
+}
+
+/** 125e6 bytes/s → "1 Gbit/s"; 12.5e6 → "100 Mbit/s". */
+export function rateLabel(bytesPerSecond: number): string {
+  const bits = bytesPerSecond * 8;
+  if (bits >= 1e9) return `${+(bits / 1e9).toFixed(2)} Gbit/s`;
+  if (bits >= 1e6) return `${+(bits / 1e6).toFixed(2)} Mbit/s`;
+  return `${+(bits / 1e3).toFixed(2)} kbit/s`;
+}
+
+export interface RatioGoal {
+  /** The link, as given on the command line (1gbit, 100mbit). */
+  link: string;
+  bitsPerSecond: number;
+  ratio: number;
+  goal: number;
+  met: boolean;
+}
+
+export interface RealOsGoals {
+  /** Issue #14: without a profile, deploy → login prompt by streaming ≤ by network-only. */
+  streamingOverNetworkOnly: RatioGoal[];
+  /** Issue #14: with a boot profile ≤ 1.05× a local boot; null while the mode has not run. */
+  profileOverLocal: RatioGoal[] | null;
+}
+
+/** The medians of deploy → login prompt (s) per mode, at one link rate. */
+export interface RateMedians {
+  link: string;
+  bitsPerSecond: number;
+  toMarkerS: Partial<Record<Mode, number>>;
+}
+
+/** The goals from the medians; a rate where a mode of the ratio did not run is left out. */
+export function realOsGoals(rates: RateMedians[]): RealOsGoals {
+  const goal = (r: RateMedians, a: Mode, b: Mode, limit: number): RatioGoal[] => {
+    const x = r.toMarkerS[a];
+    const y = r.toMarkerS[b];
+    if (x === undefined || y === undefined || !Number.isFinite(x / y)) return [];
+    return [{ link: r.link, bitsPerSecond: r.bitsPerSecond, ratio: x / y, goal: limit, met: x / y <= limit }];
+  };
+  const profile = rates.flatMap((r) => goal(r, 'streaming-profile', 'local', 1.05));
+  return {
+    streamingOverNetworkOnly: rates.flatMap((r) => goal(r, 'streaming', 'network-only', 1)),
+    profileOverLocal: profile.length ? profile : null,
+  };
+}

@@ -1,0 +1,47 @@
+/**
+ * The deploy-modes bench's pure logic (bench/lib/deploy-plan.ts): the rotation of the mode
+ * order per round, the rate labels, and the goals of issue #14 from the medians.
+ */
+import assert from 'node:assert/strict';
+import { MODES, rateLabel, realOsGoals, roundOrder } from '../../bench/lib/deploy-plan.js';
+
+describe('deploy-modes plan', () => {
+  it('rotates the mode order by one per round, so every mode runs in every position', () => {
+    const modes = ['streaming', 'copy-first', 'network-only', 'local'];
+    assert.deepEqual(roundOrder(modes, 1), modes);
+    assert.deepEqual(roundOrder(modes, 2), ['copy-first', 'network-only', 'local', 'streaming']);
+    assert.deepEqual(roundOrder(modes, 5), modes);
+    const firsts = [1, 2, 3, 4].map((r) => roundOrder(modes, r)[0]);
+    assert.deepEqual([...firsts].sort(), [...modes].sort());
+  });
+
+  it('labels link rates in bits per second', () => {
+    assert.equal(rateLabel(125e6), '1 Gbit/s');
+    assert.equal(rateLabel(12.5e6), '100 Mbit/s');
+    assert.equal(rateLabel(1.25e9), '10 Gbit/s');
+  });
+
+  it('keeps a slot for streaming with a boot profile', () => {
+    assert.ok(MODES.includes('streaming-profile'));
+  });
+
+  it('computes streaming ≤ network-only per rate, and leaves the profile goal unmeasured without its mode', () => {
+    const g = realOsGoals([
+      { link: '1gbit', bitsPerSecond: 1e9, toMarkerS: { streaming: 70, 'network-only': 72, local: 68, 'copy-first': 80 } },
+      { link: '100mbit', bitsPerSecond: 1e8, toMarkerS: { streaming: 90, 'network-only': 80, local: 68 } },
+    ]);
+    assert.equal(g.streamingOverNetworkOnly.length, 2);
+    assert.equal(g.streamingOverNetworkOnly[0]!.met, true);
+    assert.ok(Math.abs(g.streamingOverNetworkOnly[0]!.ratio - 70 / 72) < 1e-12);
+    assert.equal(g.streamingOverNetworkOnly[1]!.met, false);
+    assert.equal(g.profileOverLocal, null);
+  });
+
+  it('computes the profile goal against local once the mode has run', () => {
+    const g = realOsGoals([{ link: '1gbit', bitsPerSecond: 1e9, toMarkerS: { 'streaming-profile': 71, local: 68 } }]);
+    assert.deepEqual(g.streamingOverNetworkOnly, []);
+    assert.equal(g.profileOverLocal!.length, 1);
+    assert.equal(g.profileOverLocal![0]!.met, 71 / 68 <= 1.05);
+    assert.equal(g.profileOverLocal![0]!.goal, 1.05);
+  });
+});
