@@ -479,6 +479,15 @@ export interface components {
             /** @description Bytes per second fetched from the origin over the last few seconds. */
             readonly fetch_rate_bps: number;
             readonly fetch_retries: number;
+            /** @description Host reads of regions not yet local that covered only part of a region: each fetched just the blocks it needed (verified against the manifest's Merkle leaves when one is applied) and moved its region to the front of the background copy. */
+            readonly misses: {
+                /** @description Reads answered from fetched blocks since the disk was opened. */
+                readonly blocks: number;
+                /** @description Bytes those block fetches brought (part of bytes_fetched). */
+                readonly block_bytes: number;
+                /** @description The block a miss fetches: the manifest's leaf size, 64 KiB without a manifest; null when misses fetch whole regions (a version 1 manifest, or regions no larger than a block) or the disk is not open. */
+                readonly block_size: number | null;
+            };
             /** @description A manifest is applied: regions fetched from now on are verified (see verified for those fetched before). */
             readonly manifest: boolean;
             /** @description Every region fetched from the origin was checked against a manifest (PUT /v1/disks/{id}/manifest), including regions fetched before it arrived, which are read back and verified first; false: no manifest yet, that read-back still running, or local regions of unknown origin that do not match it. */

@@ -1,6 +1,6 @@
 /**
- * `dpu-agent manifest`: reads an image once and writes its manifest — per region the
- * SHA-256 and whether it is all zeros — checked against the digest the cloud records
+ * `dpu-agent manifest`: reads an image once and writes its manifest — per region a Merkle
+ * root over 64 KiB leaves, the leaves, and whether it is all zeros — checked against the digest the cloud records
  * (Glance's os_hash_value) when given. `dpu-agent stream --manifest FILE` then verifies
  * every fetched region and skips the zero ones.
  */
@@ -26,8 +26,8 @@ export const MANIFEST_FLAGS: FlagTable = {
 };
 
 const USAGE = 'dpu-agent manifest --source URL --out PATH [--format raw|qcow2|auto] [--region-size SIZE] [--expect HEX]';
-const SUMMARY = `Read an image once and write its manifest: the SHA-256 of every region and which regions
-are all zeros. The whole-image digest is printed, and checked against --expect.`;
+const SUMMARY = `Read an image once and write its manifest: every region's Merkle root over 64 KiB
+leaves, the leaf hashes, and which regions are all zeros. The whole-image digest is printed, and checked against --expect.`;
 
 export function manifestHelp(): string {
   return renderHelp(USAGE, SUMMARY, MANIFEST_FLAGS);

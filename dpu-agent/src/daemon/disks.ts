@@ -94,6 +94,8 @@ export interface DiskMetrics {
   regionsLocal: number;
   bytesFetched: number;
   fetchRetries: number;
+  blockMisses: number;
+  blockBytesFetched: number;
   hydrationRunning: boolean;
   complete: boolean;
   failed: boolean;
@@ -488,6 +490,8 @@ export class DiskManager {
         regionsLocal: p?.regionsLocal ?? 0,
         bytesFetched: p?.bytesFetched ?? 0,
         fetchRetries: p?.fetchRetries ?? 0,
+        blockMisses: p?.blockMisses ?? 0,
+        blockBytesFetched: p?.blockBytesFetched ?? 0,
         hydrationRunning: m.opened?.hydrator.state === 'running',
         complete: p?.complete ?? false,
         failed: (!m.opened || (p?.failed ?? false)) && !m.wiping,
@@ -723,6 +727,7 @@ export class DiskManager {
       bytes_fetched: p?.bytesFetched ?? 0,
       fetch_rate_bps: opened ? m.rate.rate() : 0,
       fetch_retries: p?.fetchRetries ?? 0,
+      misses: { blocks: p?.blockMisses ?? 0, block_bytes: p?.blockBytesFetched ?? 0, block_size: opened?.disk.missBlockSize ?? null },
       manifest: p?.hasManifest ?? false,
       verified: p?.verified ?? false,
       integrity_failures: p?.integrityFailures ?? 0,

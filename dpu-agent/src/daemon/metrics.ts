@@ -23,6 +23,8 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
     ['regions_local', 'Regions on the local target.', (d) => d.regionsLocal],
     ['bytes_fetched', 'Bytes fetched from the origin since the disk was opened (counts from 0 after a restart).', (d) => d.bytesFetched],
     ['fetch_retries', 'Range-request attempts retried since the disk was opened.', (d) => d.fetchRetries],
+    ['block_misses', 'Host reads answered by fetching only the blocks they needed (not whole regions) since the disk was opened.', (d) => d.blockMisses],
+    ['block_bytes_fetched', 'Bytes those block fetches brought (part of bytes_fetched).', (d) => d.blockBytesFetched],
     ['hydration_running', '1 while background hydration runs.', (d) => (d.hydrationRunning ? 1 : 0)],
     ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
     ['failed', '1 while the disk cannot be opened or its local target failed (see last_error in the API).', (d) => (d.failed ? 1 : 0)],

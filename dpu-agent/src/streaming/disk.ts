@@ -476,7 +476,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       const part = dest.subarray(segStart - offset, segEnd - offset);
       const s = map.state(r);
       if (s === RegionState.Remote && !this.badRegions.has(r)) {
-        if (!covers(r) && this.missBlockSize() !== null) {
+        if (!covers(r) && this.missBlockSize !== null) {
           // A miss: fetch only the blocks asked for, and have the hydrator copy the region next.
           waits.push(this.readBlocks(r, segStart, part));
           this.emit('miss', r);
@@ -485,7 +485,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         }
         // Fetch the whole run of adjacent remote regions this read needs in one request.
         let n = 1;
-        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote && !this.badRegions.has(r + n) && (covers(r + n) || this.missBlockSize() === null)) n++;
+        while (r + n <= last && n < this.maxForegroundRun && map.state(r + n) === RegionState.Remote && !this.badRegions.has(r + n) && (covers(r + n) || this.missBlockSize === null)) n++;
         this.fetchRun(r, n, 'foreground').catch(noop); // errors reach us through each region's fill
       }
       const done = this.readRegion(r, segStart, part);
@@ -494,8 +494,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     }
   }
 
-  /** The block a miss fetches, or null when misses must fetch whole regions (a v1 manifest). */
-  private missBlockSize(): number | null {
+  /** The block a miss fetches, or null when misses fetch whole regions (a v1 manifest). */
+  get missBlockSize(): number | null {
     const size = this.manifest ? this.manifest.leafSize : this.missBlockBytes;
     return size !== null && size > 0 && size < this.map.regionSize ? size : null;
   }
@@ -513,7 +513,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private async readBlocks(r: number, pos: number, dest: Buffer): Promise<void> {
     let integrityFailures = 0;
     for (;;) {
-      const blockSize = this.missBlockSize();
+      const blockSize = this.missBlockSize;
       if (this.map.state(r) !== RegionState.Remote || blockSize === null) {
         await this.readRegion(r, pos, dest);
         return;
