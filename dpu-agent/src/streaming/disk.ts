@@ -46,6 +46,7 @@ import type { Manifest } from '../../../image-access/src/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
 import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
+import type { ReadRecorder } from './boot-profile.js';
 
 export interface StreamingDiskOptions {
   /** Null once the disk has cut over: every region is local and the network is not needed. */
@@ -202,6 +203,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private verifying: Promise<void> | null = null;
   private failure: DpuError | null = null;
   private closed = false;
+  /** While a boot profile is recorded (boot-profile.ts): told of every host read, first thing. Null otherwise. */
+  recorder: ReadRecorder | null = null;
 
   constructor(opts: StreamingDiskOptions) {
     super();
@@ -384,6 +387,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   // ---- reads -------------------------------------------------------------------------
 
   read(offset: number, dest: Buffer): MaybePromise<void> {
+    if (this.recorder !== null) this.recorder.onRead(offset, dest.length);
     this.assertUsable();
     const map = this.map;
     const first = map.regionOf(offset);
