@@ -184,7 +184,7 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
           type: 'integer',
           minimum: 1000,
           default: 1_800_000,
-          description: 'The monitor job keeps polling a deployment whose disk is complete until its recording is done, at most this long after the deployment was created (a node never powered on records nothing).',
+          description: 'A deployment whose disk completes while its host boots (recording) keeps its monitor job polling until the recording is done, at most this long after the deployment was created. A host that had read nothing by then has its recording collected by the teardown instead.',
         },
       },
     },

@@ -40,9 +40,12 @@
  * on; once the disk exists it records the profile key in the disk's real region size and
  * what the agent did with the profile (a profile the agent refuses as not fitting the
  * image is deleted: the next boots record a fresh one). The monitor job collects this
- * deployment's recording once the agent says it is `done`, and outlives hydration for it
- * (at most boot_profiles.collect_timeout_ms after the deployment was created). Nothing
- * about profiles ever fails a job: an error is a note on the deployment.
+ * deployment's recording once the agent says it is `done`; when hydration completes while
+ * the host is booting (`recording`) it goes on polling until then (at most
+ * boot_profiles.collect_timeout_ms after the deployment was created). A host that had not
+ * read anything by then (`waiting`: hydration beat the power-on) does not keep a job
+ * polling: the teardown job collects its recording, if done, before deleting the disk.
+ * Nothing about profiles ever fails or delays a job: an error is a note on the deployment.
  *
  * A deployment created with a `callback` gets a push to Ironic (callback.ts) when its
  * attach ends: `end` once the disk is bootable, `error` once the attach failed for good.
@@ -260,7 +263,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   });
   if (updated) push(deps, rec, 'end', `streaming disk ${disk.state === 'complete' ? 'complete' : 'ready'}: ${disk.export.uri}`);
   await job.updateProgress(100);
-  if (disk.state !== 'complete' || (bootProfile && recordingPending(bootProfile.recording))) await deps.queues.enqueue('monitor', rec);
+  if (disk.state !== 'complete' || bootProfile?.recording === 'recording') await deps.queues.enqueue('monitor', rec);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via, verified: disk.verified, profile: bootProfile?.applied ?? 0 }, 'streaming disk ready');
   return `ready: ${disk.export.uri}${disk.verified ? ' (verified)' : ''}`;
 }
@@ -301,8 +304,9 @@ function recordingPending(state: string): boolean {
 }
 
 /**
- * One monitor poll's look at the recording: stores it once `done`; returns the record's
- * new boot_profile (or null when nothing changed) and whether to keep polling for it.
+ * One look at the recording (a monitor poll, or the teardown): stores it once `done`;
+ * returns the record's new boot_profile (or null when nothing changed) and whether a
+ * complete disk is worth polling for it (the host is booting: `recording`).
  */
 async function collectProfile(deps: JobDeps, rec: DeploymentRecord, disk: Disk): Promise<{ update: BootProfileRecord | null; pending: boolean }> {
   const bp = rec.boot_profile;
@@ -310,7 +314,7 @@ async function collectProfile(deps: JobDeps, rec: DeploymentRecord, disk: Disk):
   const state = disk.boot_profile.recording.state;
   if (recordingPending(state)) {
     const late = Date.now() - Date.parse(rec.created_at) > deps.config.boot_profiles.collect_timeout_ms;
-    if (!late) return { update: state !== bp.recording ? { ...bp, recording: state } : null, pending: true };
+    if (!late) return { update: state !== bp.recording ? { ...bp, recording: state } : null, pending: state === 'recording' };
     return { update: { ...bp, recording: state, note: `boot not collected: the recording was still ${state} boot_profiles.collect_timeout_ms after the deployment was created` }, pending: false };
   }
   if (state !== 'done') return { update: state !== bp.recording ? { ...bp, recording: state, note: state === 'interrupted' ? 'boot not collected: the DPU agent restarted while recording' : bp.note } : null, pending: false };
@@ -452,6 +456,7 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   // An attach that has not started yet must not start now.
   const pending = await deps.queues.job('attach', rec);
   if (pending && ['waiting', 'delayed', 'prioritized'].includes(await pending.getState())) await pending.remove().catch(() => undefined);
+  await collectBeforeTeardown(deps, rec);
   try {
     await agentFor(rec, deps.config)
       .deleteDisk(rec.disk_id, job.data.wipe ?? true)
@@ -467,6 +472,20 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   await deps.store.remove(rec.node_uuid, rec.deployment_id);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, wipe: job.data.wipe ?? true }, 'torn down');
   return 'deleted';
+}
+
+/** A boot recorded after the monitor job ended (hydration beat the power-on): stored before the disk goes. Never fails the teardown. */
+async function collectBeforeTeardown(deps: JobDeps, rec: DeploymentRecord): Promise<void> {
+  const bp = rec.boot_profile;
+  if (!bp || bp.collected || !rec.profile_key || !deps.profiles || !deps.config.boot_profiles.enabled) return;
+  try {
+    const disk = await agentFor(rec, deps.config).getDisk(rec.disk_id);
+    if (disk.boot_profile.recording.state !== 'done') return;
+    const { update } = await collectProfile(deps, rec, disk);
+    if (update) await deps.store.update(rec.node_uuid, rec.deployment_id, { boot_profile: update }, { teardown: true });
+  } catch (err) {
+    deps.log.debug({ node: rec.node_uuid, err: (err as Error).message }, 'no boot profile collected at teardown');
+  }
 }
 
 /** How often a clean job starts an erasure again after the agent restarted during one. */

@@ -8,6 +8,9 @@
  * of the boots); a profile the agent refuses is deleted and never fails the deployment;
  * a driver with boot profiles disabled neither records nor replays.
  *
+ * A boot that the agent recorded after hydration completed before the host's first read
+ * is collected by the teardown instead of a monitor job left polling.
+ *
  * The agent's recording budget is 4 regions, so a recording ends when the host has read
  * four regions: no timing anywhere, every wait is for a state.
  */
@@ -101,17 +104,21 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
   };
   let profileId = '';
 
-  it('records the first deployment\'s boot and stores it, also once hydration has completed', async () => {
+  it('records the first deployment\'s boot and stores it; a disk complete mid-boot keeps the monitor polling for it', async () => {
+    // Held so that the host starts booting while the disk still streams (the sweep stops in the first 16 MiB).
+    origin.hold(0, 16 * MiB);
     await api.createDeployment(request('node-p1'));
-    const ready = await deployment(api, 'node-p1', (d) => d.state === 'ready' || d.state === 'complete', 'ready');
+    const ready = await deployment(api, 'node-p1', (d) => d.state === 'ready', 'ready');
     assert.ok(ready.boot_profile, 'the deployment reports boot profiles');
     assert.equal(ready.boot_profile.applied, false, 'no profile stored yet');
     assert.equal(ready.boot_profile.regions, 0);
     profileId = ready.boot_profile.id;
-    // The image (32 MiB, uncapped) is local long before this host boots: the monitor waits for the recording.
-    await deployment(api, 'node-p1', (d) => d.state === 'complete', 'complete');
-    assert.equal((await api.getDeployment('node-p1')).boot_profile!.collected, false);
-    await hostReads(ready.export_uri!, [100, 70, 120, 90]);
+    await hostReads(ready.export_uri!, [100, 70, 120]);
+    origin.release();
+    const complete = await deployment(api, 'node-p1', (d) => d.state === 'complete' && d.boot_profile?.recording === 'recording', 'complete while recording');
+    assert.equal(complete.boot_profile!.collected, false);
+    assert.notEqual(complete.jobs.find((j) => j.queue === 'monitor')?.state, 'completed', 'the monitor waits for the recording');
+    await hostReads(ready.export_uri!, [90]);
     const done = await deployment(api, 'node-p1', (d) => d.boot_profile?.collected === true, 'boot collected');
     assert.equal(done.boot_profile!.recording, 'done');
     const list = await api.listBootProfiles();
@@ -183,12 +190,24 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     const disk = await agentApi.getDisk(ready.disk_id);
     assert.equal(disk.boot_profile.replay.state, 'refused');
     await assert.rejects(api.getBootProfile(profileId), (e: unknown) => e instanceof ApiError && e.status === 404, 'the refused profile is gone');
-    const metrics = await api.metrics();
+    let metrics = await api.metrics();
     assert.match(metrics, /smartnic_driver_boot_profiles_total\{event="applied"\} 1/);
     assert.match(metrics, /smartnic_driver_boot_profiles_total\{event="collected"\} 2/);
     assert.match(metrics, /smartnic_driver_boot_profiles_total\{event="refused"\} 1/);
     assert.match(metrics, /smartnic_driver_boot_profiles_stored 0/);
+    // Hydration beat the power-on: the monitor does not stay for a host that has read nothing…
+    await deployment(api, 'node-p3', (d) => d.state === 'complete' && d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'complete, monitor ended');
+    assert.equal((await api.getDeployment('node-p3')).boot_profile!.recording, 'waiting');
+    // …and the boot recorded afterwards is stored by the teardown.
+    await hostReads(ready.export_uri!, [1, 2, 3, 4]);
+    await until('the recording done', async () => (await agentApi.bootProfile(ready.disk_id)).state === 'done');
     await teardown(api, 'node-p3');
+    const fresh = await api.getBootProfile(profileId);
+    assert.deepEqual(fresh.merged, [1, 2, 3, 4]);
+    assert.equal(fresh.history[0]!.node, 'node-p3');
+    metrics = await api.metrics();
+    assert.match(metrics, /smartnic_driver_boot_profiles_total\{event="collected"\} 3/);
+    assert.match(metrics, /smartnic_driver_boot_profiles_stored 1/);
   });
 
   it('disabled: no recording on the agent, no profile replayed, nothing stored', async () => {
