@@ -102,6 +102,14 @@ function drawThroughput(canvas, points) {
   ctx.fillText(`peak ${fmtBytes(max)}/s`, 4, 12);
 }
 
+/** What the deployment did with boot profiles: replayed (how many regions, from how many boots), and its own boot's recording. */
+function profileText(bp) {
+  if (!bp) return 'off';
+  const replay = bp.applied ? `replayed ${bp.regions} regions (${bp.boots} boot${bp.boots === 1 ? '' : 's'})` : 'none replayed';
+  const rec = bp.collected ? 'this boot stored' : `recording ${bp.recording}`;
+  return `${replay} · ${rec}`;
+}
+
 function card(d) {
   let el = document.getElementById(`dep-${d.node_uuid}`);
   if (!el) {
@@ -111,7 +119,8 @@ function card(d) {
     el.innerHTML = `
       <div class="row"><span class="node"></span><span class="state"></span>
         <span class="kv">local <b class="local"></b></span><span class="kv">fetched <b class="fetched"></b></span>
-        <span class="kv">rate <b class="rate"></b></span><span class="kv">export <b class="export"></b></span></div>
+        <span class="kv">rate <b class="rate"></b></span><span class="kv">export <b class="export"></b></span>
+        <span class="kv">boot profile <b class="profile" data-testid="profile"></b></span></div>
       <div class="bar"><div></div></div>
       <div class="grid2">
         <div><div class="label">region map</div><canvas class="regions" data-testid="regions"></canvas>
@@ -150,6 +159,7 @@ async function tick() {
     el.querySelector('.fetched').textContent = fmtBytes(p.bytes_fetched);
     el.querySelector('.rate').textContent = `${fmtBytes(p.fetch_rate_bps)}/s`;
     el.querySelector('.export').textContent = d.export_uri || '—';
+    el.querySelector('.profile').textContent = profileText(d.boot_profile);
     el.querySelector('.bar > div').style.width = `${(p.fraction * 100).toFixed(1)}%`;
     el.querySelector('.err').textContent = d.last_error || '';
     const h = rates.get(d.node_uuid) || [];

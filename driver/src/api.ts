@@ -14,6 +14,7 @@ import type { RawServerDefault } from 'fastify';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../image-access/src/index.js';
+import { BootProfileStore } from './boot-profiles.js';
 import { type CleaningCreate, type CleaningRecord, CleaningStore, cleaningView, FINISHED, newCleaning } from './cleaning.js';
 import { checkConfigDriveField } from './configdrive.js';
 import { nodeDevice } from './device.js';
@@ -46,6 +47,8 @@ export interface DriverApiDeps {
   reconcile?: ReconcileStore;
   /** Node cleanings; default: on `redis` under the config's prefix. */
   cleanings?: CleaningStore;
+  /** Boot profiles; default: on `redis` under the config's prefix. */
+  profiles?: BootProfileStore;
 }
 
 /** The app, typed with the pino logger it was given. */
@@ -58,6 +61,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   const { config, store, queues } = deps;
   const reconcile = deps.reconcile ?? new ReconcileStore(deps.redis, config.redis.prefix);
   const cleanings = deps.cleanings ?? new CleaningStore(deps.redis, config.redis.prefix);
+  const profiles = deps.profiles ?? new BootProfileStore(deps.redis, config.redis.prefix, config.boot_profiles);
   const app = Fastify({ loggerInstance: deps.log, ...fastifyValidationOptions, bodyLimit: 10 << 20 /* an inline config drive: up to 8 MiB */ });
 
   app.setErrorHandler((err: FastifyError & { field?: string }, req, reply) => {
@@ -95,6 +99,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     device: nodeDevice(rec.spec),
     export_uri: rec.export_uri,
     progress: rec.progress,
+    boot_profile: rec.boot_profile ? { id: rec.boot_profile.id, applied: rec.boot_profile.applied > 0, regions: rec.boot_profile.applied, boots: rec.boot_profile.boots, recording: rec.boot_profile.recording as 'off', collected: rec.boot_profile.collected, note: rec.boot_profile.note } : null,
     last_error: rec.last_error,
     created_at: rec.created_at,
     updated_at: rec.updated_at,
@@ -107,6 +112,13 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     return rec;
   };
   const showCleaning = async (rec: CleaningRecord) => cleaningView(rec, await queues.cleanJobs(rec));
+
+  const profileOf = async (req: { params: unknown }) => {
+    const id = (req.params as { profile_id: string }).profile_id;
+    const p = await profiles.get(id);
+    if (!p) throw new DriverError('DRV_ERR_PROFILE_NOT_FOUND', `no boot profile ${id} (GET /v1/boot-profiles lists them)`);
+    return p;
+  };
 
   const mustGet = async (node: string): Promise<DeploymentRecord> => {
     const rec = await store.get(node);
@@ -128,6 +140,18 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         const f = deps.fitness?.() ?? null;
         const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown' } : {};
         return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down', ...fitness });
+      },
+      async listBootProfiles() {
+        return { profiles: await profiles.list() };
+      },
+      async getBootProfile(req) {
+        return profileOf(req);
+      },
+      async deleteBootProfile(req) {
+        const p = await profileOf(req);
+        await profiles.delete(p.id);
+        deps.log.info({ profile: p.id, key: p.key, boots: p.boots }, 'boot profile deleted');
+        return p;
       },
       async listOrphans() {
         const [orphans, scans, last] = await Promise.all([reconcile.orphans(), reconcile.scans(), reconcile.last()]);

@@ -32,6 +32,7 @@ export interface DriverConfig {
     swift_store_multiple_containers_seed: number;
   };
   manifests: { enabled: boolean; require: boolean; max_regions: number; attempts: number };
+  boot_profiles: { enabled: boolean; history: number; min_share: number; max_regions: number; ttl_days: number; collect_timeout_ms: number };
   reconcile: {
     interval_ms: number;
     remove_orphans: boolean;
@@ -166,6 +167,25 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         },
         max_regions: { type: 'integer', minimum: 1, maximum: 2000000, default: 1048576, description: 'The largest manifest built, in regions (32 bytes each in Redis and on the agent): 1 Mi regions is a 1 TiB image in 1 MiB regions. A larger image is not verified.' },
         attempts: { type: 'integer', minimum: 1, default: 3, description: 'Attempts of a manifest job when reading the image fails transiently.' },
+      },
+    },
+    boot_profiles: {
+      type: 'object',
+      description: "Boot profiles (docs/driver.md, Boot profiles): each deployment's agent records the regions its host reads first while booting; the monitor job stores the recording per image content (beside the image's manifest), and the next deployment of the image has those regions copied first, in boot order, from the moment its disk is created.",
+      default: {},
+      additionalProperties: false,
+      properties: {
+        enabled: { type: 'boolean', default: true, description: 'Record, keep and replay boot profiles. false: disks are created with recording off and no profile; stored profiles stay until deleted (DELETE /v1/boot-profiles/{id}) or expired.' },
+        history: { type: 'integer', minimum: 1, maximum: 50, default: 5, description: 'Recorded boots kept per image; the profile is merged from them (the oldest drops out).' },
+        min_share: { type: 'number', minimum: 0, maximum: 1, default: 0.5, description: 'A region is in the profile when at least this share of the kept boots read it (rounded up; at least one boot).' },
+        max_regions: { type: 'integer', minimum: 1, maximum: 65536, default: 4096, description: 'Regions kept per recorded boot and per merged profile (the earliest in boot order).' },
+        ttl_days: { type: 'integer', minimum: 1, default: 30, description: "An image's profile is forgotten this long after its last boot was stored." },
+        collect_timeout_ms: {
+          type: 'integer',
+          minimum: 1000,
+          default: 1_800_000,
+          description: 'A deployment whose disk completes while its host boots (recording) keeps its monitor job polling until the recording is done, at most this long after the deployment was created. A host that had read nothing by then has its recording collected by the teardown instead.',
+        },
       },
     },
     reconcile: {

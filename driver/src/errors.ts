@@ -15,6 +15,7 @@ export const DRIVER_ERRORS = {
   DRV_ERR_BAD_REQUEST: { message: 'the request is malformed', http: 400, retryable: false },
   DRV_ERR_UNAUTHORIZED: { message: 'authentication failed', http: 401, retryable: false },
   DRV_ERR_NOT_FOUND: { message: 'no such deployment', http: 404, retryable: false },
+  DRV_ERR_PROFILE_NOT_FOUND: { message: 'no such boot profile', http: 404, retryable: false },
   DRV_ERR_CONFLICT: { message: 'the node has another deployment', http: 409, retryable: false },
   DRV_ERR_INVALID: { message: 'the deployment cannot work as specified', http: 422, retryable: false },
   DRV_ERR_IMAGE_SOURCE: { message: 'the image source is not usable', http: 422, retryable: false },

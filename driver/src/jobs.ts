@@ -35,12 +35,25 @@
  * manifest that can never be built (the image does not match Glance's digest) fails the
  * deployment.
  *
+ * Boot profiles (boot-profiles.ts): attach looks up the image's merged profile (in the
+ * region size it asks the agent for) and sends it in the create request, with recording
+ * on; once the disk exists it records the profile key in the disk's real region size and
+ * what the agent did with the profile (a profile the agent refuses as not fitting the
+ * image is deleted: the next boots record a fresh one). The monitor job collects this
+ * deployment's recording once the agent says it is `done`; when hydration completes while
+ * the host is booting (`recording`) it goes on polling until then (at most
+ * boot_profiles.collect_timeout_ms after the deployment was created). A host that had not
+ * read anything by then (`waiting`: hydration beat the power-on) does not keep a job
+ * polling: the teardown job collects its recording, if done, before deleting the disk.
+ * Nothing about profiles ever fails or delays a job: an error is a note on the deployment.
+ *
  * A deployment created with a `callback` gets a push to Ironic (callback.ts) when its
  * attach ends: `end` once the disk is bootable, `error` once the attach failed for good.
  * The push is fire-and-forget: it never delays or fails a job.
  */
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
+import { type BootProfileStore, type MergedProfile, profileId } from './boot-profiles.js';
 import type { Logger } from 'pino';
 import { redactUrl } from '../../image-access/src/index.js';
 import { AgentClient, type Disk, type Erasure } from '../../openapi/clients/agent-client.js';
@@ -54,7 +67,7 @@ import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
-import type { DeploymentRecord, DeploymentStore, Progress } from './store.js';
+import type { BootProfileRecord, DeploymentRecord, DeploymentStore, Progress } from './store.js';
 
 export interface JobDeps {
   store: DeploymentStore;
@@ -67,6 +80,10 @@ export interface JobDeps {
   version?: string;
   /** Where the agents the service uses are registered for reconcile (reconcile.ts). */
   reconcile?: ReconcileStore;
+  /** Boot profiles per image (boot-profiles.ts); absent: none are recorded or replayed. */
+  profiles?: BootProfileStore;
+  /** Counts what happened to profiles (metrics). */
+  onProfile?: (event: 'applied' | 'refused' | 'collected') => void;
 }
 
 /** Pushes the outcome to Ironic if the deployment asked for it; never waits, never throws. */
@@ -155,6 +172,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   let image: ResolvedImage;
   let key: string | null = null;
   let status: ManifestStatus | null = null;
+  let replay: MergedProfile | null = null;
   // Before any disk is made there, so reconcile looks at this agent even if the record is
   // lost later (reconcile.ts).
   await deps.reconcile?.register(rec.agent_url, di.smartnic_agent_token);
@@ -176,6 +194,9 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
         throw new DelayedError();
       }
     }
+    const profiles = deps.profiles && deps.config.boot_profiles.enabled ? deps.profiles : null;
+    const profileRegionSize = di.smartnic_region_size ?? DEFAULT_REGION_SIZE;
+    replay = profiles ? await lookupProfile(deps, profiles, rec, image, profileRegionSize) : null;
     disk = await agent
       .createDisk({
         id: rec.disk_id,
@@ -189,8 +210,10 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
         device: nodeDevice(rec.spec),
         // Ironic's root_gb is GiB; 0 or absent: the agent's default (the whole target device, else the image).
         ...(rec.spec.instance_info.root_gb ? { size: rec.spec.instance_info.root_gb * 2 ** 30 } : {}),
-        ...(di.smartnic_region_size || required ? { region_size: di.smartnic_region_size ?? DEFAULT_REGION_SIZE } : {}),
+        // A profile's regions are of its region size: the disk is asked for that one.
+        ...(di.smartnic_region_size || required || replay ? { region_size: profileRegionSize } : {}),
         hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
+        boot_profile: profiles ? { record: true, ...(replay ? { replay: { region_size: profileRegionSize, regions: replay.merged, boots: replay.boots } } : {}) } : { record: false },
       })
       .catch((err: unknown) => {
         throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
@@ -225,8 +248,12 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
       }
     }
   }
+  const profileKey = deps.profiles && deps.config.boot_profiles.enabled ? manifestKey(image, rec.spec.instance_info, disk.region_size) : null;
+  const bootProfile = profileKey ? await profileOutcome(deps, rec, disk, profileKey, replay) : null;
   const updated = await deps.store.update(rec.node_uuid, rec.deployment_id, {
     state: disk.state === 'complete' ? 'complete' : 'ready',
+    profile_key: profileKey,
+    boot_profile: bootProfile,
     image_url: redactUrl(image.url),
     image_expires_at: expiryOf(image),
     export_uri: disk.export.uri,
@@ -236,9 +263,74 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   });
   if (updated) push(deps, rec, 'end', `streaming disk ${disk.state === 'complete' ? 'complete' : 'ready'}: ${disk.export.uri}`);
   await job.updateProgress(100);
-  if (disk.state !== 'complete') await deps.queues.enqueue('monitor', rec);
-  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via, verified: disk.verified }, 'streaming disk ready');
+  if (disk.state !== 'complete' || bootProfile?.recording === 'recording') await deps.queues.enqueue('monitor', rec);
+  deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, export: disk.export.uri, image: redactUrl(image.url), via: image.via, verified: disk.verified, profile: bootProfile?.applied ?? 0 }, 'streaming disk ready');
   return `ready: ${disk.export.uri}${disk.verified ? ' (verified)' : ''}`;
+}
+
+/** The image's merged profile to replay, or null (none, or Redis failed: a profile never fails a deployment). */
+async function lookupProfile(deps: JobDeps, profiles: BootProfileStore, rec: DeploymentRecord, image: ResolvedImage, regionSize: number): Promise<MergedProfile | null> {
+  const key = manifestKey(image, rec.spec.instance_info, regionSize);
+  if (!key) return null;
+  try {
+    const p = await profiles.forKey(key);
+    return p && p.merged.length > 0 && p.region_size === regionSize ? p : null;
+  } catch (err) {
+    deps.log.warn({ node: rec.node_uuid, err: (err as Error).message }, 'reading the image\'s boot profile failed; deploying without one');
+    return null;
+  }
+}
+
+/** What the agent did with the profile sent (or with recording), for the record; a refused profile is deleted. */
+async function profileOutcome(deps: JobDeps, rec: DeploymentRecord, disk: Disk, key: string, replay: MergedProfile | null): Promise<BootProfileRecord> {
+  const id = profileId(key);
+  const r = disk.boot_profile.replay;
+  let note: string | null = null;
+  if (replay && r.state === 'refused') {
+    note = `boot profile not replayed: ${r.error ?? 'refused by the agent'}; the stored profile is deleted`;
+    deps.onProfile?.('refused');
+    await deps.profiles!.delete(id).catch(() => undefined);
+    deps.log.warn({ node: rec.node_uuid, profile: id }, note);
+  } else if (replay && r.state === 'disabled') {
+    note = 'boot profile not replayed: boot profiles are disabled on the DPU agent';
+  } else if (replay && r.state === 'applied') {
+    deps.onProfile?.('applied');
+  }
+  return { id, applied: r.state === 'applied' ? r.regions : 0, boots: r.state === 'applied' ? (r.boots ?? replay?.boots ?? 0) : 0, recording: disk.boot_profile.recording.state, collected: false, note };
+}
+
+function recordingPending(state: string): boolean {
+  return state === 'waiting' || state === 'recording';
+}
+
+/**
+ * One look at the recording (a monitor poll, or the teardown): stores it once `done`;
+ * returns the record's new boot_profile (or null when nothing changed) and whether a
+ * complete disk is worth polling for it (the host is booting: `recording`).
+ */
+async function collectProfile(deps: JobDeps, rec: DeploymentRecord, disk: Disk): Promise<{ update: BootProfileRecord | null; pending: boolean }> {
+  const bp = rec.boot_profile;
+  if (!bp || bp.collected || !rec.profile_key || !deps.profiles || !deps.config.boot_profiles.enabled) return { update: null, pending: false };
+  const state = disk.boot_profile.recording.state;
+  if (recordingPending(state)) {
+    const late = Date.now() - Date.parse(rec.created_at) > deps.config.boot_profiles.collect_timeout_ms;
+    if (!late) return { update: state !== bp.recording ? { ...bp, recording: state } : null, pending: state === 'recording' };
+    return { update: { ...bp, recording: state, note: `boot not collected: the recording was still ${state} boot_profiles.collect_timeout_ms after the deployment was created` }, pending: false };
+  }
+  if (state !== 'done') return { update: state !== bp.recording ? { ...bp, recording: state, note: state === 'interrupted' ? 'boot not collected: the DPU agent restarted while recording' : bp.note } : null, pending: false };
+  try {
+    const p = await agentFor(rec, deps.config).bootProfile(rec.disk_id);
+    if (p.region_size !== disk.region_size) throw new Error(`the recording is of ${p.region_size}-byte regions, the disk's are ${disk.region_size}`);
+    if (p.regions.length > 0) {
+      await deps.profiles.push({ boot: `${rec.node_uuid}/${rec.deployment_id}/${rec.created_at}`, node: rec.node_uuid, key: rec.profile_key, region_size: p.region_size, recorded_at: p.ended_at ?? new Date().toISOString(), regions: [...p.regions] });
+      deps.onProfile?.('collected');
+    }
+    deps.log.info({ node: rec.node_uuid, profile: bp.id, regions: p.regions.length, stop: p.stop_reason }, 'boot profile collected');
+    return { update: { ...bp, recording: 'done', collected: true, note: p.regions.length > 0 ? bp.note : 'the host read no image region while recording' }, pending: false };
+  } catch (err) {
+    // Tried again at the next poll.
+    return { update: { ...bp, recording: state, note: `collecting the boot profile: ${(err as Error).message}; retrying` }, pending: true };
+  }
 }
 
 /** Downloads or decodes the config drive and has the agent write it onto the disk (a no-op when it already holds it). */
@@ -298,17 +390,18 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
     }
     const progress = progressOf(disk);
     const complete = disk.state === 'complete';
+    const profile = await collectProfile(deps, rec, disk);
     await deps.store.update(rec.node_uuid, rec.deployment_id, {
       progress,
       last_error: [disk.last_error, note].filter((x) => x).join('; ') || null,
       ...(complete ? { state: 'complete' as const } : {}),
+      ...(profile.update ? { boot_profile: profile.update } : {}),
     });
     await job.updateProgress(Math.floor(progress.fraction * 100));
-    if (complete) {
-      deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
-      return 'complete';
-    }
-    if (await renewSource(deps, rec)) return 'stopped: the image source cannot be renewed';
+    if (complete && rec.state !== 'complete') deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
+    if (complete && !profile.pending) return 'complete';
+    // Complete but the host's boot is still being recorded: keep polling for it, without a source to renew.
+    if (!complete && (await renewSource(deps, rec))) return 'stopped: the image source cannot be renewed';
   }
   await job.moveToDelayed(Date.now() + deps.config.jobs.monitor_interval_ms, token);
   throw new DelayedError();
@@ -363,6 +456,7 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   // An attach that has not started yet must not start now.
   const pending = await deps.queues.job('attach', rec);
   if (pending && ['waiting', 'delayed', 'prioritized'].includes(await pending.getState())) await pending.remove().catch(() => undefined);
+  await collectBeforeTeardown(deps, rec);
   try {
     await agentFor(rec, deps.config)
       .deleteDisk(rec.disk_id, job.data.wipe ?? true)
@@ -378,6 +472,20 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   await deps.store.remove(rec.node_uuid, rec.deployment_id);
   deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, wipe: job.data.wipe ?? true }, 'torn down');
   return 'deleted';
+}
+
+/** A boot recorded after the monitor job ended (hydration beat the power-on): stored before the disk goes. Never fails the teardown. */
+async function collectBeforeTeardown(deps: JobDeps, rec: DeploymentRecord): Promise<void> {
+  const bp = rec.boot_profile;
+  if (!bp || bp.collected || !rec.profile_key || !deps.profiles || !deps.config.boot_profiles.enabled) return;
+  try {
+    const disk = await agentFor(rec, deps.config).getDisk(rec.disk_id);
+    if (disk.boot_profile.recording.state !== 'done') return;
+    const { update } = await collectProfile(deps, rec, disk);
+    if (update) await deps.store.update(rec.node_uuid, rec.deployment_id, { boot_profile: update }, { teardown: true });
+  } catch (err) {
+    deps.log.debug({ node: rec.node_uuid, err: (err as Error).message }, 'no boot profile collected at teardown');
+  }
 }
 
 /** How often a clean job starts an erasure again after the agent restarted during one. */

@@ -4,11 +4,14 @@ import { QUEUE_NAMES, type Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
 import { PERSISTENCE_MODES, type RedisFitness } from './redis-fitness.js';
 import type { DeploymentStore } from './store.js';
+import type { BootProfileStore } from './boot-profiles.js';
 
 export interface DriverMetrics {
   registry: Registry;
   jobsFinished: Counter<'queue' | 'result'>;
   orphansRemoved: Counter;
+  /** Boot profiles replayed on a disk (applied), refused by an agent, and boots stored (collected). */
+  bootProfiles: Counter<'event'>;
 }
 
 export interface OpsSources {
@@ -16,6 +19,8 @@ export interface OpsSources {
   reconcile?: ReconcileStore;
   /** The last reading of Redis's settings (redis-fitness.ts). */
   fitness?: () => RedisFitness | null;
+  /** The stored boot profiles, counted at scrape time. */
+  profiles?: BootProfileStore;
 }
 
 export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSources = {}): DriverMetrics {
@@ -66,7 +71,24 @@ export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSo
     help: 'Orphan disks this process deleted (with wipe) on DPU agents (reconcile.remove_orphans).',
     registers: [registry],
   });
-  const { reconcile, fitness } = ops;
+  const bootProfiles = new Counter({
+    name: 'smartnic_driver_boot_profiles_total',
+    help: 'Boot profile events in this process: applied (a profile replayed on a new disk), refused (an agent found it does not fit the image; it was deleted), collected (a recorded boot stored).',
+    labelNames: ['event'],
+    registers: [registry],
+  });
+  for (const event of ['applied', 'refused', 'collected']) bootProfiles.inc({ event }, 0);
+  const { reconcile, fitness, profiles } = ops;
+  if (profiles) {
+    new Gauge({
+      name: 'smartnic_driver_boot_profiles_stored',
+      help: 'Images with a stored boot profile (GET /v1/boot-profiles).',
+      registers: [registry],
+      async collect() {
+        this.set(await profiles.count());
+      },
+    });
+  }
   if (reconcile) {
     new Gauge({
       name: 'smartnic_driver_orphan_disks',
@@ -119,5 +141,5 @@ export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSo
       },
     });
   }
-  return { registry, jobsFinished, orphansRemoved };
+  return { registry, jobsFinished, orphansRemoved, bootProfiles };
 }

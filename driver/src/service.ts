@@ -6,6 +6,7 @@
  * request. Before any of it, Redis's eviction policy and persistence are checked
  * (redis-fitness.ts): an evicting Redis is refused.
  */
+import { BootProfileStore } from './boot-profiles.js';
 import { type Job, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
@@ -76,8 +77,20 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   const apiStore = new DeploymentStore(apiRedis, prefix);
   const reconcileStore = new ReconcileStore(workerRedis, prefix);
   const apiReconcile = new ReconcileStore(apiRedis, prefix);
-  const metrics = createMetrics(apiStore, apiQueues, { reconcile: apiReconcile, fitness: () => fitness.current });
-  const deps: JobDeps = { store, cleanings: new CleaningStore(workerRedis, prefix), queues: jobsQueues, manifests, config, log, version: opts.version ?? '0.0.0', reconcile: reconcileStore };
+  const apiProfiles = new BootProfileStore(apiRedis, prefix, config.boot_profiles);
+  const metrics = createMetrics(apiStore, apiQueues, { reconcile: apiReconcile, fitness: () => fitness.current, profiles: apiProfiles });
+  const deps: JobDeps = {
+    store,
+    cleanings: new CleaningStore(workerRedis, prefix),
+    queues: jobsQueues,
+    manifests,
+    config,
+    log,
+    version: opts.version ?? '0.0.0',
+    reconcile: reconcileStore,
+    profiles: new BootProfileStore(workerRedis, prefix, config.boot_profiles),
+    onProfile: (event) => metrics.bootProfiles.inc({ event }),
+  };
   // Reconcile runs where the workers run (a pass at a time across all processes), on the
   // fail-fast connection: a pass during a Redis outage fails at once (and is tried again
   // at the next tick) instead of waiting, so it never holds up a stop.
@@ -114,7 +127,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
     }
   }
 
-  const app = await buildDriverApi({ config, store: apiStore, queues: apiQueues, redis: apiRedis, metrics, log, version: opts.version ?? '0.0.0', fitness: () => fitness.current, reconcile: apiReconcile });
+  const app = await buildDriverApi({ config, store: apiStore, queues: apiQueues, redis: apiRedis, metrics, log, version: opts.version ?? '0.0.0', fitness: () => fitness.current, reconcile: apiReconcile, profiles: apiProfiles });
   const url = await app.listen({ host: config.listen.host, port: config.listen.port });
   fitness.start(apiRedis);
   reconciler?.start();

@@ -35,9 +35,28 @@ export interface DeploymentRecord {
   last_error: string | null;
   /** The cache key of the image's manifest (manifests.ts), once the attach job knows it; null when the image gets none. */
   manifest_key?: string | null;
+  /** The image's profile key (manifests.ts manifestKey in the disk's region size). */
+  profile_key?: string | null;
+  boot_profile?: BootProfileRecord | null;
   created_at: string;
   updated_at: string;
   spec: DeploymentCreate;
+}
+
+/** What a deployment did with boot profiles (boot-profiles.ts); null when they are off or the image has no key. */
+export interface BootProfileRecord {
+  /** The image's profile id (also when none was stored yet: this deployment's boot goes there). */
+  id: string;
+  /** Regions of the profile replayed on the disk; 0 when none was (none stored, refused, or off on the agent). */
+  applied: number;
+  /** Boots the replayed profile was merged from. */
+  boots: number;
+  /** The agent's recording state, as last seen by the monitor job. */
+  recording: string;
+  /** This boot is stored in the image's profile. */
+  collected: boolean;
+  /** Why the profile was not replayed or the boot not collected, or null. */
+  note: string | null;
 }
 
 export const EMPTY_PROGRESS: Progress = { regions_total: 0, regions_local: 0, bytes_fetched: 0, fetch_rate_bps: 0, fraction: 0 };
@@ -146,6 +165,8 @@ function decode(h: Record<string, string>): DeploymentRecord {
     progress: json<Progress>('progress', EMPTY_PROGRESS),
     last_error: json<string | null>('last_error', null),
     manifest_key: json<string | null>('manifest_key', null),
+    profile_key: json<string | null>('profile_key', null),
+    boot_profile: json<BootProfileRecord | null>('boot_profile', null),
     created_at: h['created_at'] ?? '',
     updated_at: h['updated_at'] ?? '',
     spec: json<DeploymentCreate>('spec', {} as DeploymentCreate),

@@ -122,6 +122,11 @@ export const ERRORS = {
     errno: NbdErrno.EIO,
     http: 400,
   },
+  DPU_ERR_PROFILE_INVALID: {
+    message: 'the boot profile cannot be replayed on this disk',
+    retryable: false,
+    http: 400,
+  },
   DPU_ERR_STATE_CORRUPT: {
     message: 'the region map in the state directory is unreadable',
     retryable: false,

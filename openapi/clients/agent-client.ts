@@ -6,6 +6,7 @@ import { call, type ClientOptions, createHttp } from './http.js';
 export type Disk = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
 export type RegionMap = components['schemas']['RegionMap'];
+export type BootProfile = components['schemas']['BootProfile'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type AgentHealth = components['schemas']['Health'];
@@ -41,6 +42,11 @@ export class AgentClient {
 
   regionMap(id: string): Promise<RegionMap> {
     return call(this.http.get<RegionMap>(`/v1/disks/${encodeURIComponent(id)}/regions`), `region map of ${id}`);
+  }
+
+  /** The regions the host read first while it booted, in order (GET /v1/disks/{id}/boot-profile). */
+  bootProfile(id: string): Promise<BootProfile> {
+    return call(this.http.get<BootProfile>(`/v1/disks/${encodeURIComponent(id)}/boot-profile`), `boot profile of ${id}`);
   }
 
   updateHydration(id: string, body: HydrationUpdate): Promise<Disk> {

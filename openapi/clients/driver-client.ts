@@ -11,6 +11,8 @@ export type ValidateResult = components['schemas']['ValidateResult'];
 export type DriverHealth = components['schemas']['Health'];
 export type Cleaning = components['schemas']['Cleaning'];
 export type CleaningCreate = components['schemas']['CleaningCreate'];
+export type BootProfile = components['schemas']['BootProfile'];
+export type BootProfileSummary = components['schemas']['BootProfileSummary'];
 
 export class DriverClient {
   private readonly http: AxiosInstance;
@@ -59,6 +61,18 @@ export class DriverClient {
 
   cancelCleaning(node: string): Promise<Cleaning> {
     return call(this.http.delete<Cleaning>(`/v1/nodes/${encodeURIComponent(node)}/cleaning`), `cancel the cleaning of ${node}`);
+  }
+
+  listBootProfiles(): Promise<BootProfileSummary[]> {
+    return call(this.http.get<{ profiles: BootProfileSummary[] }>('/v1/boot-profiles'), 'list boot profiles').then((r) => [...r.profiles]);
+  }
+
+  getBootProfile(id: string): Promise<BootProfile> {
+    return call(this.http.get<BootProfile>(`/v1/boot-profiles/${encodeURIComponent(id)}`), `boot profile ${id}`);
+  }
+
+  deleteBootProfile(id: string): Promise<BootProfile> {
+    return call(this.http.delete<BootProfile>(`/v1/boot-profiles/${encodeURIComponent(id)}`), `delete boot profile ${id}`);
   }
 
   metrics(): Promise<string> {

@@ -110,6 +110,32 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/boot-profile": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        /**
+         * The regions the host read first while it booted, in the order of their first read.
+         * @description Recorded from the host's first read on (see docs/dpu-agent.md, Boot profiles) until
+         *     `boot_profiles.window_ms` later or `boot_profiles.max_regions` regions, whichever
+         *     comes first; readable while it runs (state `recording`, the regions so far). The
+         *     driver keeps the profile once its state is `done` and replays it, merged with the
+         *     image's earlier boots, on the next disk of the same image.
+         */
+        readonly get: operations["getBootProfile"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/disks/{id}/hydration": {
         readonly parameters: {
             readonly query?: never;
@@ -357,6 +383,29 @@ export interface components {
                  */
                 readonly bandwidth?: number;
             };
+            /** @description Boot profiles (docs/dpu-agent.md): whether to record this disk's boot reads, and a profile of the same image to replay. Ignored when the agent's `boot_profiles.enabled` is false. */
+            readonly boot_profile?: {
+                /**
+                 * @description Record the regions the host reads first (GET /v1/disks/{id}/boot-profile).
+                 * @default true
+                 */
+                readonly record?: boolean;
+                /**
+                 * @description Regions to copy first, in this order, from the moment the disk is created
+                 *     (before the sequential sweep; after the host's own misses). Of another
+                 *     region size than the disk's: 400 DPU_ERR_PROFILE_INVALID. A region past the
+                 *     image: the disk is created, the profile is not replayed (`boot_profile.replay.state`
+                 *     `refused`, with the reason).
+                 */
+                readonly replay?: {
+                    /** @description The region size the profile was recorded in; must be the disk's. */
+                    readonly region_size: number;
+                    /** @description Region numbers in the order to copy them; duplicates are copied once. */
+                    readonly regions: readonly number[];
+                    /** @description How many recorded boots the profile was merged from (shown in the disk's state only). */
+                    readonly boots?: number;
+                };
+            };
         };
         readonly ImageSource: {
             /** @description HTTP(S) URL of the image; must honour Range. */
@@ -502,7 +551,55 @@ export interface components {
                 readonly state: "running" | "paused" | "complete" | "stopped" | "disabled" | "failed";
                 readonly bandwidth: number;
             };
+            readonly boot_profile: components["schemas"]["DiskBootProfile"];
             readonly last_error: string | null;
+        };
+        /** @description The disk's boot profiles, recorded and replayed. */
+        readonly DiskBootProfile: {
+            readonly recording: {
+                /**
+                 * @description off: not recorded (the request or the agent's config said so); waiting: no host read yet; recording: since the first host read; done: the window passed or the region budget is full (GET …/boot-profile has it); interrupted: the agent restarted while recording, and a partial boot is not kept.
+                 * @enum {string}
+                 */
+                readonly state: "off" | "waiting" | "recording" | "done" | "interrupted";
+                /** @description Regions recorded so far. */
+                readonly regions: number;
+                /** @enum {string|null} */
+                readonly stop_reason?: "window" | "budget" | null;
+            };
+            readonly replay: {
+                /**
+                 * @description none: the request carried no profile; applied: its regions were queued first, in order, when the disk was opened; refused: it does not fit the image (see error), nothing of it was applied; disabled: the agent's boot_profiles.enabled is false.
+                 * @enum {string}
+                 */
+                readonly state: "none" | "applied" | "refused" | "disabled";
+                /** @description Regions in the profile. */
+                readonly regions: number;
+                /** @description Regions of the profile that are local or zero (served without the network). */
+                readonly local: number;
+                /** @description How many boots the profile was merged from, as the request said. */
+                readonly boots?: number | null;
+                /** @description Why the profile was refused (DPU_ERR_PROFILE_INVALID: …). */
+                readonly error: string | null;
+            };
+        };
+        readonly BootProfile: {
+            /** @enum {string} */
+            readonly state: "off" | "waiting" | "recording" | "done" | "interrupted";
+            readonly region_size: number;
+            /** @description Regions that hold the image; reads past them (a root disk larger than the image) are not recorded. */
+            readonly image_regions: number;
+            /** @description Each image region the host read, once, in the order of its first read. */
+            readonly regions: readonly number[];
+            /**
+             * Format: date-time
+             * @description The host's first read.
+             */
+            readonly started_at: string | null;
+            /** Format: date-time */
+            readonly ended_at: string | null;
+            /** @enum {string|null} */
+            readonly stop_reason: "window" | "budget" | null;
         };
         readonly RegionMap: {
             readonly region_size: number;
@@ -852,6 +949,31 @@ export interface operations {
                     readonly "application/json": components["schemas"]["Error"];
                 };
             };
+        };
+    };
+    readonly getBootProfile: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The recording. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["BootProfile"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            readonly 409: components["responses"]["Wiping"];
         };
     };
     readonly updateHydration: {

@@ -171,6 +171,43 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/boot-profiles": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        /** The images' boot profiles stored (docs/driver.md, Boot profiles). */
+        readonly get: operations["listBootProfiles"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
+    readonly "/v1/boot-profiles/{profile_id}": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly profile_id: components["parameters"]["ProfileParam"];
+            };
+            readonly cookie?: never;
+        };
+        /** An image's boot profile, merged from its last recorded boots, and those boots. */
+        readonly get: operations["getBootProfile"];
+        readonly put?: never;
+        readonly post?: never;
+        /** Forget an image's recorded boots; the next deployments of the image record anew. */
+        readonly delete: operations["deleteBootProfile"];
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/nodes/{node_uuid}/cleaning": {
         readonly parameters: {
             readonly query?: never;
@@ -422,6 +459,34 @@ export interface components {
             /** @example 512L3f1533r */
             readonly map: string;
         };
+        readonly BootProfileSummary: {
+            readonly id: string;
+            /** @description The image's manifest key: format, region size, and the digest (or identity) of its content. */
+            readonly key: string;
+            readonly region_size: number;
+            /** @description Recorded boots kept (at most boot_profiles.history). */
+            readonly boots: number;
+            /** @description Regions of the merged profile. */
+            readonly regions: number;
+            /**
+             * Format: date-time
+             * @description When the newest boot was recorded.
+             */
+            readonly updated_at: string;
+        };
+        readonly BootProfile: components["schemas"]["BootProfileSummary"] & {
+            /** @description The profile replayed on the next disk of the image: regions kept by at least boot_profiles.min_share of the boots, ordered by their mean rank in the boots that read them. */
+            readonly merged: readonly number[];
+            /** @description The recorded boots, newest first. */
+            readonly history: readonly {
+                /** @description <node>/<deployment>/<created_at> */
+                readonly boot: string;
+                readonly node: string;
+                /** Format: date-time */
+                readonly recorded_at: string;
+                readonly regions: number;
+            }[];
+        };
         readonly Progress: {
             readonly regions_total: number;
             readonly regions_local: number;
@@ -454,6 +519,26 @@ export interface components {
             readonly disk_id: string;
             readonly export_uri: string | null;
             readonly progress: components["schemas"]["Progress"];
+            /** @description What the deployment did with boot profiles (docs/driver.md, Boot profiles); null when they are off, the image has nothing naming its content, or the disk is not created yet. */
+            readonly boot_profile: null | {
+                /** @description The image's profile (GET /v1/boot-profiles/{id}); this boot is stored there. */
+                readonly id: string;
+                /** @description A profile was replayed: its regions were copied first, in boot order, from the disk's creation. */
+                readonly applied: boolean;
+                /** @description Regions of the replayed profile (0 when none). */
+                readonly regions: number;
+                /** @description Recorded boots the replayed profile was merged from. */
+                readonly boots: number;
+                /**
+                 * @description This boot's recording on the DPU agent, as last polled.
+                 * @enum {string}
+                 */
+                readonly recording: "off" | "waiting" | "recording" | "done" | "interrupted";
+                /** @description This boot is stored in the image's profile. */
+                readonly collected: boolean;
+                /** @description Why the profile was not replayed or this boot not collected. */
+                readonly note: string | null;
+            };
             readonly last_error: string | null;
             /** Format: date-time */
             readonly created_at: string;
@@ -472,6 +557,15 @@ export interface components {
         };
     };
     responses: {
+        /** @description No such boot profile (DRV_ERR_PROFILE_NOT_FOUND). */
+        readonly ProfileNotFound: {
+            headers: {
+                readonly [name: string]: unknown;
+            };
+            content: {
+                readonly "application/json": components["schemas"]["Error"];
+            };
+        };
         /** @description Malformed; `message` names the field and what is accepted. */
         readonly BadRequest: {
             headers: {
@@ -511,6 +605,7 @@ export interface components {
     };
     parameters: {
         readonly NodeParam: components["schemas"]["NodeId"];
+        readonly ProfileParam: string;
     };
     requestBodies: never;
     headers: never;
@@ -835,6 +930,77 @@ export interface operations {
                     readonly "application/json": components["schemas"]["Error"];
                 };
             };
+        };
+    };
+    readonly listBootProfiles: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path?: never;
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description One summary per image content and region size. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": {
+                        readonly profiles: readonly components["schemas"]["BootProfileSummary"][];
+                    };
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+        };
+    };
+    readonly getBootProfile: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly profile_id: components["parameters"]["ProfileParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The profile. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["BootProfile"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["ProfileNotFound"];
+        };
+    };
+    readonly deleteBootProfile: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly profile_id: components["parameters"]["ProfileParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The profile as it was. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["BootProfile"];
+                };
+            };
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["ProfileNotFound"];
         };
     };
     readonly getCleaning: {

@@ -73,6 +73,8 @@ describe('dashboard in headless Chromium', function () {
     assert.ok(later > first, `region map filled in: ${first} → ${later} local`);
     assert.equal(await page.locator('#dep-node-dash .node').textContent(), 'node-dash');
     assert.match((await page.locator('#dep-node-dash .local').textContent()) ?? '', /\/256 regions/);
+    // A plain URL with no digest names no image content: no boot profile to keep or replay.
+    assert.equal(await page.locator('#dep-node-dash .profile').textContent(), 'off');
     assert.equal(await page.locator('#queues').getAttribute('href'), '/queues');
     const shot = await page.screenshot(SCREENSHOT ? { path: SCREENSHOT } : {});
     assert.ok(shot.length > 10_000, 'the page rendered');

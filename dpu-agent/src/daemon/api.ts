@@ -65,6 +65,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     getDisk: async (req) => manager.get(idOf(req)),
     deleteDisk: async (req) => manager.delete(idOf(req), (req.query as { wipe?: boolean }).wipe === true),
     getRegionMap: async (req) => manager.regionMap(idOf(req)),
+    getBootProfile: async (req) => manager.bootProfile(idOf(req)),
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
     updateSource: async (req) => manager.setSource(idOf(req), req.body as SourceUpdate),
     setManifest: async (req) => {

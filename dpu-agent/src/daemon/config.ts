@@ -32,6 +32,7 @@ export interface AgentConfig {
     commit_interval_ms: number;
     open_timeout_ms: number;
   };
+  boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
@@ -111,6 +112,17 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
         stall_timeout_ms: { type: 'integer', minimum: 1, default: 10_000, description: 'An attempt is abandoned and retried when the body stops flowing this long.' },
         commit_interval_ms: { type: 'integer', minimum: 10, default: 1000, description: 'Commit the region map at least this often while it changes.' },
         open_timeout_ms: { type: 'integer', minimum: 1, default: 5000, description: 'How long opening a disk waits for its origin to answer (size and identity): past it a create fails with 502, a disk resumed at start-up is listed `failed`.' },
+      },
+    },
+    boot_profiles: {
+      type: 'object',
+      description: 'Boot profiles (docs/dpu-agent.md, Boot profiles): record the regions a host reads first, in order, while it boots (GET /v1/disks/{id}/boot-profile), and copy a given profile\'s regions first (`boot_profile.replay` of a create request).',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        enabled: { type: 'boolean', default: true, description: 'Record and replay boot profiles. false: nothing is recorded, and a create request\'s profile is ignored (`boot_profile.replay.state` says `disabled`).' },
+        window_ms: { type: 'integer', minimum: 100, default: 180_000, description: 'A recording ends this long after the host\'s first read (a Debian cloud image boots to cloud-init\'s end in 1-2 min under TCG; far less on hardware).' },
+        max_regions: { type: 'integer', minimum: 1, maximum: 65_536, default: 4096, description: 'A recording ends once it holds this many regions (4 bytes each while recording; 4 GiB in 1 MiB regions).' },
       },
     },
     reopen_interval_ms: { type: 'integer', minimum: 100, default: 10_000, description: 'A resumed disk that could not be opened (origin unreachable) is retried this often.' },

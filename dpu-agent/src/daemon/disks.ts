@@ -13,6 +13,11 @@
  *   manifest.verifying  present while the regions that were local before the manifest came
  *                are read back and verified; a disk opened with it present runs that pass
  *                again, so `verified` never survives a crash in the middle of it.
+ *   boot-profile.json  the boot profile recorded on this disk (streaming/boot-profile.ts),
+ *                written once the recording is done, so the driver can still read it after
+ *                an agent restart. A recording the agent stopped in the middle of is not
+ *                kept: the disk reports it `interrupted` (a partial boot would teach the
+ *                next deployment a wrong order).
  *   disk.json, regions.map, lock   the streaming disk's own (see streaming/open.ts).
  *
  * Ordering, and why:
@@ -50,6 +55,7 @@ import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file
 import { blockDeviceSize } from '../local/target.js';
 import { Manifest } from '../../../image-access/src/manifest.js';
 import { writeConfigDrive } from '../streaming/config-drive.js';
+import { BootRecorder, type RecordedProfile, type RecordingState, replayProblem } from '../streaming/boot-profile.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
@@ -67,6 +73,8 @@ export type DiskCreate = components['schemas']['DiskCreate'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
 export type RegionMapView = components['schemas']['RegionMap'];
+export type BootProfileView = components['schemas']['BootProfile'];
+type DiskBootProfileView = components['schemas']['DiskBootProfile'];
 
 /** spec.json: the create request with every default filled in. */
 export interface DiskSpec {
@@ -83,6 +91,8 @@ export interface DiskSpec {
   device?: DeviceIdentity;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
   hydration: { enabled: boolean; paused: boolean; bandwidth: number };
+  /** Absent in specs written before boot profiles: nothing recorded, nothing replayed. */
+  boot_profile?: { record: boolean; replay?: { region_size: number; regions: number[]; boots?: number } };
   /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
   wipe_pending?: { requested_at: string };
 }
@@ -101,6 +111,10 @@ export interface DiskMetrics {
   failed: boolean;
   failedRegions: number;
   wipePending: boolean;
+  profileRecording: boolean;
+  profileRecordedRegions: number;
+  profileReplayRegions: number;
+  profileReplayLocal: number;
 }
 
 export interface DiskManagerOptions {
@@ -116,6 +130,7 @@ const MANIFEST_FILE = 'manifest.bin';
 const CONFIG_DRIVE_FILE = 'config-drive.json';
 type ConfigDriveRecord = NonNullable<DiskView['config_drive']>;
 const VERIFYING_FILE = 'manifest.verifying';
+const BOOT_PROFILE_FILE = 'boot-profile.json';
 /** What a disk whose wipe is pending keeps in its directory: the spec (with the pending wipe) and disk.json (its size, for the view). */
 const KEPT_WHILE_WIPING = new Set(['spec.json', 'disk.json']);
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
@@ -155,6 +170,14 @@ class ManagedDisk {
   removed = false;
   /** Deleted with wipe, and the wipe has not succeeded yet (spec.wipe_pending is on disk). */
   wiping: boolean;
+  /** The boot profile being recorded, or null (see bootProfiles). */
+  recorder: BootRecorder | null = null;
+  /** The finished recording (boot-profile.json), or null. */
+  recorded: RecordedProfile | null;
+  /** What the recording is when neither of the above says: off, or interrupted by a restart. */
+  recordingState: RecordingState | 'off' | 'interrupted' = 'off';
+  /** The profile replayed on this disk: its regions (when applied), and what became of it. */
+  replay: { state: DiskBootProfileView['replay']['state']; regions: readonly number[]; count: number; error: string | null } = { state: 'none', regions: [], count: 0, error: null };
 
   constructor(
     public spec: DiskSpec,
@@ -164,6 +187,7 @@ class ManagedDisk {
   ) {
     this.record = readDiskRecord(dir);
     this.configDrive = readConfigDriveRecord(dir);
+    this.recorded = readRecordedProfile(dir);
     this.wiping = spec.wipe_pending !== undefined;
     this.removed = this.wiping;
     const { kind, name, host, port } = spec.export;
@@ -279,11 +303,13 @@ export class DiskManager {
       const fresh = !fs.existsSync(dir);
       fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
       writeJsonAtomic(path.join(dir, 'spec.json'), spec);
+      // A directory left by an earlier disk of this id keeps no recording of that disk's boot.
+      fs.rmSync(path.join(dir, BOOT_PROFILE_FILE), { force: true });
       const m = new ManagedDisk(spec, dir, this.socketPath(spec.id), this.tcpTls !== undefined);
       this.opening.set(key, spec.id);
       try {
         if (!spec.target.path.startsWith('/dev/')) fs.mkdirSync(path.dirname(spec.target.path), { recursive: true, mode: 0o750 });
-        await this.open(m);
+        await this.open(m, true);
       } catch (err) {
         // Leave a directory that held a disk before (a complete copy, say) as it was.
         if (fresh) fs.rmSync(dir, { recursive: true, force: true });
@@ -466,7 +492,9 @@ export class DiskManager {
       if (m.configDrive?.sha256 === sha256) return this.view(m);
       const disk = m.opened?.disk;
       if (!disk) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" is not open${m.lastError ? ` (${m.lastError})` : ''}; write the config drive once it is`);
-      const placed = await writeConfigDrive(disk, drive);
+      // The agent's own reads of the partition table are not the host's boot.
+      const recorder = m.recorder;
+      const placed = recorder ? await recorder.unrecorded(() => writeConfigDrive(disk, drive)) : await writeConfigDrive(disk, drive);
       const record: ConfigDriveRecord = { ...placed, bytes: drive.length, sha256, written_at: new Date().toISOString() };
       writeJsonAtomic(path.join(m.dir, CONFIG_DRIVE_FILE), record);
       m.configDrive = record;
@@ -497,6 +525,10 @@ export class DiskManager {
         failed: (!m.opened || (p?.failed ?? false)) && !m.wiping,
         failedRegions: p?.failedRegions ?? 0,
         wipePending: m.wiping,
+        profileRecording: m.recorder?.state === 'recording',
+        profileRecordedRegions: m.recorder?.regionCount ?? m.recorded?.regions.length ?? 0,
+        profileReplayRegions: m.replay.state === 'applied' ? m.replay.count : 0,
+        profileReplayLocal: this.replayLocal(m),
       };
     });
   }
@@ -569,6 +601,12 @@ export class DiskManager {
     }
     const h = req.hydration;
     const size = req.size ?? targetDeviceSize(real);
+    const bp = req.boot_profile;
+    if (bp?.replay) {
+      // Whether its regions lie in the image is known once the disk is open (see bootProfiles).
+      const problem = replayProblem(bp.replay, regionSize, null);
+      if (problem) throw problem;
+    }
     return {
       version: 1,
       id: req.id,
@@ -588,11 +626,15 @@ export class DiskManager {
       hydration: h
         ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0 }
         : { enabled: true, paused: cfg.defaults.hydration_paused, bandwidth: cfg.defaults.bandwidth },
+      boot_profile: {
+        record: bp?.record ?? true,
+        ...(bp?.replay ? { replay: { region_size: bp.replay.region_size, regions: [...bp.replay.regions], ...(bp.replay.boots !== undefined ? { boots: bp.replay.boots } : {}) } } : {}),
+      },
     };
   }
 
   /** Opens the streaming disk and its NBD server, and starts hydration as the spec says. */
-  private async open(m: ManagedDisk): Promise<void> {
+  private async open(m: ManagedDisk, created = false): Promise<void> {
     const { spec } = m;
     const d = this.config.defaults;
     const log = this.log.child({ disk: spec.id });
@@ -666,8 +708,107 @@ export class DiskManager {
       m.lastError = null;
       log.info('disk complete: every region is local');
     });
+    this.bootProfiles(m, opened, created, log);
     if (spec.hydration.enabled && !spec.hydration.paused) opened.hydrator.start();
     log.info({ uri: m.exportInfo.uri, regions: opened.disk.map.count, local: opened.disk.map.local, complete: opened.disk.complete }, 'NBD export listening');
+  }
+
+  /**
+   * Boot profiles of a disk just opened (streaming/boot-profile.ts): the profile of the
+   * request is queued first in the hydrator, before hydration starts (so before the host
+   * can be powered on), unless it does not fit the image — then it is refused whole and
+   * the disk says why; a profile never fails a disk. Recording starts on a disk created
+   * now; a disk resumed after a restart keeps the recording it finished (boot-profile.json)
+   * or reports it interrupted. Replay is repeated at every open: regions already local are
+   * skipped when their turn comes.
+   */
+  private bootProfiles(m: ManagedDisk, opened: OpenedDisk, created: boolean, log: Logger): void {
+    const cfg = this.config.boot_profiles;
+    const bp = m.spec.boot_profile;
+    const disk = opened.disk;
+    const regionSize = disk.map.regionSize;
+    const imageRegions = Math.ceil(disk.imageSize / regionSize);
+    m.replay = { state: 'none', regions: [], count: bp?.replay?.regions.length ?? 0, error: null };
+    if (bp?.replay && !cfg.enabled) m.replay.state = 'disabled';
+    else if (bp?.replay) {
+      const problem = replayProblem(bp.replay, regionSize, imageRegions);
+      if (problem) {
+        m.replay = { ...m.replay, state: 'refused', error: `${problem.code}: ${problem.message}` };
+        log.warn({ code: problem.code, regions: bp.replay.regions.length }, `boot profile refused: ${problem.message}`);
+      } else {
+        m.replay = { ...m.replay, state: 'applied', regions: bp.replay.regions };
+        if (!disk.complete) opened.hydrator.prioritize(bp.replay.regions);
+        log.info({ regions: bp.replay.regions.length, boots: bp.replay.boots }, 'boot profile applied: its regions are copied first, in boot order');
+      }
+    }
+    m.recorder?.detach();
+    m.recorder = null;
+    if (m.recorded) return; // finished before a restart: kept as it is
+    if (!cfg.enabled || !bp || !bp.record) {
+      m.recordingState = 'off';
+      return;
+    }
+    if (!created) {
+      m.recordingState = 'interrupted';
+      return;
+    }
+    const recorder = new BootRecorder({ regionSize, imageRegions, windowMs: cfg.window_ms, maxRegions: cfg.max_regions });
+    recorder.once('done', () => {
+      const profile = recorder.view();
+      m.recorded = profile;
+      if (m.recorder === recorder) m.recorder = null;
+      // Not on the read that filled the budget: the file is written on a later turn.
+      setImmediate(() => {
+        if (m.removed || m.wiping) return;
+        try {
+          writeJsonAtomic(path.join(m.dir, BOOT_PROFILE_FILE), profile);
+        } catch (err) {
+          log.warn({ err: (err as Error).message }, 'cannot store the recorded boot profile; it is lost at the next restart');
+        }
+        log.info({ regions: profile.regions.length, stop: profile.stop_reason }, 'boot profile recorded');
+      });
+    });
+    recorder.attach(disk);
+    m.recorder = recorder;
+  }
+
+  /** The boot profile recorded on the disk (in progress, done, or why there is none). */
+  bootProfile(id: string): BootProfileView {
+    const m = this.findLive(id);
+    if (m.recorder) return m.recorder.view();
+    if (m.recorded) return m.recorded;
+    const regionSize = m.opened?.disk.map.regionSize ?? m.record?.regionSize ?? m.spec.region_size;
+    const imageSize = m.opened?.disk.imageSize ?? m.record?.imageSize ?? 0;
+    return { state: m.recordingState, region_size: regionSize, image_regions: Math.ceil(imageSize / regionSize), regions: [], started_at: null, ended_at: null, stop_reason: null };
+  }
+
+  private bootProfileView(m: ManagedDisk): DiskBootProfileView {
+    const rec = m.recorder ?? null;
+    const recorded = m.recorded;
+    const recording = rec
+      ? { state: rec.state, regions: rec.regionCount, stop_reason: null }
+      : recorded
+        ? { state: recorded.state, regions: recorded.regions.length, stop_reason: recorded.stop_reason }
+        : { state: m.recordingState, regions: 0, stop_reason: null };
+    const boots = m.spec.boot_profile?.replay?.boots;
+    return {
+      recording,
+      replay: { state: m.replay.state, regions: m.replay.count, local: this.replayLocal(m), boots: boots ?? null, error: m.replay.error },
+    };
+  }
+
+  /** Regions of the applied profile that are local or zero (served without the network). */
+  private replayLocal(m: ManagedDisk): number {
+    const map = m.opened?.disk.map;
+    if (!map || m.replay.state !== 'applied') return 0;
+    if (map.complete) return m.replay.count;
+    const states = map.states;
+    let n = 0;
+    for (const r of m.replay.regions) {
+      const s = states[r];
+      if (s === RegionState.Local || s === RegionState.Zero) n++;
+    }
+    return n;
   }
 
   /** For resume: opens, or marks the disk failed and tries again later. */
@@ -690,6 +831,11 @@ export class DiskManager {
 
   private async closeDisk(m: ManagedDisk): Promise<void> {
     const { server, opened } = m;
+    if (m.recorder) {
+      m.recorder.detach(); // a recording cut short is not kept (see bootProfiles)
+      m.recorder = null;
+      if (!m.recorded) m.recordingState = 'interrupted';
+    }
     m.server = null;
     m.opened = null;
     try {
@@ -732,6 +878,7 @@ export class DiskManager {
       verified: p?.verified ?? false,
       integrity_failures: p?.integrityFailures ?? 0,
       hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },
+      boot_profile: this.bootProfileView(m),
       last_error: m.lastError,
     };
   }
@@ -830,6 +977,16 @@ function readManifest(dir: string, log: Logger): Manifest | null {
     return Manifest.decode(buf);
   } catch (err) {
     log.error({ err: (err as Error).message }, `${MANIFEST_FILE} is unusable: the disk streams unverified until a manifest is uploaded again`);
+    return null;
+  }
+}
+
+/** The recording finished before a restart (boot-profile.json), or null. */
+function readRecordedProfile(dir: string): RecordedProfile | null {
+  try {
+    const p = JSON.parse(fs.readFileSync(path.join(dir, BOOT_PROFILE_FILE), 'utf8')) as RecordedProfile;
+    return p.state === 'done' && Array.isArray(p.regions) ? p : null;
+  } catch {
     return null;
   }
 }

@@ -29,6 +29,10 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
     ['complete', '1 once every region is local and the source is closed.', (d) => (d.complete ? 1 : 0)],
     ['failed', '1 while the disk cannot be opened or its local target failed (see last_error in the API).', (d) => (d.failed ? 1 : 0)],
     ['regions_failed', 'Regions that failed verification five times and are not fetched again.', (d) => d.failedRegions],
+    ['boot_profile_recording', '1 while the host\'s boot reads are being recorded (boot_profile.recording.state recording).', (d) => (d.profileRecording ? 1 : 0)],
+    ['boot_profile_recorded_regions', 'Regions recorded in the disk\'s boot profile so far.', (d) => d.profileRecordedRegions],
+    ['boot_profile_replay_regions', 'Regions of the boot profile replayed on the disk (0: none applied).', (d) => d.profileReplayRegions],
+    ['boot_profile_replay_local_regions', 'Regions of the replayed boot profile that are local (or zero) already.', (d) => d.profileReplayLocal],
     ['wipe_pending', '1 while the disk is deleted but its target is not wiped yet (state wiping; a DELETE retries the wipe).', (d) => (d.wipePending ? 1 : 0)],
   ];
   // One snapshot per scrape, shared by every gauge's collect().

@@ -58,6 +58,7 @@ import type { Manifest } from '../../../image-access/src/manifest.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
 import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
+import type { ReadRecorder } from './boot-profile.js';
 
 export interface StreamingDiskOptions {
   /** Null once the disk has cut over: every region is local and the network is not needed. */
@@ -250,6 +251,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly blockFetches = new Set<Promise<void>>();
   private blockMisses = 0;
   private blockBytesFetched = 0;
+  /** While a boot profile is recorded (boot-profile.ts): told of every host read, first thing. Null otherwise. */
+  recorder: ReadRecorder | null = null;
 
   constructor(opts: StreamingDiskOptions) {
     super();
@@ -437,6 +440,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   // ---- reads -------------------------------------------------------------------------
 
   read(offset: number, dest: Buffer): MaybePromise<void> {
+    if (this.recorder !== null) this.recorder.onRead(offset, dest.length);
     this.assertUsable();
     const map = this.map;
     const first = map.regionOf(offset);
