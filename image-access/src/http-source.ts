@@ -17,15 +17,23 @@
  * uses the new one; when the identity came from the ETag, the first answer through the
  * new URL must carry the same ETag.
  *
- * Connections come from a keep-alive pool. `maxConnections` bounds them; background
- * (hydration) reads may use at most `backgroundConnections`, so a host's read miss always
- * finds a free connection instead of queueing behind a background batch.
+ * Connections come from two keep-alive pools, one per priority, so a host's miss goes out
+ * on a warm connection of its own (the size probe opens the first one) and never queues
+ * behind a background batch, in the pool or on a socket. `maxConnections` bounds them;
+ * background (hydration) reads may use at most `backgroundConnections`.
+ *
+ * A background read is sent as requests of about `backgroundRequestMs` of link time each,
+ * one after another, sized from the rate background bytes arrive at (the link's share):
+ * the origin puts at most that much ahead of a miss in the link's queue, whatever the
+ * batch size (1 Gbit/s: 256 KiB requests; 10 Gbit/s: 2.5 MiB). A miss then waits behind
+ * ~2 ms of background traffic instead of whole 8 MiB batches.
  *
  * This is node:http, not axios (which the control plane's API clients use): a range reader
  * needs one GET with a streamed body, and axios cost the agent 22 MiB of its resident
  * memory on a DPU whose whole budget is 64 MiB (bench/scaling.ts).
  */
 import http from 'node:http';
+import { performance } from 'node:perf_hooks';
 import https from 'node:https';
 import type { Logger } from 'pino';
 import { DpuError } from './errors.js';
@@ -52,6 +60,11 @@ export interface HttpSourceOptions {
    * `retryDeadlineMs` for an origin that is down. @default retryDeadlineMs
    */
   probeDeadlineMs?: number;
+  /**
+   * Link time a background request carries at most, ms; 0 sends each background read as
+   * one request. @default 2
+   */
+  backgroundRequestMs?: number;
   /** Replaces the identity derived from size and ETag (e.g. an image id and checksum). */
   identity?: string;
   log?: Logger;
@@ -61,10 +74,25 @@ const DEFAULTS = {
   headers: {} as Record<string, string>,
   maxConnections: 8,
   backgroundConnections: 2,
+  backgroundRequestMs: 2,
   retryDeadlineMs: 30_000,
   stallTimeoutMs: 10_000,
   headersTimeoutMs: 10_000,
 };
+
+/** Background request sizes: a multiple of this, between the bounds; the first before any rate is known. */
+const BG_REQUEST_QUANTUM = 64 << 10;
+const BG_REQUEST_MAX = 8 << 20;
+const BG_REQUEST_FIRST = 1 << 20;
+
+/**
+ * The background request size for a link share of `bytesPerSecond`: `ms` of it, in
+ * 64 KiB steps, from 64 KiB to 8 MiB.
+ */
+export function backgroundRequestBytes(bytesPerSecond: number, ms: number): number {
+  const raw = (bytesPerSecond * ms) / 1000;
+  return Math.min(BG_REQUEST_MAX, Math.max(BG_REQUEST_QUANTUM, Math.round(raw / BG_REQUEST_QUANTUM) * BG_REQUEST_QUANTUM));
+}
 
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
@@ -122,14 +150,18 @@ export class HttpSource implements RemoteSource {
   private readonly etag: string | undefined;
   private checkEtagNext = false;
   private readonly opts: typeof DEFAULTS & HttpSourceOptions;
-  private readonly agents: { http: http.Agent; https: https.Agent };
+  /** One keep-alive pool per priority (see the top of the file). */
+  private readonly agents: Record<FetchPriority, Agents>;
+  /** Rate background bytes arrive at, bytes/s (moving average), and the request size it gives. */
+  private bgRate = 0;
+  private bgRequest = BG_REQUEST_FIRST;
   private readonly slots: ConnectionSlots;
   private readonly controllers = new Set<AbortController>();
   private readonly counters = { bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
   private warnedNoRange = false;
   private closed = false;
 
-  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, agents: Agents, size: number, etag: string | undefined) {
+  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, agents: Record<FetchPriority, Agents>, size: number, etag: string | undefined) {
     this.opts = opts;
     this.url = opts.url;
     this.headers = opts.headers;
@@ -153,16 +185,17 @@ export class HttpSource implements RemoteSource {
     if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
       throw new DpuError('DPU_ERR_CONFIG', `source URL scheme "${parsed.protocol}" is not supported; give an http:// or https:// URL`);
     }
-    const agents = {
+    const pool = (): Agents => ({
       http: new http.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
       https: new https.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
-    };
+    });
+    const agents = { foreground: pool(), background: pool() };
     try {
-      const { size, etag } = await probeSize(agents, opts);
+      // Through the foreground pool: its connection stays open for the host's first miss.
+      const { size, etag } = await probeSize(agents.foreground, opts);
       return new HttpSource(opts, agents, size, etag);
     } catch (err) {
-      agents.http.destroy();
-      agents.https.destroy();
+      destroyAgents(agents);
       throw err;
     }
   }
@@ -245,7 +278,10 @@ export class HttpSource implements RemoteSource {
   /** One GET for the unfilled tail of `dest`; advances `progress.filled` as bytes land. */
   private async attempt(offset: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions): Promise<void> {
     const start = offset + progress.filled;
-    const end = offset + dest.length - 1;
+    // A background read goes out in requests of ~backgroundRequestMs of link time (see the
+    // top); not to an origin that ignores Range, which would resend the object each time.
+    const sized = opts.priority === 'background' && this.opts.backgroundRequestMs > 0 && !this.warnedNoRange;
+    const end = sized ? Math.min(offset + dest.length, start + this.bgRequest) - 1 : offset + dest.length - 1;
     const controller = new AbortController();
     this.controllers.add(controller);
     const headersTimer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${this.opts.headersTimeoutMs} ms`)), this.opts.headersTimeoutMs);
@@ -253,7 +289,7 @@ export class HttpSource implements RemoteSource {
     try {
       let res;
       try {
-        res = await request(this.agents, 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal);
+        res = await request(this.agents[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal);
       } catch (err) {
         throw transportError(err, controller);
       } finally {
@@ -280,7 +316,9 @@ export class HttpSource implements RemoteSource {
           body.destroy();
           throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${want} bytes, Content-Length says ${String(length)}`);
         }
+        const t0 = performance.now();
         await this.pump(body, 0, want, dest, progress, opts, true);
+        if (sized) this.measureBackground(want, performance.now() - t0);
       } else if (res.status === 200) {
         if (!this.warnedNoRange) {
           this.warnedNoRange = true;
@@ -298,6 +336,23 @@ export class HttpSource implements RemoteSource {
     } finally {
       this.controllers.delete(controller);
     }
+  }
+
+  /**
+   * A background response of `bytes` took `ms` from its headers to its last byte: with the
+   * other background requests in flight, the link's share is that rate times their number.
+   * Shorter answers (the tail of a read) say more about latency than about rate and are not counted.
+   */
+  private measureBackground(bytes: number, ms: number): void {
+    if (bytes < BG_REQUEST_QUANTUM || ms <= 0) return;
+    const sample = ((bytes / ms) * 1000 * Math.max(1, this.slots.background));
+    this.bgRate = this.bgRate === 0 ? sample : this.bgRate * 0.8 + sample * 0.2;
+    this.bgRequest = backgroundRequestBytes(this.bgRate, this.opts.backgroundRequestMs);
+  }
+
+  /** The size background requests have now (see the top of the file). */
+  get backgroundRequestSize(): number {
+    return this.opts.backgroundRequestMs > 0 ? this.bgRequest : 0;
   }
 
   /**
@@ -380,8 +435,14 @@ export class HttpSource implements RemoteSource {
     if (this.closed) return;
     this.closed = true;
     for (const c of this.controllers) c.abort(new DpuError('DPU_ERR_SOURCE_CLOSED'));
-    this.agents.http.destroy();
-    this.agents.https.destroy();
+    destroyAgents(this.agents);
+  }
+}
+
+function destroyAgents(agents: Record<FetchPriority, Agents>): void {
+  for (const a of Object.values(agents)) {
+    a.http.destroy();
+    a.https.destroy();
   }
 }
 

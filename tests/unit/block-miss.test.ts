@@ -198,6 +198,26 @@ describe('block-sized misses (issue #14)', () => {
     await stopping;
   });
 
+  it('a miss in a background batch whose bytes have not come fetches its block now instead of waiting', async () => {
+    const d = open();
+    const batch = d.fetchRun(2, 4, 'background');
+    batch.catch(() => undefined);
+    const bg = await src.next();
+    assert.equal(span(bg), `${2 * R}+${4 * R}`);
+    assert.equal(d.map.state(4), RegionState.Filling);
+    const reading = read(d, 4 * R + 9 * B + 17, 300);
+    const fg = await src.next((p) => p.priority === 'foreground');
+    assert.equal(span(fg), `${4 * R + 9 * B}+${B}`);
+    src.deliver(fg);
+    assert.ok((await reading).equals(img.subarray(4 * R + 9 * B + 17, 4 * R + 9 * B + 317)), 'answered while the batch still waits');
+    assert.equal(bg.settled, false);
+    src.deliver(bg);
+    await batch;
+    assert.equal(d.map.state(4), RegionState.Local);
+    // Once a region's bytes of the batch have arrived, a read takes them from there.
+    assert.ok((await read(d, 4 * R + 100, 100)).equals(img.subarray(4 * R + 100, 4 * R + 200)));
+  });
+
   it('a version 2 manifest verifies each block: a corrupted block is never served, and is fetched again', async () => {
     const base = image(8 * R);
     const manifest = await Manifest.build(new MemorySource(base), { regionSize: R });

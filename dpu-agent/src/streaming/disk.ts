@@ -156,6 +156,8 @@ interface Fill {
   done: Promise<void>;
   /** For a fetch: the region's bytes, as soon as they have arrived. */
   data: Promise<Buffer> | null;
+  /** A background fetch whose bytes have not arrived: a miss fetches its blocks instead of waiting. */
+  waitingBehind?: boolean;
 }
 
 /** The blocks of one remote region fetched for misses (see the rules at the top). */
@@ -513,21 +515,32 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * Answers a read of part of remote region r from its blocks, fetching those not yet
    * here or on their way. `dest` is written only once every block it needs is here, in one
    * synchronous step. If the region leaves `remote` meanwhile, the read goes the usual way.
+   * `behindBackground`: r is in a background batch whose bytes have not arrived; the
+   * blocks are fetched for this read alone, and if the batch lands first it is used.
    */
-  private async readBlocks(r: number, pos: number, dest: Buffer): Promise<void> {
+  private async readBlocks(r: number, pos: number, dest: Buffer, behindBackground = false): Promise<void> {
     let integrityFailures = 0;
+    let own: RegionBlocks | null = null;
     for (;;) {
       const blockSize = this.missBlockSize;
-      if (this.map.state(r) !== RegionState.Remote || blockSize === null) {
+      if (blockSize === null || (behindBackground ? !this.inflight.get(r)?.waitingBehind : this.map.state(r) !== RegionState.Remote)) {
         await this.readRegion(r, pos, dest);
         return;
       }
       this.assertFetchable(r);
-      let rb = this.blocks.get(r);
-      if (!rb || rb.blockSize !== blockSize) {
-        if (rb) this.dropBlocks(r);
-        rb = new RegionBlocks(blockSize);
-        this.blocks.set(r, rb);
+      let rb: RegionBlocks;
+      if (behindBackground) {
+        // Blocks of a region being fetched are this read's alone: the fetch will land it.
+        rb = own && own.blockSize === blockSize ? own : (own = new RegionBlocks(blockSize));
+      } else {
+        const known = this.blocks.get(r);
+        if (known && known.blockSize === blockSize) {
+          rb = known;
+        } else {
+          if (known) this.dropBlocks(r);
+          rb = new RegionBlocks(blockSize);
+          this.blocks.set(r, rb);
+        }
       }
       const from = pos - this.map.regionStart(r);
       const a = Math.floor(from / blockSize);
@@ -652,6 +665,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         continue;
       }
       const fill = this.inflight.get(r)!;
+      if (fill.waitingBehind && this.missBlockSize !== null && dest.length < this.map.regionLength(r)) {
+        // The region is in a background batch whose bytes have not come: a miss does not
+        // queue behind it (up to 8 MiB of link time) but fetches its blocks now. The image
+        // is the region's truth while it fills (host writes wait), so they are its bytes.
+        await this.readBlocks(r, pos, dest, true);
+        return;
+      }
       if (fill.data) {
         let data: Buffer;
         try {
@@ -687,16 +707,19 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     // are dropped (the hydrator fetches regions with blocks alone).
     const blocks = count === 1 ? this.blocks.get(first) : undefined;
     let total = 0;
-    const fills: { data: Deferred<Buffer>; done: Deferred<void>; end: number }[] = [];
+    const fills: { data: Deferred<Buffer>; done: Deferred<void>; end: number; fill: Fill }[] = [];
     for (let i = 0; i < count; i++) {
       const r = first + i;
       if (map.state(r) !== RegionState.Remote) throw new Error(`fetchRun: region ${r} is not remote`);
       this.dropBlocks(r);
       total += map.regionLength(r);
-      const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total };
+      const fill: Fill = { done: deferred<void>().promise, data: null, waitingBehind: priority === 'background' };
+      const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total, fill };
+      fill.done = f.done.promise;
+      fill.data = f.data.promise;
       fills.push(f);
       map.set(r, RegionState.Filling);
-      this.inflight.set(r, { done: f.done.promise, data: f.data.promise });
+      this.inflight.set(r, fill);
     }
     const buf = this.fetchBuffers.take(total);
     let landed = 0;
@@ -717,6 +740,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           fills[i]!.done.reject(err);
           continue;
         }
+        fills[i]!.fill.waitingBehind = false;
         fills[i]!.data.resolve(data);
         try {
           this.target.writeSync([data], start + from);
