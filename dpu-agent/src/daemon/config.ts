@@ -25,6 +25,7 @@ export interface AgentConfig {
     bandwidth: number;
     hydration_paused: boolean;
     batch_size: number;
+    background_request_ms: number;
     hydrate_connections: number;
     max_connections: number;
     retry_deadline_ms: number;
@@ -105,7 +106,13 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
           default: false,
           description: 'New disks start with background hydration paused unless the request says `hydration.paused`; `PATCH /v1/disks/{id}/hydration` with `{"paused": false}` starts it. For labs and tests that hold the copy back until the host has booted.',
         },
-        batch_size: { type: 'integer', minimum: 4096, default: 8 * MiB, description: 'Largest background range request, bytes.' },
+        batch_size: { type: 'integer', minimum: 4096, default: 8 * MiB, description: 'Largest run of regions one background fetch copies, bytes.' },
+        background_request_ms: {
+          type: 'integer',
+          minimum: 0,
+          default: 2,
+          description: 'A background fetch goes to the origin as HTTP requests of about this many ms of link time each, sized from the measured rate (64 KiB to 8 MiB), so a host miss waits behind at most that much background data in the link; 0 sends each fetch as one request.',
+        },
         hydrate_connections: { type: 'integer', minimum: 1, default: 2, description: 'Background range requests in flight per disk.' },
         max_connections: { type: 'integer', minimum: 2, default: 8, description: 'HTTP connections per disk to its origin at most; those beyond `hydrate_connections` are kept for host reads.' },
         retry_deadline_ms: { type: 'integer', minimum: 1, default: 30_000, description: 'A range read fails (EIO to the host) when no byte arrived for this long across retries.' },

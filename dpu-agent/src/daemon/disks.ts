@@ -648,6 +648,7 @@ export class DiskManager {
         ...(spec.source.identity !== undefined ? { identity: spec.source.identity } : {}),
         maxConnections: d.max_connections,
         backgroundConnections: Math.min(d.hydrate_connections, d.max_connections - 1),
+        backgroundRequestMs: d.background_request_ms,
         retryDeadlineMs: d.retry_deadline_ms,
         stallTimeoutMs: d.stall_timeout_ms,
         probeDeadlineMs: Math.min(d.open_timeout_ms, d.retry_deadline_ms),
