@@ -485,7 +485,7 @@ async function startStreaming(r: ModeRun, flags: string[]): Promise<Started> {
   const target = path.join(r.lab.dir, `${r.id}.target`);
   const state = path.join(r.lab.dir, `${r.id}.state`);
   r.files.push(target, state);
-  const agent = new AgentProcess({ source: r.img.url, target, state, socket: r.socket, extra: [...r.lab.opts.agentArgs, ...flags, ...r.agentExtra] });
+  const agent = new AgentProcess({ source: r.img.url, target, state, socket: r.socket, extra: [...r.lab.opts.agentArgs, ...flags, ...r.agentExtra], poison: false });
   track(agent.child);
   await waitGreeting(r.socket, agent.child, 'dpu-agent');
   return { child: agent.child, agent, localFile: target, downloadedAt: null };

@@ -176,7 +176,7 @@ async function startAgent(image: string, dir: string, ep: Endpoint, size: number
   const state = path.join(dir, 'agent-state');
   // AgentProcess always passes a unix --listen; a second --listen wins (node parseArgs
   // keeps the last value of a single-valued option), which is how --tcp reaches the agent.
-  const agent = new AgentProcess({ source: url, target, state, socket: ep.socket || path.join(dir, 'unused.sock'), extra: ep.socket ? [] : ['--listen', ep.agentListen] });
+  const agent = new AgentProcess({ source: url, target, state, socket: ep.socket || path.join(dir, 'unused.sock'), extra: ep.socket ? [] : ['--listen', ep.agentListen], poison: false });
   track(agent.child);
   const t0 = Date.now();
   await agent.listening();

@@ -189,7 +189,7 @@ async function measureSize(dir: string, size: number, data: number, log: (s: str
   const sock = path.join(dir, `scale-${size}.sock`);
   const started = Date.now();
   // No bandwidth cap and the default settings: what an operator runs.
-  const agent = new AgentProcess({ source: url, target, state, socket: sock, extra: ['--manifest', manifestFile] });
+  const agent = new AgentProcess({ source: url, target, state, socket: sock, extra: ['--manifest', manifestFile], poison: false });
   track(agent.child);
   try {
     await agent.listening(120_000);
@@ -266,7 +266,7 @@ async function measureRegion(dir: string, url: string, regionSize: number, rep: 
   const state = path.join(dir, `rstate-${regionSize}-${rep}`);
   const target = path.join(dir, `rtarget-${regionSize}-${rep}.raw`);
   const sock = path.join(dir, `region-${regionSize}.sock`);
-  const agent = new AgentProcess({ source: url, target, state, socket: sock, extra: ['--region-size', String(regionSize)] });
+  const agent = new AgentProcess({ source: url, target, state, socket: sock, extra: ['--region-size', String(regionSize)], poison: false });
   track(agent.child);
   try {
     await agent.listening(60_000);

@@ -220,6 +220,7 @@ async function startPeer(name: PeerName, ctx: PeerContext): Promise<Peer> {
         state: path.join(ctx.rundir, 'state'),
         socket,
         extra: name === 'agent+' ? ctx.agentArgs : [],
+        poison: false, // a test build's guard, not what a deployment runs
       });
       track(agent.child);
       // Attached now so the event is not missed whatever the bench is doing when it comes.

@@ -155,6 +155,10 @@ export class HttpSource implements RemoteSource {
   /** Rate background bytes arrive at, bytes/s (moving average), and the request size it gives. */
   private bgRate = 0;
   private bgRequest = BG_REQUEST_FIRST;
+  /** Background requests on the wire now (see backgroundTurn). */
+  private bgActive = 0;
+  /** Background requests waiting for their turn while the host's reads are in flight. */
+  private turnWaiters: (() => void)[] = [];
   private readonly slots: ConnectionSlots;
   private readonly controllers = new Set<AbortController>();
   private readonly counters = { bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
@@ -236,6 +240,7 @@ export class HttpSource implements RemoteSource {
       let backoff = BACKOFF_FIRST_MS;
       while (progress.filled < dest.length) {
         this.assertOpen();
+        if (opts.priority === 'background') await this.backgroundTurn();
         const before = progress.filled;
         try {
           await this.attempt(offset, dest, progress, opts);
@@ -272,7 +277,26 @@ export class HttpSource implements RemoteSource {
       }
     } finally {
       this.slots.release(opts.priority);
+      if (opts.priority === 'foreground') this.wakeBackground();
     }
+  }
+
+  /**
+   * While a host's read is in flight, background requests go out one at a time: the miss
+   * shares the link with a single background request (~backgroundRequestMs of data), not
+   * with every hydration stream. Resolves at once otherwise.
+   */
+  private backgroundTurn(): Promise<void> | undefined {
+    if (this.slots.foreground === 0 || this.bgActive === 0) return undefined;
+    return new Promise((resolve) => this.turnWaiters.push(resolve));
+  }
+
+  private wakeBackground(): void {
+    if (this.turnWaiters.length === 0 || (this.slots.foreground > 0 && this.bgActive > 0)) return;
+    // One goes now; the others ask again (they may have to wait for this one).
+    const waiters = this.turnWaiters;
+    this.turnWaiters = [];
+    for (const w of waiters) w();
   }
 
   /** One GET for the unfilled tail of `dest`; advances `progress.filled` as bytes land. */
@@ -282,6 +306,8 @@ export class HttpSource implements RemoteSource {
     // top); not to an origin that ignores Range, which would resend the object each time.
     const sized = opts.priority === 'background' && this.opts.backgroundRequestMs > 0 && !this.warnedNoRange;
     const end = sized ? Math.min(offset + dest.length, start + this.bgRequest) - 1 : offset + dest.length - 1;
+    if (opts.priority === 'background') this.bgActive++;
+    const sentAt = performance.now();
     const controller = new AbortController();
     this.controllers.add(controller);
     const headersTimer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${this.opts.headersTimeoutMs} ms`)), this.opts.headersTimeoutMs);
@@ -316,9 +342,8 @@ export class HttpSource implements RemoteSource {
           body.destroy();
           throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${want} bytes, Content-Length says ${String(length)}`);
         }
-        const t0 = performance.now();
         await this.pump(body, 0, want, dest, progress, opts, true);
-        if (sized) this.measureBackground(want, performance.now() - t0);
+        if (sized && end - start + 1 === this.bgRequest) this.measureBackground(want, performance.now() - sentAt);
       } else if (res.status === 200) {
         if (!this.warnedNoRange) {
           this.warnedNoRange = true;
@@ -335,18 +360,21 @@ export class HttpSource implements RemoteSource {
       }
     } finally {
       this.controllers.delete(controller);
+      if (opts.priority === 'background' && --this.bgActive === 0) this.wakeBackground();
     }
   }
 
   /**
-   * A background response of `bytes` took `ms` from its headers to its last byte: with the
-   * other background requests in flight, the link's share is that rate times their number.
-   * Shorter answers (the tail of a read) say more about latency than about rate and are not counted.
+   * A background request of `bytes` took `ms` from being sent to its last byte. Its rate
+   * includes the round trip, so the size this converges to leaves the request ~2 ms of
+   * link time minus a round trip; concurrent requests each see their share of the link, so
+   * together they keep about `backgroundRequestMs` of data ahead of a miss. (A rate taken
+   * from the headers on counts body bytes already buffered, and overshoots.)
    */
   private measureBackground(bytes: number, ms: number): void {
-    if (bytes < BG_REQUEST_QUANTUM || ms <= 0) return;
-    const sample = ((bytes / ms) * 1000 * Math.max(1, this.slots.background));
-    this.bgRate = this.bgRate === 0 ? sample : this.bgRate * 0.8 + sample * 0.2;
+    if (ms <= 0) return;
+    const sample = (bytes / ms) * 1000;
+    this.bgRate = this.bgRate === 0 ? sample : this.bgRate * 0.7 + sample * 0.3;
     this.bgRequest = backgroundRequestBytes(this.bgRate, this.opts.backgroundRequestMs);
   }
 

@@ -21,6 +21,12 @@ export interface StreamArgs {
   state: string;
   socket: string;
   extra?: string[];
+  /**
+   * Poison pooled reply buffers when their request ends and check them before reuse (a test
+   * build's guard: common for tests, wrong for benchmarks, where it costs a scan of every
+   * buffer on the event loop). @default true
+   */
+  poison?: boolean;
 }
 
 export class AgentProcess {
@@ -32,7 +38,10 @@ export class AgentProcess {
 
   constructor(args: StreamArgs) {
     const argv = [AGENT_BIN, 'stream', '--source', args.source, '--target', args.target, '--state', args.state, '--listen', `unix:${args.socket}`, '--progress', 'json', '--log-level', 'warn', ...(args.extra ?? [])];
-    this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DPU_AGENT_POISON_BUFFERS: '1' } });
+    const env = { ...process.env };
+    if (args.poison ?? true) env['DPU_AGENT_POISON_BUFFERS'] = '1';
+    else delete env['DPU_AGENT_POISON_BUFFERS'];
+    this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env });
     let buf = '';
     this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       buf += d;

@@ -24,11 +24,21 @@ export class VolatileCacheTarget implements Target {
   private syncFailures = 0;
   private readonly fd: number;
 
+  /** With `asyncWrites`: writes complete on a later turn of the event loop, as the thread pool's do. */
+  readonly write?: (buf: Buffer, position: number) => Promise<void>;
+
   constructor(
     readonly path: string,
-    private readonly opts: { lieAboutSync?: boolean } = {},
+    private readonly opts: { lieAboutSync?: boolean; asyncWrites?: boolean } = {},
   ) {
     this.fd = fs.openSync(path, 'r+');
+    if (opts.asyncWrites) {
+      this.write = async (buf, position) => {
+        await new Promise((r) => setImmediate(r));
+        this.alive(); // a write still in flight at the power cut fails
+        this.cache.push({ pos: position, data: Buffer.from(buf) });
+      };
+    }
   }
 
   private alive(): void {

@@ -91,7 +91,7 @@ export async function trial(seed: number, opts: { lieAboutSync?: boolean } = {})
     const source = new MemorySource(image);
     const geo = { diskSize: size, regionSize: REGION, identity: 'torture' };
 
-    const target = new VolatileCacheTarget(file, opts);
+    const target = new VolatileCacheTarget(file, { ...opts, asyncWrites: rnd() < 0.5 }); // fetched regions written off the event loop, or not
     // Misses fetch whole regions, or 4 or 16 KiB blocks of them (see StreamingDisk's rules).
     const missBlockSize = [0, 4096, 16384][int(3)]!;
     const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40), missBlockSize });
@@ -241,7 +241,7 @@ export async function concurrentTrial(seed: number, opts: { lieAboutSync?: boole
     const manifest = await Manifest.build(new MemorySource(image), { regionSize: REGION, leafSize: [null, 4096, 16384][int(3)]! });
     const missBlockSize = [0, 4096, 16384][int(3)]!;
 
-    const target = new VolatileCacheTarget(file, opts);
+    const target = new VolatileCacheTarget(file, { ...opts, asyncWrites: rnd() < 0.5 }); // fetched regions written off the event loop, or not
     const disk = new StreamingDisk({ source, target, map: RegionMap.open(state, geo), commitIntervalMs: 5 + int(40), missBlockSize });
     disk.on('commit-error', () => undefined); // expected after the cut
     const hydrator = new Hydrator(disk, { batchBytes: REGION * (1 + int(4)), concurrency: 1 + int(2) });

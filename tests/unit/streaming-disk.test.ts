@@ -5,6 +5,7 @@
  * under test — is real, as are its local target and region map on disk).
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalTarget } from '../../dpu-agent/src/local/target.js';
@@ -102,6 +103,8 @@ describe('StreamingDisk', () => {
   it('a read miss fetches its region, answers, and makes it local', async () => {
     const got = await read(R + 100, 5000);
     assert.deepEqual(got, img.subarray(R + 100, R + 5100));
+    // Answered from the fetched bytes; the region is local once their write has ended.
+    while (disk.map.state(1) === RegionState.Filling) await once(disk, 'region-settled');
     assert.equal(disk.map.state(1), RegionState.Local);
     assert.equal(src.reads.length, 1);
     assert.equal(src.reads[0]!.priority, 'foreground');

@@ -2,9 +2,12 @@
  * The local target: the DPU's NVMe SSD (a block device) or, in the lab, a file. Reads are
  * synchronous positional reads: on a DPU the hot data sits in the page cache or on a local
  * NVMe with ~100 µs latency, and a synchronous pread avoids a libuv thread-pool hand-off
- * per request, which measured here costs more than the read itself (PEERS.md). Writes of
- * region data and host writes are synchronous too (they land in the page cache); only
- * fdatasync, which may wait for the device, goes to the thread pool.
+ * per request, which measured here costs more than the read itself (PEERS.md). Host writes
+ * are synchronous too (they land in the page cache). Fetched regions are written through
+ * the thread pool (`write`): hydration writes the whole image, and a page-cache write can
+ * sleep for tens of ms when the kernel throttles dirty pages — on the thread that answers
+ * the host, that was the tail of a miss's latency (bench/streaming.ts). fdatasync, which
+ * waits for the device, goes to the thread pool as well.
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
@@ -24,6 +27,8 @@ export interface Target {
   readonly path: string;
   readSync(dest: Buffer, position: number): void;
   writeSync(chunks: readonly Buffer[], position: number): void;
+  /** Writes `buf` off the event loop; a target without it is written with writeSync. */
+  write?(buf: Buffer, position: number): Promise<void>;
   writeZeroesSync(position: number, length: number): void;
   /**
    * Makes the range read as zeros without writing data, where the target can (a hole in a
@@ -81,6 +86,20 @@ export class LocalTarget implements Target {
       }
       done += n;
     }
+  }
+
+  write(buf: Buffer, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        if (done === buf.length) return resolve();
+        fs.write(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
+          if (err) reject(err);
+          else if (n === 0) reject(new DpuError('DPU_ERR_TARGET_IO', `short write to ${this.path} at ${position + done}`));
+          else step(done + n);
+        });
+      };
+      step(0);
+    });
   }
 
   writeSync(chunks: readonly Buffer[], position: number): void {

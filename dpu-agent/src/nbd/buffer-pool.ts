@@ -50,7 +50,14 @@ export class BufferPool {
   }
 }
 
+const POISON_BLOCK = Buffer.alloc(64 << 10, POISON);
+
+/** Compared 64 KiB at a time with memcmp: a byte-by-byte callback cost tests ~1 ms per MiB. */
 function checkPoison(buf: Buffer): void {
-  const at = buf.findIndex((b) => b !== POISON);
+  let at = -1;
+  for (let o = 0; o < buf.length && at < 0; o += POISON_BLOCK.length) {
+    const part = buf.subarray(o, Math.min(buf.length, o + POISON_BLOCK.length));
+    if (!part.equals(POISON_BLOCK.subarray(0, part.length))) at = o + part.findIndex((b) => b !== POISON);
+  }
   if (at >= 0) throw new Error(`DPU_AGENT_POISON_BUFFERS: byte ${at} of a ${buf.length}-byte pooled buffer changed after its request ended (a late write into another request's buffer)`);
 }

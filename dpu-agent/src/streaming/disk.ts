@@ -742,27 +742,48 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         }
         fills[i]!.fill.waitingBehind = false;
         fills[i]!.data.resolve(data);
-        try {
-          this.target.writeSync([data], start + from);
-        } catch (err) {
+        const checked = this.manifest !== null;
+        const stored = (): void => {
+          // A manifest that arrived while the write was in flight checks the region now
+          // (its read-back pass may already have passed it by, as `filling`).
+          if (!checked && this.manifest && !this.manifest.verify(r, data)) {
+            const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+            this.settle(r, RegionState.Remote);
+            fills[i]!.done.reject(err);
+            return;
+          }
+          this.integrityCounts.delete(r);
+          if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
+          this.settle(r, RegionState.Local);
+          fills[i]!.done.resolve();
+        };
+        const failed = (err: unknown): void => {
           const failure = this.fail(err, `writing region ${r}`);
           this.settle(r, RegionState.Remote);
           fills[i]!.done.reject(failure);
+        };
+        if (this.target.write) {
+          // Off the event loop (see local/target.ts); `buf` is kept until every write ends.
+          writes.push(
+            this.target.write(data, start + from).then(() => (this.failure ? failed(this.failure) : stored()), failed),
+          );
           continue;
         }
-        this.integrityCounts.delete(r);
-        if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
-        this.settle(r, RegionState.Local);
-        fills[i]!.done.resolve();
+        try {
+          this.target.writeSync([data], start + from);
+        } catch (err) {
+          failed(err);
+          continue;
+        }
+        stored();
       }
     };
+    const writes: Promise<void>[] = [];
     if (priority === 'foreground') this.fgFetches++;
     const read = blocks ? this.readAroundBlocks(source, start, blocks, buf, priority) : source.read(start, buf, { priority, onProgress: land });
     return read
       .then(() => {
         land(total);
-        // The batch delivered bytes that failed verification: it did not succeed.
-        if (integrityError) throw integrityError;
       })
       .catch((err: unknown) => {
         for (let i = landed; i < count; i++) {
@@ -772,6 +793,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         }
         landed = count;
         throw err;
+      })
+      .finally(() => Promise.allSettled(writes)) // the regions' bytes are in `buf` until then
+      .then(() => {
+        // The batch delivered bytes that failed verification: it did not succeed.
+        if (integrityError) throw integrityError;
       })
       .finally(() => {
         if (priority === 'foreground' && --this.fgFetches === 0) this.emit('foreground-idle');
