@@ -155,6 +155,9 @@ export class HttpSource implements RemoteSource {
   /** Rate background bytes arrive at, bytes/s (moving average), and the request size it gives. */
   private bgRate = 0;
   private bgRequest = BG_REQUEST_FIRST;
+  /** The rates of the last background requests (bytes/s), a ring. */
+  private readonly bgSamples = new Array<number>(16).fill(0);
+  private bgSampleAt = 0;
   /** Background requests on the wire now (see backgroundTurn). */
   private bgActive = 0;
   /** Background requests waiting for their turn while the host's reads are in flight. */
@@ -365,16 +368,17 @@ export class HttpSource implements RemoteSource {
   }
 
   /**
-   * A background request of `bytes` took `ms` from being sent to its last byte. Its rate
-   * includes the round trip, so the size this converges to leaves the request ~2 ms of
-   * link time minus a round trip; concurrent requests each see their share of the link, so
-   * together they keep about `backgroundRequestMs` of data ahead of a miss. (A rate taken
-   * from the headers on counts body bytes already buffered, and overshoots.)
+   * A background request of `bytes` took `ms` from being sent to its last byte: the fastest
+   * of the last 16 is taken as the link's rate. Timed from the request, never from its
+   * headers (body bytes already buffered then make a rate no link has).
    */
   private measureBackground(bytes: number, ms: number): void {
     if (ms <= 0) return;
-    const sample = (bytes / ms) * 1000;
-    this.bgRate = this.bgRate === 0 ? sample : this.bgRate * 0.7 + sample * 0.3;
+    const samples = this.bgSamples;
+    samples[this.bgSampleAt++ % samples.length] = (bytes / ms) * 1000;
+    // The best recent request is the link's rate (a request cannot beat the link; slower
+    // ones met a busy origin, a slow turn of our event loop, or shared the link).
+    this.bgRate = Math.max(...samples);
     this.bgRequest = backgroundRequestBytes(this.bgRate, this.opts.backgroundRequestMs);
   }
 

@@ -198,7 +198,7 @@ describe('block-sized misses (issue #14)', () => {
     await stopping;
   });
 
-  it('a miss in a background batch whose bytes have not come fetches its block now instead of waiting', async () => {
+  it('a miss in a background batch, behind regions still to come, fetches its block now; the next region to come is waited for', async () => {
     const d = open();
     const batch = d.fetchRun(2, 4, 'background');
     batch.catch(() => undefined);
@@ -211,7 +211,12 @@ describe('block-sized misses (issue #14)', () => {
     src.deliver(fg);
     assert.ok((await reading).equals(img.subarray(4 * R + 9 * B + 17, 4 * R + 9 * B + 317)), 'answered while the batch still waits');
     assert.equal(bg.settled, false);
+    // The batch's next region to arrive is waited for: its bytes come first anyway.
+    const next = read(d, 2 * R + 5, 10);
+    await settleTicks();
+    assert.equal(src.pending.filter((p) => p.priority === 'foreground').length, 0, 'no block fetched for the next region');
     src.deliver(bg);
+    assert.ok((await next).equals(img.subarray(2 * R + 5, 2 * R + 15)));
     await batch;
     assert.equal(d.map.state(4), RegionState.Local);
     // Once a region's bytes of the batch have arrived, a read takes them from there.

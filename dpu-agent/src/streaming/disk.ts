@@ -156,8 +156,12 @@ interface Fill {
   done: Promise<void>;
   /** For a fetch: the region's bytes, as soon as they have arrived. */
   data: Promise<Buffer> | null;
-  /** A background fetch whose bytes have not arrived: a miss fetches its blocks instead of waiting. */
-  waitingBehind?: boolean;
+  /**
+   * For a region of a background batch: its place in the batch and how many of the
+   * batch's regions have arrived. A miss on a region with others still to arrive ahead of
+   * it fetches its blocks instead of waiting for them (see readRegionAsync).
+   */
+  batch?: { index: number; arrived: { n: number } };
 }
 
 /** The blocks of one remote region fetched for misses (see the rules at the top). */
@@ -201,6 +205,11 @@ export interface DiskProgress {
   failed: boolean;
   /** Why the disk failed, or null. */
   failure: string | null;
+}
+
+/** A region of a background batch with regions ahead of it whose bytes have not arrived. */
+function queuedBehind(fill: Fill | undefined): boolean {
+  return fill?.batch !== undefined && fill.batch.index > fill.batch.arrived.n;
 }
 
 /** Why a local region is not (yet) verified: fetched without a manifest, or local at open. */
@@ -523,7 +532,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     let own: RegionBlocks | null = null;
     for (;;) {
       const blockSize = this.missBlockSize;
-      if (blockSize === null || (behindBackground ? !this.inflight.get(r)?.waitingBehind : this.map.state(r) !== RegionState.Remote)) {
+      if (blockSize === null || (behindBackground ? !queuedBehind(this.inflight.get(r)) : this.map.state(r) !== RegionState.Remote)) {
         await this.readRegion(r, pos, dest);
         return;
       }
@@ -665,10 +674,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         continue;
       }
       const fill = this.inflight.get(r)!;
-      if (fill.waitingBehind && this.missBlockSize !== null && dest.length < this.map.regionLength(r)) {
-        // The region is in a background batch whose bytes have not come: a miss does not
-        // queue behind it (up to 8 MiB of link time) but fetches its blocks now. The image
-        // is the region's truth while it fills (host writes wait), so they are its bytes.
+      if (queuedBehind(fill) && this.missBlockSize !== null && dest.length < this.map.regionLength(r)) {
+        // The region is in a background batch, behind regions that have not come yet: a
+        // miss does not queue behind them (up to 8 MiB of link time) but fetches its blocks
+        // now. The image is the region's truth while it fills (host writes wait), so they
+        // are its bytes. The next region to arrive is waited for: its bytes are on their
+        // way, and fetching them twice would cost the link more than the wait.
         await this.readBlocks(r, pos, dest, true);
         return;
       }
@@ -708,12 +719,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const blocks = count === 1 ? this.blocks.get(first) : undefined;
     let total = 0;
     const fills: { data: Deferred<Buffer>; done: Deferred<void>; end: number; fill: Fill }[] = [];
+    const arrived = { n: 0 }; // regions of this batch whose bytes have arrived (or failed)
     for (let i = 0; i < count; i++) {
       const r = first + i;
       if (map.state(r) !== RegionState.Remote) throw new Error(`fetchRun: region ${r} is not remote`);
       this.dropBlocks(r);
       total += map.regionLength(r);
-      const fill: Fill = { done: deferred<void>().promise, data: null, waitingBehind: priority === 'background' };
+      const fill: Fill = { done: deferred<void>().promise, data: null, ...(priority === 'background' ? { batch: { index: i, arrived } } : {}) };
       const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total, fill };
       fill.done = f.done.promise;
       fill.data = f.data.promise;
@@ -727,6 +739,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const land = (filled: number): void => {
       while (landed < count && filled >= fills[landed]!.end) {
         const i = landed++;
+        arrived.n = landed;
         const r = first + i;
         const from = i === 0 ? 0 : fills[i - 1]!.end;
         const data = buf.subarray(from, fills[i]!.end);
@@ -740,7 +753,6 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           fills[i]!.done.reject(err);
           continue;
         }
-        fills[i]!.fill.waitingBehind = false;
         fills[i]!.data.resolve(data);
         const checked = this.manifest !== null;
         const stored = (): void => {
@@ -792,6 +804,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           fills[i]!.done.reject(err);
         }
         landed = count;
+        arrived.n = count;
         throw err;
       })
       .finally(() => Promise.allSettled(writes)) // the regions' bytes are in `buf` until then
