@@ -5,8 +5,9 @@
  *
  *   streaming          `dpu-agent stream` from the origin URL; QEMU boots from its export at
  *                      once while the rest of the image is copied in the background.
- *   streaming-profile  (slot) streaming with a learned boot profile, issue #14 part 3: the
- *                      agent takes no profile yet, so the mode is declared but refused.
+ *   streaming-profile  streaming with a learned boot profile (issue #14 part 3): the agent
+ *                      replays (`--boot-profile`) what one streaming boot of the image
+ *                      recorded (`--record-profile`) at the same rate before the rounds.
  *   copy-first         what Ironic's `direct` deploy does: the whole image is downloaded to
  *                      the local disk (curl, then fsync), then QEMU boots from the copy.
  *   network-only       the host reads the origin for ever: `nbdkit curl` (with the cow
@@ -72,7 +73,9 @@ import { run } from '../tests/helpers/run.js';
 import { startNginxOrigin } from './lib/nginx-origin.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
 import { startQemuHost, type BlockStats, type QemuHostOptions } from './lib/boot-qemu.js';
-import { MODES, rateLabel, realOsGoals, roundOrder, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
+import { defaultModes, MODES, rateLabel, realOsGoals, roundOrder, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
+import { parseDuration } from '../dpu-agent/src/cli/units.js';
+import { RECORDING_DEFAULTS } from '../dpu-agent/src/streaming/boot-profile.js';
 import {
   BENCH_FLAGS,
   DOC,
@@ -115,8 +118,9 @@ const SECTION_REAL_OS = '## Deploy modes on a real OS: Debian 12 (UEFI) to the l
 const USAGE = `Usage: node dist/bench/deploy-modes.js [options]   (run it under: flock /tmp/heavy.lock …)
 
 Boots a QEMU host from an NBD disk deployed several ways over one emulated link (streaming,
-copy-first, network-only, local disk) and times deploy → the OS is up. With the Debian
-image: to the serial login prompt, at each link rate, and the boot's read working set.
+streaming with a boot profile, copy-first, network-only, local disk) and times deploy → the
+OS is up. With the Debian image: to the serial login prompt, at each link rate, and the
+boot's read working set.
 With the busybox fixture: to its boot marker, per image size, then the booted host's disk
 with fio during and after hydration (smallest size only).
 
@@ -125,8 +129,14 @@ with fio during and after hydration (smallest size only).
   --rates LIST      link rates, e.g. 1gbit,100mbit (default: debian 1gbit,100mbit;
                     busybox 1gbit; --quick: the first of the default)
   --link RATE       one link rate (the same as --rates RATE)
-  --modes LIST      modes in each round, of streaming, copy-first, network-only, local
-                    (default: all four; streaming-profile is reserved for boot profiles)
+  --modes LIST      modes in each round, of streaming, streaming-profile, copy-first,
+                    network-only, local (default: debian all five; busybox all but
+                    streaming-profile). streaming-profile replays a boot profile recorded
+                    by one streaming boot per image and rate before the rounds
+  --profile-window TIME
+                    the recording's window (\`stream --profile-window\`): it ends this long
+                    after the boot's first read, and the recording boot waits for it;
+                    raise it on a busy machine where the boot takes longer (default ${RECORDING_DEFAULTS.windowMs / 1000}s)
   --reps N          rounds per rate (and size); tables show medians (default: debian 5,
                     busybox 3; --quick 1)
   --working-set N   debian: streaming boots with no background copy per rate, to measure
@@ -135,7 +145,8 @@ with fio during and after hydration (smallest size only).
   --io-runtime S    busybox: seconds per fio job (default 3)
   --no-io           busybox: skip the fio part
   --link-index N    emulated link index, 50–57 (default 50)
-  --agent-args STR  extra \`dpu-agent stream\` flags for the streaming mode, space-separated
+  --agent-args STR  extra \`dpu-agent stream\` flags for the streaming modes (and the boot
+                    that records the profile), space-separated
                     (e.g. "--hydrate-connections 1"); shown in the report
   --quick           smoke run: 1 round at one rate (busybox: 256M, 2 s fio jobs);
                     docs/ untouched unless --docs
@@ -162,6 +173,8 @@ interface Options {
   modes: Mode[];
   reps: number;
   workingSet: number;
+  /** streaming-profile: the recording's window, as `stream --profile-window` takes it, and in ms. */
+  profileWindow: { arg: string; ms: number };
   ioRuntime: number;
   linkIndex: number;
   agentArgs: string[];
@@ -185,6 +198,7 @@ function parseOptions(argv: string[]): Options {
       modes: { type: 'string' },
       reps: { type: 'string' },
       'working-set': { type: 'string' },
+      'profile-window': { type: 'string' },
       'io-runtime': { type: 'string' },
       'link-index': { type: 'string' },
       'agent-args': { type: 'string' },
@@ -207,15 +221,16 @@ function parseOptions(argv: string[]): Options {
   const linkIndex = Math.round(num('link-index', v['link-index'], 50));
   if (linkIndex < 50 || linkIndex > 57) throw new Error('--link-index must be 50–57 (other indexes belong to other users of lab/netns.ts)');
   const sizes = debian ? [] : (v.sizes ?? (quick ? '256M' : '1G,8G')).split(',').map((s) => parseSize(s));
-  const modes = (v.modes?.split(',').map((s) => s.trim()) ?? MODES.filter((m) => !MODE_SPECS[m].unavailable)) as Mode[];
+  const modes = (v.modes?.split(',').map((s) => s.trim()) ?? defaultModes(image)) as Mode[];
   for (const m of modes) {
     if (!(MODES as readonly string[]).includes(m)) throw new Error(`--modes: "${m}" is not one of ${MODES.join(', ')}`);
-    const why = MODE_SPECS[m].unavailable;
-    if (why) throw new Error(`--modes: ${m} cannot run yet: ${why}`);
   }
   if (!modes.length) throw new Error('--modes: no mode');
   const workingSet = v['working-set'] === undefined ? 1 : Number(v['working-set']);
   if (!Number.isInteger(workingSet) || workingSet < 0) throw new Error(`--working-set "${v['working-set']}" is not a whole number ≥ 0`);
+  const windowArg = v['profile-window'] ?? `${RECORDING_DEFAULTS.windowMs / 1000}s`;
+  const windowMs = parseDuration(windowArg, '--profile-window');
+  if (windowMs < 100) throw new Error(`--profile-window ${windowArg} is below the agent's minimum of 100 ms`);
   return {
     image,
     sizes: [...new Set(sizes)].sort((a, b) => a - b),
@@ -223,6 +238,7 @@ function parseOptions(argv: string[]): Options {
     modes: [...new Set(modes)],
     reps: Math.round(num('reps', v.reps, quick ? 1 : debian ? 5 : 3)),
     workingSet: debian ? workingSet : 0,
+    profileWindow: { arg: windowArg, ms: windowMs },
     ioRuntime: num('io-runtime', v['io-runtime'], quick ? 2 : 3),
     linkIndex,
     agentArgs: (v['agent-args'] ?? '').split(/\s+/).filter(Boolean),
@@ -358,6 +374,26 @@ interface WorkingSetRun {
   load1: number;
 }
 
+/** The boot profile the streaming-profile rounds of one image and rate replay (recordProfile). */
+interface ProfileRecording {
+  link: string;
+  size: number;
+  /** The profile (the agent's --record-profile file, in the work dir). */
+  file: string;
+  /** Deploy → marker of the recording boot, seconds. */
+  toMarkerS: number;
+  /** Regions recorded, their size, and the image's regions. */
+  regions: number;
+  regionSize: number;
+  imageRegions: number;
+  stopReason: string | null;
+  /** The recording began at the boot's first read and ended this long after the marker (QEMU stopped there), s; negative: before it. */
+  endedAfterMarkerS: number;
+  /** The profile's regions in order, for the raw results. */
+  order: number[];
+  load1: number;
+}
+
 const IO_JOBS = [
   { id: 'randread-4k-qd1', label: '4K random read QD1', rw: 'randread', bs: '4k', iodepth: 1, metric: 'IOPS' },
   { id: 'read-1m-qd8', label: '1 MiB sequential read QD8', rw: 'read', bs: '1M', iodepth: 8, metric: 'MB/s' },
@@ -390,6 +426,8 @@ interface Lab {
   /** The rate the link is shaped to now. */
   rate: RateSpec;
   seq: number;
+  /** The boot profile recorded for the image and rate of the rounds under way (streaming-profile), or null. */
+  profile: ProfileRecording | null;
 }
 
 /**
@@ -473,8 +511,6 @@ interface Started {
 interface ModeSpec {
   /** How the disk is given, for the report. */
   how(img: BenchImage): string;
-  /** Why the mode cannot run yet; such a mode is left out of the default rounds and refused by --modes. */
-  unavailable?: string;
   /** Untimed, before the clock starts: what the mode has in place before a deploy begins. */
   prepare?(r: ModeRun): void;
   /** Timed from its first line: returns once the export answers its NBD greeting. */
@@ -505,15 +541,14 @@ const MODE_SPECS: Record<Mode, ModeSpec> = {
     how: () => '`dpu-agent stream --source URL --target FILE --state DIR --listen unix:SOCK` (defaults otherwise)',
     start: (r) => startStreaming(r, []),
   },
-  // The slot for streaming with a learned boot profile (issue #14 part 3). When the agent
-  // takes one: drop `unavailable`, pass its profile flag in `start`, and if the profile is
-  // recorded by an earlier boot of the image, add that boot to `prepare`-like setup (once
-  // per image and rate, before the rounds). The tables, the JSON and the goal row
-  // "Real-OS login with a boot profile ≤ 1.05× local" pick the mode up by its name.
+  // The profile is recorded once per image and rate before the rounds (recordProfile):
+  // every round replays the same one, as a deployment replays the image's stored profile.
   'streaming-profile': {
-    unavailable: 'the agent takes no boot profile yet (issue #14 part 3)',
-    how: () => '`dpu-agent stream …` replaying the image\'s boot profile',
-    start: (r) => startStreaming(r, []),
+    how: () => '`dpu-agent stream … --boot-profile FILE` (defaults otherwise), FILE recorded with `--record-profile` by one streaming boot of the image at the same rate before the rounds',
+    start: (r) => {
+      if (!r.lab.profile) throw new Error('streaming-profile: no boot profile was recorded for this image and rate');
+      return startStreaming(r, ['--boot-profile', r.lab.profile.file]);
+    },
   },
   'copy-first': {
     how: () => '`curl -sS --fail -o FILE URL`, fsync, then `nbdkit -f -U SOCK file FILE`',
@@ -718,6 +753,42 @@ async function workingSetRun(lab: Lab, img: BenchImage, rep: number): Promise<Wo
   }
 }
 
+/**
+ * The boot profile for the streaming-profile rounds at the link's rate: one streaming boot
+ * with `--record-profile`, QEMU stopped at the marker as in every timing run, so the profile
+ * holds the boot's reads up to the marker and nothing after; the recording then ends when
+ * its window (from the boot's first read) runs out, and the agent writes the file. A boot
+ * slower than the window leaves the end of the boot out of the profile: the log says so.
+ */
+async function recordProfile(lab: Lab, img: BenchImage): Promise<ProfileRecording> {
+  const load = load1();
+  const file = path.join(lab.dir, `profile-${img.kind}-${img.size}-${lab.rate.label}.json`);
+  const d = await deploy(lab, 'streaming', img, ['--record-profile', file, '--profile-window', lab.opts.profileWindow.arg]);
+  try {
+    const host = startHost(d, img);
+    const markerAt = await host.marker;
+    const markerWall = d.t0Wall + (markerAt - d.t0);
+    await host.stop();
+    await d.agent!.waitFor((e) => e.event === 'profile-recorded', lab.opts.profileWindow.ms + 120_000);
+    const p = JSON.parse(fs.readFileSync(file, 'utf8')) as { region_size: number; image_regions: number; regions: number[]; ended_at: string; stop_reason: string | null };
+    return {
+      link: lab.rate.label,
+      size: img.size,
+      file,
+      toMarkerS: (markerAt - d.t0) / 1000,
+      regions: p.regions.length,
+      regionSize: p.region_size,
+      imageRegions: p.image_regions,
+      stopReason: p.stop_reason,
+      endedAfterMarkerS: (Date.parse(p.ended_at) - markerWall) / 1000,
+      order: p.regions,
+      load1: load,
+    };
+  } finally {
+    await d.stop();
+  }
+}
+
 // ---------------------------------------------------------------- I/O runs
 
 async function runFio(uri: string, job: IoJob, runtimeS: number, offset: number): Promise<{ iops: number; mbps: number }> {
@@ -774,6 +845,9 @@ async function ioRuns(lab: Lab, img: BenchImage, rep: number, order: Mode[]): Pr
   const out: IoRun[] = [];
   const size = img.size;
   for (const mode of order) {
+    // The same agent and disk as streaming once the host has booted: a profile only
+    // reorders the copy, which the timing runs measure.
+    if (mode === 'streaming-profile') continue;
     if (mode === 'streaming') {
       // One deployment per "during" job, each started as soon as the export answers, while
       // the host boots: at 1 Gbit/s a 1 GiB image is mostly local by the boot marker, so
@@ -1049,6 +1123,20 @@ interface RenderCommon {
   nginx: string;
   raw: string;
   pngs: (string | null)[];
+  /** The boot profiles the streaming-profile rounds replayed, one per image and rate. */
+  recordings: ProfileRecording[];
+}
+
+/** The header's line on the profiles streaming-profile replayed (empty without the mode). */
+function renderRecordings(recs: ProfileRecording[], img: BenchImage, opts: Options): string {
+  if (!recs.length) return '';
+  const one = (p: ProfileRecording): string =>
+    `${rateLabel(parseRateArg(p.link, 'link'))}${opts.image === 'busybox' ? ` ${sizeLabel(p.size)}` : ''}: ${p.regions} regions of ${fmtBytes(p.regionSize)} (of ${p.imageRegions}), from a boot to the ${img.markerName} in ${p.toMarkerS.toFixed(1)} s; the window ended ${p.endedAfterMarkerS.toFixed(0)} s after the ${img.markerName}${p.endedAfterMarkerS < 0 ? ' (before it: the end of the boot is not in the profile)' : ''}`;
+  return `- Boot profiles (streaming-profile): each recorded once per ${opts.image === 'busybox' ? 'size and rate' : 'rate'} before the rounds by a streaming boot with
+  \`--record-profile FILE --profile-window ${opts.profileWindow.arg}\`, QEMU stopped at the ${img.markerName} as in every run (so
+  the profile holds the reads up to it), the recording ended by its window; every round replays it.
+${recs.map((p) => `  ${one(p)}.`).join('\n')}
+`;
 }
 
 function header(p: RenderCommon, heading: string, img: BenchImage, imageText: string): string {
@@ -1070,7 +1158,7 @@ left alone).
 - Modes (the clock starts when the first process of the mode is spawned; each export is
   polled every 10 ms for its NBD greeting before QEMU starts):
 ${opts.modes.map((mode) => `  - **${mode}**: ${MODE_SPECS[mode].how(img)}`).join('\n')}${opts.agentArgs.length ? `\n  - streaming's extra flags: \`${opts.agentArgs.join(' ')}\`` : ''}
-- ${opts.reps} round(s) per ${opts.image === 'busybox' ? 'size and rate' : 'rate'}, every mode once per round, mode order rotated per round; tables show medians.
+${renderRecordings(p.recordings, img, opts)}- ${opts.reps} round(s) per ${opts.image === 'busybox' ? 'size and rate' : 'rate'}, every mode once per round, mode order rotated per round; tables show medians.
 - Raw runs and the goal figures: \`${p.raw}\``;
 }
 
@@ -1127,7 +1215,7 @@ function renderRealOsRatios(opts: Options, cases: Case[], g: RealOsGoals): strin
   if (g.profileOverLocal) {
     for (const s of g.profileOverLocal) lines.push(`- with a boot profile, ≤ 1.05× a local boot at ${rateLabel(s.bitsPerSecond / 8)}: **${s.ratio.toFixed(3)}× — ${s.met ? 'met' : 'missed'}**.`);
   } else {
-    lines.push('- with a boot profile, ≤ 1.05× a local boot: not measured yet (the agent takes no boot profile yet; the bench has the `streaming-profile` slot for it).');
+    lines.push('- with a boot profile, ≤ 1.05× a local boot: not measured in this run (its `--modes` left out `streaming-profile`, or `local`).');
   }
   return lines.join('\n');
 }
@@ -1262,12 +1350,13 @@ async function main(): Promise<void> {
   fs.mkdirSync(root, { recursive: true });
   const o = await startNginxOrigin(link, dir, root);
   origin = o.child;
-  const lab: Lab = { opts, dir, link, rate: opts.rates[0]!, seq: 0 };
+  const lab: Lab = { opts, dir, link, rate: opts.rates[0]!, seq: 0, profile: null };
   log(`  link ${link.ns} (${link.hostIf} ⇄ ${link.nsIf}); nginx pid ${o.child.pid} at ${o.base}`);
 
   const images = opts.image === 'debian' ? [debianImage(root, o.base)] : opts.sizes.map((s) => busyboxImage(root, o.base, s));
   const bootRuns: BootRun[] = [];
   const wsRuns: WorkingSetRun[] = [];
+  const recordings: ProfileRecording[] = [];
   const io: IoRun[] = [];
   for (const img of images) {
     await buildImage(img, log);
@@ -1277,7 +1366,19 @@ async function main(): Promise<void> {
     for (const rate of opts.rates) {
       lab.rate = rate;
       link.setRate(rate.rate);
-      const tag = (round: number): string => `${img.kind === 'debian' ? '' : `${sizeLabel(img.size)} `}${rate.label} round ${round}`;
+      const where = `${img.kind === 'debian' ? '' : `${sizeLabel(img.size)} `}${rate.label}`;
+      const tag = (round: number): string => `${where} round ${round}`;
+      lab.profile = null;
+      if (opts.modes.includes('streaming-profile')) {
+        const p = await recordProfile(lab, img);
+        recordings.push(p);
+        lab.profile = p;
+        log(
+          `  ${where} boot profile: ${p.regions} regions of ${fmtBytes(p.regionSize)} (${fmtBytes(p.regions * p.regionSize)} of ${p.imageRegions}) from a streaming boot to the ${img.markerName} in ${p.toMarkerS.toFixed(2)} s; ` +
+            `the window (${opts.profileWindow.arg}) ended ${p.endedAfterMarkerS.toFixed(1)} s after the ${img.markerName}${p.endedAfterMarkerS < 0 ? ' — BEFORE it: the end of the boot is not in the profile; raise --profile-window' : ''}; load ${p.load1}`,
+        );
+        await sleep(500);
+      }
       for (let round = 1; round <= opts.reps; round++) {
         for (const mode of roundOrder(opts.modes, round)) {
           const r = await bootRun(lab, mode, img, round);
@@ -1305,7 +1406,7 @@ async function main(): Promise<void> {
 
   const cases = images.flatMap((img) => opts.rates.map((rate) => medians(opts, bootRuns, rate, img.size)));
   const common = { command: cmd, date: date.toISOString(), quick: opts.quick, options: opts, machine: m, nginx: nginxV };
-  const rc: Omit<RenderCommon, 'raw' | 'pngs'> = { opts, cmd, date: date.toISOString(), m, nginx: nginxV };
+  const rc: Omit<RenderCommon, 'raw' | 'pngs'> = { opts, cmd, date: date.toISOString(), m, nginx: nginxV, recordings };
   let section: string;
   let heading: string;
   let raw: string;
@@ -1323,6 +1424,7 @@ async function main(): Promise<void> {
       },
       bootRuns,
       workingSetRuns: wsRuns,
+      profileRecordings: recordings,
     });
     const pngs = opts.docs ? realOsPlots(opts, cases) : [];
     heading = SECTION_REAL_OS;
@@ -1341,6 +1443,7 @@ async function main(): Promise<void> {
       },
       bootRuns,
       ioRuns: io,
+      ...(recordings.length ? { profileRecordings: recordings } : {}),
     });
     const pngs = opts.docs ? plots(opts, cases, iom, ioSize) : [];
     heading = SECTION;

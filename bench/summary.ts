@@ -191,7 +191,7 @@ function realOsRows(): Row[] {
           source: r!.file,
           limit: 'What the profile does not hold (regions the boot reads that an earlier boot did not), and the agent’s start-up; compare the streaming row without a profile in the same run.',
         }
-      : pending(goal2, '– (the agent takes no boot profile yet, issue #14 part 3; the bench has the streaming-profile slot)'),
+      : pending(goal2, '– (no full run of deploy-modes with its streaming-profile mode yet)'),
   );
   return rows;
 }

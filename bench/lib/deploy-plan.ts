@@ -6,12 +6,23 @@
  */
 
 /**
- * Every way the bench gives the host its disk. `streaming-profile` (streaming with a learned
- * boot profile, issue #14 part 3) has its slot here and in the bench's mode table, but the
- * agent takes no profile yet, so it is never in the default rounds and `--modes` refuses it.
+ * Every way the bench gives the host its disk. `streaming-profile` is streaming with a
+ * learned boot profile (issue #14 part 3): `dpu-agent stream --boot-profile`, replaying what
+ * one earlier streaming boot of the image recorded with `--record-profile`.
  */
 export const MODES = ['streaming', 'streaming-profile', 'copy-first', 'network-only', 'local'] as const;
 export type Mode = (typeof MODES)[number];
+
+/**
+ * The modes of a run without `--modes`. The real OS runs them all: its goals (issue #14)
+ * compare streaming with network-only, and streaming with a profile with local. The busybox
+ * fixture leaves the profile out: its goals (issue #7) do not need it, and its boot takes
+ * seconds while recording a profile waits out the recording's window (minutes) per size and
+ * rate. `--modes` adds it.
+ */
+export function defaultModes(image: 'debian' | 'busybox'): Mode[] {
+  return image === 'debian' ? [...MODES] : MODES.filter((m) => m !== 'streaming-profile');
+}
 
 /**
  * The modes of round `round` (1-based), rotated by one per round so the slow drifts of a

@@ -1,9 +1,10 @@
 /**
  * The deploy-modes bench's pure logic (bench/lib/deploy-plan.ts): the rotation of the mode
- * order per round, the rate labels, and the goals of issue #14 from the medians.
+ * order per round, the default modes, the rate labels, and the goals of issue #14 from the
+ * medians.
  */
 import assert from 'node:assert/strict';
-import { MODES, rateLabel, realOsGoals, roundOrder } from '../../bench/lib/deploy-plan.js';
+import { defaultModes, MODES, rateLabel, realOsGoals, roundOrder } from '../../bench/lib/deploy-plan.js';
 
 describe('deploy-modes plan', () => {
   it('rotates the mode order by one per round, so every mode runs in every position', () => {
@@ -21,8 +22,10 @@ describe('deploy-modes plan', () => {
     assert.equal(rateLabel(1.25e9), '10 Gbit/s');
   });
 
-  it('keeps a slot for streaming with a boot profile', () => {
-    assert.ok(MODES.includes('streaming-profile'));
+  it('runs streaming with a boot profile by default on the real OS, not on the busybox fixture', () => {
+    assert.deepEqual(defaultModes('debian'), [...MODES]);
+    assert.ok(defaultModes('debian').includes('streaming-profile'));
+    assert.deepEqual(defaultModes('busybox'), ['streaming', 'copy-first', 'network-only', 'local']);
   });
 
   it('computes streaming ≤ network-only per rate, and leaves the profile goal unmeasured without its mode', () => {

@@ -17,6 +17,8 @@ export interface FlagSpec {
   default?: string | boolean;
   /** Lower bound for int, size, rate and duration values. */
   min?: number;
+  /** Upper bound, as `min`. */
+  max?: number;
 }
 
 export type FlagTable = Record<string, FlagSpec>;
@@ -71,6 +73,7 @@ function convert(name: string, spec: FlagSpec, v: string | boolean | string[]): 
       break;
   }
   if (spec.min !== undefined && n < spec.min) throw new DpuError('DPU_ERR_CONFIG', `${flag} ${String(v)} is below the minimum of ${spec.min}`);
+  if (spec.max !== undefined && n > spec.max) throw new DpuError('DPU_ERR_CONFIG', `${flag} ${String(v)} is above the maximum of ${spec.max}`);
   return n;
 }
 

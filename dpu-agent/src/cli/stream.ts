@@ -1,17 +1,38 @@
 /**
  * `dpu-agent stream`: serves one streaming disk in the foreground. Progress goes to stderr
  * as a bar on a terminal, or to stdout as JSON lines otherwise (one object per line with
- * an "event" field: listening, progress, complete, stopped, error).
+ * an "event" field: listening, progress, complete, profile-recorded, stopped, error).
+ *
+ * Boot profiles are the daemon's (streaming/boot-profile.ts), for this one disk: a profile
+ * to replay (--boot-profile) is checked and queued, and the recorder (--record-profile)
+ * attached, before the export listens — so before any host read — and hydration starts
+ * after both.
  */
 import { pino, type Logger } from 'pino';
 import fs from 'node:fs';
+import path from 'node:path';
 import { DpuError } from '../../../image-access/src/errors.js';
 import { Manifest } from '../../../image-access/src/manifest.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { loadNbdTls, type NbdTls, type TlsMode } from '../nbd/tls.js';
 import { ConfigError } from '../../../common/src/config.js';
 import { redactHeaders, redactUrl } from '../../../image-access/src/redact.js';
-import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk, plannedRegionSize } from '../streaming/open.js';
+import { writeJsonAtomic } from '../local/atomic-file.js';
+import {
+  applyReplay,
+  type BootProfileStatus,
+  type BootRecorder,
+  bootProfileStatus,
+  MAX_PROFILE_REGIONS,
+  readReplayProfile,
+  RECORDING_DEFAULTS,
+  type RecordedProfile,
+  recordBoot,
+  replayProblem,
+  type ReplayProfile,
+  type ReplayStatus,
+} from '../streaming/boot-profile.js';
 import { type FlagTable, type FlagValues, parseFlags, renderHelp } from './flags.js';
 import { formatBytes } from './units.js';
 
@@ -44,6 +65,18 @@ export const STREAM_FLAGS: FlagTable = {
   'stall-timeout': { kind: 'duration', arg: 'TIME', default: '10s', min: 1, help: 'An attempt is abandoned and retried when the body stops flowing this long.' },
   'commit-interval': { kind: 'duration', arg: 'TIME', default: '1s', min: 10, help: 'Commit the region map at least this often while it changes (FLUSH and FUA always commit).' },
   manifest: { kind: 'string', arg: 'FILE', help: 'A manifest from "dpu-agent manifest": every fetched region is verified against it (a mismatch is fetched again, never served) and its zero regions are not fetched.' },
+  'boot-profile': {
+    kind: 'string',
+    arg: 'FILE',
+    help: 'Replay a boot profile of this image (what --record-profile writes, or the daemon\'s GET /v1/disks/{id}/boot-profile; region_size and regions are read): its regions are queued before the export listens and copied first, in its order, ahead of the sequential sweep (host misses still go first; with --no-hydrate nothing is copied ahead). Checked as the daemon checks a create request\'s profile: of another region size than the disk\'s, or malformed, the agent exits with DPU_ERR_PROFILE_INVALID before opening the disk; naming a region past the image, the disk is served all the same without the profile (a warning, and bootProfile.replay in the events says "refused" and why).',
+  },
+  'record-profile': {
+    kind: 'string',
+    arg: 'FILE',
+    help: 'Record the boot profile as the daemon does: the first host read of each image region, in order, from the first host read until --profile-window has passed or --profile-max-regions are recorded; then FILE is written atomically (JSON as the daemon\'s GET /v1/disks/{id}/boot-profile) and a profile-recorded event sent. Records on a resumed --state too. A recording not finished when the agent stops (SIGTERM, SIGINT) is not written; a finished one always is.',
+  },
+  'profile-window': { kind: 'duration', arg: 'TIME', default: `${RECORDING_DEFAULTS.windowMs / 1000}s`, min: 100, help: 'With --record-profile: the recording ends this long after the first host read.' },
+  'profile-max-regions': { kind: 'int', arg: 'N', default: String(RECORDING_DEFAULTS.maxRegions), min: 1, max: MAX_PROFILE_REGIONS, help: 'With --record-profile: the recording ends once it holds this many regions.' },
   'read-only': { kind: 'boolean', help: 'Refuse writes, TRIM and WRITE_ZEROES from the host.' },
   progress: { kind: 'string', arg: 'auto|bar|json|none', default: 'auto', help: 'Progress display: a bar on a terminal, JSON lines on stdout otherwise.' },
   'log-level': { kind: 'string', arg: 'LEVEL', default: 'info', help: 'pino level for the log on stderr: fatal, error, warn, info, debug, trace.' },
@@ -132,7 +165,11 @@ export async function runStream(argv: string[]): Promise<number> {
     log.warn('--tls-mode allow: clients that do not start TLS are served too');
   }
   const url = String(f['source']);
-  log.info({ source: redactUrl(url), format, headers: redactHeaders(headers), target: f['target'], state: f['state'] }, 'opening streaming disk');
+  const stateDir = String(f['state']);
+  const regionSize = argv.some((a) => a.startsWith('--region-size')) ? (f['region-size'] as number) : undefined;
+  const replay = f['boot-profile'] ? replayFromFlag(String(f['boot-profile']), stateDir, regionSize) : null;
+  const recordTo = recordTarget(f, argv);
+  log.info({ source: redactUrl(url), format, headers: redactHeaders(headers), target: f['target'], state: stateDir }, 'opening streaming disk');
 
   const opened: OpenedDisk = await openStreamingDisk({
     source: {
@@ -146,8 +183,8 @@ export async function runStream(argv: string[]): Promise<number> {
     },
     format,
     targetPath: String(f['target']),
-    stateDir: String(f['state']),
-    regionSize: argv.some((a) => a.startsWith('--region-size')) ? (f['region-size'] as number) : undefined,
+    stateDir,
+    regionSize,
     hydrator: {
       bandwidth: f['bandwidth'] as number,
       batchBytes: f['batch-size'] as number,
@@ -169,27 +206,29 @@ export async function runStream(argv: string[]): Promise<number> {
     if (mode === 'json' && stdoutOpen) process.stdout.write(JSON.stringify({ ts: new Date().toISOString(), ...obj }) + '\n');
   };
 
+  const profiles = startProfiles(opened, replay, recordTo, f, log, emit);
   const exportName = String(f['export-name']);
   const server = new NbdServer({ exports: [{ name: exportName, description: `streaming disk of ${redactUrl(url)}`, backend: disk }], log, ...(tls ? { tls } : {}) });
   let uri: string;
   try {
     uri = await server.listen(endpoint);
   } catch (err) {
+    profiles.stop();
     await opened.close();
     throw err;
   }
   const started = Date.now();
   log.info({ uri, size: disk.size, regions: disk.map.count, local: disk.map.local }, 'NBD export listening');
-  emit({ event: 'listening', uri, export: exportName, ...disk.progress() });
+  emit({ event: 'listening', uri, export: exportName, ...disk.progress(), ...profiles.status() });
 
-  const display = startProgress(mode, disk, hydrator, emit);
+  const display = startProgress(mode, disk, hydrator, emit, profiles.status);
   hydrator.on('batch-error', (err) => emit({ event: 'error', scope: 'hydration', message: err.message }));
   disk.on('commit-error', (err) => {
     log.error({ err }, 'committing the region map failed');
     emit({ event: 'error', scope: 'commit', message: err.message });
   });
   disk.once('complete', () => {
-    emit({ event: 'complete', elapsedMs: Date.now() - started, ...disk.progress() });
+    emit({ event: 'complete', elapsedMs: Date.now() - started, ...disk.progress(), ...profiles.status() });
   });
   if (!f['no-hydrate']) hydrator.start();
 
@@ -207,13 +246,14 @@ export async function runStream(argv: string[]): Promise<number> {
   });
   display.stop();
   await server.close();
+  profiles.stop();
   await opened.close();
-  emit({ event: 'stopped', ...disk.progress() });
+  emit({ event: 'stopped', ...disk.progress(), ...profiles.status() });
   log.info('stopped');
   return 0;
 }
 
-function startProgress(mode: string, disk: OpenedDisk['disk'], hydrator: OpenedDisk['hydrator'], emit: (o: Record<string, unknown>) => void): { stop(): void } {
+function startProgress(mode: string, disk: OpenedDisk['disk'], hydrator: OpenedDisk['hydrator'], emit: (o: Record<string, unknown>) => void, extra: () => Record<string, unknown>): { stop(): void } {
   if (mode === 'none') return { stop() {} };
   let lastBytes = disk.progress().bytesFetched;
   let lastAt = Date.now();
@@ -224,7 +264,7 @@ function startProgress(mode: string, disk: OpenedDisk['disk'], hydrator: OpenedD
     lastBytes = p.bytesFetched;
     lastAt = now;
     if (mode === 'json') {
-      emit({ event: 'progress', hydrator: hydrator.state, fetchRateBps: Math.round(rate), ...p });
+      emit({ event: 'progress', hydrator: hydrator.state, fetchRateBps: Math.round(rate), ...p, ...extra() });
       return;
     }
     const frac = p.regionsLocal / p.regionsTotal;
@@ -241,6 +281,90 @@ function startProgress(mode: string, disk: OpenedDisk['disk'], hydrator: OpenedD
       clearInterval(timer);
       tick();
       if (mode === 'bar') process.stderr.write('\n');
+    },
+  };
+}
+
+/**
+ * --boot-profile: the file read and checked before the disk is opened, so a profile the
+ * daemon would refuse with 400 (malformed, another region size) leaves nothing behind.
+ * Whether its regions lie in the image is known once the disk is open (applyReplay).
+ */
+function replayFromFlag(file: string, stateDir: string, regionSize: number | undefined): ReplayProfile {
+  const p = readReplayProfile(file, '--boot-profile');
+  const problem = replayProblem(p, plannedRegionSize(stateDir, regionSize), null);
+  if (problem) throw problem;
+  return p;
+}
+
+/** --record-profile's file (its directory must exist: it is written when the recording ends), or null. */
+function recordTarget(f: FlagValues, argv: string[]): string | null {
+  if (!f['record-profile']) {
+    const stray = ['--profile-window', '--profile-max-regions'].find((flag) => argv.some((a) => a === flag || a.startsWith(`${flag}=`)));
+    if (stray) throw new DpuError('DPU_ERR_CONFIG', `${stray} needs --record-profile: it bounds the recording`);
+    return null;
+  }
+  const file = String(f['record-profile']);
+  try {
+    fs.accessSync(path.dirname(path.resolve(file)), fs.constants.W_OK);
+  } catch (err) {
+    throw new DpuError('DPU_ERR_CONFIG', `--record-profile ${file}: cannot write in its directory (${(err as Error).message})`);
+  }
+  return file;
+}
+
+interface Profiles {
+  /** `{bootProfile}` for the events while a flag asked for a profile; `{}` otherwise. */
+  status(): { bootProfile?: BootProfileStatus };
+  /** The agent stops: writes a finished recording not yet written; drops an unfinished one. */
+  stop(): void;
+}
+
+/**
+ * Boot profiles of the disk just opened, before the export listens (so before any host
+ * read) and before hydration starts: the replay is queued first in the hydrator (or refused
+ * whole, and said why), and the recorder attached.
+ */
+function startProfiles(opened: OpenedDisk, replayProfile: ReplayProfile | null, recordTo: string | null, f: FlagValues, log: Logger, emit: (o: Record<string, unknown>) => void): Profiles {
+  const { disk, hydrator } = opened;
+  const replay: ReplayStatus = replayProfile ? applyReplay(replayProfile, disk, hydrator, log) : { state: 'none', regions: [], count: 0, error: null };
+  let recorder: BootRecorder | null = null;
+  let recorded: RecordedProfile | null = null;
+  let unwritten: RecordedProfile | null = null;
+  let idle: 'off' | 'waiting' | 'interrupted' = recordTo ? 'waiting' : 'off';
+  const write = (): void => {
+    const profile = unwritten;
+    if (!profile || !recordTo) return;
+    unwritten = null;
+    try {
+      writeJsonAtomic(recordTo, profile);
+    } catch (err) {
+      log.error({ err: (err as Error).message, file: recordTo }, 'cannot write the recorded boot profile');
+      emit({ event: 'error', scope: 'boot-profile', message: `--record-profile ${recordTo}: ${(err as Error).message}` });
+      return;
+    }
+    log.info({ file: recordTo, regions: profile.regions.length, stop: profile.stop_reason }, 'boot profile recorded');
+    emit({ event: 'profile-recorded', file: recordTo, regions: profile.regions.length, stopReason: profile.stop_reason, startedAt: profile.started_at, endedAt: profile.ended_at });
+  };
+  if (recordTo) {
+    recorder = recordBoot(disk, { windowMs: f['profile-window'] as number, maxRegions: f['profile-max-regions'] as number }, (profile) => {
+      recorded = unwritten = profile;
+      recorder = null;
+      // Not on the read that ended the recording: the file is written on a later turn.
+      setImmediate(write);
+    });
+  }
+  const shown = replayProfile !== null || recordTo !== null;
+  return {
+    status: () => (shown ? { bootProfile: bootProfileStatus(recorder, recorded, idle, replay, disk.map, replayProfile?.boots ?? null) } : {}),
+    stop: () => {
+      if (recorder) {
+        recorder.detach();
+        log.warn({ file: recordTo, state: recorder.state, regions: recorder.regionCount }, 'the boot profile recording had not finished: not written (a partial boot would teach a wrong order)');
+        recorder = null;
+        idle = 'interrupted';
+      }
+      write();
     },
   };
 }

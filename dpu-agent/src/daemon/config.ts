@@ -11,6 +11,7 @@
 import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig, resolveTokenList } from '../../../common/src/config.js';
 import { wrap } from '../cli/flags.js';
 import { loadNbdTls, type NbdTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
+import { MAX_PROFILE_REGIONS, RECORDING_DEFAULTS } from '../streaming/boot-profile.js';
 
 export interface AgentConfig {
   listen: { host: string; port: number };
@@ -128,8 +129,8 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       additionalProperties: false,
       properties: {
         enabled: { type: 'boolean', default: true, description: 'Record and replay boot profiles. false: nothing is recorded, and a create request\'s profile is ignored (`boot_profile.replay.state` says `disabled`).' },
-        window_ms: { type: 'integer', minimum: 100, default: 180_000, description: 'A recording ends this long after the host\'s first read (a Debian cloud image boots to cloud-init\'s end in 1-2 min under TCG; far less on hardware).' },
-        max_regions: { type: 'integer', minimum: 1, maximum: 65_536, default: 4096, description: 'A recording ends once it holds this many regions (4 bytes each while recording; 4 GiB in 1 MiB regions).' },
+        window_ms: { type: 'integer', minimum: 100, default: RECORDING_DEFAULTS.windowMs, description: 'A recording ends this long after the host\'s first read (a Debian cloud image boots to cloud-init\'s end in 1-2 min under TCG; far less on hardware).' },
+        max_regions: { type: 'integer', minimum: 1, maximum: MAX_PROFILE_REGIONS, default: RECORDING_DEFAULTS.maxRegions, description: 'A recording ends once it holds this many regions (4 bytes each while recording; 4 GiB in 1 MiB regions).' },
       },
     },
     reopen_interval_ms: { type: 'integer', minimum: 100, default: 10_000, description: 'A resumed disk that could not be opened (origin unreachable) is retried this often.' },

@@ -55,7 +55,7 @@ import { fsyncDir, writeFileAtomic, writeJsonAtomic } from '../local/atomic-file
 import { blockDeviceSize } from '../local/target.js';
 import { Manifest } from '../../../image-access/src/manifest.js';
 import { writeConfigDrive } from '../streaming/config-drive.js';
-import { BootRecorder, type RecordedProfile, type RecordingState, replayProblem } from '../streaming/boot-profile.js';
+import { applyReplay, type BootRecorder, bootProfileStatus, recordBoot, type RecordedProfile, type RecordingState, replayLocal, replayProblem, type ReplayStatus } from '../streaming/boot-profile.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
 import { RegionState } from '../region/region-map.js';
@@ -177,7 +177,7 @@ class ManagedDisk {
   /** What the recording is when neither of the above says: off, or interrupted by a restart. */
   recordingState: RecordingState | 'off' | 'interrupted' = 'off';
   /** The profile replayed on this disk: its regions (when applied), and what became of it. */
-  replay: { state: DiskBootProfileView['replay']['state']; regions: readonly number[]; count: number; error: string | null } = { state: 'none', regions: [], count: 0, error: null };
+  replay: ReplayStatus = { state: 'none', regions: [], count: 0, error: null };
 
   constructor(
     public spec: DiskSpec,
@@ -727,21 +727,9 @@ export class DiskManager {
     const cfg = this.config.boot_profiles;
     const bp = m.spec.boot_profile;
     const disk = opened.disk;
-    const regionSize = disk.map.regionSize;
-    const imageRegions = Math.ceil(disk.imageSize / regionSize);
     m.replay = { state: 'none', regions: [], count: bp?.replay?.regions.length ?? 0, error: null };
     if (bp?.replay && !cfg.enabled) m.replay.state = 'disabled';
-    else if (bp?.replay) {
-      const problem = replayProblem(bp.replay, regionSize, imageRegions);
-      if (problem) {
-        m.replay = { ...m.replay, state: 'refused', error: `${problem.code}: ${problem.message}` };
-        log.warn({ code: problem.code, regions: bp.replay.regions.length }, `boot profile refused: ${problem.message}`);
-      } else {
-        m.replay = { ...m.replay, state: 'applied', regions: bp.replay.regions };
-        if (!disk.complete) opened.hydrator.prioritize(bp.replay.regions);
-        log.info({ regions: bp.replay.regions.length, boots: bp.replay.boots }, 'boot profile applied: its regions are copied first, in boot order');
-      }
-    }
+    else if (bp?.replay) m.replay = applyReplay(bp.replay, disk, opened.hydrator, log);
     m.recorder?.detach();
     m.recorder = null;
     if (m.recorded) return; // finished before a restart: kept as it is
@@ -753,9 +741,7 @@ export class DiskManager {
       m.recordingState = 'interrupted';
       return;
     }
-    const recorder = new BootRecorder({ regionSize, imageRegions, windowMs: cfg.window_ms, maxRegions: cfg.max_regions });
-    recorder.once('done', () => {
-      const profile = recorder.view();
+    const recorder = recordBoot(disk, { windowMs: cfg.window_ms, maxRegions: cfg.max_regions }, (profile) => {
       m.recorded = profile;
       if (m.recorder === recorder) m.recorder = null;
       // Not on the read that filled the budget: the file is written on a later turn.
@@ -769,7 +755,6 @@ export class DiskManager {
         log.info({ regions: profile.regions.length, stop: profile.stop_reason }, 'boot profile recorded');
       });
     });
-    recorder.attach(disk);
     m.recorder = recorder;
   }
 
@@ -784,32 +769,12 @@ export class DiskManager {
   }
 
   private bootProfileView(m: ManagedDisk): DiskBootProfileView {
-    const rec = m.recorder ?? null;
-    const recorded = m.recorded;
-    const recording = rec
-      ? { state: rec.state, regions: rec.regionCount, stop_reason: null }
-      : recorded
-        ? { state: recorded.state, regions: recorded.regions.length, stop_reason: recorded.stop_reason }
-        : { state: m.recordingState, regions: 0, stop_reason: null };
-    const boots = m.spec.boot_profile?.replay?.boots;
-    return {
-      recording,
-      replay: { state: m.replay.state, regions: m.replay.count, local: this.replayLocal(m), boots: boots ?? null, error: m.replay.error },
-    };
+    return bootProfileStatus(m.recorder, m.recorded, m.recordingState, m.replay, m.opened?.disk.map, m.spec.boot_profile?.replay?.boots ?? null);
   }
 
   /** Regions of the applied profile that are local or zero (served without the network). */
   private replayLocal(m: ManagedDisk): number {
-    const map = m.opened?.disk.map;
-    if (!map || m.replay.state !== 'applied') return 0;
-    if (map.complete) return m.replay.count;
-    const states = map.states;
-    let n = 0;
-    for (const r of m.replay.regions) {
-      const s = states[r];
-      if (s === RegionState.Local || s === RegionState.Zero) n++;
-    }
-    return n;
+    return replayLocal(m.opened?.disk.map, m.replay);
   }
 
   /** For resume: opens, or marks the disk failed and tries again later. */

@@ -23,9 +23,17 @@
  *    detaches itself: reads cost one null check again.
  *
  * States: `waiting` (no host read yet) → `recording` → `done` (stopReason window|budget).
+ *
+ * Both programs use what follows the same way — `dpu-agent serve` per disk (daemon/disks.ts)
+ * and `dpu-agent stream` for its one disk (cli/stream.ts, --record-profile and
+ * --boot-profile): recordBoot() starts a recording, applyReplay() checks and queues a
+ * profile before hydration starts, bootProfileStatus() is what both report.
  */
 import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import type { Logger } from 'pino';
 import { DpuError } from '../../../image-access/src/errors.js';
+import { RegionState } from '../region/region-map.js';
 
 /** What StreamingDisk.read() calls while a recorder is attached (see disk.ts `recorder`). */
 export interface ReadRecorder {
@@ -39,6 +47,14 @@ export interface RecordableDisk {
 
 export type RecordingState = 'waiting' | 'recording' | 'done';
 export type StopReason = 'window' | 'budget';
+
+/**
+ * When a recording ends if nobody says otherwise: the daemon's `boot_profiles.window_ms` and
+ * `max_regions`, and `stream --profile-window` / `--profile-max-regions`.
+ */
+export const RECORDING_DEFAULTS = { windowMs: 180_000, maxRegions: 4096 } as const;
+/** Regions a profile holds at most: a create request's `maxItems`, and the largest budget. */
+export const MAX_PROFILE_REGIONS = 65_536;
 
 export interface BootRecorderOptions {
   regionSize: number;
@@ -180,6 +196,8 @@ export class BootRecorder extends EventEmitter<{ done: [] }> implements ReadReco
 export interface ReplayProfile {
   region_size: number;
   regions: readonly number[];
+  /** How many recorded boots it was merged from (shown only). */
+  boots?: number;
 }
 
 /**
@@ -199,4 +217,142 @@ export function replayProblem(p: ReplayProfile, regionSize: number, imageRegions
     return new DpuError('DPU_ERR_PROFILE_INVALID', `the boot profile names region ${p.regions[bad]} (entry ${bad}), but the image has regions 0-${imageRegions - 1}: it was recorded for another image; not replayed`, { field: 'boot_profile.replay.regions' });
   }
   return null;
+}
+
+/** What a boot profile needs of a streaming disk (StreamingDisk has it all). */
+export interface ProfiledDisk extends RecordableDisk {
+  readonly imageSize: number;
+  readonly complete: boolean;
+  readonly map: { readonly regionSize: number; readonly complete: boolean; readonly states: Uint8Array };
+}
+
+/** Regions that hold the image, the ones a profile may name (a larger root disk's tail is zeros). */
+export function imageRegionsOf(disk: ProfiledDisk): number {
+  return Math.ceil(disk.imageSize / disk.map.regionSize);
+}
+
+/**
+ * Starts recording the host's reads of `disk` (attach it before the export serves anyone).
+ * `onDone` gets the finished profile on the read that ended it, or on the window's timer:
+ * defer anything slow (a file write) to a later turn.
+ */
+export function recordBoot(disk: ProfiledDisk, limits: { windowMs: number; maxRegions: number }, onDone: (profile: RecordedProfile) => void): BootRecorder {
+  const recorder = new BootRecorder({ regionSize: disk.map.regionSize, imageRegions: imageRegionsOf(disk), windowMs: limits.windowMs, maxRegions: limits.maxRegions });
+  recorder.once('done', () => onDone(recorder.view()));
+  recorder.attach(disk);
+  return recorder;
+}
+
+/** What became of a profile given for replay (`boot_profile.replay` of the daemon's Disk). */
+export type ReplayState = 'none' | 'applied' | 'refused' | 'disabled';
+export interface ReplayStatus {
+  state: ReplayState;
+  /** The profile's regions when applied (to count the local ones), else empty. */
+  regions: readonly number[];
+  /** Regions in the profile. */
+  count: number;
+  /** Why it was refused: "DPU_ERR_PROFILE_INVALID: …". */
+  error: string | null;
+}
+
+/**
+ * Replays `p` on a disk just opened, before hydration starts (so before the host can read):
+ * its regions are queued first in the hydrator, in order; or, when it does not fit the
+ * image (replayProblem), nothing of it is applied and the status says why. Never throws:
+ * a profile never fails a disk. Run it at every open; regions already local are skipped.
+ */
+export function applyReplay(p: ReplayProfile, disk: ProfiledDisk, hydrator: { prioritize(regions: Iterable<number>): void }, log?: Logger): ReplayStatus {
+  const problem = replayProblem(p, disk.map.regionSize, imageRegionsOf(disk));
+  if (problem) {
+    log?.warn({ code: problem.code, regions: p.regions.length }, `boot profile refused: ${problem.message}`);
+    return { state: 'refused', regions: [], count: p.regions.length, error: `${problem.code}: ${problem.message}` };
+  }
+  if (!disk.complete) hydrator.prioritize(p.regions);
+  log?.info({ regions: p.regions.length, ...(p.boots !== undefined ? { boots: p.boots } : {}) }, 'boot profile applied: its regions are copied first, in boot order');
+  return { state: 'applied', regions: p.regions, count: p.regions.length, error: null };
+}
+
+/** Regions of an applied profile that are local or zero (served without the network). */
+export function replayLocal(map: ProfiledDisk['map'] | null | undefined, replay: ReplayStatus): number {
+  if (!map || replay.state !== 'applied') return 0;
+  if (map.complete) return replay.count;
+  const states = map.states;
+  let n = 0;
+  for (const r of replay.regions) {
+    const s = states[r];
+    if (s === RegionState.Local || s === RegionState.Zero) n++;
+  }
+  return n;
+}
+
+/** Both halves of a disk's boot profiles, as the daemon's Disk (`boot_profile`) and stream's progress events show them. */
+export interface BootProfileStatus {
+  recording: { state: RecordingState | 'off' | 'interrupted'; regions: number; stop_reason: StopReason | null };
+  replay: { state: ReplayState; regions: number; local: number; boots: number | null; error: string | null };
+}
+
+/**
+ * The status from the recording in progress (`recorder`), else the finished one
+ * (`recorded`), else `idle` (off, or interrupted); and the replay's outcome on `map`.
+ */
+export function bootProfileStatus(
+  recorder: BootRecorder | null,
+  recorded: RecordedProfile | null,
+  idle: RecordingState | 'off' | 'interrupted',
+  replay: ReplayStatus,
+  map: ProfiledDisk['map'] | null | undefined,
+  boots: number | null,
+): BootProfileStatus {
+  const recording = recorder
+    ? { state: recorder.state, regions: recorder.regionCount, stop_reason: null }
+    : recorded
+      ? { state: recorded.state, regions: recorded.regions.length, stop_reason: recorded.stop_reason }
+      : { state: idle, regions: 0, stop_reason: null };
+  return { recording, replay: { state: replay.state, regions: replay.count, local: replayLocal(map, replay), boots, error: replay.error } };
+}
+
+/**
+ * A profile to replay from JSON: what --record-profile writes and GET
+ * /v1/disks/{id}/boot-profile answers ({state, region_size, image_regions, regions, …}), or a
+ * create request's `boot_profile.replay` ({region_size, regions, boots?}). Only `region_size`,
+ * `regions` and `boots` are read, and checked as the API's schema checks a create request
+ * (region_size an integer from 4096 to 1 GiB; at most 65 536 regions, each an integer ≥ 0;
+ * duplicates allowed: copied once); anything else is DPU_ERR_PROFILE_INVALID naming the
+ * field. Whether it fits the disk is replayProblem's question.
+ */
+export function parseReplayProfile(value: unknown, where: string): ReplayProfile {
+  const bad = (field: string | undefined, what: string): DpuError => new DpuError('DPU_ERR_PROFILE_INVALID', `${where}: ${what}`, field !== undefined ? { field } : undefined);
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw bad(undefined, 'is not a boot profile: a JSON object with region_size and regions (as --record-profile writes it)');
+  }
+  const v = value as Record<string, unknown>;
+  const rs = v['region_size'];
+  if (!Number.isSafeInteger(rs) || (rs as number) < 4096 || (rs as number) > 1 << 30) {
+    throw bad('region_size', `region_size ${JSON.stringify(rs)} is not an integer from 4096 to 1073741824 (the region size the profile was recorded in)`);
+  }
+  const regions = v['regions'];
+  if (!Array.isArray(regions)) throw bad('regions', `regions ${regions === undefined ? 'is missing' : 'is not an array'}: the region numbers in boot order`);
+  if (regions.length > MAX_PROFILE_REGIONS) throw bad('regions', `regions holds ${regions.length} entries, more than ${MAX_PROFILE_REGIONS}`);
+  const i = regions.findIndex((r) => !Number.isSafeInteger(r) || (r as number) < 0);
+  if (i >= 0) throw bad('regions', `regions entry ${i} is ${JSON.stringify(regions[i])}, not a region number (an integer ≥ 0)`);
+  const boots = v['boots'];
+  if (boots !== undefined && (!Number.isSafeInteger(boots) || (boots as number) < 0)) throw bad('boots', `boots ${JSON.stringify(boots)} is not an integer ≥ 0`);
+  return { region_size: rs as number, regions: regions as number[], ...(boots !== undefined ? { boots: boots as number } : {}) };
+}
+
+/** parseReplayProfile of a file; an unreadable file is DPU_ERR_CONFIG, one that is not JSON DPU_ERR_PROFILE_INVALID. */
+export function readReplayProfile(file: string, flag: string): ReplayProfile {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new DpuError('DPU_ERR_CONFIG', `${flag} ${file}: ${(err as Error).message}`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new DpuError('DPU_ERR_PROFILE_INVALID', `${flag} ${file}: not JSON (${(err as Error).message})`);
+  }
+  return parseReplayProfile(value, `${flag} ${file}`);
 }

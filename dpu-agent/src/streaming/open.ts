@@ -77,6 +77,15 @@ interface DiskRecord {
   createdAt: string;
 }
 
+/**
+ * The region size a disk opened with `requested` in `stateDir` will have: the directory's,
+ * once it holds a disk; else `requested`, else the default. Known before anything is opened
+ * or created (stream --boot-profile checks a profile against it).
+ */
+export function plannedRegionSize(stateDir: string, requested?: number): number {
+  return readRecord(path.join(stateDir, 'disk.json'))?.regionSize ?? requested ?? DEFAULT_REGION_SIZE;
+}
+
 export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDisk> {
   const log = opts.log;
   fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
