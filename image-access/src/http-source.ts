@@ -82,16 +82,21 @@ const DEFAULTS = {
 
 /** Background request sizes: a multiple of this, between the bounds; the first before any rate is known. */
 const BG_REQUEST_QUANTUM = 64 << 10;
+/**
+ * The smallest background request: below it the origin's per-request cost (a Swift proxy
+ * spends milliseconds on each) outweighs the queue it saves.
+ */
+const BG_REQUEST_MIN = 256 << 10;
 const BG_REQUEST_MAX = 8 << 20;
 const BG_REQUEST_FIRST = 1 << 20;
 
 /**
  * The background request size for a link share of `bytesPerSecond`: `ms` of it, in
- * 64 KiB steps, from 64 KiB to 8 MiB.
+ * 64 KiB steps, from 256 KiB to 8 MiB.
  */
 export function backgroundRequestBytes(bytesPerSecond: number, ms: number): number {
   const raw = (bytesPerSecond * ms) / 1000;
-  return Math.min(BG_REQUEST_MAX, Math.max(BG_REQUEST_QUANTUM, Math.round(raw / BG_REQUEST_QUANTUM) * BG_REQUEST_QUANTUM));
+  return Math.min(BG_REQUEST_MAX, Math.max(BG_REQUEST_MIN, Math.round(raw / BG_REQUEST_QUANTUM) * BG_REQUEST_QUANTUM));
 }
 
 const BACKOFF_FIRST_MS = 50;
@@ -310,7 +315,6 @@ export class HttpSource implements RemoteSource {
     const sized = opts.priority === 'background' && this.opts.backgroundRequestMs > 0 && !this.warnedNoRange;
     const end = sized ? Math.min(offset + dest.length, start + this.bgRequest) - 1 : offset + dest.length - 1;
     if (opts.priority === 'background') this.bgActive++;
-    const sentAt = performance.now();
     const controller = new AbortController();
     this.controllers.add(controller);
     const headersTimer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${this.opts.headersTimeoutMs} ms`)), this.opts.headersTimeoutMs);
@@ -345,8 +349,9 @@ export class HttpSource implements RemoteSource {
           body.destroy();
           throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${want} bytes, Content-Length says ${String(length)}`);
         }
-        await this.pump(body, 0, want, dest, progress, opts, true);
-        if (sized && end - start + 1 === this.bgRequest) this.measureBackground(want, performance.now() - sentAt);
+        const timing = { first: 0, firstBytes: 0 };
+        await this.pump(body, 0, want, dest, progress, opts, true, timing);
+        if (sized && end - start + 1 === this.bgRequest) this.measureBackground(want - timing.firstBytes, performance.now() - timing.first);
       } else if (res.status === 200) {
         if (!this.warnedNoRange) {
           this.warnedNoRange = true;
@@ -368,16 +373,18 @@ export class HttpSource implements RemoteSource {
   }
 
   /**
-   * A background request of `bytes` took `ms` from being sent to its last byte: the fastest
-   * of the last 16 is taken as the link's rate. Timed from the request, never from its
-   * headers (body bytes already buffered then make a rate no link has).
+   * The body of a background request delivered `bytes` in `ms` after its first chunk (which
+   * is left out: it may have waited in the socket buffer): the fastest of the last 16 is
+   * the link's rate (a request cannot beat the link; slower ones shared it, or met a slow
+   * turn of our event loop). The time to the first byte is left out too, or an origin
+   * slow to answer (Swift's proxy: several ms a request) would shrink requests until the
+   * per-request cost is all there is.
    */
   private measureBackground(bytes: number, ms: number): void {
     if (ms <= 0) return;
+    if (bytes < BG_REQUEST_QUANTUM / 2) return; // too little after the first chunk to time
     const samples = this.bgSamples;
     samples[this.bgSampleAt++ % samples.length] = (bytes / ms) * 1000;
-    // The best recent request is the link's rate (a request cannot beat the link; slower
-    // ones met a busy origin, a slow turn of our event loop, or shared the link).
     this.bgRate = Math.max(...samples);
     this.bgRequest = backgroundRequestBytes(this.bgRate, this.opts.backgroundRequestMs);
   }
@@ -391,7 +398,7 @@ export class HttpSource implements RemoteSource {
    * Copies `want` bytes of the body (after skipping `skip`) into dest at progress.filled.
    * For a 206 the body must end exactly there; for a 200 the rest is dropped.
    */
-  private pump(body: http.IncomingMessage, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean): Promise<void> {
+  private pump(body: http.IncomingMessage, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean, timing?: { first: number; firstBytes: number }): Promise<void> {
     return new Promise((resolve, reject) => {
       let skipped = 0;
       let taken = 0;
@@ -415,6 +422,10 @@ export class HttpSource implements RemoteSource {
       };
       const onData = (chunk: Buffer): void => {
         stallTimer.refresh();
+        if (timing && timing.first === 0) {
+          timing.first = performance.now();
+          timing.firstBytes = chunk.length;
+        }
         let c = chunk;
         if (skipped < skip) {
           const n = Math.min(c.length, skip - skipped);

@@ -38,10 +38,10 @@ describe('HTTP source: background requests sized to the link', () => {
     asked.length = 0;
   });
 
-  it('sizes requests to 2 ms of the rate, in 64 KiB steps from 64 KiB to 8 MiB', () => {
+  it('sizes requests to 2 ms of the rate, in 64 KiB steps from 256 KiB to 8 MiB', () => {
     assert.equal(backgroundRequestBytes(125e6, 2), 256 << 10, '1 Gbit/s');
     assert.equal(backgroundRequestBytes(1.25e9, 2), 2432 << 10, '10 Gbit/s');
-    assert.equal(backgroundRequestBytes(12.5e6, 2), 64 << 10, '100 Mbit/s: the floor');
+    assert.equal(backgroundRequestBytes(12.5e6, 2), 256 << 10, '100 Mbit/s: the floor');
     assert.equal(backgroundRequestBytes(50e9, 2), 8 << 20, '400 Gbit/s: the ceiling');
   });
 
@@ -56,9 +56,9 @@ describe('HTTP source: background requests sized to the link', () => {
       const sizes = asked.map((r) => r.end - r.start + 1);
       assert.ok(sizes.length > 4, `several requests (${sizes.join(', ')})`);
       assert.equal(sizes[0], MiB, 'the first request, before any rate is known');
-      // The origin sends at most 20 MiB/s: 2 ms of it is 40 KiB, so requests end at 64 or 128 KiB.
-      assert.ok(sizes.slice(-3).every((n) => n <= 128 << 10), `later requests follow the rate (${sizes.join(', ')})`);
-      assert.ok(src.backgroundRequestSize <= 128 << 10);
+      // The origin sends at most 20 MiB/s: 2 ms of it is 40 KiB, below the 256 KiB floor.
+      assert.ok(sizes.slice(-3).every((n) => n === 256 << 10), `later requests follow the rate down to the floor (${sizes.join(', ')})`);
+      assert.equal(src.backgroundRequestSize, 256 << 10);
       for (let i = 1; i < asked.length; i++) assert.equal(asked[i]!.start, asked[i - 1]!.end + 1, 'one after another, in order');
     } finally {
       await src.close();
