@@ -116,7 +116,9 @@ export async function buildManifest(deps: ManifestJobDeps, job: Job<JobData>): P
   // hashed on its own (alongside the build).
   const check = digest && algo && image.format === 'raw' ? { algo, value: digest.value } : null;
   const fileCheck = digest && algo && image.format !== 'raw' ? { algo, value: digest.value } : null;
-  const sourceOpts = { url: image.url, ...(image.headers ? { headers: image.headers } : {}), ...(image.identity ? { identity: image.identity } : {}), maxConnections: 3, backgroundConnections: 2 };
+  // Whole 8 MiB requests: no host waits behind this read, and each request costs an object
+  // store (Swift's proxy) milliseconds of its own.
+  const sourceOpts = { url: image.url, ...(image.headers ? { headers: image.headers } : {}), ...(image.identity ? { identity: image.identity } : {}), maxConnections: 3, backgroundConnections: 2, backgroundRequestMs: 0 };
   const source = await openImageSource({ source: sourceOpts, format: image.format, log: deps.log });
   const fileHash = fileCheck
     ? fileDigest(sourceOpts, fileCheck.algo, deps.log).then(

@@ -43,7 +43,8 @@ export async function runManifest(argv: string[]): Promise<number> {
   if (!IMAGE_FORMATS.includes(format)) throw new DpuError('DPU_ERR_CONFIG', `--format "${format}" is not one of ${IMAGE_FORMATS.join(', ')}`);
   const log = pino({ level: 'warn' }, pino.destination(2));
   const url = String(f['source']);
-  const source = await openImageSource({ source: { url, headers: parseHeaders(f['header'] as string[] | undefined) }, format, log });
+  // No host reads behind this one: whole requests (see backgroundRequestMs).
+  const source = await openImageSource({ source: { url, headers: parseHeaders(f['header'] as string[] | undefined), backgroundRequestMs: 0 }, format, log });
   const t0 = Date.now();
   try {
     const manifest = await Manifest.build(source, {
