@@ -26,7 +26,9 @@
  * one after another, sized from the rate background bytes arrive at (the link's share):
  * the origin puts at most that much ahead of a miss in the link's queue, whatever the
  * batch size (1 Gbit/s: 256 KiB requests; 10 Gbit/s: 2.5 MiB). A miss then waits behind
- * ~2 ms of background traffic instead of whole 8 MiB batches.
+ * ~2 ms of background traffic instead of whole 8 MiB batches. An origin slow to answer
+ * each request (Swift's proxy) gets requests of at least twice its time to headers, so
+ * its per-request cost does not eat the link.
  *
  * This is node:http, not axios (which the control plane's API clients use): a range reader
  * needs one GET with a streamed body, and axios cost the agent 22 MiB of its resident
@@ -160,6 +162,10 @@ export class HttpSource implements RemoteSource {
   /** Rate background bytes arrive at, bytes/s (moving average), and the request size it gives. */
   private bgRate = 0;
   private bgRequest = BG_REQUEST_FIRST;
+  /** The origin's least recent time to headers, ms (see measureLatency), and its ring. */
+  private bgLatency = 0;
+  private readonly latencySamples = new Array<number>(16).fill(Infinity);
+  private latencyAt = 0;
   /** The rates of the last background requests (bytes/s), a ring. */
   private readonly bgSamples = new Array<number>(16).fill(0);
   private bgSampleAt = 0;
@@ -322,7 +328,9 @@ export class HttpSource implements RemoteSource {
     try {
       let res;
       try {
+        const sentAt = performance.now();
         res = await request(this.agents[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal);
+        if (sized) this.measureLatency(performance.now() - sentAt);
       } catch (err) {
         throw transportError(err, controller);
       } finally {
@@ -380,13 +388,27 @@ export class HttpSource implements RemoteSource {
    * slow to answer (Swift's proxy: several ms a request) would shrink requests until the
    * per-request cost is all there is.
    */
+  /**
+   * The time a background request took to its headers: the origin's cost per request. The
+   * least of the last 16 is kept; requests are made at least twice that long in link time,
+   * so per-request costs stay under a third of the time (an origin that answers in 0.2 ms
+   * gets 2 ms requests; Swift's proxy, at several ms, larger ones: its throughput matters
+   * more than the queue it adds).
+   */
+  private measureLatency(ms: number): void {
+    const samples = this.latencySamples;
+    samples[this.latencyAt++ % samples.length] = ms;
+    this.bgLatency = Math.min(...samples);
+    if (this.bgRate > 0) this.bgRequest = backgroundRequestBytes(this.bgRate, Math.max(this.opts.backgroundRequestMs, 2 * this.bgLatency));
+  }
+
   private measureBackground(bytes: number, ms: number): void {
     if (ms <= 0) return;
     if (bytes < BG_REQUEST_QUANTUM / 2) return; // too little after the first chunk to time
     const samples = this.bgSamples;
     samples[this.bgSampleAt++ % samples.length] = (bytes / ms) * 1000;
     this.bgRate = Math.max(...samples);
-    this.bgRequest = backgroundRequestBytes(this.bgRate, this.opts.backgroundRequestMs);
+    this.bgRequest = backgroundRequestBytes(this.bgRate, Math.max(this.opts.backgroundRequestMs, 2 * this.bgLatency));
   }
 
   /** The size background requests have now (see the top of the file). */
