@@ -5,6 +5,7 @@
  * seen, held, delivered, corrupted or failed by the test — no sleeps, no clock.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DpuError } from '../../image-access/src/errors.js';
@@ -80,7 +81,8 @@ describe('block-sized misses (issue #14)', () => {
   let src: ControlledSource;
   let img: Buffer;
 
-  function open(opts: { regions?: number; manifest?: Manifest | null; target?: (t: LocalTarget) => Target } = {}): StreamingDisk {
+  /** `hydrating` (default true) stands for a running hydrator, which copies missed regions next. */
+  function open(opts: { regions?: number; manifest?: Manifest | null; target?: (t: LocalTarget) => Target; hydrating?: boolean } = {}): StreamingDisk {
     const size = (opts.regions ?? 8) * R;
     img = image(size);
     const file = path.join(dir, 'target');
@@ -94,6 +96,7 @@ describe('block-sized misses (issue #14)', () => {
       commitIntervalMs: 60_000,
       manifest: opts.manifest ?? null,
     });
+    disk.hydrating = opts.hydrating ?? true;
     return disk;
   }
 
@@ -221,6 +224,18 @@ describe('block-sized misses (issue #14)', () => {
     assert.equal(d.map.state(4), RegionState.Local);
     // Once a region's bytes of the batch have arrived, a read takes them from there.
     assert.ok((await read(d, 4 * R + 100, 100)).equals(img.subarray(4 * R + 100, 4 * R + 200)));
+  });
+
+  it('with no hydrator running, the disk completes a missed region itself, around its block: every byte once', async () => {
+    const d = open({ hydrating: false });
+    const reading = read(d, 3 * R + 2 * B + 5, 100);
+    src.deliver(await src.next());
+    assert.ok((await reading).equals(img.subarray(3 * R + 2 * B + 5, 3 * R + 2 * B + 105)));
+    const rest = (await Promise.all([src.next((p) => p.offset === 3 * R), src.next((p) => p.offset === 3 * R + 3 * B)])).map(span);
+    assert.deepEqual(rest, [`${3 * R}+${2 * B}`, `${3 * R + 3 * B}+${13 * B}`]);
+    for (const p of src.pending) src.deliver(p);
+    while (d.map.state(3) !== RegionState.Local) await once(d, 'region-settled');
+    assert.equal(src.stats().bytesFetched, R);
   });
 
   it('a version 2 manifest verifies each block: a corrupted block is never served, and is fetched again', async () => {

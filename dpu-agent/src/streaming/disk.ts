@@ -493,8 +493,11 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       if (s === RegionState.Remote && !this.badRegions.has(r)) {
         if (!covers(r) && this.missBlockSize !== null) {
           // A miss: fetch only the blocks asked for, and have the hydrator copy the region next.
-          waits.push(this.readBlocks(r, segStart, part));
-          this.emit('miss', r);
+          const missed = r; // `r` moves on before the read ends
+          const done = this.readBlocks(missed, segStart, part);
+          waits.push(done);
+          this.emit('miss', missed);
+          if (!this.hydrating) done.then(() => this.completeRegion(missed), noop);
           r++;
           continue;
         }
@@ -513,6 +516,24 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   get missBlockSize(): number | null {
     const size = this.manifest ? this.manifest.leafSize : this.missBlockBytes;
     return size !== null && size > 0 && size < this.map.regionSize ? size : null;
+  }
+
+  /**
+   * Set by the hydrator while it runs: it copies missed regions next. When nothing copies
+   * in the background (paused, stopped, no hydrator), the disk completes a missed region
+   * itself, around its blocks: the host's reads still make regions local, as before blocks,
+   * and no block has to cross the link twice.
+   */
+  hydrating = false;
+  private readonly completing = new Set<number>();
+
+  /** Fetches the rest of remote region r (around its blocks), once, in the background. */
+  private completeRegion(r: number): void {
+    if (this.completing.has(r) || this.map.state(r) !== RegionState.Remote || this.badRegions.has(r) || !this.source || this.closed || this.failure) return;
+    this.completing.add(r);
+    this.fetchRun(r, 1, 'background')
+      .catch((err: Error) => this.log?.debug({ region: r, err: err.message }, 'completing a missed region failed; a later read or the hydrator fetches it'))
+      .finally(() => this.completing.delete(r));
   }
 
   /** Whether region r holds blocks fetched for misses (the hydrator fetches it alone). */

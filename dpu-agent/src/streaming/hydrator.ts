@@ -182,6 +182,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   private setState(s: HydratorState): void {
     if (this.current === s) return;
     this.current = s;
+    this.disk.hydrating = s === 'running'; // else the disk completes missed regions itself
     this.emit('state', s);
   }
 
