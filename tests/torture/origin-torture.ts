@@ -27,10 +27,10 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { DpuError } from '../../image-access/src/errors.js';
 import { Manifest } from '../../image-access/src/manifest.js';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 import { openStreamingDisk } from '../../dpu-agent/src/streaming/open.js';
 import { type Fault, FAULT_KINDS, type OutageMode, randomFaults, TestOrigin } from '../helpers/origin.js';
 import { prng } from './crash-torture.js';
+import { MemorySource } from '../helpers/memory-source.js';
 
 const MiB = 1 << 20;
 const REGION = 64 << 10;
@@ -65,22 +65,6 @@ export function emptyTotals(): TortureTotals {
   return { trials: 0, faults: 0, byKind: {}, refusedInOutages: 0, reads: 0, bytesVerified: 0, wrongBytes: 0, expectedIoErrors: 0, unexpectedIoErrors: 0, retries: 0, integrityFailures: 0, counterMismatches: 0, hydrationsCompleted: 0, problems: [], ms: 0 };
 }
 
-/** The image from memory, for building its manifest. */
-class MemorySource implements RemoteSource {
-  readonly identity = 'memory';
-  readonly description = 'memory';
-  constructor(private readonly image: Buffer) {}
-  get size(): number {
-    return this.image.length;
-  }
-  async read(offset: number, dest: Buffer, _opts: RemoteReadOptions): Promise<void> {
-    this.image.copy(dest, 0, offset, offset + dest.length);
-  }
-  stats(): RemoteSourceStats {
-    return { bytesFetched: 0, requests: 0, retries: 0, failures: 0, foregroundInflight: 0, backgroundInflight: 0 };
-  }
-  async close(): Promise<void> {}
-}
 
 function makeImage(size: number, seed: number): Buffer {
   const image = Buffer.alloc(size);

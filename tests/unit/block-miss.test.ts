@@ -10,13 +10,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { DpuError } from '../../image-access/src/errors.js';
 import { Manifest } from '../../image-access/src/manifest.js';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 import { LocalTarget, type Target } from '../../dpu-agent/src/local/target.js';
 import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js';
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
 import { tempDir } from '../helpers/agent.js';
 import { ControlledSource, type PendingRead, settleTicks } from '../helpers/controlled-source.js';
+import { MemorySource } from '../helpers/memory-source.js';
 
 const R = 1 << 20;
 const B = 64 << 10;
@@ -28,22 +28,6 @@ function image(size: number): Buffer {
   return b;
 }
 
-/** The image from memory, at once (for building manifests). */
-class MemorySource implements RemoteSource {
-  readonly identity = 'memory';
-  readonly description = 'memory';
-  constructor(private readonly image: Buffer) {}
-  get size(): number {
-    return this.image.length;
-  }
-  async read(offset: number, dest: Buffer, _opts: RemoteReadOptions): Promise<void> {
-    this.image.copy(dest, 0, offset, offset + dest.length);
-  }
-  stats(): RemoteSourceStats {
-    return { bytesFetched: 0, requests: 0, retries: 0, failures: 0, foregroundInflight: 0, backgroundInflight: 0 };
-  }
-  async close(): Promise<void> {}
-}
 
 /** A file target whose reads of one range throw (a failing SSD sector). */
 class FailingReadTarget implements Target {

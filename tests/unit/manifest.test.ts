@@ -7,26 +7,11 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { DpuError } from '../../image-access/src/errors.js';
 import { Manifest, merkleRoot } from '../../image-access/src/manifest.js';
-import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
+import { MemorySource } from '../helpers/memory-source.js';
 
 const R = 256 << 10;
 const L = 16 << 10;
 
-class MemorySource implements RemoteSource {
-  readonly identity = 'memory';
-  readonly description = 'memory';
-  constructor(private readonly image: Buffer) {}
-  get size(): number {
-    return this.image.length;
-  }
-  async read(offset: number, dest: Buffer, _opts: RemoteReadOptions): Promise<void> {
-    this.image.copy(dest, 0, offset, offset + dest.length);
-  }
-  stats(): RemoteSourceStats {
-    return { bytesFetched: 0, requests: 0, retries: 0, failures: 0, foregroundInflight: 0, backgroundInflight: 0 };
-  }
-  async close(): Promise<void> {}
-}
 
 /** 4 regions and a short fifth; region 2 all zeros. */
 function image(): Buffer {
