@@ -6,6 +6,7 @@
  * request. Before any of it, Redis's eviction policy and persistence are checked
  * (redis-fitness.ts): an evicting Redis is refused.
  */
+import { once } from 'node:events';
 import { BootProfileStore } from './boot-profiles.js';
 import { type Job, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -35,6 +36,7 @@ export interface StartOptions {
 }
 
 const CLOSE_GRACE_MS = 5_000;
+const API_REDIS_READY_MS = 10_000;
 const FORCE_GRACE_MS = 2_000;
 const ERROR_LOG_INTERVAL_MS = 30_000;
 const lastWorkerError = new Map<string, number>();
@@ -128,6 +130,12 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   }
 
   const app = await buildDriverApi({ config, store: apiStore, queues: apiQueues, redis: apiRedis, metrics, log, version: opts.version ?? '0.0.0', fitness: () => fitness.current, reconcile: apiReconcile, profiles: apiProfiles });
+  // The API's connection fails fast (no offline queue): a request that came before it
+  // was up would be told Redis is unreachable. Listen once it is (or after a bound: a
+  // Redis that is down is reported by /v1/health and by each request, as at any time).
+  if (apiRedis.status !== 'ready' && !(await within(once(apiRedis, 'ready'), API_REDIS_READY_MS))) {
+    log.warn({ redis: redactRedisUrl(config.redis.url) }, `Redis not ready after ${API_REDIS_READY_MS} ms: listening anyway; requests fail with 503 until it is`);
+  }
   const url = await app.listen({ host: config.listen.host, port: config.listen.port });
   fitness.start(apiRedis);
   reconciler?.start();
