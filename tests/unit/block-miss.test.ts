@@ -222,6 +222,26 @@ describe('block-sized misses (issue #14)', () => {
     assert.equal(src.stats().bytesFetched, R);
   });
 
+  it('while a miss is held, batches that end one after another leave no listeners behind in the hydrator', async () => {
+    const d = open({ regions: 12 });
+    const h = new Hydrator(d, { batchBytes: R, concurrency: 2 });
+    h.start();
+    const miss = read(d, 11 * R, R); // a whole region, held: the host waits, one background stream goes on
+    const fg = await src.next((p) => p.priority === 'foreground');
+    for (let i = 0; i < 6; i++) {
+      src.deliver(await src.next((p) => p.priority === 'background'));
+      await settleTicks();
+    }
+    // Found by the origin torture (MaxListenersExceededWarning): each turn of the loop left
+    // its wait for 'foreground-idle' listening (and its 1 s nap pending) when a batch ended first.
+    assert.ok(d.listenerCount('foreground-idle') <= 1, `${d.listenerCount('foreground-idle')} listeners`);
+    src.deliver(fg);
+    assert.ok((await miss).equals(img.subarray(11 * R, 12 * R)));
+    const stopping = h.stop();
+    for (const p of src.pending) src.deliver(p);
+    await stopping;
+  });
+
   it('a version 2 manifest verifies each block: a corrupted block is never served, and is fetched again', async () => {
     const base = image(8 * R);
     const manifest = await Manifest.build(new MemorySource(base), { regionSize: R });

@@ -226,7 +226,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
       }
       if (disk.foregroundFetches > 0 && inflight.size >= 1) {
         // The host is waiting on a miss: one background stream goes on, no more start.
-        await Promise.race([this.waitFor('foreground-idle', 1000), ...inflight]);
+        await this.waitFor('foreground-idle', 1000, [...inflight]);
         continue;
       }
       if (inflight.size >= this.opts.concurrency) {
@@ -303,12 +303,14 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     return bad > 0 && map.count - map.local === bad;
   }
 
-  /** Waits for a disk event, a poke, or `ms`, whichever comes first, leaving no listener behind. */
-  private async waitFor(event: 'foreground-idle' | 'region-settled', ms: number): Promise<void> {
+  /** Waits for a disk event, a poke, `ms`, or one of `also`, whichever comes first, leaving no listener behind. */
+  private async waitFor(event: 'foreground-idle' | 'region-settled', ms: number, also: readonly Promise<unknown>[] = []): Promise<void> {
     const ac = new AbortController();
     const nap = this.napWithWake(ms);
     try {
-      await Promise.race([once(this.disk, event, { signal: ac.signal }), nap.slept]);
+      // `also` (batches in flight) can end the wait too; either way the listener and the
+      // nap go at once (left waiting, they piled up: one per turn while the host missed).
+      await Promise.race([once(this.disk, event, { signal: ac.signal }), nap.slept, ...also]);
     } catch {
       // aborted: the nap won
     } finally {
