@@ -399,7 +399,7 @@ export class HttpSource implements RemoteSource {
     const samples = this.latencySamples;
     samples[this.latencyAt++ % samples.length] = ms;
     this.bgLatency = Math.min(...samples);
-    if (this.bgRate > 0) this.bgRequest = backgroundRequestBytes(this.bgRate, Math.max(this.opts.backgroundRequestMs, 2 * this.bgLatency));
+    if (this.bgRate > 0) this.resizeBackground();
   }
 
   private measureBackground(bytes: number, ms: number): void {
@@ -408,6 +408,11 @@ export class HttpSource implements RemoteSource {
     const samples = this.bgSamples;
     samples[this.bgSampleAt++ % samples.length] = (bytes / ms) * 1000;
     this.bgRate = Math.max(...samples);
+    this.resizeBackground();
+  }
+
+  /** The background request size from the link's rate and the origin's latency (see the top). */
+  private resizeBackground(): void {
     this.bgRequest = backgroundRequestBytes(this.bgRate, Math.max(this.opts.backgroundRequestMs, 2 * this.bgLatency));
   }
 

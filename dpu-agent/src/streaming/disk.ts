@@ -746,10 +746,10 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       if (map.state(r) !== RegionState.Remote) throw new Error(`fetchRun: region ${r} is not remote`);
       this.dropBlocks(r);
       total += map.regionLength(r);
-      const fill: Fill = { done: deferred<void>().promise, data: null, ...(priority === 'background' ? { batch: { index: i, arrived } } : {}) };
-      const f = { data: deferred<Buffer>(), done: deferred<void>(), end: total, fill };
-      fill.done = f.done.promise;
-      fill.data = f.data.promise;
+      const data = deferred<Buffer>();
+      const done = deferred<void>();
+      const fill: Fill = { done: done.promise, data: data.promise, ...(priority === 'background' ? { batch: { index: i, arrived } } : {}) };
+      const f = { data, done, end: total, fill };
       fills.push(f);
       map.set(r, RegionState.Filling);
       this.inflight.set(r, fill);
