@@ -30,15 +30,15 @@
  * each request (Swift's proxy) gets requests of at least twice its time to headers, so
  * its per-request cost does not eat the link.
  *
- * This is node:http, not axios (which the control plane's API clients use): a range reader
- * needs one GET with a streamed body, and axios cost the agent 22 MiB of its resident
- * memory on a DPU whose whole budget is 64 MiB (bench/scaling.ts).
+ * Requests go through http1.ts, whose body bytes land in `dest` straight from the socket
+ * (neither axios, which cost the agent 22 MiB of resident memory on a DPU whose whole budget
+ * is 64 MiB, nor node:http, which hands every 64 KiB of body to JavaScript as a new Buffer
+ * to be copied again: most of the agent's CPU per hydrated byte).
  */
-import http from 'node:http';
 import { performance } from 'node:perf_hooks';
-import https from 'node:https';
 import type { Logger } from 'pino';
 import { DpuError } from './errors.js';
+import { checkHeaders, Http1Pool, type BodyPlan, type Http1Response, type ResponseHead } from './http1.js';
 import { redactUrl } from './redact.js';
 import type { FetchPriority, RemoteReadOptions, RemoteSource, RemoteSourceStats } from './source.js';
 
@@ -69,6 +69,11 @@ export interface HttpSourceOptions {
   backgroundRequestMs?: number;
   /** Replaces the identity derived from size and ETag (e.g. an image id and checksum). */
   identity?: string;
+  /**
+   * PEM CA certificate(s) an https origin must chain to, instead of the system's store
+   * (which NODE_EXTRA_CA_CERTS extends for a whole program).
+   */
+  ca?: string | Buffer;
   log?: Logger;
 }
 
@@ -158,7 +163,7 @@ export class HttpSource implements RemoteSource {
   private checkEtagNext = false;
   private readonly opts: typeof DEFAULTS & HttpSourceOptions;
   /** One keep-alive pool per priority (see the top of the file). */
-  private readonly agents: Record<FetchPriority, Agents>;
+  private readonly pools: Record<FetchPriority, Http1Pool>;
   /** Rate background bytes arrive at, bytes/s (moving average), and the request size it gives. */
   private bgRate = 0;
   private bgRequest = BG_REQUEST_FIRST;
@@ -179,12 +184,12 @@ export class HttpSource implements RemoteSource {
   private warnedNoRange = false;
   private closed = false;
 
-  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, agents: Record<FetchPriority, Agents>, size: number, etag: string | undefined) {
+  private constructor(opts: typeof DEFAULTS & HttpSourceOptions, pools: Record<FetchPriority, Http1Pool>, size: number, etag: string | undefined) {
     this.opts = opts;
     this.url = opts.url;
     this.headers = opts.headers;
     this.etag = opts.identity === undefined ? etag : undefined;
-    this.agents = agents;
+    this.pools = pools;
     this.size = size;
     this.identity = opts.identity ?? `http;size=${size}${etag ? `;etag=${etag}` : ''}`;
     this.description = redactUrl(opts.url);
@@ -203,17 +208,15 @@ export class HttpSource implements RemoteSource {
     if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
       throw new DpuError('DPU_ERR_CONFIG', `source URL scheme "${parsed.protocol}" is not supported; give an http:// or https:// URL`);
     }
-    const pool = (): Agents => ({
-      http: new http.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
-      https: new https.Agent({ keepAlive: true, maxSockets: opts.maxConnections, maxFreeSockets: opts.maxConnections }),
-    });
-    const agents = { foreground: pool(), background: pool() };
+    checkHeaders(opts.headers);
+    const poolOpts = { maxIdle: opts.maxConnections, ...(opts.ca ? { ca: opts.ca } : {}) };
+    const pools = { foreground: new Http1Pool(poolOpts), background: new Http1Pool(poolOpts) };
     try {
       // Through the foreground pool: its connection stays open for the host's first miss.
-      const { size, etag } = await probeSize(agents.foreground, opts);
-      return new HttpSource(opts, agents, size, etag);
+      const { size, etag } = await probeSize(pools.foreground, opts);
+      return new HttpSource(opts, pools, size, etag);
     } catch (err) {
-      destroyAgents(agents);
+      destroyPools(pools);
       throw err;
     }
   }
@@ -230,6 +233,7 @@ export class HttpSource implements RemoteSource {
       throw new DpuError('DPU_ERR_CONFIG', `source URL "${redactUrl(url)}" is not a URL`);
     }
     if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new DpuError('DPU_ERR_CONFIG', `source URL scheme "${parsed.protocol}" is not supported; give an http:// or https:// URL`);
+    if (headers) checkHeaders(headers);
     this.url = url;
     if (headers) this.headers = { ...headers };
     this.description = redactUrl(url);
@@ -238,7 +242,10 @@ export class HttpSource implements RemoteSource {
   }
 
   stats(): RemoteSourceStats {
-    return { ...this.counters, foregroundInflight: this.slots.foreground, backgroundInflight: this.slots.background };
+    // A request resent on a new connection, after the reused one was closed or reset before
+    // any byte of the answer, is a retry too (not slept for: see http1.ts).
+    const resent = this.pools.foreground.resent + this.pools.background.resent;
+    return { ...this.counters, retries: this.counters.retries + resent, foregroundInflight: this.slots.foreground, backgroundInflight: this.slots.background };
   }
 
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
@@ -323,58 +330,65 @@ export class HttpSource implements RemoteSource {
     if (opts.priority === 'background') this.bgActive++;
     const controller = new AbortController();
     this.controllers.add(controller);
-    const headersTimer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${this.opts.headersTimeoutMs} ms`)), this.opts.headersTimeoutMs);
+    const { headersTimeoutMs, stallTimeoutMs } = this.opts;
+    // Until the head: the headers timeout; then the body's stall timeout, renewed by each read.
+    let timer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `no response headers within ${headersTimeoutMs} ms`)), headersTimeoutMs);
     this.counters.requests++;
-    try {
-      let res;
-      try {
-        const sentAt = performance.now();
-        res = await request(this.agents[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal);
-        if (sized) this.measureLatency(performance.now() - sentAt);
-      } catch (err) {
-        throw transportError(err, controller);
-      } finally {
-        clearTimeout(headersTimer);
+    const base = progress.filled;
+    const timing = { first: 0, firstFilled: 0 };
+    let ranged = 0; // bytes a 206 announced
+    const sentAt = performance.now();
+    const onHead = (head: ResponseHead): BodyPlan => {
+      clearTimeout(timer);
+      timer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallTimeoutMs} ms`)), stallTimeoutMs);
+      if (sized) this.measureLatency(performance.now() - sentAt);
+      const h = head.headers;
+      if (head.status === 206 || head.status === 200) {
+        this.checkSameObject(head.status === 206 ? (parseContentRange(h['content-range'])?.total ?? null) : Number(h['content-length'] ?? NaN), h['etag']);
       }
-      const body = res.body;
-      if (res.status === 206 || res.status === 200) {
-        try {
-          this.checkSameObject(res.status === 206 ? (parseContentRange(res.headers['content-range'])?.total ?? null) : Number(res.headers['content-length'] ?? NaN), res.headers['etag']);
-        } catch (err) {
-          body.destroy();
-          throw err;
-        }
-      }
-      if (res.status === 206) {
-        const range = parseContentRange(res.headers['content-range']);
+      if (head.status === 206) {
+        const range = parseContentRange(h['content-range']);
         if (!range || range.first !== start || range.last > end || range.last < range.first) {
-          body.destroy();
-          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `asked for bytes ${start}-${end}, got Content-Range "${String(res.headers['content-range'])}"`);
+          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `asked for bytes ${start}-${end}, got Content-Range "${String(h['content-range'])}"`);
         }
-        const want = range.last - range.first + 1;
-        const length = res.headers['content-length'];
-        if (length !== undefined && Number(length) !== want) {
-          body.destroy();
-          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${want} bytes, Content-Length says ${String(length)}`);
+        ranged = range.last - range.first + 1;
+        const length = h['content-length'];
+        if (length !== undefined && Number(length) !== ranged) {
+          throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `Content-Range says ${ranged} bytes, Content-Length says ${String(length)}`);
         }
-        const timing = { first: 0, firstBytes: 0 };
-        await this.pump(body, 0, want, dest, progress, opts, true, timing);
-        if (sized && end - start + 1 === this.bgRequest) this.measureBackground(want - timing.firstBytes, performance.now() - timing.first);
-      } else if (res.status === 200) {
+        return { kind: 'into', dest: dest.subarray(base, base + ranged), skip: 0, exact: true };
+      }
+      if (head.status === 200) {
         if (!this.warnedNoRange) {
           this.warnedNoRange = true;
           this.opts.log?.warn({ source: this.description }, 'origin ignored a Range request and sent the whole object; reads will be slow');
         }
-        await this.pump(body, start, end - start + 1, dest, progress, opts, false);
-      } else {
-        body.destroy();
-        const transient = res.status >= 500 || res.status === 408 || res.status === 429;
-        throw new DpuError(
-          transient ? 'DPU_ERR_SOURCE_TRANSIENT' : 'DPU_ERR_SOURCE_HTTP_STATUS',
-          `HTTP ${res.status} for bytes ${start}-${end} of ${this.description}${transient ? '' : statusAdvice(res.status)}`,
-        );
+        return { kind: 'into', dest: dest.subarray(base, base + (end - start + 1)), skip: start, exact: false };
       }
+      const transient = head.status >= 500 || head.status === 408 || head.status === 429;
+      throw new DpuError(
+        transient ? 'DPU_ERR_SOURCE_TRANSIENT' : 'DPU_ERR_SOURCE_HTTP_STATUS',
+        `HTTP ${head.status} for bytes ${start}-${end} of ${this.description}${transient ? '' : statusAdvice(head.status)}`,
+      );
+    };
+    const onBody = (filled: number): void => {
+      timer.refresh();
+      if (timing.first === 0) {
+        timing.first = performance.now();
+        timing.firstFilled = filled;
+      }
+      const now = base + filled;
+      this.counters.bytesFetched += now - progress.filled;
+      progress.filled = now;
+      opts.onProgress?.(now);
+    };
+    try {
+      await send(this.pools[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal, onHead, onBody);
+      if (ranged > 0 && sized && end - start + 1 === this.bgRequest) this.measureBackground(ranged - timing.firstFilled, performance.now() - timing.first);
+    } catch (err) {
+      throw transportError(err, controller);
     } finally {
+      clearTimeout(timer);
       this.controllers.delete(controller);
       if (opts.priority === 'background' && --this.bgActive === 0) this.wakeBackground();
     }
@@ -421,71 +435,6 @@ export class HttpSource implements RemoteSource {
     return this.opts.backgroundRequestMs > 0 ? this.bgRequest : 0;
   }
 
-  /**
-   * Copies `want` bytes of the body (after skipping `skip`) into dest at progress.filled.
-   * For a 206 the body must end exactly there; for a 200 the rest is dropped.
-   */
-  private pump(body: http.IncomingMessage, skip: number, want: number, dest: Buffer, progress: { filled: number }, opts: RemoteReadOptions, exact: boolean, timing?: { first: number; firstBytes: number }): Promise<void> {
-    return new Promise((resolve, reject) => {
-      let skipped = 0;
-      let taken = 0;
-      let settled = false;
-      const stallMs = this.opts.stallTimeoutMs;
-      const stallTimer = setTimeout(onStall, stallMs);
-      function onStall(): void {
-        finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallMs} ms`));
-      }
-      const finish = (err?: Error): void => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(stallTimer);
-        body.off('data', onData);
-        body.off('end', onEnd);
-        body.off('error', onError);
-        body.off('aborted', onAborted);
-        if (err || !exact) body.destroy();
-        if (err) reject(err);
-        else resolve();
-      };
-      const onData = (chunk: Buffer): void => {
-        stallTimer.refresh();
-        if (timing && timing.first === 0) {
-          timing.first = performance.now();
-          timing.firstBytes = chunk.length;
-        }
-        let c = chunk;
-        if (skipped < skip) {
-          const n = Math.min(c.length, skip - skipped);
-          skipped += n;
-          if (n === c.length) return;
-          c = c.subarray(n);
-        }
-        const n = Math.min(c.length, want - taken);
-        if (n < c.length && exact) {
-          finish(new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `body is longer than the ${want} bytes its Content-Range announced`));
-          return;
-        }
-        c.copy(dest, progress.filled, 0, n);
-        taken += n;
-        progress.filled += n;
-        this.counters.bytesFetched += n;
-        opts.onProgress?.(progress.filled);
-        if (taken === want && !exact) finish();
-      };
-      const onEnd = (): void => {
-        if (taken < want) finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body ended after ${taken} of ${want} bytes`));
-        else finish();
-      };
-      const onError = (err: Error): void => finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body: ${err.message}`, { cause: err }));
-      const onAborted = (): void => finish(new DpuError('DPU_ERR_SOURCE_TRANSIENT', 'connection aborted mid-body'));
-      body.on('data', onData);
-      body.on('end', onEnd);
-      body.on('error', onError);
-      body.on('aborted', onAborted);
-      if (want === 0) finish();
-    });
-  }
-
   /** Refuses an answer about another object: another size, or (once after setUrl) another ETag. */
   private checkSameObject(total: number | null, etag: unknown): void {
     if (total !== null && Number.isSafeInteger(total) && total !== this.size) {
@@ -505,23 +454,20 @@ export class HttpSource implements RemoteSource {
     if (this.closed) return;
     this.closed = true;
     for (const c of this.controllers) c.abort(new DpuError('DPU_ERR_SOURCE_CLOSED'));
-    destroyAgents(this.agents);
+    destroyPools(this.pools);
   }
 }
 
-function destroyAgents(agents: Record<FetchPriority, Agents>): void {
-  for (const a of Object.values(agents)) {
-    a.http.destroy();
-    a.https.destroy();
-  }
+function destroyPools(pools: Record<FetchPriority, Http1Pool>): void {
+  for (const p of Object.values(pools)) p.destroy();
 }
 
-async function probeSize(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
+async function probeSize(pool: Http1Pool, opts: typeof DEFAULTS & HttpSourceOptions): Promise<{ size: number; etag: string | undefined }> {
   const deadline = Date.now() + (opts.probeDeadlineMs ?? opts.retryDeadlineMs);
   let backoff = BACKOFF_FIRST_MS;
   for (;;) {
     try {
-      return await probeOnce(agents, opts, Math.max(1, Math.min(opts.headersTimeoutMs, deadline - Date.now())));
+      return await probeOnce(pool, opts, Math.max(1, Math.min(opts.headersTimeoutMs, deadline - Date.now())));
     } catch (err) {
       const retryable = err instanceof DpuError ? err.retryable : false;
       if (!retryable || Date.now() + backoff > deadline) throw err;
@@ -531,15 +477,14 @@ async function probeSize(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptio
   }
 }
 
-async function probeOnce(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptions, timeoutMs: number): Promise<{ size: number; etag: string | undefined }> {
+async function probeOnce(pool: Http1Pool, opts: typeof DEFAULTS & HttpSourceOptions, timeoutMs: number): Promise<{ size: number; etag: string | undefined }> {
   const where = redactUrl(opts.url);
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeoutMs);
   try {
-    const head = await request(agents, 'HEAD', opts.url, opts.headers, controller.signal).catch((err) => {
+    const { head } = await send(pool, 'HEAD', opts.url, opts.headers, controller.signal, () => ({ kind: 'discard' })).catch((err) => {
       throw transportError(err, controller);
     });
-    head.body.resume(); // a HEAD has no body: let the connection go back to the pool
     const etag = stringHeader(head.headers['etag']);
     const length = Number(head.headers['content-length']);
     if (head.status >= 200 && head.status < 300 && Number.isSafeInteger(length) && length > 0) return { size: length, etag };
@@ -551,10 +496,11 @@ async function probeOnce(agents: Agents, opts: typeof DEFAULTS & HttpSourceOptio
     }
     // HEAD refused (Glance answers 405 on /file; a temp URL may allow GET only) or no
     // length: ask for one byte instead, whose answer is definitive.
-    const res = await request(agents, 'GET', opts.url, { ...opts.headers, Range: 'bytes=0-0' }, controller.signal).catch((err) => {
+    const { head: res } = await send(pool, 'GET', opts.url, { ...opts.headers, Range: 'bytes=0-0' }, controller.signal, (h) =>
+      h.status === 206 ? { kind: 'into', dest: Buffer.allocUnsafe(1), skip: 0, exact: false } : { kind: 'close' },
+    ).catch((err) => {
       throw transportError(err, controller);
     });
-    res.body.destroy();
     if (res.status === 206) {
       const range = parseContentRange(res.headers['content-range']);
       if (range?.total) return { size: range.total, etag: stringHeader(res.headers['etag']) ?? etag };
@@ -598,47 +544,52 @@ export function parseContentRange(v: unknown): { first: number; last: number; to
   return { first: Number(m[1]), last: Number(m[2]), total: m[3] === '*' ? null : Number(m[3]) };
 }
 
-interface Agents {
-  http: http.Agent;
-  https: https.Agent;
-}
-
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 const MAX_REDIRECTS = 5;
 
 /**
- * One request through the keep-alive pool; resolves with the response (status, headers,
- * the body as a stream) once its headers arrive. Redirects are followed (at most 5, headers
- * kept: an origin's redirect stays within the deployment it was configured for); bodies
- * are never decompressed (none is asked for).
+ * One request through a keep-alive pool; resolves once the answer's body went where
+ * `onHead` said. Redirects are followed (at most 5, headers kept: an origin's redirect
+ * stays within the deployment it was configured for); their bodies are dropped and
+ * `onHead` sees the final answer only.
  */
-interface Response {
-  status: number;
-  headers: http.IncomingHttpHeaders;
-  body: http.IncomingMessage;
-}
-
-function request(agents: Agents, method: 'GET' | 'HEAD', url: string, headers: Record<string, string>, signal: AbortSignal, redirects = 0): Promise<Response> {
-  return new Promise((resolve, reject) => {
-    const u = new URL(url);
-    const mod = u.protocol === 'https:' ? https : http;
-    const req = mod.request(u, { method, headers, agent: u.protocol === 'https:' ? agents.https : agents.http, signal }, (res) => {
-      const location = res.headers.location;
-      if (REDIRECTS.has(res.statusCode ?? 0) && location) {
-        res.resume();
-        if (redirects >= MAX_REDIRECTS) return reject(new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `more than ${MAX_REDIRECTS} redirects from ${redactUrl(url)}`));
-        request(agents, method, new URL(location, u).href, headers, signal, redirects + 1).then(resolve, reject);
-        return;
-      }
-      resolve({ status: res.statusCode ?? 0, headers: res.headers, body: res });
+async function send(
+  pool: Http1Pool,
+  method: 'GET' | 'HEAD',
+  url: string,
+  headers: Record<string, string>,
+  signal: AbortSignal,
+  onHead: (head: ResponseHead) => BodyPlan,
+  onBody?: (filled: number) => void,
+): Promise<Http1Response> {
+  let u = new URL(url);
+  for (let redirects = 0; ; redirects++) {
+    let location: string | undefined;
+    const res = await pool.request(u, {
+      method,
+      headers,
+      signal,
+      onHead: (head) => {
+        if (REDIRECTS.has(head.status) && head.headers['location']) {
+          location = head.headers['location'];
+          return { kind: 'discard' };
+        }
+        return onHead(head);
+      },
+      ...(onBody ? { onBody } : {}),
     });
-    req.once('error', reject);
-    req.end();
-  });
+    if (location === undefined) return res;
+    if (redirects >= MAX_REDIRECTS) throw new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `more than ${MAX_REDIRECTS} redirects from ${redactUrl(url)}`);
+    u = new URL(location, u);
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') {
+      throw new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `${redactUrl(url)} redirects to a ${u.protocol} URL; only http and https are followed`);
+    }
+  }
 }
 
 function transportError(err: unknown, controller: AbortController): DpuError {
   if (controller.signal.aborted && controller.signal.reason instanceof DpuError) return controller.signal.reason;
+  if (err instanceof DpuError) return err;
   const e = err as { code?: string; message?: string };
   return new DpuError('DPU_ERR_SOURCE_TRANSIENT', `${e.code ?? 'error'}: ${e.message ?? String(err)}`, { cause: err });
 }

@@ -15,6 +15,7 @@ export interface RemoteReadOptions {
 export interface RemoteSourceStats {
   bytesFetched: number;
   requests: number;
+  /** Attempts sent again (after a failure, or on a new connection when a reused one was closed before answering). */
   retries: number;
   failures: number;
   foregroundInflight: number;
