@@ -34,6 +34,7 @@
  *   …   SHA-256 of everything above, 32 — the manifest checks itself
  */
 import { createHash } from 'node:crypto';
+import type { HashWorkers } from './hash-workers.js';
 import { DpuError } from './errors.js';
 import type { RemoteSource } from './source.js';
 
@@ -133,6 +134,22 @@ export class Manifest {
       if (!isAllZero(data.subarray(image.length))) return false;
     }
     return sha256(image).equals(this.hashes.subarray(r * 32, r * 32 + 32));
+  }
+
+  /**
+   * verify(r, data) with the leaf hashes computed by `workers` (off the event loop when
+   * `data` is shared memory: see hash-workers.ts). A version 1 manifest verifies here.
+   */
+  async verifyAsync(r: number, data: Buffer, workers: HashWorkers): Promise<boolean> {
+    const leaf = this.leafSize;
+    if (leaf === null) return this.verify(r, data);
+    if (data.length !== Math.min(this.regionSize, this.size - r * this.regionSize)) return false;
+    if (this.isZero(r)) return isAllZero(data);
+    const imageEnd = this.imageBytesIn(r); // the rest of the region is padding: zeros
+    if (imageEnd < data.length && !isAllZero(data.subarray(imageEnd))) return false;
+    const hashes = await workers.leafHashes(data.subarray(0, imageEnd), leaf);
+    const base = this.leafBase![r]!;
+    return hashes.equals(this.leaves.subarray(base * 32, base * 32 + hashes.length));
   }
 
   /**

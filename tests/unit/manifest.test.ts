@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { DpuError } from '../../image-access/src/errors.js';
 import { Manifest, merkleRoot } from '../../image-access/src/manifest.js';
 import { MemorySource } from '../helpers/memory-source.js';
+import { HashWorkers, sharedBuffer } from '../../image-access/src/hash-workers.js';
 
 const R = 256 << 10;
 const L = 16 << 10;
@@ -100,5 +101,43 @@ describe('image manifest v2 (Merkle leaves)', () => {
     dirty[4 * L + 1] = 9; // a byte in the padding
     assert.equal(p.verifyBlocks(4, 4 * L, dirty.subarray(4 * L, 5 * L)), false);
     assert.ok(p.isZero(7) && p.verify(7, Buffer.alloc(R)));
+  });
+
+  it('verifyAsync on worker threads gives verify\'s verdicts: shared buffers hashed in place, others inline', async () => {
+    const workers = new HashWorkers(2);
+    try {
+      const p = m.padTo(8 * R);
+      const shared = (b: Buffer): Buffer => {
+        const s = sharedBuffer(b.length);
+        b.copy(s);
+        return s;
+      };
+      const region = (r: number): Buffer => {
+        const b = Buffer.alloc(Math.min(R, p.size - r * R));
+        if (r * R < img.length) img.copy(b, 0, r * R, Math.min(img.length, (r + 1) * R));
+        return b;
+      };
+      for (const r of [0, 1, 2, 3, 4, 7]) {
+        assert.equal(await p.verifyAsync(r, shared(region(r)), workers), true, `region ${r}`);
+        assert.equal(await p.verifyAsync(r, shared(region(r)), workers), p.verify(r, region(r)));
+      }
+      for (const at of [0, L - 1, 3 * L + 99, 3 * L + 100, R - 1]) {
+        const bad = shared(region(4));
+        bad[at] = bad[at]! ^ 1; // in the image, in its last (short) leaf, in the padding after it
+        assert.equal(await p.verifyAsync(4, bad, workers), false, `flipped byte ${at} of region 4`);
+      }
+      const zeroBad = shared(region(2));
+      zeroBad[5] = 1;
+      assert.equal(await p.verifyAsync(2, zeroBad, workers), false, 'a zero region with a byte set');
+      assert.equal(await p.verifyAsync(1, shared(region(1)).subarray(0, R - L), workers), false, 'a short region');
+      const hashedInPlace = workers.stats.workerBytes;
+      assert.ok(hashedInPlace > 0);
+      assert.equal(await p.verifyAsync(0, region(0), workers), true, 'a buffer that is not shared memory');
+      assert.equal(workers.stats.workerBytes, hashedInPlace, 'was hashed on the calling thread');
+      assert.equal(workers.stats.inlineBytes, R);
+    } finally {
+      await workers.close();
+    }
+    await assert.rejects(workers.leafHashes(sharedBuffer(L), L), /closed/);
   });
 });

@@ -14,6 +14,7 @@ import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../i
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
 import { Manifest } from '../../image-access/src/manifest.js';
+import { HashWorkers } from '../../image-access/src/hash-workers.js';
 import { DpuError } from '../../image-access/src/errors.js';
 import { tempDir } from '../helpers/agent.js';
 
@@ -88,10 +89,11 @@ describe('StreamingDisk', () => {
     cleanup();
   });
 
+  let hashWorkers: HashWorkers | undefined;
   function open(source: RemoteSource | null = src): StreamingDisk {
     const target = LocalTarget.open(path.join(dir, 'target'), { create: true, size });
     const map = RegionMap.open(path.join(dir, 'state'), { diskSize: size, regionSize: R, identity: 'test' });
-    return new StreamingDisk({ source, target, map, commitIntervalMs: 50 });
+    return new StreamingDisk({ source, target, map, commitIntervalMs: 50, ...(hashWorkers ? { hashWorkers } : {}) });
   }
 
   async function read(offset: number, length: number): Promise<Buffer> {
@@ -217,8 +219,15 @@ describe('StreamingDisk', () => {
     assert.deepEqual(await read(0, size), expected);
   });
 
-  describe('with a manifest', () => {
+  for (const where of ['on the event loop', 'on hash worker threads'] as const) describe(`with a manifest, verified ${where}`, () => {
     let manifest: Manifest;
+    before(() => {
+      if (where === 'on hash worker threads') hashWorkers = new HashWorkers(2);
+    });
+    after(async () => {
+      await hashWorkers?.close();
+      hashWorkers = undefined;
+    });
     beforeEach(async () => {
       const zeroed = Buffer.from(img);
       zeroed.fill(0, 3 * R, 5 * R); // regions 3 and 4 are zeros in this image
@@ -245,6 +254,19 @@ describe('StreamingDisk', () => {
       assert.equal(src.reads.length, 2);
       assert.equal(disk.progress().integrityFailures, 1);
       assert.equal(disk.progress().verified, true);
+      if (hashWorkers) assert.ok(hashWorkers.stats.workerBytes >= 2 * R && hashWorkers.stats.inlineBytes === 0, 'the workers hashed the fetched regions');
+    });
+
+    it('hydration with a corrupting origin: every bad region fetched again, the target is the image', async () => {
+      src.corruptNext = 3;
+      const h = new Hydrator(disk, { batchBytes: 4 * R, concurrency: 2 });
+      const done = new Promise<void>((r) => disk.once('complete', () => r()));
+      h.start();
+      await done;
+      assert.equal(disk.progress().integrityFailures, 3);
+      const expected = Buffer.from(img);
+      expected.fill(0, 3 * R, 5 * R);
+      assert.ok(fs.readFileSync(path.join(dir, 'target')).equals(expected));
     });
 
     it('fails the read with DPU_ERR_INTEGRITY after three bad fetches, and leaves the region remote', async () => {

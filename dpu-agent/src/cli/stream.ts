@@ -17,6 +17,7 @@ import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { loadNbdTls, type NbdTls, type TlsMode } from '../nbd/tls.js';
 import { ConfigError } from '../../../common/src/config.js';
 import { redactHeaders, redactUrl } from '../../../image-access/src/redact.js';
+import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk, plannedRegionSize } from '../streaming/open.js';
 import { writeJsonAtomic } from '../local/atomic-file.js';
 import {
@@ -65,6 +66,7 @@ export const STREAM_FLAGS: FlagTable = {
   'stall-timeout': { kind: 'duration', arg: 'TIME', default: '10s', min: 1, help: 'An attempt is abandoned and retried when the body stops flowing this long.' },
   'commit-interval': { kind: 'duration', arg: 'TIME', default: '1s', min: 10, help: 'Commit the region map at least this often while it changes (FLUSH and FUA always commit).' },
   manifest: { kind: 'string', arg: 'FILE', help: 'A manifest from "dpu-agent manifest": every fetched region is verified against it (a mismatch is fetched again, never served) and its zero regions are not fetched.' },
+  'hash-threads': { kind: 'int', arg: 'N', default: '2', min: 0, help: 'Worker threads that check fetched regions against --manifest (SHA-256, ~1 GB/s each), so hashing never delays the host\'s requests; 0 hashes on the thread that serves them.' },
   'boot-profile': {
     kind: 'string',
     arg: 'FILE',
@@ -171,6 +173,8 @@ export async function runStream(argv: string[]): Promise<number> {
   const recordTo = recordTarget(f, argv);
   log.info({ source: redactUrl(url), format, headers: redactHeaders(headers), target: f['target'], state: stateDir }, 'opening streaming disk');
 
+  const hashThreads = f['hash-threads'] as number;
+  const hashWorkers = f['manifest'] && hashThreads > 0 ? new HashWorkers(hashThreads) : undefined;
   const opened: OpenedDisk = await openStreamingDisk({
     source: {
       url,
@@ -192,6 +196,7 @@ export async function runStream(argv: string[]): Promise<number> {
     },
     commitIntervalMs: f['commit-interval'] as number,
     ...(f['manifest'] ? { manifest: readManifest(String(f['manifest'])) } : {}),
+    ...(hashWorkers ? { hashWorkers } : {}),
     log,
   });
   const { disk, hydrator } = opened;
@@ -215,6 +220,7 @@ export async function runStream(argv: string[]): Promise<number> {
   } catch (err) {
     profiles.stop();
     await opened.close();
+    await hashWorkers?.close();
     throw err;
   }
   const started = Date.now();
@@ -248,6 +254,7 @@ export async function runStream(argv: string[]): Promise<number> {
   await server.close();
   profiles.stop();
   await opened.close();
+  await hashWorkers?.close();
   emit({ event: 'stopped', ...disk.progress(), ...profiles.status() });
   log.info('stopped');
   return 0;

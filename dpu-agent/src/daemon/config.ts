@@ -36,6 +36,7 @@ export interface AgentConfig {
   };
   boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
+  hash_threads: number;
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -134,6 +135,13 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       },
     },
     reopen_interval_ms: { type: 'integer', minimum: 100, default: 10_000, description: 'A resumed disk that could not be opened (origin unreachable) is retried this often.' },
+    hash_threads: {
+      type: 'integer',
+      minimum: 0,
+      maximum: 64,
+      default: 2,
+      description: 'Worker threads, shared by all disks, that check fetched regions against their manifest (SHA-256, ~1 GB/s each), so hashing never delays the host\'s NBD requests; 0 hashes on the thread that serves them.',
+    },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level of the JSON log on stderr.' },
   },
 };

@@ -63,6 +63,7 @@ import { redactUrl } from '../../../image-access/src/redact.js';
 import { noop } from '../../../common/src/deferred.js';
 import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
 import { ErasureManager } from './erasures.js';
 import { resolveTarget, targetKey } from './targets.js';
@@ -212,6 +213,8 @@ export class DiskManager {
   private closing = false;
   /** Erasures of targets no disk uses (erasures.ts); they and the disks never share a target. */
   readonly erasures: ErasureManager;
+  /** Verify every disk's fetched regions off the event loop (config hash_threads). */
+  private readonly hashWorkers: HashWorkers | undefined;
 
   constructor(opts: DiskManagerOptions) {
     this.config = opts.config;
@@ -219,6 +222,7 @@ export class DiskManager {
     this.tcpTls = agentNbdTls(opts.config);
     this.disksDir = path.join(opts.config.state_dir, 'disks');
     this.erasures = new ErasureManager({ config: opts.config, log: opts.log, targets: this });
+    this.hashWorkers = opts.config.hash_threads > 0 ? new HashWorkers(opts.config.hash_threads) : undefined;
   }
 
   /** The disk that uses a target (a targetKey): one listed, waiting for its wipe, or being created. */
@@ -544,6 +548,7 @@ export class DiskManager {
         return this.exclusive(m.spec.id, () => this.closeDisk(m)).catch((err: Error) => this.log.error({ disk: m.spec.id, err }, 'closing the disk failed'));
       }),
     );
+    await this.hashWorkers?.close();
   }
 
   // ---- internals ---------------------------------------------------------------------
@@ -662,6 +667,7 @@ export class DiskManager {
       commitIntervalMs: d.commit_interval_ms,
       ...(manifest ? { manifest } : {}),
       ...(verifyLocalAtOpen ? { verifyLocalAtOpen } : {}),
+      ...(this.hashWorkers ? { hashWorkers: this.hashWorkers } : {}),
       log,
     });
     if (verifyLocalAtOpen) {

@@ -55,6 +55,7 @@ import type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions 
 import { DpuError } from '../../../image-access/src/errors.js';
 import type { Target } from '../local/target.js';
 import type { Manifest } from '../../../image-access/src/manifest.js';
+import { sharedBuffer, type HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
 import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
@@ -88,8 +89,15 @@ export interface StreamingDiskOptions {
    * read-back pass had not finished): verify them as setManifest does. @default false
    */
   verifyLocalAtOpen?: boolean;
+  /**
+   * Worker threads that verify fetched regions against a version 2 manifest, off the event
+   * loop that serves the host (fetch buffers are then shared memory they read in place).
+   * Without them regions are verified on the event loop. Owned by the caller.
+   */
+  hashWorkers?: HashWorkers;
   log?: Logger;
 }
+
 
 /** A host read whose region fails verification is fetched this many times in all before EIO. */
 const INTEGRITY_ATTEMPTS = 3;
@@ -125,12 +133,18 @@ class BufferRecycler {
   private readonly free = new Map<number, Buffer[]>();
   private pooled = 0;
 
-  /** `maxBytes` bounds what is kept idle (two 8 MiB batches by default). */
-  constructor(private readonly maxBytes = 16 << 20) {}
+  /**
+   * `maxBytes` bounds what is kept idle (two 8 MiB batches by default); `shared` buffers are
+   * SharedArrayBuffer memory (hash workers read it in place).
+   */
+  constructor(
+    private readonly shared: boolean,
+    private readonly maxBytes = 16 << 20,
+  ) {}
 
   take(size: number): Buffer {
     const b = this.free.get(size)?.pop();
-    if (!b) return Buffer.allocUnsafe(size);
+    if (!b) return this.shared ? sharedBuffer(size) : Buffer.allocUnsafe(size);
     this.pooled -= size;
     return b;
   }
@@ -235,7 +249,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly target: Target;
   private source: RemoteSource | null;
   private readonly inflight = new Map<number, Fill>();
-  private readonly fetchBuffers = new BufferRecycler();
+  private readonly fetchBuffers: BufferRecycler;
+  private readonly hashWorkers: HashWorkers | undefined;
   private readonly log: Logger | undefined;
   private readonly maxForegroundRun: number;
   private readonly missBlockBytes: number;
@@ -275,6 +290,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     this.log = opts.log;
     this.maxForegroundRun = opts.maxForegroundRun ?? 8;
     this.missBlockBytes = opts.missBlockSize ?? MISS_BLOCK_BYTES;
+    this.hashWorkers = opts.hashWorkers;
+    this.fetchBuffers = new BufferRecycler(this.hashWorkers !== undefined);
     if (!this.source && !this.map.allLocal) {
       throw new DpuError('DPU_ERR_CONFIG', 'a disk with regions that are not local needs a remote source');
     }
@@ -757,6 +774,54 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const buf = this.fetchBuffers.take(total);
     let landed = 0;
     let integrityError: DpuError | null = null;
+    /** Region i's bytes failed verification: never served, never written. */
+    const corrupt = (i: number): void => {
+      const r = first + i;
+      const from = i === 0 ? 0 : fills[i - 1]!.end;
+      // The region stays remote and is fetched again, a bounded number of times in all.
+      const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+      integrityError ??= err;
+      this.settle(r, RegionState.Remote);
+      fills[i]!.data.reject(err);
+      fills[i]!.done.reject(err);
+    };
+    /** Region i's bytes are verified (or there is no manifest yet): served, then stored. Returns the write, if asynchronous. */
+    const accept = (i: number, data: Buffer, checked: boolean): Promise<void> | undefined => {
+      const r = first + i;
+      const from = i === 0 ? 0 : fills[i - 1]!.end;
+      fills[i]!.data.resolve(data);
+      const stored = (): void => {
+        // A manifest that arrived while the write was in flight checks the region now
+        // (its read-back pass may already have passed it by, as `filling`).
+        if (!checked && this.manifest && !this.manifest.verify(r, data)) {
+          const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+          this.settle(r, RegionState.Remote);
+          fills[i]!.done.reject(err);
+          return;
+        }
+        this.integrityCounts.delete(r);
+        if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
+        this.settle(r, RegionState.Local);
+        fills[i]!.done.resolve();
+      };
+      const failed = (err: unknown): void => {
+        const failure = this.fail(err, `writing region ${r}`);
+        this.settle(r, RegionState.Remote);
+        fills[i]!.done.reject(failure);
+      };
+      if (this.target.write) {
+        // Off the event loop (see local/target.ts); `buf` is kept until every write ends.
+        return this.target.write(data, start + from).then(() => (this.failure ? failed(this.failure) : stored()), failed);
+      }
+      try {
+        this.target.writeSync([data], start + from);
+      } catch (err) {
+        failed(err);
+        return undefined;
+      }
+      stored();
+      return undefined;
+    };
     const land = (filled: number): void => {
       while (landed < count && filled >= fills[landed]!.end) {
         const i = landed++;
@@ -764,51 +829,29 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         const r = first + i;
         const from = i === 0 ? 0 : fills[i - 1]!.end;
         const data = buf.subarray(from, fills[i]!.end);
-        if (this.manifest && !this.manifest.verify(r, data)) {
-          // Never served, never written: the region stays remote and is fetched again, a
-          // bounded number of times in all.
-          const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
-          integrityError ??= err;
-          this.settle(r, RegionState.Remote);
-          fills[i]!.data.reject(err);
-          fills[i]!.done.reject(err);
-          continue;
-        }
-        fills[i]!.data.resolve(data);
-        const checked = this.manifest !== null;
-        const stored = (): void => {
-          // A manifest that arrived while the write was in flight checks the region now
-          // (its read-back pass may already have passed it by, as `filling`).
-          if (!checked && this.manifest && !this.manifest.verify(r, data)) {
-            const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
-            this.settle(r, RegionState.Remote);
-            fills[i]!.done.reject(err);
-            return;
-          }
-          this.integrityCounts.delete(r);
-          if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
-          this.settle(r, RegionState.Local);
-          fills[i]!.done.resolve();
-        };
-        const failed = (err: unknown): void => {
-          const failure = this.fail(err, `writing region ${r}`);
-          this.settle(r, RegionState.Remote);
-          fills[i]!.done.reject(failure);
-        };
-        if (this.target.write) {
-          // Off the event loop (see local/target.ts); `buf` is kept until every write ends.
+        const m = this.manifest;
+        const workers = this.hashWorkers;
+        if (m && workers && m.version === 2) {
+          // Hashed by a worker; the region is served and written once its bytes check out.
+          // The chain holds `buf` (in `writes`) until its write has ended too.
           writes.push(
-            this.target.write(data, start + from).then(() => (this.failure ? failed(this.failure) : stored()), failed),
+            m.verifyAsync(r, data, workers).then(
+              (ok) => (ok ? accept(i, data, true) : corrupt(i)),
+              (err: Error) => {
+                // A worker that died (or pool closed under us): verify here instead.
+                this.log?.warn({ region: r, err: err.message }, 'hash worker failed; verifying on the event loop');
+                return m.verify(r, data) ? accept(i, data, true) : corrupt(i);
+              },
+            ),
           );
           continue;
         }
-        try {
-          this.target.writeSync([data], start + from);
-        } catch (err) {
-          failed(err);
+        if (m && !m.verify(r, data)) {
+          corrupt(i);
           continue;
         }
-        stored();
+        const write = accept(i, data, m !== null);
+        if (write) writes.push(write);
       }
     };
     const writes: Promise<void>[] = [];

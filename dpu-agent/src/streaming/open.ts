@@ -17,6 +17,7 @@ import { LocalTarget } from '../local/target.js';
 import { RegionMap, RegionState } from '../region/region-map.js';
 import { HttpSource, type HttpSourceOptions } from '../../../image-access/src/http-source.js';
 import type { Manifest } from '../../../image-access/src/manifest.js';
+import type { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { decodeFormat, type ImageFormat } from '../../../image-access/src/open.js';
 import { Qcow2Source } from '../../../image-access/src/qcow2.js';
 import { PaddedSource } from '../../../image-access/src/padded.js';
@@ -50,6 +51,8 @@ export interface OpenDiskOptions {
   manifest?: Manifest;
   /** The manifest's read-back of regions local before it came had not finished: run it again. */
   verifyLocalAtOpen?: boolean;
+  /** Verify fetched regions on these worker threads (see StreamingDiskOptions.hashWorkers). */
+  hashWorkers?: HashWorkers;
   log?: Logger;
 }
 
@@ -160,6 +163,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       ...(opts.commitIntervalMs !== undefined ? { commitIntervalMs: opts.commitIntervalMs } : {}),
       ...(opts.manifest ? { manifest: opts.manifest } : {}),
       ...(opts.verifyLocalAtOpen ? { verifyLocalAtOpen: true } : {}),
+      ...(opts.hashWorkers ? { hashWorkers: opts.hashWorkers } : {}),
       ...(log ? { log } : {}),
     });
     const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}) });
