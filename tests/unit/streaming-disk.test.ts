@@ -17,6 +17,7 @@ import { Manifest } from '../../image-access/src/manifest.js';
 import { HashWorkers } from '../../image-access/src/hash-workers.js';
 import { DpuError } from '../../image-access/src/errors.js';
 import { tempDir } from '../helpers/agent.js';
+import { ControlledSource } from '../helpers/controlled-source.js';
 
 const R = 64 << 10; // region size in these tests
 
@@ -217,6 +218,22 @@ describe('StreamingDisk', () => {
     // A complete disk reopens with no source at all.
     disk = open(null);
     assert.deepEqual(await read(0, size), expected);
+  });
+
+  it('stopping hydration (agent shutdown) reports no error for the batch the stop abandons', async () => {
+    const origin = new ControlledSource(img);
+    await disk.close();
+    disk = open(origin);
+    const h = new Hydrator(disk, { batchBytes: 2 * R, concurrency: 1 });
+    const errors: string[] = [];
+    h.on('batch-error', (e) => errors.push(e.message));
+    h.start();
+    await origin.next(); // a batch is on the wire
+    const stopped = h.stop();
+    await disk.close(); // closes the origin: the batch is aborted (DPU_ERR_SOURCE_CLOSED)
+    await stopped;
+    assert.deepEqual(errors, []);
+    assert.equal(h.lastError, null);
   });
 
   for (const where of ['on the event loop', 'on hash worker threads'] as const) describe(`with a manifest, verified ${where}`, () => {

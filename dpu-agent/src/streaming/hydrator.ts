@@ -23,6 +23,7 @@
  * (pause, resume, a bandwidth change, stop): all of them, since several can be asleep at
  * once — the main loop and each failed batch's backoff.
  */
+import { DpuError } from '../../../image-access/src/errors.js';
 import { EventEmitter, once } from 'node:events';
 import type { Logger } from 'pino';
 import { RegionState } from '../region/region-map.js';
@@ -275,6 +276,9 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           this.lastErrorMessage = null; // the origin works again: the error is history
         })
         .catch(async (err: Error) => {
+          // Stopped (the agent shuts down, the disk is deleted): the stop closed the
+          // source under this batch. Not a failure of the origin; nothing to report.
+          if (!this.alive && err instanceof DpuError && err.code === 'DPU_ERR_SOURCE_CLOSED') return;
           this.failures++;
           this.lastErrorMessage = err.message;
           this.emit('batch-error', err);
