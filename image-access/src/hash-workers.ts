@@ -9,8 +9,11 @@
  * Buffers not backed by a SharedArrayBuffer cannot be read by a worker without a copy;
  * `leafHashes` then hashes them on the calling thread (see sharedBuffer()).
  *
- * Workers are started lazily, kept referenced only while a job is pending (an idle pool
- * never keeps the process alive), and a worker that dies fails its jobs and is replaced.
+ * Workers are started on demand: a job goes to an idle worker, and another is started (up
+ * to `threads`) only when every started one is busy, so a link one thread keeps up with
+ * (1 Gbit/s needs ~0.1 of one) costs one thread's memory (~12 MiB), not `threads`'. They
+ * are referenced only while a job is pending (an idle pool never keeps the process alive),
+ * and a worker that dies fails its jobs and is replaced.
  */
 import { createHash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
@@ -49,7 +52,6 @@ interface Slot {
 
 export class HashWorkers {
   private readonly slots: (Slot | null)[];
-  private next = 0;
   private nextId = 1;
   private closed = false;
   /** Bytes hashed by workers, and on the calling thread (buffers not shared). */
@@ -85,9 +87,25 @@ export class HashWorkers {
     await Promise.all(workers.map((s) => s.worker.terminate()));
   }
 
-  /** Round robin over the threads, starting each on first use. */
+  /** Threads started now. */
+  get started(): number {
+    return this.slots.filter((s) => s !== null).length;
+  }
+
+  /** An idle worker; else a new one while fewer than `threads` run; else the least busy. */
   private slot(): Slot {
-    const i = this.next++ % this.slots.length;
+    let best = -1;
+    let free = -1;
+    for (let k = 0; k < this.slots.length; k++) {
+      const s = this.slots[k];
+      if (!s) {
+        if (free < 0) free = k;
+        continue;
+      }
+      if (s.jobs.size === 0) return s;
+      if (best < 0 || s.jobs.size < this.slots[best]!.jobs.size) best = k;
+    }
+    const i = free >= 0 ? free : best;
     let slot = this.slots[i];
     if (!slot) {
       const worker = new Worker(WORKER_SOURCE, { eval: true });

@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import { DpuError } from '../../image-access/src/errors.js';
 import { Manifest, merkleRoot } from '../../image-access/src/manifest.js';
 import { MemorySource } from '../helpers/memory-source.js';
-import { HashWorkers, sharedBuffer } from '../../image-access/src/hash-workers.js';
+import { HashWorkers, leafHashesInline, sharedBuffer } from '../../image-access/src/hash-workers.js';
 
 const R = 256 << 10;
 const L = 16 << 10;
@@ -139,5 +139,20 @@ describe('image manifest v2 (Merkle leaves)', () => {
       await workers.close();
     }
     await assert.rejects(workers.leafHashes(sharedBuffer(L), L), /closed/);
+  });
+
+  it('hash threads start on demand: a second only while the first is busy; hashes equal inline ones', async () => {
+    const workers = new HashWorkers(2);
+    try {
+      const data = sharedBuffer(4 * L + 7);
+      img.copy(data, 0, 0, data.length);
+      for (let i = 0; i < 4; i++) assert.ok((await workers.leafHashes(data, L)).equals(leafHashesInline(data, L)));
+      assert.equal(workers.started, 1, 'one job at a time: one thread');
+      const both = await Promise.all([workers.leafHashes(data, L), workers.leafHashes(data.subarray(L), L)]);
+      assert.equal(workers.started, 2);
+      assert.ok(both[1]!.equals(leafHashesInline(data.subarray(L), L)));
+    } finally {
+      await workers.close();
+    }
   });
 });
