@@ -1321,3 +1321,102 @@ describe('NBD protocol: in-process server over a unix socket, raw client', funct
     conformanceTests();
   });
 });
+
+/**
+ * A backend that holds every read and write until the test releases it: the transmission
+ * (the component under test) decides how many requests reach it at once.
+ */
+class HeldBackend implements BlockBackend {
+  readonly size = 256 * MiB;
+  readonly capabilities = { readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: false, cache: false, multiConn: true };
+  readonly held: { bytes: number; release: () => void }[] = [];
+  inflightBytes = 0;
+  maxInflightBytes = 0;
+  private waiters: (() => void)[] = [];
+
+  private hold(bytes: number, fill?: Buffer): Promise<void> {
+    this.inflightBytes += bytes;
+    this.maxInflightBytes = Math.max(this.maxInflightBytes, this.inflightBytes);
+    return new Promise((resolve) => {
+      this.held.push({
+        bytes,
+        release: () => {
+          fill?.fill(0x42);
+          this.inflightBytes -= bytes;
+          resolve();
+        },
+      });
+      for (const w of this.waiters.splice(0)) w();
+    });
+  }
+
+  /** Resolves once `n` requests are held. */
+  async heldCount(n: number): Promise<void> {
+    while (this.held.length < n) await new Promise<void>((r) => this.waiters.push(r));
+  }
+
+  read(_offset: number, dest: Buffer): Promise<void> {
+    return this.hold(dest.length, dest);
+  }
+  write(_offset: number, _chunks: readonly Buffer[], length: number): Promise<void> {
+    return this.hold(length);
+  }
+  flush(): void {}
+  trim(): void {}
+  writeZeroes(): void {}
+  cache(): void {}
+  async close(): Promise<void> {}
+}
+
+describe('NBD transmission: a byte budget per connection', function () {
+  it('stops reading requests while 32 MiB of reads and writes are in flight, and serves them all', async function () {
+    this.timeout(60_000);
+    const { dir, cleanup } = tempDir('nbd-budget');
+    const backend = new HeldBackend();
+    const server = new NbdServer({ exports: [{ name: 'disk', description: 'held', backend }], log: pino({ level: 'silent' }) });
+    const sock = path.join(dir, 'nbd.sock');
+    await server.listen({ kind: 'unix', path: sock });
+    const c = await RawClient.connect(sock);
+    try {
+      await c.start();
+      await c.go();
+      // 12 reads and 4 writes of 8 MiB, all sent at once: 128 MiB the server would hold.
+      const replies: Promise<Reply>[] = [];
+      for (let i = 0; i < 16; i++) {
+        replies.push(i % 4 === 3 ? c.request({ type: Cmd.WRITE, offset: i * 8 * MiB, length: 8 * MiB, data: Buffer.alloc(8 * MiB, i) }) : c.request({ type: Cmd.READ, offset: i * 8 * MiB, length: 8 * MiB }));
+      }
+      await backend.heldCount(4);
+      // The server reads no further request until one ends: the client's bytes stay in the sockets.
+      await assertStays(() => backend.held.length === 4, c);
+      assert.equal(backend.inflightBytes, 32 * MiB);
+      let released = 0;
+      while (released < 16) {
+        backend.held[released]!.release();
+        released++;
+        if (released < 16) await backend.heldCount(Math.min(16, released + 4));
+        assert.ok(backend.inflightBytes <= 32 * MiB, `${backend.inflightBytes / MiB} MiB in flight`);
+      }
+      const got = await Promise.all(replies);
+      assert.ok(got.every((r) => r.error === 0));
+      assert.ok(got.filter((r) => r.data).every((r) => r.data!.length === 8 * MiB && r.data!.every((b) => b === 0x42)));
+      assert.equal(backend.maxInflightBytes, 32 * MiB);
+    } finally {
+      c.destroy();
+      await server.close(1000);
+      cleanup();
+    }
+  });
+});
+
+/**
+ * The condition holds while the server has every chance to break it: the client has more
+ * requests written than the server has taken (it cannot flush them all: the server stopped
+ * reading), and the server's event loop (this process's) turns over many times.
+ */
+async function assertStays(cond: () => boolean, c: RawClient): Promise<void> {
+  assert.ok(c.socket.writableLength > 0 || c.socket.bytesWritten > 32 * MiB, 'more was sent than is held');
+  for (let i = 0; i < 50; i++) {
+    await new Promise((r) => setImmediate(r));
+    assert.ok(cond(), 'held steady');
+  }
+}

@@ -7,7 +7,10 @@
  * made in one tick are written under one cork. The stream never desyncs: a write refused
  * before its payload arrived still has its payload drained, and a reply header is written
  * only once its data or its error is known. Backpressure: reading from the socket pauses
- * while too many requests or too many reply bytes are outstanding.
+ * while too many requests, too many bytes of reads and writes (MAX_INFLIGHT_BYTES: each
+ * READ holds a reply buffer of its length, each WRITE its payload, until it ends) or too
+ * many reply bytes are outstanding, so a client's memory on the DPU is bounded whatever it
+ * pipelines.
  *
  * Command flags are checked against the command and the transmission flags this export
  * advertised (doc/proto.md, "Command flags"): anything else is EINVAL before the backend
@@ -35,6 +38,12 @@ import {
 
 const MAX_INFLIGHT = 256;
 const MAX_PENDING_REPLY_BYTES = 16 << 20;
+/**
+ * Bytes of READs and WRITEs in flight per connection before the server stops reading
+ * requests: one request of the largest size (32 MiB) always fits. QEMU keeps at most 16
+ * requests in flight, mostly far smaller.
+ */
+export const MAX_INFLIGHT_BYTES = 32 << 20;
 /** Shared by every connection of the process: replies are short-lived and alike. */
 const replyPool = new BufferPool();
 
@@ -48,6 +57,8 @@ type Phase = { kind: 'header' } | { kind: 'payload'; req: RequestHeader } | { ki
 export class Transmission {
   private phase: Phase = { kind: 'header' };
   private inflight = 0;
+  /** Bytes of the READs and WRITEs in `inflight` (see MAX_INFLIGHT_BYTES). */
+  private inflightBytes = 0;
   /** Backend calls still running after their reply was sent (CACHE prefetches). */
   private detached = 0;
   /** Command flags a WRITE_ZEROES may carry on this export; every other command, `otherFlags`. */
@@ -131,7 +142,7 @@ export class Transmission {
       } else {
         break;
       }
-      if (this.phase.kind !== 'closing' && (this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES)) {
+      if (this.phase.kind !== 'closing' && this.mustWait()) {
         this.paused = true;
         this.socket.pause();
         break;
@@ -143,10 +154,15 @@ export class Transmission {
   }
 
   private maybeResume(): void {
-    if (!this.paused || this.inflight + this.detached >= MAX_INFLIGHT || this.socket.writableLength > MAX_PENDING_REPLY_BYTES) return;
+    if (!this.paused || this.mustWait()) return;
     this.paused = false;
     this.socket.resume();
     this.process();
+  }
+
+  /** Too much is outstanding to take another request (see the top). */
+  private mustWait(): boolean {
+    return this.inflight + this.detached >= MAX_INFLIGHT || this.inflightBytes >= MAX_INFLIGHT_BYTES || this.socket.writableLength > MAX_PENDING_REPLY_BYTES;
   }
 
   private onHeader(req: RequestHeader): void {
@@ -244,15 +260,19 @@ export class Transmission {
       this.send(reply);
       return;
     }
+    const bytes = req.type === Cmd.READ || req.type === Cmd.WRITE ? req.length : 0;
     this.inflight++;
+    this.inflightBytes += bytes;
     result.then(
       () => {
         this.inflight--;
+        this.inflightBytes -= bytes;
         this.send(reply);
         this.afterAsync();
       },
       (err: unknown) => {
         this.inflight--;
+        this.inflightBytes -= bytes;
         this.fail(req, reply, err);
         this.afterAsync();
       },
