@@ -371,8 +371,9 @@ export class HttpSource implements RemoteSource {
         `HTTP ${head.status} for bytes ${start}-${end} of ${this.description}${transient ? '' : statusAdvice(head.status)}`,
       );
     };
+    // Every read of the answer renews the stall timer, skipped bytes of a 200 included.
+    const onActivity = (): void => void timer.refresh();
     const onBody = (filled: number): void => {
-      timer.refresh();
       if (timing.first === 0) {
         timing.first = performance.now();
         timing.firstFilled = filled;
@@ -383,7 +384,7 @@ export class HttpSource implements RemoteSource {
       opts.onProgress?.(now);
     };
     try {
-      await send(this.pools[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal, onHead, onBody);
+      await send(this.pools[opts.priority], 'GET', this.url, { ...this.headers, Range: `bytes=${start}-${end}` }, controller.signal, onHead, onBody, onActivity);
       if (ranged > 0 && sized && end - start + 1 === this.bgRequest) this.measureBackground(ranged - timing.firstFilled, performance.now() - timing.first);
     } catch (err) {
       throw transportError(err, controller);
@@ -561,6 +562,7 @@ async function send(
   signal: AbortSignal,
   onHead: (head: ResponseHead) => BodyPlan,
   onBody?: (filled: number) => void,
+  onActivity?: () => void,
 ): Promise<Http1Response> {
   let u = new URL(url);
   for (let redirects = 0; ; redirects++) {
@@ -577,6 +579,7 @@ async function send(
         return onHead(head);
       },
       ...(onBody ? { onBody } : {}),
+      ...(onActivity ? { onActivity } : {}),
     });
     if (location === undefined) return res;
     if (redirects >= MAX_REDIRECTS) throw new DpuError('DPU_ERR_SOURCE_HTTP_STATUS', `more than ${MAX_REDIRECTS} redirects from ${redactUrl(url)}`);

@@ -22,12 +22,17 @@
  *   closes; 1xx interim answers skipped;
  * - reads never go past the end of a Content-Length body, so the next answer's bytes are
  *   never read into a caller's buffer;
- * - TLS through tls.connect with the same `onread` (the system's CAs, plus
- *   NODE_EXTRA_CA_CERTS; the server name is checked).
+ * - TLS through tls.connect (the system's CAs, plus NODE_EXTRA_CA_CERTS, or the pool's `ca`;
+ *   the server name is checked; sessions resumed per origin). Over TLS the body goes
+ *   through the scratch buffer and is copied: TLS already copies each decrypted record into
+ *   the read buffer, and it goes on copying the records of one socket read after the socket
+ *   is destroyed (node's TLSWrap::ClearOut checks for that only between reads), which would
+ *   land bytes in a caller's buffer after its request had failed.
  *
  * Buffer safety: a request that fails or is aborted destroys its socket before its promise
- * settles, and a destroyed socket never reads again, so no byte lands in the caller's
- * buffer after the call has returned (the caller may hand the buffer to another request).
+ * settles, and a destroyed plain TCP socket never reads again (libuv stops at uv_close), so
+ * no byte lands in the caller's buffer after the call has returned (the caller may hand the
+ * buffer to another request). Over TLS reads never target the caller's buffer (above).
  */
 import net from 'node:net';
 import tls from 'node:tls';
@@ -66,6 +71,12 @@ export interface Http1RequestOptions {
   onHead(head: ResponseHead): BodyPlan;
   /** Called as body bytes land in the plan's dest, with how many of its bytes are filled. */
   onBody?(filled: number): void;
+  /**
+   * Called on every read of the answer, whatever its bytes were for (head, skipped body,
+   * chunk framing, dest): the origin is alive. A stall timeout is renewed here, not in
+   * onBody, or skipping to the offset in a 200 that ignored Range would count as a stall.
+   */
+  onActivity?(): void;
 }
 
 export interface Http1Response {
@@ -95,6 +106,8 @@ export class Http1Pool {
   private readonly maxIdle: number;
   private readonly idleTimeoutMs: number;
   private readonly ca: string | Buffer | undefined;
+  /** The last TLS session of each origin, resumed by its next connection (no full handshake). */
+  private readonly sessions = new Map<string, Buffer>();
   private destroyed = false;
 
   constructor(opts: Http1PoolOptions = {}) {
@@ -150,7 +163,7 @@ export class Http1Pool {
   }
 
   private open(url: URL): Connection {
-    const conn = new Connection(url, this.ca, () => this.forget(conn));
+    const conn = new Connection(url, { ca: this.ca, sessions: this.sessions }, () => this.forget(conn));
     this.all.add(conn);
     return conn;
   }
@@ -173,7 +186,8 @@ export class Http1Pool {
   private putIdle(key: string, conn: Connection): void {
     let list = this.idle.get(key);
     if (!list) this.idle.set(key, (list = []));
-    if (list.length >= this.maxIdle) {
+    // The server closes it within a second (Keep-Alive: timeout=1 or 0): not worth keeping.
+    if (list.length >= this.maxIdle || conn.serverIdleMs <= 0) {
       conn.destroy();
       return;
     }
@@ -192,8 +206,9 @@ export function checkHeaders(headers: Record<string, string>): void {
     if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) {
       throw new DpuError('DPU_ERR_CONFIG', `request header name "${name}" is not a valid HTTP token; fix the source's headers`);
     }
-    if (typeof value !== 'string' || /[\r\n\0]/.test(value)) {
-      throw new DpuError('DPU_ERR_CONFIG', `the value of request header "${name}" is not a string or holds a line break or NUL; fix the source's headers`);
+    // RFC 9110 §5.5: visible characters, spaces and tabs, obs-text (one byte each).
+    if (typeof value !== 'string' || !/^[\t\x20-\x7e\x80-\xff]*$/.test(value)) {
+      throw new DpuError('DPU_ERR_CONFIG', `the value of request header "${name}" holds a line break, a control character or a character HTTP cannot carry; fix the source's headers`);
     }
   }
 }
@@ -247,6 +262,8 @@ class Connection {
   private target: Buffer;
   /** The target is a plan's dest (the zero-copy path), not the scratch buffer. */
   private targetIsDest = false;
+  /** Reads may target a plan's dest: plain TCP only (see the top about TLS). */
+  private readonly zeroCopy: boolean;
   private ex: Exchange | null = null;
   private dead = false;
   private served = 0;
@@ -257,7 +274,7 @@ class Connection {
 
   constructor(
     url: URL,
-    ca: string | Buffer | undefined,
+    tlsOpts: { ca: string | Buffer | undefined; sessions: Map<string, Buffer> },
     private readonly onGone: () => void,
   ) {
     this.key = originKey(url);
@@ -265,11 +282,18 @@ class Connection {
     const onread = { buffer: (): Buffer => this.target, callback: (n: number, buf: Buffer): boolean => this.onRead(n, buf) };
     const port = Number(url.port) || (url.protocol === 'https:' ? 443 : 80);
     const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
-    this.socket =
-      url.protocol === 'https:'
-        ? // onread is honoured by tls.connect (Node's documentation) but missing from its types.
-          tls.connect({ host, port, ...(net.isIP(host) ? {} : { servername: host }), ALPNProtocols: ['http/1.1'], ...(ca ? { ca } : {}), onread } as tls.ConnectionOptions)
-        : net.connect({ host, port, onread });
+    this.zeroCopy = url.protocol !== 'https:';
+    if (url.protocol === 'https:') {
+      const { ca, sessions } = tlsOpts;
+      const session = sessions.get(this.key);
+      // onread is honoured by tls.connect (Node's documentation) but missing from its types.
+      const opts = { host, port, ...(net.isIP(host) ? {} : { servername: host }), ALPNProtocols: ['http/1.1'], ...(ca ? { ca } : {}), ...(session ? { session } : {}), onread };
+      const socket = tls.connect(opts as tls.ConnectionOptions);
+      socket.on('session', (s: Buffer) => sessions.set(this.key, s));
+      this.socket = socket;
+    } else {
+      this.socket = net.connect({ host, port, onread });
+    }
     this.socket.setNoDelay(true);
     this.socket.on('error', (err) => this.fail(err));
     this.socket.on('end', () => this.onEnd());
@@ -337,6 +361,7 @@ class Connection {
     }
     ex.received += n;
     try {
+      ex.opts.onActivity?.();
       if (this.targetIsDest) {
         // The zero-copy path: the bytes are already where they belong.
         ex.filled += n;
@@ -519,7 +544,7 @@ class Connection {
     }
     if (ex.head === null) {
       this.aim(this.scratch.subarray(ex.headLength));
-    } else if (plan?.kind === 'into' && ex.framing === 'length' && ex.skipLeft === 0) {
+    } else if (this.zeroCopy && plan?.kind === 'into' && ex.framing === 'length' && ex.skipLeft === 0) {
       this.aim(plan.dest.subarray(ex.filled, ex.filled + Math.min(plan.dest.length - ex.filled, ex.left)), true);
     } else if (ex.framing === 'length') {
       this.aim(this.scratch.subarray(0, Math.min(SCRATCH, ex.left, ex.skipLeft > 0 ? ex.skipLeft : SCRATCH)));
