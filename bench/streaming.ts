@@ -40,6 +40,7 @@ import { parseArgs } from 'node:util';
 import { EmulatedLink } from '../lab/netns.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
 import { run } from '../tests/helpers/run.js';
+import { issue, makeCa } from '../tests/helpers/tls-certs.js';
 import {
   BENCH_FLAGS,
   MiB,
@@ -75,6 +76,7 @@ import { startNginxOrigin } from './lib/nginx-origin.js';
 import { NbdClient, QmpClient } from './lib/streaming-clients.js';
 
 const SECTION = '## Streaming over an emulated link';
+const SECTION_TLS = '## Streaming from an https origin';
 /** EmulatedLink indexes reserved for this bench (other benches and the lab use others). */
 const LINK_INDEX_FIRST = 40;
 const LINK_INDEX_LAST = 47;
@@ -91,6 +93,10 @@ const USAGE = `Usage: node dist/bench/streaming.js [options]   (run it under: fl
   --agent-args ARGS   also run the agent with these extra stream flags as peer "agent+",
                       e.g. --agent-args="--batch-size 32M --hydrate-connections 4"
   --no-foreground     hydration alone: no cold reads, no foreground reader (for diagnosis)
+  --tls               the origin serves https (nginx, a throw-away CA that every peer is
+                      given): peers agent, nbdkit-cow, nbdkit-cache (qemu-storage-daemon's
+                      https driver trusts the system CA store only); its own docs section
+                      and results (streaming-tls-*.json)
   --quick             smoke run: 128 MiB, 1 rep; docs/benchmarks.md left alone unless --docs
   --workdir DIR       where the image and the peers' files go (default: a fresh temp dir)
   --keep              keep the work directory
@@ -123,6 +129,7 @@ interface Options {
   peers: PeerName[];
   agentArgs: string[];
   foreground: boolean;
+  tls: boolean;
   quick: boolean;
   workdir: string | undefined;
   keep: boolean;
@@ -141,6 +148,7 @@ function parseOptions(argv: string[]): Options {
       peers: { type: 'string' },
       'agent-args': { type: 'string' },
       'no-foreground': { type: 'boolean' },
+      tls: { type: 'boolean' },
       ...BENCH_FLAGS,
     },
   });
@@ -149,7 +157,9 @@ function parseOptions(argv: string[]): Options {
   const num = (name: string, s: string | undefined, dflt: number): number => positive(name, s, dflt, true);
   const links = (v.links ?? '1gbit,10gbit').split(',').map((s) => parseRate(s.trim()));
   if (links.length > LINK_INDEX_LAST - LINK_INDEX_FIRST + 1) throw new Error(`--links: at most ${LINK_INDEX_LAST - LINK_INDEX_FIRST + 1} links`);
-  const peers = (v.peers ?? ALL_PEERS.join(',')).split(',').map((s) => s.trim());
+  const tls = v.tls === true;
+  const peers = (v.peers ?? (tls ? 'agent,nbdkit-cow,nbdkit-cache' : ALL_PEERS.join(','))).split(',').map((s) => s.trim());
+  if (tls && peers.includes('qsd')) throw new Error("--tls: qemu-storage-daemon's https driver trusts only the system CA store; leave qsd out of --peers");
   for (const p of peers) if (!(ALL_PEERS as readonly string[]).includes(p)) throw new Error(`--peers: unknown peer "${p}" (known: ${ALL_PEERS.join(', ')})`);
   const agentArgs = v['agent-args']?.trim().split(/\s+/).filter(Boolean) ?? [];
   return {
@@ -160,6 +170,7 @@ function parseOptions(argv: string[]): Options {
     peers: [...(peers as PeerName[]), ...(agentArgs.length ? (['agent+'] as const) : [])],
     agentArgs,
     foreground: v['no-foreground'] !== true,
+    tls,
     ...common,
   };
 }
@@ -195,6 +206,8 @@ interface PeerContext {
   size: number;
   rundir: string;
   agentArgs: string[];
+  /** With an https origin: the CA certificate (PEM file) its certificate chains to. */
+  ca?: string;
 }
 
 /** The peers' command lines as the report shows them. */
@@ -221,6 +234,7 @@ async function startPeer(name: PeerName, ctx: PeerContext): Promise<Peer> {
         socket,
         extra: name === 'agent+' ? ctx.agentArgs : [],
         poison: false, // a test build's guard, not what a deployment runs
+        ...(ctx.ca ? { env: { NODE_EXTRA_CA_CERTS: ctx.ca } } : {}),
       });
       track(agent.child);
       // Attached now so the event is not missed whatever the bench is doing when it comes.
@@ -275,8 +289,8 @@ async function startPeer(name: PeerName, ctx: PeerContext): Promise<Peer> {
     }
     case 'nbdkit-cow':
     case 'nbdkit-cache': {
-      const filter =
-        name === 'nbdkit-cow' ? ['--filter=cow', 'curl', `url=${ctx.url}`, 'timeout=30', 'cow-on-read=true'] : ['--filter=cache', 'curl', `url=${ctx.url}`, 'timeout=30', 'cache-on-read=true', 'cache=writeback'];
+      const curl = ['curl', `url=${ctx.url}`, 'timeout=30', ...(ctx.ca ? [`cainfo=${ctx.ca}`] : [])];
+      const filter = name === 'nbdkit-cow' ? ['--filter=cow', ...curl, 'cow-on-read=true'] : ['--filter=cache', ...curl, 'cache-on-read=true', 'cache=writeback'];
       // The filters keep their overlay/cache in $TMPDIR: the run's directory.
       const { child, stderr } = spawnTracked('nbdkit', ['-f', '-U', socket, ...filter], { env: { ...process.env, TMPDIR: ctx.rundir } });
       let copier: ChildProcess | null = null;
@@ -378,7 +392,7 @@ function coldSlack(rate: number): number {
   return 32 * MiB + Math.round(rate * 0.05);
 }
 
-async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, rep: number, opts: Options, url: string, dir: string, img: ImageCheck): Promise<RunRecord> {
+async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, rep: number, opts: Options, url: string, dir: string, img: ImageCheck, ca: string | undefined): Promise<RunRecord> {
   const size = opts.size;
   const rec: RunRecord = { link: spec.name, peer: name, rep, startedAt: new Date().toISOString(), loadavg: os.loadavg()[0]!, ok: false };
   const rundir = fs.mkdtempSync(path.join(dir, `${name}-`));
@@ -388,7 +402,7 @@ async function measureRun(name: PeerName, link: EmulatedLink, spec: LinkSpec, re
   try {
     const rx0 = link.rxBytes();
     const t0 = performance.now();
-    peer = await startPeer(name, { url, size, rundir, agentArgs: opts.agentArgs });
+    peer = await startPeer(name, { url, size, rundir, agentArgs: opts.agentArgs, ...(ca ? { ca } : {}) });
     const p = peer;
 
     // 1. time to first byte
@@ -594,15 +608,15 @@ function renderSection(p: {
   const tables = opts.links
     .map((l) => `### ${l.name} (${fmtNum(l.rate / 1e6, 0)} MB/s; link-rate limit for the image ${((opts.size / l.rate)).toFixed(2)} s)\n\n${renderLinkTable(p.summaries[l.name]!)}`)
     .join('\n\n');
-  return `${SECTION}
+  return `${opts.tls ? SECTION_TLS : SECTION}
 
-Generated by \`bench/streaming.ts\`; re-run it to update this section (the rest of the file is
+Generated by \`bench/streaming.ts${opts.tls ? ' --tls' : ''}\`; re-run it to update this section (the rest of the file is
 left alone).
 
 - Command: \`${p.cmd}\`
 - Date: ${p.date}
 - Machine: ${describeMachine(p.m)}
-- Setup: ${fmtBytes(opts.size)} of random data served by nginx (sendfile, Range, one worker)
+- Setup: ${fmtBytes(opts.size)} of random data served by nginx (${opts.tls ? 'https with a certificate of a throw-away CA that every peer trusts (agent: NODE_EXTRA_CA_CERTS; nbdkit curl: cainfo), TLS as nginx and each client negotiate it, no sendfile' : 'sendfile'}, Range, one worker)
   inside a network namespace, bound to the namespace address only; the peers run in the
   root namespace and reach it across a veth pair shaped with \`tc tbf\` on both ends
   (burst ≈ 1 ms of traffic), MTU 1500. Every peer exports over a unix socket; the bench's
@@ -658,9 +672,9 @@ function makePlots(opts: Options, summaries: Record<string, PeerSummary[]>): str
       }),
     }));
   const out = [
-    plot({ file: 'bench-streaming-hydration.png', title: `Hydration of ${fmtBytes(opts.size)} with a foreground reader (median)`, xlabel: 'link', ylabel: '% of link rate', series: series((s) => s.pctOfLink), categories: cats }),
-    plot({ file: 'bench-streaming-cold-p99.png', title: 'Cold 4K QD1 read p99 during hydration (median of runs)', xlabel: 'link', ylabel: 'ms', series: series((s) => s.coldP99Ms), categories: cats }),
-    plot({ file: 'bench-streaming-foreground.png', title: 'Sequential 1 MiB QD1 reader during hydration (median)', xlabel: 'link', ylabel: 'MB/s', series: series((s) => s.fgMBps), categories: cats }),
+    plot({ file: `${opts.tls ? 'bench-streaming-tls-' : 'bench-streaming-'}hydration.png`, title: `Hydration of ${fmtBytes(opts.size)} with a foreground reader (median)`, xlabel: 'link', ylabel: '% of link rate', series: series((s) => s.pctOfLink), categories: cats }),
+    plot({ file: `${opts.tls ? 'bench-streaming-tls-' : 'bench-streaming-'}cold-p99.png`, title: 'Cold 4K QD1 read p99 during hydration (median of runs)', xlabel: 'link', ylabel: 'ms', series: series((s) => s.coldP99Ms), categories: cats }),
+    plot({ file: `${opts.tls ? 'bench-streaming-tls-' : 'bench-streaming-'}foreground.png`, title: 'Sequential 1 MiB QD1 reader during hydration (median)', xlabel: 'link', ylabel: 'MB/s', series: series((s) => s.fgMBps), categories: cats }),
   ];
   return out.filter((f): f is string => f !== null);
 }
@@ -689,6 +703,8 @@ async function main(): Promise<void> {
 
   const runs: RunRecord[] = [];
   const nginxConfigs: string[] = [];
+  // A throw-away CA for an https origin; each link's server certificate names its address.
+  const tlsCa = opts.tls ? await makeCa(fs.mkdtempSync(path.join(dir, 'ca-')), 'streaming bench CA') : undefined;
   for (const [li, spec] of opts.links.entries()) {
     const link = EmulatedLink.create({ index: LINK_INDEX_FIRST + li, rate: spec.rate });
     let origin: { child: ChildProcess } | null = null;
@@ -699,7 +715,8 @@ async function main(): Promise<void> {
       await link.destroy();
     };
     onCleanup(teardown);
-    const o = await startNginxOrigin(link, dir, path.dirname(image));
+    const serverCert = tlsCa ? await issue(fs.mkdtempSync(path.join(dir, 'tls-')), tlsCa, 'server', link.nsAddr, `IP:${link.nsAddr}`) : undefined;
+    const o = await startNginxOrigin(link, dir, path.dirname(image), opts.tls ? 8443 : 8080, serverCert);
     const url = `${o.base}/${path.basename(image)}`;
     origin = o;
     nginxConfigs.push(o.config);
@@ -707,7 +724,7 @@ async function main(): Promise<void> {
     for (let rep = 1; rep <= opts.reps; rep++) {
       const order = opts.peers.map((_, i) => opts.peers[(i + rep - 1) % opts.peers.length]!);
       for (const name of order) {
-        const r = await measureRun(name, link, spec, rep, opts, url, dir, img);
+        const r = await measureRun(name, link, spec, rep, opts, url, dir, img, tlsCa?.cert);
         runs.push(r);
         log(
           r.ok
@@ -723,7 +740,7 @@ async function main(): Promise<void> {
   const summaries: Record<string, PeerSummary[]> = {};
   for (const l of opts.links) summaries[l.name] = summarize(runs, l.name, opts.peers);
   const goals = goalsOf(summaries, opts.links);
-  const rawFile = writeResults('streaming', date, {
+  const rawFile = writeResults(opts.tls ? 'streaming-tls' : 'streaming', date, {
     command: cmd,
     date: date.toISOString(),
     options: opts,
@@ -736,7 +753,7 @@ async function main(): Promise<void> {
   const section = renderSection({ opts, cmd, date: date.toISOString(), m, summaries, runs, rawFile, plots, goals });
   console.log(section);
   if (opts.docs) {
-    updateDocSection(SECTION, section);
+    updateDocSection(opts.tls ? SECTION_TLS : SECTION, section);
     log(`updated docs/benchmarks.md; raw runs in ${rawFile}`);
   } else {
     log(`raw runs in ${rawFile} (docs/benchmarks.md not touched${opts.quick ? ': --quick' : ''})`);

@@ -8,6 +8,7 @@
  */
 import { spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import type { EmulatedLink } from '../../lab/netns.js';
 import { sleep, spawnTracked } from './common.js';
@@ -20,7 +21,11 @@ export interface NginxOrigin {
   config: string;
 }
 
-export async function startNginxOrigin(link: EmulatedLink, dir: string, root: string, port = 8080): Promise<NginxOrigin> {
+/**
+ * With `tls`, the server listens with TLS only (nginx's default protocols and ciphers; no
+ * sendfile then: nginx encrypts in user space, as a Swift proxy behind TLS does).
+ */
+export async function startNginxOrigin(link: EmulatedLink, dir: string, root: string, port = 8080, tls?: { cert: string; key: string }): Promise<NginxOrigin> {
   const odir = path.join(dir, `nginx-${link.ns}`);
   fs.mkdirSync(path.join(odir, 'tmp'), { recursive: true });
   const v = spawnSync('nginx', ['-V'], { encoding: 'utf8' });
@@ -49,15 +54,17 @@ http {
   default_type application/octet-stream;
 ${temps.join('\n')}
   server {
-    listen ${link.nsAddr}:${port};
-    root ${root};
+    listen ${link.nsAddr}:${port}${tls ? ' ssl' : ''};
+${tls ? `    ssl_certificate ${tls.cert};
+    ssl_certificate_key ${tls.key};
+` : ''}    root ${root};
   }
 }
 `;
   const conf = path.join(odir, 'nginx.conf');
   fs.writeFileSync(conf, config);
   const { child, stderr } = spawnTracked('ip', ['netns', 'exec', link.ns, 'nginx', '-p', `${odir}/`, '-e', errorLog, '-c', conf]);
-  const base = `http://${link.nsAddr}:${port}`;
+  const base = `${tls ? 'https' : 'http'}://${link.nsAddr}:${port}`;
   const tail = (): string => {
     try {
       return fs.readFileSync(errorLog, 'utf8').slice(-2000);
@@ -69,7 +76,8 @@ ${temps.join('\n')}
   for (;;) {
     if (child.exitCode !== null) throw new Error(`nginx exited (${child.exitCode}): ${stderr()} ${tail()}`);
     try {
-      await fetch(`${base}/`, { method: 'HEAD', signal: AbortSignal.timeout(1000) });
+      if (tls) await tcpAnswers(link.nsAddr, port);
+      else await fetch(`${base}/`, { method: 'HEAD', signal: AbortSignal.timeout(1000) });
       return { base, child, config };
     } catch {
       // not listening yet
@@ -77,4 +85,19 @@ ${temps.join('\n')}
     if (Date.now() > deadline) throw new Error(`nginx did not answer on ${base}: ${stderr()} ${tail()}`);
     await sleep(50);
   }
+}
+
+/** Resolves once a TCP connection to host:port is accepted (the TLS listener is up). */
+function tcpAnswers(host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ host, port, timeout: 1000 }, () => {
+      s.destroy();
+      resolve();
+    });
+    s.once('error', reject);
+    s.once('timeout', () => {
+      s.destroy();
+      reject(new Error('timeout'));
+    });
+  });
 }

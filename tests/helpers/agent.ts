@@ -27,6 +27,8 @@ export interface StreamArgs {
    * buffer on the event loop). @default true
    */
   poison?: boolean;
+  /** Extra environment (e.g. NODE_EXTRA_CA_CERTS for an https origin with a private CA). */
+  env?: Record<string, string>;
 }
 
 export class AgentProcess {
@@ -38,7 +40,7 @@ export class AgentProcess {
 
   constructor(args: StreamArgs) {
     const argv = [AGENT_BIN, 'stream', '--source', args.source, '--target', args.target, '--state', args.state, '--listen', `unix:${args.socket}`, '--progress', 'json', '--log-level', 'warn', ...(args.extra ?? [])];
-    const env = { ...process.env };
+    const env = { ...process.env, ...(args.env ?? {}) };
     if (args.poison ?? true) env['DPU_AGENT_POISON_BUFFERS'] = '1';
     else delete env['DPU_AGENT_POISON_BUFFERS'];
     this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env });

@@ -36,7 +36,7 @@ export async function makeCa(dir: string, cn = 'dpu-agent test CA'): Promise<{ c
 }
 
 /** A certificate for `role` signed by the CA, written as `<role>-cert.pem` and `<role>-key.pem` in `dir`. */
-export async function issue(dir: string, ca: { cert: string; key: string }, role: 'server' | 'client', cn: string): Promise<{ cert: string; key: string }> {
+export async function issue(dir: string, ca: { cert: string; key: string }, role: 'server' | 'client', cn: string, san = 'DNS:localhost,IP:127.0.0.1'): Promise<{ cert: string; key: string }> {
   const key = path.join(dir, `${role}-key.pem`);
   const cert = path.join(dir, `${role}-cert.pem`);
   const csr = path.join(dir, `${role}.csr`);
@@ -49,7 +49,7 @@ export async function issue(dir: string, ca: { cert: string; key: string }, role
       'basicConstraints=CA:FALSE',
       'keyUsage=digitalSignature,keyEncipherment',
       `extendedKeyUsage=${role === 'server' ? 'serverAuth' : 'clientAuth'}`,
-      ...(role === 'server' ? ['subjectAltName=DNS:localhost,IP:127.0.0.1'] : []),
+      ...(role === 'server' ? [`subjectAltName=${san}`] : []),
       '',
     ].join('\n'),
   );
