@@ -15,6 +15,9 @@ export const TOKEN = 'test-token-0123456789abcdef';
 /** Characters of a service's output (stdout and stderr: its log) kept for assertions. */
 const OUTPUT_KEPT = 1 << 20;
 
+/** The node flags `dpu-agent serve` is run with (docs/dpu-agent.md, "Memory"). */
+export const AGENT_NODE_FLAGS = ['--max-semi-space-size=1'] as const;
+
 export class ServiceProcess {
   child: ChildProcess | null = null;
   url = '';
@@ -24,10 +27,12 @@ export class ServiceProcess {
     readonly name: string,
     private readonly bin: string,
     readonly configFile: string,
+    /** node flags, as a deployment runs the service (docs/dpu-agent.md, "Memory"). */
+    private readonly nodeFlags: readonly string[] = [],
   ) {}
 
   async start(timeoutMs = 30_000): Promise<void> {
-    const child = spawn(process.execPath, [path.join(ROOT, this.bin), 'serve', '--config', this.configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [...this.nodeFlags, path.join(ROOT, this.bin), 'serve', '--config', this.configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.child = child;
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
       this.output = (this.output + d).slice(-OUTPUT_KEPT);
@@ -82,7 +87,7 @@ export async function agentDaemon(s: AgentSetup): Promise<ServiceProcess> {
   };
   const file = path.join(s.dir, 'agent.yaml');
   fs.writeFileSync(file, stringify(cfg));
-  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file);
+  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file, AGENT_NODE_FLAGS);
 }
 
 export interface DriverSetup {
