@@ -79,7 +79,7 @@ function streamingRows(): Row[] {
       met: g['agentHydrationPctOfLink1g']! >= 95,
       source: r.file,
       limit:
-        'tbf counts headers, so TCP payload tops out at ~95.6% of the nominal rate at MTU 1500 (qemu-storage-daemon, no foreground priority, reached 94.3%). The agent starts no new background batch while a host miss is in flight, trading link share for the host’s latency. Closing it: keep one batch in flight during misses, and jumbo frames on the DPU’s uplink.',
+        'tbf counts headers, so TCP payload tops out at ~95.6% of the nominal rate at MTU 1500. While a host read is in flight only one background request (~2 ms of link time) is on the wire, so between two of them the link idles for a round trip and the origin’s time to headers: the price of keeping the queue ahead of a miss one request long. Closing it: send the next background request before the current one’s body ends (HTTP/1.1 pipelining on the background connection), which keeps the link busy without lengthening that queue.',
     },
     {
       goal: 'bytes on the wire ≤ 1.01× the image’s non-zero bytes',
@@ -94,7 +94,7 @@ function streamingRows(): Row[] {
       met: g['agentColdP99Ms1g']! <= 2,
       source: r.file,
       limit:
-        'A miss fetches its whole 1 MiB region (8.4 ms of wire time alone at 1 Gbit/s) and shares the link’s queue with up to two 8 MiB background batches; the peers fetch 4–64 KiB. With --region-size 64K the same run gave p50/p99 4/18 ms. Closing it: answer a miss with a range read of just the blocks asked for (which needs per-block hashes in the manifest to stay verified) and size background requests to the link’s queue so a miss waits behind at most ~1 ms of traffic.',
+        'A miss now fetches only its 64 KiB block (0.5 ms of wire at 1 Gbit/s), verified against the manifest’s leaves, behind at most ~2 ms background requests (p50/p99 were 29/74 ms when misses fetched whole regions behind 8 MiB batches). What is left is queueing ahead of the miss: up to two background requests already at the origin and in the link when it arrives (~4 ms), and the tail, which is not yet explained: the nbdkit peers, whose copy is one sequential nbdcopy stream, answer in 0.6 ms p50 on the same link. Closing it needs a measurement of where a slow miss waits (origin, link queue, TCP restart after idle on the miss’s own connection), then: one background request at a time while misses arrive, smaller ones (~0.5 ms) during a boot.',
     },
   ];
 }
@@ -156,7 +156,7 @@ function realOsLimit(g: RealOsGoals, ws: WorkingSet[], medians: RealOsMedians): 
   }
   return (
     `Missed at ${missed.join(' and ')}. ${facts.length ? `In that run ${facts.join('; ')}. ` : ''}` +
-    'Closing it: misses that fetch the blocks asked for (issue #14 part 1), a background copy that keeps the link’s queue short (part 2), hashing and writes off the event loop (part 4), and a boot profile that fetches the working set first, before power-on (part 3).'
+    'Block-sized misses, a background copy in ~2 ms requests, hashing and writes off the event loop and boot profiles are all in this run. On a slow link the background copy shares the link with the boot for the whole boot (at 100 Mbit/s the 770 MiB image takes as long to copy as the boot takes to reach the prompt), and a profile replays whole 1 MiB regions: about twice the bytes the boot reads. Closing it: profiles kept in 64 KiB blocks (what misses fetch), and the sweep (not the profile) held back while the boot’s misses keep arriving on a link that slow. At 1 Gbit/s local boots alone spread over ±12% here (TCG on 2 shared cores), so ratios below 1× there are noise, not a speed-up.'
   );
 }
 
@@ -189,7 +189,7 @@ function realOsRows(): Row[] {
           measured: pol.map((x) => `${x.ratio.toFixed(2)}× (${rateLabel(x.bitsPerSecond / 8)})`).join(', '),
           met: pol.every((x) => x.met),
           source: r!.file,
-          limit: 'What the profile does not hold (regions the boot reads that an earlier boot did not), and the agent’s start-up; compare the streaming row without a profile in the same run.',
+          limit: 'At 100 Mbit/s the profile’s 1 MiB regions are ~2× the bytes the boot reads, so replaying them takes ~20 s of a link the boot also needs; what the profile does not hold, and the agent’s start-up (~0.3 s), come on top. Closing it: profiles in 64 KiB blocks, and the sweep held back during the boot on slow links. At 1 Gbit/s the figures are within the ±12% that local boots alone vary here.',
         }
       : pending(goal2, '– (no full run of deploy-modes with its streaming-profile mode yet)'),
   );
@@ -210,7 +210,7 @@ function scalingRows(): Row[] {
       met: g.size >= 100 * GiB ? g.peakRss <= 64 * MiB : null,
       source: r.file,
       limit:
-        'The size of the disk costs almost nothing (the region map is 2 bits per region); the Node runtime does: an empty `node` is 39 MiB resident here, pino ~9 MiB, the agent’s own code and heap the rest of the idle figure, and hydration adds its in-flight batches (2 × 8 MiB), the pooled fetch buffers and socket buffers. Closing it: smaller batches on memory-tight DPUs, V8 flags for a smaller young generation (--max-semi-space-size), or a native data path.',
+        'The size of the disk costs almost nothing (the region map is 2 bits per region); the Node runtime does: an empty `node` is ~40 MiB resident here, ~34 MiB of it the node binary’s own file-backed pages (shared, reclaimable), then the agent’s code and heap, and hydration adds its in-flight batches (2 × 8 MiB), the pooled fetch buffers and a hash worker. The bench runs `dpu-agent stream` with node’s default heap; `dpu-agent serve` as deployed runs with --max-semi-space-size=1 (docs/dpu-agent.md, “Memory”), which measured ~20 MiB less for an idle daemon. Closing it: smaller batches on memory-tight DPUs, counting only anonymous memory against the budget, or a native data path.',
     },
   ];
 }
