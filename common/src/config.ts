@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import { Ajv, type ErrorObject } from 'ajv';
 import { parse as parseYaml } from 'yaml';
+import { ConfigError } from './config-error.js';
 
 export type ConfigSchema = {
   type: 'object';
@@ -24,15 +25,7 @@ export type ConfigProp = {
   [k: string]: unknown;
 };
 
-export class ConfigError extends Error {
-  constructor(
-    message: string,
-    readonly key?: string,
-  ) {
-    super(message);
-    this.name = 'ConfigError';
-  }
-}
+export { ConfigError };
 
 function describeErrors(errors: readonly ErrorObject[]): { message: string; key: string } {
   const e = errors[0]!;

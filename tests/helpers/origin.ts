@@ -6,6 +6,7 @@
  * running at some event, whatever the speed of the machine — a copy that cannot fetch a
  * range cannot finish, however much time passes.
  */
+import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
@@ -61,7 +62,8 @@ export interface OriginStats {
   held: number;
 }
 
-export class TestOrigin {
+/** Emits `held` each time `hold` holds back a request (tests wait for it, not for time). */
+export class TestOrigin extends EventEmitter<{ held: [] }> {
   readonly stats: OriginStats = { requests: 0, rangeRequests: 0, bytesSent: 0, faultsInjected: 0, byKind: {}, refused: 0, cutByOutage: 0, held: 0 };
   readonly faults: Fault[];
   private readonly server: http.Server;
@@ -79,6 +81,7 @@ export class TestOrigin {
   url = '';
 
   constructor(opts: OriginOptions) {
+    super();
     this.opts = opts;
     this.faults = [...(opts.faults ?? [])];
     this.fd = fs.openSync(opts.file, 'r');
@@ -190,6 +193,7 @@ export class TestOrigin {
       this.waiting.push(() => {
         if (!res.destroyed && !req.socket.destroyed) this.answer(req, res, start, end, ranged, etag);
       });
+      this.emit('held');
       return;
     }
     this.answer(req, res, start, end, ranged, etag);

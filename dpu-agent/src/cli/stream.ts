@@ -15,7 +15,7 @@ import { DpuError } from '../../../image-access/src/errors.js';
 import { Manifest } from '../../../image-access/src/manifest.js';
 import { NbdServer, parseEndpoint } from '../nbd/server.js';
 import { loadNbdTls, type NbdTls, type TlsMode } from '../nbd/tls.js';
-import { ConfigError } from '../../../common/src/config.js';
+import { ConfigError } from '../../../common/src/config-error.js';
 import { redactHeaders, redactUrl } from '../../../image-access/src/redact.js';
 import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { DEFAULT_REGION_SIZE, IMAGE_FORMATS, type ImageFormat, openStreamingDisk, type OpenedDisk, plannedRegionSize } from '../streaming/open.js';
@@ -59,7 +59,7 @@ export const STREAM_FLAGS: FlagTable = {
   bandwidth: { kind: 'rate', arg: 'RATE', default: '0', min: 0, help: 'Cap on background hydration, e.g. 50M (MiB/s) or 800mbit; 0 for none. Host reads are never capped.' },
   'no-hydrate': { kind: 'boolean', help: 'Fetch only what the host reads; do not copy the rest in the background.' },
   'batch-size': { kind: 'size', arg: 'SIZE', default: '8M', min: 4096, help: 'Largest run of regions one background fetch copies.' },
-  'request-time': { kind: 'duration', arg: 'TIME', default: '2ms', min: 0, help: 'Link time one background HTTP request carries at most (sized from the measured rate, 256K to 8M), so a host miss waits behind little; 0 sends each fetch as one request.' },
+  'request-time': { kind: 'duration', arg: 'TIME', default: '1ms', min: 0, help: 'Link time one background HTTP request carries at most (sized from the measured link rate, 64K to 8M), so a host miss waits behind little; 0 sends each fetch as one request.' },
   'hydrate-connections': { kind: 'int', arg: 'N', default: '2', min: 1, help: 'Background range requests in flight.' },
   'max-connections': { kind: 'int', arg: 'N', default: '8', min: 2, help: 'HTTP connections to the origin at most; the ones beyond --hydrate-connections are kept for host reads.' },
   'retry-deadline': { kind: 'duration', arg: 'TIME', default: '30s', min: 1, help: 'A range read fails (EIO to the host) when no byte arrived for this long across retries.' },

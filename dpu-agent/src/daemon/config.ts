@@ -112,8 +112,8 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
         background_request_ms: {
           type: 'integer',
           minimum: 0,
-          default: 2,
-          description: 'A background fetch goes to the origin as HTTP requests of about this many ms of link time each, sized from the measured rate (256 KiB to 8 MiB), so a host miss waits behind at most that much background data in the link; 0 sends each fetch as one request.',
+          default: 1,
+          description: 'A background fetch goes to the origin as HTTP requests of about this many ms of link time each, sized from the measured link rate (64 KiB to 8 MiB), so a host miss waits behind at most that much background data per connection in the link; 0 sends each fetch as one request. Background requests also wait while the host has small reads in flight.',
         },
         hydrate_connections: { type: 'integer', minimum: 1, default: 2, description: 'Background range requests in flight per disk.' },
         max_connections: { type: 'integer', minimum: 2, default: 8, description: 'HTTP connections per disk to its origin at most; those beyond `hydrate_connections` are kept for host reads.' },

@@ -14,7 +14,7 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import fs from 'node:fs';
 import tls from 'node:tls';
-import { ConfigError } from '../../../common/src/config.js';
+import { ConfigError } from '../../../common/src/config-error.js';
 
 export const TLS_MODES = ['require', 'allow'] as const;
 export type TlsMode = (typeof TLS_MODES)[number];

@@ -6,10 +6,9 @@
  *    regions of a boot profile in the order the host read them (prioritize), then
  *    sequential from the start of the disk; adjacent remote regions coalesced into one
  *    range request of up to `batchBytes`; `zero` regions are filled locally, no network;
- *  - `concurrency` background requests in flight, but only one while a host read miss is
- *    being fetched: the miss shares the link with one background stream instead of
- *    queueing behind several (the source also reserves connections for foreground reads),
- *    and the copy never stops while the host boots;
+ *  - `concurrency` background reads in flight; the source decides when their requests go
+ *    on the wire: an HTTP source holds them back while the host waits on small misses
+ *    (http-source.ts, backgroundTurn), so a miss never queues behind hydration;
  *  - an optional bandwidth cap (token bucket on batch starts; batches shrink so that the
  *    cap is smooth even at low rates);
  *  - pause/resume; after a failed batch, exponential backoff, then the regions are
@@ -225,11 +224,6 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         await this.nap(60_000);
         continue;
       }
-      if (disk.foregroundFetches > 0 && inflight.size >= 1) {
-        // The host is waiting on a miss: one background stream goes on, no more start.
-        await this.waitFor('foreground-idle', 1000, [...inflight]);
-        continue;
-      }
       if (inflight.size >= this.opts.concurrency) {
         await Promise.race(inflight);
         continue;
@@ -308,7 +302,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
   }
 
   /** Waits for a disk event, a poke, `ms`, or one of `also`, whichever comes first, leaving no listener behind. */
-  private async waitFor(event: 'foreground-idle' | 'region-settled', ms: number, also: readonly Promise<unknown>[] = []): Promise<void> {
+  private async waitFor(event: 'region-settled', ms: number, also: readonly Promise<unknown>[] = []): Promise<void> {
     const ac = new AbortController();
     const nap = this.napWithWake(ms);
     try {
