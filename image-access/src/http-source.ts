@@ -121,10 +121,12 @@ export function backgroundRequestBytes(bytesPerSecond: number, ms: number): numb
 /** While the host reads, a background request may still start every this many request times (see backgroundTurn). */
 const YIELD_GUARD = 10;
 /**
- * A host's read of fewer bytes than this many background requests is small: its latency
- * matters more than the link's use, and background requests yield to it (see backgroundTurn).
+ * A host's read of fewer bytes is small: its latency matters more than the link's use, and
+ * background requests yield to it (see backgroundTurn). A boot's reads average ~32 KiB
+ * (bench/deploy-modes.ts); a sequential reader's 1 MiB reads are large at any link rate (at
+ * 10 Gbit/s, holding hydration back for them left 85% of the link idle).
  */
-const SMALL_READ_REQUESTS = 4;
+const SMALL_READ_BYTES = 256 << 10;
 
 const BACKOFF_FIRST_MS = 50;
 const BACKOFF_MAX_MS = 2_000;
@@ -220,7 +222,9 @@ export class HttpSource implements RemoteSource {
     this.size = size;
     this.identity = opts.identity ?? `http;size=${size}${etag ? `;etag=${etag}` : ''}`;
     this.description = redactUrl(opts.url);
-    this.slots = new ConnectionSlots(opts.maxConnections, Math.min(opts.backgroundConnections, opts.maxConnections));
+    // At least one connection is the host's alone: background reads waiting for their turn
+    // hold theirs (see backgroundTurn), and a host read must never queue behind them for one.
+    this.slots = new ConnectionSlots(opts.maxConnections, Math.max(1, Math.min(opts.backgroundConnections, opts.maxConnections - 1)));
   }
 
   /** Learns the image size (HEAD, or a one-byte GET where HEAD is refused) and opens the pool. */
@@ -280,7 +284,7 @@ export class HttpSource implements RemoteSource {
       throw new DpuError('DPU_ERR_OUT_OF_RANGE', `range ${offset}+${dest.length} is outside the ${this.size}-byte image`);
     }
     this.assertOpen();
-    const small = opts.priority === 'foreground' && dest.length < SMALL_READ_REQUESTS * this.bgRequest;
+    const small = opts.priority === 'foreground' && dest.length < SMALL_READ_BYTES;
     if (small) {
       // A busy period begins: the guard counts from here (see backgroundTurn).
       const now = performance.now();
@@ -349,17 +353,17 @@ export class HttpSource implements RemoteSource {
    * one is in flight, nor within `foregroundHoldMs` after the last one ended (a host
    * reading block after block asks for the next well within that), so a miss waits at most
    * behind the background requests already on the wire. A large read (a sequential
-   * reader's; at least SMALL_READ_REQUESTS background requests' worth) shares the link:
-   * its time is its bytes either way, and the link stays full around it. Under small reads
-   * that never stop, one background request at a time still goes, at most one per
-   * YIELD_GUARD request times: hydration keeps about a tenth of the link. Resolves at once
-   * when the request may go; else the promise ends when it is worth asking again.
+   * reader's; SMALL_READ_BYTES or more) shares the link: its time is its bytes either way,
+   * and the link stays full around it. Under small reads that never stop, one background
+   * request at a time still goes, YIELD_GUARD request times after the last one ended:
+   * hydration keeps about a tenth of the link. Resolves at once when the request may go;
+   * else the promise ends when it is worth asking again.
    */
   private backgroundTurn(): Promise<void> | undefined {
     if (this.closed) return undefined;
     const now = performance.now();
     const quietAt = this.smallReads === 0 ? this.lastSmallReadAt + this.opts.foregroundHoldMs : Infinity;
-    const guardAt = this.bgActive === 0 ? Math.max(this.lastBackgroundAt, this.busySince) + YIELD_GUARD * this.requestMs : Infinity;
+    const guardAt = this.bgActive === 0 ? Math.max(this.lastBackgroundAt, this.busySince) + YIELD_GUARD * Math.max(1, this.requestMs) : Infinity;
     const at = Math.min(quietAt, guardAt);
     if (now >= at) return undefined;
     return new Promise((resolve) => {
@@ -388,14 +392,11 @@ export class HttpSource implements RemoteSource {
     // top); not to an origin that ignores Range, which would resend the object each time.
     const sized = opts.priority === 'background' && this.opts.backgroundRequestMs > 0 && !this.warnedNoRange;
     const end = sized ? Math.min(offset + dest.length, start + this.bgRequest) - 1 : offset + dest.length - 1;
-    if (opts.priority === 'background') {
-      this.bgActive++;
-      this.lastBackgroundAt = performance.now();
-    }
-    // The background bytes already asked for queue ahead of this answer on the link.
+    if (opts.priority === 'background') this.bgActive++;
+    // The bytes of background answers already flowing queue ahead of this one on the link
+    // (an answer counts from its head: before, the origin has not sent its bytes).
     const ahead = this.bgOutstanding;
-    let owed = sized ? end - start + 1 : 0;
-    this.bgOutstanding += owed;
+    let owed = 0;
     const controller = new AbortController();
     this.controllers.add(controller);
     const { headersTimeoutMs, stallTimeoutMs } = this.opts;
@@ -409,7 +410,11 @@ export class HttpSource implements RemoteSource {
     const onHead = (head: ResponseHead): BodyPlan => {
       clearTimeout(timer);
       timer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallTimeoutMs} ms`)), stallTimeoutMs);
-      if (sized) this.measureLatency(performance.now() - sentAt, ahead);
+      if (sized) {
+        if (ahead === 0) this.measureLatency(performance.now() - sentAt);
+        owed = end - start + 1;
+        this.bgOutstanding += owed;
+      }
       const h = head.headers;
       if (head.status === 206 || head.status === 200) {
         this.checkSameObject(head.status === 206 ? (parseContentRange(h['content-range'])?.total ?? null) : Number(h['content-length'] ?? NaN), h['etag']);
@@ -466,24 +471,25 @@ export class HttpSource implements RemoteSource {
         this.bgMeter.end(performance.now());
         this.resizeBackground();
       }
-      if (opts.priority === 'background' && --this.bgActive === 0 && this.turnWaiters.length > 0) this.wakeBackground();
+      if (opts.priority === 'background') {
+        this.lastBackgroundAt = performance.now(); // the guard counts from the end (see backgroundTurn)
+        if (--this.bgActive === 0 && this.turnWaiters.length > 0) this.wakeBackground();
+      }
     }
   }
 
   /**
-   * A background request took `ms` to its headers while `ahead` bytes of earlier background
-   * requests were still to arrive: the origin's cost per request is what remains once the
-   * time those bytes take on the link is taken off (left in, the queue our own requests
-   * make would pass for a slow origin, and grow the requests that make the queue). The
-   * least of the last 16 is kept; requests are made at least twice that long in link time,
-   * so per-request costs stay under a third of the time (an origin that answers in 0.2 ms
-   * gets 1 ms requests; Swift's proxy, at several ms, larger ones: its throughput matters
-   * more than the queue it adds).
+   * A background request took `ms` to its headers with no other background answer flowing
+   * (sampled only then: an answer flowing ahead of this one in the link's queue would pass
+   * for a slow origin, and grow the very requests that make the queue). The least of the
+   * last 16 is the origin's cost per request; requests are made at least twice that long
+   * in link time, so per-request costs stay under a third of the time (an origin that
+   * answers in 0.2 ms gets 1 ms requests; Swift's proxy, at several ms, larger ones: its
+   * throughput matters more than the queue it adds).
    */
-  private measureLatency(ms: number, ahead: number): void {
-    const rate = this.bgMeter.rate;
+  private measureLatency(ms: number): void {
     const samples = this.latencySamples;
-    samples[this.latencyAt++ % samples.length] = rate > 0 ? Math.max(0, ms - (ahead / rate) * 1000) : ms;
+    samples[this.latencyAt++ % samples.length] = ms;
     this.bgLatency = Math.min(...samples);
   }
 

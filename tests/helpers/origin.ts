@@ -45,6 +45,8 @@ export interface OriginOptions {
   notFound?: boolean;
   /** Omit ETag. */
   noEtag?: boolean;
+  /** Time to the head of every ranged answer, ms: an origin slow to answer (a Swift proxy). */
+  answerDelayMs?: number;
 }
 
 export interface OriginStats {
@@ -196,7 +198,9 @@ export class TestOrigin extends EventEmitter<{ held: [] }> {
       this.emit('held');
       return;
     }
-    this.answer(req, res, start, end, ranged, etag);
+    const delay = ranged ? (this.opts.answerDelayMs ?? 0) : 0;
+    if (delay > 0) setTimeout(() => !res.destroyed && this.answer(req, res, start, end, ranged, etag), delay);
+    else this.answer(req, res, start, end, ranged, etag);
   }
 
   private answer(req: http.IncomingMessage, res: http.ServerResponse, start: number, end: number, ranged: boolean, etag: Record<string, string>): void {

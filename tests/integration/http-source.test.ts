@@ -163,4 +163,24 @@ describe('HTTP source: background requests sized to the link', () => {
       await src.close();
     }
   });
+
+  it('an origin slow to answer gets larger requests, also with two background streams whose answers overlap', async () => {
+    // Found in review: with the queue of the other stream's answer taken off each time to
+    // headers, a 5 ms origin read as ~0 ms, and two streams went at the 64 KiB floor, slower
+    // than one. Samples are now taken only with no other answer flowing.
+    const slow = new TestOrigin({ file: path.join(dir, 'disk.raw'), rate: 20 * MiB, answerDelayMs: 10 });
+    await slow.start();
+    const src = await HttpSource.open({ url: slow.url });
+    try {
+      const a = Buffer.alloc(3 * MiB);
+      const b = Buffer.alloc(3 * MiB);
+      await Promise.all([src.read(0, a, { priority: 'background' }), src.read(4 * MiB, b, { priority: 'background' })]);
+      assert.ok(a.equals(img.subarray(0, 3 * MiB)) && b.equals(img.subarray(4 * MiB, 7 * MiB)));
+      // At least 10 ms to every head: requests of at least 20 ms of the measured rate.
+      assert.ok(src.backgroundRequestSize >= 128 << 10, `${src.backgroundRequestSize} bytes`);
+    } finally {
+      await src.close();
+      await slow.stop();
+    }
+  });
 });

@@ -40,18 +40,44 @@ describe('ShareMeter: the rate background requests are sized from', () => {
     assert.ok(m.rate < 130 * MB, `${(m.rate / MB).toFixed(1)} MB/s`);
   });
 
-  it('time with nothing in flight, or with the host reading, is not counted', () => {
+  it('one stream of short requests is measured: busy time adds up across requests, the gaps between them do not count', () => {
     const m = new ShareMeter();
-    let t = stream(m, 0, 100, 100 * MB);
-    t += 500; // idle: hydration paused
-    t = stream(m, t, 100, 100 * MB);
-    m.begin(t);
-    m.suspend(); // the host reads: the background gets a sliver of the link
-    for (let i = 1; i <= 100; i++) m.bytes(10 * MB * 0.001, t + i);
-    m.resume(t + 100);
-    for (let i = 101; i <= 200; i++) m.bytes(100 * MB * 0.001, t + i);
-    m.end(t + 200);
-    assert.ok(Math.abs(m.rate - 100 * MB) < 2 * MB, `${(m.rate / MB).toFixed(1)} MB/s`);
+    let t = 0;
+    // 8 ms requests at 125 MB/s with 2 ms between them (a round trip and the origin's time):
+    // no single request lasts a window.
+    for (let i = 0; i < 10; i++) t = stream(m, t, 8, 125 * MB) + 2;
+    assert.ok(Math.abs(m.rate - 125 * MB) < 1 * MB, `${(m.rate / MB).toFixed(1)} MB/s`);
+  });
+
+  it('a pause with nothing in flight is not a slow link', () => {
+    const m = new ShareMeter();
+    let t = stream(m, 0, 10, 100 * MB);
+    t += 500; // hydration paused: no request in flight
+    stream(m, t, 10, 100 * MB);
+    assert.ok(Math.abs(m.rate - 100 * MB) < 1 * MB, `${(m.rate / MB).toFixed(1)} MB/s`);
+  });
+
+  it('time the host reads is not measured: the background gets a sliver of the link then', () => {
+    const m = new ShareMeter();
+    m.begin(0);
+    m.suspend();
+    for (let i = 1; i <= 200; i++) m.bytes(10 * MB * 0.001, i);
+    assert.equal(m.rate, 0, 'nothing measured while suspended');
+    m.resume(200);
+    for (let i = 201; i <= 230; i++) m.bytes(100 * MB * 0.001, i);
+    m.end(230);
+    assert.ok(Math.abs(m.rate - 100 * MB) < 1 * MB, `from the resume on only: ${(m.rate / MB).toFixed(1)} MB/s`);
+  });
+
+  it('a request that ends while the host reads leaves no window behind', () => {
+    const m = new ShareMeter();
+    m.begin(0);
+    for (let i = 1; i <= 15; i++) m.bytes(100 * MB * 0.001, i);
+    m.suspend(); // 15 ms of the window are dropped with it
+    m.end(40);
+    m.resume(41);
+    stream(m, 50, 20, 50 * MB);
+    assert.ok(Math.abs(m.rate - 50 * MB) < 1 * MB, `${(m.rate / MB).toFixed(1)} MB/s`);
   });
 
   it('follows a link that slows down (median of the last windows)', () => {
