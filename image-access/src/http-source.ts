@@ -416,11 +416,11 @@ export class HttpSource implements RemoteSource {
         this.bgOutstanding += owed;
       }
       const h = head.headers;
+      const range = head.status === 206 ? parseContentRange(h['content-range']) : null;
       if (head.status === 206 || head.status === 200) {
-        this.checkSameObject(head.status === 206 ? (parseContentRange(h['content-range'])?.total ?? null) : Number(h['content-length'] ?? NaN), h['etag']);
+        this.checkSameObject(head.status === 206 ? (range?.total ?? null) : Number(h['content-length'] ?? NaN), h['etag']);
       }
       if (head.status === 206) {
-        const range = parseContentRange(h['content-range']);
         if (!range || range.first !== start || range.last > end || range.last < range.first) {
           throw new DpuError('DPU_ERR_SOURCE_BAD_RANGE', `asked for bytes ${start}-${end}, got Content-Range "${String(h['content-range'])}"`);
         }

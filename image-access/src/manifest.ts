@@ -34,7 +34,7 @@
  *   …   SHA-256 of everything above, 32 — the manifest checks itself
  */
 import { createHash } from 'node:crypto';
-import type { HashWorkers } from './hash-workers.js';
+import { leafHashesInline, type HashWorkers } from './hash-workers.js';
 import { DpuError } from './errors.js';
 import type { RemoteSource } from './source.js';
 
@@ -144,12 +144,8 @@ export class Manifest {
     const leaf = this.leafSize;
     if (leaf === null) return this.verify(r, data);
     if (data.length !== Math.min(this.regionSize, this.size - r * this.regionSize)) return false;
-    if (this.isZero(r)) return isAllZero(data);
-    const imageEnd = this.imageBytesIn(r); // the rest of the region is padding: zeros
-    if (imageEnd < data.length && !isAllZero(data.subarray(imageEnd))) return false;
-    const hashes = await workers.leafHashes(data.subarray(0, imageEnd), leaf);
-    const base = this.leafBase![r]!;
-    return hashes.equals(this.leaves.subarray(base * 32, base * 32 + hashes.length));
+    const p = this.leavesToCheck(r, 0, data);
+    return 'verdict' in p ? p.verdict : this.leavesMatch(p.first, await workers.leafHashes(p.image, leaf));
   }
 
   /**
@@ -164,22 +160,26 @@ export class Manifest {
     if (from % leaf !== 0 || from + data.length > regionLength || (data.length % leaf !== 0 && from + data.length !== regionLength)) {
       throw new Error(`blocks ${from}+${data.length} of region ${r} are not whole ${leaf}-byte leaves`);
     }
-    if (this.isZero(r)) return isAllZero(data);
-    const imageEnd = this.imageBytesIn(r); // the rest of the region is padding: zeros
-    const base = this.leafBase![r]!;
-    for (let o = 0; o < data.length; o += leaf) {
-      const at = from + o;
-      const block = data.subarray(o, Math.min(data.length, o + leaf));
-      if (at >= imageEnd) {
-        if (!isAllZero(block)) return false;
-        continue;
-      }
-      const image = block.subarray(0, Math.min(block.length, imageEnd - at));
-      if (image.length < block.length && !isAllZero(block.subarray(image.length))) return false;
-      const i = base + at / leaf;
-      if (!leafHash(image).equals(this.leaves.subarray(i * 32, i * 32 + 32))) return false;
-    }
-    return true;
+    const p = this.leavesToCheck(r, from, data);
+    return 'verdict' in p ? p.verdict : this.leavesMatch(p.first, leafHashesInline(p.image, leaf));
+  }
+
+  /**
+   * What verifying whole leaves of region r from `from` takes, whoever hashes them: a
+   * verdict already (a zero region; padding past the image's end that is not zero), or the
+   * image bytes to hash and the index of their first leaf. Past the image's end a region
+   * is padding (zeros), in no leaf.
+   */
+  private leavesToCheck(r: number, from: number, data: Buffer): { verdict: boolean } | { image: Buffer; first: number } {
+    if (this.isZero(r)) return { verdict: isAllZero(data) };
+    const imageBytes = Math.max(0, Math.min(data.length, this.imageBytesIn(r) - from));
+    if (imageBytes < data.length && !isAllZero(data.subarray(imageBytes))) return { verdict: false };
+    return { image: data.subarray(0, imageBytes), first: this.leafBase![r]! + from / this.leafSize! };
+  }
+
+  /** The leaf hashes `hashes` (32 bytes each) are the manifest's from leaf `first` on. */
+  private leavesMatch(first: number, hashes: Buffer): boolean {
+    return hashes.equals(this.leaves.subarray(first * 32, first * 32 + hashes.length));
   }
 
   /** The manifest as `build` made it (a padded one encodes as the image's: see padTo). */

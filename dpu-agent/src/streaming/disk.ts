@@ -774,12 +774,15 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const buf = this.fetchBuffers.take(total);
     let landed = 0;
     let integrityError: DpuError | null = null;
+    /** Where region i's bytes lie in `buf`. */
+    const span = (i: number): { from: number; end: number } => ({ from: i === 0 ? 0 : fills[i - 1]!.end, end: fills[i]!.end });
+    /** What an integrity error says of region i's bytes. */
+    const where = (i: number): string => `bytes ${start + span(i).from}-${start + span(i).end - 1} from ${source.description}`;
     /** Region i's bytes failed verification: never served, never written. */
     const corrupt = (i: number): void => {
       const r = first + i;
-      const from = i === 0 ? 0 : fills[i - 1]!.end;
       // The region stays remote and is fetched again, a bounded number of times in all.
-      const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+      const err = this.integrityFailed(r, where(i));
       integrityError ??= err;
       this.settle(r, RegionState.Remote);
       fills[i]!.data.reject(err);
@@ -788,13 +791,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     /** Region i's bytes are verified (or there is no manifest yet): served, then stored. Returns the write, if asynchronous. */
     const accept = (i: number, data: Buffer, checked: boolean): Promise<void> | undefined => {
       const r = first + i;
-      const from = i === 0 ? 0 : fills[i - 1]!.end;
+      const { from } = span(i);
       fills[i]!.data.resolve(data);
       const stored = (): void => {
         // A manifest that arrived while the write was in flight checks the region now
         // (its read-back pass may already have passed it by, as `filling`).
         if (!checked && this.manifest && !this.manifest.verify(r, data)) {
-          const err = this.integrityFailed(r, `bytes ${start + from}-${start + fills[i]!.end - 1} from ${source.description}`);
+          const err = this.integrityFailed(r, where(i));
           this.settle(r, RegionState.Remote);
           fills[i]!.done.reject(err);
           return;
@@ -827,8 +830,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         const i = landed++;
         arrived.n = landed;
         const r = first + i;
-        const from = i === 0 ? 0 : fills[i - 1]!.end;
-        const data = buf.subarray(from, fills[i]!.end);
+        const { from, end } = span(i);
+        const data = buf.subarray(from, end);
         const m = this.manifest;
         const workers = this.hashWorkers;
         if (m && workers && m.version === 2) {
