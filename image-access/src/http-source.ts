@@ -189,8 +189,8 @@ export class HttpSource implements RemoteSource {
   /** The rate background bytes arrive at (the link's share), and the request size it gives. */
   private readonly bgMeter = new ShareMeter();
   private bgRequest = BG_REQUEST_FIRST;
-  /** Bytes asked for by background requests in flight and not yet arrived (see measureLatency). */
-  private bgOutstanding = 0;
+  /** Background answers whose head has come and whose body is still arriving (see measureLatency). */
+  private bgFlowing = 0;
   /** The origin's least recent time to headers, ms (see measureLatency), and its ring. */
   private bgLatency = 0;
   private readonly latencySamples = new Array<number>(16).fill(Infinity);
@@ -204,7 +204,7 @@ export class HttpSource implements RemoteSource {
   /** The host's small reads in flight (see backgroundTurn), and when (performance.now()) the last one ended. */
   private smallReads = 0;
   private lastSmallReadAt = -Infinity;
-  /** When the host's small reads last began after a pause, and when the last background request was sent. */
+  /** When the host's small reads last began after a pause, and when the last background request ended. */
   private busySince = -Infinity;
   private lastBackgroundAt = -Infinity;
   private readonly slots: ConnectionSlots;
@@ -393,10 +393,10 @@ export class HttpSource implements RemoteSource {
     const sized = opts.priority === 'background' && this.opts.backgroundRequestMs > 0 && !this.warnedNoRange;
     const end = sized ? Math.min(offset + dest.length, start + this.bgRequest) - 1 : offset + dest.length - 1;
     if (opts.priority === 'background') this.bgActive++;
-    // The bytes of background answers already flowing queue ahead of this one on the link
-    // (an answer counts from its head: before, the origin has not sent its bytes).
-    const ahead = this.bgOutstanding;
-    let owed = 0;
+    // Background answers already flowing queue ahead of this one on the link (an answer
+    // counts from its head: before, the origin has not sent its bytes).
+    const alone = this.bgFlowing === 0;
+    let flowing = false;
     const controller = new AbortController();
     this.controllers.add(controller);
     const { headersTimeoutMs, stallTimeoutMs } = this.opts;
@@ -411,9 +411,9 @@ export class HttpSource implements RemoteSource {
       clearTimeout(timer);
       timer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallTimeoutMs} ms`)), stallTimeoutMs);
       if (sized) {
-        if (ahead === 0) this.measureLatency(performance.now() - sentAt);
-        owed = end - start + 1;
-        this.bgOutstanding += owed;
+        if (alone) this.measureLatency(performance.now() - sentAt);
+        flowing = true;
+        this.bgFlowing++;
       }
       const h = head.headers;
       const range = head.status === 206 ? parseContentRange(h['content-range']) : null;
@@ -449,12 +449,7 @@ export class HttpSource implements RemoteSource {
     const onBody = (filled: number): void => {
       const now = base + filled;
       const delta = now - progress.filled;
-      if (sized) {
-        const arrived = Math.min(delta, owed);
-        owed -= arrived;
-        this.bgOutstanding -= arrived;
-        this.bgMeter.bytes(delta, performance.now());
-      }
+      if (sized) this.bgMeter.bytes(delta, performance.now());
       this.counters.bytesFetched += delta;
       progress.filled = now;
       opts.onProgress?.(now);
@@ -466,8 +461,8 @@ export class HttpSource implements RemoteSource {
     } finally {
       clearTimeout(timer);
       this.controllers.delete(controller);
+      if (flowing) this.bgFlowing--;
       if (sized) {
-        this.bgOutstanding -= owed;
         this.bgMeter.end(performance.now());
         this.resizeBackground();
       }
