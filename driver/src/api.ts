@@ -23,7 +23,7 @@ import { ApiError } from '../../openapi/clients/http.js';
 import type { Deployment, DeploymentCreate, DeploymentImage, ValidateRequest } from '../../openapi/clients/driver-client.js';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
-import { DriverError } from './errors.js';
+import { DRIVER_ERRORS, DriverError } from './errors.js';
 import { describeImageRef, parseImageSource, resolveImage } from './image.js';
 import { agentFor, agentForCleaning } from './jobs.js';
 import { probeImage } from './probe.js';
@@ -84,6 +84,28 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     req.log.error({ err }, 'unexpected error');
     return reply.code(500).send({ code: 'DRV_ERR_INTERNAL', message: 'internal error; see the service log', retryable: true } satisfies ApiErrorBody);
   });
+  if (config.redis.wait_replicas > 0) {
+    // What the API acknowledges must survive a failover: a change is answered only once
+    // redis.wait_replicas replicas have it. WAIT covers every write this connection made
+    // before it — the request's own included, since every API write goes through it.
+    const want = config.redis.wait_replicas;
+    const ms = config.redis.wait_timeout_ms;
+    app.addHook('onSend', async (req, reply, payload) => {
+      if (req.method === 'GET' || req.method === 'HEAD' || reply.statusCode >= 300) return payload;
+      let got: number;
+      try {
+        got = Number(await deps.redis.call('WAIT', want, ms));
+      } catch (err) {
+        return replaceReply(reply, 503, { code: 'DRV_ERR_REDIS', message: `Redis is unreachable (${(err as Error).message}) while confirming the change reached ${want} replica(s); retry the request once it is back (it is idempotent)`, retryable: true });
+      }
+      if (got >= want) return payload;
+      const message =
+        `${DRIVER_ERRORS.DRV_ERR_REDIS_REPLICATION.message}: ${got} of the ${want} replica(s) redis.wait_replicas asks for confirmed it within ${ms} ms, so a failover now could lose it. ` +
+        'It is kept on the primary; retry the request (it is idempotent), and see that the replicas are up and replicating (INFO replication on the primary)';
+      req.log.warn({ code: 'DRV_ERR_REDIS_REPLICATION', replicas: got, want }, message);
+      return replaceReply(reply, 503, { code: 'DRV_ERR_REDIS_REPLICATION', message, retryable: true });
+    });
+  }
   app.setNotFoundHandler((req, reply) => {
     void reply.code(404).send({ code: 'DRV_ERR_NOT_FOUND', message: `no route ${req.method} ${req.url.split('?')[0]}`, retryable: false } satisfies ApiErrorBody);
   });
@@ -138,7 +160,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
           () => false,
         );
         const f = deps.fitness?.() ?? null;
-        const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown' } : {};
+        const fitness = deps.fitness ? { redis_persistence: f?.persistence ?? 'unknown', redis_maxmemory_policy: f?.maxmemory_policy ?? 'unknown', redis_replicas: f?.replicas ?? null } : {};
         return reply.code(up ? 200 : 503).send({ status: up ? 'ok' : 'degraded', version: deps.version, redis: up ? 'up' : 'down', ...fitness });
       },
       async listBootProfiles() {
@@ -360,6 +382,12 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   return app;
 }
 
+/** In onSend: answer `status` with `body` instead of what the handler sent. */
+function replaceReply(reply: FastifyReply, status: number, body: ApiErrorBody): string {
+  void reply.code(status).header('content-type', 'application/json; charset=utf-8');
+  return JSON.stringify(body);
+}
+
 /** Ironic's check_image_size: the root disk must hold the image. */
 function checkRootDisk(rootGb: number | undefined, imageSize: number): void {
   if (!rootGb) return;
@@ -372,7 +400,7 @@ const GiB = 2 ** 30;
 
 /** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
 function isRedisUnavailable(err: Error): boolean {
-  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT/.test(err.message);
+  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT|^READONLY|sentinels are unreachable/.test(err.message);
 }
 
 /** Without a deployment_id, the same request body always means the same deployment. */

@@ -12,7 +12,8 @@ import { DRIVER_CONFIG_SCHEMA, type DriverConfig, resolveDriverConfig } from './
 import { DriverError } from './errors.js';
 import { type JobData, QUEUE_NAMES, type QueueName } from './queues.js';
 import { Reconciler } from './reconcile.js';
-import { redactRedisUrl, redisConnection, startDriverService } from './service.js';
+import { connectRedis, describeRedis } from './redis-connect.js';
+import { startDriverService } from './service.js';
 import { DeploymentStore } from './store.js';
 
 const DEFAULT_CONFIG = '/etc/smartnic/driver.yaml';
@@ -98,7 +99,7 @@ async function serve(config: Readonly<DriverConfig>): Promise<number> {
   });
   const service = await startDriverService(config, log, { version: version() });
   process.stdout.write(JSON.stringify({ event: 'listening', url: service.url }) + '\n');
-  log.info({ url: service.url, redis: redactRedisUrl(config.redis.url), auth: config.auth.tokens.length > 0 }, 'driver service listening');
+  log.info({ url: service.url, redis: describeRedis(config.redis), auth: config.auth.tokens.length > 0 }, 'driver service listening');
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', () => resolve());
     process.once('SIGINT', () => resolve());
@@ -113,7 +114,7 @@ async function serve(config: Readonly<DriverConfig>): Promise<number> {
 }
 
 async function jobs(config: Readonly<DriverConfig>, sub: string | undefined, arg: string | undefined, o: { queue?: string; state?: string; limit?: string; grace?: string }): Promise<number> {
-  const redis = redisConnection(config.redis.url, false);
+  const redis = connectRedis(config.redis, 'fail-fast');
   const queues = Object.fromEntries(QUEUE_NAMES.map((q) => [q, new Queue<JobData>(q, { connection: redis, prefix: config.redis.prefix })])) as Record<QueueName, Queue<JobData>>;
   const pick = (): QueueName[] => {
     if (!o.queue) return [...QUEUE_NAMES];
@@ -195,11 +196,11 @@ async function jobs(config: Readonly<DriverConfig>, sub: string | undefined, arg
 
 async function reconcile(config: Readonly<DriverConfig>, sub: string | undefined, arg: string | undefined, dryRun: boolean): Promise<number> {
   if (sub !== undefined && sub !== 'forget') throw new Error(`"reconcile ${sub}": use reconcile [--dry-run] or reconcile forget AGENT_URL`);
-  const redis = redisConnection(config.redis.url, true);
+  const redis = connectRedis(config.redis, 'patient');
   redis.on('error', () => undefined);
   try {
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`Redis at ${redactRedisUrl(config.redis.url)} does not answer`)), 10_000);
+      const timer = setTimeout(() => reject(new Error(`Redis at ${describeRedis(config.redis)} does not answer`)), 10_000);
       redis.once('ready', () => {
         clearTimeout(timer);
         resolve();

@@ -4,7 +4,17 @@ import { ConfigError, type ConfigSchema, loadConfigFile, resolveTokenList, valid
 export interface DriverConfig {
   listen: { host: string; port: number };
   auth: { tokens: string[]; token_file?: string; disabled: boolean };
-  redis: { url: string; prefix: string; allow_eviction: boolean; require_persistence: boolean; check_interval_ms: number };
+  redis: {
+    url: string;
+    prefix: string;
+    allow_eviction: boolean;
+    require_persistence: boolean;
+    check_interval_ms: number;
+    /** Redis Sentinel: the primary is asked of these sentinels, and followed across failovers. */
+    sentinel?: { master_name: string; nodes: string[]; username?: string; password?: string; tls: boolean };
+    wait_replicas: number;
+    wait_timeout_ms: number;
+  };
   agent: { token?: string; timeout_ms: number };
   jobs: {
     attach_attempts: number;
@@ -90,6 +100,33 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
           description: 'Refuse to start unless Redis persists its data (appendonly yes, or RDB snapshots: a non-empty save), and when that cannot be checked (CONFIG disabled, as on managed Redis). false: such a Redis is only warned about.',
         },
         check_interval_ms: { type: 'integer', minimum: 0, default: 60000, description: "How often Redis's eviction policy and persistence are checked again while the service runs (a change is logged, /v1/health and the metrics follow it); 0: at start only." },
+        sentinel: {
+          type: 'object',
+          description:
+            'Redis Sentinel (docs/operations.md, Redis with Sentinel): the service asks these sentinels which server is the primary, and follows it across failovers. The URL then gives only the credentials, database and scheme (rediss:// for TLS to the servers); its host and port are not used.',
+          additionalProperties: false,
+          required: ['master_name', 'nodes'],
+          properties: {
+            master_name: { type: 'string', minLength: 1, description: 'The name the sentinels monitor the primary under (`sentinel monitor <name> …`).' },
+            nodes: {
+              type: 'array',
+              minItems: 1,
+              items: { type: 'string', pattern: '^(\\[[0-9a-fA-F:.]+\\]|[^:\\s/]+):[0-9]{1,5}$' },
+              description: 'The sentinels, each `host:port` (`[v6addr]:port`); list all of them: any one that answers is enough.',
+            },
+            username: { type: 'string', description: "The sentinels' ACL user, when they have one." },
+            password: { type: 'string', secret: true, description: "The sentinels' own password (`requirepass` in sentinel.conf), when they have one; the servers' password is the URL's." },
+            tls: { type: 'boolean', default: false, description: 'Talk TLS to the sentinels too (with rediss:// the servers always are).' },
+          },
+        },
+        wait_replicas: {
+          type: 'integer',
+          minimum: 0,
+          default: 0,
+          description:
+            "Before the API answers a request that changed something (a deployment created, torn down, given a new image URL; a cleaning), wait until this many replicas have the change (Redis WAIT). A failover then cannot lose what the API acknowledged: with Sentinel and one replica, set 1. When fewer confirm within wait_timeout_ms, the request is answered 503 DRV_ERR_REDIS_REPLICATION (retryable: the change is kept on the primary, and the request is idempotent). 0: answer at once, as with a single Redis.",
+        },
+        wait_timeout_ms: { type: 'integer', minimum: 1, default: 1000, description: 'How long a request waits for wait_replicas replicas.' },
       },
     },
     agent: {

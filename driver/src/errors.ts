@@ -27,6 +27,7 @@ export const DRIVER_ERRORS = {
   DRV_ERR_AGENT_REJECTED: { message: 'the DPU agent refused the request', http: 502, retryable: false },
   DRV_ERR_EXPORT_TIMEOUT: { message: 'the streaming disk did not become ready in time', http: 504, retryable: false },
   DRV_ERR_REDIS: { message: 'Redis is unreachable', http: 503, retryable: true },
+  DRV_ERR_REDIS_REPLICATION: { message: 'the change is not yet on enough Redis replicas', http: 503, retryable: true },
   DRV_ERR_REDIS_UNFIT: { message: 'Redis is not fit to hold deployments', http: 500, retryable: false },
   DRV_ERR_INTERNAL: { message: 'internal error', http: 500, retryable: true },
 } as const satisfies Record<string, DriverErrorSpec>;

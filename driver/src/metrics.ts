@@ -131,6 +131,14 @@ export function createMetrics(store: DeploymentStore, queues: Queues, ops: OpsSo
       },
     });
     new Gauge({
+      name: 'smartnic_driver_redis_replicas',
+      help: 'Replicas connected to the Redis primary as last checked (-1: not known). Fewer than redis.wait_replicas: changes are answered 503.',
+      registers: [registry],
+      collect() {
+        this.set(fitness()?.replicas ?? -1);
+      },
+    });
+    new Gauge({
       name: 'smartnic_driver_redis_maxmemory_policy',
       help: "Redis's maxmemory-policy (1 for the policy found; anything but noeviction can drop deployments).",
       labelNames: ['policy'],

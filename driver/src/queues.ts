@@ -50,7 +50,14 @@ export class Queues {
   constructor(connection: Redis, prefix: string, cfg: DriverConfig['jobs'], manifestAttempts = 3) {
     this.cfg = cfg;
     this.manifestAttempts = manifestAttempts;
-    const make = (name: QueueName): Queue<JobData> => new Queue<JobData>(name, { connection, prefix });
+    const make = (name: QueueName): Queue<JobData> => {
+      const q = new Queue<JobData>(name, { connection, prefix });
+      // A Queue re-emits its connection's errors; without a listener BullMQ prints each
+      // one to stderr (dozens during a Redis restart or failover). The connection's own
+      // listener (service.ts) logs them, /v1/health and the failing calls report them.
+      q.on('error', () => undefined);
+      return q;
+    };
     this.byName = { attach: make('attach'), monitor: make('monitor'), teardown: make('teardown'), manifest: make('manifest'), clean: make('clean') };
   }
 

@@ -34,6 +34,8 @@ export interface RedisFitness {
   appendfsync: string | null;
   /** The snapshot schedule, e.g. `3600 1 300 100 60 10000`; '' for none (CONFIG only). */
   save: string | null;
+  /** Replicas connected to the primary (INFO replication), null when it could not be read. */
+  replicas: number | null;
   /** How it was read: CONFIG GET, or INFO when CONFIG is refused. */
   via: 'config' | 'info';
   /** Why CONFIG could not be used, when it could not. */
@@ -44,6 +46,7 @@ export interface RedisFitness {
 /** Reads the settings; throws only when Redis cannot be asked at all. */
 export async function inspectRedis(redis: Redis): Promise<RedisFitness> {
   const checked_at = new Date().toISOString();
+  const replicas = await countReplicas(redis);
   try {
     const get = async (name: string): Promise<string> => {
       const r = (await redis.call('CONFIG', 'GET', name)) as string[];
@@ -54,7 +57,7 @@ export async function inspectRedis(redis: Redis): Promise<RedisFitness> {
     const appendonly = (await get('appendonly')) === 'yes';
     const save = (await get('save')).trim();
     const appendfsync = appendonly ? await get('appendfsync') : null;
-    return { persistence: appendonly ? 'aof' : save ? 'rdb' : 'none', maxmemory_policy: policy, appendfsync, save, via: 'config', config_error: null, checked_at };
+    return { persistence: appendonly ? 'aof' : save ? 'rdb' : 'none', maxmemory_policy: policy, appendfsync, save, replicas, via: 'config', config_error: null, checked_at };
   } catch (err) {
     // A renamed or disabled CONFIG (managed Redis), or an ACL without it: INFO instead.
     // A connection error fails INFO too, and is thrown from there.
@@ -66,11 +69,25 @@ export async function inspectRedis(redis: Redis): Promise<RedisFitness> {
       maxmemory_policy: fields.get('maxmemory_policy') ?? 'unknown',
       appendfsync: null,
       save: null,
+      replicas,
       via: 'info',
       config_error: configError,
       checked_at,
     };
   }
+}
+
+/** connected_slaves of INFO replication; null when INFO is refused (an ACL without it). A connection error is thrown. */
+async function countReplicas(redis: Redis): Promise<number | null> {
+  let text: string;
+  try {
+    text = String(await redis.call('INFO', 'replication'));
+  } catch (err) {
+    if (/NOPERM|unknown command/i.test((err as Error).message)) return null;
+    throw err;
+  }
+  const n = Number(parseInfo(text).get('connected_slaves'));
+  return Number.isInteger(n) ? n : null;
 }
 
 export function parseInfo(text: string): Map<string, string> {
@@ -112,6 +129,11 @@ export function judgeRedis(f: RedisFitness, cfg: Readonly<DriverConfig['redis']>
           `verify by hand that snapshots or the provider's persistence/backup are on`;
     if (cfg.require_persistence) refuse ??= `${msg}; redis.require_persistence is true${f.persistence === 'unknown' ? ' (set it to false once verified by hand)' : ''}`;
     else warnings.push(msg);
+  }
+  if (cfg.wait_replicas > 0 && f.replicas !== null && f.replicas < cfg.wait_replicas) {
+    warnings.push(
+      `Redis at ${where} has ${f.replicas} replica(s) connected, and redis.wait_replicas is ${cfg.wait_replicas}: until ${cfg.wait_replicas} are, every request that changes something is answered 503 DRV_ERR_REDIS_REPLICATION (the change is kept on the primary, not yet safe from a failover)`,
+    );
   }
   if (f.persistence === 'aof' && f.appendfsync === 'no') {
     warnings.push(`Redis at ${where} has appendfsync no: the kernel decides when the append-only file reaches the disk, so a power loss can lose the last ~30 s of acknowledged deployments; everysec loses at most ~1 s`);

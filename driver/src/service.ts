@@ -9,7 +9,6 @@
 import { once } from 'node:events';
 import { BootProfileStore } from './boot-profiles.js';
 import { type Job, Worker } from 'bullmq';
-import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { buildDriverApi, type DriverApp } from './api.js';
 import type { DriverConfig } from './config.js';
@@ -19,6 +18,7 @@ import { buildManifest, ManifestCache } from './manifests.js';
 import { createMetrics } from './metrics.js';
 import { type JobData, QUEUE_NAMES, Queues, type QueueName } from './queues.js';
 import { ReconcileStore, Reconciler } from './reconcile.js';
+import { connectRedis, describeRedis } from './redis-connect.js';
 import { RedisFitnessMonitor } from './redis-fitness.js';
 import { DeploymentStore } from './store.js';
 
@@ -54,21 +54,12 @@ async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
   }
 }
 
-export function redisConnection(url: string, patient: boolean): Redis {
-  return new Redis(url, patient ? { maxRetriesPerRequest: null } : { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 2000 });
-}
-
-/** The Redis URL with any password replaced, for logs and messages. */
-export function redactRedisUrl(url: string): string {
-  return url.replace(/\/\/([^@/]*)@/, '//REDACTED@');
-}
-
 export async function startDriverService(config: Readonly<DriverConfig>, log: Logger, opts: StartOptions = {}): Promise<DriverService> {
-  const fitness = new RedisFitnessMonitor(config.redis, log, redactRedisUrl(config.redis.url));
+  const fitness = new RedisFitnessMonitor(config.redis, log, describeRedis(config.redis));
   // Throws DRV_ERR_REDIS_UNFIT before anything is started.
-  await fitness.checkAtStart(() => new Redis(config.redis.url, { lazyConnect: true, maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000, retryStrategy: () => null }));
-  const workerRedis = redisConnection(config.redis.url, true);
-  const apiRedis = redisConnection(config.redis.url, false);
+  await fitness.checkAtStart(() => connectRedis(config.redis, 'probe'));
+  const workerRedis = connectRedis(config.redis, 'patient');
+  const apiRedis = connectRedis(config.redis, 'fail-fast');
   // An unreachable Redis is reported by health and by failing requests, not by crashing.
   for (const r of [workerRedis, apiRedis]) r.on('error', (err: Error) => log.debug({ err: err.message }, 'redis connection error'));
   const prefix = config.redis.prefix;
@@ -134,7 +125,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
   // was up would be told Redis is unreachable. Listen once it is (or after a bound: a
   // Redis that is down is reported by /v1/health and by each request, as at any time).
   if (apiRedis.status !== 'ready' && !(await within(once(apiRedis, 'ready'), API_REDIS_READY_MS))) {
-    log.warn({ redis: redactRedisUrl(config.redis.url) }, `Redis not ready after ${API_REDIS_READY_MS} ms: listening anyway; requests fail with 503 until it is`);
+    log.warn({ redis: describeRedis(config.redis) }, `Redis not ready after ${API_REDIS_READY_MS} ms: listening anyway; requests fail with 503 until it is`);
   }
   const url = await app.listen({ host: config.listen.host, port: config.listen.port });
   fitness.start(apiRedis);

@@ -269,6 +269,8 @@ export interface components {
             readonly redis_persistence?: "aof" | "rdb" | "none" | "unknown";
             /** @description Redis's maxmemory-policy as last checked (unknown when it could not be read); anything but noeviction can drop deployments. */
             readonly redis_maxmemory_policy?: string;
+            /** @description Replicas connected to the Redis primary as last checked (null: not checked yet, or INFO refused). With redis.wait_replicas, fewer than that many make every change answer 503 DRV_ERR_REDIS_REPLICATION. */
+            readonly redis_replicas?: number | null;
         };
         readonly OrphanList: {
             readonly orphans: readonly components["schemas"]["Orphan"][];

@@ -50,7 +50,7 @@ import { buildDriverApi, type DriverApp } from '../../driver/src/api.js';
 import { resolveDriverConfig } from '../../driver/src/config.js';
 import { createMetrics } from '../../driver/src/metrics.js';
 import { Queues } from '../../driver/src/queues.js';
-import { redisConnection } from '../../driver/src/service.js';
+import { connectRedis } from '../../driver/src/redis-connect.js';
 import { DeploymentStore } from '../../driver/src/store.js';
 import { deref, loadOpenApi, type OpenApiDocument } from '../../openapi/server.js';
 import { makeImage } from '../helpers/agent.js';
@@ -544,7 +544,7 @@ async function setUp(): Promise<Services> {
       response_validation: 'strict',
     },
   });
-  const redis = redisConnection(driverConfig.redis.url, false);
+  const redis = connectRedis(driverConfig.redis, 'fail-fast');
   redis.on('error', () => undefined);
   if (redis.status !== 'ready') await new Promise((resolve) => redis.once('ready', resolve));
   const queues = new Queues(redis, 'fuzz', driverConfig.jobs, driverConfig.manifests.attempts);

@@ -40,7 +40,11 @@ export class RedisServer {
   private child: ChildProcess | null = null;
   port = 0;
 
-  constructor(private readonly dir: string) {
+  /** `args` are added to the command line (e.g. `--replicaof 127.0.0.1 6379`). */
+  constructor(
+    private readonly dir: string,
+    private readonly args: string[] = [],
+  ) {
     fs.mkdirSync(dir, { recursive: true });
   }
 
@@ -50,7 +54,7 @@ export class RedisServer {
 
   async start(): Promise<void> {
     if (!this.port) this.port = await freePort();
-    this.child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--protected-mode', 'yes'], {
+    this.child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--protected-mode', 'yes', ...this.args], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     this.child.on('error', () => undefined);
@@ -65,6 +69,11 @@ export class RedisServer {
     const exited = new Promise((r) => c.once('exit', r));
     c.kill(signal);
     await exited;
+  }
+
+  /** The PID, while running. */
+  get pid(): number | undefined {
+    return this.child?.exitCode === null ? this.child.pid : undefined;
   }
 
   async restart(): Promise<void> {
