@@ -26,6 +26,7 @@ bench streaming
 bench deploy-modes --image busybox   # issue #7's goals: 1 and 8 GiB, the fio part
 bench deploy-modes                   # the real OS (Debian 12, UEFI) to the login prompt: issue #14's goals
 bench scaling
+bench control-plane                  # issue #15: 200 deployments through one and two driver processes
 case " ${extra[*]} " in
   *" --quick "*) ;;
   *) node dist/bench/summary.js ;;

@@ -39,6 +39,7 @@ export interface JobView {
   id: string;
   state: string;
   attempts: number;
+  finished_at: string | null;
 }
 
 export class Queues {
@@ -106,7 +107,7 @@ export class Queues {
     const out: JobView[] = [];
     for (const q of DEPLOYMENT_QUEUES) {
       const job = await this.job(q, rec);
-      if (job) out.push({ queue: q, id: job.id!, state: await job.getState(), attempts: job.attemptsMade });
+      if (job) out.push({ queue: q, id: job.id!, state: await job.getState(), attempts: job.attemptsMade, finished_at: job.finishedOn ? new Date(job.finishedOn).toISOString() : null });
     }
     return out;
   }

@@ -555,6 +555,11 @@ export interface components {
                 readonly id: string;
                 readonly state: string;
                 readonly attempts?: number;
+                /**
+                 * Format: date-time
+                 * @description When the job finished (completed, or failed for good); null while it has not. The attach job finishes when the deployment becomes ready, the monitor job when it is complete.
+                 */
+                readonly finished_at?: string | null;
             }[];
         };
     };

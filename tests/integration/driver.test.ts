@@ -91,6 +91,8 @@ describe('driver service with a real agent, Redis and origin', function () {
     const jobs = Object.fromEntries(done.jobs.map((j) => [j.queue, j.state]));
     assert.equal(jobs['attach'], 'completed');
     assert.equal(jobs['monitor'], 'completed');
+    const finished = Object.fromEntries(done.jobs.map((j) => [j.queue, j.finished_at ? Date.parse(j.finished_at) : null]));
+    assert.ok(finished['attach']! >= Date.parse(created.created_at) && finished['monitor']! >= finished['attach']!, 'attach finished at ready, monitor at complete');
     const metrics = await api.metrics();
     assert.match(metrics, /smartnic_driver_deployments\{state="complete"\} 1/);
     assert.match(metrics, /smartnic_driver_deployment_hydrated_ratio\{node="node-a"\} 1/);
