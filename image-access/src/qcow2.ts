@@ -302,7 +302,8 @@ export class Qcow2Source implements RemoteSource {
   private readonly l1: Float64Array;
   /** LRU by insertion order: a hit is moved to the end, eviction takes from the front. */
   private readonly l2Cache = new Map<number, Buffer>();
-  private readonly l2Pending = new Map<number, Promise<Buffer>>();
+  /** L2 tables being fetched, and in which class (a host read does not wait on a background one). */
+  private readonly l2Pending = new Map<number, { table: Promise<Buffer>; priority: FetchPriority }>();
   private readonly l2CacheMax: number;
   /** Inflated clusters a read boundary cut, by host offset (same LRU discipline). */
   private readonly inflatedCache = new Map<number, Buffer>();
@@ -455,24 +456,32 @@ export class Qcow2Source implements RemoteSource {
       this.l2Cache.set(t, hit);
       return hit;
     }
+    // A host read that finds the table on its way in the background class fetches it
+    // itself, in the foreground: the source may hold background requests back while the
+    // host reads (priority inversion otherwise). One cluster fetched twice, at most.
     const pending = this.l2Pending.get(t);
-    if (pending) return pending;
+    if (pending && (pending.priority === 'foreground' || priority === 'background')) return pending.table;
     const buf = Buffer.allocUnsafe(this.clusterSize);
     // A file may end inside its last cluster; QEMU reads what lies past the end as zeros.
     const avail = Math.min(this.clusterSize, this.inner.size - host);
     buf.fill(0, avail);
-    const p = this.inner
-      .read(host, buf.subarray(0, avail), { priority })
-      .then(() => {
-        if (!this.closed) {
-          this.l2Cache.set(t, buf);
-          while (this.l2Cache.size * this.clusterSize > this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
-        }
-        return buf;
-      })
-      .finally(() => this.l2Pending.delete(t));
-    this.l2Pending.set(t, p);
-    return p;
+    const entry = {
+      priority,
+      table: this.inner
+        .read(host, buf.subarray(0, avail), { priority })
+        .then(() => {
+          if (!this.closed && !this.l2Cache.has(t)) {
+            this.l2Cache.set(t, buf);
+            while (this.l2Cache.size * this.clusterSize > this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
+          }
+          return buf;
+        })
+        .finally(() => {
+          if (this.l2Pending.get(t) === entry) this.l2Pending.delete(t);
+        }),
+    };
+    this.l2Pending.set(t, entry);
+    return entry.table;
   }
 
   // ---- planning ----------------------------------------------------------------------

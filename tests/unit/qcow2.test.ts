@@ -10,6 +10,7 @@ import path from 'node:path';
 import { DpuError } from '../../image-access/src/errors.js';
 import { parseQcow2Header, Qcow2Source, type Qcow2Header } from '../../image-access/src/qcow2.js';
 import { tempDir } from '../helpers/agent.js';
+import { ControlledSource, settleTicks } from '../helpers/controlled-source.js';
 import { type ConvertOptions, FileSource, makeMixedImage, toQcow2 } from '../helpers/qcow2-images.js';
 import { run } from '../helpers/run.js';
 
@@ -146,6 +147,42 @@ describe('qcow2 source', function () {
     } finally {
       await src.close();
     }
+  });
+
+  it('a host read never waits on a background fetch of the L2 table it needs: it fetches the table in the foreground', async () => {
+    // Priority inversion: the background fetch of an L2 table can be held back by the
+    // source (it yields to the host's reads). A host read needing the same table must not
+    // queue behind it.
+    const img = fs.readFileSync(files.get('v3')!);
+    const h = header(files.get('v3')!);
+    const l2Host = Number(img.readBigUInt64BE(h.l1Offset) & 0x00fffffffffffe00n);
+    const ctrl = new ControlledSource(img);
+    const deliverAll = (): void => {
+      for (const p of ctrl.pending) if (p.offset !== l2Host || p.priority === 'foreground') ctrl.deliver(p);
+    };
+    ctrl.on('read', (p) => {
+      if (p.offset !== l2Host) ctrl.deliver(p); // header, L1, data: answered at once
+    });
+    const src = await Qcow2Source.open(ctrl, { l2CacheBytes: 64 << 10 });
+    const zeros = src.zeroRanges(); // reads the L2 table in the background class: held
+    const bg = await ctrl.next((p) => p.offset === l2Host && p.priority === 'background');
+    const dest = Buffer.alloc(4096);
+    const hostRead = src.read(4096, dest, { priority: 'foreground' });
+    await settleTicks();
+    const fg = ctrl.pending.find((p) => p.offset === l2Host && p.priority === 'foreground');
+    assert.ok(fg, 'the host read fetches the L2 table itself, in the foreground');
+    ctrl.deliver(fg);
+    deliverAll();
+    await hostRead;
+    assert.ok(dest.equals(raw.subarray(4096, 8192)));
+    assert.equal(bg.settled, false, 'answered while the background fetch is still held');
+    ctrl.deliver(bg);
+    await zeros;
+    // Later host reads of the table hit the cache: nothing more is fetched for it.
+    const before = ctrl.reads.filter((p) => p.offset === l2Host).length;
+    await src.read(8192, dest, { priority: 'foreground' });
+    assert.equal(ctrl.reads.filter((p) => p.offset === l2Host).length, before);
+    await src.close();
   });
 
   it('serves the active state of an image with an internal snapshot, and an image left dirty', async () => {
