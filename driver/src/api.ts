@@ -30,6 +30,7 @@ import { probeImage } from './probe.js';
 import { QUEUE_NAMES, Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
 import { ReconcileStore } from './reconcile.js';
+import { connectionGeneration } from './redis-connect.js';
 import type { RedisFitness } from './redis-fitness.js';
 import { type DeploymentRecord, type DeploymentStore, EMPTY_PROGRESS } from './store.js';
 
@@ -75,7 +76,10 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
       return reply.code(err.http).send(body);
     }
     if (isRedisUnavailable(err)) {
-      const body: ApiErrorBody = { code: 'DRV_ERR_REDIS', message: `Redis is unreachable (${err.message}); the service will answer once it is back`, retryable: true };
+      const message = /^NOREPLICAS/.test(err.message)
+        ? `Redis refuses writes: fewer replicas are connected than its min-replicas-to-write asks for (${err.message}): retry the request once a replica is back`
+        : `Redis is unreachable (${err.message}); the service will answer once it is back`;
+      const body: ApiErrorBody = { code: 'DRV_ERR_REDIS', message, retryable: true };
       return reply.code(503).send(body);
     }
     if (err.statusCode && err.statusCode < 500) {
@@ -87,22 +91,33 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   if (config.redis.wait_replicas > 0) {
     // What the API acknowledges must survive a failover: a change is answered only once
     // redis.wait_replicas replicas have it. WAIT covers every write this connection made
-    // before it — the request's own included, since every API write goes through it.
+    // before it — the request's own included, since every API write goes through it —
+    // provided the connection was not made again in between (after a failover it could be
+    // to another server, whose replicas never saw the write): the generation says.
     const want = config.redis.wait_replicas;
     const ms = config.redis.wait_timeout_ms;
+    const startedOn = new WeakMap<FastifyRequest, number>();
+    app.addHook('onRequest', async (req) => {
+      if (CHANGING_OPERATIONS.has(operationOf(req))) startedOn.set(req, connectionGeneration(deps.redis));
+    });
     app.addHook('onSend', async (req, reply, payload) => {
-      if (req.method === 'GET' || req.method === 'HEAD' || reply.statusCode >= 300) return payload;
+      const generation = startedOn.get(req);
+      if (generation === undefined || reply.statusCode >= 300) return payload;
       let got: number;
       try {
         got = Number(await deps.redis.call('WAIT', want, ms));
       } catch (err) {
-        return replaceReply(reply, 503, { code: 'DRV_ERR_REDIS', message: `Redis is unreachable (${(err as Error).message}) while confirming the change reached ${want} replica(s); retry the request once it is back (it is idempotent)`, retryable: true });
+        return replaceReply(reply, 503, { code: 'DRV_ERR_REDIS', message: `Redis is unreachable (${(err as Error).message}) while confirming the change reached ${want} replica(s); retry the request once it is back`, retryable: true });
       }
-      if (got >= want) return payload;
+      const reconnected = connectionGeneration(deps.redis) !== generation;
+      if (got >= want && !reconnected) return payload;
+      const why = reconnected
+        ? `the connection to Redis was made again while the change was being confirmed (a failover?), so it may not be on the primary now`
+        : `${got} of the ${want} replica(s) redis.wait_replicas asks for confirmed it within ${ms} ms, so a failover now could lose it`;
       const message =
-        `${DRIVER_ERRORS.DRV_ERR_REDIS_REPLICATION.message}: ${got} of the ${want} replica(s) redis.wait_replicas asks for confirmed it within ${ms} ms, so a failover now could lose it. ` +
-        'It is kept on the primary; retry the request (it is idempotent), and see that the replicas are up and replicating (INFO replication on the primary)';
-      req.log.warn({ code: 'DRV_ERR_REDIS_REPLICATION', replicas: got, want }, message);
+        `${DRIVER_ERRORS.DRV_ERR_REDIS_REPLICATION.message}: ${why}. ` +
+        'Retry the request (a deployment or cleaning asked for again is the same one), and see that the replicas are up and replicating (INFO replication on the primary)';
+      req.log.warn({ code: 'DRV_ERR_REDIS_REPLICATION', replicas: got, want, reconnected }, message);
       return replaceReply(reply, 503, { code: 'DRV_ERR_REDIS_REPLICATION', message, retryable: true });
     });
   }
@@ -382,6 +397,13 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
   return app;
 }
 
+/** The operations that change what Redis holds: their answers wait for redis.wait_replicas. */
+const CHANGING_OPERATIONS: ReadonlySet<string> = new Set(['createDeployment', 'deleteDeployment', 'replaceDeploymentImage', 'createCleaning', 'cancelCleaning', 'deleteBootProfile']);
+
+function operationOf(req: FastifyRequest): string {
+  return ((req.routeOptions.config as { operationId?: string } | undefined)?.operationId) ?? '';
+}
+
 /** In onSend: answer `status` with `body` instead of what the handler sent. */
 function replaceReply(reply: FastifyReply, status: number, body: ApiErrorBody): string {
   void reply.code(status).header('content-type', 'application/json; charset=utf-8');
@@ -400,7 +422,7 @@ const GiB = 2 ** 30;
 
 /** ioredis's errors when the (fail-fast) API connection cannot reach Redis. */
 function isRedisUnavailable(err: Error): boolean {
-  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT|^READONLY|sentinels are unreachable/.test(err.message);
+  return err.name === 'MaxRetriesPerRequestError' || /Connection is closed|enableOfflineQueue|ECONNREFUSED|ETIMEDOUT|Command timed out|^READONLY|^NOREPLICAS|sentinels are unreachable/.test(err.message);
 }
 
 /** Without a deployment_id, the same request body always means the same deployment. */

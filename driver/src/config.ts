@@ -124,9 +124,9 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
           minimum: 0,
           default: 0,
           description:
-            "Before the API answers a request that changed something (a deployment created, torn down, given a new image URL; a cleaning), wait until this many replicas have the change (Redis WAIT). A failover then cannot lose what the API acknowledged: with Sentinel and one replica, set 1. When fewer confirm within wait_timeout_ms, the request is answered 503 DRV_ERR_REDIS_REPLICATION (retryable: the change is kept on the primary, and the request is idempotent). 0: answer at once, as with a single Redis.",
+            "Before the API answers a request that changes something (creating, deleting or renewing the image of a deployment; starting or cancelling a cleaning; deleting a boot profile), wait until this many replicas have the change (Redis WAIT). A failover then cannot lose what the API acknowledged: with Sentinel, set 1 and run two replicas. When fewer confirm within wait_timeout_ms, or the connection to Redis was made again meanwhile, the request is answered 503 DRV_ERR_REDIS_REPLICATION (retryable: the change is kept on the primary; asked for again, it is the same deployment or cleaning). 0: answer at once, as with a single Redis.",
         },
-        wait_timeout_ms: { type: 'integer', minimum: 1, default: 1000, description: 'How long a request waits for wait_replicas replicas.' },
+        wait_timeout_ms: { type: 'integer', minimum: 1, default: 1000, description: "How long a request waits for wait_replicas replicas. The API's reads share the connection and wait behind it while the replicas are too few: keep it short." },
       },
     },
     agent: {

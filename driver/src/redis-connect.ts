@@ -7,8 +7,11 @@
  *    their `+switch-master` announcements (failoverDetector) so that it leaves a demoted
  *    primary at once instead of at the next error;
  *  - a command answered READONLY (the server it reached is a replica now: a demoted
- *    primary before ioredis noticed) makes the connection reconnect — to the new primary —
- *    and send the command again, instead of failing the job or request.
+ *    primary before ioredis noticed) makes the connection reconnect — to the new primary;
+ *    on the patient connections the command is sent again there (the job goes on), on the
+ *    fail-fast one it fails (the request is answered 503, retryable);
+ *  - no sentinel is waited on for more than SENTINEL_COMMAND_TIMEOUT_MS, and the fail-fast
+ *    connection answers no later than redis.wait_timeout_ms + 5 s (a hung primary).
  *
  * Three kinds of connection (service.ts says why there are two long-lived ones):
  * `patient` waits out an outage (commands queue), `fail-fast` fails a command at once
@@ -32,14 +35,22 @@ export function reconnectOnReadonly(err: Error): 2 | false {
   return err.message.startsWith('READONLY') ? 2 : false;
 }
 
+/** How long a sentinel may take to answer before the next one is asked (one that accepts connections but hangs must not stall a reconnect). */
+export const SENTINEL_COMMAND_TIMEOUT_MS = 3000;
+/** A fail-fast command's answer time beyond redis.wait_timeout_ms: a hung primary is answered 503, not waited on. */
+const FAIL_FAST_MARGIN_MS = 5000;
+
 /** The ioredis options for `cfg` (the URL still gives credentials, database and scheme). */
 export function redisOptions(cfg: Readonly<DriverConfig['redis']>, kind: RedisConnectionKind): RedisOptions {
   const base: RedisOptions =
     kind === 'patient'
       ? { maxRetriesPerRequest: null }
       : kind === 'fail-fast'
-        ? { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 2000 }
-        : { lazyConnect: true, maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000, retryStrategy: () => null };
+        ? // Commands sent but not answered are not sent again after a reconnect: after a
+          // failover that would run them on another server (a WAIT there counts the new
+          // primary's replicas, not the request's write). They fail, the request is answered 503.
+          { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 2000, autoResendUnfulfilledCommands: false, commandTimeout: cfg.wait_timeout_ms + FAIL_FAST_MARGIN_MS, keepAlive: 10_000 }
+        : { lazyConnect: true, maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000, commandTimeout: 5000, retryStrategy: () => null };
   base.reconnectOnError = reconnectOnReadonly;
   const s = cfg.sentinel;
   if (!s) return base;
@@ -52,13 +63,27 @@ export function redisOptions(cfg: Readonly<DriverConfig['redis']>, kind: RedisCo
     ...(s.password ? { sentinelPassword: s.password } : {}),
     ...(s.tls ? { sentinelTLS: {} } : {}),
     enableTLSForSentinelMode: tlsToServers,
+    sentinelCommandTimeout: SENTINEL_COMMAND_TIMEOUT_MS,
     // A probe gives up when no sentinel answers; the others keep asking.
     ...(kind === 'probe' ? { sentinelRetryStrategy: () => null } : { failoverDetector: true }),
   };
 }
 
 export function connectRedis(cfg: Readonly<DriverConfig['redis']>, kind: RedisConnectionKind): Redis {
-  return new Redis(cfg.url, redisOptions(cfg, kind));
+  const r = new Redis(cfg.url, redisOptions(cfg, kind));
+  r.on('ready', () => generations.set(r, connectionGeneration(r) + 1));
+  return r;
+}
+
+const generations = new WeakMap<Redis, number>();
+
+/**
+ * How many times `r` has become ready: it changes whenever the connection was lost and
+ * made again — perhaps to another server, after a failover. What a request wrote is
+ * confirmed by a WAIT only if the generation did not change between the two.
+ */
+export function connectionGeneration(r: Redis): number {
+  return generations.get(r) ?? 0;
 }
 
 /** The Redis URL with any password replaced, for logs and messages. */

@@ -110,7 +110,8 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
       w.on('error', (err) => {
         // While Redis is down every worker reports each reconnect attempt: say it once per
         // queue and message every ERROR_LOG_INTERVAL_MS, not several times a second.
-        const key = `${q}\0${err.message}`;
+        // Numbers vary between repeats ("Retrying from scratch after 10ms"): not part of the key.
+        const key = `${q}\0${err.message.replace(/\d+/g, 'N')}`;
         const now = Date.now();
         if (now - (lastWorkerError.get(key) ?? 0) < ERROR_LOG_INTERVAL_MS) return;
         lastWorkerError.set(key, now);
@@ -135,7 +136,9 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
     url,
     async close() {
       fitness.stop();
-      await app.close();
+      // A request waiting on a hung Redis (fail-fast: bounded by its command timeout) must
+      // not hold up the stop: close the listener, then give in-flight requests a bound.
+      if (!(await within(app.close(), CLOSE_GRACE_MS))) log.warn({ graceMs: CLOSE_GRACE_MS }, 'API requests still running at stop (is Redis reachable?); stopping anyway');
       // A running reconcile pass may be waiting on an agent (agent.timeout_ms): bounded like the workers.
       if (reconciler) await within(reconciler.stop(), CLOSE_GRACE_MS);
       // Workers finish the step they are on (a monitor step is one poll), then stop. With

@@ -8,8 +8,12 @@
  * hydrating (its monitor job running) when the primary dies, whatever the machine's speed.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
+import { resolveDriverConfig } from '../../driver/src/config.js';
+import { connectionGeneration, connectRedis } from '../../driver/src/redis-connect.js';
 import { DriverClient, type Deployment, type DeploymentCreate } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
@@ -41,7 +45,7 @@ describe('driver service on Redis Sentinel', function () {
     await redis.start();
     agent = await agentDaemon({ dir: path.join(dir, 'agent') });
     await agent.start();
-    const sentinelCfg = { url: 'redis://sentinel/0', prefix: 'test', check_interval_ms: 300, sentinel: { master_name: 'smartnic', nodes: redis.nodes }, wait_replicas: 1, wait_timeout_ms: 300 };
+    const sentinelCfg = { url: 'redis://sentinel/0', prefix: 'test', check_interval_ms: 300, sentinel: { master_name: 'smartnic', nodes: redis.nodes }, wait_replicas: 1, wait_timeout_ms: 3000 };
     driver = await driverService({ dir, redisUrl: sentinelCfg.url, extra: { redis: sentinelCfg, manifests: { enabled: false } } });
     await driver.start();
     api = new DriverClient({ baseUrl: driver.url, token: TOKEN });
@@ -81,8 +85,10 @@ describe('driver service on Redis Sentinel', function () {
     assert.equal(err.status, 503);
     assert.equal(err.code, 'DRV_ERR_REDIS_REPLICATION');
     assert.equal(err.retryable, true);
-    assert.match(err.message, /0 of the 1 replica\(s\) redis\.wait_replicas asks for confirmed it within 300 ms.*retry the request \(it is idempotent\)/);
+    assert.match(err.message, /0 of the 1 replica\(s\) redis\.wait_replicas asks for confirmed it within 3000 ms.*Retry the request \(a deployment or cleaning asked for again is the same one\)/);
     assert.equal((await api.getDeployment('node-w')).deployment_id, 'dep-node-w', 'kept on the primary');
+    const { node_uuid: _n, deployment_id: _d, ...check } = request('node-v');
+    assert.equal((await api.validate(check)).valid, true, 'a request that changes nothing does not wait for replicas');
     assert.equal(driver.output.match(/"level":40[^\n]*"code":"DRV_ERR_REDIS_REPLICATION"/g)?.length, 1, 'the request logged once, as a warning');
     await until('the periodic check to warn of the missing replica', async () => /0 replica\(s\) connected, and redis\.wait_replicas is 1/.test(driver.output));
     await replica.start();
@@ -94,7 +100,7 @@ describe('driver service on Redis Sentinel', function () {
     await until('node-w deleted', async () => api.getDeployment('node-w').then(() => false, (e: unknown) => e instanceof ApiError && e.status === 404));
   });
 
-  it('a deployment survives SIGKILL of the primary mid-hydration: the replica is promoted, the deployment completes, nothing acknowledged is lost', async () => {
+  it('a deployment survives SIGKILL of the primary mid-hydration: the replica is promoted, every acknowledged deployment is there and completes', async () => {
     // The last region is held at the origin until the failover is over.
     origin.hold(IMAGE - MiB, IMAGE);
     const acknowledged = new Set<string>();
@@ -148,6 +154,37 @@ describe('driver service on Redis Sentinel', function () {
       }
     } finally {
       origin.release();
+    }
+  });
+  it('counts each time a connection is made again (what tells a WAIT after a failover from one on the same server)', async () => {
+    const cfg = resolveDriverConfig({ object: { auth: { disabled: true }, redis: { url: 'redis://sentinel/0', sentinel: { master_name: 'smartnic', nodes: redis.nodes } } } }).redis;
+    const conn = connectRedis(cfg, 'fail-fast');
+    conn.on('error', () => undefined);
+    try {
+      await once(conn, 'ready');
+      const g = connectionGeneration(conn);
+      assert.ok(g >= 1);
+      conn.disconnect(true);
+      await once(conn, 'ready');
+      assert.equal(connectionGeneration(conn), g + 1);
+    } finally {
+      conn.disconnect();
+    }
+  });
+
+  it('starts and answers with a sentinel that accepts connections but never answers listed first', async () => {
+    const hung = net.createServer((socket) => socket.on('error', () => undefined)); // accepts, never answers
+    await new Promise<void>((r) => hung.listen(0, '127.0.0.1', r));
+    const hungAt = `127.0.0.1:${(hung.address() as net.AddressInfo).port}`;
+    const cfg = { url: 'redis://sentinel/0', prefix: 'hung', sentinel: { master_name: 'smartnic', nodes: [hungAt, ...redis.nodes] } };
+    const d = await driverService({ dir: path.join(dir, 'hung'), redisUrl: cfg.url, extra: { redis: cfg, manifests: { enabled: false } } });
+    try {
+      await d.start(60_000);
+      const h = (await (await fetch(`${d.url}/v1/health`)).json()) as Record<string, unknown>;
+      assert.equal(h['redis'], 'up');
+    } finally {
+      await d.stop();
+      hung.close();
     }
   });
 });
