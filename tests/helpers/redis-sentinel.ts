@@ -12,23 +12,9 @@ import path from 'node:path';
 import { Redis } from 'ioredis';
 import { parseInfo } from '../../driver/src/redis-fitness.js';
 import { freePort, RedisServer, waitForPort } from './redis.js';
+import { until } from './services.js';
 
 export const MASTER_NAME = 'smartnic';
-
-async function until<T>(what: string, fn: () => Promise<T | null | undefined | false>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await fn();
-      if (v) return v;
-    } catch (err) {
-      last = err;
-    }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 /** One command on a short-lived connection (none left behind to reconnect). */
 async function ask(port: number, ...args: (string | number)[]): Promise<unknown> {

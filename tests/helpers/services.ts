@@ -8,6 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
+import { type Deployment, type DriverClient } from '../../openapi/clients/driver-client.js';
+import { ApiError } from '../../openapi/clients/http.js';
 import { freePort } from './redis.js';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
@@ -131,4 +133,18 @@ export async function until<T>(what: string, fn: () => Promise<T | null | undefi
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/** Waits until the node's deployment is in one of `want` (failing at once if it failed and that is not wanted). */
+export function deploymentIn(api: DriverClient, node: string, want: Deployment['state'][], timeoutMs = 60_000): Promise<Deployment> {
+  return until(`${node} in ${want.join('/')}`, async () => {
+    const d = await api.getDeployment(node);
+    if (d.state === 'failed' && !want.includes('failed')) throw new Error(`deployment failed: ${d.last_error}`);
+    return want.includes(d.state) ? d : null;
+  }, timeoutMs);
+}
+
+/** Waits until the node has no deployment (404). */
+export function deploymentGone(api: DriverClient, node: string, timeoutMs = 30_000): Promise<boolean> {
+  return until(`${node} deleted`, () => api.getDeployment(node).then(() => false, (err: unknown) => err instanceof ApiError && err.status === 404), timeoutMs);
 }

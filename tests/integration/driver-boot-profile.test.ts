@@ -26,7 +26,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
-import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 const REGION = 256 << 10;
@@ -93,14 +93,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     }, 60_000);
   const teardown = async (client: DriverClient, node: string): Promise<void> => {
     await client.deleteDeployment(node);
-    await until(`${node} deleted`, async () => {
-      try {
-        await client.getDeployment(node);
-        return false;
-      } catch (err) {
-        return err instanceof ApiError && err.status === 404;
-      }
-    });
+    await deploymentGone(client, node);
   };
   let profileId = '';
 

@@ -16,7 +16,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
-import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 
@@ -65,12 +65,7 @@ describe('driver service: image manifests (build once, upload, verify)', functio
     // Hydration capped so that the disk is still streaming when its manifest arrives.
     driver_info: { smartnic_agent_url: agent.url, smartnic_target: target(node), smartnic_bandwidth: 3 * MiB, ...extra },
   });
-  const state = (node: string, want: Deployment['state'][], timeoutMs = 40_000): Promise<Deployment> =>
-    until(`${node} in ${want.join('/')}`, async () => {
-      const d = await api.getDeployment(node);
-      if (d.state === 'failed' && !want.includes('failed')) throw new Error(`deployment failed: ${d.last_error}`);
-      return want.includes(d.state) ? d : null;
-    }, timeoutMs);
+  const state = (node: string, want: Deployment['state'][], timeoutMs = 40_000): Promise<Deployment> => deploymentIn(api, node, want, timeoutMs);
   const verified = (diskId: string): Promise<Disk> => until(`${diskId} verified`, async () => {
     const disk = await agentApi.getDisk(diskId);
     return disk.verified ? disk : null;
@@ -83,14 +78,7 @@ describe('driver service: image manifests (build once, upload, verify)', functio
   };
   const teardown = async (node: string): Promise<void> => {
     await api.deleteDeployment(node);
-    await until(`${node} deleted`, async () => {
-      try {
-        await api.getDeployment(node);
-        return false;
-      } catch (err) {
-        return err instanceof ApiError && err.status === 404;
-      }
-    });
+    await deploymentGone(api, node);
   };
 
   it('builds the manifest once (the image matches its sha512); the disk becomes verified, also after an agent restart', async () => {

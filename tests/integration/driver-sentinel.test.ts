@@ -19,7 +19,7 @@ import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { SentinelRedis } from '../helpers/redis-sentinel.js';
-import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 const IMAGE = 16 * MiB;
@@ -65,12 +65,7 @@ describe('driver service on Redis Sentinel', function () {
     instance_info: { image_source: origin.url },
     driver_info: { smartnic_agent_url: agent.url, smartnic_target: target(node) },
   });
-  const state = (node: string, want: Deployment['state'][], timeoutMs = 90_000): Promise<Deployment> =>
-    until(`${node} in ${want.join('/')}`, async () => {
-      const d = await api.getDeployment(node);
-      if (d.state === 'failed' && !want.includes('failed')) throw new Error(`deployment failed: ${d.last_error}`);
-      return want.includes(d.state) ? d : null;
-    }, timeoutMs);
+  const state = (node: string, want: Deployment['state'][]): Promise<Deployment> => deploymentIn(api, node, want, 90_000);
   const health = async (): Promise<Record<string, unknown>> => (await fetch(`${driver.url}/v1/health`)).json() as Promise<Record<string, unknown>>;
 
   it('reports the replicas; with none confirming, a change is answered 503 DRV_ERR_REDIS_REPLICATION and kept, and the retry is acknowledged once the replica is back', async () => {
@@ -97,7 +92,7 @@ describe('driver service on Redis Sentinel', function () {
     assert.equal(again.deployment_id, 'dep-node-w', 'the same deployment, now acknowledged');
     await state('node-w', ['complete']);
     await api.deleteDeployment('node-w');
-    await until('node-w deleted', async () => api.getDeployment('node-w').then(() => false, (e: unknown) => e instanceof ApiError && e.status === 404));
+    await deploymentGone(api, 'node-w');
   });
 
   it('a deployment survives SIGKILL of the primary mid-hydration: the replica is promoted, every acknowledged deployment is there and completes', async () => {
@@ -149,7 +144,7 @@ describe('driver service on Redis Sentinel', function () {
       }
       for (const node of acknowledged) await api.deleteDeployment(node);
       for (const node of acknowledged) {
-        await until(`${node} deleted`, async () => api.getDeployment(node).then(() => false, (e: unknown) => e instanceof ApiError && e.status === 404), 60_000);
+        await deploymentGone(api, node, 60_000);
         assert.equal(fs.existsSync(target(node)), false, `${node} wiped`);
       }
     } finally {

@@ -15,7 +15,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
-import { agentDaemon, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 
@@ -60,21 +60,8 @@ describe('driver service with a real agent, Redis and origin', function () {
     instance_info: { image_source: origin.url },
     driver_info: { smartnic_agent_url: agent.url, smartnic_target: target(node), ...extra },
   });
-  const state = (node: string, want: Deployment['state'][], timeoutMs = 60_000): Promise<Deployment> =>
-    until(`${node} in ${want.join('/')}`, async () => {
-      const d = await api.getDeployment(node);
-      if (d.state === 'failed' && !want.includes('failed')) throw new Error(`deployment failed: ${d.last_error}`);
-      return want.includes(d.state) ? d : null;
-    }, timeoutMs);
-  const gone = (node: string): Promise<boolean> =>
-    until(`${node} deleted`, async () => {
-      try {
-        await api.getDeployment(node);
-        return false;
-      } catch (err) {
-        return err instanceof ApiError && err.status === 404;
-      }
-    });
+  const state = (node: string, want: Deployment['state'][], timeoutMs = 60_000): Promise<Deployment> => deploymentIn(api, node, want, timeoutMs);
+  const gone = (node: string): Promise<boolean> => deploymentGone(api, node);
 
   it('deploys: attach → ready (export serves the image) → complete (target = image) → teardown wipes', async () => {
     const created = await api.createDeployment(request('node-a'));
