@@ -103,6 +103,17 @@ describe('StreamingDisk', () => {
     return b;
   }
 
+  /** Reads region r whole (one fetch) and waits until it is local. */
+  async function fetchRegion(r: number): Promise<void> {
+    await read(r * R, R);
+    while (disk.map.state(r) !== RegionState.Local) await once(disk, 'region-settled');
+  }
+
+  it('without a manifest, serves peers nothing: what was fetched is unverified', async () => {
+    await fetchRegion(0);
+    assert.equal(await disk.readForPeer(0, Buffer.alloc(R)), false);
+  });
+
   it('a read miss fetches its region, answers, and makes it local', async () => {
     const got = await read(R + 100, 5000);
     assert.deepEqual(got, img.subarray(R + 100, R + 5100));
@@ -262,6 +273,45 @@ describe('StreamingDisk', () => {
       assert.equal(disk.map.describe().slice(0, 6), 'rrrzzr');
       assert.deepEqual(await read(3 * R, 2 * R), Buffer.alloc(2 * R));
       assert.equal(src.reads.length, 0);
+    });
+
+    it('serves peers only regions whose bytes are the verified image: never remote, zero or host-written ones', async () => {
+      const zeroed = Buffer.from(img);
+      zeroed.fill(0, 3 * R, 5 * R);
+      const peer = async (r: number, length = R): Promise<Buffer | null> => {
+        const b = Buffer.alloc(length);
+        return (await disk.readForPeer(r * R, b)) ? b : null;
+      };
+      await fetchRegion(0);
+      await fetchRegion(1);
+      assert.deepEqual(await peer(0), zeroed.subarray(0, R), 'fetched and verified: served');
+      assert.deepEqual(await peer(0, 2 * R), zeroed.subarray(0, 2 * R), 'two regions at once');
+      assert.equal(await peer(2), null, 'remote');
+      assert.equal(await peer(1, 2 * R), null, 'a range reaching a remote region');
+      assert.equal(await peer(3), null, 'zero: peers never ask for those');
+      await disk.write(R + 10, [Buffer.from('host')], 4, false);
+      assert.equal(await peer(1), null, 'written by the host: its bytes, never served again');
+      // Writes and zeroing that fetch the region first (read-modify-write) must not leave
+      // it marked by the fetch.
+      await disk.write(6 * R + 10, [Buffer.from('host')], 4, false);
+      assert.equal(disk.map.state(6), RegionState.Local);
+      assert.equal(await peer(6), null, 'fetched for a partial host write');
+      await disk.writeZeroes(7 * R + 10, 100, false);
+      assert.equal(disk.map.state(7), RegionState.Local);
+      assert.equal(await peer(7), null, 'fetched for a partial WRITE_ZEROES');
+      // A host write that lands while a peer's read is on its way: the read is refused.
+      const onItsWay = disk.readForPeer(0, Buffer.alloc(R));
+      await disk.write(20, [Buffer.from('host')], 4, false);
+      assert.equal(await onItsWay, false);
+      // After a restart, the regions read back and verified against the manifest are served
+      // again; those the host changed are not.
+      await fetchRegion(5);
+      await disk.close();
+      disk = open();
+      disk.setManifest(manifest);
+      await disk.whenVerified();
+      assert.deepEqual(await peer(5), zeroed.subarray(5 * R, 6 * R), 'verified at open');
+      for (const r of [0, 1, 6, 7]) assert.equal(await peer(r), null, `region ${r} has the host's bytes`);
     });
 
     it('drops a corrupted region and fetches it again: the reader gets the right bytes', async () => {

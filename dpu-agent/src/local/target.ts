@@ -29,6 +29,8 @@ export interface Target {
   writeSync(chunks: readonly Buffer[], position: number): void;
   /** Writes `buf` off the event loop; a target without it is written with writeSync. */
   write?(buf: Buffer, position: number): Promise<void>;
+  /** Reads off the event loop; a target without it is read with readSync. */
+  read?(dest: Buffer, position: number): Promise<void>;
   writeZeroesSync(position: number, length: number): void;
   /**
    * Makes the range read as zeros without writing data, where the target can (a hole in a
@@ -86,6 +88,20 @@ export class LocalTarget implements Target {
       }
       done += n;
     }
+  }
+
+  read(dest: Buffer, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        if (done === dest.length) return resolve();
+        fs.read(this.fd, dest, done, dest.length - done, position + done, (err, n) => {
+          if (err) reject(err);
+          else if (n === 0) reject(new DpuError('DPU_ERR_TARGET_IO', `short read from ${this.path} at ${position + done}`));
+          else step(done + n);
+        });
+      };
+      step(0);
+    });
   }
 
   write(buf: Buffer, position: number): Promise<void> {

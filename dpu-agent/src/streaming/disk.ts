@@ -266,6 +266,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly badRegions = new Set<number>();
   /** Per region, a Provenance: why a local region is not yet verified (0 when it is). */
   private readonly provenance: Uint8Array;
+  /**
+   * 1: region r's bytes on the target are the image's, checked against the manifest (a
+   * verified fetch, or read back and verified at open), and the host has not written to
+   * it since. Only these are served to peers (readForPeer). Cleared, synchronously, before
+   * any host write, zeroing or trim of the region reaches the target.
+   */
+  private readonly pristine: Uint8Array;
   private pendingVerification = 0;
   private unverifiable = 0;
   private verifying: Promise<void> | null = null;
@@ -306,6 +313,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       multiConn: true,
     };
     this.provenance = new Uint8Array(this.map.count);
+    this.pristine = new Uint8Array(this.map.count);
     if (!opts.manifest || opts.verifyLocalAtOpen) {
       // Local regions whose origin we cannot vouch for: a manifest set later checks them.
       for (let r = 0; r < this.map.count; r++) if (this.map.states[r] === RegionState.Local) this.markProvenance(r, Provenance.Unknown);
@@ -430,6 +438,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         this.target.readSync(data, this.map.regionStart(r));
         if (m.verify(r, data)) {
           this.markProvenance(r, Provenance.Verified);
+          this.pristine[r] = 1;
         } else if (why === Provenance.FetchedUnverified) {
           // Fetched before the manifest came, never written by the host since: the origin
           // sent wrong bytes. Fetch the region again.
@@ -463,6 +472,39 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   /** The host wrote [first, last]: those regions' bytes are the host's, nothing to verify. */
   private hostWrote(first: number, last: number): void {
     for (let r = first; r <= last; r++) this.markProvenance(r, Provenance.Verified);
+  }
+
+  // ---- serving peers ------------------------------------------------------------------
+
+  /** Whether region r's bytes on the target are the image's, verified, and not written by the host since. */
+  isPristine(r: number): boolean {
+    return this.pristine[r] === 1;
+  }
+
+  /**
+   * Reads [offset, offset + dest.length) of the image from the target, for a peer: only
+   * from pristine regions, off the event loop. Resolves false — `dest` then holds nothing
+   * usable — when a region in the range is not pristine, or stopped being while it was
+   * read (a host write landed meanwhile). The peer verifies what it gets against the
+   * manifest all the same.
+   */
+  async readForPeer(offset: number, dest: Buffer): Promise<boolean> {
+    this.assertUsable();
+    if (dest.length === 0) return true;
+    const first = this.map.regionOf(offset);
+    const last = this.map.regionOf(offset + dest.length - 1);
+    const allPristine = (): boolean => {
+      for (let r = first; r <= last; r++) if (this.pristine[r] !== 1) return false;
+      return true;
+    };
+    if (!allPristine()) return false;
+    try {
+      if (this.target.read) await this.target.read(dest, offset);
+      else this.target.readSync(dest, offset);
+    } catch (err) {
+      throw this.fail(err, `reading ${dest.length} bytes at ${offset} for a peer`);
+    }
+    return allPristine();
   }
 
   // ---- reads -------------------------------------------------------------------------
@@ -805,6 +847,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         this.integrityCounts.delete(r);
         if (!this.manifest) this.markProvenance(r, Provenance.FetchedUnverified);
         this.settle(r, RegionState.Local);
+        if (this.manifest) this.pristine[r] = 1; // verified: `checked`, or just above
         fills[i]!.done.resolve();
       };
       const failed = (err: unknown): void => {
@@ -939,6 +982,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   private settle(r: number, s: RegionState): void {
     if (s === RegionState.Local) this.badRegions.delete(r); // the host wrote it whole
+    this.pristine[r] = 0; // set again by the caller when the bytes are verified image bytes
     this.map.set(r, s);
     this.inflight.delete(r);
     this.emit('region-settled', r);
@@ -1028,6 +1072,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const map = this.map;
     const first = map.regionOf(offset);
     const last = map.regionOf(offset + length - 1);
+    this.pristine.fill(0, first, last + 1); // the host's bytes from now on
     let r = first;
     while (r <= last && map.states[r] === RegionState.Local) r++;
     if (r > last) {
@@ -1050,6 +1095,9 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       this.release(claimed, false);
       throw err;
     }
+    // Again, right before the bytes land: a fetch made for this write (read-modify-write)
+    // marked its region pristine meanwhile.
+    this.pristine.fill(0, first, last + 1);
     try {
       this.target.writeSync(chunks, offset);
     } catch (err) {
@@ -1153,6 +1201,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const end = offset + length;
     const first = map.regionOf(offset);
     const last = map.regionOf(end - 1);
+    this.pristine.fill(0, first, last + 1); // cleared again before each region is zeroed
     if (mustZero) {
       // The regions zeroed in part are made local before anything is zeroed: a fetch that
       // fails then fails the request with the disk unchanged, as the host expects of an
@@ -1177,6 +1226,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         if (s === RegionState.Zero && !noHole) break;
         if ((s === RegionState.Remote && whole) || s === RegionState.Zero) {
           // Nothing of the region's old bytes survives, so none is fetched.
+          this.pristine[r] = 0;
           if (noHole) {
             this.zeroFill(r); // zeros written over the whole region, which becomes local
           } else {
@@ -1190,6 +1240,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         await this.makeLocal(r);
         const from = Math.max(offset, rs);
         this.assertUsable();
+        this.pristine[r] = 0; // made local (perhaps fetched, pristine) just above
         try {
           this.target.writeZeroesSync(from, Math.min(end, re) - from);
         } catch (err) {
