@@ -184,6 +184,26 @@ export const ERRORS = {
     retryable: false,
     http: 404,
   },
+  DPU_ERR_NOT_SERVABLE: {
+    message: 'the range is not all verified image bytes on this agent',
+    retryable: false,
+    http: 409,
+  },
+  DPU_ERR_PEER_REFUSED: {
+    message: 'the disk is not offered to peers',
+    retryable: false,
+    http: 409,
+  },
+  DPU_ERR_RANGE: {
+    message: 'the request has no usable Range',
+    retryable: false,
+    http: 416,
+  },
+  DPU_ERR_BUSY: {
+    message: 'serving peers is at its limit',
+    retryable: true,
+    http: 503,
+  },
   DPU_ERR_DISK_EXISTS: {
     message: 'a disk with this id exists with another source or target',
     retryable: false,

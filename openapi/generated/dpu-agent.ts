@@ -110,6 +110,33 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/image": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        /**
+         * For peer agents (docs/fleet.md): bytes of the image this disk streams, from its verified local regions only.
+         * @description Authenticated with the disk's peer token (`peers.token` at creation), as
+         *     `Authorization: Bearer <token>`, not with the agent's API tokens. A `Range: bytes=a-b`
+         *     header is required (one range, at most 16 MiB). Answered only from regions whose
+         *     bytes on the target are the image's, checked against the disk's manifest, and not
+         *     written by the host since; anything else is 409 and the peer reads the origin. The
+         *     peer verifies every region it gets against the manifest all the same.
+         */
+        readonly get: operations["getDiskImage"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/disks/{id}/boot-profile": {
         readonly parameters: {
             readonly query?: never;
@@ -369,6 +396,11 @@ export interface components {
             readonly size?: number;
             readonly device?: components["schemas"]["DeviceIdentity"];
             readonly export?: components["schemas"]["ExportRequest"];
+            /** @description Offer this disk's verified regions to peer agents (GET /v1/disks/{id}/image; docs/fleet.md). Absent: not offered. */
+            readonly peers?: {
+                /** @description The bearer token peers present (the driver issues one per image). Never shown by the API. */
+                readonly token: string;
+            };
             readonly hydration?: {
                 /**
                  * @description false: fetch only what the host reads.
@@ -460,6 +492,12 @@ export interface components {
         };
         readonly Disk: {
             readonly id: components["schemas"]["DiskId"];
+            readonly peers: {
+                /** @description Created with peers.token: its verified regions are served to peers. */
+                readonly offered: boolean;
+                /** @description Bytes served to peers since the agent started. */
+                readonly bytes_served: number;
+            };
             /**
              * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error; wiping: deleted with wipe, and the target is not wiped yet (not exported; last_error says why the last attempt failed; a DELETE retries it).
              * @enum {string}
@@ -942,6 +980,58 @@ export interface operations {
             readonly 404: components["responses"]["NotFound"];
             /** @description The disk is listed but never opened (`DPU_ERR_DISK_FAILED`, e.g. its origin was down when the agent restarted); its `error` says why. It is retried; the map exists once it opens. Or the disk was deleted and waits for its wipe (`DPU_ERR_DISK_WIPING`). */
             readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly getDiskImage: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The bytes asked for (`Content-Range` says which). */
+            readonly 206: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/octet-stream": string;
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description Not all of the range is verified image bytes here (`DPU_ERR_NOT_SERVABLE`): not local yet, never verified (no manifest), written by the host, or the disk is not open. Or the disk is not offered to peers (`DPU_ERR_PEER_REFUSED`: created without `peers.token`). */
+            readonly 409: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description No usable Range: missing, several ranges, past the disk's end, or more than 16 MiB (`DPU_ERR_RANGE`). */
+            readonly 416: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Serving peers is at its limit (`peers.max_inflight` reads at once, `DPU_ERR_BUSY`): read the origin, or ask again later. */
+            readonly 503: {
                 headers: {
                     readonly [name: string]: unknown;
                 };

@@ -16,6 +16,8 @@ import { buildAgentApi } from '../../dpu-agent/src/daemon/api.js';
 import { parseAgentConfig } from '../../dpu-agent/src/daemon/config.js';
 import { DiskManager } from '../../dpu-agent/src/daemon/disks.js';
 import { RegionMap } from '../../dpu-agent/src/region/region-map.js';
+import { Manifest } from '../../image-access/src/manifest.js';
+import { FileSource } from '../helpers/qcow2-images.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { DaemonProcess } from '../helpers/daemon.js';
 import { TestOrigin } from '../helpers/origin.js';
@@ -185,6 +187,50 @@ describe('agent daemon API (in-process)', function () {
     assert.equal(done.hydration.state, 'complete');
     assert.equal(done.last_error, null);
     assert.ok(fs.readFileSync(path.join(targets, 'alpha.raw')).equals(fs.readFileSync(image)), 'target = image');
+  });
+
+  it('serves peer agents the verified image bytes of a disk offered with peers.token, and nothing else', async () => {
+    const PEER_TOKEN = 'peer-token-for-image-1-9f86d081884c';
+    const peerGet = (id: string, range: string | null, token: string | null = PEER_TOKEN) =>
+      fetch(`${base}/v1/disks/${id}/image`, { headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(range ? { range } : {}) } });
+    const refused = async (res: Response, status: number, code: string): Promise<void> => {
+      assert.equal(res.status, status);
+      assert.equal(((await res.json()) as { code: string }).code, code);
+    };
+    const created = await client.createDisk(body('peer-a', { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
+    assert.deepEqual(created.peers, { offered: true, bytes_served: 0 });
+    await refused(await peerGet('peer-a', `bytes=0-${REGION - 1}`), 409, 'DPU_ERR_NOT_SERVABLE'); // remote
+    const manifest = await Manifest.build(new FileSource(image), { regionSize: REGION });
+    await client.setManifest('peer-a', manifest.encode());
+    await client.updateHydration('peer-a', { paused: false });
+    const done = await waitState(client, 'peer-a', 'complete');
+    assert.equal(done.verified, true);
+    const img = fs.readFileSync(image);
+    const res = await peerGet('peer-a', `bytes=${REGION}-${3 * REGION - 1}`);
+    assert.equal(res.status, 206);
+    assert.equal(res.headers.get('content-range'), `bytes ${REGION}-${3 * REGION - 1}/${IMAGE_SIZE}`);
+    assert.ok(Buffer.from(await res.arrayBuffer()).equals(img.subarray(REGION, 3 * REGION)), 'the image bytes');
+    await refused(await peerGet('peer-a', 'bytes=0-99', 'wrong-token-0123456789abcdef'), 401, 'DPU_ERR_UNAUTHORIZED');
+    await refused(await peerGet('peer-a', 'bytes=0-99', TOKEN), 401, 'DPU_ERR_UNAUTHORIZED'); // the API's token is not a peer token
+    await refused(await peerGet('peer-a', 'bytes=0-99', null), 401, 'DPU_ERR_UNAUTHORIZED');
+    for (const range of [null, 'bytes=0-', 'bytes=5-1', 'bytes=0-1,4-5', `bytes=0-${IMAGE_SIZE}`, `bytes=0-${(16 << 20)}`]) {
+      await refused(await peerGet('peer-a', range), 416, 'DPU_ERR_RANGE');
+    }
+    await client.createDisk(body('peer-b', { hydration: { paused: true } }));
+    await refused(await peerGet('peer-b', 'bytes=0-99'), 409, 'DPU_ERR_PEER_REFUSED'); // not offered
+    assert.deepEqual((await client.getDisk('peer-b')).peers, { offered: false, bytes_served: 0 });
+    await client.deleteDisk('peer-b', true);
+    await refused(await peerGet('no-such-disk', 'bytes=0-99'), 404, 'DPU_ERR_NOT_FOUND');
+    // The host writes into region 0: its bytes are the host's, never served to peers again.
+    await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 4096 4096', done.export.uri]);
+    await refused(await peerGet('peer-a', 'bytes=0-99'), 409, 'DPU_ERR_NOT_SERVABLE');
+    await refused(await peerGet('peer-a', `bytes=${REGION - 1}-${REGION}`), 409, 'DPU_ERR_NOT_SERVABLE');
+    assert.equal((await peerGet('peer-a', `bytes=${REGION}-${REGION + 99}`)).status, 206, 'the next region still is');
+    const view = await client.getDisk('peer-a');
+    assert.deepEqual(view.peers, { offered: true, bytes_served: 2 * REGION + 100 });
+    assert.ok(!JSON.stringify(await client.listDisks()).includes(PEER_TOKEN), 'the token is never shown');
+    assert.ok(!logText.join('').includes(PEER_TOKEN), 'nor logged');
+    await client.deleteDisk('peer-a', true);
   });
 
   it('is idempotent on id: the same body answers 200, another source 409', async () => {

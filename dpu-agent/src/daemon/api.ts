@@ -66,6 +66,10 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     deleteDisk: async (req) => manager.delete(idOf(req), (req.query as { wipe?: boolean }).wipe === true),
     getRegionMap: async (req) => manager.regionMap(idOf(req)),
     getBootProfile: async (req) => manager.bootProfile(idOf(req)),
+    getDiskImage: async (req, reply) => {
+      const { data, start, end, size } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
+      return reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`).send(data);
+    },
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
     updateSource: async (req) => manager.setSource(idOf(req), req.body as SourceUpdate),
     setManifest: async (req) => {

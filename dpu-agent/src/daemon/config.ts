@@ -37,6 +37,7 @@ export interface AgentConfig {
   boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
   hash_threads: number;
+  peers: { max_inflight: number };
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -141,6 +142,15 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       maximum: 64,
       default: 2,
       description: 'Worker threads, shared by all disks, that check fetched regions against their manifest (SHA-256, ~1 GB/s each), so hashing never delays the host\'s NBD requests; 0 hashes on the thread that serves them.',
+    },
+    peers: {
+      type: 'object',
+      description: 'Serving verified regions to peer agents (GET /v1/disks/{id}/image, docs/fleet.md) — of disks created with peers.token only.',
+      default: {},
+      additionalProperties: false,
+      properties: {
+        max_inflight: { type: 'integer', minimum: 1, maximum: 64, default: 4, description: 'Peer reads served at once, across all disks (each at most 16 MiB, read off the event loop); more are answered 503 DPU_ERR_BUSY, and the peer reads the origin.' },
+      },
     },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level of the JSON log on stderr.' },
   },

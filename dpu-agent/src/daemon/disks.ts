@@ -66,6 +66,7 @@ import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streami
 import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
 import { ErasureManager } from './erasures.js';
+import { presentedToken, tokenAccepted } from '../../../openapi/server.js';
 import { resolveTarget, targetKey } from './targets.js';
 
 export type DiskView = components['schemas']['Disk'];
@@ -96,6 +97,8 @@ export interface DiskSpec {
   boot_profile?: { record: boolean; replay?: { region_size: number; regions: number[]; boots?: number } };
   /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
   wipe_pending?: { requested_at: string };
+  /** Offered to peer agents with this bearer token (absent: not offered; docs/fleet.md). */
+  peers?: { token: string };
 }
 
 /** Per-disk numbers for the metrics endpoint. */
@@ -136,6 +139,8 @@ const BOOT_PROFILE_FILE = 'boot-profile.json';
 const KEPT_WHILE_WIPING = new Set(['spec.json', 'disk.json']);
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
+/** The most one peer read serves (GET /v1/disks/{id}/image). */
+export const PEER_MAX_BYTES = 16 << 20;
 const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
 
 /** bytes_fetched samples over the last few seconds, for fetch_rate_bps. */
@@ -179,6 +184,8 @@ class ManagedDisk {
   recordingState: RecordingState | 'off' | 'interrupted' = 'off';
   /** The profile replayed on this disk: its regions (when applied), and what became of it. */
   replay: ReplayStatus = { state: 'none', regions: [], count: 0, error: null };
+  /** Bytes served to peer agents since this process started. */
+  peerBytes = 0;
 
   constructor(
     public spec: DiskSpec,
@@ -211,6 +218,8 @@ export class DiskManager {
   private readonly opening = new Map<string, string>();
   private sampler: NodeJS.Timeout | null = null;
   private closing = false;
+  /** Peer reads being served, across all disks (peers.max_inflight). */
+  private peerReads = 0;
   /** Erasures of targets no disk uses (erasures.ts); they and the disks never share a target. */
   readonly erasures: ErasureManager;
   /** Verify every disk's fetched regions off the event loop (config hash_threads). */
@@ -553,6 +562,40 @@ export class DiskManager {
 
   // ---- internals ---------------------------------------------------------------------
 
+  /**
+   * Bytes of disk `id`'s image for a peer agent (GET /v1/disks/{id}/image): checks the
+   * disk's peer token (constant time), one `Range` of at most PEER_MAX_BYTES, and reads
+   * only verified image bytes (StreamingDisk.readForPeer), at most peers.max_inflight at
+   * once across all disks.
+   */
+  async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number }> {
+    const m = this.find(id);
+    const token = m.spec.peers?.token;
+    if (token === undefined) throw new DpuError('DPU_ERR_PEER_REFUSED', `disk "${id}" was created without peers.token`);
+    if (!tokenAccepted(presentedToken(authorization), [Buffer.from(token)])) throw new DpuError('DPU_ERR_UNAUTHORIZED', `not disk "${id}"'s peer token`);
+    const disk = m.opened?.disk;
+    if (!disk || m.wiping) throw new DpuError('DPU_ERR_NOT_SERVABLE', `disk "${id}" is not open`);
+    const size = disk.progress().size;
+    const r = /^bytes=(\d+)-(\d+)$/.exec(range ?? '');
+    const start = r ? Number(r[1]) : NaN;
+    const end = r ? Number(r[2]) : NaN;
+    if (!r || !(start <= end) || end >= size || end - start + 1 > PEER_MAX_BYTES) {
+      throw new DpuError('DPU_ERR_RANGE', `Range "${range ?? ''}": give one range bytes=a-b within the disk's ${size} bytes, at most ${PEER_MAX_BYTES} bytes`);
+    }
+    if (this.peerReads >= this.config.peers.max_inflight) throw new DpuError('DPU_ERR_BUSY', `${this.peerReads} peer reads in flight (peers.max_inflight); read the origin`);
+    this.peerReads++;
+    try {
+      const data = Buffer.allocUnsafe(end - start + 1);
+      if (!(await disk.readForPeer(start, data))) {
+        throw new DpuError('DPU_ERR_NOT_SERVABLE', `bytes ${start}-${end} of disk "${id}" are not all verified image bytes here (not local yet, not verified, or written by the host): read them from the origin`);
+      }
+      m.peerBytes += data.length;
+      return { data, start, end, size };
+    } finally {
+      this.peerReads--;
+    }
+  }
+
   private find(id: string): ManagedDisk {
     const m = this.disks.get(id);
     if (!m) throw new DpuError('DPU_ERR_NOT_FOUND', `no disk "${id}"`);
@@ -635,6 +678,7 @@ export class DiskManager {
         record: bp?.record ?? true,
         ...(bp?.replay ? { replay: { region_size: bp.replay.region_size, regions: [...bp.replay.regions], ...(bp.replay.boots !== undefined ? { boots: bp.replay.boots } : {}) } } : {}),
       },
+      ...(req.peers ? { peers: { token: req.peers.token } } : {}),
     };
   }
 
@@ -851,6 +895,7 @@ export class DiskManager {
       integrity_failures: p?.integrityFailures ?? 0,
       hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },
       boot_profile: this.bootProfileView(m),
+      peers: { offered: spec.peers !== undefined, bytes_served: m.peerBytes },
       last_error: m.lastError,
     };
   }
