@@ -32,5 +32,10 @@ export interface RemoteSource {
   /** Fill `dest` with the image's bytes at `offset`, retrying transient failures. */
   read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void>;
   stats(): RemoteSourceStats;
+  /**
+   * The bytes this source delivered for [offset, offset+length) failed verification. A
+   * source with several places to read from stops using the one that sent them.
+   */
+  reportCorrupt?(offset: number, length: number): void;
   close(): Promise<void>;
 }

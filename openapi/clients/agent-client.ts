@@ -9,6 +9,7 @@ export type RegionMap = components['schemas']['RegionMap'];
 export type BootProfile = components['schemas']['BootProfile'];
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
+export type PeerList = components['schemas']['PeerList'];
 export type AgentHealth = components['schemas']['Health'];
 export type Erasure = components['schemas']['Erasure'];
 export type ErasureCreate = components['schemas']['ErasureCreate'];
@@ -51,6 +52,11 @@ export class AgentClient {
 
   updateHydration(id: string, body: HydrationUpdate): Promise<Disk> {
     return call(this.http.patch<Disk>(`/v1/disks/${encodeURIComponent(id)}/hydration`, body), `hydration of ${id}`);
+  }
+
+  /** Peer agents streaming the same image, read before the origin (docs/fleet.md). */
+  setPeers(id: string, body: PeerList): Promise<Disk> {
+    return call(this.http.put<Disk>(`/v1/disks/${encodeURIComponent(id)}/peers`, body), `peers of ${id}`);
   }
 
   updateSource(id: string, body: SourceUpdate): Promise<Disk> {

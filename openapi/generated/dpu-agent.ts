@@ -137,6 +137,32 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/peers": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly get?: never;
+        /**
+         * Peer agents streaming the same image, read before the origin for background copies (docs/fleet.md); replaces the list.
+         * @description The disk must have been created with `peers.token`: the same token is presented to
+         *     the peers (the driver issues one per image). Every region a peer sends is verified
+         *     against the manifest; a peer whose bytes fail is not asked again. The host's own
+         *     reads go to the origin. Kept in memory: after a restart of the agent the list is
+         *     empty until it is sent again.
+         */
+        readonly put: operations["setPeers"];
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/disks/{id}/boot-profile": {
         readonly parameters: {
             readonly query?: never;
@@ -374,6 +400,13 @@ export interface components {
             readonly version: string;
             readonly disks: number;
         };
+        readonly PeerList: {
+            readonly sources: readonly {
+                /** @description The peer agent's API base URL, e.g. http://10.0.0.12:9611. */
+                readonly url: string;
+                readonly disk: components["schemas"]["DiskId"];
+            }[];
+        };
         /** @description Chosen by the caller (the driver service uses node and deployment); lower-case letters, digits, '.', '_', '-'. */
         readonly DiskId: string;
         readonly DiskCreate: {
@@ -497,6 +530,14 @@ export interface components {
                 readonly offered: boolean;
                 /** @description Bytes served to peers since the agent started. */
                 readonly bytes_served: number;
+                /** @description Peers in the list (PUT …/peers) this disk reads from before the origin. */
+                readonly sources: number;
+                /** @description Of those, peers not asked again: they sent bytes that failed verification. */
+                readonly excluded: number;
+                /** @description Bytes this disk read from peers since it was opened. */
+                readonly bytes_from_peers: number;
+                /** @description Background reads a peer could not answer (not verified there yet, busy, failed), read from the origin instead. */
+                readonly fallbacks: number;
             };
             /**
              * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error; wiping: deleted with wipe, and the target is not wiped yet (not exported; last_error says why the last attempt failed; a DELETE retries it).
@@ -1032,6 +1073,44 @@ export interface operations {
             };
             /** @description Serving peers is at its limit (`peers.max_inflight` reads at once, `DPU_ERR_BUSY`): read the origin, or ask again later. */
             readonly 503: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly setPeers: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody: {
+            readonly content: {
+                readonly "application/json": components["schemas"]["PeerList"];
+            };
+        };
+        readonly responses: {
+            /** @description The disk, with the list applied. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Disk"];
+                };
+            };
+            readonly 400: components["responses"]["BadRequest"];
+            readonly 401: components["responses"]["Unauthorized"];
+            readonly 404: components["responses"]["NotFound"];
+            /** @description The disk was created without `peers.token` (`DPU_ERR_PEER_REFUSED`), or waits for its wipe (`DPU_ERR_DISK_WIPING`). */
+            readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;
                 };

@@ -198,7 +198,7 @@ describe('agent daemon API (in-process)', function () {
       assert.equal(((await res.json()) as { code: string }).code, code);
     };
     const created = await client.createDisk(body('peer-a', { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
-    assert.deepEqual(created.peers, { offered: true, bytes_served: 0 });
+    assert.deepEqual(created.peers, { offered: true, bytes_served: 0, sources: 0, excluded: 0, bytes_from_peers: 0, fallbacks: 0 });
     await refused(await peerGet('peer-a', `bytes=0-${REGION - 1}`), 409, 'DPU_ERR_NOT_SERVABLE'); // remote
     const manifest = await Manifest.build(new FileSource(image), { regionSize: REGION });
     await client.setManifest('peer-a', manifest.encode());
@@ -218,7 +218,7 @@ describe('agent daemon API (in-process)', function () {
     }
     await client.createDisk(body('peer-b', { hydration: { paused: true } }));
     await refused(await peerGet('peer-b', 'bytes=0-99'), 409, 'DPU_ERR_PEER_REFUSED'); // not offered
-    assert.deepEqual((await client.getDisk('peer-b')).peers, { offered: false, bytes_served: 0 });
+    assert.equal((await client.getDisk('peer-b')).peers.offered, false);
     await client.deleteDisk('peer-b', true);
     await refused(await peerGet('no-such-disk', 'bytes=0-99'), 404, 'DPU_ERR_NOT_FOUND');
     // The host writes into region 0: its bytes are the host's, never served to peers again.
@@ -227,10 +227,56 @@ describe('agent daemon API (in-process)', function () {
     await refused(await peerGet('peer-a', `bytes=${REGION - 1}-${REGION}`), 409, 'DPU_ERR_NOT_SERVABLE');
     assert.equal((await peerGet('peer-a', `bytes=${REGION}-${REGION + 99}`)).status, 206, 'the next region still is');
     const view = await client.getDisk('peer-a');
-    assert.deepEqual(view.peers, { offered: true, bytes_served: 2 * REGION + 100 });
+    assert.equal(view.peers.bytes_served, 2 * REGION + 100);
     assert.ok(!JSON.stringify(await client.listDisks()).includes(PEER_TOKEN), 'the token is never shown');
     assert.ok(!logText.join('').includes(PEER_TOKEN), 'nor logged');
     await client.deleteDisk('peer-a', true);
+  });
+
+  it('reads a disk\'s image from a peer agent first: verified there, not from the origin; a peer whose bytes fail verification is not asked again', async () => {
+    const PEER_TOKEN = 'peer-token-for-image-1-2c26b46b68ff';
+    const manifest = (await Manifest.build(new FileSource(image), { regionSize: REGION })).encode();
+    const img = fs.readFileSync(image);
+    await client.createDisk(body('seed', { peers: { token: PEER_TOKEN } }));
+    await client.setManifest('seed', manifest);
+    assert.equal((await waitState(client, 'seed', 'complete')).verified, true);
+    await client.createDisk(body('tokenless', { hydration: { paused: true } }));
+    await rejects(client.setPeers('tokenless', { sources: [{ url: base, disk: 'seed' }] }), 409, 'DPU_ERR_PEER_REFUSED');
+    await client.deleteDisk('tokenless', true);
+    await rejects(client.setPeers('seed', { sources: [{ url: 'ftp://x', disk: 'seed' }] }), 400, 'DPU_ERR_BAD_REQUEST');
+
+    const leech = async (id: string): Promise<Disk> => {
+      await client.createDisk(body(id, { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
+      await client.setManifest(id, manifest);
+      const listed = await client.setPeers(id, { sources: [{ url: base, disk: 'seed' }] });
+      assert.equal(listed.peers.sources, 1);
+      await client.updateHydration(id, { paused: false });
+      const done = await waitState(client, id, 'complete');
+      assert.ok(fs.readFileSync(path.join(targets, `${id}.raw`)).equals(img), `${id}'s target is the image`);
+      return done;
+    };
+    const sentBefore = origin.stats.bytesSent;
+    const a = await leech('leech-a');
+    // Every region but the image's zero ones (the manifest says so: never fetched at all).
+    let dataBytes = 0;
+    for (let r = 0; r < REGIONS; r++) if (img.subarray(r * REGION, (r + 1) * REGION).some((x) => x !== 0)) dataBytes += REGION;
+    assert.ok(dataBytes > 0 && dataBytes < IMAGE_SIZE);
+    assert.equal(a.peers.bytes_from_peers, dataBytes, `every region from the peer: ${JSON.stringify(a.peers)}`);
+    assert.equal(a.peers.excluded, 0);
+    assert.equal(a.integrity_failures, 0);
+    assert.ok(origin.stats.bytesSent - sentBefore <= IMAGE_SIZE / 8, `the origin sent ${origin.stats.bytesSent - sentBefore} bytes (probe and the host's side only)`);
+    assert.equal((await client.getDisk('seed')).peers.bytes_served, dataBytes);
+
+    // The seed's target is damaged behind its back (a failing SSD, a tampered file): it
+    // serves the bytes as the image's. The leech's verification catches them.
+    const fd = fs.openSync(path.join(targets, 'seed.raw'), 'r+');
+    fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 5 * REGION + 100);
+    fs.closeSync(fd);
+    const b = await leech('leech-b');
+    assert.equal(b.peers.excluded, 1, 'the lying peer is dropped');
+    assert.ok(b.integrity_failures >= 1);
+    assert.ok(b.peers.bytes_from_peers < IMAGE_SIZE);
+    for (const id of ['seed', 'leech-a', 'leech-b']) await client.deleteDisk(id, true);
   });
 
   it('is idempotent on id: the same body answers 200, another source 409', async () => {

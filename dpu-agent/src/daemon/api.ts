@@ -13,7 +13,7 @@ import type { Logger } from 'pino';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
 import { DpuError } from '../../../image-access/src/errors.js';
 import { type AgentConfig, resolveTokens } from './config.js';
-import type { DiskCreate, DiskManager, HydrationUpdate, SourceUpdate } from './disks.js';
+import type { DiskCreate, DiskManager, HydrationUpdate, PeerList, SourceUpdate } from './disks.js';
 import type { ErasureCreate } from './erasures.js';
 import { createMetrics } from './metrics.js';
 
@@ -66,6 +66,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     deleteDisk: async (req) => manager.delete(idOf(req), (req.query as { wipe?: boolean }).wipe === true),
     getRegionMap: async (req) => manager.regionMap(idOf(req)),
     getBootProfile: async (req) => manager.bootProfile(idOf(req)),
+    setPeers: async (req) => manager.setPeers(idOf(req), req.body as PeerList),
     getDiskImage: async (req, reply) => {
       const { data, start, end, size } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
       return reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`).send(data);

@@ -63,6 +63,7 @@ import { redactUrl } from '../../../image-access/src/redact.js';
 import { noop } from '../../../common/src/deferred.js';
 import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
+import type { PeerAddress } from '../streaming/peer-source.js';
 import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
 import { ErasureManager } from './erasures.js';
@@ -71,6 +72,7 @@ import { resolveTarget, targetKey } from './targets.js';
 
 export type DiskView = components['schemas']['Disk'];
 export type DiskCreate = components['schemas']['DiskCreate'];
+export type PeerList = components['schemas']['PeerList'];
 
 export type HydrationUpdate = components['schemas']['HydrationUpdate'];
 export type SourceUpdate = components['schemas']['SourceUpdate'];
@@ -186,6 +188,8 @@ class ManagedDisk {
   replay: ReplayStatus = { state: 'none', regions: [], count: 0, error: null };
   /** Bytes served to peer agents since this process started. */
   peerBytes = 0;
+  /** The peers to read from before the origin (PUT …/peers); applied again when the disk is reopened. */
+  peerSources: PeerAddress[] = [];
 
   constructor(
     public spec: DiskSpec,
@@ -562,6 +566,18 @@ export class DiskManager {
 
   // ---- internals ---------------------------------------------------------------------
 
+  /** Replaces the peers disk `id` reads from before the origin (PUT /v1/disks/{id}/peers). */
+  async setPeers(id: string, list: PeerList): Promise<DiskView> {
+    return this.exclusive(id, async () => {
+      const m = this.findLive(id);
+      if (!m.spec.peers) throw new DpuError('DPU_ERR_PEER_REFUSED', `disk "${id}" was created without peers.token: create it with one to read from peers`);
+      m.peerSources = list.sources.map((p) => ({ url: p.url, disk: p.disk }));
+      m.opened?.peers?.setPeers(m.peerSources, m.spec.peers.token);
+      this.log.info({ disk: id, peers: m.peerSources.length }, 'peer list replaced');
+      return this.view(m);
+    });
+  }
+
   /**
    * Bytes of disk `id`'s image for a peer agent (GET /v1/disks/{id}/image): checks the
    * disk's peer token (constant time), one `Range` of at most PEER_MAX_BYTES, and reads
@@ -740,6 +756,7 @@ export class DiskManager {
       }
     }
     m.opened = opened;
+    if (m.spec.peers && m.peerSources.length) opened.peers?.setPeers(m.peerSources, m.spec.peers.token);
     m.server = server;
     m.record = readDiskRecord(m.dir);
     m.rate.sample(Date.now(), opened.disk.progress().bytesFetched);
@@ -895,7 +912,10 @@ export class DiskManager {
       integrity_failures: p?.integrityFailures ?? 0,
       hydration: { state: hydration, bandwidth: opened?.hydrator.bandwidth ?? spec.hydration.bandwidth },
       boot_profile: this.bootProfileView(m),
-      peers: { offered: spec.peers !== undefined, bytes_served: m.peerBytes },
+      peers: (() => {
+        const ps = opened?.peers?.peerStats();
+        return { offered: spec.peers !== undefined, bytes_served: m.peerBytes, sources: m.peerSources.length, excluded: ps?.excluded ?? 0, bytes_from_peers: ps?.bytesFromPeers ?? 0, fallbacks: ps?.fallbacks ?? 0 };
+      })(),
       last_error: m.lastError,
     };
   }

@@ -959,6 +959,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   /** Counts a verification failure of region r; at the limit the region is marked failed. */
   private integrityFailed(r: number, detail: string): DpuError {
     this.integrityFailures++;
+    // A source with several places to read from (peers first) stops using the one that sent these bytes.
+    this.source?.reportCorrupt?.(this.map.regionStart(r), this.map.regionLength(r));
     const n = (this.integrityCounts.get(r) ?? 0) + 1;
     this.integrityCounts.set(r, n);
     if (n >= REGION_INTEGRITY_LIMIT && !this.badRegions.has(r)) {

@@ -24,6 +24,7 @@ import { PaddedSource } from '../../../image-access/src/padded.js';
 import { redactUrl } from '../../../image-access/src/redact.js';
 import type { RemoteSource } from '../../../image-access/src/source.js';
 import { StreamingDisk } from './disk.js';
+import { PeerFirstSource } from './peer-source.js';
 import { Hydrator, type HydratorOptions } from './hydrator.js';
 
 export { IMAGE_FORMATS, type ImageFormat } from '../../../image-access/src/open.js';
@@ -61,6 +62,8 @@ export interface OpenedDisk {
   hydrator: Hydrator;
   /** The HTTP origin beneath any format decoder, where a renewed URL goes; null when the disk opened complete. */
   origin: HttpSource | null;
+  /** Where the peer list goes (peer agents are read before the origin); null when the disk opened complete. */
+  peers: PeerFirstSource | null;
   /** Releases the state directory lock after closing everything. */
   close(): Promise<void>;
 }
@@ -95,6 +98,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
   const unlock = lockStateDir(opts.stateDir);
   let source: RemoteSource | null = null;
   let origin: HttpSource | null = null;
+  let peers: PeerFirstSource | null = null;
   let target: LocalTarget | null = null;
   let map: RegionMap | null = null;
   try {
@@ -132,6 +136,8 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
         throw new DpuError('DPU_ERR_DISK_TOO_SMALL', `the disk would hold ${size} bytes, but the image is ${imageSize} bytes (${source.description}); give a disk size of at least the image's`, { field: 'size' });
       }
       if (size > imageSize) source = new PaddedSource(source, size);
+      // Background reads go to peer agents first once the disk is given some (setPeers).
+      source = peers = new PeerFirstSource(source, log);
     }
     if (record && opts.diskSize !== undefined && opts.diskSize !== record.size) {
       throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `${opts.stateDir} holds a ${record.size}-byte disk, not ${opts.diskSize} bytes; use a new --state directory for another size`, { field: 'size' });
@@ -171,6 +177,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       disk,
       hydrator,
       origin,
+      peers,
       async close() {
         try {
           // Stop the hydrator (no new batch), then close the disk at once: closing its
