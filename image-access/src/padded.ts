@@ -47,6 +47,11 @@ export class PaddedSource implements RemoteSource {
     });
   }
 
+  reportCorrupt(offset: number, length: number): boolean {
+    const inImage = Math.min(length, this.inner.size - offset);
+    return inImage > 0 ? (this.inner.reportCorrupt?.(offset, inImage) ?? false) : false;
+  }
+
   stats(): RemoteSourceStats {
     return this.inner.stats();
   }

@@ -34,8 +34,9 @@ export interface RemoteSource {
   stats(): RemoteSourceStats;
   /**
    * The bytes this source delivered for [offset, offset+length) failed verification. A
-   * source with several places to read from stops using the one that sent them.
+   * source with several places to read from stops using the one that sent them, and
+   * answers true when that was not the origin (a peer): the origin is not to blame.
    */
-  reportCorrupt?(offset: number, length: number): void;
+  reportCorrupt?(offset: number, length: number): boolean;
   close(): Promise<void>;
 }

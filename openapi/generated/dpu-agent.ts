@@ -431,7 +431,7 @@ export interface components {
             readonly export?: components["schemas"]["ExportRequest"];
             /** @description Offer this disk's verified regions to peer agents (GET /v1/disks/{id}/image; docs/fleet.md). Absent: not offered. */
             readonly peers?: {
-                /** @description The bearer token peers present (the driver issues one per image). Never shown by the API. */
+                /** @description The bearer token peers present (the driver issues one per image): 16–256 characters of A–Z a–z 0–9 . _ ~ + / = -. Never shown by the API. */
                 readonly token: string;
             };
             readonly hydration?: {
@@ -1050,10 +1050,16 @@ export interface operations {
                     readonly "application/octet-stream": string;
                 };
             };
-            readonly 400: components["responses"]["BadRequest"];
-            readonly 401: components["responses"]["Unauthorized"];
-            readonly 404: components["responses"]["NotFound"];
-            /** @description Not all of the range is verified image bytes here (`DPU_ERR_NOT_SERVABLE`): not local yet, never verified (no manifest), written by the host, or the disk is not open. Or the disk is not offered to peers (`DPU_ERR_PEER_REFUSED`: created without `peers.token`). */
+            /** @description Not the peer token of this disk, or no such disk offered to peers (created without `peers.token`): the same answer, so nothing is learnt without the token (`DPU_ERR_UNAUTHORIZED`). */
+            readonly 401: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description Not all of the range is verified image bytes here (`DPU_ERR_NOT_SERVABLE`): not local yet, never verified (no manifest), written by the host, or the disk is not open. */
             readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;
@@ -1062,7 +1068,7 @@ export interface operations {
                     readonly "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description No usable Range: missing, several ranges, past the disk's end, or more than 16 MiB (`DPU_ERR_RANGE`). */
+            /** @description No usable Range: missing, several ranges, past the image's end, or more than 16 MiB (`DPU_ERR_RANGE`). */
             readonly 416: {
                 headers: {
                     readonly [name: string]: unknown;

@@ -165,7 +165,10 @@ function typeOf(schema: Json): string[] {
 function validArb(schema: Json, key: string, env: Env): fc.Arbitrary<Json> {
   const o = override(key, env);
   // An override stays inside the schema: the defects below are what make a request malformed.
-  if (o) return o.filter((v) => typeof v !== 'string' || ((!schema.pattern || new RegExp(schema.pattern).test(v)) && v.length >= (schema.minLength ?? 0) && v.length <= (schema.maxLength ?? Infinity)));
+  // One the schema never admits (a peer agent's base URL is not an image URL) is not used:
+  // filtering it would never end.
+  const fits = (v: Json): boolean => typeof v !== 'string' || ((!schema.pattern || new RegExp(schema.pattern).test(v)) && v.length >= (schema.minLength ?? 0) && v.length <= (schema.maxLength ?? Infinity));
+  if (o && fc.sample(o, { numRuns: 50, seed: 1 }).some(fits)) return o.filter(fits);
   if (schema.enum) return fc.constantFrom(...schema.enum);
   const t = typeOf(schema)[0];
   switch (t) {

@@ -217,10 +217,10 @@ describe('agent daemon API (in-process)', function () {
       await refused(await peerGet('peer-a', range), 416, 'DPU_ERR_RANGE');
     }
     await client.createDisk(body('peer-b', { hydration: { paused: true } }));
-    await refused(await peerGet('peer-b', 'bytes=0-99'), 409, 'DPU_ERR_PEER_REFUSED'); // not offered
+    await refused(await peerGet('peer-b', 'bytes=0-99'), 401, 'DPU_ERR_UNAUTHORIZED'); // not offered: the same answer as a wrong token
     assert.equal((await client.getDisk('peer-b')).peers.offered, false);
     await client.deleteDisk('peer-b', true);
-    await refused(await peerGet('no-such-disk', 'bytes=0-99'), 404, 'DPU_ERR_NOT_FOUND');
+    await refused(await peerGet('no-such-disk', 'bytes=0-99'), 401, 'DPU_ERR_UNAUTHORIZED'); // nothing learnt without the token
     // The host writes into region 0: its bytes are the host's, never served to peers again.
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x55 4096 4096', done.export.uri]);
     await refused(await peerGet('peer-a', 'bytes=0-99'), 409, 'DPU_ERR_NOT_SERVABLE');
@@ -245,14 +245,14 @@ describe('agent daemon API (in-process)', function () {
     await client.deleteDisk('tokenless', true);
     await rejects(client.setPeers('seed', { sources: [{ url: 'ftp://x', disk: 'seed' }] }), 400, 'DPU_ERR_BAD_REQUEST');
 
-    const leech = async (id: string): Promise<Disk> => {
-      await client.createDisk(body(id, { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
-      await client.setManifest(id, manifest);
+    const leech = async (id: string, over: Partial<DiskCreate> = {}, withManifest = true): Promise<Disk> => {
+      await client.createDisk(body(id, { peers: { token: PEER_TOKEN }, hydration: { paused: true }, ...over }));
+      if (withManifest) await client.setManifest(id, manifest);
       const listed = await client.setPeers(id, { sources: [{ url: base, disk: 'seed' }] });
       assert.equal(listed.peers.sources, 1);
       await client.updateHydration(id, { paused: false });
       const done = await waitState(client, id, 'complete');
-      assert.ok(fs.readFileSync(path.join(targets, `${id}.raw`)).equals(img), `${id}'s target is the image`);
+      assert.ok(fs.readFileSync(path.join(targets, `${id}.raw`)).subarray(0, IMAGE_SIZE).equals(img), `${id}'s target is the image`);
       return done;
     };
     const sentBefore = origin.stats.bytesSent;
@@ -261,11 +261,20 @@ describe('agent daemon API (in-process)', function () {
     let dataBytes = 0;
     for (let r = 0; r < REGIONS; r++) if (img.subarray(r * REGION, (r + 1) * REGION).some((x) => x !== 0)) dataBytes += REGION;
     assert.ok(dataBytes > 0 && dataBytes < IMAGE_SIZE);
-    assert.equal(a.peers.bytes_from_peers, dataBytes, `every region from the peer: ${JSON.stringify(a.peers)}`);
+    // Two background reads at a time against peers.max_inflight 2: none is refused. A read
+    // that stalls 5 s (a machine overloaded for that long) goes to the origin instead.
+    if (a.peers.fallbacks === 0) assert.equal(a.peers.bytes_from_peers, dataBytes, `every region from the peer: ${JSON.stringify(a.peers)}`);
+    else assert.ok(a.peers.bytes_from_peers > 0, JSON.stringify(a.peers));
     assert.equal(a.peers.excluded, 0);
     assert.equal(a.integrity_failures, 0);
-    assert.ok(origin.stats.bytesSent - sentBefore <= IMAGE_SIZE / 8, `the origin sent ${origin.stats.bytesSent - sentBefore} bytes (probe and the host's side only)`);
-    assert.equal((await client.getDisk('seed')).peers.bytes_served, dataBytes);
+    if (a.peers.fallbacks === 0) assert.ok(origin.stats.bytesSent - sentBefore <= IMAGE_SIZE / 8, `the origin sent ${origin.stats.bytesSent - sentBefore} bytes (the open's probe only)`);
+    assert.equal((await client.getDisk('seed')).peers.bytes_served, a.peers.bytes_from_peers);
+    // A root disk larger than the image reads the image's regions from the same peer.
+    const big = await leech('leech-big', { size: IMAGE_SIZE + 4 * MiB });
+    assert.ok(big.peers.bytes_from_peers > 0 && big.peers.bytes_from_peers <= dataBytes, JSON.stringify(big.peers));
+    // Without a manifest nothing could check what a peer sends: the origin alone.
+    const unchecked = await leech('leech-unchecked', {}, false);
+    assert.equal(unchecked.peers.bytes_from_peers, 0);
 
     // The seed's target is damaged behind its back (a failing SSD, a tampered file): it
     // serves the bytes as the image's. The leech's verification catches them.
@@ -274,9 +283,9 @@ describe('agent daemon API (in-process)', function () {
     fs.closeSync(fd);
     const b = await leech('leech-b');
     assert.equal(b.peers.excluded, 1, 'the lying peer is dropped');
-    assert.ok(b.integrity_failures >= 1);
-    assert.ok(b.peers.bytes_from_peers < IMAGE_SIZE);
-    for (const id of ['seed', 'leech-a', 'leech-b']) await client.deleteDisk(id, true);
+    assert.equal(b.integrity_failures, 1);
+    assert.equal(b.regions.failed, 0, "the peer's bad bytes do not count against the origin");
+    for (const id of ['seed', 'leech-a', 'leech-b', 'leech-big', 'leech-unchecked']) await client.deleteDisk(id, true);
   });
 
   it('is idempotent on id: the same body answers 200, another source 409', async () => {

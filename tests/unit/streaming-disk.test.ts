@@ -91,10 +91,11 @@ describe('StreamingDisk', () => {
   });
 
   let hashWorkers: HashWorkers | undefined;
-  function open(source: RemoteSource | null = src): StreamingDisk {
+  /** `manifest`: as the agent reopens a disk whose manifest it stored. */
+  function open(source: RemoteSource | null = src, manifest?: Manifest): StreamingDisk {
     const target = LocalTarget.open(path.join(dir, 'target'), { create: true, size });
     const map = RegionMap.open(path.join(dir, 'state'), { diskSize: size, regionSize: R, identity: 'test' });
-    return new StreamingDisk({ source, target, map, commitIntervalMs: 50, ...(hashWorkers ? { hashWorkers } : {}) });
+    return new StreamingDisk({ source, target, map, commitIntervalMs: 50, ...(hashWorkers ? { hashWorkers } : {}), ...(manifest ? { manifest } : {}) });
   }
 
   async function read(offset: number, length: number): Promise<Buffer> {
@@ -303,13 +304,14 @@ describe('StreamingDisk', () => {
       const onItsWay = disk.readForPeer(0, Buffer.alloc(R));
       await disk.write(20, [Buffer.from('host')], 4, false);
       assert.equal(await onItsWay, false);
-      // After a restart, the regions read back and verified against the manifest are served
-      // again; those the host changed are not.
+      // After a restart (the manifest given at open, as the agent reopens a disk) nothing is
+      // served until the read-back pass has checked the local regions: then those that hold
+      // the image are, those the host changed are not.
       await fetchRegion(5);
       await disk.close();
-      disk = open();
-      disk.setManifest(manifest);
-      await disk.whenVerified();
+      disk = open(src, manifest);
+      assert.equal(await peer(5), null, 'not before the read-back');
+      assert.equal(await disk.scanPristine(), 1, 'region 5: fetched, untouched since (0, 1, 6 and 7 hold host bytes)');
       assert.deepEqual(await peer(5), zeroed.subarray(5 * R, 6 * R), 'verified at open');
       for (const r of [0, 1, 6, 7]) assert.equal(await peer(r), null, `region ${r} has the host's bytes`);
     });

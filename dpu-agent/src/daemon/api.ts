@@ -68,7 +68,10 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     getBootProfile: async (req) => manager.bootProfile(idOf(req)),
     setPeers: async (req) => manager.setPeers(idOf(req), req.body as PeerList),
     getDiskImage: async (req, reply) => {
-      const { data, start, end, size } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
+      const { data, start, end, size, release } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
+      // The slot (peers.max_inflight) is held until the answer is sent or the peer is gone:
+      // a peer that stops reading cannot pin more buffers than that.
+      reply.raw.once('close', release);
       return reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`).send(data);
     },
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),

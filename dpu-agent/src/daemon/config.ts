@@ -149,7 +149,13 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
       default: {},
       additionalProperties: false,
       properties: {
-        max_inflight: { type: 'integer', minimum: 1, maximum: 64, default: 4, description: 'Peer reads served at once, across all disks (each at most 16 MiB, read off the event loop); more are answered 503 DPU_ERR_BUSY, and the peer reads the origin.' },
+        max_inflight: {
+          type: 'integer',
+          minimum: 1,
+          maximum: 64,
+          default: 2,
+          description: "Peer reads served at once, across all disks, each held from its read until its answer is sent (at most 16 MiB each). More are answered 503 DPU_ERR_BUSY, and the peer reads the origin. Reads use libuv's thread pool (4 threads unless UV_THREADPOOL_SIZE says otherwise), which the host's flushes and the fetched regions' writes use too: keep it below the pool's size.",
+        },
       },
     },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level of the JSON log on stderr.' },

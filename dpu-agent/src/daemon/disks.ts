@@ -580,35 +580,44 @@ export class DiskManager {
 
   /**
    * Bytes of disk `id`'s image for a peer agent (GET /v1/disks/{id}/image): checks the
-   * disk's peer token (constant time), one `Range` of at most PEER_MAX_BYTES, and reads
-   * only verified image bytes (StreamingDisk.readForPeer), at most peers.max_inflight at
-   * once across all disks.
+   * disk's peer token first (constant time; an unknown disk, one not offered and a wrong
+   * token are the same 401, so nothing is learnt without the token), one `Range` of at most
+   * PEER_MAX_BYTES within the image, and reads only verified image bytes
+   * (StreamingDisk.readForPeer). At most peers.max_inflight reads across all disks hold a
+   * slot, from the read until the answer has been sent (`release`, once).
    */
-  async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number }> {
-    const m = this.find(id);
-    const token = m.spec.peers?.token;
-    if (token === undefined) throw new DpuError('DPU_ERR_PEER_REFUSED', `disk "${id}" was created without peers.token`);
-    if (!tokenAccepted(presentedToken(authorization), [Buffer.from(token)])) throw new DpuError('DPU_ERR_UNAUTHORIZED', `not disk "${id}"'s peer token`);
+  async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number; release: () => void }> {
+    const m = this.disks.get(id);
+    const token = m?.spec.peers?.token;
+    if (!m || token === undefined || !tokenAccepted(presentedToken(authorization), [Buffer.from(token)])) {
+      throw new DpuError('DPU_ERR_UNAUTHORIZED', `not a peer token of disk "${id}" (or no such disk is offered to peers)`);
+    }
     const disk = m.opened?.disk;
     if (!disk || m.wiping) throw new DpuError('DPU_ERR_NOT_SERVABLE', `disk "${id}" is not open`);
-    const size = disk.progress().size;
+    const size = disk.imageSize;
     const r = /^bytes=(\d+)-(\d+)$/.exec(range ?? '');
     const start = r ? Number(r[1]) : NaN;
     const end = r ? Number(r[2]) : NaN;
     if (!r || !(start <= end) || end >= size || end - start + 1 > PEER_MAX_BYTES) {
-      throw new DpuError('DPU_ERR_RANGE', `Range "${range ?? ''}": give one range bytes=a-b within the disk's ${size} bytes, at most ${PEER_MAX_BYTES} bytes`);
+      throw new DpuError('DPU_ERR_RANGE', `Range "${range ?? ''}": give one range bytes=a-b within the image's ${size} bytes, at most ${PEER_MAX_BYTES} bytes`);
     }
     if (this.peerReads >= this.config.peers.max_inflight) throw new DpuError('DPU_ERR_BUSY', `${this.peerReads} peer reads in flight (peers.max_inflight); read the origin`);
     this.peerReads++;
+    let held = true;
+    const release = (): void => {
+      if (held) this.peerReads--;
+      held = false;
+    };
     try {
       const data = Buffer.allocUnsafe(end - start + 1);
       if (!(await disk.readForPeer(start, data))) {
         throw new DpuError('DPU_ERR_NOT_SERVABLE', `bytes ${start}-${end} of disk "${id}" are not all verified image bytes here (not local yet, not verified, or written by the host): read them from the origin`);
       }
       m.peerBytes += data.length;
-      return { data, start, end, size };
-    } finally {
-      this.peerReads--;
+      return { data, start, end, size, release };
+    } catch (err) {
+      release();
+      throw err;
     }
   }
 
@@ -756,7 +765,16 @@ export class DiskManager {
       }
     }
     m.opened = opened;
-    if (m.spec.peers && m.peerSources.length) opened.peers?.setPeers(m.peerSources, m.spec.peers.token);
+    if (m.spec.peers) {
+      if (m.peerSources.length) opened.peers?.setPeers(m.peerSources, m.spec.peers.token);
+      // Regions local from before the restart are served to peers once read back and verified.
+      if (opened.disk.hasManifest) {
+        void opened.disk.scanPristine().then(
+          (n) => n && this.log.info({ disk: m.spec.id, regions: n }, 'local regions verified for serving peers'),
+          (err: unknown) => this.log.warn({ disk: m.spec.id, err: (err as Error).message }, 'reading back local regions for peers failed'),
+        );
+      }
+    }
     m.server = server;
     m.record = readDiskRecord(m.dir);
     m.rate.sample(Date.now(), opened.disk.progress().bytesFetched);

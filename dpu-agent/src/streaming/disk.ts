@@ -273,6 +273,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * any host write, zeroing or trim of the region reaches the target.
    */
   private readonly pristine: Uint8Array;
+  /** Peer reads of the target in flight (close waits for them). */
+  private readonly peerReads = new Set<Promise<void>>();
   private pendingVerification = 0;
   private unverifiable = 0;
   private verifying: Promise<void> | null = null;
@@ -403,6 +405,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     if (m.size !== this.size || m.regionSize !== this.map.regionSize) {
       throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${m.size} bytes in ${m.regionSize}-byte regions; this disk has ${this.size} bytes in ${this.map.regionSize}-byte regions`);
     }
+    // Verified against another manifest: not this one's until checked again.
+    if (this.manifest !== null && this.manifest !== m) this.pristine.fill(0);
     this.manifest = m;
     // Blocks fetched before were not verified against it (or are another size): drop them.
     for (const r of [...this.blocks.keys()]) this.dropBlocks(r);
@@ -476,6 +480,37 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
 
   // ---- serving peers ------------------------------------------------------------------
 
+  /**
+   * Finds the local regions that hold the verified image though nothing marked them so:
+   * those a previous run of the agent fetched (pristine marks are not kept across
+   * restarts: a crash could leave a host write behind a stale mark). Reads each back and
+   * checks it against the manifest in one synchronous step (no host write can slip in
+   * between), one region a turn of the event loop so the host's requests keep flowing.
+   * Resolves with how many were marked.
+   */
+  async scanPristine(): Promise<number> {
+    let marked = 0;
+    const buf = Buffer.allocUnsafe(this.map.regionSize);
+    for (let r = 0; r < this.map.count; r++) {
+      const m = this.manifest;
+      if (this.closed || this.failure || m === null) break;
+      if (this.pristine[r] === 1 || this.map.state(r) !== RegionState.Local || m.isZero(r)) continue;
+      const data = buf.subarray(0, this.map.regionLength(r));
+      this.target.readSync(data, this.map.regionStart(r));
+      if (m.verify(r, data)) {
+        this.pristine[r] = 1;
+        marked++;
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    return marked;
+  }
+
+  /** Whether a manifest is applied: what is fetched from now on is verified. */
+  get hasManifest(): boolean {
+    return this.manifest !== null;
+  }
+
   /** Whether region r's bytes on the target are the image's, verified, and not written by the host since. */
   isPristine(r: number): boolean {
     return this.pristine[r] === 1;
@@ -494,15 +529,21 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     const first = this.map.regionOf(offset);
     const last = this.map.regionOf(offset + dest.length - 1);
     const allPristine = (): boolean => {
+      if (this.closed || this.failure) return false;
       for (let r = first; r <= last; r++) if (this.pristine[r] !== 1) return false;
       return true;
     };
     if (!allPristine()) return false;
+    // close() waits for it: the target's descriptor is not closed under a read.
+    const read = this.target.read ? this.target.read(dest, offset) : Promise.resolve(this.target.readSync(dest, offset));
+    this.peerReads.add(read);
     try {
-      if (this.target.read) await this.target.read(dest, offset);
-      else this.target.readSync(dest, offset);
+      await read;
     } catch (err) {
-      throw this.fail(err, `reading ${dest.length} bytes at ${offset} for a peer`);
+      // The host's own read of these bytes would fail that request only: so does a peer's.
+      throw new DpuError('DPU_ERR_TARGET_IO', `reading ${dest.length} bytes at ${offset} for a peer: ${(err as Error).message}`);
+    } finally {
+      this.peerReads.delete(read);
     }
     return allPristine();
   }
@@ -959,8 +1000,14 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   /** Counts a verification failure of region r; at the limit the region is marked failed. */
   private integrityFailed(r: number, detail: string): DpuError {
     this.integrityFailures++;
-    // A source with several places to read from (peers first) stops using the one that sent these bytes.
-    this.source?.reportCorrupt?.(this.map.regionStart(r), this.map.regionLength(r));
+    // A source with several places to read from (peers first) stops using the one that
+    // sent these bytes; when that was a peer, the origin is not to blame: the failure does
+    // not count toward the region's limit, and the next fetch goes elsewhere.
+    if (this.source?.reportCorrupt?.(this.map.regionStart(r), this.map.regionLength(r)) === true) {
+      const err = new DpuError('DPU_ERR_INTEGRITY', `region ${r} (${detail}; sent by a peer, which is not asked again)`);
+      this.log?.warn({ region: r, code: err.code }, err.message);
+      return err;
+    }
     const n = (this.integrityCounts.get(r) ?? 0) + 1;
     this.integrityCounts.set(r, n);
     if (n >= REGION_INTEGRITY_LIMIT && !this.badRegions.has(r)) {
@@ -1358,7 +1405,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     // Closing the source aborts in-flight fetches; their regions go back to `remote`.
     await this.source?.close();
     const pending = [...this.inflight.values()].map((f) => f.done.catch(noop));
-    await Promise.all([...pending, ...[...this.blockFetches].map((f) => f.catch(noop))]);
+    await Promise.all([...pending, ...[...this.blockFetches].map((f) => f.catch(noop)), ...[...this.peerReads].map((f) => f.catch(noop))]);
     this.blocks.clear();
     this.blockBytes = 0;
     await this.verifying?.catch(noop);

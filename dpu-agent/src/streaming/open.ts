@@ -135,9 +135,10 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       if (size < imageSize) {
         throw new DpuError('DPU_ERR_DISK_TOO_SMALL', `the disk would hold ${size} bytes, but the image is ${imageSize} bytes (${source.description}); give a disk size of at least the image's`, { field: 'size' });
       }
-      if (size > imageSize) source = new PaddedSource(source, size);
       // Background reads go to peer agents first once the disk is given some (setPeers).
-      source = peers = new PeerFirstSource(source, log);
+      // Beneath the padding: peers serve the image's bytes, whatever their disks' sizes.
+      source = peers = new PeerFirstSource(source, regionSize, log);
+      if (size > imageSize) source = new PaddedSource(source, size);
     }
     if (record && opts.diskSize !== undefined && opts.diskSize !== record.size) {
       throw new DpuError('DPU_ERR_SOURCE_MISMATCH', `${opts.stateDir} holds a ${record.size}-byte disk, not ${opts.diskSize} bytes; use a new --state directory for another size`, { field: 'size' });
@@ -172,6 +173,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       ...(opts.hashWorkers ? { hashWorkers: opts.hashWorkers } : {}),
       ...(log ? { log } : {}),
     });
+    peers?.verifiedBy(() => disk.hasManifest);
     const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}) });
     return {
       disk,

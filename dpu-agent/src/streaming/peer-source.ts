@@ -9,9 +9,12 @@
  *  - The host's reads (foreground) go to the origin: a peer that has not got the region
  *    would cost the miss a round trip first.
  *  - Verification: the disk checks every region it gets against the manifest, from a peer
- *    as from the origin. When a region fails, the disk reports it (reportCorrupt) and the
- *    peer that sent it is dropped for good, so the region's next fetch goes elsewhere; a
- *    lying or broken peer costs a fetch, never a wrong byte.
+ *    as from the origin, and peers are asked only while it has one (verifiedBy): bytes no
+ *    one can check come from the origin alone. When a region fails, the disk reports it
+ *    (reportCorrupt) and the peer that last sent that region is dropped for good, so its
+ *    next fetch goes elsewhere; a lying or broken peer costs a fetch, never a wrong byte.
+ *  - Only whole regions go to peers (the hydrator's batches): a block-sized read (a miss,
+ *    the gaps around miss blocks) goes to the origin, so a failing region has one sender.
  *  - Buffer safety: a peer request that fails has its socket destroyed before the origin is
  *    asked (http1.ts), so no peer byte lands in `dest` afterwards; progress is reported only
  *    once the whole range is in, from whichever side sent it.
@@ -40,25 +43,35 @@ export interface PeerStats {
 
 /** How long a peer may take to start answering and between reads of its answer. */
 const PEER_STALL_MS = 5_000;
+/**
+ * A peer answer must also arrive whole at this rate at least (a trickling peer holds its
+ * regions `filling`, and host writes to them wait): else the origin is read instead.
+ */
+const PEER_MIN_BYTES_PER_S = 8 << 20;
 /** The most one peer read asks for (the serving side's limit, daemon/disks.ts). */
 const PEER_MAX_BYTES = 16 << 20;
-/** Ranges remembered per peer for reportCorrupt (oldest forgotten first). */
-const SERVED_KEPT = 256;
 
 interface PeerState extends PeerAddress {
   excluded: boolean;
-  served: { offset: number; end: number }[];
+}
+
+function peerKey(p: PeerAddress): string {
+  return `${p.url.replace(/\/+$/, '')} ${p.disk}`;
 }
 
 export class PeerFirstSource implements RemoteSource {
   private peers: PeerState[] = [];
   private token: string | null = null;
   private next = 0;
+  private canVerify: () => boolean = () => false;
+  /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
+  private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
   private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0 };
 
   constructor(
     private readonly origin: RemoteSource,
+    private readonly regionSize: number,
     private readonly log?: Logger,
   ) {}
 
@@ -72,10 +85,15 @@ export class PeerFirstSource implements RemoteSource {
     return this.origin.description;
   }
 
+  /** Peers are asked only while `check` says what they send is verified (the disk has a manifest). */
+  verifiedBy(check: () => boolean): void {
+    this.canVerify = check;
+  }
+
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
   setPeers(peers: readonly PeerAddress[], token: string): void {
-    const old = new Map(this.peers.map((p) => [`${p.url} ${p.disk}`, p]));
-    this.peers = peers.map((p) => old.get(`${p.url} ${p.disk}`) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, served: [] });
+    const old = new Map(this.peers.map((p) => [peerKey(p), p]));
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false });
     this.token = token;
   }
 
@@ -84,27 +102,33 @@ export class PeerFirstSource implements RemoteSource {
   }
 
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
-    if (opts.priority === 'background' && this.token !== null && dest.length <= PEER_MAX_BYTES) {
+    const first = Math.floor(offset / this.regionSize);
+    const last = Math.floor((offset + dest.length - 1) / this.regionSize);
+    if (opts.priority === 'background' && this.token !== null && this.wholeRegions(offset, dest.length) && dest.length <= PEER_MAX_BYTES && this.canVerify()) {
       const peer = this.pick();
       if (peer && (await this.fromPeer(peer, offset, dest))) {
+        for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
         opts.onProgress?.(dest.length);
         return;
       }
       if (peer) this.counters.fallbacks++;
     }
+    for (let r = first; r <= last; r++) this.sentBy.delete(r);
     return this.origin.read(offset, dest, opts);
   }
 
-  /** The region [offset, offset+length) failed verification: drop the peer that sent it, if one did. */
-  reportCorrupt(offset: number, length: number): void {
-    const end = offset + length;
-    for (const p of this.peers) {
-      if (p.excluded || !p.served.some((s) => s.offset < end && offset < s.end)) continue;
-      p.excluded = true;
+  /** Region [offset, offset+length) failed verification: drop the peer that sent it, if one did (true). */
+  reportCorrupt(offset: number, length: number): boolean {
+    const r = Math.floor(offset / this.regionSize);
+    const peer = this.sentBy.get(r);
+    this.sentBy.delete(r);
+    if (!peer) return this.origin.reportCorrupt?.(offset, length) ?? false;
+    if (!peer.excluded) {
+      peer.excluded = true;
       this.counters.corrupt++;
-      this.log?.warn({ peer: p.url, disk: p.disk, offset, length, code: 'DPU_ERR_INTEGRITY' }, 'a peer sent bytes that failed verification: not asked again');
+      this.log?.warn({ peer: peer.url, disk: peer.disk, offset, length, code: 'DPU_ERR_INTEGRITY' }, 'a peer sent bytes that failed verification: not asked again');
     }
-    this.origin.reportCorrupt?.(offset, length);
+    return true;
   }
 
   stats(): RemoteSourceStats {
@@ -114,6 +138,11 @@ export class PeerFirstSource implements RemoteSource {
   async close(): Promise<void> {
     this.pool.destroy();
     await this.origin.close();
+  }
+
+  private wholeRegions(offset: number, length: number): boolean {
+    const end = offset + length;
+    return offset % this.regionSize === 0 && (end % this.regionSize === 0 || end === this.size);
   }
 
   private pick(): PeerState | null {
@@ -130,10 +159,12 @@ export class PeerFirstSource implements RemoteSource {
   /** True when the peer answered the whole range; false (dest not to be used) otherwise. */
   private async fromPeer(peer: PeerState, offset: number, dest: Buffer): Promise<boolean> {
     const ac = new AbortController();
-    let timer = setTimeout(() => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} stalled`)), PEER_STALL_MS);
+    const stalled = (): void => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} stalled`));
+    let timer = setTimeout(stalled, PEER_STALL_MS);
+    const deadline = setTimeout(() => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} too slow`)), PEER_STALL_MS + (dest.length / PEER_MIN_BYTES_PER_S) * 1000);
     const renew = (): void => {
       clearTimeout(timer);
-      timer = setTimeout(() => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} stalled`)), PEER_STALL_MS);
+      timer = setTimeout(stalled, PEER_STALL_MS);
     };
     const end = offset + dest.length;
     try {
@@ -150,8 +181,6 @@ export class PeerFirstSource implements RemoteSource {
         this.log?.debug({ peer: peer.url, disk: peer.disk, status: res.head.status, offset }, 'peer did not serve the range; reading the origin');
         return false;
       }
-      peer.served.push({ offset, end });
-      if (peer.served.length > SERVED_KEPT) peer.served.shift();
       this.counters.bytesFromPeers += dest.length;
       return true;
     } catch (err) {
@@ -159,6 +188,7 @@ export class PeerFirstSource implements RemoteSource {
       return false;
     } finally {
       clearTimeout(timer);
+      clearTimeout(deadline);
     }
   }
 }
