@@ -63,7 +63,7 @@ import { redactUrl } from '../../../image-access/src/redact.js';
 import { noop } from '../../../common/src/deferred.js';
 import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
-import type { PeerAddress } from '../streaming/peer-source.js';
+import { type PeerAddress, PEER_MAX_BYTES } from '../streaming/peer-source.js';
 import { HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { type AgentConfig, agentNbdTls } from './config.js';
 import { ErasureManager } from './erasures.js';
@@ -141,8 +141,6 @@ const BOOT_PROFILE_FILE = 'boot-profile.json';
 const KEPT_WHILE_WIPING = new Set(['spec.json', 'disk.json']);
 /** sockaddr_un.sun_path holds 108 bytes with the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
-/** The most one peer read serves (GET /v1/disks/{id}/image). */
-export const PEER_MAX_BYTES = 16 << 20;
 const RLE_CHAR: Record<number, string> = { [RegionState.Remote]: 'r', [RegionState.Zero]: 'z', [RegionState.Filling]: 'f', [RegionState.Local]: 'L' };
 
 /** bytes_fetched samples over the last few seconds, for fetch_rate_bps. */

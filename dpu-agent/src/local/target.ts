@@ -91,26 +91,21 @@ export class LocalTarget implements Target {
   }
 
   read(dest: Buffer, position: number): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const step = (done: number): void => {
-        if (done === dest.length) return resolve();
-        fs.read(this.fd, dest, done, dest.length - done, position + done, (err, n) => {
-          if (err) reject(err);
-          else if (n === 0) reject(new DpuError('DPU_ERR_TARGET_IO', `short read from ${this.path} at ${position + done}`));
-          else step(done + n);
-        });
-      };
-      step(0);
-    });
+    return this.whole(fs.read, dest, position, 'read from');
   }
 
   write(buf: Buffer, position: number): Promise<void> {
+    return this.whole(fs.write, buf, position, 'write to');
+  }
+
+  /** `op` (fs.read or fs.write) on the thread pool until all of `buf` is done; a 0-byte step is a short read or write. */
+  private whole(op: typeof fs.read | typeof fs.write, buf: Buffer, position: number, what: string): Promise<void> {
     return new Promise((resolve, reject) => {
       const step = (done: number): void => {
         if (done === buf.length) return resolve();
-        fs.write(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
+        (op as typeof fs.read)(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
           if (err) reject(err);
-          else if (n === 0) reject(new DpuError('DPU_ERR_TARGET_IO', `short write to ${this.path} at ${position + done}`));
+          else if (n === 0) reject(new DpuError('DPU_ERR_TARGET_IO', `short ${what} ${this.path} at ${position + done}`));
           else step(done + n);
         });
       };

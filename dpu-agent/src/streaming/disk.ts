@@ -511,11 +511,6 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     return this.manifest !== null;
   }
 
-  /** Whether region r's bytes on the target are the image's, verified, and not written by the host since. */
-  isPristine(r: number): boolean {
-    return this.pristine[r] === 1;
-  }
-
   /**
    * Reads [offset, offset + dest.length) of the image from the target, for a peer: only
    * from pristine regions, off the event loop. Resolves false — `dest` then holds nothing

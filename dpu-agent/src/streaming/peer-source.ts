@@ -48,8 +48,8 @@ const PEER_STALL_MS = 5_000;
  * regions `filling`, and host writes to them wait): else the origin is read instead.
  */
 const PEER_MIN_BYTES_PER_S = 8 << 20;
-/** The most one peer read asks for (the serving side's limit, daemon/disks.ts). */
-const PEER_MAX_BYTES = 16 << 20;
+/** The most one peer read asks for, and what the serving side answers at most (GET /v1/disks/{id}/image). */
+export const PEER_MAX_BYTES = 16 << 20;
 
 interface PeerState extends PeerAddress {
   excluded: boolean;
