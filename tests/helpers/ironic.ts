@@ -150,7 +150,10 @@ export class IronicServer {
         enabled_bios_interfaces: 'no-bios',
       },
       api: { host_ip: '127.0.0.1', port },
-      database: { connection: `sqlite:///${path.join(s.dir, 'ironic.sqlite')}` },
+      // Conductors sharing this file (ironicCluster) write it at once: a heartbeat holds the
+      // lock while another registers. sqlite3 gives up on a locked database after 5 s, which
+      // a loaded 2-core machine exceeds; wait up to 60 s instead.
+      database: { connection: `sqlite:///${path.join(s.dir, 'ironic.sqlite')}?timeout=60` },
       dhcp: { dhcp_provider: 'none' },
       conductor: {
         automated_clean: false,
