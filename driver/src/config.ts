@@ -43,6 +43,7 @@ export interface DriverConfig {
   };
   manifests: { enabled: boolean; require: boolean; max_regions: number; attempts: number };
   boot_profiles: { enabled: boolean; history: number; min_share: number; max_regions: number; ttl_days: number; collect_timeout_ms: number };
+  peers: { enabled: boolean; max_peers: number; announce_ttl_ms: number; seed_time_ms: number; secret?: string };
   reconcile: {
     interval_ms: number;
     remove_orphans: boolean;
@@ -225,6 +226,19 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         },
       },
     },
+    peers: {
+      type: 'object',
+      description: "Peer-to-peer regions (docs/fleet.md): disks of the same image content read each other's verified regions before the origin. The service is the tracker: it gives each disk a per-image token and a list of peers. The DPU agents must reach each other's APIs (driver_info smartnic_peer_url, else smartnic_agent_url); only images with a manifest take part.",
+      default: {},
+      additionalProperties: false,
+      properties: {
+        enabled: { type: 'boolean', default: false, description: 'Offer disks to peers and hand each the list of its peers. false: every disk reads the origin alone.' },
+        max_peers: { type: 'integer', minimum: 1, maximum: 64, default: 8, description: 'Peers in one disk\'s list: same rack (driver_info smartnic_rack) first, then complete disks, then the furthest along.' },
+        announce_ttl_ms: { type: 'integer', minimum: 1000, default: 60000, description: 'A hydrating disk stays listed this long after its last monitor poll: a disk whose driver or agent went away drops out by itself. Longer than jobs.monitor_interval_ms.' },
+        seed_time_ms: { type: 'integer', minimum: 0, default: 3600000, description: 'A complete disk stays listed (seeding) this long after it completed; 0: not after it completed.' },
+        secret: { type: 'string', minLength: 16, secret: true, description: 'Key the per-image peer tokens are derived from (HMAC-SHA256 of the image key). Default: a random one made once and kept in Redis (<prefix>:peers:secret); set it when drivers do not share one Redis.' },
+      },
+    },
     reconcile: {
       type: 'object',
       description: "Reconciling the DPU agents' disks with the deployment records (docs/operations.md, Reconcile): a disk with a driver-style id and no deployment record is an orphan, reported by GET /v1/orphans and smartnic_driver_orphan_disks, and removed (with wipe) only when remove_orphans is set.",
@@ -277,6 +291,9 @@ export function resolveDriverConfig(source: { file: string } | { object: unknown
     new RegExp(cfg.reconcile.disk_id_pattern);
   } catch (err) {
     throw new ConfigError(`config key "reconcile.disk_id_pattern" is not a regular expression: ${(err as Error).message}`, 'reconcile.disk_id_pattern');
+  }
+  if (cfg.peers.announce_ttl_ms <= cfg.jobs.monitor_interval_ms) {
+    throw new ConfigError(`config key "peers.announce_ttl_ms" (${cfg.peers.announce_ttl_ms}) must be longer than jobs.monitor_interval_ms (${cfg.jobs.monitor_interval_ms}): every disk would drop out of the peer lists between two polls`, 'peers.announce_ttl_ms');
   }
   return Object.freeze({ ...cfg, auth: Object.freeze({ ...cfg.auth, tokens: cfg.auth.disabled ? [] : tokens }) });
 }

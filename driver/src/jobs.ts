@@ -50,6 +50,12 @@
  * A deployment created with a `callback` gets a push to Ironic (callback.ts) when its
  * attach ends: `end` once the disk is bootable, `error` once the attach failed for good.
  * The push is fire-and-forget: it never delays or fails a job.
+ *
+ * Peers (peers.ts, with peers.enabled): attach creates the disk with the image's peer
+ * token, lists it with the tracker and hands it the image's other disks; each monitor
+ * poll lists it again (with its progress) and sends a new peer list when the list changed
+ * or the agent lost it (restarted); once complete it stays listed for peers.seed_time_ms;
+ * the teardown withdraws it first. Like profiles, peers never fail or delay a job.
  */
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
@@ -67,7 +73,8 @@ import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
-import type { BootProfileRecord, DeploymentRecord, DeploymentStore, Progress } from './store.js';
+import { type PeerTracker, peerListDigest } from './peers.js';
+import type { BootProfileRecord, DeploymentRecord, DeploymentStore, PeerRecord, Progress } from './store.js';
 
 export interface JobDeps {
   store: DeploymentStore;
@@ -84,6 +91,8 @@ export interface JobDeps {
   profiles?: BootProfileStore;
   /** Counts what happened to profiles (metrics). */
   onProfile?: (event: 'applied' | 'refused' | 'collected') => void;
+  /** The peer tracker (peers.ts); absent or disabled: disks read the origin alone. */
+  peers?: PeerTracker;
 }
 
 /** Pushes the outcome to Ironic if the deployment asked for it; never waits, never throws. */
@@ -173,6 +182,8 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   let key: string | null = null;
   let status: ManifestStatus | null = null;
   let replay: MergedProfile | null = null;
+  let swarm: { key: string; token: string } | { key: null; note: string } | null = null;
+  let peers: PeerRecord | null = null;
   // Before any disk is made there, so reconcile looks at this agent even if the record is
   // lost later (reconcile.ts).
   await deps.reconcile?.register(rec.agent_url, di.smartnic_agent_token);
@@ -197,6 +208,15 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
     const profiles = deps.profiles && deps.config.boot_profiles.enabled ? deps.profiles : null;
     const profileRegionSize = di.smartnic_region_size ?? DEFAULT_REGION_SIZE;
     replay = profiles ? await lookupProfile(deps, profiles, rec, image, profileRegionSize) : null;
+    swarm = await peerToken(deps, rec, image, profileRegionSize);
+    if (swarm?.key && !status) {
+      // Its manifest, if cached, goes with the disk: peers are asked only once it can verify them.
+      const cached = await deps.manifests.get(swarm.key);
+      if (cached) {
+        status = { kind: 'cached', manifest: cached };
+        key = swarm.key;
+      }
+    }
     disk = await agent
       .createDisk({
         id: rec.disk_id,
@@ -211,13 +231,18 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
         // Ironic's root_gb is GiB; 0 or absent: the agent's default (the whole target device, else the image).
         ...(rec.spec.instance_info.root_gb ? { size: rec.spec.instance_info.root_gb * 2 ** 30 } : {}),
         // A profile's regions are of its region size: the disk is asked for that one.
-        ...(di.smartnic_region_size || required || replay ? { region_size: profileRegionSize } : {}),
-        hydration: { bandwidth: di.smartnic_bandwidth ?? 0 },
+        ...(di.smartnic_region_size || required || replay || swarm?.key ? { region_size: profileRegionSize } : {}),
+        ...(swarm?.key ? { peers: { token: swarm.token } } : {}),
+        // With peers and the manifest at hand, the copy waits for both (sent right below), so
+        // that its first regions come from peers rather than the origin.
+        hydration: { bandwidth: di.smartnic_bandwidth ?? 0, ...(swarm?.key && status?.kind === 'cached' ? { await_manifest_ms: MANIFEST_WAIT_MS } : {}) },
         boot_profile: profiles ? { record: true, ...(replay ? { replay: { region_size: profileRegionSize, regions: replay.merged, boots: replay.boots } } : {}) } : { record: false },
       })
       .catch((err: unknown) => {
         throw agentError(err, `creating disk ${rec.disk_id} on ${rec.agent_url}`);
       });
+    // The peer list before the manifest: the manifest's arrival starts the copy.
+    if (swarm?.key) peers = await joinPeers(deps, rec, disk, { ...NO_PEERS, key: swarm.key });
     if (status?.kind === 'cached' && !disk.manifest) disk = await uploadManifest(rec, deps, status.manifest);
     // Before the disk is ready, so before Ironic powers the host on.
     const configdrive = rec.spec.instance_info.configdrive;
@@ -250,10 +275,12 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
   }
   const profileKey = deps.profiles && deps.config.boot_profiles.enabled ? manifestKey(image, rec.spec.instance_info, disk.region_size) : null;
   const bootProfile = profileKey ? await profileOutcome(deps, rec, disk, profileKey, replay) : null;
+  if (swarm && swarm.key === null) peers = { ...NO_PEERS, note: swarm.note };
   const updated = await deps.store.update(rec.node_uuid, rec.deployment_id, {
     state: disk.state === 'complete' ? 'complete' : 'ready',
     profile_key: profileKey,
     boot_profile: bootProfile,
+    peers,
     image_url: redactUrl(image.url),
     image_expires_at: expiryOf(image),
     export_uri: disk.export.uri,
@@ -278,6 +305,72 @@ async function lookupProfile(deps: JobDeps, profiles: BootProfileStore, rec: Dep
   } catch (err) {
     deps.log.warn({ node: rec.node_uuid, err: (err as Error).message }, 'reading the image\'s boot profile failed; deploying without one');
     return null;
+  }
+}
+
+/** How long a disk created with its manifest at hand holds its copy for it (the upload follows at once). */
+const MANIFEST_WAIT_MS = 30_000;
+
+const NO_PEERS: PeerRecord = { key: null, sources: 0, bytes_from_peers: 0, bytes_served: 0, listed_until: null, digest: null, note: null };
+
+/**
+ * The image's peer group and token, when peers are on: null when they are off; a note
+ * instead of a key when this image cannot take part (nothing names its content, or Redis
+ * failed: the disk reads the origin alone).
+ */
+async function peerToken(deps: JobDeps, rec: DeploymentRecord, image: ResolvedImage, regionSize: number): Promise<{ key: string; token: string } | { key: null; note: string } | null> {
+  const tracker = deps.peers;
+  if (!tracker?.enabled || !deps.config.manifests.enabled) return null;
+  const key = manifestKey(image, rec.spec.instance_info, regionSize);
+  if (!key) return { key: null, note: 'no peers: nothing names the image\'s content (no Glance digest, image_os_hash_value or identity), so what peers send could not be verified' };
+  try {
+    return { key, token: await tracker.token(key) };
+  } catch (err) {
+    deps.log.warn({ node: rec.node_uuid, err: (err as Error).message }, 'no peer token for the image; the disk reads the origin alone');
+    return { key: null, note: `no peers: the peer token could not be made: ${(err as Error).message}` };
+  }
+}
+
+/**
+ * Lists the disk with the tracker and, while it still copies, hands it the image's other
+ * disks when its list changed or the agent lost it. Returns the record's `peers`; a
+ * failure is a note there (tried again at the next poll), never a failed job.
+ */
+async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev: PeerRecord): Promise<PeerRecord> {
+  const tracker = deps.peers!;
+  const key = prev.key!;
+  const di = rec.spec.driver_info;
+  const self = { deployment: `${rec.node_uuid}/${rec.deployment_id}`, url: di.smartnic_peer_url ?? rec.agent_url, disk: rec.disk_id, rack: di.smartnic_rack ?? null };
+  const complete = disk.state === 'complete';
+  // What it can serve: regions are served once verified, so none before its manifest; a
+  // complete disk is a seed once its whole target has been checked.
+  const seed = complete && disk.verified;
+  const stats = { sources: disk.peers.sources, bytes_from_peers: disk.peers.bytes_from_peers, bytes_served: disk.peers.bytes_served };
+  try {
+    // A seed is listed once, when it becomes one, for the seeding time: later polls (a
+    // boot still recording) must not stretch it.
+    let listedUntil = prev.listed_until;
+    if (!seed || prev.digest !== 'complete') {
+      const entry = await tracker.announce(key, { ...self, local: disk.manifest ? disk.regions.local : 0, total: disk.regions.total, complete: seed });
+      listedUntil = new Date(entry.until).toISOString();
+    }
+    if (seed) return { ...prev, ...stats, listed_until: listedUntil, digest: 'complete', note: null };
+    if (complete) return { ...prev, ...stats, listed_until: listedUntil, note: null }; // copies nothing more: no list to send
+    const list = await tracker.peersFor(key, self);
+    const digest = peerListDigest(list);
+    if (digest !== prev.digest || disk.peers.sources !== list.length) {
+      const updated = await agentFor(rec, deps.config)
+        .setPeers(rec.disk_id, { sources: list })
+        .catch((err: unknown) => {
+          throw agentError(err, `sending the peer list to disk ${rec.disk_id} on ${rec.agent_url}`);
+        });
+      stats.sources = updated.peers.sources;
+      deps.log.debug({ node: rec.node_uuid, disk: rec.disk_id, peers: list.length }, 'peer list sent');
+    }
+    return { ...prev, ...stats, listed_until: listedUntil, digest, note: null };
+  } catch (err) {
+    deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, err: (err as Error).message }, 'peers: tracker or agent failed; retrying at the next poll');
+    return { ...prev, ...stats, digest: null, note: `peers: ${(err as Error).message}; retrying` };
   }
 }
 
@@ -377,29 +470,39 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
   }
   if (disk) {
     let note: string | null = null;
-    if (rec.manifest_key && !disk.manifest && disk.state !== 'complete' && deps.config.manifests.enabled) {
+    // A disk offered to peers serves only verified regions: it gets the manifest even when
+    // it completed first (the agent then reads its target back against it), and the job
+    // polls on until that check is done, or the manifest cannot be built.
+    const seeding = Boolean(rec.peers?.key && deps.peers?.enabled);
+    let verifying = false;
+    if (rec.manifest_key && !disk.manifest && (disk.state !== 'complete' || seeding) && deps.config.manifests.enabled) {
       try {
         const status = await manifestStatus(deps, rec, rec.manifest_key, disk.region_size);
         if (status.kind === 'cached') disk = await uploadManifest(rec, deps, status.manifest);
         else note = status.kind === 'failed' ? status.message : UNVERIFIED;
+        verifying = seeding && status.kind !== 'failed';
       } catch (err) {
         note = `${UNVERIFIED}: ${(err as Error).message}`;
+        verifying = seeding;
       }
     } else if (rec.manifest_key && !disk.verified) {
       note = await deps.manifests.failure(rec.manifest_key).catch(() => null);
+      verifying = seeding && disk.manifest;
     }
     const progress = progressOf(disk);
     const complete = disk.state === 'complete';
     const profile = await collectProfile(deps, rec, disk);
+    const peers = rec.peers?.key && deps.peers?.enabled ? await joinPeers(deps, rec, disk, rec.peers) : null;
     await deps.store.update(rec.node_uuid, rec.deployment_id, {
       progress,
       last_error: [disk.last_error, note].filter((x) => x).join('; ') || null,
       ...(complete ? { state: 'complete' as const } : {}),
       ...(profile.update ? { boot_profile: profile.update } : {}),
+      ...(peers ? { peers } : {}),
     });
     await job.updateProgress(Math.floor(progress.fraction * 100));
     if (complete && rec.state !== 'complete') deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
-    if (complete && !profile.pending) return 'complete';
+    if (complete && !profile.pending && !verifying) return 'complete';
     // Complete but the host's boot is still being recorded: keep polling for it, without a source to renew.
     if (!complete && (await renewSource(deps, rec))) return 'stopped: the image source cannot be renewed';
   }
@@ -457,6 +560,10 @@ export async function teardown(deps: JobDeps, job: Job<JobData>): Promise<string
   const pending = await deps.queues.job('attach', rec);
   if (pending && ['waiting', 'delayed', 'prioritized'].includes(await pending.getState())) await pending.remove().catch(() => undefined);
   await collectBeforeTeardown(deps, rec);
+  // Out of the peer lists before the disk goes (peers asking meanwhile fall back to the origin).
+  if (rec.peers?.key && deps.peers) {
+    await deps.peers.withdraw(rec.peers.key, `${rec.node_uuid}/${rec.deployment_id}`).catch((err: unknown) => deps.log.warn({ node: rec.node_uuid, err: (err as Error).message }, 'withdrawing the disk from the peer tracker failed; its entry expires by itself'));
+  }
   try {
     await agentFor(rec, deps.config)
       .deleteDisk(rec.disk_id, job.data.wipe ?? true)

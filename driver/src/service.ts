@@ -8,6 +8,7 @@
  */
 import { once } from 'node:events';
 import { BootProfileStore } from './boot-profiles.js';
+import { PeerTracker } from './peers.js';
 import { type Job, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { buildDriverApi, type DriverApp } from './api.js';
@@ -83,6 +84,7 @@ export async function startDriverService(config: Readonly<DriverConfig>, log: Lo
     reconcile: reconcileStore,
     profiles: new BootProfileStore(workerRedis, prefix, config.boot_profiles),
     onProfile: (event) => metrics.bootProfiles.inc({ event }),
+    peers: new PeerTracker(workerRedis, prefix, config.peers),
   };
   // Reconcile runs where the workers run (a pass at a time across all processes), on the
   // fail-fast connection: a pass during a Redis outage fails at once (and is tried again

@@ -38,6 +38,8 @@ export interface DeploymentRecord {
   /** The image's profile key (manifests.ts manifestKey in the disk's region size). */
   profile_key?: string | null;
   boot_profile?: BootProfileRecord | null;
+  /** Peer-to-peer regions (peers.ts); null when peers are off. */
+  peers?: PeerRecord | null;
   created_at: string;
   updated_at: string;
   spec: DeploymentCreate;
@@ -56,6 +58,21 @@ export interface BootProfileRecord {
   /** This boot is stored in the image's profile. */
   collected: boolean;
   /** Why the profile was not replayed or the boot not collected, or null. */
+  note: string | null;
+}
+
+/** What a deployment's disk does with peers (peers.ts), as last polled. */
+export interface PeerRecord {
+  /** The image's peer group (its manifest key); null when the image cannot take part (see note). */
+  key: string | null;
+  /** Peers in the disk's list. */
+  sources: number;
+  bytes_from_peers: number;
+  bytes_served: number;
+  /** Until when the tracker lists this disk for others (ISO 8601). */
+  listed_until: string | null;
+  /** The last list sent to the agent ('complete' once the disk completed and no list is sent). */
+  digest: string | null;
   note: string | null;
 }
 
@@ -167,6 +184,7 @@ function decode(h: Record<string, string>): DeploymentRecord {
     manifest_key: json<string | null>('manifest_key', null),
     profile_key: json<string | null>('profile_key', null),
     boot_profile: json<BootProfileRecord | null>('boot_profile', null),
+    peers: json<PeerRecord | null>('peers', null),
     created_at: h['created_at'] ?? '',
     updated_at: h['updated_at'] ?? '',
     spec: json<DeploymentCreate>('spec', {} as DeploymentCreate),

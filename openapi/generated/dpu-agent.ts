@@ -447,6 +447,11 @@ export interface components {
                  * @default 0
                  */
                 readonly bandwidth?: number;
+                /**
+                 * @description Hold the background copy until the manifest is uploaded (PUT …/manifest), at most this long: a disk of a fleet then reads its first regions from peers rather than the origin, and verifies them (the driver sets it when it has the manifest to send). Hydration shows `paused` meanwhile; a resume starts it at once. 0: start at once. The host's reads are served meanwhile either way.
+                 * @default 0
+                 */
+                readonly await_manifest_ms?: number;
             };
             /** @description Boot profiles (docs/dpu-agent.md): whether to record this disk's boot reads, and a profile of the same image to replay. Ignored when the agent's `boot_profiles.enabled` is false. */
             readonly boot_profile?: {

@@ -347,6 +347,10 @@ export interface components {
             readonly smartnic_bandwidth?: number;
             /** @description true: the disk is created only once the image manifest is built, so every fetched region is verified from the first read (default: the service's manifests.require). */
             readonly smartnic_require_verification?: boolean;
+            /** @description Where other DPU agents reach this one's API to read regions of its disk (peers.enabled; docs/fleet.md). Default: smartnic_agent_url. */
+            readonly smartnic_peer_url?: string;
+            /** @description Topology label (a rack, say): peers with the same label come first in this disk's peer list. */
+            readonly smartnic_rack?: string;
         };
         readonly ValidateRequest: {
             readonly node_uuid?: components["schemas"]["NodeId"];
@@ -539,6 +543,24 @@ export interface components {
                 /** @description This boot is stored in the image's profile. */
                 readonly collected: boolean;
                 /** @description Why the profile was not replayed or this boot not collected. */
+                readonly note: string | null;
+            };
+            /** @description Peer-to-peer regions (docs/fleet.md), as last polled; null when the service's peers are off. */
+            readonly peers: null | {
+                /** @description The disk reads from and serves peers: the image has a peer group (false: see note). */
+                readonly enabled: boolean;
+                /** @description Peers in the disk's list (other disks of the image, read before the origin). */
+                readonly sources: number;
+                /** @description Bytes the disk read from peers (since its agent opened it). */
+                readonly bytes_from_peers: number;
+                /** @description Bytes of the disk served to peers (since its agent started). */
+                readonly bytes_served: number;
+                /**
+                 * Format: date-time
+                 * @description Until when the disk is in other disks' lists: renewed by each poll while it copies; once complete, for the seeding time (peers.seed_time_ms).
+                 */
+                readonly listed_until: string | null;
+                /** @description Why the disk has no peers, or what failed last. */
                 readonly note: string | null;
             };
             readonly last_error: string | null;

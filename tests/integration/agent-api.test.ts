@@ -288,6 +288,29 @@ describe('agent daemon API (in-process)', function () {
     for (const id of ['seed', 'leech-a', 'leech-b', 'leech-big', 'leech-unchecked']) await client.deleteDisk(id, true);
   });
 
+  it('hydration.await_manifest_ms holds the background copy until the manifest is uploaded, hydration is resumed, or that long has passed', async () => {
+    const manifest = (await Manifest.build(new FileSource(image), { regionSize: REGION })).encode();
+    const held = await client.createDisk(body('held', { hydration: { await_manifest_ms: 600_000 } }));
+    assert.equal(held.hydration.state, 'paused', 'held for its manifest');
+    assert.equal(held.bytes_fetched, 0);
+    // The manifest starts it (else it would wait ten minutes, past this test's deadline).
+    await client.setManifest('held', manifest);
+    assert.equal((await waitState(client, 'held', 'complete')).integrity_failures, 0);
+    // A resume starts it at once.
+    await client.createDisk(body('held-resumed', { hydration: { await_manifest_ms: 600_000 } }));
+    await client.updateHydration('held-resumed', { paused: false });
+    await waitState(client, 'held-resumed', 'complete');
+    // No manifest within the wait: it copies unverified from the origin.
+    await client.createDisk(body('held-short', { hydration: { await_manifest_ms: 200 } }));
+    assert.equal((await waitState(client, 'held-short', 'complete')).manifest, false);
+    // Paused at creation stays paused when the wait ends.
+    const paused = await client.createDisk(body('held-paused', { hydration: { await_manifest_ms: 200, paused: true } }));
+    await client.setManifest('held-paused', manifest);
+    assert.equal((await client.getDisk('held-paused')).hydration.state, 'paused');
+    assert.equal(paused.bytes_fetched, 0);
+    for (const id of ['held', 'held-resumed', 'held-short', 'held-paused']) await client.deleteDisk(id, true);
+  });
+
   it('is idempotent on id: the same body answers 200, another source 409', async () => {
     const again = await raw(base, 'POST', '/v1/disks', body('alpha', { hydration: { bandwidth: 4 * MiB } }));
     assert.equal(again.status, 200);

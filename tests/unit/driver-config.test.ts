@@ -22,6 +22,12 @@ describe('driver config', () => {
     assert.throws(() => resolveDriverConfig({ object: { listen: { port: 70000 }, auth: { disabled: true } } }), (e: unknown) => e instanceof ConfigError && e.key === 'listen.port' && /listen\.port" must be <= 65535/.test(e.message));
     assert.throws(() => resolveDriverConfig({ object: { jobz: {}, auth: { disabled: true } } }), /config key "jobz" is not known/);
     assert.throws(() => resolveDriverConfig({ object: { redis: { url: 'http://x' }, auth: { disabled: true } } }), /redis\.url/);
+    // Every disk would drop out of the peer lists between two polls.
+    assert.throws(
+      () => resolveDriverConfig({ object: { peers: { enabled: true, announce_ttl_ms: 2000 }, jobs: { monitor_interval_ms: 5000 }, auth: { disabled: true } } }),
+      (e: unknown) => e instanceof ConfigError && e.key === 'peers.announce_ttl_ms' && /longer than jobs\.monitor_interval_ms/.test(e.message),
+    );
+    assert.throws(() => resolveDriverConfig({ object: { peers: { secret: 'short' }, auth: { disabled: true } } }), /peers\.secret/);
   });
 
   it('refuses to run without authentication unless told to', () => {

@@ -94,7 +94,7 @@ export interface DiskSpec {
   /** What the emulated NVMe disk presents (absent in specs written before it existed: derived from the id). */
   device?: DeviceIdentity;
   export: { kind: 'unix' | 'tcp'; name: string; host?: string; port?: number };
-  hydration: { enabled: boolean; paused: boolean; bandwidth: number };
+  hydration: { enabled: boolean; paused: boolean; bandwidth: number; await_manifest_ms?: number };
   /** Absent in specs written before boot profiles: nothing recorded, nothing replayed. */
   boot_profile?: { record: boolean; replay?: { region_size: number; regions: number[]; boots?: number } };
   /** Set by a delete with wipe; the disk is never opened again, and goes once the target is wiped. */
@@ -173,6 +173,8 @@ class ManagedDisk {
   configDrive: ConfigDriveRecord | null;
   readonly rate = new RateWindow();
   retryTimer: NodeJS.Timeout | null = null;
+  /** Set while the background copy waits for the manifest (hydration.await_manifest_ms). */
+  manifestWait: NodeJS.Timeout | null = null;
   removed = false;
   /** Deleted with wipe, and the wipe has not succeeded yet (spec.wipe_pending is on disk). */
   wiping: boolean;
@@ -351,6 +353,7 @@ export class DiskManager {
       if (!m.wiping) {
         m.removed = true;
         if (m.retryTimer) clearTimeout(m.retryTimer);
+        this.stopManifestWait(m);
         try {
           await this.closeDisk(m);
         } catch (err) {
@@ -421,6 +424,7 @@ export class DiskManager {
         // Resuming a disk created with hydration disabled enables it.
         next.paused = false;
         next.enabled = true;
+        this.stopManifestWait(m); // asked to copy now
         h?.resume();
       }
       m.spec = { ...m.spec, hydration: next };
@@ -484,6 +488,10 @@ export class DiskManager {
       const disk = m.opened?.disk;
       if (disk) {
         const pass = disk.setManifest(manifest);
+        if (m.manifestWait) {
+          this.stopManifestWait(m);
+          if (m.spec.hydration.enabled && !m.spec.hydration.paused) m.opened!.hydrator.start();
+        }
         // The answer does not wait for the read-back: `verified` turns true when it ends.
         pass.then(
           () => this.verificationDone(m, disk),
@@ -556,6 +564,7 @@ export class DiskManager {
     await Promise.all(
       [...this.disks.values()].map((m) => {
         if (m.retryTimer) clearTimeout(m.retryTimer);
+        this.stopManifestWait(m);
         return this.exclusive(m.spec.id, () => this.closeDisk(m)).catch((err: Error) => this.log.error({ disk: m.spec.id, err }, 'closing the disk failed'));
       }),
     );
@@ -695,7 +704,7 @@ export class DiskManager {
       ...(size !== undefined ? { size } : {}),
       export: { kind, name: ex.name ?? 'disk', ...(kind === 'tcp' ? { host: ex.host ?? '127.0.0.1', port: ex.port ?? 0 } : {}) },
       hydration: h
-        ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0 }
+        ? { enabled: h.enabled ?? true, paused: h.paused ?? cfg.defaults.hydration_paused, bandwidth: h.bandwidth ?? 0, ...(h.await_manifest_ms ? { await_manifest_ms: h.await_manifest_ms } : {}) }
         : { enabled: true, paused: cfg.defaults.hydration_paused, bandwidth: cfg.defaults.bandwidth },
       boot_profile: {
         record: bp?.record ?? true,
@@ -793,8 +802,36 @@ export class DiskManager {
       log.info('disk complete: every region is local');
     });
     this.bootProfiles(m, opened, created, log);
-    if (spec.hydration.enabled && !spec.hydration.paused) opened.hydrator.start();
+    if (spec.hydration.enabled && !spec.hydration.paused) this.startHydration(m, opened, log);
     log.info({ uri: m.exportInfo.uri, regions: opened.disk.map.count, local: opened.disk.map.local, complete: opened.disk.complete }, 'NBD export listening');
+  }
+
+  /**
+   * Starts the background copy of a disk just opened — unless it was created with
+   * hydration.await_manifest_ms and has no manifest yet: then it starts when the manifest
+   * is uploaded (setManifest), when hydration is resumed, or after that many ms, whichever
+   * comes first. So a disk of a fleet reads its first region from peers, not the origin
+   * (peers are asked only once a manifest can verify them). The host's reads go on meanwhile.
+   */
+  private startHydration(m: ManagedDisk, opened: OpenedDisk, log: Logger): void {
+    const wait = m.spec.hydration.await_manifest_ms ?? 0;
+    if (wait > 0 && !opened.disk.hasManifest && !opened.disk.complete) {
+      this.stopManifestWait(m);
+      m.manifestWait = setTimeout(() => {
+        m.manifestWait = null;
+        if (m.removed || m.opened !== opened || !m.spec.hydration.enabled || m.spec.hydration.paused) return;
+        log.warn({ wait_ms: wait }, 'no manifest came within hydration.await_manifest_ms: copying from the origin, unverified');
+        opened.hydrator.start();
+      }, wait);
+      m.manifestWait.unref();
+      return;
+    }
+    opened.hydrator.start();
+  }
+
+  private stopManifestWait(m: ManagedDisk): void {
+    if (m.manifestWait) clearTimeout(m.manifestWait);
+    m.manifestWait = null;
   }
 
   /**

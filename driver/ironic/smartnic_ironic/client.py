@@ -28,7 +28,8 @@ IMAGE_KEYS = ('image_source', 'image_checksum', 'image_os_hash_algo',
               'image_os_hash_value', 'image_disk_format')
 DRIVER_INFO_KEYS = ('smartnic_agent_url', 'smartnic_agent_token',
                     'smartnic_target', 'smartnic_region_size',
-                    'smartnic_bandwidth', 'smartnic_require_verification')
+                    'smartnic_bandwidth', 'smartnic_require_verification',
+                    'smartnic_peer_url', 'smartnic_rack')
 
 
 def _retryable(exc):

@@ -119,6 +119,14 @@ OPTIONAL_PROPERTIES = {
         'unverified byte; false: it boots at once and regions are verified '
         'once the check is done. Defaults to the driver service\'s '
         'manifests.require. Optional.'),
+    'smartnic_peer_url': _('Where the DPU agents of other nodes reach this '
+                           'node\'s agent to copy regions of the same image '
+                           'from it (the driver service\'s peers.enabled), '
+                           'e.g. http://10.0.12.7:9611. Defaults to '
+                           'smartnic_agent_url. Optional.'),
+    'smartnic_rack': _('A topology label, such as the rack: disks of nodes '
+                       'with the same label are asked first for regions of '
+                       'the same image. Optional.'),
 }
 
 COMMON_PROPERTIES = dict(REQUIRED_PROPERTIES, **OPTIONAL_PROPERTIES)
@@ -178,6 +186,13 @@ def parse_driver_info(node):
                 _('driver_info["smartnic_require_verification"] must be true '
                   'or false, not "%s"')
                 % parsed['smartnic_require_verification'])
+    if 'smartnic_peer_url' in parsed:
+        peer = str(parsed['smartnic_peer_url'])
+        if not re.match(r'^https?://[^/?#]+/?$', peer):
+            raise exception.InvalidParameterValue(
+                _('driver_info["smartnic_peer_url"] must be the base URL of '
+                  'the DPU agent as other DPUs reach it (http(s)://host:port, '
+                  'no path), not "%s"') % peer)
     if 'smartnic_bandwidth' in parsed:
         if _as_int(parsed, 'smartnic_bandwidth') < 0:
             raise exception.InvalidParameterValue(

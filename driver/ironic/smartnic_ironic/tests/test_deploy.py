@@ -96,11 +96,25 @@ class TestFields(unittest.TestCase):
                 ({'smartnic_target': 'nvme0n1'}, 'absolute'),
                 ({'smartnic_region_size': 3000}, 'power of two'),
                 ({'smartnic_region_size': 'big'}, 'integer'),
-                ({'smartnic_bandwidth': -1}, 'bytes/s')):
+                ({'smartnic_bandwidth': -1}, 'bytes/s'),
+                ({'smartnic_peer_url': 'dpu-7:9611'}, 'base URL'),
+                ({'smartnic_peer_url': 'http://dpu-7:9611/agent'},
+                 'no path')):
             with self.subTest(extra=extra):
                 with self.assertRaisesRegex(exception.InvalidParameterValue,
                                             pattern):
                     deploy.parse_driver_info(FakeNode(dict(GOOD_DI, **extra)))
+
+    def test_peer_url_and_rack_are_forwarded(self):
+        node = FakeNode(dict(GOOD_DI, smartnic_peer_url='http://10.0.12.7:9611',
+                             smartnic_rack='r12'),
+                        {'image_source': 'http://i/x.raw'})
+        info = deploy.parse_driver_info(node)
+        self.assertEqual('r12', info['smartnic_rack'])
+        body = service_client.DriverServiceClient.request_body(node)
+        self.assertEqual('http://10.0.12.7:9611',
+                         body['driver_info']['smartnic_peer_url'])
+        self.assertEqual('r12', body['driver_info']['smartnic_rack'])
 
     def test_image_source_required(self):
         with self.assertRaisesRegex(exception.MissingParameterValue,

@@ -1,0 +1,173 @@
+/**
+ * The tracker of peer-to-peer regions (issue #15, docs/fleet.md): which DPU agents hold
+ * disks of which image content, so that disks of the same image read each other's
+ * verified regions before the origin. The agents do the copying (GET /v1/disks/{id}/image,
+ * PUT /v1/disks/{id}/peers); the driver decides who may read whom and with what token.
+ *
+ *   group    the image's manifest key (manifests.ts manifestKey): format, region size and
+ *            content digest or identity. Peers are only ever asked while a disk can verify
+ *            what they send (it has the manifest), and the key names that manifest. An image
+ *            with nothing naming its content has no group: its disks read the origin alone.
+ *   token    one per group: base64url(HMAC-SHA256(secret, key)). Every driver process
+ *            derives the same token with no coordination; a disk is created with it (its
+ *            `peers.token`) and presents it to its peers. The secret is `peers.secret`, or
+ *            one made at random the first time and kept in Redis (`<prefix>:peers:secret`,
+ *            SET NX, so concurrent drivers agree). A token opens only the regions of disks
+ *            of that image content, and only their verified, unwritten ones (the agent's
+ *            rule), so knowing it tells nothing an image reader does not already know.
+ *   holders  `<prefix>:peers:<sha256 of key>` a hash: one field per deployment
+ *            (`node/deployment`), a JSON entry {url, disk, rack, local, total, complete,
+ *            until}. A hydrating disk is announced by every monitor poll and listed until
+ *            `announce_ttl_ms` after the last one (a dead driver or agent drops out by
+ *            itself); a complete one is listed for `seed_time_ms` after it completed
+ *            (seeding). The teardown withdraws the entry. Expired entries are dropped when
+ *            read; the hash itself expires after its last entry would.
+ *   list     what a disk is told (peersFor): the other holders, not expired, same rack first
+ *            (driver_info smartnic_rack), then complete ones, then by quarters of the
+ *            image local; within those, spread by a hash of the asking deployment and the
+ *            holder, so a fleet starting together does not ask the same seed first (the
+ *            agent takes its list round robin). Holders with nothing local yet are left
+ *            out. At most `max_peers`.
+ *
+ * Nothing here ever fails a deployment: Redis or an agent refusing a list is a note.
+ */
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import type { DriverConfig } from './config.js';
+
+export interface PeerHolder {
+  /** `node/deployment`: one entry per deployment. */
+  deployment: string;
+  /** Where peers reach its agent (driver_info smartnic_peer_url, else smartnic_agent_url). */
+  url: string;
+  disk: string;
+  /** Topology label (driver_info smartnic_rack), or null. */
+  rack: string | null;
+  /** Regions local on its disk, of `total`, when last polled. */
+  local: number;
+  total: number;
+  complete: boolean;
+  /** Listed until (ms since the epoch). */
+  until: number;
+}
+
+export interface PeerAddress {
+  url: string;
+  disk: string;
+}
+
+/** What the agent's PeerList accepts as a peer's URL: a base URL with no path. */
+const PEER_URL = /^https?:\/\/[^/?#]+\/?$/;
+
+export class PeerTracker {
+  private secret: Promise<Buffer> | null = null;
+
+  constructor(
+    private readonly redis: Redis,
+    private readonly prefix: string,
+    private readonly config: Readonly<DriverConfig['peers']>,
+  ) {}
+
+  get enabled(): boolean {
+    return this.config.enabled;
+  }
+
+  private groupKey(key: string): string {
+    return `${this.prefix}:peers:${createHash('sha256').update(key).digest('hex')}`;
+  }
+
+  /** The peer token of the image content `key` (the same in every driver process). */
+  async token(key: string): Promise<string> {
+    const secret = await this.secretBytes();
+    return createHmac('sha256', secret).update(key).digest('base64url');
+  }
+
+  private secretBytes(): Promise<Buffer> {
+    if (this.config.secret) return Promise.resolve(Buffer.from(this.config.secret, 'utf8'));
+    if (!this.secret) {
+      const k = `${this.prefix}:peers:secret`;
+      this.secret = (async () => {
+        await this.redis.set(k, randomBytes(32).toString('base64'), 'NX');
+        const v = await this.redis.get(k);
+        if (!v) throw new Error(`${k} vanished right after it was set`);
+        return Buffer.from(v, 'base64');
+      })();
+      // A failure is not cached: the next call asks Redis again.
+      this.secret.catch(() => (this.secret = null));
+    }
+    return this.secret;
+  }
+
+  /** Lists (or refreshes) a deployment's disk as a holder of `key`. */
+  async announce(key: string, holder: Omit<PeerHolder, 'until'>, now = Date.now()): Promise<PeerHolder> {
+    const until = now + (holder.complete ? this.config.seed_time_ms : this.config.announce_ttl_ms);
+    const entry: PeerHolder = { ...holder, until };
+    const k = this.groupKey(key);
+    // The hash lives as long as its longest-listed entry might.
+    await this.redis
+      .multi()
+      .hset(k, holder.deployment, JSON.stringify(entry))
+      .pexpire(k, Math.max(this.config.seed_time_ms, this.config.announce_ttl_ms) + 60_000)
+      .exec();
+    return entry;
+  }
+
+  /** Stops listing a deployment's disk (its teardown). */
+  async withdraw(key: string, deployment: string): Promise<void> {
+    await this.redis.hdel(this.groupKey(key), deployment);
+  }
+
+  /** Every holder of `key` still listed; expired entries are dropped from Redis. */
+  async holders(key: string, now = Date.now()): Promise<PeerHolder[]> {
+    const k = this.groupKey(key);
+    const all = await this.redis.hgetall(k);
+    const live: PeerHolder[] = [];
+    const expired: string[] = [];
+    for (const [field, value] of Object.entries(all)) {
+      let h: PeerHolder | null = null;
+      try {
+        h = JSON.parse(value) as PeerHolder;
+      } catch {
+        h = null;
+      }
+      if (!h || typeof h.until !== 'number' || h.until <= now) expired.push(field);
+      else live.push(h);
+    }
+    if (expired.length > 0) await this.redis.hdel(k, ...expired);
+    return live;
+  }
+
+  /** The peers a deployment's disk reads before the origin, best first (see the rules at the top). */
+  async peersFor(key: string, self: { deployment: string; url: string; disk: string; rack: string | null }, now = Date.now()): Promise<PeerAddress[]> {
+    return choosePeers(await this.holders(key, now), self, this.config.max_peers);
+  }
+}
+
+/** Orders and caps the holders for one disk (pure: unit-tested). */
+export function choosePeers(holders: readonly PeerHolder[], self: { deployment: string; url: string; disk: string; rack: string | null }, max: number): PeerAddress[] {
+  const spread = (h: PeerHolder): number => createHash('sha256').update(`${self.deployment}\n${h.deployment}`).digest().readUInt32BE(0);
+  const sameRack = (h: PeerHolder): number => (self.rack !== null && h.rack === self.rack ? 1 : 0);
+  const fraction = (h: PeerHolder): number => (h.total > 0 ? h.local / h.total : 0);
+  const seen = new Set<string>([`${self.url.replace(/\/+$/, '')} ${self.disk}`]);
+  const out: PeerAddress[] = [];
+  const ranked = holders
+    .filter((h) => h.deployment !== self.deployment && PEER_URL.test(h.url) && (h.complete || h.local > 0))
+    // Quarters, not exact fractions: disks copying at the same pace would otherwise all
+    // name the one a poll saw a region ahead first.
+    .map((h) => ({ h, rack: sameRack(h), complete: h.complete ? 1 : 0, quarter: Math.floor(fraction(h) * 4), spread: spread(h) }))
+    .sort((a, b) => b.rack - a.rack || b.complete - a.complete || b.quarter - a.quarter || a.spread - b.spread);
+  for (const { h } of ranked) {
+    if (out.length >= max) break;
+    const url = h.url.replace(/\/+$/, '');
+    const id = `${url} ${h.disk}`;
+    if (seen.has(id)) continue;
+    seen.add(id);
+    out.push({ url, disk: h.disk });
+  }
+  return out;
+}
+
+/** A stable digest of a peer list, to tell whether the agent has the latest one. */
+export function peerListDigest(peers: readonly PeerAddress[]): string {
+  return createHash('sha256').update(peers.map((p) => `${p.url} ${p.disk}`).join('\n')).digest('hex').slice(0, 16);
+}

@@ -1,0 +1,167 @@
+/**
+ * Peer-to-peer regions through the control plane (issue #15, docs/fleet.md), with real
+ * processes: redis-server, two DPU agent daemons, the driver service with peers.enabled,
+ * an HTTP origin. The driver is the tracker: it gives each disk of an image the image's
+ * peer token and a list of the image's other disks; the agents copy verified regions from
+ * each other. Observed through the origin's counters, the agents' disk views and the
+ * driver's API; nothing waits on time except polls with generous deadlines.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Redis } from 'ioredis';
+import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
+import { type Deployment, type DeploymentCreate, DriverClient } from '../../openapi/clients/driver-client.js';
+import { makeImage, tempDir } from '../helpers/agent.js';
+import { TestOrigin } from '../helpers/origin.js';
+import { RedisServer } from '../helpers/redis.js';
+import { agentDaemon, deploymentGone, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+
+const MiB = 1 << 20;
+const IMAGE_BYTES = 16 * MiB;
+
+describe('driver service: peer-to-peer regions (the driver as tracker)', function () {
+  this.timeout(120_000);
+  let dir: string;
+  let cleanup: () => void;
+  let image: string;
+  let imageBytes: Buffer;
+  let sha512: string;
+  let origin: TestOrigin;
+  let redis: RedisServer;
+  let agents: ServiceProcess[];
+  let driver: ServiceProcess;
+  let api: DriverClient;
+
+  before(async () => {
+    ({ dir, cleanup } = tempDir('driver-peers'));
+    image = path.join(dir, 'image.raw');
+    makeImage(image, IMAGE_BYTES, 23);
+    imageBytes = fs.readFileSync(image);
+    sha512 = createHash('sha512').update(imageBytes).digest('hex');
+    origin = new TestOrigin({ file: image });
+    await origin.start();
+    redis = new RedisServer(path.join(dir, 'redis'));
+    await redis.start();
+    agents = [];
+    for (const name of ['agent-a', 'agent-b']) {
+      const a = await agentDaemon({ dir: path.join(dir, name) });
+      await a.start();
+      agents.push(a);
+    }
+    driver = await driverService({ dir, redisUrl: redis.url, extra: { peers: { enabled: true }, log_level: 'debug' } });
+    await driver.start();
+    api = new DriverClient({ baseUrl: driver.url, token: TOKEN });
+    await until('the driver reaches Redis', () => api.listDeployments().then(() => true));
+  });
+  after(async () => {
+    await driver?.stop();
+    for (const a of agents ?? []) await a.stop();
+    await redis?.stop();
+    await origin?.stop();
+    cleanup();
+  });
+
+  const agentDir = (a: number): string => path.join(dir, a === 0 ? 'agent-a' : 'agent-b');
+  const target = (a: number, node: string): string => path.join(agentDir(a), 'targets', `${node}.raw`);
+  const agentApi = (a: number): AgentClient => new AgentClient({ baseUrl: agents[a]!.url, token: TOKEN });
+  const request = (a: number, node: string, info: Partial<DeploymentCreate['instance_info']> = { image_os_hash_algo: 'sha512', image_os_hash_value: sha512 }): DeploymentCreate => ({
+    node_uuid: node,
+    instance_info: { image_source: origin.url, ...info },
+    driver_info: { smartnic_agent_url: agents[a]!.url, smartnic_target: target(a, node) },
+  });
+  const complete = (node: string): Promise<Deployment> => deploymentIn(api, node, ['complete'], 60_000);
+  const verified = (a: number, diskId: string): Promise<Disk> =>
+    until(`${diskId} verified`, async () => {
+      const d = await agentApi(a).getDisk(diskId);
+      return d.verified ? d : null;
+    }, 60_000);
+  /** Bytes of the image's regions that are not all zeros (what a disk has to copy). */
+  const dataBytes = (regionSize: number): number => {
+    let n = 0;
+    for (let o = 0; o < IMAGE_BYTES; o += regionSize) {
+      const r = imageBytes.subarray(o, Math.min(o + regionSize, IMAGE_BYTES));
+      if (r.some((b) => b !== 0)) n += r.length;
+    }
+    return n;
+  };
+
+  it('the first disk of an image reads the origin; a second, on another agent, copies every region from it, none from the origin', async () => {
+    await api.createDeployment(request(0, 'node-p1'));
+    const first = await complete('node-p1');
+    const seed = await verified(0, first.disk_id);
+    assert.equal(seed.peers.offered, true, 'created with the image\'s peer token');
+    assert.ok(first.peers?.enabled, JSON.stringify(first.peers));
+    // Complete: listed for the seeding time (peers.seed_time_ms, 1 h by default).
+    // Once its whole target is checked against the manifest (the monitor polls on until it
+    // is), it is listed as a seed for the seeding time (peers.seed_time_ms, 1 h by default).
+    await until('node-p1 listed as a seed', async () => {
+      const listed = Date.parse((await api.getDeployment('node-p1')).peers?.listed_until ?? '');
+      return listed > Date.now() + 30 * 60_000;
+    });
+
+    const fromOrigin = origin.stats.bytesSent;
+    const regionRequests = origin.stats.rangeRequests;
+    await api.createDeployment(request(1, 'node-p2'));
+    const second = await complete('node-p2');
+    assert.ok(fs.readFileSync(target(1, 'node-p2')).equals(imageBytes), 'the second target is the image');
+    const leech = await agentApi(1).getDisk(second.disk_id);
+    assert.equal(leech.integrity_failures, 0);
+    assert.equal(leech.peers.sources, 1, 'its list names the first disk');
+    assert.equal(leech.peers.bytes_from_peers, dataBytes(leech.region_size), 'every region with data came from the peer');
+    // The origin was asked at most to describe the image (the driver's and the agent's probes).
+    assert.ok(origin.stats.bytesSent - fromOrigin < 4096, `the origin sent ${origin.stats.bytesSent - fromOrigin} bytes for the second disk`);
+    assert.ok(origin.stats.rangeRequests - regionRequests <= 2, `${origin.stats.rangeRequests - regionRequests} range requests for the second disk`);
+    assert.equal((await agentApi(0).getDisk(first.disk_id)).peers.bytes_served, leech.peers.bytes_from_peers);
+    const d2 = await until('the monitor records what came from peers', async () => {
+      const d = await api.getDeployment('node-p2');
+      return d.peers && d.peers.bytes_from_peers > 0 ? d : null;
+    });
+    assert.equal(d2.peers!.sources, 1);
+    assert.equal(d2.peers!.note, null);
+
+    // Both disks have the one token of the image; it is in no API answer and no log line.
+    const tokens = [0, 1].map((a) => (JSON.parse(fs.readFileSync(path.join(agentDir(a), 'state', 'disks', a === 0 ? first.disk_id : second.disk_id, 'spec.json'), 'utf8')) as { peers?: { token: string } }).peers?.token);
+    assert.ok(tokens[0] && tokens[0].length >= 16, 'the first disk has a token');
+    assert.equal(tokens[1], tokens[0], 'one token per image');
+    const answers = JSON.stringify([await api.listDeployments(), await api.getDeployment('node-p1'), await agentApi(0).listDisks(), await agentApi(1).listDisks()]);
+    for (const [what, text] of [['API answers', answers], ['driver log', driver.output], ['agent logs', agents.map((a) => a.output).join('')]] as const) {
+      assert.ok(!text.includes(tokens[0]!), `the token appears in the ${what}`);
+    }
+  });
+
+  it('a torn-down disk leaves the lists at once: the next disk is told only of the disks still there', async () => {
+    await api.deleteDeployment('node-p1');
+    await deploymentGone(api, 'node-p1');
+    await api.createDeployment(request(0, 'node-p3'));
+    const third = await complete('node-p3');
+    const disk = await agentApi(0).getDisk(third.disk_id);
+    assert.equal(disk.peers.sources, 1, `only node-p2 is listed: ${JSON.stringify(disk.peers)}`);
+    assert.equal(disk.peers.bytes_from_peers, dataBytes(disk.region_size));
+    assert.ok(fs.readFileSync(target(0, 'node-p3')).equals(imageBytes));
+    const p2 = await api.getDeployment('node-p2');
+    assert.equal((await agentApi(1).getDisk(p2.disk_id)).peers.bytes_served, disk.peers.bytes_from_peers, 'node-p2 served it');
+    for (const n of ['node-p2', 'node-p3']) await api.deleteDeployment(n);
+    for (const n of ['node-p2', 'node-p3']) await deploymentGone(api, n);
+    const r = new Redis(redis.url);
+    try {
+      const groups = (await r.keys('test:peers:*')).filter((k) => !k.endsWith(':secret'));
+      const left = await Promise.all(groups.map((k) => r.hlen(k)));
+      assert.deepEqual(left, groups.map(() => 0), 'no disk left listed');
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  it('an image with nothing naming its content gets no peers, and the deployment says why', async () => {
+    await api.createDeployment(request(1, 'node-p4', {}));
+    const d = await deploymentIn(api, 'node-p4', ['ready', 'complete']);
+    assert.equal(d.peers?.enabled, false);
+    assert.match(d.peers?.note ?? '', /nothing names the image's content/);
+    assert.equal((await agentApi(1).getDisk(d.disk_id)).peers.offered, false);
+    await api.deleteDeployment('node-p4');
+    await deploymentGone(api, 'node-p4');
+  });
+
+});
