@@ -137,7 +137,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
     export_uri: rec.export_uri,
     progress: rec.progress,
     boot_profile: rec.boot_profile ? { id: rec.boot_profile.id, applied: rec.boot_profile.applied > 0, regions: rec.boot_profile.applied, boots: rec.boot_profile.boots, recording: rec.boot_profile.recording as 'off', collected: rec.boot_profile.collected, note: rec.boot_profile.note } : null,
-    peers: rec.peers ? { enabled: rec.peers.key !== null, sources: rec.peers.sources, bytes_from_peers: rec.peers.bytes_from_peers, bytes_served: rec.peers.bytes_served, listed_until: rec.peers.listed_until, note: rec.peers.note } : null,
+    peers: rec.peers ? { enabled: rec.peers.key !== null, seeder: rec.peers.seeder ?? false, sources: rec.peers.sources, bytes_from_peers: rec.peers.bytes_from_peers, bytes_served: rec.peers.bytes_served, listed_until: rec.peers.listed_until, note: rec.peers.note } : null,
     last_error: rec.last_error,
     created_at: rec.created_at,
     updated_at: rec.updated_at,

@@ -43,7 +43,7 @@ export interface DriverConfig {
   };
   manifests: { enabled: boolean; require: boolean; max_regions: number; attempts: number };
   boot_profiles: { enabled: boolean; history: number; min_share: number; max_regions: number; ttl_days: number; collect_timeout_ms: number };
-  peers: { enabled: boolean; max_peers: number; announce_ttl_ms: number; seed_time_ms: number; secret?: string };
+  peers: { enabled: boolean; max_peers: number; announce_ttl_ms: number; seed_time_ms: number; seeders: number; origin_wait_ms: number; secret?: string };
   reconcile: {
     interval_ms: number;
     remove_orphans: boolean;
@@ -236,6 +236,8 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
         max_peers: { type: 'integer', minimum: 1, maximum: 64, default: 8, description: 'Peers in one disk\'s list: same rack (driver_info smartnic_rack) first, then complete disks, then the furthest along.' },
         announce_ttl_ms: { type: 'integer', minimum: 1000, default: 60000, description: 'A hydrating disk stays listed this long after its last monitor poll: a disk whose driver or agent went away drops out by itself. Longer than jobs.monitor_interval_ms.' },
         seed_time_ms: { type: 'integer', minimum: 0, default: 3600000, description: 'A complete disk stays listed (seeding) this long after it completed; 0: not after it completed.' },
+        seeders: { type: 'integer', minimum: 1, maximum: 64, default: 1, description: "Disks of an image that copy it from the origin while no complete disk of it is listed (the first to come; another takes a seeder's place when it goes away). The others read from peers and wait origin_wait_ms for a region no peer has: the fleet pulls about this many copies from the origin." },
+        origin_wait_ms: { type: 'integer', minimum: 0, maximum: 86400000, default: 30000, description: "How long a disk that is not a seeder waits for a peer to have a region before it reads the region from the origin (its background copy goes on with regions peers have meanwhile; the host's reads never wait). About the time a seeder takes to copy the image bounds a fleet's origin egress near `seeders` copies; 0: no waiting (every disk reads the origin for what its peers lack)." },
         secret: { type: 'string', minLength: 16, secret: true, description: 'Key the per-image peer tokens are derived from (HMAC-SHA256 of the image key). Default: a random one made once and kept in Redis (<prefix>:peers:secret); set it when drivers do not share one Redis.' },
       },
     },

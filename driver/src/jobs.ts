@@ -73,7 +73,7 @@ import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
-import { type PeerTracker, peerListDigest } from './peers.js';
+import { choosePeers, type PeerTracker, peerListDigest } from './peers.js';
 import type { BootProfileRecord, DeploymentRecord, DeploymentStore, PeerRecord, Progress } from './store.js';
 
 export interface JobDeps {
@@ -355,19 +355,22 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
       listedUntil = new Date(entry.until).toISOString();
     }
     if (seed) return { ...prev, ...stats, listed_until: listedUntil, digest: 'complete', note: null };
-    if (complete) return { ...prev, ...stats, listed_until: listedUntil, note: null }; // copies nothing more: no list to send
-    const list = await tracker.peersFor(key, self);
-    const digest = peerListDigest(list);
+    if (complete) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, note: null }; // copies nothing more: no list to send
+    const holders = await tracker.holders(key);
+    const seeder = await tracker.seeder(key, self.deployment, holders.some((h) => h.complete && h.deployment !== self.deployment));
+    const list = choosePeers(holders, self, deps.config.peers.max_peers);
+    const originWait = seeder ? 0 : deps.config.peers.origin_wait_ms;
+    const digest = `${peerListDigest(list)}/${originWait}`;
     if (digest !== prev.digest || disk.peers.sources !== list.length) {
       const updated = await agentFor(rec, deps.config)
-        .setPeers(rec.disk_id, { sources: list })
+        .setPeers(rec.disk_id, { sources: list, origin_wait_ms: originWait })
         .catch((err: unknown) => {
           throw agentError(err, `sending the peer list to disk ${rec.disk_id} on ${rec.agent_url}`);
         });
       stats.sources = updated.peers.sources;
       deps.log.debug({ node: rec.node_uuid, disk: rec.disk_id, peers: list.length }, 'peer list sent');
     }
-    return { ...prev, ...stats, listed_until: listedUntil, digest, note: null };
+    return { ...prev, ...stats, listed_until: listedUntil, digest, seeder, note: null };
   } catch (err) {
     deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, err: (err as Error).message }, 'peers: tracker or agent failed; retrying at the next poll');
     return { ...prev, ...stats, digest: null, note: `peers: ${(err as Error).message}; retrying` };

@@ -22,12 +22,20 @@
  *            itself); a complete one is listed for `seed_time_ms` after it completed
  *            (seeding). The teardown withdraws the entry. Expired entries are dropped when
  *            read; the hash itself expires after its last entry would.
+ *   seeders  while no complete disk of an image is listed, its first `seeders` disks read
+ *            the origin freely; the others are told `origin_wait_ms`: a region no peer
+ *            has yet waits that long before their agent reads it from the origin
+ *            (dpu-agent peer-source.ts admit), so a fleet starting together pulls about
+ *            `seeders` copies from the origin. A seeder holds a slot
+ *            (`<group>:seeder:<i>`) renewed by each poll; one that goes away frees it
+ *            and the next disk to poll takes it.
  *   list     what a disk is told (peersFor): the other holders, not expired, same rack first
  *            (driver_info smartnic_rack), then complete ones, then by quarters of the
  *            image local; within those, spread by a hash of the asking deployment and the
  *            holder, so a fleet starting together does not ask the same seed first (the
- *            agent takes its list round robin). Holders with nothing local yet are left
- *            out. At most `max_peers`.
+ *            agent takes its list round robin). Holders with nothing local yet are listed
+ *            too (last): they are about to have regions, and the agents read each other's
+ *            maps of what they serve. At most `max_peers`.
  *
  * Nothing here ever fails a deployment: Redis or an agent refusing a list is a note.
  */
@@ -112,9 +120,40 @@ export class PeerTracker {
     return entry;
   }
 
+  /**
+   * Whether this deployment's disk is one of the image's `seeders` (it reads the origin
+   * without waiting for peers): not while a complete disk of the image is listed; else it
+   * holds or takes one of the seeder slots (`<group>:seeder:<i>`, SET NX, expiring
+   * `announce_ttl_ms` after its last poll — a seeder that goes away frees its slot).
+   */
+  async seeder(key: string, deployment: string, completeListed: boolean): Promise<boolean> {
+    const k = this.groupKey(key);
+    const slots = Array.from({ length: this.config.seeders }, (_, i) => `${k}:seeder:${i}`);
+    const held = await this.redis.mget(...slots);
+    const mine = held.findIndex((v) => v === deployment);
+    if (mine >= 0) {
+      if (completeListed) {
+        await this.redis.del(slots[mine]!); // a complete disk serves everything now
+        return false;
+      }
+      await this.redis.pexpire(slots[mine]!, this.config.announce_ttl_ms);
+      return true;
+    }
+    if (completeListed) return false;
+    for (const slot of slots) {
+      if ((await this.redis.set(slot, deployment, 'PX', this.config.announce_ttl_ms, 'NX')) === 'OK') return true;
+    }
+    return false;
+  }
+
   /** Stops listing a deployment's disk (its teardown). */
   async withdraw(key: string, deployment: string): Promise<void> {
-    await this.redis.hdel(this.groupKey(key), deployment);
+    const k = this.groupKey(key);
+    await this.redis.hdel(k, deployment);
+    for (let i = 0; i < this.config.seeders; i++) {
+      const slot = `${k}:seeder:${i}`;
+      if ((await this.redis.get(slot)) === deployment) await this.redis.del(slot);
+    }
   }
 
   /** Every holder of `key` still listed; expired entries are dropped from Redis. */
@@ -137,10 +176,6 @@ export class PeerTracker {
     return live;
   }
 
-  /** The peers a deployment's disk reads before the origin, best first (see the rules at the top). */
-  async peersFor(key: string, self: { deployment: string; url: string; disk: string; rack: string | null }, now = Date.now()): Promise<PeerAddress[]> {
-    return choosePeers(await this.holders(key, now), self, this.config.max_peers);
-  }
 }
 
 /** Orders and caps the holders for one disk (pure: unit-tested). */
@@ -151,7 +186,7 @@ export function choosePeers(holders: readonly PeerHolder[], self: { deployment: 
   const seen = new Set<string>([`${self.url.replace(/\/+$/, '')} ${self.disk}`]);
   const out: PeerAddress[] = [];
   const ranked = holders
-    .filter((h) => h.deployment !== self.deployment && PEER_URL.test(h.url) && (h.complete || h.local > 0))
+    .filter((h) => h.deployment !== self.deployment && PEER_URL.test(h.url))
     // Quarters, not exact fractions: disks copying at the same pace would otherwise all
     // name the one a poll saw a region ahead first.
     .map((h) => ({ h, rack: sameRack(h), complete: h.complete ? 1 : 0, quarter: Math.floor(fraction(h) * 4), spread: spread(h) }))

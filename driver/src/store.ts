@@ -69,6 +69,8 @@ export interface PeerRecord {
   sources: number;
   bytes_from_peers: number;
   bytes_served: number;
+  /** It reads the origin without waiting for peers (one of the image's seeders). */
+  seeder?: boolean;
   /** Until when the tracker lists this disk for others (ISO 8601). */
   listed_until: string | null;
   /** The last list sent to the agent ('complete' once the disk completed and no list is sent). */

@@ -137,6 +137,33 @@ export interface paths {
         readonly patch?: never;
         readonly trace?: never;
     };
+    readonly "/v1/disks/{id}/image/regions": {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        /**
+         * For peer agents (docs/fleet.md): which regions GET …/image serves now.
+         * @description Authenticated as GET …/image is (the disk's peer token). `runs` are alternating
+         *     lengths of regions, starting with a run not served (which may be 0 long): "0, 12, 4,
+         *     30" means regions 0–11 are served, 12–15 are not, 16–45 are. A region is served when
+         *     it is local, verified against the manifest and not written by the host since. The
+         *     image's zero regions are never served (nobody fetches them). Peers poll it to ask
+         *     each region of whoever has it, and to wait for a peer rather than read the origin.
+         */
+        readonly get: operations["getDiskImageRegions"];
+        readonly put?: never;
+        readonly post?: never;
+        readonly delete?: never;
+        readonly options?: never;
+        readonly head?: never;
+        readonly patch?: never;
+        readonly trace?: never;
+    };
     readonly "/v1/disks/{id}/peers": {
         readonly parameters: {
             readonly query?: never;
@@ -400,7 +427,23 @@ export interface components {
             readonly version: string;
             readonly disks: number;
         };
+        readonly PeerRegions: {
+            readonly region_size: number;
+            /** @description Regions of the image. */
+            readonly regions: number;
+            /** @description Alternating run lengths, not served first; they add up to `regions`. */
+            readonly runs: readonly number[];
+        };
         readonly PeerList: {
+            /**
+             * @description Bounding the origin's egress (the driver sets it for disks that are not their
+             *     image's seeders): a background region that no peer has yet is read from the
+             *     origin only once it has waited this long for one; regions peers have are copied
+             *     meanwhile. 0: the origin at once. The host's reads never wait: a miss reads the
+             *     origin. With no peer left in the list, the origin at once.
+             * @default 0
+             */
+            readonly origin_wait_ms?: number;
             readonly sources: readonly {
                 /** @description The peer agent's API base URL, e.g. http://10.0.0.12:9611. */
                 readonly url: string;
@@ -1084,6 +1127,46 @@ export interface operations {
             };
             /** @description Serving peers is at its limit (`peers.max_inflight` reads at once, `DPU_ERR_BUSY`): read the origin, or ask again later. */
             readonly 503: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    readonly getDiskImageRegions: {
+        readonly parameters: {
+            readonly query?: never;
+            readonly header?: never;
+            readonly path: {
+                readonly id: components["parameters"]["DiskIdParam"];
+            };
+            readonly cookie?: never;
+        };
+        readonly requestBody?: never;
+        readonly responses: {
+            /** @description The disk's servable regions. */
+            readonly 200: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["PeerRegions"];
+                };
+            };
+            /** @description As GET …/image (`DPU_ERR_UNAUTHORIZED`). */
+            readonly 401: {
+                headers: {
+                    readonly [name: string]: unknown;
+                };
+                content: {
+                    readonly "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description The disk is not open (`DPU_ERR_NOT_SERVABLE`). */
+            readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;
                 };

@@ -549,6 +549,8 @@ export interface components {
             readonly peers: null | {
                 /** @description The disk reads from and serves peers: the image has a peer group (false: see note). */
                 readonly enabled: boolean;
+                /** @description One of the image's seeders (peers.seeders): it reads the origin without waiting for peers. The others wait peers.origin_wait_ms for a region no peer has. */
+                readonly seeder: boolean;
                 /** @description Peers in the disk's list (other disks of the image, read before the origin). */
                 readonly sources: number;
                 /** @description Bytes the disk read from peers (since its agent opened it). */

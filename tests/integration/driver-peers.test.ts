@@ -154,6 +154,47 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
     }
   });
 
+  it('four disks of an image at once: one seeder reads the origin, the others wait for peers; the origin sends one copy', async () => {
+    // Its own image behind a slow origin (4 MiB/s): the seeder takes seconds, so the others
+    // really start before it has regions. Its manifest is cached by a first deployment
+    // (an image deployed before); the fleet's count starts after it.
+    const fleetImage = path.join(dir, 'fleet.raw');
+    makeImage(fleetImage, IMAGE_BYTES, 29);
+    const fleetBytes = fs.readFileSync(fleetImage);
+    const slow = new TestOrigin({ file: fleetImage, rate: 4 * MiB });
+    const url = await slow.start();
+    try {
+      const info = { image_os_hash_algo: 'sha512', image_os_hash_value: createHash('sha512').update(fleetBytes).digest('hex') };
+      const req = (a: number, node: string): DeploymentCreate => ({ ...request(a, node, info), instance_info: { image_source: url, ...info } });
+      await api.createDeployment({ ...req(0, 'node-f0'), driver_info: { ...req(0, 'node-f0').driver_info, smartnic_require_verification: true } });
+      await complete('node-f0');
+      await api.deleteDeployment('node-f0');
+      await deploymentGone(api, 'node-f0');
+
+      const sent = slow.stats.bytesSent;
+      const nodes = ['node-f1', 'node-f2', 'node-f3', 'node-f4'];
+      await Promise.all(nodes.map((n, i) => api.createDeployment(req(i % 2, n))));
+      const done = await Promise.all(nodes.map((n) => complete(n)));
+      const disks = await Promise.all(done.map((d, i) => agentApi(i % 2).getDisk(d.disk_id)));
+      for (const [i, n] of nodes.entries()) assert.ok(fs.readFileSync(target(i % 2, n)).equals(fleetBytes), `${n}'s target is the image`);
+      const views = await Promise.all(nodes.map((n) => api.getDeployment(n)));
+      const seeders = views.filter((v) => v.peers?.seeder).length;
+      // The seeder flag is the last poll's; once a disk is complete it is no longer one.
+      assert.ok(seeders <= 1, `${seeders} seeders`);
+      const data = dataBytes(disks[0]!.region_size);
+      const fromPeers = disks.reduce((n, d) => n + d.peers.bytes_from_peers, 0);
+      const fromOrigin = slow.stats.bytesSent - sent;
+      // One copy of the image's data from the origin (plus the probes), three from peers.
+      assert.ok(fromOrigin < data + 64 * 1024, `the origin sent ${fromOrigin} bytes for the fleet; one copy is ${data}`);
+      assert.equal(fromPeers, 3 * data, `from peers: ${disks.map((d) => d.peers.bytes_from_peers).join(', ')}`);
+      for (const d of disks) assert.equal(d.integrity_failures, 0);
+      for (const n of nodes) await api.deleteDeployment(n);
+      for (const n of nodes) await deploymentGone(api, n);
+    } finally {
+      await slow.stop();
+    }
+  });
+
   it('an image with nothing naming its content gets no peers, and the deployment says why', async () => {
     await api.createDeployment(request(1, 'node-p4', {}));
     const d = await deploymentIn(api, 'node-p4', ['ready', 'complete']);

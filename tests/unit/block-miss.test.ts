@@ -58,6 +58,11 @@ class FailingReadTarget implements Target {
 
 const span = (p: PendingRead): string => `${p.offset}+${p.length}`;
 
+/** Polls `cond` (state, not time: the deadline is mocha's). */
+async function until(cond: () => boolean): Promise<void> {
+  while (!cond()) await new Promise((r) => setTimeout(r, 10));
+}
+
 describe('block-sized misses (issue #14)', () => {
   let dir: string;
   let cleanup: () => void;
@@ -183,6 +188,48 @@ describe('block-sized misses (issue #14)', () => {
     const stopping = h.stop(); // waits for the batch in flight
     src.deliver(next);
     await stopping;
+  });
+
+  it('the sweep copies only what admit lets through (waiting for peers); a miss is never held back; the rest once admitted', async () => {
+    const d = open();
+    let allowed = new Set([0, 1]); // what "peers have"
+    const asked: number[] = [];
+    const h = new Hydrator(d, {
+      batchBytes: 4 * R,
+      concurrency: 1,
+      admit: (first, count) => {
+        asked.push(first);
+        let n = 0;
+        while (n < count && allowed.has(first + n)) n++;
+        return n;
+      },
+    });
+    h.start();
+    const a = await src.next((p) => p.priority === 'background');
+    assert.equal(span(a), `0+${2 * R}`, 'regions 0-1 only, the run admit allowed');
+    src.deliver(a);
+    // The host misses region 6: its block now, and the region before any waiting one.
+    const r = read(d, 6 * R + 10, 10);
+    const fg = await src.next((p) => p.priority === 'foreground');
+    src.deliver(fg);
+    await r;
+    const miss = await src.next((p) => p.priority === 'background');
+    assert.equal(miss.offset, 6 * R + B, 'the missed region, though admit would hold it');
+    src.deliver(miss);
+    // Nothing else goes out while admit says wait: each remote region was asked about.
+    await until(() => [2, 3, 4, 5, 7].every((x) => asked.includes(x)));
+    assert.equal(src.pending.filter((p) => p.priority === 'background').length, 0);
+    // Admitted now: the sweep copies the rest.
+    allowed = new Set(Array.from({ length: d.map.count }, (_, i) => i));
+    const complete = once(d, 'complete');
+    for (;;) {
+      if (d.complete) break;
+      const next = await Promise.race([src.next((p) => p.priority === 'background'), complete.then(() => null)]);
+      if (!next) break;
+      src.deliver(next);
+    }
+    assert.ok((await read(d, 0, 8 * R)).equals(img));
+    await h.stop();
   });
 
   it('a miss in a background batch, behind regions still to come, fetches its block now; the next region to come is waited for', async () => {

@@ -34,7 +34,7 @@ describe('peer tracker: which peers a disk is told', function () {
     );
   });
 
-  it('leaves out the disk itself, holders with nothing local, URLs with a path, and duplicates; caps the list', () => {
+  it('leaves out the disk itself, URLs with a path, and duplicates; lists holders with nothing local last; caps the list', () => {
     const list = choosePeers(
       [
         holder(0, { ...self, local: 50 }), // itself (same deployment)
@@ -55,6 +55,11 @@ describe('peer tracker: which peers a disk is told', function () {
       assert.ok(!p.url.endsWith('/'), 'URLs without a trailing slash');
     }
     assert.equal(new Set(list.map((p) => `${p.url} ${p.disk}`)).size, 2);
+    // A holder with nothing local yet is listed (agents read what it has from its map), after the others.
+    assert.deepEqual(
+      choosePeers([holder(1, { local: 0 }), holder(2, { local: 60 })], self, 8).map((p) => p.disk),
+      ['node-2-d', 'node-1-d'],
+    );
   });
 
   it('spreads a fleet starting together over equally good peers instead of naming one first everywhere', () => {

@@ -13,6 +13,7 @@ import { RegionMap, RegionState } from '../../dpu-agent/src/region/region-map.js
 import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../image-access/src/source.js';
 import { StreamingDisk } from '../../dpu-agent/src/streaming/disk.js';
 import { Hydrator } from '../../dpu-agent/src/streaming/hydrator.js';
+import { decodeRuns } from '../../dpu-agent/src/streaming/peer-source.js';
 import { Manifest } from '../../image-access/src/manifest.js';
 import { HashWorkers } from '../../image-access/src/hash-workers.js';
 import { DpuError } from '../../image-access/src/errors.js';
@@ -287,6 +288,12 @@ describe('StreamingDisk', () => {
       await fetchRegion(1);
       assert.deepEqual(await peer(0), zeroed.subarray(0, R), 'fetched and verified: served');
       assert.deepEqual(await peer(0, 2 * R), zeroed.subarray(0, 2 * R), 'two regions at once');
+      // What peers are told it serves (GET …/image/regions), as they decode it.
+      const runs = disk.pristineRuns();
+      assert.deepEqual(runs.slice(0, 2), [0, 2], 'regions 0 and 1 served, not what follows');
+      assert.equal(runs.reduce((a, b) => a + b, 0), disk.map.count);
+      assert.deepEqual([...decodeRuns(runs, disk.map.count)!].slice(0, 4), [1, 1, 0, 0]);
+      assert.equal(decodeRuns([0, -1], 4), null, 'a bad run is refused, not guessed');
       assert.equal(await peer(2), null, 'remote');
       assert.equal(await peer(1, 2 * R), null, 'a range reaching a remote region');
       assert.equal(await peer(3), null, 'zero: peers never ask for those');

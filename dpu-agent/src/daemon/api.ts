@@ -74,6 +74,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       reply.raw.once('close', release);
       return reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`).send(data);
     },
+    getDiskImageRegions: async (req) => manager.peerRegions(idOf(req), req.headers.authorization),
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),
     updateSource: async (req) => manager.setSource(idOf(req), req.body as SourceUpdate),
     setManifest: async (req) => {

@@ -190,6 +190,8 @@ class ManagedDisk {
   peerBytes = 0;
   /** The peers to read from before the origin (PUT …/peers); applied again when the disk is reopened. */
   peerSources: PeerAddress[] = [];
+  /** PUT …/peers origin_wait_ms (kept with the list, in memory). */
+  originWaitMs = 0;
 
   constructor(
     public spec: DiskSpec,
@@ -579,7 +581,8 @@ export class DiskManager {
       const m = this.findLive(id);
       if (!m.spec.peers) throw new DpuError('DPU_ERR_PEER_REFUSED', `disk "${id}" was created without peers.token: create it with one to read from peers`);
       m.peerSources = list.sources.map((p) => ({ url: p.url, disk: p.disk }));
-      m.opened?.peers?.setPeers(m.peerSources, m.spec.peers.token);
+      m.originWaitMs = list.origin_wait_ms ?? 0;
+      m.opened?.peers?.setPeers(m.peerSources, m.spec.peers.token, m.originWaitMs);
       this.log.info({ disk: id, peers: m.peerSources.length }, 'peer list replaced');
       return this.view(m);
     });
@@ -594,13 +597,7 @@ export class DiskManager {
    * slot, from the read until the answer has been sent (`release`, once).
    */
   async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number; release: () => void }> {
-    const m = this.disks.get(id);
-    const token = m?.spec.peers?.token;
-    if (!m || token === undefined || !tokenAccepted(presentedToken(authorization), [Buffer.from(token)])) {
-      throw new DpuError('DPU_ERR_UNAUTHORIZED', `not a peer token of disk "${id}" (or no such disk is offered to peers)`);
-    }
-    const disk = m.opened?.disk;
-    if (!disk || m.wiping) throw new DpuError('DPU_ERR_NOT_SERVABLE', `disk "${id}" is not open`);
+    const { m, disk } = this.peerDisk(id, authorization);
     const size = disk.imageSize;
     const r = /^bytes=(\d+)-(\d+)$/.exec(range ?? '');
     const start = r ? Number(r[1]) : NaN;
@@ -626,6 +623,28 @@ export class DiskManager {
       release();
       throw err;
     }
+  }
+
+  /** Which regions readForPeer serves now (GET /v1/disks/{id}/image/regions), authenticated as it is. */
+  peerRegions(id: string, authorization: string | undefined): { region_size: number; regions: number; runs: number[] } {
+    const { disk } = this.peerDisk(id, authorization);
+    return { region_size: disk.map.regionSize, regions: disk.map.count, runs: disk.pristineRuns() };
+  }
+
+  /**
+   * The open disk a peer asks for, once its peer token is checked (constant time; an
+   * unknown disk, one not offered and a wrong token are the same 401, so nothing is learnt
+   * without the token).
+   */
+  private peerDisk(id: string, authorization: string | undefined): { m: ManagedDisk; disk: StreamingDisk } {
+    const m = this.disks.get(id);
+    const token = m?.spec.peers?.token;
+    if (!m || token === undefined || !tokenAccepted(presentedToken(authorization), [Buffer.from(token)])) {
+      throw new DpuError('DPU_ERR_UNAUTHORIZED', `not a peer token of disk "${id}" (or no such disk is offered to peers)`);
+    }
+    const disk = m.opened?.disk;
+    if (!disk || m.wiping) throw new DpuError('DPU_ERR_NOT_SERVABLE', `disk "${id}" is not open`);
+    return { m, disk };
   }
 
   private find(id: string): ManagedDisk {
@@ -773,7 +792,7 @@ export class DiskManager {
     }
     m.opened = opened;
     if (m.spec.peers) {
-      if (m.peerSources.length) opened.peers?.setPeers(m.peerSources, m.spec.peers.token);
+      if (m.peerSources.length) opened.peers?.setPeers(m.peerSources, m.spec.peers.token, m.originWaitMs);
       // Regions local from before the restart are served to peers once read back and verified.
       if (opened.disk.hasManifest) {
         void opened.disk.scanPristine().then(

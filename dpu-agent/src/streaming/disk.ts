@@ -506,6 +506,25 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
     return marked;
   }
 
+  /**
+   * The regions readForPeer serves now, as alternating run lengths, not served first
+   * (GET /v1/disks/{id}/image/regions).
+   */
+  pristineRuns(): number[] {
+    const runs: number[] = [];
+    const p = this.pristine;
+    let want = 0;
+    let i = 0;
+    while (i < p.length) {
+      let n = 0;
+      while (i + n < p.length && p[i + n] === want) n++;
+      runs.push(n);
+      i += n;
+      want ^= 1;
+    }
+    return runs;
+  }
+
   /** Whether a manifest is applied: what is fetched from now on is verified. */
   get hasManifest(): boolean {
     return this.manifest !== null;

@@ -37,6 +37,12 @@ export interface HydratorOptions {
   bandwidth?: number;
   /** Test seam: schedules `fn` after `ms` and returns a cancel function. @default setTimeout */
   schedule?: (fn: () => void, ms: number) => () => void;
+  /**
+   * Asked before each run of the sweep (not of misses or a boot profile): how many of its
+   * regions to copy now, 0 to leave the run for later (peer-source.ts admit: waiting for a
+   * peer to have it). @default all of them
+   */
+  admit?: (first: number, count: number) => number;
   log?: Logger;
 }
 
@@ -50,10 +56,15 @@ export interface HydratorEvents {
 const BACKOFF_FIRST_MS = 100;
 const BACKOFF_MAX_MS = 5_000;
 const ZERO_RUN_MAX_BYTES = 1 << 30;
+/** How soon regions left waiting for a peer are looked at again (peers' maps change every 500 ms). */
+const GATE_RECHECK_MS = 250;
 
 export class Hydrator extends EventEmitter<HydratorEvents> {
   private readonly disk: StreamingDisk;
-  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule'>>;
+  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule' | 'admit'>>;
+  private readonly admit: ((first: number, count: number) => number) | null;
+  /** The last sweep left regions for later (admit said 0): look again soon. */
+  private gated = false;
   private readonly schedule: (fn: () => void, ms: number) => () => void;
   private readonly log: Logger | undefined;
   private current: HydratorState = 'paused';
@@ -75,7 +86,8 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     super();
     this.disk = disk;
     this.log = opts.log;
-    const { schedule, ...rest } = opts;
+    const { schedule, admit, ...rest } = opts;
+    this.admit = admit ?? null;
     this.opts = { batchBytes: 8 << 20, concurrency: 2, bandwidth: 0, ...stripUndefined(rest) };
     this.schedule =
       schedule ??
@@ -239,7 +251,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         }
         if (inflight.size > 0) await Promise.race(inflight);
         else if (this.onlyFailedRegionsLeft()) break;
-        else await this.waitFor('region-settled', 1000);
+        else await this.waitFor('region-settled', this.gated ? GATE_RECHECK_MS : 1000);
         wrapped = false;
         this.cursor = 0;
         continue;
@@ -327,9 +339,14 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
       if (run) return { ...run, urgent: true };
     }
     const count = this.disk.map.count;
+    this.gated = false;
     for (let r = this.cursor; r < count; r++) {
       const run = this.runAt(r);
-      if (run) return { ...run, urgent: false };
+      if (!run) continue;
+      if (run.zero || !this.admit) return { ...run, urgent: false };
+      const n = this.admit(run.first, run.count);
+      if (n > 0) return { first: run.first, count: Math.min(n, run.count), zero: false, urgent: false };
+      this.gated = true; // left for later; the next region is asked on its own
     }
     return null;
   }

@@ -18,6 +18,15 @@
  *  - Buffer safety: a peer request that fails has its socket destroyed before the origin is
  *    asked (http1.ts), so no peer byte lands in `dest` afterwards; progress is reported only
  *    once the whole range is in, from whichever side sent it.
+ *
+ * Who has what: while the disk has a manifest and peers, each peer's servable regions are
+ * read every MAP_INTERVAL_MS (GET …/image/regions, a few bytes of run lengths). A region is
+ * asked of a peer that has it (round robin among those), then of the others that have it,
+ * then the origin. With `originWaitMs` (the driver sets it for disks that are not their
+ * image's seeders) the hydrator asks admit() before each background run: regions some peer
+ * has are copied now; a region no peer has waits, and is read from the origin only once it
+ * has waited that long — so a fleet pulls about one copy from the origin, the seeders', and
+ * the rest from each other. The host's reads never wait for this.
  */
 import type { Logger } from 'pino';
 import { DpuError } from '../../../image-access/src/errors.js';
@@ -50,9 +59,16 @@ const PEER_STALL_MS = 5_000;
 const PEER_MIN_BYTES_PER_S = 8 << 20;
 /** The most one peer read asks for, and what the serving side answers at most (GET /v1/disks/{id}/image). */
 export const PEER_MAX_BYTES = 16 << 20;
+/** How often peers' region maps are read while there is something to copy. */
+const MAP_INTERVAL_MS = 500;
+const MAP_TIMEOUT_MS = 2_000;
+/** Peers that have a region asked for it before the origin is. */
+const MAX_PEER_TRIES = 3;
 
 interface PeerState extends PeerAddress {
   excluded: boolean;
+  /** 1 for each region it serves, from its last map; null before the first (or after a failed read of it). */
+  map: Uint8Array | null;
 }
 
 function peerKey(p: PeerAddress): string {
@@ -67,7 +83,13 @@ export class PeerFirstSource implements RemoteSource {
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
-  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0 };
+  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0, originWaits: 0 };
+  private originWaitMs = 0;
+  /** Regions the hydrator was told to wait for a peer: since when. */
+  private readonly waiting = new Map<number, number>();
+  private mapTimer: NodeJS.Timeout | null = null;
+  private mapping = false;
+  private done = false;
 
   constructor(
     private readonly origin: RemoteSource,
@@ -91,27 +113,104 @@ export class PeerFirstSource implements RemoteSource {
   }
 
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
-  setPeers(peers: readonly PeerAddress[], token: string): void {
+  setPeers(peers: readonly PeerAddress[], token: string, originWaitMs = 0): void {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
-    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false });
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null });
     this.token = token;
+    this.originWaitMs = originWaitMs;
+    if (this.peers.length > 0 && !this.done && !this.mapTimer) {
+      this.mapTimer = setInterval(() => void this.refreshMaps(), MAP_INTERVAL_MS);
+      this.mapTimer.unref();
+      void this.refreshMaps();
+    }
+  }
+
+  /** Nothing more to copy (the disk is complete): peers' maps are no longer read. */
+  finished(): void {
+    this.done = true;
+    if (this.mapTimer) clearInterval(this.mapTimer);
+    this.mapTimer = null;
   }
 
   peerStats(): PeerStats {
     return { peers: this.peers.length, excluded: this.peers.filter((p) => p.excluded).length, ...this.counters };
   }
 
+  /**
+   * How many regions from `first` (of the `count` the hydrator would copy) to copy now: the
+   * run some peer has, or — once `first` has waited originWaitMs for a peer — the run no
+   * peer has, from the origin; 0 to wait (the hydrator copies other regions meanwhile).
+   */
+  admit(first: number, count: number, now = Date.now()): number {
+    // No peer in the list yet (or none left) still waits: the driver said this disk is not
+    // a seeder, and a seeder's regions are on their way; the wait bounds it.
+    if (this.originWaitMs <= 0 || this.token === null || !this.canVerify()) return count;
+    const has = (r: number): boolean => this.peers.some((p) => !p.excluded && p.map !== null && p.map[r] === 1);
+    let n = 1;
+    if (has(first)) {
+      while (n < count && has(first + n)) n++;
+      this.waiting.delete(first);
+      return n;
+    }
+    const since = this.waiting.get(first);
+    if (since === undefined) {
+      this.waiting.set(first, now);
+      return 0;
+    }
+    if (now - since < this.originWaitMs) return 0;
+    this.waiting.delete(first);
+    while (n < count && !has(first + n)) n++;
+    this.counters.originWaits++;
+    return n;
+  }
+
+  /** Reads every peer's map of servable regions (one read at a time; a failed read forgets that peer's map). */
+  private async refreshMaps(): Promise<void> {
+    if (this.mapping || this.done || this.token === null || !this.canVerify()) return;
+    this.mapping = true;
+    try {
+      await Promise.all(
+        this.peers
+          .filter((p) => !p.excluded)
+          .map(async (p) => {
+            try {
+              const res = await fetch(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`, { headers: { authorization: `Bearer ${this.token!}` }, signal: AbortSignal.timeout(MAP_TIMEOUT_MS) });
+              if (!res.ok) {
+                await res.body?.cancel();
+                p.map = null;
+                return;
+              }
+              const body = (await res.json()) as { region_size?: unknown; regions?: unknown; runs?: unknown };
+              p.map = body.region_size === this.regionSize && Array.isArray(body.runs) ? decodeRuns(body.runs, Math.ceil(this.size / this.regionSize)) : null;
+            } catch (err) {
+              p.map = null;
+              this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, 'reading a peer\'s region map failed');
+            }
+          }),
+      );
+    } finally {
+      this.mapping = false;
+    }
+  }
+
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
     const first = Math.floor(offset / this.regionSize);
     const last = Math.floor((offset + dest.length - 1) / this.regionSize);
     if (opts.priority === 'background' && this.token !== null && this.wholeRegions(offset, dest.length) && dest.length <= PEER_MAX_BYTES && this.canVerify()) {
-      const peer = this.pick();
-      if (peer && (await this.fromPeer(peer, offset, dest))) {
-        for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
-        opts.onProgress?.(dest.length);
-        return;
+      const tried = new Set<PeerState>();
+      for (let i = 0; i < MAX_PEER_TRIES; i++) {
+        const peer = this.pick(first, last, tried);
+        if (!peer) break;
+        tried.add(peer);
+        if (await this.fromPeer(peer, offset, dest)) {
+          for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
+          opts.onProgress?.(dest.length);
+          return;
+        }
+        // Only peers whose maps say they have the regions are worth a second ask.
+        if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
       }
-      if (peer) this.counters.fallbacks++;
+      if (tried.size > 0) this.counters.fallbacks++;
     }
     for (let r = first; r <= last; r++) this.sentBy.delete(r);
     return this.origin.read(offset, dest, opts);
@@ -136,6 +235,7 @@ export class PeerFirstSource implements RemoteSource {
   }
 
   async close(): Promise<void> {
+    this.finished();
     this.pool.destroy();
     await this.origin.close();
   }
@@ -145,12 +245,16 @@ export class PeerFirstSource implements RemoteSource {
     return offset % this.regionSize === 0 && (end % this.regionSize === 0 || end === this.size);
   }
 
-  private pick(): PeerState | null {
-    for (let i = 0; i < this.peers.length; i++) {
-      const p = this.peers[(this.next + i) % this.peers.length]!;
-      if (!p.excluded) {
-        this.next = (this.next + i + 1) % this.peers.length;
-        return p;
+  /** The next peer, round robin: one whose map says it has regions first..last if any, else one with no map yet. */
+  private pick(first: number, last: number, tried: ReadonlySet<PeerState>): PeerState | null {
+    const n = this.peers.length;
+    for (const want of [(p: PeerState) => holds(p, first, last), (p: PeerState) => p.map === null]) {
+      for (let i = 0; i < n; i++) {
+        const p = this.peers[(this.next + i) % n]!;
+        if (!p.excluded && !tried.has(p) && want(p)) {
+          this.next = (this.next + i + 1) % n;
+          return p;
+        }
       }
     }
     return null;
@@ -191,4 +295,24 @@ export class PeerFirstSource implements RemoteSource {
       clearTimeout(deadline);
     }
   }
+}
+
+function holds(p: PeerState, first: number, last: number): boolean {
+  if (p.map === null) return false;
+  for (let r = first; r <= last; r++) if (p.map[r] !== 1) return false;
+  return true;
+}
+
+/** Run lengths (not served first, alternating) into one byte per region of the image. */
+export function decodeRuns(runs: readonly unknown[], regions: number): Uint8Array | null {
+  const map = new Uint8Array(regions);
+  let at = 0;
+  let bit = 0;
+  for (const n of runs) {
+    if (typeof n !== 'number' || !Number.isInteger(n) || n < 0) return null;
+    if (bit === 1) map.fill(1, Math.min(at, regions), Math.min(at + n, regions));
+    at += n;
+    bit ^= 1;
+  }
+  return map;
 }
