@@ -27,6 +27,7 @@ bench deploy-modes --image busybox   # issue #7's goals: 1 and 8 GiB, the fio pa
 bench deploy-modes                   # the real OS (Debian 12, UEFI) to the login prompt: issue #14's goals
 bench scaling
 bench control-plane                  # issue #15: 200 deployments through one and two driver processes
+bench fleet                          # issue #15: one image to 1/4/8 nodes, peers off and on (loopback)
 case " ${extra[*]} " in
   *" --quick "*) ;;
   *) node dist/bench/summary.js ;;

@@ -64,6 +64,9 @@ const MAP_INTERVAL_MS = 500;
 const MAP_TIMEOUT_MS = 2_000;
 /** Peers that have a region asked for it before the origin is. */
 const MAX_PEER_TRIES = 3;
+/** With origin_wait_ms, peers that were all busy are asked again this often, this many times, before the origin. */
+const BUSY_RETRY_MS = 200;
+const BUSY_ROUNDS = 10;
 
 interface PeerState extends PeerAddress {
   excluded: boolean;
@@ -197,20 +200,31 @@ export class PeerFirstSource implements RemoteSource {
     const first = Math.floor(offset / this.regionSize);
     const last = Math.floor((offset + dest.length - 1) / this.regionSize);
     if (opts.priority === 'background' && this.token !== null && this.wholeRegions(offset, dest.length) && dest.length <= PEER_MAX_BYTES && this.canVerify()) {
-      const tried = new Set<PeerState>();
-      for (let i = 0; i < MAX_PEER_TRIES; i++) {
-        const peer = this.pick(first, last, tried);
-        if (!peer) break;
-        tried.add(peer);
-        if (await this.fromPeer(peer, offset, dest)) {
-          for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
-          opts.onProgress?.(dest.length);
-          return;
+      let asked = false;
+      for (let round = 0; ; round++) {
+        const tried = new Set<PeerState>();
+        let busy = 0;
+        for (let i = 0; i < MAX_PEER_TRIES; i++) {
+          const peer = this.pick(first, last, tried);
+          if (!peer) break;
+          tried.add(peer);
+          asked = true;
+          const got = await this.fromPeer(peer, offset, dest);
+          if (got === 'ok') {
+            for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
+            opts.onProgress?.(dest.length);
+            return;
+          }
+          if (got === 'busy') busy++;
+          // Only peers whose maps say they have the regions are worth a second ask.
+          if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
         }
-        // Only peers whose maps say they have the regions are worth a second ask.
-        if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
+        // A disk told to spare the origin asks again when the peers that have the
+        // regions were only busy (their serving slots full), rather than the origin.
+        if (busy === 0 || busy < tried.size || this.originWaitMs <= 0 || round >= BUSY_ROUNDS) break;
+        await new Promise((r) => setTimeout(r, BUSY_RETRY_MS));
       }
-      if (tried.size > 0) this.counters.fallbacks++;
+      if (asked) this.counters.fallbacks++;
     }
     for (let r = first; r <= last; r++) this.sentBy.delete(r);
     return this.origin.read(offset, dest, opts);
@@ -260,8 +274,8 @@ export class PeerFirstSource implements RemoteSource {
     return null;
   }
 
-  /** True when the peer answered the whole range; false (dest not to be used) otherwise. */
-  private async fromPeer(peer: PeerState, offset: number, dest: Buffer): Promise<boolean> {
+  /** 'ok' when the peer answered the whole range; else (dest not to be used) 'busy' (503: its serving slots are full) or 'failed'. */
+  private async fromPeer(peer: PeerState, offset: number, dest: Buffer): Promise<'ok' | 'busy' | 'failed'> {
     const ac = new AbortController();
     const stalled = (): void => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} stalled`));
     let timer = setTimeout(stalled, PEER_STALL_MS);
@@ -282,14 +296,14 @@ export class PeerFirstSource implements RemoteSource {
       if (res.head.status !== 206 || res.filled !== dest.length) {
         // 409 (not verified there yet) and 503 (busy) are the usual refusals; a 401 or 404
         // means the tracker's list is stale: the next list fixes it.
-        this.log?.debug({ peer: peer.url, disk: peer.disk, status: res.head.status, offset }, 'peer did not serve the range; reading the origin');
-        return false;
+        this.log?.debug({ peer: peer.url, disk: peer.disk, status: res.head.status, offset }, 'peer did not serve the range');
+        return res.head.status === 503 ? 'busy' : 'failed';
       }
       this.counters.bytesFromPeers += dest.length;
-      return true;
+      return 'ok';
     } catch (err) {
-      this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed; reading the origin');
-      return false;
+      this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed');
+      return 'failed';
     } finally {
       clearTimeout(timer);
       clearTimeout(deadline);

@@ -1,0 +1,226 @@
+/**
+ * A fleet deploying one image (issue #15, docs/fleet.md), on loopback: N agent daemons,
+ * one driver service with the tracker on or off, one origin whose send rate is capped (the
+ * shared origin link), each node's background copy capped (its link: driver_info
+ * smartnic_bandwidth, which bounds what the disk takes in, from the origin or peers). All
+ * N disks are created at once through the driver; the bench waits until every one is
+ * complete (every region local) and counts the origin's bytes.
+ *
+ * Reported per fleet size, with peers off and on, medians of `--reps` interleaved rounds:
+ *   origin ÷ image   the origin's bytes for the fleet over the image's data bytes (what one
+ *                    disk copies: the zero regions are never fetched)
+ *   all local        seconds from the first create to the last disk complete, and that
+ *                    over a single node's (the N=1 run with peers off)
+ *
+ * What this is not: the agents share loopback and 2 cores, and a node's *upload* (what it
+ * serves to peers) is not capped — only its intake is. docs/fleet.md says how the figures
+ * carry over. The image's manifest is cached before each run (an image deployed before):
+ * a fresh image's manifest build reads it once more from the origin.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { DriverClient } from '../openapi/clients/driver-client.js';
+import { makeImage } from '../tests/helpers/agent.js';
+import { TestOrigin } from '../tests/helpers/origin.js';
+import { RedisServer } from '../tests/helpers/redis.js';
+import { agentDaemon, driverService, type ServiceProcess, TOKEN } from '../tests/helpers/services.js';
+import {
+  BENCH_FLAGS,
+  MiB,
+  benchFlags,
+  commandLine,
+  cpuSeconds,
+  describeMachine,
+  fmtNum,
+  machineInfo,
+  markdownTable,
+  median,
+  onCleanup,
+  parseRateArg,
+  parseSizeArg,
+  positive,
+  removeAtEnd,
+  runMain,
+  sleep,
+  updateDocSection,
+  writeResults,
+} from './lib/common.js';
+
+const SECTION = '## Fleet: one image to many nodes, peers off and on (loopback)';
+const USAGE = `usage: node dist/bench/fleet.js [--nodes 1,4,8] [--image-size SIZE] [--origin-rate RATE] [--node-rate RATE]
+                                  [--reps N] [--quick] [--workdir DIR] [--keep] [--no-docs]
+  --nodes        fleet sizes (default 1,4,8; --quick 1,4)
+  --image-size   the image (default 64M; --quick 32M), 10% of it zeros
+  --origin-rate  the origin's send cap, shared by the fleet (default 100mbit)
+  --node-rate    each node's intake cap (default 100mbit)
+  --reps         interleaved rounds (default 3; --quick 1)`;
+
+interface Run {
+  nodes: number;
+  peers: boolean;
+  round: number;
+  origin_bytes: number;
+  data_bytes: number;
+  all_local_s: number;
+  from_peers: number;
+  cpu_agents_s: number;
+  failed: number;
+}
+
+runMain('fleet', async () => {
+  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' } } });
+  const flags = benchFlags(v, USAGE);
+  const sizes = (v.nodes ?? (flags.quick ? '1,4' : '1,4,8')).split(',').map((s) => positive('--nodes', s, 1, true));
+  const imageSize = parseSizeArg(v['image-size'] ?? (flags.quick ? '32M' : '64M'), '--image-size');
+  const originRate = parseRateArg(v["origin-rate"] ?? "100mbit", '--origin-rate');
+  const nodeRate = parseRateArg(v["node-rate"] ?? "100mbit", '--node-rate');
+  const reps = positive('--reps', v.reps, flags.quick ? 1 : 3, true);
+  const maxNodes = Math.max(...sizes);
+
+  const dir = flags.workdir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'bench-fleet-'));
+  if (!flags.keep) removeAtEnd(dir);
+  const m = await machineInfo(['redis-server']);
+  console.error(`fleet: nodes ${sizes.join('/')}, image ${imageSize / MiB} MiB, origin ${fmtNum(originRate / MiB)} MiB/s, node ${fmtNum(nodeRate / MiB)} MiB/s, ${reps} round(s); ${describeMachine(m)}`);
+
+  const redis = new RedisServer(path.join(dir, 'redis'));
+  await redis.start();
+  onCleanup(() => redis.stop());
+  const agents: ServiceProcess[] = [];
+  for (let i = 0; i < maxNodes; i++) {
+    const a = await agentDaemon({ dir: path.join(dir, `agent-${i}`), extra: { log_level: 'error' } });
+    await a.start();
+    agents.push(a);
+    onCleanup(async () => void (await a.stop()));
+  }
+  const drivers: Record<'on' | 'off', ServiceProcess> = {} as never;
+  for (const mode of ['off', 'on'] as const) {
+    const d = await driverService({ dir: path.join(dir, `driver-${mode}`), redisUrl: redis.url, extra: { peers: { enabled: mode === 'on' }, redis: { url: redis.url, prefix: `fleet-${mode}` }, log_level: 'error' } });
+    await d.start();
+    drivers[mode] = d;
+    onCleanup(async () => void (await d.stop()));
+  }
+
+  const runs: Run[] = [];
+  let seq = 0;
+  for (let round = 0; round < reps; round++) {
+    for (const nodes of round % 2 === 0 ? sizes : [...sizes].reverse()) {
+      for (const peers of round % 2 === 0 ? [false, true] : [true, false]) {
+        if (nodes === 1 && peers) continue; // one node has no peer
+        const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'] });
+        runs.push(r);
+        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers${r.failed ? `, ${r.failed} failed` : ''}`);
+      }
+    }
+  }
+
+  const single = median(runs.filter((r) => r.nodes === 1).map((r) => r.all_local_s));
+  const rows: string[][] = [];
+  const summary = [];
+  for (const nodes of sizes) {
+    for (const peers of [false, true]) {
+      const rs = runs.filter((r) => r.nodes === nodes && r.peers === peers);
+      if (rs.length === 0) continue;
+      const originX = median(rs.map((r) => r.origin_bytes / r.data_bytes));
+      const local = median(rs.map((r) => r.all_local_s));
+      summary.push({ nodes, peers, origin_x: originX, all_local_s: local, vs_single: local / single, failed: rs.reduce((n, r) => n + r.failed, 0) });
+      rows.push([String(nodes), peers ? 'on' : 'off', `${fmtNum(originX, 2)}×`, fmtNum(local, 1), `${fmtNum(local / single, 2)}×`, fmtNum(median(rs.map((r) => r.from_peers / r.data_bytes)), 2), fmtNum(median(rs.map((r) => r.cpu_agents_s)), 1)]);
+    }
+  }
+  const date = new Date();
+  const cmd = commandLine();
+  const file = writeResults('fleet', date, { command: cmd, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, reps, runs, summary });
+  const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s'], ['r', 'l', 'r', 'r', 'r', 'r', 'r'], rows);
+  console.log(table);
+  if (flags.docs) {
+    updateDocSection(
+      SECTION,
+      `${SECTION}
+
+\`${cmd}\` — ${date.toISOString().slice(0, 10)}, ${describeMachine(m)}; results in \`${path.relative(path.join(path.dirname(file), '../..'), file)}\`.
+
+N agent daemons on loopback, one driver service (peers.enabled off, then on: seeders 1,
+origin_wait_ms 30 s), an origin capped at ${fmtNum(originRate / MiB)} MiB/s for the whole fleet, each
+node's intake capped at ${fmtNum(nodeRate / MiB)} MiB/s (driver_info smartnic_bandwidth), a ${imageSize / MiB} MiB
+image (10% zeros, never fetched) whose manifest is cached. All N disks are created at once;
+"all local" is from the first create to the last disk complete. Medians of ${reps} interleaved
+round(s). Not measured here: nodes' upload caps (only intake is capped), separate hosts.
+
+${table}
+`,
+    );
+  }
+});
+
+async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boolean; round: number; imageSize: number; originRate: number; nodeRate: number; agents: ServiceProcess[]; driver: ServiceProcess }): Promise<Run> {
+  // A fresh image per run: no disk of an earlier run is a peer, and its manifest is built
+  // (read once from an uncapped origin) before the fleet's count starts.
+  const image = path.join(c.dir, `image-${c.seq}.raw`);
+  makeImage(image, c.imageSize, 1000 + c.seq);
+  const bytes = fs.readFileSync(image);
+  const { createHash } = await import('node:crypto');
+  const info = { image_os_hash_algo: 'sha512' as const, image_os_hash_value: createHash('sha512').update(bytes).digest('hex') };
+  const api = new DriverClient({ baseUrl: c.driver.url, token: TOKEN });
+  const target = (i: number, node: string): string => path.join(c.dir, `agent-${i}`, 'targets', `${node}.raw`);
+  const warm = new TestOrigin({ file: image });
+  const warmUrl = await warm.start();
+  try {
+    const node = `warm-${c.seq}`;
+    await api.createDeployment({ node_uuid: node, instance_info: { image_source: warmUrl, ...info }, driver_info: { smartnic_agent_url: c.agents[0]!.url, smartnic_target: target(0, node), smartnic_require_verification: true } });
+    await waitAll(api, [node], 10 * 60_000);
+    await api.deleteDeployment(node);
+    await gone(api, [node]);
+  } finally {
+    await warm.stop();
+  }
+  const origin = new TestOrigin({ file: image, rate: c.originRate });
+  const url = await origin.start();
+  try {
+    const nodes = Array.from({ length: c.nodes }, (_, i) => `n${c.seq}-${i}`);
+    const cpu = (): number => c.agents.slice(0, c.nodes).reduce((s, a) => s + cpuSeconds(a.child!.pid!), 0);
+    const cpu0 = cpu();
+    const t0 = Date.now();
+    await Promise.all(
+      nodes.map((node, i) =>
+        api.createDeployment({
+          node_uuid: node,
+          instance_info: { image_source: url, ...info },
+          driver_info: { smartnic_agent_url: c.agents[i]!.url, smartnic_target: target(i, node), smartnic_bandwidth: Math.round(c.nodeRate) },
+        }),
+      ),
+    );
+    const done = await waitAll(api, nodes, 60 * 60_000);
+    const last = Math.max(...done.map((d) => Date.parse(d.jobs.find((j) => j.queue === 'monitor')?.finished_at ?? d.updated_at)));
+    let data = 0;
+    const region = 1 << 20;
+    for (let o = 0; o < bytes.length; o += region) if (bytes.subarray(o, o + region).some((b) => b !== 0)) data += Math.min(region, bytes.length - o);
+    const fromPeers = done.reduce((n, d) => n + (d.peers?.bytes_from_peers ?? 0), 0);
+    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length };
+    for (const node of nodes) await api.deleteDeployment(node);
+    await gone(api, nodes);
+    fs.rmSync(image);
+    return r;
+  } finally {
+    await origin.stop();
+  }
+}
+
+async function waitAll(api: DriverClient, nodes: string[], timeoutMs: number): Promise<Awaited<ReturnType<DriverClient['getDeployment']>>[]> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const ds = await Promise.all(nodes.map((n) => api.getDeployment(n)));
+    // The monitor job ends once the disk is complete (and, with peers, verified): its finish time is "all local".
+    if (ds.every((d) => d.state === 'failed' || (d.state === 'complete' && d.jobs.some((j) => j.queue === 'monitor' && j.finished_at)))) return ds;
+    if (Date.now() > deadline) throw new Error(`not complete after ${timeoutMs / 1000} s: ${ds.filter((d) => d.state !== 'complete').map((d) => d.node_uuid).join(', ')}`);
+    await sleep(250);
+  }
+}
+
+async function gone(api: DriverClient, nodes: string[]): Promise<void> {
+  for (;;) {
+    const left = (await api.listDeployments()).filter((d) => nodes.includes(d.node_uuid));
+    if (left.length === 0) return;
+    await sleep(200);
+  }
+}
