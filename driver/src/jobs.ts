@@ -350,12 +350,17 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
     // A seed is listed once, when it becomes one, for the seeding time: later polls (a
     // boot still recording) must not stretch it.
     let listedUntil = prev.listed_until;
+    if (complete && !seed) {
+      // Complete but never verified (it completed before the manifest came): it serves
+      // nothing, and copies nothing more.
+      await tracker.withdraw(key, self.deployment);
+      return { ...prev, ...stats, listed_until: null, seeder: false, digest: 'complete', note: 'not offered to peers: the disk completed before the image manifest reached it, so its regions are not verified' };
+    }
     if (!seed || prev.digest !== 'complete') {
       const entry = await tracker.announce(key, { ...self, local: disk.manifest ? disk.regions.local : 0, total: disk.regions.total, complete: seed });
       listedUntil = new Date(entry.until).toISOString();
     }
-    if (seed) return { ...prev, ...stats, listed_until: listedUntil, digest: 'complete', note: null };
-    if (complete) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, note: null }; // copies nothing more: no list to send
+    if (seed) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, digest: 'complete', note: null };
     const holders = await tracker.holders(key);
     const seeder = await tracker.seeder(key, self.deployment, holders.some((h) => h.complete && h.deployment !== self.deployment));
     const list = choosePeers(holders, self, deps.config.peers.max_peers);
@@ -473,24 +478,20 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
   }
   if (disk) {
     let note: string | null = null;
-    // A disk offered to peers serves only verified regions: it gets the manifest even when
-    // it completed first (the agent then reads its target back against it), and the job
-    // polls on until that check is done, or the manifest cannot be built.
-    const seeding = Boolean(rec.peers?.key && deps.peers?.enabled);
-    let verifying = false;
-    if (rec.manifest_key && !disk.manifest && (disk.state !== 'complete' || seeding) && deps.config.manifests.enabled) {
+    // Not to a complete disk: it has no source left to fetch again a region that fails the
+    // check. So a disk that completed before its image's manifest was built is never
+    // verified, and never serves peers (deploy an image once, or require verification,
+    // before a fleet: docs/fleet.md).
+    if (rec.manifest_key && !disk.manifest && disk.state !== 'complete' && deps.config.manifests.enabled) {
       try {
         const status = await manifestStatus(deps, rec, rec.manifest_key, disk.region_size);
         if (status.kind === 'cached') disk = await uploadManifest(rec, deps, status.manifest);
         else note = status.kind === 'failed' ? status.message : UNVERIFIED;
-        verifying = seeding && status.kind !== 'failed';
       } catch (err) {
         note = `${UNVERIFIED}: ${(err as Error).message}`;
-        verifying = seeding;
       }
     } else if (rec.manifest_key && !disk.verified) {
       note = await deps.manifests.failure(rec.manifest_key).catch(() => null);
-      verifying = seeding && disk.manifest;
     }
     const progress = progressOf(disk);
     const complete = disk.state === 'complete';
@@ -505,7 +506,7 @@ export async function monitor(deps: JobDeps, job: Job<JobData>, token: string | 
     });
     await job.updateProgress(Math.floor(progress.fraction * 100));
     if (complete && rec.state !== 'complete') deps.log.info({ node: rec.node_uuid, disk: rec.disk_id, bytes: progress.bytes_fetched }, 'hydration complete');
-    if (complete && !profile.pending && !verifying) return 'complete';
+    if (complete && !profile.pending) return 'complete';
     // Complete but the host's boot is still being recorded: keep polling for it, without a source to renew.
     if (!complete && (await renewSource(deps, rec))) return 'stopped: the image source cannot be renewed';
   }

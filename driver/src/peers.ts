@@ -14,7 +14,9 @@
  *            one made at random the first time and kept in Redis (`<prefix>:peers:secret`,
  *            SET NX, so concurrent drivers agree). A token opens only the regions of disks
  *            of that image content, and only their verified, unwritten ones (the agent's
- *            rule), so knowing it tells nothing an image reader does not already know.
+ *            rule). A token holder (any disk of the image) can also read which regions of another
+ *            disk of the image are served, so which ones its host has written (not what
+ *            it wrote): tokens go only to the image's disks, on the DPUs' network.
  *   holders  `<prefix>:peers:<sha256 of key>` a hash: one field per deployment
  *            (`node/deployment`), a JSON entry {url, disk, rack, local, total, complete,
  *            until}. A hydrating disk is announced by every monitor poll and listed until
@@ -63,6 +65,15 @@ export interface PeerAddress {
   url: string;
   disk: string;
 }
+
+// A seeder slot is renewed or freed only by the deployment holding it: a slot that
+// expired and went to another disk between a GET and a PEXPIRE/DEL must not be touched.
+// KEYS[1] slot; ARGV[1] deployment; ARGV[2] 'renew' | 'free'; ARGV[3] ttl ms. 1 if held.
+const SLOT_LUA = `
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'free' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+`;
 
 /** What the agent's PeerList accepts as a peer's URL: a base URL with no path. */
 const PEER_URL = /^https?:\/\/[^/?#]+\/?$/;
@@ -132,12 +143,9 @@ export class PeerTracker {
     const held = await this.redis.mget(...slots);
     const mine = held.findIndex((v) => v === deployment);
     if (mine >= 0) {
-      if (completeListed) {
-        await this.redis.del(slots[mine]!); // a complete disk serves everything now
-        return false;
-      }
-      await this.redis.pexpire(slots[mine]!, this.config.announce_ttl_ms);
-      return true;
+      // A complete disk serves everything now: the slot is not needed.
+      const kept = await this.redis.eval(SLOT_LUA, 1, slots[mine]!, deployment, completeListed ? 'free' : 'renew', this.config.announce_ttl_ms);
+      if (kept === 1) return !completeListed;
     }
     if (completeListed) return false;
     for (const slot of slots) {
@@ -150,10 +158,7 @@ export class PeerTracker {
   async withdraw(key: string, deployment: string): Promise<void> {
     const k = this.groupKey(key);
     await this.redis.hdel(k, deployment);
-    for (let i = 0; i < this.config.seeders; i++) {
-      const slot = `${k}:seeder:${i}`;
-      if ((await this.redis.get(slot)) === deployment) await this.redis.del(slot);
-    }
+    for (let i = 0; i < this.config.seeders; i++) await this.redis.eval(SLOT_LUA, 1, `${k}:seeder:${i}`, deployment, 'free', 0);
   }
 
   /** Every holder of `key` still listed; expired entries are dropped from Redis. */

@@ -429,7 +429,7 @@ export interface components {
         };
         readonly PeerRegions: {
             readonly region_size: number;
-            /** @description Regions of the image. */
+            /** @description Regions of the disk (a disk larger than its image has more than the image: those are never served). */
             readonly regions: number;
             /** @description Alternating run lengths, not served first; they add up to `regions`. */
             readonly runs: readonly number[];
@@ -437,10 +437,12 @@ export interface components {
         readonly PeerList: {
             /**
              * @description Bounding the origin's egress (the driver sets it for disks that are not their
-             *     image's seeders): a background region that no peer has yet is read from the
-             *     origin only once it has waited this long for one; regions peers have are copied
-             *     meanwhile. 0: the origin at once. The host's reads never wait: a miss reads the
-             *     origin. With no peer left in the list, the origin at once.
+             *     image's seeders): the background copy takes only regions some peer has (by the
+             *     peers' maps, GET …/image/regions) and leaves the rest for later, as long as the
+             *     peers' maps keep growing; once they have not grown for this long (the seeder
+             *     died or stalls; no peer listed at all) it reads what they lack from the origin,
+             *     until they grow again. 0: no waiting. The host's reads never wait: a miss reads
+             *     the origin.
              * @default 0
              */
             readonly origin_wait_ms?: number;

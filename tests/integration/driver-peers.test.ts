@@ -13,6 +13,7 @@ import path from 'node:path';
 import { Redis } from 'ioredis';
 import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
 import { type Deployment, type DeploymentCreate, DriverClient } from '../../openapi/clients/driver-client.js';
+import { PeerTracker } from '../../driver/src/peers.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
@@ -88,14 +89,15 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
   };
 
   it('the first disk of an image reads the origin; a second, on another agent, copies every region from it, none from the origin', async () => {
-    await api.createDeployment(request(0, 'node-p1'));
+    // Verification required: the disk waits for the manifest, so it is verified (and can
+    // serve) however fast it completes.
+    await api.createDeployment({ ...request(0, 'node-p1'), driver_info: { ...request(0, 'node-p1').driver_info, smartnic_require_verification: true } });
     const first = await complete('node-p1');
     const seed = await verified(0, first.disk_id);
     assert.equal(seed.peers.offered, true, 'created with the image\'s peer token');
     assert.ok(first.peers?.enabled, JSON.stringify(first.peers));
     // Complete: listed for the seeding time (peers.seed_time_ms, 1 h by default).
-    // Once its whole target is checked against the manifest (the monitor polls on until it
-    // is), it is listed as a seed for the seeding time (peers.seed_time_ms, 1 h by default).
+    // Complete and verified: listed as a seed for the seeding time (peers.seed_time_ms, 1 h by default).
     await until('node-p1 listed as a seed', async () => {
       const listed = Date.parse((await api.getDeployment('node-p1')).peers?.listed_until ?? '');
       return listed > Date.now() + 30 * 60_000;
@@ -192,6 +194,30 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
       for (const n of nodes) await deploymentGone(api, n);
     } finally {
       await slow.stop();
+    }
+  });
+
+  it('seeder slots: the first disks of an image take them, a withdrawn seeder frees its slot, none while a complete disk is listed', async () => {
+    const r = new Redis(redis.url);
+    try {
+      const cfg = { enabled: true, max_peers: 8, announce_ttl_ms: 60_000, seed_time_ms: 3_600_000, seeders: 2, origin_wait_ms: 30_000 };
+      const t = new PeerTracker(r, 'slots', cfg);
+      const other = new PeerTracker(r, 'slots', cfg); // a second driver process on the same Redis
+      const key = 'raw:1048576:sha512:abc';
+      const got = await Promise.all(['d1', 'd2', 'd3', 'd4'].map((d, i) => (i % 2 ? other : t).seeder(key, d, false)));
+      assert.equal(got.filter(Boolean).length, 2, `two seeders of four: ${got.join(', ')}`);
+      const seeder = ['d1', 'd2', 'd3', 'd4'][got.indexOf(true)]!;
+      const waiting = ['d1', 'd2', 'd3', 'd4'][got.indexOf(false)]!;
+      assert.equal(await t.seeder(key, seeder, false), true, 'a seeder stays one at its next poll');
+      await t.withdraw(key, seeder);
+      assert.equal(await t.seeder(key, waiting, false), true, 'its slot goes to the next disk that polls');
+      assert.equal(await t.seeder(key, waiting, true), false, 'a complete disk is listed: no seeder is needed');
+      assert.equal(await t.seeder(key, 'd9', true), false);
+      // Both processes derive the same token for the image, another for another image.
+      assert.equal(await t.token(key), await other.token(key));
+      assert.notEqual(await t.token(key), await t.token('raw:1048576:sha512:abd'));
+    } finally {
+      r.disconnect();
     }
   });
 

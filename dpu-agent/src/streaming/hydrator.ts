@@ -38,11 +38,13 @@ export interface HydratorOptions {
   /** Test seam: schedules `fn` after `ms` and returns a cancel function. @default setTimeout */
   schedule?: (fn: () => void, ms: number) => () => void;
   /**
-   * Asked before each run of the sweep (not of misses or a boot profile): how many of its
-   * regions to copy now, 0 to leave the run for later (peer-source.ts admit: waiting for a
-   * peer to have it). @default all of them
+   * Gates the sweep (not misses or a boot profile; peer-source.ts: waiting for peers to
+   * have a region instead of reading the origin). `admissible()` is null when nothing is
+   * gated, else 1 for each region that may be copied now (the sweep skips the others in
+   * one pass over the array); `admit(first, count)` then says how many of a run to copy
+   * (0: leave it for later). @default no gate
    */
-  admit?: (first: number, count: number) => number;
+  gate?: { admissible(): Uint8Array | null; admit(first: number, count: number): number };
   log?: Logger;
 }
 
@@ -61,9 +63,9 @@ const GATE_RECHECK_MS = 250;
 
 export class Hydrator extends EventEmitter<HydratorEvents> {
   private readonly disk: StreamingDisk;
-  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule' | 'admit'>>;
-  private readonly admit: ((first: number, count: number) => number) | null;
-  /** The last sweep left regions for later (admit said 0): look again soon. */
+  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule' | 'gate'>>;
+  private readonly gate: NonNullable<HydratorOptions['gate']> | null;
+  /** The last sweep left regions for later (the gate held them): look again soon. */
   private gated = false;
   private readonly schedule: (fn: () => void, ms: number) => () => void;
   private readonly log: Logger | undefined;
@@ -86,8 +88,8 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     super();
     this.disk = disk;
     this.log = opts.log;
-    const { schedule, admit, ...rest } = opts;
-    this.admit = admit ?? null;
+    const { schedule, gate, ...rest } = opts;
+    this.gate = gate ?? null;
     this.opts = { batchBytes: 8 << 20, concurrency: 2, bandwidth: 0, ...stripUndefined(rest) };
     this.schedule =
       schedule ??
@@ -339,14 +341,22 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
       if (run) return { ...run, urgent: true };
     }
     const count = this.disk.map.count;
+    const states = this.disk.map.states;
+    const open = this.gate?.admissible() ?? null;
     this.gated = false;
     for (let r = this.cursor; r < count; r++) {
+      // Held back: skipped without a call per region (an image of a million regions is
+      // swept every 250 ms while its disk waits for peers).
+      if (open !== null && states[r] === RegionState.Remote && open[r] !== 1) {
+        this.gated = true;
+        continue;
+      }
       const run = this.runAt(r);
       if (!run) continue;
-      if (run.zero || !this.admit) return { ...run, urgent: false };
-      const n = this.admit(run.first, run.count);
+      if (run.zero || open === null) return { ...run, urgent: false };
+      const n = this.gate!.admit(run.first, run.count);
       if (n > 0) return { first: run.first, count: Math.min(n, run.count), zero: false, urgent: false };
-      this.gated = true; // left for later; the next region is asked on its own
+      this.gated = true;
     }
     return null;
   }

@@ -174,7 +174,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       ...(log ? { log } : {}),
     });
     peers?.verifiedBy(() => disk.hasManifest);
-    const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}), ...(peers ? { admit: (first: number, count: number) => peers!.admit(first, count) } : {}) });
+    const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}), ...(peers ? { gate: { admissible: () => peers!.admissible(), admit: (first: number, count: number) => peers!.admit(first, count) } } : {}) });
     if (peers && disk.complete) peers.finished();
     else if (peers) disk.once('complete', () => peers!.finished());
     return {

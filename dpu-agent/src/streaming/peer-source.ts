@@ -23,10 +23,13 @@
  * read every MAP_INTERVAL_MS (GET …/image/regions, a few bytes of run lengths). A region is
  * asked of a peer that has it (round robin among those), then of the others that have it,
  * then the origin. With `originWaitMs` (the driver sets it for disks that are not their
- * image's seeders) the hydrator asks admit() before each background run: regions some peer
- * has are copied now; a region no peer has waits, and is read from the origin only once it
- * has waited that long — so a fleet pulls about one copy from the origin, the seeders', and
- * the rest from each other. The host's reads never wait for this.
+ * image's seeders) the hydrator's sweep copies only regions some peer has (the union of
+ * their maps, `admissible`), each run from one peer that has all of it (`admit`), and
+ * leaves the rest for later — as long as the peers make progress: once the union has not
+ * grown for originWaitMs (the seeder died or stalls, or no peer is listed), everything is
+ * admitted and what peers lack comes from the origin; when they grow again the gate closes
+ * again. So a fleet pulls about one copy from the origin, the seeders', and the rest from
+ * each other, whatever the image's size. The host's reads never wait for this.
  */
 import type { Logger } from 'pino';
 import { DpuError } from '../../../image-access/src/errors.js';
@@ -86,10 +89,13 @@ export class PeerFirstSource implements RemoteSource {
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
-  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0, originWaits: 0 };
+  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0 };
   private originWaitMs = 0;
-  /** Regions the hydrator was told to wait for a peer: since when. */
-  private readonly waiting = new Map<number, number>();
+  /** 1 where some listed peer serves the region (the union of their maps), or null before any map. */
+  private union: Uint8Array | null = null;
+  private unionCount = 0;
+  /** When the union last grew (or the gate was first set): the origin opens originWaitMs after. */
+  private lastGrowth = 0;
   private mapTimer: NodeJS.Timeout | null = null;
   private mapping = false;
   private done = false;
@@ -120,6 +126,7 @@ export class PeerFirstSource implements RemoteSource {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
     this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null });
     this.token = token;
+    if (originWaitMs > 0 && this.originWaitMs <= 0) this.lastGrowth = Date.now();
     this.originWaitMs = originWaitMs;
     if (this.peers.length > 0 && !this.done && !this.mapTimer) {
       this.mapTimer = setInterval(() => void this.refreshMaps(), MAP_INTERVAL_MS);
@@ -140,31 +147,32 @@ export class PeerFirstSource implements RemoteSource {
   }
 
   /**
-   * How many regions from `first` (of the `count` the hydrator would copy) to copy now: the
-   * run some peer has, or — once `first` has waited originWaitMs for a peer — the run no
-   * peer has, from the origin; 0 to wait (the hydrator copies other regions meanwhile).
+   * The regions the hydrator's sweep may copy now: null for all of them (no gate: a seeder,
+   * no manifest, or the peers have not grown for originWaitMs), else 1 where some peer has
+   * the region (all zeros before any map). A disk told it is not a seeder waits even with
+   * no peer listed yet: a seeder's regions are on their way, and the stall clock bounds it.
+   */
+  admissible(now = Date.now()): Uint8Array | null {
+    if (this.originWaitMs <= 0 || this.token === null || !this.canVerify()) return null;
+    if (now - this.lastGrowth >= this.originWaitMs) return null;
+    return this.union ?? (this.union = new Uint8Array(Math.ceil(this.size / this.regionSize)));
+  }
+
+  /**
+   * How many regions from `first` (of the `count` the hydrator would copy) to copy now:
+   * while gated, the run one peer has from `first` (read() asks it of that peer), 0 when
+   * none has `first`; all of them when not gated.
    */
   admit(first: number, count: number, now = Date.now()): number {
-    // No peer in the list yet (or none left) still waits: the driver said this disk is not
-    // a seeder, and a seeder's regions are on their way; the wait bounds it.
-    if (this.originWaitMs <= 0 || this.token === null || !this.canVerify()) return count;
-    const has = (r: number): boolean => this.peers.some((p) => !p.excluded && p.map !== null && p.map[r] === 1);
-    let n = 1;
-    if (has(first)) {
-      while (n < count && has(first + n)) n++;
-      this.waiting.delete(first);
-      return n;
+    if (this.admissible(now) === null) return count;
+    let best = 0;
+    for (const p of this.peers) {
+      if (p.excluded || p.map === null || p.map[first] !== 1) continue;
+      let n = 1;
+      while (n < count && p.map[first + n] === 1) n++;
+      best = Math.max(best, n);
     }
-    const since = this.waiting.get(first);
-    if (since === undefined) {
-      this.waiting.set(first, now);
-      return 0;
-    }
-    if (now - since < this.originWaitMs) return 0;
-    this.waiting.delete(first);
-    while (n < count && !has(first + n)) n++;
-    this.counters.originWaits++;
-    return n;
+    return best;
   }
 
   /** Reads every peer's map of servable regions (one read at a time; a failed read forgets that peer's map). */
@@ -177,8 +185,9 @@ export class PeerFirstSource implements RemoteSource {
           .filter((p) => !p.excluded)
           .map(async (p) => {
             try {
-              const res = await fetch(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`, { headers: { authorization: `Bearer ${this.token!}` }, signal: AbortSignal.timeout(MAP_TIMEOUT_MS) });
-              if (!res.ok) {
+              const res = await fetch(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`, { headers: { authorization: `Bearer ${this.token!}` }, redirect: 'error', signal: AbortSignal.timeout(MAP_TIMEOUT_MS) });
+              // A map is at most a number per region: anything much larger is not one.
+              if (!res.ok || Number(res.headers.get('content-length') ?? 0) > 16 * Math.ceil(this.size / this.regionSize) + 1024) {
                 await res.body?.cancel();
                 p.map = null;
                 return;
@@ -191,9 +200,27 @@ export class PeerFirstSource implements RemoteSource {
             }
           }),
       );
+      this.rebuildUnion();
     } finally {
       this.mapping = false;
     }
+  }
+
+  /** The union of the peers' maps; growing restarts the stall clock. */
+  private rebuildUnion(): void {
+    const regions = Math.ceil(this.size / this.regionSize);
+    const u = this.union ?? new Uint8Array(regions);
+    u.fill(0);
+    for (const p of this.peers) {
+      if (p.excluded || p.map === null) continue;
+      const m = p.map;
+      for (let r = 0; r < regions; r++) u[r]! |= m[r]!;
+    }
+    let n = 0;
+    for (let r = 0; r < regions; r++) n += u[r]!;
+    this.union = u;
+    if (n > this.unionCount) this.lastGrowth = Date.now();
+    this.unionCount = n;
   }
 
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
