@@ -243,7 +243,7 @@ export async function attach(deps: JobDeps, job: Job<JobData>, token?: string): 
       });
     // The peer list before the manifest: the manifest's arrival starts the copy.
     if (swarm?.key) peers = await joinPeers(deps, rec, disk, { ...NO_PEERS, key: swarm.key });
-    if (status?.kind === 'cached' && !disk.manifest) disk = await uploadManifest(rec, deps, status.manifest);
+    if (status?.kind === 'cached' && !disk.manifest && disk.state !== 'complete') disk = await uploadManifest(rec, deps, status.manifest);
     // Before the disk is ready, so before Ironic powers the host on.
     const configdrive = rec.spec.instance_info.configdrive;
     if (configdrive) disk = await writeConfigDrive(rec, deps, configdrive);

@@ -189,6 +189,11 @@ export const ERRORS = {
     retryable: false,
     http: 409,
   },
+  DPU_ERR_DISK_COMPLETE: {
+    message: 'the disk is complete: its source is dropped',
+    retryable: false,
+    http: 409,
+  },
   DPU_ERR_PEER_REFUSED: {
     message: 'the disk is not offered to peers',
     retryable: false,

@@ -1348,7 +1348,7 @@ export interface operations {
             readonly 400: components["responses"]["BadRequest"];
             readonly 401: components["responses"]["Unauthorized"];
             readonly 404: components["responses"]["NotFound"];
-            /** @description The disk has never been opened, so its size is unknown (DPU_ERR_DISK_FAILED), or it was deleted and waits for its wipe (DPU_ERR_DISK_WIPING). */
+            /** @description The disk has never been opened, so its size is unknown (DPU_ERR_DISK_FAILED), it completed without a manifest (DPU_ERR_DISK_COMPLETE; its source is dropped, so nothing failing the check could be fetched again), or it was deleted and waits for its wipe (DPU_ERR_DISK_WIPING). */
             readonly 409: {
                 headers: {
                     readonly [name: string]: unknown;

@@ -303,6 +303,13 @@ describe('agent daemon API (in-process)', function () {
     // No manifest within the wait: it copies unverified from the origin.
     await client.createDisk(body('held-short', { hydration: { await_manifest_ms: 200 } }));
     assert.equal((await waitState(client, 'held-short', 'complete')).manifest, false);
+    // Too late for a manifest now: the source is dropped, so a region failing the check
+    // could not be fetched again (it was made remote, and the host's reads of it failed).
+    await rejects(client.setManifest('held-short', manifest), 409, 'DPU_ERR_DISK_COMPLETE');
+    const after = await client.getDisk('held-short');
+    assert.equal(after.state, 'complete');
+    assert.equal(after.manifest, false);
+    assert.equal(after.regions.local + after.regions.zero, after.regions.total, 'every region still local');
     // Paused at creation stays paused when the wait ends.
     const paused = await client.createDisk(body('held-paused', { hydration: { await_manifest_ms: 200, paused: true } }));
     await client.setManifest('held-paused', manifest);

@@ -480,6 +480,11 @@ export class DiskManager {
       const imageSize = p?.imageSize ?? m.record?.imageSize;
       const regionSize = p?.regionSize ?? m.record?.regionSize ?? m.spec.region_size;
       if (size === undefined) throw new DpuError('DPU_ERR_DISK_FAILED', `disk "${id}" has never been opened, so its size is unknown; upload the manifest once it is`);
+      // Checking a complete disk would make a region that fails the check remote with no
+      // source left to fetch it from: the host's reads of it would fail.
+      if (m.opened?.disk.complete && !m.opened.disk.hasManifest) {
+        throw new DpuError('DPU_ERR_DISK_COMPLETE', `disk "${id}" is complete: its image source is dropped, so a region failing the manifest could not be fetched again; a manifest is for a disk still copying (create the next disk of this image with it)`);
+      }
       // The image's manifest: on a disk larger than its image, the disk pads it (zeros after the image).
       if ((manifest.size !== size && manifest.size !== imageSize) || manifest.regionSize !== regionSize) {
         throw new DpuError('DPU_ERR_MANIFEST_INVALID', `the manifest describes ${manifest.size} bytes in ${manifest.regionSize}-byte regions; disk "${id}" holds a ${imageSize ?? size}-byte image in ${regionSize}-byte regions`);
