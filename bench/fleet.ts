@@ -130,7 +130,7 @@ runMain('fleet', async () => {
   }
   const date = new Date();
   const cmd = commandLine();
-  const file = writeResults('fleet', date, { command: cmd, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, reps, runs, summary });
+  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, reps, runs, summary });
   const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s'], ['r', 'l', 'r', 'r', 'r', 'r', 'r'], rows);
   console.log(table);
   if (flags.docs) {
