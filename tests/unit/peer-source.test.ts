@@ -7,26 +7,12 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { PeerFirstSource } from '../../dpu-agent/src/streaming/peer-source.js';
+import { encodeRuns, PeerFirstSource } from '../../dpu-agent/src/streaming/peer-source.js';
 import { MemorySource } from '../helpers/memory-source.js';
 
 const R = 1 << 20;
 const REGIONS = 8;
 
-/** Run lengths (not served first) of a 0/1 list. */
-function runs(bits: number[]): number[] {
-  const out: number[] = [];
-  let want = 0;
-  let i = 0;
-  while (i < bits.length) {
-    let n = 0;
-    while (i + n < bits.length && bits[i + n] === want) n++;
-    out.push(n);
-    i += n;
-    want ^= 1;
-  }
-  return out;
-}
 
 async function until(cond: () => boolean): Promise<void> {
   while (!cond()) await new Promise((r) => setTimeout(r, 10));
@@ -44,7 +30,7 @@ describe('peer source: waiting for peers instead of reading the origin', functio
       const m = /^\/v1\/disks\/([^/]+)\/image\/regions$/.exec(req.url ?? '');
       if (!m || req.headers.authorization !== 'Bearer token-of-the-image-0123') return void res.writeHead(401).end();
       reads.maps++;
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ region_size: R, regions: REGIONS, runs: runs(maps[m[1]!] ?? []) }));
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ region_size: R, regions: REGIONS, runs: encodeRuns(maps[m[1]!] ?? []) }));
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;

@@ -49,6 +49,7 @@
  *    match goes back to `remote`; one of unknown origin (perhaps the host's own writes) is
  *    left alone and counted as unverifiable.
  */
+import { encodeRuns } from './peer-source.js';
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions } from '../block/backend.js';
@@ -511,18 +512,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * (GET /v1/disks/{id}/image/regions).
    */
   pristineRuns(): number[] {
-    const runs: number[] = [];
-    const p = this.pristine;
-    let want = 0;
-    let i = 0;
-    while (i < p.length) {
-      let n = 0;
-      while (i + n < p.length && p[i + n] === want) n++;
-      runs.push(n);
-      i += n;
-      want ^= 1;
-    }
-    return runs;
+    return encodeRuns(this.pristine);
   }
 
   /** Whether a manifest is applied: what is fetched from now on is verified. */

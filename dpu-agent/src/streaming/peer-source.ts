@@ -344,6 +344,21 @@ function holds(p: PeerState, first: number, last: number): boolean {
   return true;
 }
 
+/** One 0/1 byte per region into run lengths, alternating, a run of 0s first (which may be empty). */
+export function encodeRuns(bits: ArrayLike<number>): number[] {
+  const runs: number[] = [];
+  let want = 0;
+  let i = 0;
+  while (i < bits.length) {
+    let n = 0;
+    while (i + n < bits.length && bits[i + n] === want) n++;
+    runs.push(n);
+    i += n;
+    want ^= 1;
+  }
+  return runs;
+}
+
 /** Run lengths (not served first, alternating) into one byte per region of the image. */
 export function decodeRuns(runs: readonly unknown[], regions: number): Uint8Array | null {
   const map = new Uint8Array(regions);
