@@ -49,7 +49,6 @@
  *    match goes back to `remote`; one of unknown origin (perhaps the host's own writes) is
  *    left alone and counted as unverifiable.
  */
-import { encodeRuns } from './peer-source.js';
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { BlockBackend, BlockCapabilities, MaybePromise, WriteZeroesOptions } from '../block/backend.js';
@@ -59,6 +58,7 @@ import type { Manifest } from '../../../image-access/src/manifest.js';
 import { sharedBuffer, type HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
+import { encodeRuns } from './peer-source.js';
 import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
 import type { ReadRecorder } from './boot-profile.js';
 
