@@ -21,6 +21,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { AgentClient } from '../openapi/clients/agent-client.js';
 import { DriverClient } from '../openapi/clients/driver-client.js';
 import { makeImage } from '../tests/helpers/agent.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
@@ -55,7 +56,11 @@ const USAGE = `usage: node dist/bench/fleet.js [--nodes 1,4,8] [--image-size SIZ
   --image-size   the image (default 64M; --quick 32M), 10% of it zeros
   --origin-rate  the origin's send cap, shared by the fleet (default 100mbit)
   --node-rate    each node's intake cap (default 100mbit)
-  --reps         interleaved rounds (default 3; --quick 1)`;
+  --reps         interleaved rounds (default 3; --quick 1)
+  --peers        off, on or both (default both)
+  --monitor-ms   the driver's jobs.monitor_interval_ms (default 200: "all local" is the
+                 monitor job's end, so this is its resolution; the driver's polls cost the
+                 agents CPU, which a large fleet on 2 cores feels)`;
 
 interface Run {
   nodes: number;
@@ -67,10 +72,12 @@ interface Run {
   from_peers: number;
   cpu_agents_s: number;
   failed: number;
+  /** Background reads that peers could not answer and the origin did (the disks' peers.fallbacks). */
+  fallbacks: number;
 }
 
 runMain('fleet', async () => {
-  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' } } });
+  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' }, peers: { type: 'string' }, 'monitor-ms': { type: 'string' } } });
   const flags = benchFlags(v, USAGE);
   const sizes = (v.nodes ?? (flags.quick ? '1,4' : '1,4,8')).split(',').map((s) => positive('--nodes', s, 1, true));
   const imageSize = parseSizeArg(v['image-size'] ?? (flags.quick ? '32M' : '64M'), '--image-size');
@@ -78,6 +85,9 @@ runMain('fleet', async () => {
   const nodeRate = parseRateArg(v["node-rate"] ?? "100mbit", '--node-rate');
   const reps = positive('--reps', v.reps, flags.quick ? 1 : 3, true);
   const maxNodes = Math.max(...sizes);
+  const peerModes = ({ off: [false], on: [true], both: [false, true] } as Record<string, boolean[]>)[v.peers ?? 'both'];
+  if (!peerModes) throw new Error(`--peers "${v.peers}": off, on or both`);
+  const monitorMs = positive('--monitor-ms', v['monitor-ms'], 200, true);
 
   const dir = flags.workdir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'bench-fleet-'));
   if (!flags.keep) removeAtEnd(dir);
@@ -96,7 +106,7 @@ runMain('fleet', async () => {
   }
   const drivers: Record<'on' | 'off', ServiceProcess> = {} as never;
   for (const mode of ['off', 'on'] as const) {
-    const d = await driverService({ dir: path.join(dir, `driver-${mode}`), redisUrl: redis.url, extra: { peers: { enabled: mode === 'on' }, redis: { url: redis.url, prefix: `fleet-${mode}` }, log_level: 'error' } });
+    const d = await driverService({ dir: path.join(dir, `driver-${mode}`), redisUrl: redis.url, jobs: { monitor_interval_ms: monitorMs }, extra: { peers: { enabled: mode === 'on' }, redis: { url: redis.url, prefix: `fleet-${mode}` }, log_level: 'error' } });
     await d.start();
     drivers[mode] = d;
     onCleanup(async () => void (await d.stop()));
@@ -106,11 +116,12 @@ runMain('fleet', async () => {
   let seq = 0;
   for (let round = 0; round < reps; round++) {
     for (const nodes of round % 2 === 0 ? sizes : [...sizes].reverse()) {
-      for (const peers of round % 2 === 0 ? [false, true] : [true, false]) {
+      for (const peers of round % 2 === 0 ? peerModes : [...peerModes].reverse()) {
         if (nodes === 1 && peers) continue; // one node has no peer
+        if (nodes === 1 && !peerModes.includes(false) && runs.some((x) => x.nodes === 1)) continue;
         const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'] });
         runs.push(r);
-        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers${r.failed ? `, ${r.failed} failed` : ''}`);
+        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin, agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);
       }
     }
   }
@@ -130,7 +141,7 @@ runMain('fleet', async () => {
   }
   const date = new Date();
   const cmd = commandLine();
-  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, reps, runs, summary });
+  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, monitor_ms: monitorMs, reps, runs, summary });
   const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s'], ['r', 'l', 'r', 'r', 'r', 'r', 'r'], rows);
   console.log(table);
   if (flags.docs) {
@@ -196,7 +207,8 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
     const region = 1 << 20;
     for (let o = 0; o < bytes.length; o += region) if (bytes.subarray(o, o + region).some((b) => b !== 0)) data += Math.min(region, bytes.length - o);
     const fromPeers = done.reduce((n, d) => n + (d.peers?.bytes_from_peers ?? 0), 0);
-    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length };
+    const views = await Promise.all(done.map((d, i) => new AgentClient({ baseUrl: c.agents[i]!.url, token: TOKEN }).getDisk(d.disk_id)));
+    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0) };
     for (const node of nodes) await api.deleteDeployment(node);
     await gone(api, nodes);
     fs.rmSync(image);

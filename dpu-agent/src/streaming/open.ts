@@ -175,6 +175,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
     });
     peers?.verifiedBy(() => disk.hasManifest);
     const hydrator = new Hydrator(disk, { ...opts.hydrator, ...(log ? { log } : {}), ...(peers ? { gate: { admissible: () => peers!.admissible(), admit: (first: number, count: number) => peers!.admit(first, count) } } : {}) });
+    peers?.whileCopying(() => hydrator.state === 'running');
     if (peers && disk.complete) peers.finished();
     else if (peers) disk.once('complete', () => peers!.finished());
     return {

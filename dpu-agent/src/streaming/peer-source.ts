@@ -86,6 +86,7 @@ export class PeerFirstSource implements RemoteSource {
   private token: string | null = null;
   private next = 0;
   private canVerify: () => boolean = () => false;
+  private copying: () => boolean = () => true;
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
@@ -114,6 +115,11 @@ export class PeerFirstSource implements RemoteSource {
   }
   get description(): string {
     return this.origin.description;
+  }
+
+  /** Peers' maps are read only while `check` says the background copy runs (not paused, failed or disabled). */
+  whileCopying(check: () => boolean): void {
+    this.copying = check;
   }
 
   /** Peers are asked only while `check` says what they send is verified (the disk has a manifest). */
@@ -177,7 +183,7 @@ export class PeerFirstSource implements RemoteSource {
 
   /** Reads every peer's map of servable regions (one read at a time; a failed read forgets that peer's map). */
   private async refreshMaps(): Promise<void> {
-    if (this.mapping || this.done || this.token === null || !this.canVerify()) return;
+    if (this.mapping || this.done || this.token === null || !this.canVerify() || !this.copying()) return;
     this.mapping = true;
     try {
       await Promise.all(
