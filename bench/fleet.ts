@@ -116,9 +116,9 @@ runMain('fleet', async () => {
   let seq = 0;
   for (let round = 0; round < reps; round++) {
     for (const nodes of round % 2 === 0 ? sizes : [...sizes].reverse()) {
-      for (const peers of round % 2 === 0 ? peerModes : [...peerModes].reverse()) {
-        if (nodes === 1 && peers) continue; // one node has no peer
-        if (nodes === 1 && !peerModes.includes(false) && runs.some((x) => x.nodes === 1)) continue;
+      // One node has no peer: it runs with peers off whatever --peers says (the reference).
+      const modes = nodes === 1 ? [false] : round % 2 === 0 ? peerModes : [...peerModes].reverse();
+      for (const peers of modes) {
         const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'] });
         runs.push(r);
         console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin, agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);

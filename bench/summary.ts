@@ -17,7 +17,7 @@ type Json = Record<string, unknown>;
  * The newest bench/results/<name>-<date>.json (names sort by date) of a full run: a smoke
  * run (--quick) measures too little to stand for a goal, so its results are passed over.
  */
-function latest(name: string): { file: string; data: Json } | null {
+function latest(name: string, accept: (data: Json) => boolean = () => true): { file: string; data: Json } | null {
   if (!fs.existsSync(RESULTS_DIR)) return null;
   const files = fs
     .readdirSync(RESULTS_DIR)
@@ -26,7 +26,7 @@ function latest(name: string): { file: string; data: Json } | null {
     .reverse();
   for (const f of files) {
     const data = JSON.parse(fs.readFileSync(path.join(RESULTS_DIR, f), 'utf8')) as Json;
-    if ((data['options'] as Json | undefined)?.['quick'] === true || data['quick'] === true) continue;
+    if ((data['options'] as Json | undefined)?.['quick'] === true || data['quick'] === true || !accept(data)) continue;
     return { file: `bench/results/${f}`, data };
   }
   return null;
@@ -239,7 +239,8 @@ function scalingRows(): Row[] {
 
 /** Issue #15's fleet goals, from the fleet run with the most nodes (peers on). */
 function fleetRows(): Row[] {
-  const r = latest('fleet');
+  // A run with its one-node reference (a --peers on run without it cannot say "vs one node").
+  const r = latest('fleet', (d) => (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1));
   if (!r) return [];
   const summary = r.data['summary'] as { nodes: number; peers: boolean; origin_x: number; vs_single: number }[];
   const on = summary.filter((s) => s.peers).sort((a, b) => b.nodes - a.nodes)[0];
