@@ -25,13 +25,13 @@
  *            (seeding). The teardown withdraws the entry. Expired entries are dropped when
  *            read; the hash itself expires after its last entry would.
  *   seeders  while no complete disk of an image is listed, its first `seeders` disks read
- *            the origin freely; the others are told `origin_wait_ms`: a region no peer
- *            has yet waits that long before their agent reads it from the origin
- *            (dpu-agent peer-source.ts admit), so a fleet starting together pulls about
- *            `seeders` copies from the origin. A seeder holds a slot
+ *            the origin freely; the others are told `origin_wait_ms`: their agents copy
+ *            only what peers have, and read the origin once the peers have gained nothing
+ *            for that long (dpu-agent peer-source.ts admissible), so a fleet starting
+ *            together pulls about `seeders` copies from the origin. A seeder holds a slot
  *            (`<group>:seeder:<i>`) renewed by each poll; one that goes away frees it
  *            and the next disk to poll takes it.
- *   list     what a disk is told (peersFor): the other holders, not expired, same rack first
+ *   list     what a disk is told (choosePeers): the other holders, not expired, same rack first
  *            (driver_info smartnic_rack), then complete ones, then by quarters of the
  *            image local; within those, spread by a hash of the asking deployment and the
  *            holder, so a fleet starting together does not ask the same seed first (the
@@ -180,7 +180,6 @@ export class PeerTracker {
     if (expired.length > 0) await this.redis.hdel(k, ...expired);
     return live;
   }
-
 }
 
 /** Orders and caps the holders for one disk (pure: unit-tested). */

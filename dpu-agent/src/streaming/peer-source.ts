@@ -117,6 +117,11 @@ export class PeerFirstSource implements RemoteSource {
     return this.origin.description;
   }
 
+  /** Regions of the image (what maps and the union cover). */
+  private get regions(): number {
+    return Math.ceil(this.size / this.regionSize);
+  }
+
   /** Peers' maps are read only while `check` says the background copy runs (not paused, failed or disabled). */
   whileCopying(check: () => boolean): void {
     this.copying = check;
@@ -161,7 +166,7 @@ export class PeerFirstSource implements RemoteSource {
   admissible(now = Date.now()): Uint8Array | null {
     if (this.originWaitMs <= 0 || this.token === null || !this.canVerify()) return null;
     if (now - this.lastGrowth >= this.originWaitMs) return null;
-    return this.union ?? (this.union = new Uint8Array(Math.ceil(this.size / this.regionSize)));
+    return this.union ?? (this.union = new Uint8Array(this.regions));
   }
 
   /**
@@ -193,13 +198,13 @@ export class PeerFirstSource implements RemoteSource {
             try {
               const res = await fetch(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`, { headers: { authorization: `Bearer ${this.token!}` }, redirect: 'error', signal: AbortSignal.timeout(MAP_TIMEOUT_MS) });
               // A map is at most a number per region: anything much larger is not one.
-              if (!res.ok || Number(res.headers.get('content-length') ?? 0) > 16 * Math.ceil(this.size / this.regionSize) + 1024) {
+              if (!res.ok || Number(res.headers.get('content-length') ?? 0) > 16 * this.regions + 1024) {
                 await res.body?.cancel();
                 p.map = null;
                 return;
               }
               const body = (await res.json()) as { region_size?: unknown; regions?: unknown; runs?: unknown };
-              p.map = body.region_size === this.regionSize && Array.isArray(body.runs) ? decodeRuns(body.runs, Math.ceil(this.size / this.regionSize)) : null;
+              p.map = body.region_size === this.regionSize && Array.isArray(body.runs) ? decodeRuns(body.runs, this.regions) : null;
             } catch (err) {
               p.map = null;
               this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, 'reading a peer\'s region map failed');
@@ -214,7 +219,7 @@ export class PeerFirstSource implements RemoteSource {
 
   /** The union of the peers' maps; growing restarts the stall clock. */
   private rebuildUnion(): void {
-    const regions = Math.ceil(this.size / this.regionSize);
+    const regions = this.regions;
     const u = this.union ?? new Uint8Array(regions);
     u.fill(0);
     for (const p of this.peers) {
