@@ -74,6 +74,8 @@ interface Run {
   failed: number;
   /** Background reads that peers could not answer and the origin did (the disks' peers.fallbacks). */
   fallbacks: number;
+  /** Of those, by cause (the disks' peers.fallback_causes summed). */
+  fallback_causes: { busy: number; refused: number; failed: number };
 }
 
 runMain('fleet', async () => {
@@ -97,12 +99,19 @@ runMain('fleet', async () => {
   const redis = new RedisServer(path.join(dir, 'redis'));
   await redis.start();
   onCleanup(() => redis.stop());
+  // Diagnostics (bench/README.md): the agents' log level, whose last MiB each is written to
+  // FLEET_LOG_DIR at the end, and node flags (e.g. --cpu-prof --cpu-prof-dir=DIR).
+  const logDir = process.env.FLEET_AGENT_LOG ? (process.env.FLEET_LOG_DIR ?? path.join(os.tmpdir(), 'fleet-logs')) : null;
+  if (logDir) fs.mkdirSync(logDir, { recursive: true });
   const agents: ServiceProcess[] = [];
   for (let i = 0; i < maxNodes; i++) {
-    const a = await agentDaemon({ dir: path.join(dir, `agent-${i}`), extra: { log_level: 'error' } });
+    const a = await agentDaemon({ dir: path.join(dir, `agent-${i}`), extra: { log_level: process.env.FLEET_AGENT_LOG ?? 'error' }, nodeFlags: process.env.FLEET_AGENT_NODE_FLAGS?.split(' ').filter(Boolean) });
     await a.start();
     agents.push(a);
-    onCleanup(async () => void (await a.stop()));
+    onCleanup(async () => {
+      await a.stop();
+      if (logDir) fs.writeFileSync(path.join(logDir, `agent-${i}.log`), a.output);
+    });
   }
   const drivers: Record<'on' | 'off', ServiceProcess> = {} as never;
   for (const mode of ['off', 'on'] as const) {
@@ -121,7 +130,7 @@ runMain('fleet', async () => {
       for (const peers of modes) {
         const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'] });
         runs.push(r);
-        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin, agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);
+        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin (${r.fallback_causes.busy} busy, ${r.fallback_causes.refused} refused, ${r.fallback_causes.failed} failed), agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);
       }
     }
   }
@@ -208,7 +217,8 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
     for (let o = 0; o < bytes.length; o += region) if (bytes.subarray(o, o + region).some((b) => b !== 0)) data += Math.min(region, bytes.length - o);
     const fromPeers = done.reduce((n, d) => n + (d.peers?.bytes_from_peers ?? 0), 0);
     const views = await Promise.all(done.map((d, i) => new AgentClient({ baseUrl: c.agents[i]!.url, token: TOKEN }).getDisk(d.disk_id)));
-    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0) };
+    if (process.env.FLEET_AGENT_LOG) for (const v of views) console.error(`  ${v.id}: ${v.bytes_fetched} bytes from the origin, ${v.peers.bytes_from_peers} from peers, fallbacks ${JSON.stringify(v.peers.fallback_causes)}`);
+    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0), fallback_causes: { busy: views.reduce((n, d) => n + d.peers.fallback_causes.busy, 0), refused: views.reduce((n, d) => n + d.peers.fallback_causes.refused, 0), failed: views.reduce((n, d) => n + d.peers.fallback_causes.failed, 0) } };
     for (const node of nodes) await api.deleteDeployment(node);
     await gone(api, nodes);
     fs.rmSync(image);

@@ -51,12 +51,14 @@ export interface ResponseHead {
  *   into     bytes [skip, skip + dest.length) of the body land in dest. `exact`: the body
  *            must be exactly that long (a longer or shorter one fails the request); else
  *            the request ends as soon as dest is full (the connection is then closed unless
- *            the body ended there too).
+ *            the body ended there too). `upTo`: a body that ends before dest is full is
+ *            not an error (`filled` says how much came): for small answers of unknown
+ *            length.
  *   discard  read and dropped (small bodies: redirects, errors); a body over 64 KiB, or
  *            of unknown length, closes the connection instead.
  *   close    not read: the connection is closed.
  */
-export type BodyPlan = { kind: 'into'; dest: Buffer; skip: number; exact: boolean } | { kind: 'discard' } | { kind: 'close' };
+export type BodyPlan = { kind: 'into'; dest: Buffer; skip: number; exact: boolean; upTo?: boolean } | { kind: 'discard' } | { kind: 'close' };
 
 export interface Http1RequestOptions {
   method: 'GET' | 'HEAD';
@@ -537,7 +539,7 @@ class Connection {
         return;
       }
       if (ex.done) {
-        if (plan?.kind === 'into' && !full) throw new DpuError('DPU_ERR_SOURCE_TRANSIENT', `the body ended after ${ex.filled} of ${plan.dest.length} bytes`);
+        if (plan?.kind === 'into' && !full && !plan.upTo) throw new DpuError('DPU_ERR_SOURCE_TRANSIENT', `the body ended after ${ex.filled} of ${plan.dest.length} bytes`);
         this.finish(ex);
         return;
       }

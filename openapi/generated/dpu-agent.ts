@@ -433,6 +433,8 @@ export interface components {
             readonly regions: number;
             /** @description Alternating run lengths, not served first; they add up to `regions`. */
             readonly runs: readonly number[];
+            /** @description Every region is local and verified: what is served can only shrink from now on (host writes). Peers read such a map once, and again only when a read is refused. */
+            readonly complete?: boolean;
         };
         readonly PeerList: {
             /**
@@ -588,6 +590,12 @@ export interface components {
                 readonly bytes_from_peers: number;
                 /** @description Background reads a peer could not answer (not verified there yet, busy, failed), read from the origin instead. */
                 readonly fallbacks: number;
+                /** @description The fallbacks by the last peer answer: every peer asked was busy (its peers.max_inflight reads in flight) after the retries; one refused (not servable there: not verified yet, written by the host; or a stale list); one failed (an error, a stall, slower than 8 MiB/s). */
+                readonly fallback_causes: {
+                    readonly busy: number;
+                    readonly refused: number;
+                    readonly failed: number;
+                };
             };
             /**
              * @description streaming: exported, regions still remote; complete: every region local, the source closed; failed: the disk could not be opened, or its local target failed (a write or fdatasync error: every request fails until the agent reopens it), see last_error; wiping: deleted with wipe, and the target is not wiped yet (not exported; last_error says why the last attempt failed; a DELETE retries it).

@@ -72,6 +72,8 @@ export interface AgentSetup {
   dir: string;
   port?: number;
   extra?: Record<string, unknown>;
+  /** More node flags (e.g. `--cpu-prof`), after the deployed ones. */
+  nodeFlags?: readonly string[];
 }
 
 /** A DPU agent daemon whose targets live under `<dir>/targets/`. */
@@ -89,7 +91,7 @@ export async function agentDaemon(s: AgentSetup): Promise<ServiceProcess> {
   };
   const file = path.join(s.dir, 'agent.yaml');
   fs.writeFileSync(file, stringify(cfg));
-  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file, AGENT_NODE_FLAGS);
+  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file, [...AGENT_NODE_FLAGS, ...(s.nodeFlags ?? [])]);
 }
 
 export interface DriverSetup {

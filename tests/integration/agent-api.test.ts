@@ -198,7 +198,7 @@ describe('agent daemon API (in-process)', function () {
       assert.equal(((await res.json()) as { code: string }).code, code);
     };
     const created = await client.createDisk(body('peer-a', { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
-    assert.deepEqual(created.peers, { offered: true, bytes_served: 0, sources: 0, excluded: 0, bytes_from_peers: 0, fallbacks: 0 });
+    assert.deepEqual(created.peers, { offered: true, bytes_served: 0, sources: 0, excluded: 0, bytes_from_peers: 0, fallbacks: 0, fallback_causes: { busy: 0, refused: 0, failed: 0 } });
     await refused(await peerGet('peer-a', `bytes=0-${REGION - 1}`), 409, 'DPU_ERR_NOT_SERVABLE'); // remote
     const manifest = await Manifest.build(new FileSource(image), { regionSize: REGION });
     await client.setManifest('peer-a', manifest.encode());
@@ -210,6 +210,8 @@ describe('agent daemon API (in-process)', function () {
     assert.equal(res.status, 206);
     assert.equal(res.headers.get('content-range'), `bytes ${REGION}-${3 * REGION - 1}/${IMAGE_SIZE}`);
     assert.ok(Buffer.from(await res.arrayBuffer()).equals(img.subarray(REGION, 3 * REGION)), 'the image bytes');
+    const regions = async (): Promise<{ runs: number[]; complete: boolean }> => (await fetch(`${base}/v1/disks/peer-a/image/regions`, { headers: { authorization: `Bearer ${PEER_TOKEN}` } })).json() as Promise<{ runs: number[]; complete: boolean }>;
+    assert.equal((await regions()).complete, true, 'complete and verified: what it serves can only shrink');
     await refused(await peerGet('peer-a', 'bytes=0-99', 'wrong-token-0123456789abcdef'), 401, 'DPU_ERR_UNAUTHORIZED');
     await refused(await peerGet('peer-a', 'bytes=0-99', TOKEN), 401, 'DPU_ERR_UNAUTHORIZED'); // the API's token is not a peer token
     await refused(await peerGet('peer-a', 'bytes=0-99', null), 401, 'DPU_ERR_UNAUTHORIZED');
@@ -226,6 +228,9 @@ describe('agent daemon API (in-process)', function () {
     await refused(await peerGet('peer-a', 'bytes=0-99'), 409, 'DPU_ERR_NOT_SERVABLE');
     await refused(await peerGet('peer-a', `bytes=${REGION - 1}-${REGION}`), 409, 'DPU_ERR_NOT_SERVABLE');
     assert.equal((await peerGet('peer-a', `bytes=${REGION}-${REGION + 99}`)).status, 206, 'the next region still is');
+    const after = await regions();
+    assert.equal(after.runs[0], 1, 'region 0 is no longer served');
+    assert.equal(after.complete, true, 'still complete: its map only shrank');
     const view = await client.getDisk('peer-a');
     assert.equal(view.peers.bytes_served, 2 * REGION + 100);
     assert.ok(!JSON.stringify(await client.listDisks()).includes(PEER_TOKEN), 'the token is never shown');

@@ -2,7 +2,8 @@
  * The peer source's gate (dpu-agent/src/streaming/peer-source.ts): what a disk that is not
  * its image's seeder may copy now. The peers are a small HTTP server answering the
  * documented GET …/image/regions contract with maps the test sets (a controllable peer,
- * named as such; the agent's own endpoint is tested in tests/integration).
+ * named as such; the agent's own endpoint is tested in tests/integration). It answers
+ * maps chunked (no Content-Length), as a proxy in between may.
  */
 import assert from 'node:assert/strict';
 import http from 'node:http';
@@ -76,5 +77,99 @@ describe('peer source: waiting for peers instead of reading the origin', functio
     manifest = false;
     assert.equal(s.admissible(), null, 'peers are never used without a manifest');
     await s.close();
+  });
+});
+
+describe('peer source: reading peers\' maps and asking peers', function () {
+  const image = Buffer.alloc(REGIONS * R);
+  for (let i = 0; i < image.length; i += 4096) image[i] = (i / R) | 1;
+  /** Per disk of the controllable peer: its map, whether it says it is complete, and what was asked of it. */
+  const peers: Record<string, { map: number[]; complete: boolean; mapReads: number; regionReads: number; refused: number }> = {};
+  let server: http.Server;
+  let url: string;
+  const sources: PeerFirstSource[] = [];
+
+  before(async () => {
+    server = http.createServer((req, res) => {
+      if (req.headers.authorization !== 'Bearer token-of-the-image-0123') return void res.writeHead(401).end();
+      const m = /^\/v1\/disks\/([^/]+)\/image(\/regions)?$/.exec(req.url ?? '');
+      const p = m ? peers[m[1]!] : undefined;
+      if (!p) return void res.writeHead(404).end();
+      if (m![2]) {
+        p.mapReads++;
+        return void res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ region_size: R, regions: REGIONS, runs: encodeRuns(p.map), complete: p.complete }));
+      }
+      p.regionReads++;
+      const [a, b] = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '')!.slice(1).map(Number) as [number, number];
+      for (let r = Math.floor(a / R); r <= Math.floor(b / R); r++) {
+        if (p.map[r] !== 1) {
+          p.refused++;
+          return void res.writeHead(409, { 'content-type': 'application/json' }).end('{"code":"DPU_ERR_NOT_SERVABLE"}');
+        }
+      }
+      res.writeHead(206, { 'content-range': `bytes ${a}-${b}/${image.length}`, 'content-length': b - a + 1 }).end(image.subarray(a, b + 1));
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+  after(async () => {
+    for (const s of sources) await s.close();
+    await new Promise((r) => server.close(r));
+  });
+
+  function source(originReads: number[]): PeerFirstSource {
+    const origin = new MemorySource(image);
+    const read = origin.read.bind(origin);
+    origin.read = async (offset, dest, opts) => {
+      originReads.push(offset / R);
+      return read(offset, dest, opts);
+    };
+    const s = new PeerFirstSource(origin, R);
+    s.verifiedBy(() => true);
+    sources.push(s);
+    return s;
+  }
+
+  it('reads a complete peer\'s map once, the others\' again and again; a refusal makes a complete peer\'s map read again', async () => {
+    peers['seed'] = { map: new Array(REGIONS).fill(1), complete: true, mapReads: 0, regionReads: 0, refused: 0 };
+    for (const d of ['p1', 'p2', 'p3']) peers[d] = { map: [1, 0, 0, 0, 0, 0, 0, 0], complete: false, mapReads: 0, regionReads: 0, refused: 0 };
+    const s = source([]);
+    s.setPeers(['seed', 'p1', 'p2', 'p3'].map((disk) => ({ url, disk })), 'token-of-the-image-0123', 0);
+    await until(() => ['p1', 'p2', 'p3'].every((d) => peers[d]!.mapReads >= 3));
+    assert.equal(peers['seed']!.mapReads, 1, 'a complete map can only shrink: read once');
+    // The seed's host wrote region 5: it refuses it, and its map is read again.
+    peers['seed']!.map[5] = 0;
+    peers['seed']!.complete = false;
+    const dest = Buffer.alloc(R);
+    await s.read(5 * R, dest, { priority: 'background' });
+    assert.equal(peers['seed']!.refused, 1);
+    assert.ok(dest.equals(image.subarray(5 * R, 6 * R)), 'from the origin');
+    assert.deepEqual(s.peerStats().fallbackRefused, 1);
+    await until(() => peers['seed']!.mapReads >= 2);
+  });
+
+  it('a disk sparing the origin asks no peer whose map does not show the regions; it waits for maps still to be read, then reads the origin', async () => {
+    peers['holder'] = { map: [1, 1, 0, 0, 0, 0, 0, 0], complete: false, mapReads: 0, regionReads: 0, refused: 0 };
+    peers['nomap'] = { map: new Array(REGIONS).fill(1), complete: false, mapReads: 0, regionReads: 0, refused: 0 };
+    const originReads: number[] = [];
+    const s = source(originReads);
+    // 'gone' has no map to read (404): its map stays unknown, and it is never asked blind.
+    s.setPeers([{ url, disk: 'holder' }, { url, disk: 'gone' }], 'token-of-the-image-0123', 60_000);
+    await until(() => s.admissible()?.[1] === 1);
+    const dest = Buffer.alloc(2 * R);
+    await s.read(0, dest, { priority: 'background' });
+    assert.ok(dest.equals(image.subarray(0, 2 * R)));
+    assert.equal(peers['holder']!.regionReads, 1);
+    // Region 4: nobody's map has it. The peer without a map is not asked; after the waits
+    // for its map the origin is read.
+    await s.read(4 * R, dest.subarray(0, R), { priority: 'background' });
+    assert.deepEqual(originReads, [4]);
+    assert.equal(peers['holder']!.regionReads, 1, 'the holder of other regions is not asked');
+    assert.equal(peers['nomap']!.regionReads, 0);
+    // A seeder (no wait) asks peers before the origin, even one whose map is not read yet.
+    const seeder = source([]);
+    seeder.setPeers([{ url, disk: 'nomap' }], 'token-of-the-image-0123', 0);
+    await seeder.read(6 * R, dest.subarray(0, R), { priority: 'background' });
+    assert.equal(peers['nomap']!.regionReads, 1);
   });
 });

@@ -631,9 +631,9 @@ export class DiskManager {
   }
 
   /** Which regions readForPeer serves now (GET /v1/disks/{id}/image/regions), authenticated as it is. */
-  peerRegions(id: string, authorization: string | undefined): { region_size: number; regions: number; runs: number[] } {
+  peerRegions(id: string, authorization: string | undefined): { region_size: number; regions: number; runs: number[]; complete: boolean } {
     const { disk } = this.peerDisk(id, authorization);
-    return { region_size: disk.map.regionSize, regions: disk.map.count, runs: disk.pristineRuns() };
+    return { region_size: disk.map.regionSize, regions: disk.map.count, runs: disk.pristineRuns(), complete: disk.complete && disk.verified };
   }
 
   /**
@@ -991,7 +991,7 @@ export class DiskManager {
       boot_profile: this.bootProfileView(m),
       peers: (() => {
         const ps = opened?.peers?.peerStats();
-        return { offered: spec.peers !== undefined, bytes_served: m.peerBytes, sources: m.peerSources.length, excluded: ps?.excluded ?? 0, bytes_from_peers: ps?.bytesFromPeers ?? 0, fallbacks: ps?.fallbacks ?? 0 };
+        return { offered: spec.peers !== undefined, bytes_served: m.peerBytes, sources: m.peerSources.length, excluded: ps?.excluded ?? 0, bytes_from_peers: ps?.bytesFromPeers ?? 0, fallbacks: ps?.fallbacks ?? 0, fallback_causes: { busy: ps?.fallbackBusy ?? 0, refused: ps?.fallbackRefused ?? 0, failed: ps?.fallbackFailed ?? 0 } };
       })(),
       last_error: m.lastError,
     };

@@ -19,8 +19,9 @@
  *    asked (http1.ts), so no peer byte lands in `dest` afterwards; progress is reported only
  *    once the whole range is in, from whichever side sent it.
  *
- * Who has what: while the disk has a manifest and peers, each peer's servable regions are
- * read every MAP_INTERVAL_MS (GET …/image/regions, a few bytes of run lengths). A region is
+ * Who has what: while the disk has a manifest and peers, peers' servable regions are read
+ * (GET …/image/regions, a few bytes of run lengths), MAP_READS_PER_TICK peers every
+ * MAP_INTERVAL_MS round robin; a complete peer's only once (until it refuses a read). A region is
  * asked of a peer that has it (round robin among those), then of the others that have it,
  * then the origin. With `originWaitMs` (the driver sets it for disks that are not their
  * image's seeders) the hydrator's sweep copies only regions some peer has (the union of
@@ -50,6 +51,10 @@ export interface PeerStats {
   bytesFromPeers: number;
   /** Background reads a peer could not answer (refused, failed, stalled), read from the origin instead. */
   fallbacks: number;
+  /** Of the fallbacks, by the last peer's answer: every peer asked was busy; one refused (not servable there, or a stale list); one failed (an error, a stall, too slow). */
+  fallbackBusy: number;
+  fallbackRefused: number;
+  fallbackFailed: number;
   corrupt: number;
 }
 
@@ -64,6 +69,12 @@ const PEER_MIN_BYTES_PER_S = 8 << 20;
 export const PEER_MAX_BYTES = 16 << 20;
 /** How often peers' region maps are read while there is something to copy. */
 const MAP_INTERVAL_MS = 500;
+/**
+ * Maps read per MAP_INTERVAL_MS, round robin (peers never read yet are read at once, on
+ * top): a fleet's polls cost every agent CPU on both ends, and each peer's map is still
+ * read every few seconds — often enough for a gate that waits origin_wait_ms (30 s).
+ */
+const MAP_READS_PER_TICK = 2;
 const MAP_TIMEOUT_MS = 2_000;
 /** Peers that have a region asked for it before the origin is. */
 const MAX_PEER_TRIES = 3;
@@ -75,6 +86,13 @@ interface PeerState extends PeerAddress {
   excluded: boolean;
   /** 1 for each region it serves, from its last map; null before the first (or after a failed read of it). */
   map: Uint8Array | null;
+  /**
+   * Its last map said the disk is complete and verified: what it serves can only shrink
+   * (host writes), so it is not read again until the peer refuses or fails a read.
+   */
+  complete: boolean;
+  /** Kept for its map answers (they are read into it). */
+  body: Buffer | null;
 }
 
 function peerKey(p: PeerAddress): string {
@@ -90,7 +108,7 @@ export class PeerFirstSource implements RemoteSource {
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
-  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, corrupt: 0 };
+  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, fallbackBusy: 0, fallbackRefused: 0, fallbackFailed: 0, corrupt: 0 };
   private originWaitMs = 0;
   /** 1 where some listed peer serves the region (the union of their maps), or null before any map. */
   private union: Uint8Array | null = null;
@@ -99,6 +117,8 @@ export class PeerFirstSource implements RemoteSource {
   private lastGrowth = 0;
   private mapTimer: NodeJS.Timeout | null = null;
   private mapping = false;
+  /** Where the round robin of map reads goes on. */
+  private mapNext = 0;
   private done = false;
 
   constructor(
@@ -135,15 +155,16 @@ export class PeerFirstSource implements RemoteSource {
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
   setPeers(peers: readonly PeerAddress[], token: string, originWaitMs = 0): void {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
-    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null });
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null });
     this.token = token;
     if (originWaitMs > 0 && this.originWaitMs <= 0) this.lastGrowth = Date.now();
     this.originWaitMs = originWaitMs;
     if (this.peers.length > 0 && !this.done && !this.mapTimer) {
       this.mapTimer = setInterval(() => void this.refreshMaps(), MAP_INTERVAL_MS);
       this.mapTimer.unref();
-      void this.refreshMaps();
     }
+    // New peers' maps are read now, not at the next tick.
+    if (this.mapTimer && this.peers.some((p) => p.map === null)) void this.refreshMaps();
   }
 
   /** Nothing more to copy (the disk is complete): peers' maps are no longer read. */
@@ -186,34 +207,66 @@ export class PeerFirstSource implements RemoteSource {
     return best;
   }
 
-  /** Reads every peer's map of servable regions (one read at a time; a failed read forgets that peer's map). */
+  /**
+   * Reads peers' maps of servable regions: those never read (or whose last read failed)
+   * and MAP_READS_PER_TICK others, round robin, skipping complete peers. A failed read
+   * forgets that peer's map.
+   */
   private async refreshMaps(): Promise<void> {
     if (this.mapping || this.done || this.token === null || !this.canVerify() || !this.copying()) return;
     this.mapping = true;
     try {
-      await Promise.all(
-        this.peers
-          .filter((p) => !p.excluded)
-          .map(async (p) => {
-            try {
-              const res = await fetch(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`, { headers: { authorization: `Bearer ${this.token!}` }, redirect: 'error', signal: AbortSignal.timeout(MAP_TIMEOUT_MS) });
-              // A map is at most a number per region: anything much larger is not one.
-              if (!res.ok || Number(res.headers.get('content-length') ?? 0) > 16 * this.regions + 1024) {
-                await res.body?.cancel();
-                p.map = null;
-                return;
-              }
-              const body = (await res.json()) as { region_size?: unknown; regions?: unknown; runs?: unknown };
-              p.map = body.region_size === this.regionSize && Array.isArray(body.runs) ? decodeRuns(body.runs, this.regions) : null;
-            } catch (err) {
-              p.map = null;
-              this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, 'reading a peer\'s region map failed');
-            }
-          }),
-      );
+      const live = this.peers.filter((p) => !p.excluded && !(p.complete && p.map !== null));
+      const due = live.filter((p) => p.map === null);
+      const known = live.filter((p) => p.map !== null);
+      for (let i = 0; i < Math.min(MAP_READS_PER_TICK, known.length); i++) due.push(known[(this.mapNext + i) % known.length]!);
+      this.mapNext = known.length ? (this.mapNext + MAP_READS_PER_TICK) % known.length : 0;
+      await Promise.all(due.map((p) => this.readMap(p)));
       this.rebuildUnion();
     } finally {
       this.mapping = false;
+    }
+  }
+
+  /**
+   * One peer's map (GET …/image/regions) on the pooled keep-alive connections the region
+   * reads use, into the peer's kept buffer: redirects and answers larger than a map can be
+   * (a number per region) are refused.
+   */
+  private async readMap(p: PeerState): Promise<void> {
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${p.url} did not send its map within ${MAP_TIMEOUT_MS} ms`)), MAP_TIMEOUT_MS);
+    const limit = 16 * this.regions + 1024;
+    let body: Buffer | null = null;
+    try {
+      const res = await this.pool.request(new URL(`${p.url}/v1/disks/${encodeURIComponent(p.disk)}/image/regions`), {
+        method: 'GET',
+        headers: { authorization: `Bearer ${this.token!}` },
+        signal: ac.signal,
+        onHead: (head) => {
+          if (head.status !== 200) return { kind: 'discard' };
+          const given = head.headers['content-length'];
+          // Unknown length (chunked): up to one byte more than a map may be, to tell.
+          const length = given === undefined ? limit + 1 : Number(given);
+          if (!Number.isInteger(length) || length <= 0 || length > limit + 1 || (given !== undefined && length > limit)) throw new DpuError('DPU_ERR_SOURCE_TRANSIENT', `a map of ${given} bytes (at most ${limit})`);
+          if (p.body === null || p.body.length < length) p.body = Buffer.allocUnsafe(Math.max(length, 4096));
+          body = p.body.subarray(0, length);
+          return given === undefined ? { kind: 'into', dest: body, skip: 0, exact: false, upTo: true } : { kind: 'into', dest: body, skip: 0, exact: true };
+        },
+      });
+      const got = body as Buffer | null;
+      if (res.head.status !== 200 || got === null || res.filled > limit) {
+        p.map = null;
+        return;
+      }
+      const m = JSON.parse(got.toString('latin1', 0, res.filled)) as { region_size?: unknown; runs?: unknown; complete?: unknown };
+      p.map = m.region_size === this.regionSize && Array.isArray(m.runs) ? decodeRuns(m.runs, this.regions, p.map) : null;
+      p.complete = p.map !== null && m.complete === true;
+    } catch (err) {
+      p.map = null;
+      this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, "reading a peer's region map failed");
+    } finally {
+      clearTimeout(timer);
     }
   }
 
@@ -239,11 +292,14 @@ export class PeerFirstSource implements RemoteSource {
     const last = Math.floor((offset + dest.length - 1) / this.regionSize);
     if (opts.priority === 'background' && this.token !== null && this.wholeRegions(offset, dest.length) && dest.length <= PEER_MAX_BYTES && this.canVerify()) {
       let asked = false;
+      let lastNo: 'busy' | 'refused' | 'failed' = 'refused';
+      // A disk that spares the origin asks only peers whose maps say they have the regions.
+      const sparing = this.originWaitMs > 0;
       for (let round = 0; ; round++) {
         const tried = new Set<PeerState>();
         let busy = 0;
         for (let i = 0; i < MAX_PEER_TRIES; i++) {
-          const peer = this.pick(first, last, tried);
+          const peer = this.pick(first, last, tried, !sparing);
           if (!peer) break;
           tried.add(peer);
           asked = true;
@@ -254,15 +310,22 @@ export class PeerFirstSource implements RemoteSource {
             return;
           }
           if (got === 'busy') busy++;
+          lastNo = got;
           // Only peers whose maps say they have the regions are worth a second ask.
           if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
         }
-        // A disk told to spare the origin asks again when the peers that have the
-        // regions were only busy (their serving slots full), rather than the origin.
-        if (busy === 0 || busy < tried.size || this.originWaitMs <= 0 || round >= BUSY_ROUNDS) break;
+        // A disk told to spare the origin asks again, rather than the origin, when the
+        // peers that have the regions were only busy (their serving slots full), or when
+        // none is known to have them yet but some peer's map is still to be read (the
+        // tracker's list changed since the sweep admitted them).
+        const pending = tried.size === 0 && this.peers.some((p) => !p.excluded && p.map === null);
+        if (!sparing || round >= BUSY_ROUNDS || !(pending || (busy > 0 && busy === tried.size))) break;
         await new Promise((r) => setTimeout(r, BUSY_RETRY_MS));
       }
-      if (asked) this.counters.fallbacks++;
+      if (asked) {
+        this.counters.fallbacks++;
+        this.counters[lastNo === 'busy' ? 'fallbackBusy' : lastNo === 'refused' ? 'fallbackRefused' : 'fallbackFailed']++;
+      }
     }
     for (let r = first; r <= last; r++) this.sentBy.delete(r);
     return this.origin.read(offset, dest, opts);
@@ -297,10 +360,12 @@ export class PeerFirstSource implements RemoteSource {
     return offset % this.regionSize === 0 && (end % this.regionSize === 0 || end === this.size);
   }
 
-  /** The next peer, round robin: one whose map says it has regions first..last if any, else one with no map yet. */
-  private pick(first: number, last: number, tried: ReadonlySet<PeerState>): PeerState | null {
+  /** The next peer, round robin: one whose map says it has regions first..last if any, else (`blind`) one with no map yet. */
+  private pick(first: number, last: number, tried: ReadonlySet<PeerState>, blind: boolean): PeerState | null {
     const n = this.peers.length;
-    for (const want of [(p: PeerState) => holds(p, first, last), (p: PeerState) => p.map === null]) {
+    const wants = [(p: PeerState) => holds(p, first, last)];
+    if (blind) wants.push((p: PeerState) => p.map === null);
+    for (const want of wants) {
       for (let i = 0; i < n; i++) {
         const p = this.peers[(this.next + i) % n]!;
         if (!p.excluded && !tried.has(p) && want(p)) {
@@ -312,8 +377,11 @@ export class PeerFirstSource implements RemoteSource {
     return null;
   }
 
-  /** 'ok' when the peer answered the whole range; else (dest not to be used) 'busy' (503: its serving slots are full) or 'failed'. */
-  private async fromPeer(peer: PeerState, offset: number, dest: Buffer): Promise<'ok' | 'busy' | 'failed'> {
+  /**
+   * 'ok' when the peer answered the whole range; else (dest not to be used) 'busy' (503: its
+   * serving slots are full), 'refused' (another status) or 'failed' (an error, a stall).
+   */
+  private async fromPeer(peer: PeerState, offset: number, dest: Buffer): Promise<'ok' | 'busy' | 'refused' | 'failed'> {
     const ac = new AbortController();
     const stalled = (): void => ac.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `peer ${peer.url} stalled`));
     let timer = setTimeout(stalled, PEER_STALL_MS);
@@ -335,12 +403,16 @@ export class PeerFirstSource implements RemoteSource {
         // 409 (not verified there yet) and 503 (busy) are the usual refusals; a 401 or 404
         // means the tracker's list is stale: the next list fixes it.
         this.log?.debug({ peer: peer.url, disk: peer.disk, status: res.head.status, offset }, 'peer did not serve the range');
-        return res.head.status === 503 ? 'busy' : 'failed';
+        if (res.head.status === 503) return 'busy';
+        peer.complete = false; // its map is stale: read it again
+        peer.map = null;
+        return 'refused';
       }
       this.counters.bytesFromPeers += dest.length;
       return 'ok';
     } catch (err) {
       this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed');
+      peer.complete = false;
       return 'failed';
     } finally {
       clearTimeout(timer);
@@ -370,9 +442,9 @@ export function encodeRuns(bits: ArrayLike<number>): number[] {
   return runs;
 }
 
-/** Run lengths (not served first, alternating) into one byte per region of the image. */
-export function decodeRuns(runs: readonly unknown[], regions: number): Uint8Array | null {
-  const map = new Uint8Array(regions);
+/** Run lengths (not served first, alternating) into one byte per region of the image: into `reuse` when it has that length. */
+export function decodeRuns(runs: readonly unknown[], regions: number, reuse?: Uint8Array | null): Uint8Array | null {
+  const map = reuse?.length === regions ? reuse.fill(0) : new Uint8Array(regions);
   let at = 0;
   let bit = 0;
   for (const n of runs) {
