@@ -376,6 +376,22 @@ export class HttpSource implements RemoteSource {
     });
   }
 
+  /**
+   * A background request of someone else's over the same link (a peer's answer): it waits
+   * for its turn and is counted as this source's own while it runs, so the host's reads
+   * hold it back, and it holds back the next, as the origin's background requests do.
+   */
+  async asBackground<T>(request: () => Promise<T>): Promise<T> {
+    for (let turn = this.backgroundTurn(); turn; turn = this.backgroundTurn()) await turn;
+    this.bgActive++;
+    try {
+      return await request();
+    } finally {
+      this.lastBackgroundAt = performance.now();
+      if (--this.bgActive === 0 && this.turnWaiters.length > 0) this.wakeBackground();
+    }
+  }
+
   /** Every background request waiting for its turn asks again (a read ended, or a timer). */
   private wakeBackground(): void {
     if (this.turnTimer) clearTimeout(this.turnTimer);

@@ -52,6 +52,10 @@ export class PaddedSource implements RemoteSource {
     return inImage > 0 ? (this.inner.reportCorrupt?.(offset, inImage) ?? false) : false;
   }
 
+  asBackground<T>(request: () => Promise<T>): Promise<T> {
+    return this.inner.asBackground ? this.inner.asBackground(request) : request();
+  }
+
   stats(): RemoteSourceStats {
     return this.inner.stats();
   }

@@ -372,6 +372,10 @@ export class Qcow2Source implements RemoteSource {
     return src;
   }
 
+  asBackground<T>(request: () => Promise<T>): Promise<T> {
+    return this.inner.asBackground ? this.inner.asBackground(request) : request();
+  }
+
   stats(): RemoteSourceStats {
     return this.inner.stats();
   }

@@ -38,5 +38,12 @@ export interface RemoteSource {
    * answers true when that was not the origin (a peer): the origin is not to blame.
    */
   reportCorrupt?(offset: number, length: number): boolean;
+  /**
+   * Runs `request` as one of this source's background requests, for background reads from
+   * elsewhere (peers) over the same link: it starts when the host's reads let a background
+   * request start (http-source.ts: none while one is in flight), and counts as one while
+   * it runs. Absent: run at once.
+   */
+  asBackground?<T>(request: () => Promise<T>): Promise<T>;
   close(): Promise<void>;
 }

@@ -433,7 +433,7 @@ export interface components {
             readonly regions: number;
             /** @description Alternating run lengths, not served first; they add up to `regions`. */
             readonly runs: readonly number[];
-            /** @description Every region is local and verified: what is served can only shrink from now on (host writes). Peers read such a map once, and again only when a read is refused. */
+            /** @description Every region of the image that has data is served (local, verified, not written by the host): what is served can only shrink from now on. Peers read such a map once, and again only when a read of it is refused or fails. */
             readonly complete?: boolean;
         };
         readonly PeerList: {
@@ -590,7 +590,7 @@ export interface components {
                 readonly bytes_from_peers: number;
                 /** @description Background reads a peer could not answer (not verified there yet, busy, failed), read from the origin instead. */
                 readonly fallbacks: number;
-                /** @description The fallbacks by the last peer answer: every peer asked was busy (its peers.max_inflight reads in flight) after the retries; one refused (not servable there: not verified yet, written by the host; or a stale list); one failed (an error, a stall, slower than 8 MiB/s). */
+                /** @description The fallbacks by the last peer answer: busy (its peers.max_inflight reads in flight and peers.max_queued waiting) after the retries; refused (not servable there: not verified yet, written by the host; or a stale list); failed (an error, a stall, slower than 2 MiB/s, a 503 other than busy). A disk that waits for peers (origin_wait_ms) leaves regions whose peers are busy or failed for later instead, while its gate holds. */
                 readonly fallback_causes: {
                     readonly busy: number;
                     readonly refused: number;

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
@@ -17,6 +18,7 @@ import { parseAgentConfig } from '../../dpu-agent/src/daemon/config.js';
 import { DiskManager } from '../../dpu-agent/src/daemon/disks.js';
 import { RegionMap } from '../../dpu-agent/src/region/region-map.js';
 import { Manifest } from '../../image-access/src/manifest.js';
+import type { DpuError } from '../../image-access/src/errors.js';
 import { FileSource } from '../helpers/qcow2-images.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { DaemonProcess } from '../helpers/daemon.js';
@@ -210,6 +212,31 @@ describe('agent daemon API (in-process)', function () {
     assert.equal(res.status, 206);
     assert.equal(res.headers.get('content-range'), `bytes ${REGION}-${3 * REGION - 1}/${IMAGE_SIZE}`);
     assert.ok(Buffer.from(await res.arrayBuffer()).equals(img.subarray(REGION, 3 * REGION)), 'the image bytes');
+    // Serving slots (peers.max_inflight 2) and the queue behind them (peers.max_queued 8):
+    // a released slot goes to the oldest waiting read; past the queue, 503 at once.
+    const ask = (): ReturnType<DiskManager['readForPeer']> => manager.readForPeer('peer-a', `Bearer ${PEER_TOKEN}`, `bytes=${REGION}-${REGION + 99}`);
+    const holding = [await ask(), await ask()];
+    const granted: number[] = [];
+    const queued = Array.from({ length: 8 }, (_, i) => ask().then((r) => (granted.push(i), r)));
+    await assert.rejects(ask(), (err: DpuError) => err.code === 'DPU_ERR_BUSY' && /max_queued/.test(err.message));
+    holding[0]!.release();
+    holding[0]!.release(); // once only: the second call gives nothing away
+    const first = await queued[0]!;
+    assert.deepEqual(granted, [0], 'the oldest waiting read, and only it');
+    assert.ok(first.data.equals(img.subarray(REGION, REGION + 100)));
+    holding[1]!.release();
+    first.release();
+    for (let i = 1; i < 8; i++) (await queued[i]!).release();
+    assert.deepEqual(granted, [0, 1, 2, 3, 4, 5, 6, 7], 'first come, first served');
+    // A peer that goes away while its read waits for a slot leaves no slot taken.
+    const hold = [await ask(), await ask()];
+    const gone = net.connect(Number(new URL(base).port), '127.0.0.1');
+    gone.write(`GET /v1/disks/peer-a/image HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${PEER_TOKEN}\r\nRange: bytes=0-99\r\n\r\n`);
+    await until('the read queued', async () => manager.peerServing().queued === 1);
+    gone.destroy();
+    await new Promise((r) => gone.once('close', r));
+    for (const h of hold) h.release();
+    await until('every slot free', async () => manager.peerServing().inflight === 0 && manager.peerServing().queued === 0, 10_000);
     const regions = async (): Promise<{ runs: number[]; complete: boolean }> => (await fetch(`${base}/v1/disks/peer-a/image/regions`, { headers: { authorization: `Bearer ${PEER_TOKEN}` } })).json() as Promise<{ runs: number[]; complete: boolean }>;
     assert.equal((await regions()).complete, true, 'complete and verified: what it serves can only shrink');
     await refused(await peerGet('peer-a', 'bytes=0-99', 'wrong-token-0123456789abcdef'), 401, 'DPU_ERR_UNAUTHORIZED');
@@ -230,9 +257,9 @@ describe('agent daemon API (in-process)', function () {
     assert.equal((await peerGet('peer-a', `bytes=${REGION}-${REGION + 99}`)).status, 206, 'the next region still is');
     const after = await regions();
     assert.equal(after.runs[0], 1, 'region 0 is no longer served');
-    assert.equal(after.complete, true, 'still complete: its map only shrank');
+    assert.equal(after.complete, false, 'it no longer serves every region');
     const view = await client.getDisk('peer-a');
-    assert.equal(view.peers.bytes_served, 2 * REGION + 100);
+    assert.equal(view.peers.bytes_served, 2 * REGION + 100 + 13 * 100); // the ranges above, the ten of the queue, the three of the gone peer's case (its read was made)
     assert.ok(!JSON.stringify(await client.listDisks()).includes(PEER_TOKEN), 'the token is never shown');
     assert.ok(!logText.join('').includes(PEER_TOKEN), 'nor logged');
     await client.deleteDisk('peer-a', true);

@@ -197,6 +197,7 @@ describe('block-sized misses (issue #14)', () => {
     const h = new Hydrator(d, {
       batchBytes: 4 * R,
       concurrency: 1,
+      random: () => 0, // the gated sweep starts at region 0: the order below is the test's
       gate: {
         admissible: () => {
           sweeps++;
@@ -235,6 +236,28 @@ describe('block-sized misses (issue #14)', () => {
       src.deliver(next);
     }
     assert.ok((await read(d, 0, 8 * R)).equals(img));
+    await h.stop();
+  });
+
+  it('waiting for peers, a batch starts at a random region of those admitted (disks copying from each other want different ones); the sweep wraps around to the rest', async () => {
+    const d = open();
+    const h = new Hydrator(d, {
+      batchBytes: 2 * R,
+      concurrency: 1,
+      random: () => 0.5,
+      gate: { admissible: () => new Uint8Array(d.map.count).fill(1), admit: (_first, count) => count },
+    });
+    const complete = once(d, 'complete');
+    h.start();
+    const first = await src.next((p) => p.priority === 'background');
+    assert.equal(first.offset, 4 * R, 'from region 4 of 8, not 0');
+    src.deliver(first);
+    for (;;) {
+      const next = await Promise.race([src.next((p) => p.priority === 'background'), complete.then(() => null)]);
+      if (!next) break;
+      src.deliver(next);
+    }
+    assert.ok((await read(d, 0, 8 * R)).equals(img), 'every region, the ones before 4 too');
     await h.stop();
   });
 

@@ -8,8 +8,14 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { encodeRuns, PeerFirstSource } from '../../dpu-agent/src/streaming/peer-source.js';
+import type { DpuError } from '../../image-access/src/errors.js';
+import { HttpSource } from '../../image-access/src/http-source.js';
 import { MemorySource } from '../helpers/memory-source.js';
+import { TestOrigin } from '../helpers/origin.js';
 
 const R = 1 << 20;
 const REGIONS = 8;
@@ -50,9 +56,13 @@ describe('peer source: waiting for peers instead of reading the origin', functio
     const t0 = Date.now();
     await until(() => src.admissible(t0)?.[5] === 1);
     assert.deepEqual([...src.admissible(t0)!], [1, 1, 1, 1, 1, 1, 1, 0], 'the union of the maps');
-    // A run that spans two peers is cut where the first peer's part ends: read() asks one peer.
-    assert.equal(src.admit(0, 8, t0), 4);
-    assert.equal(src.admit(4, 4, t0), 3);
+    // A run that spans two peers is cut where the first peer's part ends: read() asks one
+    // peer; and at 2 MiB, so that no answer holds a peer's upload long.
+    assert.equal(src.admit(0, 8, t0), 2);
+    assert.equal(src.admit(2, 8, t0), 2);
+    assert.equal(src.admit(3, 8, t0), 1, 'where a\'s part ends');
+    assert.equal(src.admit(4, 4, t0), 2);
+    assert.equal(src.admit(6, 2, t0), 1);
     assert.equal(src.admit(7, 1, t0), 0, 'no peer has it: wait');
     // Peers not growing for origin_wait_ms (a dead seeder): the gate opens, the origin is read.
     const later = Date.now() + 60_001;
@@ -84,7 +94,7 @@ describe('peer source: reading peers\' maps and asking peers', function () {
   const image = Buffer.alloc(REGIONS * R);
   for (let i = 0; i < image.length; i += 4096) image[i] = (i / R) | 1;
   /** Per disk of the controllable peer: its map, whether it says it is complete, and what was asked of it. */
-  const peers: Record<string, { map: number[]; complete: boolean; mapReads: number; regionReads: number; refused: number }> = {};
+  const peers: Record<string, { map: number[]; complete: boolean; mapReads: number; regionReads: number; refused: number; unavailable?: string }> = {};
   let server: http.Server;
   let url: string;
   const sources: PeerFirstSource[] = [];
@@ -100,6 +110,7 @@ describe('peer source: reading peers\' maps and asking peers', function () {
         return void res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ region_size: R, regions: REGIONS, runs: encodeRuns(p.map), complete: p.complete }));
       }
       p.regionReads++;
+      if (p.unavailable) return void res.writeHead(503, { 'content-type': 'application/json' }).end(JSON.stringify({ code: p.unavailable, message: 'not now' }));
       const [a, b] = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '')!.slice(1).map(Number) as [number, number];
       for (let r = Math.floor(a / R); r <= Math.floor(b / R); r++) {
         if (p.map[r] !== 1) {
@@ -148,7 +159,82 @@ describe('peer source: reading peers\' maps and asking peers', function () {
     await until(() => peers['seed']!.mapReads >= 2);
   });
 
-  it('a disk sparing the origin asks no peer whose map does not show the regions; it waits for maps still to be read, then reads the origin', async () => {
+  it('a complete peer keeps the gate closed however long the union stands still; once it refuses a read, the stall clock decides again', async () => {
+    peers['fullseed'] = { map: new Array(REGIONS).fill(1), complete: true, mapReads: 0, regionReads: 0, refused: 0 };
+    const originReads: number[] = [];
+    const s = source(originReads);
+    s.setPeers([{ url, disk: 'fullseed' }], 'token-of-the-image-0123', 30_000);
+    await until(() => s.admissible()?.[0] === 1);
+    const later = Date.now() + 60_000;
+    assert.notEqual(s.admissible(later), null, 'the seed has every region: waiting on it is not a stall');
+    // Its host wrote region 6 (no longer served): a read of it is refused, its map dropped
+    // (and read again: no longer complete).
+    peers['fullseed']!.map[6] = 0;
+    peers['fullseed']!.complete = false;
+    await assert.rejects(s.read(6 * R, Buffer.alloc(R), { priority: 'background' }), (err: DpuError) => err.code === 'DPU_ERR_BUSY');
+    assert.equal(peers['fullseed']!.refused, 1);
+    assert.deepEqual(originReads, [], 'left for later while the gate holds, not read from the origin');
+    assert.equal(s.admissible(later), null, 'no complete peer left: 30 s without growth opens the gate');
+  });
+
+  it('a disk waiting for peers leaves regions whose peers stay busy for later, not to the origin; a peer whose target failed is not asked again until its map shows regions', async () => {
+    peers['busyseed'] = { map: new Array(REGIONS).fill(1), complete: false, mapReads: 0, regionReads: 0, refused: 0, unavailable: 'DPU_ERR_BUSY' };
+    const originReads: number[] = [];
+    const s = source(originReads);
+    s.setPeers([{ url, disk: 'busyseed' }], 'token-of-the-image-0123', 60_000);
+    await until(() => s.admissible()?.[3] === 1);
+    await assert.rejects(s.read(3 * R, Buffer.alloc(R), { priority: 'background' }), (err: DpuError) => err.code === 'DPU_ERR_BUSY');
+    assert.deepEqual(originReads, [], 'not the origin');
+    assert.ok(peers['busyseed']!.regionReads > 1, 'asked again first');
+    assert.equal(s.peerStats().deferrals, 1);
+    assert.equal(s.peerStats().fallbacks, 0);
+    assert.equal(s.admit(3, 2), 0, 'passed over for now');
+    assert.equal(s.admit(4, 2), 2, 'the others are not');
+    // 503 with another code (its SSD failed, it shuts down): not busy — its map is dropped
+    // and read again (it serves nothing now), and the region is left for later.
+    peers['busyseed']!.unavailable = 'DPU_ERR_TARGET_FAILED';
+    peers['busyseed']!.map.fill(0); // a failed disk serves nothing (its map says so)
+    peers['busyseed']!.regionReads = 0;
+    const maps = peers['busyseed']!.mapReads;
+    await assert.rejects(s.read(5 * R, Buffer.alloc(R), { priority: 'background' }), (err: DpuError) => err.code === 'DPU_ERR_BUSY' && /the last: failed/.test(err.message));
+    assert.equal(peers['busyseed']!.regionReads, 1, 'asked once, not again and again');
+    assert.ok(peers['busyseed']!.mapReads > maps, 'its map read again');
+    assert.deepEqual(originReads, []);
+    assert.equal(s.peerStats().deferrals, 2);
+  });
+
+  it('a peer request waits while the host\'s read is in flight on the origin, as the origin\'s background requests do', async () => {
+    peers['hostfirst'] = { map: new Array(REGIONS).fill(1), complete: true, mapReads: 0, regionReads: 0, refused: 0 };
+    const file = path.join(os.tmpdir(), `peer-source-${process.pid}.raw`);
+    fs.writeFileSync(file, image);
+    const origin = new TestOrigin({ file });
+    const http = await HttpSource.open({ url: await origin.start() });
+    try {
+      const s = new PeerFirstSource(http, R);
+      s.verifiedBy(() => true);
+      sources.push(s);
+      s.setPeers([{ url, disk: 'hostfirst' }], 'token-of-the-image-0123', 60_000);
+      await until(() => s.admissible()?.[0] === 1);
+      // The host's read (a miss) is held at the origin: in flight until released.
+      origin.hold(7 * R, 8 * R);
+      const miss = http.read(7 * R, Buffer.alloc(4096), { priority: 'foreground' });
+      await until(() => http.stats().foregroundInflight === 1);
+      const dest = Buffer.alloc(R);
+      const background = s.read(2 * R, dest, { priority: 'background' });
+      await until(() => s.peerStats().hostYields > 0);
+      assert.equal(peers['hostfirst']!.regionReads, 0, 'the peer is not asked while the host reads');
+      origin.release();
+      await miss;
+      await background;
+      assert.equal(peers['hostfirst']!.regionReads, 1, 'then it is');
+      assert.ok(dest.equals(image.subarray(2 * R, 3 * R)));
+    } finally {
+      await origin.stop();
+      fs.rmSync(file, { force: true });
+    }
+  });
+
+  it('a disk sparing the origin asks no peer whose map does not show the regions; it waits for maps still to be read, then leaves the regions for later', async () => {
     peers['holder'] = { map: [1, 1, 0, 0, 0, 0, 0, 0], complete: false, mapReads: 0, regionReads: 0, refused: 0 };
     peers['nomap'] = { map: new Array(REGIONS).fill(1), complete: false, mapReads: 0, regionReads: 0, refused: 0 };
     const originReads: number[] = [];
@@ -161,9 +247,9 @@ describe('peer source: reading peers\' maps and asking peers', function () {
     assert.ok(dest.equals(image.subarray(0, 2 * R)));
     assert.equal(peers['holder']!.regionReads, 1);
     // Region 4: nobody's map has it. The peer without a map is not asked; after the waits
-    // for its map the origin is read.
-    await s.read(4 * R, dest.subarray(0, R), { priority: 'background' });
-    assert.deepEqual(originReads, [4]);
+    // for its map the region is left for later (the gate holds: the origin is spared).
+    await assert.rejects(s.read(4 * R, dest.subarray(0, R), { priority: 'background' }), (err: DpuError) => err.code === 'DPU_ERR_BUSY');
+    assert.deepEqual(originReads, []);
     assert.equal(peers['holder']!.regionReads, 1, 'the holder of other regions is not asked');
     assert.equal(peers['nomap']!.regionReads, 0);
     // A seeder (no wait) asks peers before the origin, even one whose map is not read yet.

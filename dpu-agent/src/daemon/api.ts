@@ -16,6 +16,7 @@ import { type AgentConfig, resolveTokens } from './config.js';
 import type { DiskCreate, DiskManager, HydrationUpdate, PeerList, SourceUpdate } from './disks.js';
 import type { ErasureCreate } from './erasures.js';
 import { createMetrics } from './metrics.js';
+import { SendPacer } from './send-pacer.js';
 
 // From dist/dpu-agent/src/daemon/api.js (and from the sources) back to the repository root.
 const SPEC_URL = new URL('../../../../openapi/dpu-agent.yaml', import.meta.url);
@@ -50,6 +51,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     ...fastifyValidationOptions,
   });
   const metrics = createMetrics(manager);
+  const pacer = config.peers.serve_bandwidth > 0 ? new SendPacer(config.peers.serve_bandwidth) : null;
   const version = (JSON.parse(fs.readFileSync(PACKAGE_URL, 'utf8')) as { version: string }).version;
   const idOf = (req: { params: unknown }): string => (req.params as { id: string }).id;
   const erasureIdOf = (req: { params: unknown }): string => (req.params as { erasure_id: string }).erasure_id;
@@ -72,7 +74,12 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       // The slot (peers.max_inflight) is held until the answer is sent or the peer is gone:
       // a peer that stops reading cannot pin more buffers than that.
       reply.raw.once('close', release);
-      return reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`).send(data);
+      // A peer gone while this read waited for its slot or the target: its 'close' has
+      // passed already, and would never release the slot.
+      if (reply.raw.destroyed || req.raw.socket?.destroyed) release();
+      reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`);
+      // Paced to peers.serve_bandwidth when one is set, with its length said up front.
+      return pacer ? reply.header('content-length', data.length).send(pacer.stream(data)) : reply.send(data);
     },
     getDiskImageRegions: async (req) => manager.peerRegions(idOf(req), req.headers.authorization),
     updateHydration: async (req) => manager.setHydration(idOf(req), req.body as HydrationUpdate),

@@ -37,7 +37,7 @@ export interface AgentConfig {
   boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
   hash_threads: number;
-  peers: { max_inflight: number };
+  peers: { max_inflight: number; max_queued: number; serve_bandwidth: number };
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -154,7 +154,20 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
           minimum: 1,
           maximum: 64,
           default: 2,
-          description: "Peer reads served at once, across all disks, each held from its read until its answer is sent (at most 16 MiB each). More are answered 503 DPU_ERR_BUSY, and the peer reads the origin. Reads use libuv's thread pool (4 threads unless UV_THREADPOOL_SIZE says otherwise), which the host's flushes and the fetched regions' writes use too: keep it below the pool's size.",
+          description: "Peer reads served at once, across all disks, each held from its read until its answer is sent (at most 16 MiB each). More wait in a queue (peers.max_queued), beyond it they are answered 503 DPU_ERR_BUSY and the peer asks another peer (or, with no wait for peers, the origin). Reads use libuv's thread pool (4 threads unless UV_THREADPOOL_SIZE says otherwise), which the host's flushes and the fetched regions' writes use too: keep it below the pool's size.",
+        },
+        serve_bandwidth: {
+          type: 'integer',
+          minimum: 0,
+          default: 0,
+          description: "Bytes per second sent to peers, over every answer at once; 0: no cap. Set it below the node's uplink (say 90% of it): the host's traffic and the ACKs of the node's own downloads share that link, and serving peers at its full rate delays both (docs/fleet.md).",
+        },
+        max_queued: {
+          type: 'integer',
+          minimum: 0,
+          maximum: 256,
+          default: 8,
+          description: 'Peer reads that wait, first come first served, for one of the peers.max_inflight slots (a freed slot goes to the oldest at once, so the upload does not idle between a 503 and the retry); each waits at most 2 s, then is answered 503 DPU_ERR_BUSY. 0: no queue.',
         },
       },
     },

@@ -131,6 +131,8 @@ export interface DiskManagerOptions {
 const RATE_WINDOW_MS = 5_000;
 const RATE_SAMPLE_MS = 1_000;
 const WIPE_BYTES = 1 << 20;
+/** How long a peer read waits in the queue for a slot (peers.max_queued) before 503: well under a peer's 5 s stall limit. */
+const PEER_QUEUE_MS = 2_000;
 const MANIFEST_FILE = 'manifest.bin';
 /** The config drive written onto the disk (its place and hash), once it is durable. */
 const CONFIG_DRIVE_FILE = 'config-drive.json';
@@ -226,6 +228,8 @@ export class DiskManager {
   private closing = false;
   /** Peer reads being served, across all disks (peers.max_inflight). */
   private peerReads = 0;
+  /** Peer reads waiting for a slot, oldest first: each is handed a slot as one is released. */
+  private readonly peerQueue: (() => void)[] = [];
   /** Erasures of targets no disk uses (erasures.ts); they and the disks never share a target. */
   readonly erasures: ErasureManager;
   /** Verify every disk's fetched regions off the event loop (config hash_threads). */
@@ -610,12 +614,15 @@ export class DiskManager {
     if (!r || !(start <= end) || end >= size || end - start + 1 > PEER_MAX_BYTES) {
       throw new DpuError('DPU_ERR_RANGE', `Range "${range ?? ''}": give one range bytes=a-b within the image's ${size} bytes, at most ${PEER_MAX_BYTES} bytes`);
     }
-    if (this.peerReads >= this.config.peers.max_inflight) throw new DpuError('DPU_ERR_BUSY', `${this.peerReads} peer reads in flight (peers.max_inflight); read the origin`);
-    this.peerReads++;
+    await this.peerSlot();
     let held = true;
     const release = (): void => {
-      if (held) this.peerReads--;
+      if (!held) return;
       held = false;
+      // The slot goes to the oldest waiting read as it is, so no newcomer takes it first.
+      const next = this.peerQueue.shift();
+      if (next) next();
+      else this.peerReads--;
     };
     try {
       const data = Buffer.allocUnsafe(end - start + 1);
@@ -630,10 +637,42 @@ export class DiskManager {
     }
   }
 
+  /**
+   * One of peers.max_inflight slots for a peer read: at once if one is free, else after
+   * the reads queued before it (at most peers.max_queued wait, each PEER_QUEUE_MS at most);
+   * DPU_ERR_BUSY otherwise.
+   */
+  private async peerSlot(): Promise<void> {
+    const { max_inflight: slots, max_queued: queued } = this.config.peers;
+    if (this.peerReads < slots) {
+      this.peerReads++;
+      return;
+    }
+    const busy = (): DpuError => new DpuError('DPU_ERR_BUSY', `${this.peerReads} peer reads in flight (peers.max_inflight) and ${this.peerQueue.length} waiting (peers.max_queued): ask another peer`);
+    if (this.peerQueue.length >= queued) throw busy();
+    await new Promise<void>((resolve, reject) => {
+      const granted = (): void => {
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        const i = this.peerQueue.indexOf(granted);
+        if (i >= 0) this.peerQueue.splice(i, 1);
+        reject(busy());
+      }, PEER_QUEUE_MS);
+      this.peerQueue.push(granted);
+    });
+  }
+
+  /** Peer reads holding a serving slot and waiting for one (peers.max_inflight, peers.max_queued). */
+  peerServing(): { inflight: number; queued: number } {
+    return { inflight: this.peerReads, queued: this.peerQueue.length };
+  }
+
   /** Which regions readForPeer serves now (GET /v1/disks/{id}/image/regions), authenticated as it is. */
   peerRegions(id: string, authorization: string | undefined): { region_size: number; regions: number; runs: number[]; complete: boolean } {
     const { disk } = this.peerDisk(id, authorization);
-    return { region_size: disk.map.regionSize, regions: disk.map.count, runs: disk.pristineRuns(), complete: disk.complete && disk.verified };
+    return { region_size: disk.map.regionSize, regions: disk.map.count, runs: disk.pristineRuns(), complete: disk.servesAll() };
   }
 
   /**

@@ -512,7 +512,20 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
    * (GET /v1/disks/{id}/image/regions).
    */
   pristineRuns(): number[] {
-    return encodeRuns(this.pristine);
+    // A failed or closed disk serves nothing (readForPeer refuses): its map says so.
+    return this.failure || this.closed ? [this.map.count] : encodeRuns(this.pristine);
+  }
+
+  /**
+   * Whether readForPeer serves every region of the image that has data: complete,
+   * verified, and none written by the host since. What it serves can then only shrink.
+   */
+  servesAll(): boolean {
+    const m = this.manifest;
+    if (m === null || !this.complete || !this.verified) return false;
+    const regions = Math.ceil(this.imageSize / this.map.regionSize);
+    for (let r = 0; r < regions; r++) if (this.pristine[r] !== 1 && !m.isZero(r)) return false;
+    return true;
   }
 
   /** Whether a manifest is applied: what is fetched from now on is verified. */
@@ -815,6 +828,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         } catch (err) {
           // Bytes that failed verification were dropped: fetch again, a bounded number of times.
           if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
+          // A background batch left for later (peer-source.ts): the region is remote again.
+          if (err instanceof DpuError && err.code === 'DPU_ERR_BUSY') continue;
           throw err;
         }
         const from = pos - this.map.regionStart(r);
@@ -1061,7 +1076,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           }
           break;
         default:
-          await this.inflight.get(r)!.done;
+          try {
+            await this.inflight.get(r)!.done;
+          } catch (err) {
+            // A background batch left for later (peer-source.ts): the region is remote again.
+            if (!(err instanceof DpuError && err.code === 'DPU_ERR_BUSY')) throw err;
+          }
       }
     }
   }

@@ -45,6 +45,8 @@ export interface HydratorOptions {
    * (0: leave it for later). @default no gate
    */
   gate?: { admissible(): Uint8Array | null; admit(first: number, count: number): number };
+  /** Test seam: where a gated sweep starts, as a fraction of the regions. @default Math.random */
+  random?: () => number;
   log?: Logger;
 }
 
@@ -60,11 +62,14 @@ const BACKOFF_MAX_MS = 5_000;
 const ZERO_RUN_MAX_BYTES = 1 << 30;
 /** How soon regions left waiting for a peer are looked at again (peers' maps change every 500 ms). */
 const GATE_RECHECK_MS = 250;
+/** Batches in flight while the gate holds regions back (each at most 2 MiB: PeerFirstSource.admit). */
+const GATED_CONCURRENCY = 6;
 
 export class Hydrator extends EventEmitter<HydratorEvents> {
   private readonly disk: StreamingDisk;
-  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule' | 'gate'>>;
+  private readonly opts: Required<Omit<HydratorOptions, 'log' | 'schedule' | 'gate' | 'random'>>;
   private readonly gate: NonNullable<HydratorOptions['gate']> | null;
+  private readonly random: () => number;
   /** The last sweep left regions for later (the gate held them): look again soon. */
   private gated = false;
   private readonly schedule: (fn: () => void, ms: number) => () => void;
@@ -88,7 +93,8 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     super();
     this.disk = disk;
     this.log = opts.log;
-    const { schedule, gate, ...rest } = opts;
+    const { schedule, gate, random, ...rest } = opts;
+    this.random = random ?? Math.random;
     this.gate = gate ?? null;
     this.opts = { batchBytes: 8 << 20, concurrency: 2, bandwidth: 0, ...stripUndefined(rest) };
     this.schedule =
@@ -238,11 +244,13 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
         await this.nap(60_000);
         continue;
       }
-      if (inflight.size >= this.opts.concurrency) {
+      // Waiting for peers, more (short) batches at once: each waits on a peer's upload,
+      // shared with the other disks it serves, not on this node's link.
+      if (inflight.size >= (this.gate !== null && this.gate.admissible() !== null ? Math.max(GATED_CONCURRENCY, this.opts.concurrency) : this.opts.concurrency)) {
         await Promise.race(inflight);
         continue;
       }
-      const run = this.nextRun();
+      const run = this.nextRun(!wrapped);
       if (!run) {
         // Nothing claimable from the cursor on. Start over from the top once; if still
         // nothing, the remaining regions are being filled by others: wait for them.
@@ -287,6 +295,9 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           // Stopped (the agent shuts down, the disk is deleted): the stop closed the
           // source under this batch. Not a failure of the origin; nothing to report.
           if (!this.alive && err instanceof DpuError && err.code === 'DPU_ERR_SOURCE_CLOSED') return;
+          // Left for later by the peer source (its peers did not answer while the disk
+          // waits for peers): not a failure; the sweep takes other regions meanwhile.
+          if (err instanceof DpuError && err.code === 'DPU_ERR_BUSY') return;
           this.failures++;
           this.lastErrorMessage = err.message;
           this.emit('batch-error', err);
@@ -333,9 +344,10 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
 
   /**
    * The next run to copy: from a missed region, else from the boot profile, else the next
-   * run of adjacent remote (or of zero) regions at or after the cursor.
+   * run of adjacent remote (or of zero) regions at or after the cursor (a random one, with
+   * `randomStart`, while the gate holds regions back).
    */
-  private nextRun(): { first: number; count: number; zero: boolean; urgent: boolean } | null {
+  private nextRun(randomStart: boolean): { first: number; count: number; zero: boolean; urgent: boolean } | null {
     for (const r of this.takeUrgent()) {
       const run = this.runAt(r);
       if (run) return { ...run, urgent: true };
@@ -344,6 +356,10 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
     const states = this.disk.map.states;
     const open = this.gate?.admissible() ?? null;
     this.gated = false;
+    // Waiting for peers, the sweep starts at a random region each time: disks that copy
+    // from each other then want different regions at once, not all the newest ones of the
+    // seeder, so each has regions to give the others (BitTorrent's random first pieces).
+    if (open !== null && randomStart) this.cursor = Math.min(count - 1, Math.floor(this.random() * count));
     for (let r = this.cursor; r < count; r++) {
       // Held back: skipped without a call per region (an image of a million regions is
       // swept every 250 ms while its disk waits for peers).

@@ -55,6 +55,10 @@ export interface PeerStats {
   fallbackBusy: number;
   fallbackRefused: number;
   fallbackFailed: number;
+  /** Times a peer request waited for the host's reads to end before it started. */
+  hostYields: number;
+  /** Batches left for later: their peers did not answer while the disk waited for peers, not the origin. */
+  deferrals: number;
   corrupt: number;
 }
 
@@ -64,7 +68,7 @@ const PEER_STALL_MS = 5_000;
  * A peer answer must also arrive whole at this rate at least (a trickling peer holds its
  * regions `filling`, and host writes to them wait): else the origin is read instead.
  */
-const PEER_MIN_BYTES_PER_S = 8 << 20;
+const PEER_MIN_BYTES_PER_S = 2 << 20;
 /** The most one peer read asks for, and what the serving side answers at most (GET /v1/disks/{id}/image). */
 export const PEER_MAX_BYTES = 16 << 20;
 /** How often peers' region maps are read while there is something to copy. */
@@ -76,11 +80,19 @@ const MAP_INTERVAL_MS = 500;
  */
 const MAP_READS_PER_TICK = 2;
 const MAP_TIMEOUT_MS = 2_000;
+/** The most a disk waiting for peers asks of one peer at once (admit). */
+const GATED_RUN_BYTES = 2 << 20;
 /** Peers that have a region asked for it before the origin is. */
 const MAX_PEER_TRIES = 3;
-/** With origin_wait_ms, peers that were all busy are asked again this often, this many times, before the origin. */
+/**
+ * With origin_wait_ms, peers that did not answer (busy, failed) or maps still to be read
+ * are waited for this often, this many times; then the regions are left for later
+ * (DEFER_MS) while the gate holds, else read from the origin.
+ */
 const BUSY_RETRY_MS = 200;
 const BUSY_ROUNDS = 10;
+/** How long regions whose peers did not answer are passed over by the sweep (admit). */
+const DEFER_MS = 1_000;
 
 interface PeerState extends PeerAddress {
   excluded: boolean;
@@ -93,6 +105,8 @@ interface PeerState extends PeerAddress {
   complete: boolean;
   /** Kept for its map answers (they are read into it). */
   body: Buffer | null;
+  /** The most regions its maps have shown (kept while its map is dropped and read again). */
+  most: number;
 }
 
 function peerKey(p: PeerAddress): string {
@@ -108,12 +122,13 @@ export class PeerFirstSource implements RemoteSource {
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
   private readonly pool = new Http1Pool({ maxIdle: 4 });
-  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, fallbackBusy: 0, fallbackRefused: 0, fallbackFailed: 0, corrupt: 0 };
+  private readonly counters = { bytesFromPeers: 0, fallbacks: 0, fallbackBusy: 0, fallbackRefused: 0, fallbackFailed: 0, corrupt: 0, hostYields: 0, deferrals: 0 };
+  /** Regions passed over until then (ms since the epoch): their peers did not answer. */
+  private readonly deferred = new Map<number, number>();
   private originWaitMs = 0;
   /** 1 where some listed peer serves the region (the union of their maps), or null before any map. */
   private union: Uint8Array | null = null;
-  private unionCount = 0;
-  /** When the union last grew (or the gate was first set): the origin opens originWaitMs after. */
+  /** When a peer last served more regions than it ever had (or the gate was first set): the origin opens originWaitMs after. */
   private lastGrowth = 0;
   private mapTimer: NodeJS.Timeout | null = null;
   private mapping = false;
@@ -155,7 +170,7 @@ export class PeerFirstSource implements RemoteSource {
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
   setPeers(peers: readonly PeerAddress[], token: string, originWaitMs = 0): void {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
-    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null });
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null, most: 0 });
     this.token = token;
     if (originWaitMs > 0 && this.originWaitMs <= 0) this.lastGrowth = Date.now();
     this.originWaitMs = originWaitMs;
@@ -182,11 +197,15 @@ export class PeerFirstSource implements RemoteSource {
    * The regions the hydrator's sweep may copy now: null for all of them (no gate: a seeder,
    * no manifest, or the peers have not grown for originWaitMs), else 1 where some peer has
    * the region (all zeros before any map). A disk told it is not a seeder waits even with
-   * no peer listed yet: a seeder's regions are on their way, and the stall clock bounds it.
+   * no peer listed yet: a seeder's regions are on their way, and the stall clock bounds it
+   * — except while a complete peer answers (it has every region: nothing is stalled).
    */
   admissible(now = Date.now()): Uint8Array | null {
     if (this.originWaitMs <= 0 || this.token === null || !this.canVerify()) return null;
-    if (now - this.lastGrowth >= this.originWaitMs) return null;
+    // Not growing is a stall only while the peers lack regions: a complete peer that
+    // answers has them all, however long the union has stood still (its map is dropped
+    // when it refuses or fails a read, or its map cannot be read).
+    if (now - this.lastGrowth >= this.originWaitMs && !this.peers.some((p) => !p.excluded && p.complete && p.map !== null)) return null;
     return this.union ?? (this.union = new Uint8Array(this.regions));
   }
 
@@ -197,14 +216,26 @@ export class PeerFirstSource implements RemoteSource {
    */
   admit(first: number, count: number, now = Date.now()): number {
     if (this.admissible(now) === null) return count;
+    // Short runs while waiting for peers: a peer's upload is what is scarce, and a long
+    // answer holds one of its serving slots (and the regions, filling) for its whole time.
+    count = Math.min(count, Math.max(1, Math.floor(GATED_RUN_BYTES / this.regionSize)));
+    if (this.isDeferred(first, now)) return 0;
     let best = 0;
     for (const p of this.peers) {
       if (p.excluded || p.map === null || p.map[first] !== 1) continue;
       let n = 1;
-      while (n < count && p.map[first + n] === 1) n++;
+      while (n < count && p.map[first + n] === 1 && !this.isDeferred(first + n, now)) n++;
       best = Math.max(best, n);
     }
     return best;
+  }
+
+  private isDeferred(r: number, now: number): boolean {
+    const until = this.deferred.get(r);
+    if (until === undefined) return false;
+    if (until > now) return true;
+    this.deferred.delete(r);
+    return false;
   }
 
   /**
@@ -262,6 +293,15 @@ export class PeerFirstSource implements RemoteSource {
       const m = JSON.parse(got.toString('latin1', 0, res.filled)) as { region_size?: unknown; runs?: unknown; complete?: unknown };
       p.map = m.region_size === this.regionSize && Array.isArray(m.runs) ? decodeRuns(m.runs, this.regions, p.map) : null;
       p.complete = p.map !== null && m.complete === true;
+      if (p.map !== null) {
+        // A peer that serves more than it ever did is progress: the stall clock starts over.
+        let n = 0;
+        for (let r = 0; r < p.map.length; r++) n += p.map[r]!;
+        if (n > p.most) {
+          p.most = n;
+          this.lastGrowth = Date.now();
+        }
+      }
     } catch (err) {
       p.map = null;
       this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, "reading a peer's region map failed");
@@ -280,11 +320,7 @@ export class PeerFirstSource implements RemoteSource {
       const m = p.map;
       for (let r = 0; r < regions; r++) u[r]! |= m[r]!;
     }
-    let n = 0;
-    for (let r = 0; r < regions; r++) n += u[r]!;
     this.union = u;
-    if (n > this.unionCount) this.lastGrowth = Date.now();
-    this.unionCount = n;
   }
 
   async read(offset: number, dest: Buffer, opts: RemoteReadOptions): Promise<void> {
@@ -297,32 +333,57 @@ export class PeerFirstSource implements RemoteSource {
       const sparing = this.originWaitMs > 0;
       for (let round = 0; ; round++) {
         const tried = new Set<PeerState>();
-        let busy = 0;
         for (let i = 0; i < MAX_PEER_TRIES; i++) {
           const peer = this.pick(first, last, tried, !sparing);
           if (!peer) break;
           tried.add(peer);
           asked = true;
-          const got = await this.fromPeer(peer, offset, dest);
+          // Over the same link as the origin's answers: after the host's reads, as those are.
+          let waited = true;
+          const ask = (): Promise<'ok' | 'busy' | 'refused' | 'failed'> => {
+            waited = false;
+            return this.fromPeer(peer, offset, dest);
+          };
+          const answer = this.origin.asBackground ? this.origin.asBackground(ask) : ask();
+          if (waited) this.counters.hostYields++;
+          const got = await answer;
           if (got === 'ok') {
             for (let r = first; r <= last; r++) this.sentBy.set(r, peer);
             opts.onProgress?.(dest.length);
             return;
           }
-          if (got === 'busy') busy++;
           lastNo = got;
           // Only peers whose maps say they have the regions are worth a second ask.
           if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
         }
-        // A disk told to spare the origin asks again, rather than the origin, when the
-        // peers that have the regions were only busy (their serving slots full), or when
-        // none is known to have them yet but some peer's map is still to be read (the
-        // tracker's list changed since the sweep admitted them).
-        const pending = tried.size === 0 && this.peers.some((p) => !p.excluded && p.map === null);
-        if (!sparing || round >= BUSY_ROUNDS || !(pending || (busy > 0 && busy === tried.size))) break;
+        // A disk told to spare the origin asks again, rather than the origin: for as long
+        // as the gate holds when the peers that have the regions did not answer (busy: their
+        // serving slots full; failed: stalled, a machine overloaded for a moment — its map
+        // is read again), since their uploads are what is scarce and the origin is what is
+        // spared; BUSY_ROUNDS times when none is known to have them yet but some peer's map
+        // is still to be read (the tracker's list changed since the sweep admitted them).
+        // The gate open (a seeder, or the peers stalled): the origin.
+        if (!sparing || this.admissible() === null) break;
+        const pending = this.peers.some((p) => !p.excluded && p.map === null);
+        if (round >= BUSY_ROUNDS || (tried.size === 0 && !pending)) {
+          // No answer, or no listed peer has them now (the tracker's list changed since the
+          // sweep admitted them), while the gate holds: the regions are left for later
+          // rather than read from the origin — the batch fails with DPU_ERR_BUSY, its
+          // regions go back to remote (a host read waiting on them fetches them itself), and
+          // the sweep takes other regions first. Regions are held `filling` at most
+          // BUSY_ROUNDS retries long.
+          const until = Date.now() + DEFER_MS;
+          for (let r = first; r <= last; r++) {
+            this.deferred.set(r, until);
+            this.sentBy.delete(r);
+          }
+          this.counters.deferrals++;
+          throw new DpuError('DPU_ERR_BUSY', `no peer that has bytes ${offset}-${offset + dest.length - 1} answered (${asked ? `the last: ${lastNo}` : 'none listed has them now'}): left for later`);
+        }
         await new Promise((r) => setTimeout(r, BUSY_RETRY_MS));
       }
       if (asked) {
+        this.log?.debug({ offset, length: dest.length, last: lastNo, waitingForPeers: sparing, gate: this.admissible() === null ? 'open' : 'held', sinceGrowthMs: Date.now() - this.lastGrowth, completePeers: this.peers.filter((p) => p.complete && p.map !== null).length }, 'peers did not answer: reading the origin');
         this.counters.fallbacks++;
         this.counters[lastNo === 'busy' ? 'fallbackBusy' : lastNo === 'refused' ? 'fallbackRefused' : 'fallbackFailed']++;
       }
@@ -391,28 +452,37 @@ export class PeerFirstSource implements RemoteSource {
       timer = setTimeout(stalled, PEER_STALL_MS);
     };
     const end = offset + dest.length;
+    const errorBody = Buffer.alloc(512);
     try {
       const res = await this.pool.request(new URL(`${peer.url}/v1/disks/${encodeURIComponent(peer.disk)}/image`), {
         method: 'GET',
         headers: { authorization: `Bearer ${this.token!}`, range: `bytes=${offset}-${end - 1}` },
         signal: ac.signal,
         onActivity: renew,
-        onHead: (head) => (head.status === 206 && head.headers['content-range'] === `bytes ${offset}-${end - 1}/${this.size}` ? { kind: 'into', dest, skip: 0, exact: true } : { kind: 'discard' }),
+        onHead: (head) => {
+          if (head.status === 206 && head.headers['content-range'] === `bytes ${offset}-${end - 1}/${this.size}`) return { kind: 'into', dest, skip: 0, exact: true };
+          // A 503's code tells busy (ask again) from a peer that cannot serve at all (its
+          // target failed, it shuts down): the Error body's first bytes.
+          if (head.status === 503) return { kind: 'into', dest: errorBody, skip: 0, exact: false, upTo: true };
+          return { kind: 'discard' };
+        },
       });
       if (res.head.status !== 206 || res.filled !== dest.length) {
         // 409 (not verified there yet) and 503 (busy) are the usual refusals; a 401 or 404
         // means the tracker's list is stale: the next list fixes it.
         this.log?.debug({ peer: peer.url, disk: peer.disk, status: res.head.status, offset }, 'peer did not serve the range');
-        if (res.head.status === 503) return 'busy';
-        peer.complete = false; // its map is stale: read it again
+        if (res.head.status === 503 && errorBody.toString('latin1', 0, res.filled).includes('"DPU_ERR_BUSY"')) return 'busy';
+        peer.complete = false; // its map is stale (or it cannot serve now): read it again
         peer.map = null;
-        return 'refused';
+        return res.head.status === 503 ? 'failed' : 'refused';
       }
       this.counters.bytesFromPeers += dest.length;
       return 'ok';
     } catch (err) {
       this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed');
+      // Gone, or overloaded for now: what it has is read again (a map it cannot send drops it).
       peer.complete = false;
+      peer.map = null;
       return 'failed';
     } finally {
       clearTimeout(timer);
