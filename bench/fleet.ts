@@ -24,8 +24,9 @@ import { parseArgs } from 'node:util';
 import { AgentClient } from '../openapi/clients/agent-client.js';
 import { DriverClient } from '../openapi/clients/driver-client.js';
 import { makeImage } from '../tests/helpers/agent.js';
+import { NetLab } from '../tests/helpers/netns.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
-import { RedisServer } from '../tests/helpers/redis.js';
+import { freePort, RedisServer } from '../tests/helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN } from '../tests/helpers/services.js';
 import {
   BENCH_FLAGS,
@@ -50,12 +51,19 @@ import {
 } from './lib/common.js';
 
 const SECTION = '## Fleet: one image to many nodes, peers off and on (loopback)';
+const NETNS_SECTION = '## Fleet: one image to many nodes, peers off and on (network namespaces, shaped links)';
 const USAGE = `usage: node dist/bench/fleet.js [--nodes 1,4,8] [--image-size SIZE] [--origin-rate RATE] [--node-rate RATE]
                                   [--reps N] [--quick] [--workdir DIR] [--keep] [--no-docs]
   --nodes        fleet sizes (default 1,4,8; --quick 1,4)
   --image-size   the image (default 64M; --quick 32M), 10% of it zeros
   --origin-rate  the origin's send cap, shared by the fleet (default 100mbit)
   --node-rate    each node's intake cap (default 100mbit)
+  --netns        each agent in a network namespace of its own behind its own link, shaped
+                 (tbf) to --node-rate down and --node-up up; the origin's link shaped to
+                 --origin-rate (htb); no smartnic_bandwidth: the links are the caps. Root.
+  --node-up      with --netns, each node's upload (default: --node-rate)
+  --serve-share  with --netns, the agents' peers.serve_bandwidth as a share of --node-up
+                 (default 0.9; 0: no cap)
   --reps         interleaved rounds (default 3; --quick 1)
   --peers        off, on or both (default both)
   --monitor-ms   the driver's jobs.monitor_interval_ms (default 200: "all local" is the
@@ -74,12 +82,14 @@ interface Run {
   failed: number;
   /** Background reads that peers could not answer and the origin did (the disks' peers.fallbacks). */
   fallbacks: number;
+  /** Seconds from the first create until each disk was local, in node order. */
+  node_local_s: number[];
   /** Of those, by cause (the disks' peers.fallback_causes summed). */
   fallback_causes: { busy: number; refused: number; failed: number };
 }
 
 runMain('fleet', async () => {
-  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' }, peers: { type: 'string' }, 'monitor-ms': { type: 'string' } } });
+  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' }, peers: { type: 'string' }, 'monitor-ms': { type: 'string' }, netns: { type: 'boolean' }, 'node-up': { type: 'string' }, 'serve-share': { type: 'string' } } });
   const flags = benchFlags(v, USAGE);
   const sizes = (v.nodes ?? (flags.quick ? '1,4' : '1,4,8')).split(',').map((s) => positive('--nodes', s, 1, true));
   const imageSize = parseSizeArg(v['image-size'] ?? (flags.quick ? '32M' : '64M'), '--image-size');
@@ -90,6 +100,11 @@ runMain('fleet', async () => {
   const peerModes = ({ off: [false], on: [true], both: [false, true] } as Record<string, boolean[]>)[v.peers ?? 'both'];
   if (!peerModes) throw new Error(`--peers "${v.peers}": off, on or both`);
   const monitorMs = positive('--monitor-ms', v['monitor-ms'], 200, true);
+  const netns = v.netns ?? false;
+  const nodeUp = parseRateArg(v['node-up'] ?? v['node-rate'] ?? '100mbit', '--node-up');
+  if ((v['node-up'] || v['serve-share']) && !netns) throw new Error('--node-up and --serve-share need --netns (on loopback a node\'s upload is not capped)');
+  const serveShare = Number(v['serve-share'] ?? 0.9);
+  if (!(serveShare >= 0 && serveShare <= 1)) throw new Error(`--serve-share "${v['serve-share']}": a fraction from 0 to 1`);
 
   const dir = flags.workdir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'bench-fleet-'));
   if (!flags.keep) removeAtEnd(dir);
@@ -103,9 +118,24 @@ runMain('fleet', async () => {
   // FLEET_LOG_DIR at the end, and node flags (e.g. --cpu-prof --cpu-prof-dir=DIR).
   const logDir = process.env.FLEET_AGENT_LOG ? (process.env.FLEET_LOG_DIR ?? path.join(os.tmpdir(), 'fleet-logs')) : null;
   if (logDir) fs.mkdirSync(logDir, { recursive: true });
+  let lab: NetLab | null = null;
+  let originPort = 0;
+  if (netns) {
+    if (!NetLab.available()) throw new Error('--netns: cannot make network namespaces here (needs root with CAP_NET_ADMIN and iproute2)');
+    const l = new NetLab();
+    lab = l;
+    onCleanup(() => {
+      for (const f of l.stop()) console.error(`fleet: not removed: ${f}`);
+    });
+    l.start();
+    originPort = await freePort();
+    l.shapeFromRoot(originPort, originRate);
+  }
   const agents: ServiceProcess[] = [];
   for (let i = 0; i < maxNodes; i++) {
-    const a = await agentDaemon({ dir: path.join(dir, `agent-${i}`), extra: { log_level: process.env.FLEET_AGENT_LOG ?? 'error' }, nodeFlags: process.env.FLEET_AGENT_NODE_FLAGS?.split(' ').filter(Boolean) });
+    const host = lab?.addHost({ up: nodeUp, down: nodeRate });
+    const serve = host && serveShare > 0 ? { peers: { serve_bandwidth: Math.round(nodeUp * serveShare) } } : {};
+    const a = await agentDaemon({ dir: path.join(dir, `agent-${i}`), extra: { log_level: process.env.FLEET_AGENT_LOG ?? 'error', ...serve }, nodeFlags: process.env.FLEET_AGENT_NODE_FLAGS?.split(' ').filter(Boolean), ...(host ? { host: host.ip, port: 9611, wrap: host.exec } : {}) });
     await a.start();
     agents.push(a);
     onCleanup(async () => {
@@ -128,7 +158,7 @@ runMain('fleet', async () => {
       // One node has no peer: it runs with peers off whatever --peers says (the reference).
       const modes = nodes === 1 ? [false] : round % 2 === 0 ? peerModes : [...peerModes].reverse();
       for (const peers of modes) {
-        const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'] });
+        const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'], lab, originPort });
         runs.push(r);
         console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin (${r.fallback_causes.busy} busy, ${r.fallback_causes.refused} refused, ${r.fallback_causes.failed} failed), agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);
       }
@@ -150,10 +180,10 @@ runMain('fleet', async () => {
   }
   const date = new Date();
   const cmd = commandLine();
-  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, monitor_ms: monitorMs, reps, runs, summary });
+  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, netns, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, ...(netns ? { node_up: nodeUp, serve_share: serveShare } : {}), monitor_ms: monitorMs, reps, runs, summary });
   const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s'], ['r', 'l', 'r', 'r', 'r', 'r', 'r'], rows);
   console.log(table);
-  if (flags.docs) {
+  if (flags.docs && !netns) {
     updateDocSection(
       SECTION,
       `${SECTION}
@@ -171,9 +201,29 @@ ${table}
 `,
     );
   }
+  if (flags.docs && netns) {
+    updateDocSection(
+      NETNS_SECTION,
+      `${NETNS_SECTION}
+
+\`${cmd}\` — ${date.toISOString().slice(0, 10)}, ${describeMachine(m)}; results in \`${path.relative(path.join(path.dirname(file), '../..'), file)}\`.
+
+N agent daemons, each in a network namespace of its own behind a veth link shaped (tbf) to
+${fmtNum(nodeRate / MiB)} MiB/s down and ${fmtNum(nodeUp / MiB)} MiB/s up (serving peers capped at ${serveShare > 0 ? `${fmtNum((nodeUp * serveShare) / MiB)} MiB/s, peers.serve_bandwidth` : 'nothing'}), on one bridge; Redis, the driver service (peers.enabled off,
+then on: seeders 1, origin_wait_ms 30 s) and the origin in the root namespace, the origin's
+link shaped (htb) to ${fmtNum(originRate / MiB)} MiB/s for the whole fleet; jumbo frames (MTU 9000). No
+smartnic_bandwidth: the links are the caps. A ${imageSize / MiB} MiB image (10% zeros, never fetched)
+whose manifest is cached. All N disks are created at once; "all local" is from the first
+create to the last disk complete. Medians of ${reps} interleaved round(s). Every agent shares
+this machine's 2 cores.
+
+${table}
+`,
+    );
+  }
 });
 
-async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boolean; round: number; imageSize: number; originRate: number; nodeRate: number; agents: ServiceProcess[]; driver: ServiceProcess }): Promise<Run> {
+async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boolean; round: number; imageSize: number; originRate: number; nodeRate: number; agents: ServiceProcess[]; driver: ServiceProcess; lab: NetLab | null; originPort: number }): Promise<Run> {
   // A fresh image per run: no disk of an earlier run is a peer, and its manifest is built
   // (read once from an uncapped origin) before the fleet's count starts.
   const image = path.join(c.dir, `image-${c.seq}.raw`);
@@ -184,7 +234,7 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
   const api = new DriverClient({ baseUrl: c.driver.url, token: TOKEN });
   const target = (i: number, node: string): string => path.join(c.dir, `agent-${i}`, 'targets', `${node}.raw`);
   const warm = new TestOrigin({ file: image });
-  const warmUrl = await warm.start();
+  const warmUrl = await warm.start(c.lab?.rootIp);
   try {
     const node = `warm-${c.seq}`;
     await api.createDeployment({ node_uuid: node, instance_info: { image_source: warmUrl, ...info }, driver_info: { smartnic_agent_url: c.agents[0]!.url, smartnic_target: target(0, node), smartnic_require_verification: true } });
@@ -194,8 +244,10 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
   } finally {
     await warm.stop();
   }
-  const origin = new TestOrigin({ file: image, rate: c.originRate });
-  const url = await origin.start();
+  // In namespaces the origin's link is the cap (NetLab.shapeFromRoot on its port); on
+  // loopback the origin paces itself.
+  const origin = new TestOrigin({ file: image, ...(c.lab ? {} : { rate: c.originRate }) });
+  const url = c.lab ? await origin.start(c.lab.rootIp, c.originPort) : await origin.start();
   try {
     const nodes = Array.from({ length: c.nodes }, (_, i) => `n${c.seq}-${i}`);
     const cpu = (): number => c.agents.slice(0, c.nodes).reduce((s, a) => s + cpuSeconds(a.child!.pid!), 0);
@@ -206,19 +258,20 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
         api.createDeployment({
           node_uuid: node,
           instance_info: { image_source: url, ...info },
-          driver_info: { smartnic_agent_url: c.agents[i]!.url, smartnic_target: target(i, node), smartnic_bandwidth: Math.round(c.nodeRate) },
+          driver_info: { smartnic_agent_url: c.agents[i]!.url, smartnic_target: target(i, node), ...(c.lab ? {} : { smartnic_bandwidth: Math.round(c.nodeRate) }) },
         }),
       ),
     );
     const done = await waitAll(api, nodes, 60 * 60_000);
-    const last = Math.max(...done.map((d) => Date.parse(d.jobs.find((j) => j.queue === 'monitor')?.finished_at ?? d.updated_at)));
+    const localAt = done.map((d) => (Date.parse(d.jobs.find((j) => j.queue === 'monitor')?.finished_at ?? d.updated_at) - t0) / 1000);
+    const last = t0 + Math.max(...localAt) * 1000;
     let data = 0;
     const region = 1 << 20;
     for (let o = 0; o < bytes.length; o += region) if (bytes.subarray(o, o + region).some((b) => b !== 0)) data += Math.min(region, bytes.length - o);
     const fromPeers = done.reduce((n, d) => n + (d.peers?.bytes_from_peers ?? 0), 0);
     const views = await Promise.all(done.map((d, i) => new AgentClient({ baseUrl: c.agents[i]!.url, token: TOKEN }).getDisk(d.disk_id)));
-    if (process.env.FLEET_AGENT_LOG) for (const v of views) console.error(`  ${v.id}: ${v.bytes_fetched} bytes from the origin, ${v.peers.bytes_from_peers} from peers, fallbacks ${JSON.stringify(v.peers.fallback_causes)}`);
-    const r: Run = { nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0), fallback_causes: { busy: views.reduce((n, d) => n + d.peers.fallback_causes.busy, 0), refused: views.reduce((n, d) => n + d.peers.fallback_causes.refused, 0), failed: views.reduce((n, d) => n + d.peers.fallback_causes.failed, 0) } };
+    if (process.env.FLEET_AGENT_LOG) for (const [i, v] of views.entries()) console.error(`  ${v.id}: local at ${localAt[i]!.toFixed(1)} s, ${v.bytes_fetched} bytes from the origin, ${v.peers.bytes_from_peers} from peers, fallbacks ${JSON.stringify(v.peers.fallback_causes)}`);
+    const r: Run = { node_local_s: localAt, nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0), fallback_causes: { busy: views.reduce((n, d) => n + d.peers.fallback_causes.busy, 0), refused: views.reduce((n, d) => n + d.peers.fallback_causes.refused, 0), failed: views.reduce((n, d) => n + d.peers.fallback_causes.failed, 0) } };
     for (const node of nodes) await api.deleteDeployment(node);
     await gone(api, nodes);
     fs.rmSync(image);

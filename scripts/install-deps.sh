@@ -15,6 +15,7 @@ PACKAGES=(
   openipmi ipmitool                                     # ipmi_sim as the virtual BMC, Ironic's ipmitool driver
   shellcheck                                            # the DevStack plugin's scripts (tests/integration/devstack.test.ts)
   genisoimage fdisk openssh-client                      # config drives (Ironic builds them with genisoimage; isoinfo, sfdisk check them), the lab's SSH key
+  iproute2                                              # network namespaces, veth, bridges and tc: the fleet test and bench (tests/helpers/netns.ts)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -31,10 +31,14 @@ export class ServiceProcess {
     readonly configFile: string,
     /** node flags, as a deployment runs the service (docs/dpu-agent.md, "Memory"). */
     private readonly nodeFlags: readonly string[] = [],
+    /** A command that runs node (e.g. `ip netns exec <ns>`: it execs, so the PID is node's). */
+    private readonly wrap: readonly string[] = [],
   ) {}
 
   async start(timeoutMs = 30_000): Promise<void> {
-    const child = spawn(process.execPath, [...this.nodeFlags, path.join(ROOT, this.bin), 'serve', '--config', this.configFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const argv = [process.execPath, ...this.nodeFlags, path.join(ROOT, this.bin), 'serve', '--config', this.configFile];
+    const command = [...this.wrap, ...argv];
+    const child = spawn(command[0]!, command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     this.child = child;
     child.stderr!.setEncoding('utf8').on('data', (d: string) => {
       this.output = (this.output + d).slice(-OUTPUT_KEPT);
@@ -74,6 +78,10 @@ export interface AgentSetup {
   extra?: Record<string, unknown>;
   /** More node flags (e.g. `--cpu-prof`), after the deployed ones. */
   nodeFlags?: readonly string[];
+  /** The address to listen on (default 127.0.0.1), e.g. a network namespace's. */
+  host?: string;
+  /** A command that runs the agent's node elsewhere: `ip netns exec <ns>` (tests/helpers/netns.ts). */
+  wrap?: readonly string[];
 }
 
 /** A DPU agent daemon whose targets live under `<dir>/targets/`. */
@@ -81,7 +89,7 @@ export async function agentDaemon(s: AgentSetup): Promise<ServiceProcess> {
   const port = s.port ?? (await freePort());
   fs.mkdirSync(path.join(s.dir, 'targets'), { recursive: true });
   const cfg = {
-    listen: { host: '127.0.0.1', port },
+    listen: { host: s.host ?? '127.0.0.1', port },
     auth: { tokens: [TOKEN] },
     state_dir: path.join(s.dir, 'state'),
     export_dir: path.join(s.dir, 'exports'),
@@ -91,7 +99,7 @@ export async function agentDaemon(s: AgentSetup): Promise<ServiceProcess> {
   };
   const file = path.join(s.dir, 'agent.yaml');
   fs.writeFileSync(file, stringify(cfg));
-  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file, [...AGENT_NODE_FLAGS, ...(s.nodeFlags ?? [])]);
+  return new ServiceProcess('dpu-agent', 'dpu-agent/bin/dpu-agent.js', file, [...AGENT_NODE_FLAGS, ...(s.nodeFlags ?? [])], s.wrap);
 }
 
 export interface DriverSetup {
