@@ -58,7 +58,7 @@ import type { Manifest } from '../../../image-access/src/manifest.js';
 import { sharedBuffer, type HashWorkers } from '../../../image-access/src/hash-workers.js';
 import { RegionState, type RegionMap } from '../region/region-map.js';
 import type { FetchPriority, RemoteSource } from '../../../image-access/src/source.js';
-import { encodeRuns } from './peer-source.js';
+import { encodeRuns, leftForLater } from './peer-source.js';
 import { deferred, noop, settleAll, type Deferred } from '../../../common/src/deferred.js';
 import type { ReadRecorder } from './boot-profile.js';
 
@@ -829,7 +829,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
           // Bytes that failed verification were dropped: fetch again, a bounded number of times.
           if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
           // A background batch left for later (peer-source.ts): the region is remote again.
-          if (err instanceof DpuError && err.code === 'DPU_ERR_BUSY') continue;
+          if (leftForLater(err)) continue;
           throw err;
         }
         const from = pos - this.map.regionStart(r);
@@ -1080,7 +1080,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
             await this.inflight.get(r)!.done;
           } catch (err) {
             // A background batch left for later (peer-source.ts): the region is remote again.
-            if (!(err instanceof DpuError && err.code === 'DPU_ERR_BUSY')) throw err;
+            if (!leftForLater(err)) throw err;
           }
       }
     }

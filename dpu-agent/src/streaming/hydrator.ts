@@ -23,6 +23,7 @@
  * once — the main loop and each failed batch's backoff.
  */
 import { DpuError } from '../../../image-access/src/errors.js';
+import { leftForLater } from './peer-source.js';
 import { EventEmitter, once } from 'node:events';
 import type { Logger } from 'pino';
 import { RegionState } from '../region/region-map.js';
@@ -297,7 +298,7 @@ export class Hydrator extends EventEmitter<HydratorEvents> {
           if (!this.alive && err instanceof DpuError && err.code === 'DPU_ERR_SOURCE_CLOSED') return;
           // Left for later by the peer source (its peers did not answer while the disk
           // waits for peers): not a failure; the sweep takes other regions meanwhile.
-          if (err instanceof DpuError && err.code === 'DPU_ERR_BUSY') return;
+          if (leftForLater(err)) return;
           this.failures++;
           this.lastErrorMessage = err.message;
           this.emit('batch-error', err);

@@ -356,12 +356,9 @@ export class PeerFirstSource implements RemoteSource {
           // Only peers whose maps say they have the regions are worth a second ask.
           if (!this.peers.some((p) => !p.excluded && !tried.has(p) && holds(p, first, last))) break;
         }
-        // A disk told to spare the origin asks again, rather than the origin: for as long
-        // as the gate holds when the peers that have the regions did not answer (busy: their
-        // serving slots full; failed: stalled, a machine overloaded for a moment — its map
-        // is read again), since their uploads are what is scarce and the origin is what is
-        // spared; BUSY_ROUNDS times when none is known to have them yet but some peer's map
-        // is still to be read (the tracker's list changed since the sweep admitted them).
+        // A disk told to spare the origin asks again, rather than the origin, while its
+        // gate holds: peers that did not answer (busy: serving slots full; failed: stalled,
+        // its map read again) and maps still to be read are waited for, BUSY_ROUNDS times.
         // The gate open (a seeder, or the peers stalled): the origin.
         if (!sparing || this.admissible() === null) break;
         const pending = this.peers.some((p) => !p.excluded && p.map === null);
@@ -510,6 +507,14 @@ export function encodeRuns(bits: ArrayLike<number>): number[] {
     want ^= 1;
   }
   return runs;
+}
+
+/**
+ * Whether `err` is a background batch the peer source left for later (its peers did not
+ * answer while the disk waits for peers): not a failure; the regions are remote again.
+ */
+export function leftForLater(err: unknown): boolean {
+  return err instanceof DpuError && err.code === 'DPU_ERR_BUSY';
 }
 
 /** Run lengths (not served first, alternating) into one byte per region of the image: into `reuse` when it has that length. */
