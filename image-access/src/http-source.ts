@@ -422,14 +422,17 @@ export class HttpSource implements RemoteSource {
     const base = progress.filled;
     let ranged = 0; // bytes a 206 announced
     const sentAt = performance.now();
-    if (sized) this.bgMeter.begin(sentAt);
     const onHead = (head: ResponseHead): BodyPlan => {
       clearTimeout(timer);
       timer = setTimeout(() => controller.abort(new DpuError('DPU_ERR_SOURCE_TRANSIENT', `body stalled for ${stallTimeoutMs} ms`)), stallTimeoutMs);
       if (sized) {
-        if (alone) this.measureLatency(performance.now() - sentAt);
+        const now = performance.now();
+        if (alone) this.measureLatency(now - sentAt);
         flowing = true;
         this.bgFlowing++;
+        // The link's time starts here: the wait for the head was the round trip's and the
+        // origin's (see ShareMeter).
+        this.bgMeter.begin(now);
       }
       const h = head.headers;
       const range = head.status === 206 ? parseContentRange(h['content-range']) : null;
@@ -479,7 +482,7 @@ export class HttpSource implements RemoteSource {
       this.controllers.delete(controller);
       if (flowing) this.bgFlowing--;
       if (sized) {
-        this.bgMeter.end(performance.now());
+        if (flowing) this.bgMeter.end(performance.now());
         this.resizeBackground();
       }
       if (opts.priority === 'background') {
