@@ -5,6 +5,7 @@
  * on commit c386ecd; the fix is named in the test's title.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DpuError } from '../../image-access/src/errors.js';
@@ -220,6 +221,8 @@ describe('streaming disk defects (issue #12)', () => {
       const r3 = disk.read(3 * R, Buffer.alloc(512)) as Promise<void>;
       src.deliver(await src.next());
       await r3;
+      // Both stored: the host's reads were answered before their regions' writes ended.
+      while (disk.map.state(0) !== RegionState.Local || disk.map.state(3) !== RegionState.Local) await once(disk, 'region-settled');
       // The host rewrote region 5 whole: its bytes are the host's, not the image's.
       await disk.write(5 * R, [Buffer.alloc(R, 0x66)], R, false);
       const manifest = await Manifest.build(new ControlledSourceAuto(img), { regionSize: R });

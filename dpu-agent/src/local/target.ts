@@ -8,6 +8,13 @@
  * sleep for tens of ms when the kernel throttles dirty pages — on the thread that answers
  * the host, that was the tail of a miss's latency (bench/streaming.ts). fdatasync, which
  * waits for the device, goes to the thread pool as well.
+ *
+ * Those writes go to the kernel one at a time, in the order asked for. A buffered write
+ * to a file holds the inode's lock, and threads waiting for it spin: hydrating 1 GiB
+ * across an emulated 10 Gbit/s link into an ext4 file, the pool's four threads writing
+ * regions side by side spent 2.4 s of system time, one thread 0.4–0.7 s, and the spinning
+ * took the cores the event loop and the host need. One thread copies into the page cache
+ * at 1.5–2.5 GB/s here, faster than the link.
  */
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
@@ -49,6 +56,9 @@ export class LocalTarget implements Target {
   private fd: number;
   /** A hole was punched since the last sync: metadata must be synced too (fsync, not fdatasync). */
   private punched = false;
+  /** Writes waiting for the one in the thread pool (see the top of the file). */
+  private readonly writes: (() => void)[] = [];
+  private writing = false;
 
   private constructor(path: string, fd: number, isBlockDevice: boolean) {
     this.path = path;
@@ -94,8 +104,22 @@ export class LocalTarget implements Target {
     return this.whole(fs.read, dest, position, 'read from');
   }
 
+  /** Off the event loop, after every write asked for before it (see the top of the file). */
   write(buf: Buffer, position: number): Promise<void> {
-    return this.whole(fs.write, buf, position, 'write to');
+    return new Promise((resolve, reject) => {
+      const run = (): void => {
+        this.whole(fs.write, buf, position, 'write to').then(resolve, reject).finally(() => {
+          const next = this.writes.shift();
+          if (next) next();
+          else this.writing = false;
+        });
+      };
+      if (this.writing) this.writes.push(run);
+      else {
+        this.writing = true;
+        run();
+      }
+    });
   }
 
   /** `op` (fs.read or fs.write) on the thread pool until all of `buf` is done; a 0-byte step is a short read or write. */
