@@ -250,6 +250,12 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
   private readonly target: Target;
   private source: RemoteSource | null;
   private readonly inflight = new Map<number, Fill>();
+  /**
+   * Regions fetched before a manifest was set, their writes still in flight: each is
+   * checked as its write ends (fetchRun's `stored`). Once a manifest is set, readers wait
+   * for that check instead of taking the unchecked bytes, and setManifest waits for it.
+   */
+  private readonly unchecked = new Map<number, Fill>();
   private readonly fetchBuffers: BufferRecycler;
   private readonly hashWorkers: HashWorkers | undefined;
   private readonly log: Logger | undefined;
@@ -417,8 +423,18 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         this.emit('region-settled', r);
       }
     }
-    if (this.pendingVerification === 0) return Promise.resolve();
-    const pass = (this.verifying ?? Promise.resolve()).then(() => this.verifyLocalRegions(m));
+    // Regions fetched before it, still being written, are checked as their writes end:
+    // readers wait for that rather than take their unchecked bytes, and so does the pass.
+    const writing: Promise<void>[] = [];
+    for (const fill of this.unchecked.values()) {
+      fill.data = null;
+      writing.push(fill.done.catch(noop));
+    }
+    if (this.pendingVerification === 0 && writing.length === 0) return Promise.resolve();
+    const pass = (this.verifying ?? Promise.resolve()).then(async () => {
+      await Promise.all(writing);
+      await this.verifyLocalRegions(m);
+    });
     const mine = pass.finally(() => {
       if (this.verifying === mine) this.verifying = null;
     });
@@ -821,22 +837,24 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         await this.readBlocks(r, pos, dest, true);
         return;
       }
-      if (fill.data) {
-        let data: Buffer;
-        try {
-          data = await fill.data;
-        } catch (err) {
-          // Bytes that failed verification were dropped: fetch again, a bounded number of times.
-          if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
-          // A background batch left for later (peer-source.ts): the region is remote again.
-          if (leftForLater(err)) continue;
-          throw err;
-        }
+      let data: Buffer | null = null;
+      try {
+        if (fill.data) data = await fill.data;
+        // A whole-region write, a zero fill, or bytes fetched before the manifest, checked
+        // as their write ends (setManifest): then read what it left.
+        else await fill.done;
+      } catch (err) {
+        // Bytes that failed verification were dropped: fetch again, a bounded number of times.
+        if (err instanceof DpuError && err.code === 'DPU_ERR_INTEGRITY' && ++integrityFailures < INTEGRITY_ATTEMPTS && !this.badRegions.has(r)) continue;
+        // A background batch left for later (peer-source.ts): the region is remote again.
+        if (leftForLater(err)) continue;
+        throw err;
+      }
+      if (data) {
         const from = pos - this.map.regionStart(r);
         data.copy(dest, 0, from, from + dest.length);
         return;
       }
-      await fill.done; // a whole-region write or a zero fill; then read what it left
     }
   }
 
@@ -896,6 +914,7 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       const { from } = span(i);
       fills[i]!.data.resolve(data);
       const stored = (): void => {
+        this.unchecked.delete(r);
         // A manifest that arrived while the write was in flight checks the region now
         // (its read-back pass may already have passed it by, as `filling`).
         if (!checked && this.manifest && !this.manifest.verify(r, data)) {
@@ -911,11 +930,13 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
         fills[i]!.done.resolve();
       };
       const failed = (err: unknown): void => {
+        this.unchecked.delete(r);
         const failure = this.fail(err, `writing region ${r}`);
         this.settle(r, RegionState.Remote);
         fills[i]!.done.reject(failure);
       };
       if (this.target.write) {
+        if (!checked) this.unchecked.set(r, fills[i]!.fill);
         // Off the event loop (see local/target.ts); `buf` is kept until every write ends.
         return this.target.write(data, start + from).then(() => (this.failure ? failed(this.failure) : stored()), failed);
       }
