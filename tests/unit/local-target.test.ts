@@ -58,6 +58,22 @@ describe('LocalTarget: writes through the thread pool', () => {
     }
   });
 
+  it("a write asked for `first` (a missed region the host waits for) goes ahead of those waiting, not of the one in the thread pool", async () => {
+    const file = path.join(dir, 'target.raw');
+    const t = LocalTarget.open(file, { create: true, size: 8 * MiB });
+    try {
+      const seen = countWrites();
+      const writes = [0, 1, 2, 3].map((i) => t.write!(Buffer.alloc(MiB, i + 1), i * MiB));
+      writes.push(t.write!(Buffer.alloc(MiB, 9), 5 * MiB, true));
+      await Promise.all(writes);
+      assert.deepEqual(seen.calls, [0, 5, 1, 2, 3].map((i) => i * MiB));
+      assert.equal(seen.most, 1);
+      assert.equal(fs.readFileSync(file)[5 * MiB], 9);
+    } finally {
+      t.close();
+    }
+  });
+
   it('a failed write rejects its own promise only; the writes queued behind it still run', async () => {
     const file = path.join(dir, 'target.raw');
     const t = LocalTarget.open(file, { create: true, size: 4 * MiB });

@@ -9,7 +9,8 @@
  * the host, that was the tail of a miss's latency (bench/streaming.ts). fdatasync, which
  * waits for the device, goes to the thread pool as well.
  *
- * Those writes go to the kernel one at a time, in the order asked for. A buffered write
+ * Those writes go to the kernel one at a time, in the order asked for (a region a host's
+ * read is waiting for goes ahead of hydration's). A buffered write
  * to a file holds the inode's lock, and threads waiting for it spin: hydrating 1 GiB
  * across an emulated 10 Gbit/s link into an ext4 file, the pool's four threads writing
  * regions side by side spent 2.4 s of system time, one thread 0.4–0.7 s, and the spinning
@@ -34,8 +35,11 @@ export interface Target {
   readonly path: string;
   readSync(dest: Buffer, position: number): void;
   writeSync(chunks: readonly Buffer[], position: number): void;
-  /** Writes `buf` off the event loop; a target without it is written with writeSync. */
-  write?(buf: Buffer, position: number): Promise<void>;
+  /**
+   * Writes `buf` off the event loop; a target without it is written with writeSync.
+   * `first`: ahead of writes waiting their turn (a region the host is waiting for).
+   */
+  write?(buf: Buffer, position: number, first?: boolean): Promise<void>;
   /** Reads off the event loop; a target without it is read with readSync. */
   read?(dest: Buffer, position: number): Promise<void>;
   writeZeroesSync(position: number, length: number): void;
@@ -104,8 +108,11 @@ export class LocalTarget implements Target {
     return this.whole(fs.read, dest, position, 'read from');
   }
 
-  /** Off the event loop, after every write asked for before it (see the top of the file). */
-  write(buf: Buffer, position: number): Promise<void> {
+  /**
+   * Off the event loop, after every write asked for before it (see the top of the file);
+   * with `first`, ahead of those still waiting (not of the one in the thread pool).
+   */
+  write(buf: Buffer, position: number, first = false): Promise<void> {
     return new Promise((resolve, reject) => {
       const run = (): void => {
         this.whole(fs.write, buf, position, 'write to').then(resolve, reject).finally(() => {
@@ -114,7 +121,10 @@ export class LocalTarget implements Target {
           else this.writing = false;
         });
       };
-      if (this.writing) this.writes.push(run);
+      if (this.writing) {
+        if (first) this.writes.unshift(run);
+        else this.writes.push(run);
+      }
       else {
         this.writing = true;
         run();

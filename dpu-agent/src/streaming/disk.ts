@@ -938,7 +938,8 @@ export class StreamingDisk extends EventEmitter<StreamingDiskEvents> implements 
       if (this.target.write) {
         if (!checked) this.unchecked.set(r, fills[i]!.fill);
         // Off the event loop (see local/target.ts); `buf` is kept until every write ends.
-        return this.target.write(data, start + from).then(() => (this.failure ? failed(this.failure) : stored()), failed);
+        // A missed region's write goes ahead of hydration's: a host write to it waits.
+        return this.target.write(data, start + from, priority === 'foreground').then(() => (this.failure ? failed(this.failure) : stored()), failed);
       }
       try {
         this.target.writeSync([data], start + from);
