@@ -580,7 +580,7 @@ export interface components {
             readonly peers: {
                 /** @description Created with peers.token: its verified regions are served to peers. */
                 readonly offered: boolean;
-                /** @description Bytes served to peers since the agent started. */
+                /** @description Bytes of answers sent whole to peers since the agent started (an answer whose peer went away before its end is not counted). */
                 readonly bytes_served: number;
                 /** @description Peers in the list (PUT …/peers) this disk reads from before the origin. */
                 readonly sources: number;

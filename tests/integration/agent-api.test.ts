@@ -221,12 +221,19 @@ describe('agent daemon API (in-process)', function () {
     await assert.rejects(ask(), (err: DpuError) => err.code === 'DPU_ERR_BUSY' && /max_queued/.test(err.message));
     holding[0]!.release();
     holding[0]!.release(); // once only: the second call gives nothing away
+    holding[0]!.sent();
+    holding[0]!.sent(); // counted once only
     const first = await queued[0]!;
     assert.deepEqual(granted, [0], 'the oldest waiting read, and only it');
     assert.ok(first.data.equals(img.subarray(REGION, REGION + 100)));
-    holding[1]!.release();
-    first.release();
-    for (let i = 1; i < 8; i++) (await queued[i]!).release();
+    // Each sent (as the API counts an answer once it has gone out whole), then released.
+    const served = (r: Awaited<ReturnType<DiskManager['readForPeer']>>): void => {
+      r.sent();
+      r.release();
+    };
+    served(holding[1]!);
+    served(first);
+    for (let i = 1; i < 8; i++) served(await queued[i]!);
     assert.deepEqual(granted, [0, 1, 2, 3, 4, 5, 6, 7], 'first come, first served');
     // A peer that goes away while its read waits for a slot leaves no slot taken.
     const hold = [await ask(), await ask()];
@@ -235,7 +242,7 @@ describe('agent daemon API (in-process)', function () {
     await until('the read queued', async () => manager.peerServing().queued === 1);
     gone.destroy();
     await new Promise((r) => gone.once('close', r));
-    for (const h of hold) h.release();
+    for (const h of hold) served(h);
     await until('every slot free', async () => manager.peerServing().inflight === 0 && manager.peerServing().queued === 0, 10_000);
     const regions = async (): Promise<{ runs: number[]; complete: boolean }> => (await fetch(`${base}/v1/disks/peer-a/image/regions`, { headers: { authorization: `Bearer ${PEER_TOKEN}` } })).json() as Promise<{ runs: number[]; complete: boolean }>;
     assert.equal((await regions()).complete, true, 'complete and verified: what it serves can only shrink');
@@ -259,7 +266,9 @@ describe('agent daemon API (in-process)', function () {
     assert.equal(after.runs[0], 1, 'region 0 is no longer served');
     assert.equal(after.complete, false, 'it no longer serves every region');
     const view = await client.getDisk('peer-a');
-    assert.equal(view.peers.bytes_served, 2 * REGION + 100 + 13 * 100); // the ranges above, the ten of the queue, the three of the gone peer's case (its read was made)
+    // The ranges above, the ten of the queue, the two held in the gone peer's case: not
+    // the gone peer's own read, made once a slot was free but never sent.
+    assert.equal(view.peers.bytes_served, 2 * REGION + 100 + 12 * 100);
     assert.ok(!JSON.stringify(await client.listDisks()).includes(PEER_TOKEN), 'the token is never shown');
     assert.ok(!logText.join('').includes(PEER_TOKEN), 'nor logged');
     await client.deleteDisk('peer-a', true);

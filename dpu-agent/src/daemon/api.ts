@@ -70,10 +70,12 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     getBootProfile: async (req) => manager.bootProfile(idOf(req)),
     setPeers: async (req) => manager.setPeers(idOf(req), req.body as PeerList),
     getDiskImage: async (req, reply) => {
-      const { data, start, end, size, release } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
+      const { data, start, end, size, release, sent } = await manager.readForPeer(idOf(req), req.headers.authorization, req.headers.range);
       // The slot (peers.max_inflight) is held until the answer is sent or the peer is gone:
       // a peer that stops reading cannot pin more buffers than that.
       reply.raw.once('close', release);
+      // Served once the whole answer has gone out; not for a peer gone before.
+      reply.raw.once('finish', sent);
       // A peer gone while this read waited for its slot or the target: its 'close' has
       // passed already, and would never release the slot.
       if (reply.raw.destroyed || req.raw.socket?.destroyed) release();

@@ -603,9 +603,10 @@ export class DiskManager {
    * token are the same 401, so nothing is learnt without the token), one `Range` of at most
    * PEER_MAX_BYTES within the image, and reads only verified image bytes
    * (StreamingDisk.readForPeer). At most peers.max_inflight reads across all disks hold a
-   * slot, from the read until the answer has been sent (`release`, once).
+   * slot, from the read until the answer has been sent (`release`, once); `sent` counts
+   * the bytes as served, once the answer has gone out whole.
    */
-  async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number; release: () => void }> {
+  async readForPeer(id: string, authorization: string | undefined, range: string | undefined): Promise<{ data: Buffer; start: number; end: number; size: number; release: () => void; sent: () => void }> {
     const { m, disk } = this.peerDisk(id, authorization);
     const size = disk.imageSize;
     const r = /^bytes=(\d+)-(\d+)$/.exec(range ?? '');
@@ -629,8 +630,15 @@ export class DiskManager {
       if (!(await disk.readForPeer(start, data))) {
         throw new DpuError('DPU_ERR_NOT_SERVABLE', `bytes ${start}-${end} of disk "${id}" are not all verified image bytes here (not local yet, not verified, or written by the host): read them from the origin`);
       }
-      m.peerBytes += data.length;
-      return { data, start, end, size, release };
+      // Counted once the answer has gone out whole (`sent`): a peer that went away before
+      // took nothing, and `bytes_served` must match what peers took.
+      let counted = false;
+      const sent = (): void => {
+        if (counted) return;
+        counted = true;
+        m.peerBytes += data.length;
+      };
+      return { data, start, end, size, release, sent };
     } catch (err) {
       release();
       throw err;
