@@ -219,6 +219,18 @@ describe('agent daemon API (in-process)', function () {
     const granted: number[] = [];
     const queued = Array.from({ length: 8 }, (_, i) => ask().then((r) => (granted.push(i), r)));
     await assert.rejects(ask(), (err: DpuError) => err.code === 'DPU_ERR_BUSY' && /max_queued/.test(err.message));
+    // Over HTTP the same refusal is a 503 DPU_ERR_BUSY. It is flow control between peers, not
+    // a failure: logged at debug and without a stack (a fleet's seeder refuses many a second;
+    // logged as errors they cost it CPU and buried its real errors).
+    const logged = logText.length;
+    await refused(await peerGet('peer-a', `bytes=${REGION}-${REGION + 99}`), 503, 'DPU_ERR_BUSY');
+    const busyLines = (): Array<{ level: number; stack?: unknown; err?: unknown }> =>
+      logText.slice(logged).join('').split('\n').filter((l) => l.includes('"status":503') || l.includes('DPU_ERR_BUSY')).map((l) => JSON.parse(l) as { level: number });
+    await until('the refusal logged', async () => busyLines().some((l) => JSON.stringify(l).includes('"status":503')));
+    for (const l of busyLines()) {
+      assert.equal(l.level, 20, `a busy refusal is logged at debug: ${JSON.stringify(l)}`);
+      assert.ok(!JSON.stringify(l).includes('"stack"'), 'without a stack');
+    }
     holding[0]!.release();
     holding[0]!.release(); // once only: the second call gives nothing away
     holding[0]!.sent();

@@ -8,7 +8,7 @@
  * field, anything else with 500 DPU_ERR_INTERNAL. Every error body is the `Error` schema.
  */
 import fs from 'node:fs';
-import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, LogController, type RouteHandlerMethod } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, LogController, type RouteHandlerMethod } from 'fastify';
 import type { Logger } from 'pino';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
 import { DpuError } from '../../../image-access/src/errors.js';
@@ -112,9 +112,17 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     responseValidation: deps.responseValidation ?? 'off',
   });
 
+  // Requests refused as flow control (DPU_ERR_BUSY: a peer read when the serving slots and
+  // their queue are full): the peer asks another, so the refusal is not a failure. A fleet's
+  // seeder refuses many a second; as errors with their stacks they cost it CPU and buried
+  // its real errors.
+  const busy = new WeakSet<FastifyRequest>();
   app.setErrorHandler((err: FastifyError, req, reply) => {
     const { status, body } = errorReply(err);
-    if (status >= 500) req.log.error({ err, code: body.code }, 'request failed');
+    if (body.code === 'DPU_ERR_BUSY') {
+      busy.add(req);
+      req.log.debug({ code: body.code, detail: body.message }, 'request refused: busy');
+    } else if (status >= 500) req.log.error({ err, code: body.code }, 'request failed');
     else req.log.info({ code: body.code, field: body.field, detail: body.message }, 'request refused');
     void reply.code(status).send(body);
   });
@@ -124,7 +132,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
   });
   app.addHook('onResponse', (req, reply, done) => {
     const status = reply.statusCode;
-    const level = status >= 500 ? 'error' : req.method === 'GET' && status < 400 ? 'debug' : 'info';
+    const level = busy.has(req) ? 'debug' : status >= 500 ? 'error' : req.method === 'GET' && status < 400 ? 'debug' : 'info';
     req.log[level]({ method: req.method, url: req.url, status, ms: Math.round(reply.elapsedTime) }, 'request');
     done();
   });
