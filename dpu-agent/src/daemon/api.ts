@@ -132,7 +132,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
   });
   app.addHook('onResponse', (req, reply, done) => {
     const status = reply.statusCode;
-    const level = busy.has(req) ? 'debug' : status >= 500 ? 'error' : req.method === 'GET' && status < 400 ? 'debug' : 'info';
+    const level = busy.has(req) && status === 503 ? 'debug' : status >= 500 ? 'error' : req.method === 'GET' && status < 400 ? 'debug' : 'info';
     req.log[level]({ method: req.method, url: req.url, status, ms: Math.round(reply.elapsedTime) }, 'request');
     done();
   });
