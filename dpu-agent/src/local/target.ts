@@ -10,8 +10,8 @@
  * waits for the device, goes to the thread pool as well.
  *
  * Those writes go to the kernel one at a time, in the order asked for (a region a host's
- * read is waiting for goes ahead of hydration's). A buffered write
- * to a file holds the inode's lock, and threads waiting for it spin: hydrating 1 GiB
+ * read is waiting for goes ahead of hydration's). A buffered write to a file holds the
+ * inode's lock, and threads waiting for it spin: hydrating 1 GiB
  * across an emulated 10 Gbit/s link into an ext4 file, the pool's four threads writing
  * regions side by side spent 2.4 s of system time, one thread 0.4–0.7 s, and the spinning
  * took the cores the event loop and the host need. One thread copies into the page cache
@@ -124,8 +124,7 @@ export class LocalTarget implements Target {
       if (this.writing) {
         if (first) this.writes.unshift(run);
         else this.writes.push(run);
-      }
-      else {
+      } else {
         this.writing = true;
         run();
       }
