@@ -71,7 +71,14 @@ describe('driver service with a real agent, Redis and origin', function () {
     assert.match(ready.export_uri!, /^nbd\+unix:/);
     const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, ready.export_uri!]);
     assert.match(cmp.stdout, /identical/);
-    const done = await state('node-a', ['complete']);
+    // The monitor job writes "complete" and ends a moment later: its own state is waited for
+    // (a clean-clone CI run read the deployment in between: monitor still active).
+    await state('node-a', ['complete']);
+    const done = await until('node-a\'s monitor job ended', async () => {
+      const d = await api.getDeployment('node-a');
+      return d.jobs.some((j) => j.queue === 'monitor' && (j.state === 'completed' || j.state === 'failed')) ? d : null;
+    }, 30_000);
+    assert.equal(done.state, 'complete');
     assert.equal(done.progress.fraction, 1);
     assert.equal(done.progress.regions_local, done.progress.regions_total);
     assert.ok(fs.readFileSync(target('node-a')).equals(fs.readFileSync(image)));
