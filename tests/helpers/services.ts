@@ -154,6 +154,15 @@ export function deploymentIn(api: DriverClient, node: string, want: Deployment['
   }, timeoutMs);
 }
 
+/** Waits until the node's deployment satisfies `ok` (`what` says what, for the timeout's message); a failed one throws. */
+export function deploymentWhere(api: DriverClient, node: string, ok: (d: Deployment) => boolean, what: string, timeoutMs = 60_000): Promise<Deployment> {
+  return until(`${node}: ${what}`, async () => {
+    const d = await api.getDeployment(node);
+    if (d.state === 'failed') throw new Error(`deployment failed: ${d.last_error}`);
+    return ok(d) ? d : null;
+  }, timeoutMs);
+}
+
 /** Waits until the node has no deployment (404). */
 export function deploymentGone(api: DriverClient, node: string, timeoutMs = 30_000): Promise<boolean> {
   return until(`${node} deleted`, () => api.getDeployment(node).then(() => false, (err: unknown) => err instanceof ApiError && err.status === 404), timeoutMs);

@@ -18,7 +18,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { Redis } from 'ioredis';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
-import { DriverClient, type Deployment, type DeploymentCreate } from '../../openapi/clients/driver-client.js';
+import { DriverClient, type DeploymentCreate } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { BootProfileStore, mergeBoots } from '../../driver/src/boot-profiles.js';
 import { resolveDriverConfig } from '../../driver/src/config.js';
@@ -26,7 +26,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
-import { agentDaemon, deploymentGone, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, deploymentWhere, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 const REGION = 256 << 10;
@@ -85,12 +85,6 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     instance_info: { image_source: origin.url, image_os_hash_algo: 'sha256', image_os_hash_value: 'ab'.repeat(32) },
     driver_info: { smartnic_agent_url: agent.url, smartnic_target: target(node), smartnic_region_size: REGION },
   });
-  const deployment = (client: DriverClient, node: string, ok: (d: Deployment) => boolean, what: string): Promise<Deployment> =>
-    until(`${node}: ${what}`, async () => {
-      const d = await client.getDeployment(node);
-      if (d.state === 'failed') throw new Error(`deployment failed: ${d.last_error}`);
-      return ok(d) ? d : null;
-    }, 60_000);
   const teardown = async (client: DriverClient, node: string): Promise<void> => {
     await client.deleteDeployment(node);
     await deploymentGone(client, node);
@@ -101,18 +95,18 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     // Held so that the host starts booting while the disk still streams (the sweep stops in the first 16 MiB).
     origin.hold(0, 16 * MiB);
     await api.createDeployment(request('node-p1'));
-    const ready = await deployment(api, 'node-p1', (d) => d.state === 'ready', 'ready');
+    const ready = await deploymentWhere(api, 'node-p1', (d) => d.state === 'ready', 'ready');
     assert.ok(ready.boot_profile, 'the deployment reports boot profiles');
     assert.equal(ready.boot_profile.applied, false, 'no profile stored yet');
     assert.equal(ready.boot_profile.regions, 0);
     profileId = ready.boot_profile.id;
     await hostReads(ready.export_uri!, [100, 70, 120]);
     origin.release();
-    const complete = await deployment(api, 'node-p1', (d) => d.state === 'complete' && d.boot_profile?.recording === 'recording', 'complete while recording');
+    const complete = await deploymentWhere(api, 'node-p1', (d) => d.state === 'complete' && d.boot_profile?.recording === 'recording', 'complete while recording');
     assert.equal(complete.boot_profile!.collected, false);
     assert.notEqual(complete.jobs.find((j) => j.queue === 'monitor')?.state, 'completed', 'the monitor waits for the recording');
     await hostReads(ready.export_uri!, [90]);
-    const done = await deployment(api, 'node-p1', (d) => d.boot_profile?.collected === true, 'boot collected');
+    const done = await deploymentWhere(api, 'node-p1', (d) => d.boot_profile?.collected === true, 'boot collected');
     assert.equal(done.boot_profile!.recording, 'done');
     const list = await api.listBootProfiles();
     assert.equal(list.length, 1);
@@ -123,7 +117,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     assert.deepEqual(p.merged, [100, 70, 120, 90]);
     assert.equal(p.boots, 1);
     assert.equal(p.history[0]!.node, 'node-p1');
-    await deployment(api, 'node-p1', (d) => d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'the monitor ended once the boot was stored');
+    await deploymentWhere(api, 'node-p1', (d) => d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'the monitor ended once the boot was stored');
     await teardown(api, 'node-p1');
   });
 
@@ -133,7 +127,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     origin.hold(0, 16 * MiB);
     try {
       await api.createDeployment(request('node-p2'));
-      const ready = await deployment(api, 'node-p2', (d) => d.state === 'ready', 'ready');
+      const ready = await deploymentWhere(api, 'node-p2', (d) => d.state === 'ready', 'ready');
       assert.deepEqual({ ...ready.boot_profile, recording: undefined }, { id: profileId, applied: true, regions: 4, boots: 1, recording: undefined, collected: false, note: null });
       const disk = await until('the profile\'s regions local', async () => {
         const x = await agentApi.getDisk(ready.disk_id);
@@ -146,7 +140,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
       assert.ok(states.slice(0, 64).every((s) => s !== 'L'), 'the held sweep made nothing local');
       // This host reads in another order (and one other region): served locally where the profile was.
       await hostReads(ready.export_uri!, [70, 100, 110, 90]);
-      await deployment(api, 'node-p2', (d) => d.boot_profile?.collected === true, 'boot collected');
+      await deploymentWhere(api, 'node-p2', (d) => d.boot_profile?.collected === true, 'boot collected');
     } finally {
       origin.release();
     }
@@ -157,7 +151,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     assert.deepEqual(p.merged, [70, 100, 110, 120, 90]);
     assert.deepEqual(p.merged, mergeBoots([[70, 100, 110, 90], [100, 70, 120, 90]], { minShare: 0.5, maxRegions: 4096 }));
     assert.deepEqual(p.history.map((h) => h.node), ['node-p2', 'node-p1'], 'newest first');
-    await deployment(api, 'node-p2', (d) => d.state === 'complete', 'complete');
+    await deploymentWhere(api, 'node-p2', (d) => d.state === 'complete', 'complete');
     await teardown(api, 'node-p2');
   });
 
@@ -177,7 +171,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     }
     assert.deepEqual((await api.getBootProfile(profileId)).merged, [3, 5000]);
     await api.createDeployment(request('node-p3'));
-    const ready = await deployment(api, 'node-p3', (d) => d.state === 'ready' || d.state === 'complete', 'ready');
+    const ready = await deploymentWhere(api, 'node-p3', (d) => d.state === 'ready' || d.state === 'complete', 'ready');
     assert.equal(ready.boot_profile!.applied, false);
     assert.match(ready.boot_profile!.note!, /DPU_ERR_PROFILE_INVALID.*region 5000.*deleted/);
     const disk = await agentApi.getDisk(ready.disk_id);
@@ -189,7 +183,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     assert.match(metrics, /smartnic_driver_boot_profiles_total\{event="refused"\} 1/);
     assert.match(metrics, /smartnic_driver_boot_profiles_stored 0/);
     // Hydration beat the power-on: the monitor does not stay for a host that has read nothing…
-    await deployment(api, 'node-p3', (d) => d.state === 'complete' && d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'complete, monitor ended');
+    await deploymentWhere(api, 'node-p3', (d) => d.state === 'complete' && d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'complete, monitor ended');
     assert.equal((await api.getDeployment('node-p3')).boot_profile!.recording, 'waiting');
     // …and the boot recorded afterwards is stored by the teardown.
     await hostReads(ready.export_uri!, [1, 2, 3, 4]);
@@ -205,14 +199,14 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
 
   it('disabled: no recording on the agent, no profile replayed, nothing stored', async () => {
     await offApi.createDeployment(request('node-p4'));
-    const ready = await deployment(offApi, 'node-p4', (d) => d.state === 'ready' || d.state === 'complete', 'ready');
+    const ready = await deploymentWhere(offApi, 'node-p4', (d) => d.state === 'ready' || d.state === 'complete', 'ready');
     assert.equal(ready.boot_profile, null);
     const disk = await agentApi.getDisk(ready.disk_id);
     assert.equal(disk.boot_profile.recording.state, 'off');
     assert.equal(disk.boot_profile.replay.state, 'none');
     await hostReads(ready.export_uri!, [1, 2, 3, 4, 5]);
     assert.deepEqual((await agentApi.bootProfile(ready.disk_id)).regions, []);
-    await deployment(offApi, 'node-p4', (d) => d.state === 'complete' && d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'complete, monitor ended');
+    await deploymentWhere(offApi, 'node-p4', (d) => d.state === 'complete' && d.jobs.find((j) => j.queue === 'monitor')?.state === 'completed', 'complete, monitor ended');
     assert.deepEqual(await offApi.listBootProfiles(), []);
     await teardown(offApi, 'node-p4');
   });

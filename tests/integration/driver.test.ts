@@ -15,7 +15,7 @@ import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { run } from '../helpers/run.js';
-import { agentDaemon, deploymentGone, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
+import { agentDaemon, deploymentGone, deploymentIn, deploymentWhere, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
 
 const MiB = 1 << 20;
 
@@ -74,10 +74,7 @@ describe('driver service with a real agent, Redis and origin', function () {
     // The monitor job writes "complete" and ends a moment later: its own state is waited for
     // (a clean-clone CI run read the deployment in between: monitor still active).
     await state('node-a', ['complete']);
-    const done = await until('node-a\'s monitor job ended', async () => {
-      const d = await api.getDeployment('node-a');
-      return d.jobs.some((j) => j.queue === 'monitor' && (j.state === 'completed' || j.state === 'failed')) ? d : null;
-    }, 30_000);
+    const done = await deploymentWhere(api, 'node-a', (d) => d.jobs.some((j) => j.queue === 'monitor' && (j.state === 'completed' || j.state === 'failed')), 'its monitor job ended', 30_000);
     assert.equal(done.state, 'complete');
     assert.equal(done.progress.fraction, 1);
     assert.equal(done.progress.regions_local, done.progress.regions_total);
