@@ -18,14 +18,13 @@ import { BootProfileStore } from './boot-profiles.js';
 import { type CleaningCreate, type CleaningRecord, CleaningStore, cleaningView, FINISHED, newCleaning } from './cleaning.js';
 import { checkConfigDriveField } from './configdrive.js';
 import { nodeDevice } from './device.js';
-import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import type { Deployment, DeploymentCreate, DeploymentImage, ValidateRequest } from '../../openapi/clients/driver-client.js';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, presentedToken, registerOpenApi, tokenAccepted } from '../../openapi/server.js';
 import type { DriverConfig } from './config.js';
 import { DRIVER_ERRORS, DriverError } from './errors.js';
 import { describeImageRef, parseImageSource, resolveImage } from './image.js';
-import { agentFor, agentForCleaning } from './jobs.js';
+import { agentClient, agentFor, agentForCleaning } from './jobs.js';
 import { probeImage } from './probe.js';
 import { QUEUE_NAMES, Queues } from './queues.js';
 import type { DriverMetrics } from './metrics.js';
@@ -218,8 +217,7 @@ export async function buildDriverApi(deps: DriverApiDeps): Promise<DriverApp> {
         const body = req.body as ValidateRequest;
         checkConfigDriveField(body.instance_info.configdrive);
         const image = await resolveImage(body.instance_info, config);
-        const token = body.driver_info.smartnic_agent_token ?? config.agent.token;
-        const agent = new AgentClient({ baseUrl: body.driver_info.smartnic_agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+        const agent = agentClient(config, body.driver_info.smartnic_agent_url, body.driver_info.smartnic_agent_token);
         await agent.health().catch((err: Error) => {
           throw new DriverError('DRV_ERR_INVALID', `driver_info.smartnic_agent_url ${body.driver_info.smartnic_agent_url} does not answer: ${err.message}`, { field: 'driver_info.smartnic_agent_url' });
         });

@@ -1,5 +1,6 @@
 /** The driver service's configuration, declared once (see common/src/config.ts). */
 import { ConfigError, type ConfigSchema, loadConfigFile, resolveTokenList, validateConfig } from '../../common/src/config.js';
+import { readCaBundle } from '../../common/src/tls.js';
 
 export interface DriverConfig {
   listen: { host: string; port: number };
@@ -15,7 +16,7 @@ export interface DriverConfig {
     wait_replicas: number;
     wait_timeout_ms: number;
   };
-  agent: { token?: string; timeout_ms: number };
+  agent: { token?: string; timeout_ms: number; ca?: string };
   jobs: {
     attach_attempts: number;
     teardown_attempts: number;
@@ -138,6 +139,11 @@ export const DRIVER_CONFIG_SCHEMA: ConfigSchema = {
       properties: {
         token: { type: 'string', secret: true, description: "Bearer token for agents whose node has no driver_info['smartnic_agent_token']." },
         timeout_ms: { type: 'integer', minimum: 100, default: 15000, description: 'Timeout of one agent API call.' },
+        ca: {
+          type: 'string',
+          minLength: 1,
+          description: "PEM CA certificate(s) that agents' API certificates (their listen.tls.cert) must chain to, for agents at https:// URLs; the certificate must also name the host in driver_info['smartnic_agent_url']. Absent: the system's CA store (and NODE_EXTRA_CA_CERTS). Checked at start-up.",
+        },
       },
     },
     jobs: {
@@ -297,5 +303,29 @@ export function resolveDriverConfig(source: { file: string } | { object: unknown
   if (cfg.peers.announce_ttl_ms <= cfg.jobs.monitor_interval_ms) {
     throw new ConfigError(`config key "peers.announce_ttl_ms" (${cfg.peers.announce_ttl_ms}) must be longer than jobs.monitor_interval_ms (${cfg.jobs.monitor_interval_ms}): every disk would drop out of the peer lists between two polls`, 'peers.announce_ttl_ms');
   }
-  return Object.freeze({ ...cfg, auth: Object.freeze({ ...cfg.auth, tokens: cfg.auth.disabled ? [] : tokens }) });
+  const ca = cfg.agent.ca ? readAgentCa(cfg.agent.ca) : null;
+  const resolved = Object.freeze({ ...cfg, auth: Object.freeze({ ...cfg.auth, tokens: cfg.auth.disabled ? [] : tokens }) });
+  agentCas.set(resolved, ca);
+  return resolved;
+}
+
+function readAgentCa(file: string): Buffer {
+  try {
+    return readCaBundle('ca', file, () => 'config key "agent.ca"');
+  } catch (err) {
+    if (err instanceof ConfigError) throw new ConfigError(err.message, 'agent.ca');
+    throw err;
+  }
+}
+
+/** agent.ca's certificates, read when the config was resolved. */
+const agentCas = new WeakMap<object, Buffer | null>();
+
+/** What agents' certificates must chain to (agent.ca); undefined: the system's store. */
+export function agentCa(config: Readonly<DriverConfig>): Buffer | undefined {
+  if (!agentCas.has(config) && config.agent.ca) {
+    // A config not made by resolveDriverConfig (a test's object): read it now.
+    agentCas.set(config, readAgentCa(config.agent.ca));
+  }
+  return agentCas.get(config) ?? undefined;
 }

@@ -66,7 +66,7 @@ import { AgentClient, type Disk, type Erasure } from '../../openapi/clients/agen
 import { type CleaningRecord, type CleaningStore, FINISHED } from './cleaning.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { type CallbackStatus, notifyIronic } from './callback.js';
-import type { DriverConfig } from './config.js';
+import { agentCa, type DriverConfig } from './config.js';
 import { loadConfigDrive } from './configdrive.js';
 import { nodeDevice } from './device.js';
 import { DriverError } from './errors.js';
@@ -101,9 +101,15 @@ function push(deps: JobDeps, rec: DeploymentRecord, status: CallbackStatus, mess
   void notifyIronic(rec, status, message, { log: deps.log, version: deps.version ?? '0.0.0' });
 }
 
+/** A client of the agent at `url`: the node's token, else the config's (agent.token); agent.timeout_ms and agent.ca. */
+export function agentClient(config: Readonly<DriverConfig>, url: string, nodeToken: string | undefined): AgentClient {
+  const token = nodeToken ?? config.agent.token;
+  const ca = agentCa(config);
+  return new AgentClient({ baseUrl: url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms, ...(ca ? { ca } : {}) });
+}
+
 export function agentFor(rec: DeploymentRecord, config: Readonly<DriverConfig>): AgentClient {
-  const token = rec.spec.driver_info.smartnic_agent_token ?? config.agent.token;
-  return new AgentClient({ baseUrl: rec.agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+  return agentClient(config, rec.agent_url, rec.spec.driver_info.smartnic_agent_token);
 }
 
 export function progressOf(disk: Disk): Progress {
@@ -603,8 +609,7 @@ async function collectBeforeTeardown(deps: JobDeps, rec: DeploymentRecord): Prom
 export const MAX_CLEAN_RESTARTS = 3;
 
 export function agentForCleaning(rec: CleaningRecord, config: Readonly<DriverConfig>): AgentClient {
-  const token = rec.driver_info.smartnic_agent_token ?? config.agent.token;
-  return new AgentClient({ baseUrl: rec.agent_url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms });
+  return agentClient(config, rec.agent_url, rec.driver_info.smartnic_agent_token);
 }
 
 /** Records a clean job's failure; throws what makes BullMQ retry (transient) or stop (permanent). */

@@ -34,9 +34,10 @@
 import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
-import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
+import type { AgentClient, Disk } from '../../openapi/clients/agent-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import type { DriverConfig } from './config.js';
+import { agentClient } from './jobs.js';
 import type { DeploymentRecord, DeploymentStore } from './store.js';
 
 export interface OrphanEntry {
@@ -270,8 +271,7 @@ export class Reconciler {
   }
 
   private client(url: string, token: string | undefined): AgentClient {
-    const t = token ?? this.deps.config.agent.token;
-    return new AgentClient({ baseUrl: url, ...(t ? { token: t } : {}), timeoutMs: this.deps.config.agent.timeout_ms });
+    return agentClient(this.deps.config, url, token);
   }
 
   private async pass(dryRun: boolean): Promise<ReconcileReport> {

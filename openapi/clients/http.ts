@@ -5,12 +5,15 @@
 import http from 'node:http';
 import https from 'node:https';
 import axios, { type AxiosInstance, AxiosError } from 'axios';
+import { TLS_CONFIG_ERRORS } from '../../common/src/tls.js';
 
 export interface ClientOptions {
   baseUrl: string;
   token?: string;
   /** Per-request timeout, ms. @default 15000 */
   timeoutMs?: number;
+  /** PEM CA certificate(s) an https:// service's certificate must chain to. @default the system's store (and NODE_EXTRA_CA_CERTS) */
+  ca?: string | Buffer;
 }
 
 export class ApiError extends Error {
@@ -32,7 +35,7 @@ export function createHttp(opts: ClientOptions): AxiosInstance {
     timeout: opts.timeoutMs ?? 15_000,
     headers: opts.token ? { Authorization: `Bearer ${opts.token}` } : {},
     httpAgent: new http.Agent({ keepAlive: true }),
-    httpsAgent: new https.Agent({ keepAlive: true }),
+    httpsAgent: new https.Agent({ keepAlive: true, ...(opts.ca ? { ca: opts.ca } : {}) }),
     proxy: false,
   });
 }
@@ -58,7 +61,10 @@ export async function call<T>(p: Promise<{ data: T }>, what: string): Promise<T>
         throw new ApiError(status, body.code, `${what}: ${body.message ?? 'failed'}`, body.retryable ?? status >= 500, body.field);
       }
       if (status !== null) throw new ApiError(status, 'HTTP_ERROR', `${what}: HTTP ${status}`, status >= 500 || status === 429);
-      throw new ApiError(null, 'UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}`.trim(), true);
+      const hint = err.code && TLS_CONFIG_ERRORS.has(err.code)
+        ? (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' ? ': the URL says https:// but the service speaks plain HTTP there' : ": the service's certificate is not trusted, or does not name the host in the URL; trust the CA that signs it (the driver's config key agent.ca)")
+        : '';
+      throw new ApiError(null, 'UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}${hint}`.trim(), true);
     }
     throw err;
   }

@@ -10,6 +10,7 @@
 import fs from 'node:fs';
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, LogController, type RouteHandlerMethod } from 'fastify';
 import type { Logger } from 'pino';
+import type { TlsPair } from '../../../common/src/tls.js';
 import { type ApiErrorBody, fastifyValidationOptions, loadOpenApi, registerOpenApi } from '../../../openapi/server.js';
 import { DpuError } from '../../../image-access/src/errors.js';
 import { type AgentConfig, resolveTokens } from './config.js';
@@ -37,6 +38,8 @@ export interface AgentApiDeps {
   log: Logger;
   /** Check every JSON response against the YAML; 'strict' turns a mismatch into a 500. @default 'off' */
   responseValidation?: 'off' | 'log' | 'strict';
+  /** Serve HTTPS with this certificate and key (config listen.tls, read by agentApiTls). @default plain HTTP */
+  tls?: TlsPair;
 }
 
 export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
@@ -49,7 +52,9 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     // One line per request, from the onResponse hook below, instead of fastify's two.
     logController: new LogController({ disableRequestLogging: true }),
     ...fastifyValidationOptions,
-  });
+    // Typed as an HTTP server's instance (what the routes and hooks here use) either way.
+    ...((deps.tls ? { https: { cert: deps.tls.cert, key: deps.tls.key, minVersion: 'TLSv1.2' } } : {}) as object),
+  }) as FastifyInstance;
   const metrics = createMetrics(manager);
   const pacer = config.peers.serve_bandwidth > 0 ? new SendPacer(config.peers.serve_bandwidth) : null;
   const version = (JSON.parse(fs.readFileSync(PACKAGE_URL, 'utf8')) as { version: string }).version;

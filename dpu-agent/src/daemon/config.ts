@@ -9,12 +9,13 @@
  * targets under `allowed_targets`.
  */
 import { type ConfigProp, type ConfigSchema, ConfigError, loadConfigFile, validateConfig, resolveTokenList } from '../../../common/src/config.js';
+import { readCaBundle, readTlsPair, type TlsPair } from '../../../common/src/tls.js';
 import { wrap } from '../cli/flags.js';
 import { loadNbdTls, type NbdTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 import { MAX_PROFILE_REGIONS, RECORDING_DEFAULTS } from '../streaming/boot-profile.js';
 
 export interface AgentConfig {
-  listen: { host: string; port: number };
+  listen: { host: string; port: number; tls?: { cert: string; key: string } };
   auth: { tokens: string[]; token_file?: string; disabled: boolean };
   state_dir: string;
   export_dir: string;
@@ -37,7 +38,7 @@ export interface AgentConfig {
   boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
   hash_threads: number;
-  peers: { max_inflight: number; max_queued: number; serve_bandwidth: number };
+  peers: { max_inflight: number; max_queued: number; serve_bandwidth: number; ca?: string };
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -49,12 +50,22 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
   properties: {
     listen: {
       type: 'object',
-      description: 'Where the management API listens (HTTP).',
+      description: 'Where the management API listens: HTTP, or HTTPS with `tls`. Peer agents read verified regions from it too (docs/fleet.md).',
       default: {},
       additionalProperties: false,
       properties: {
         host: { type: 'string', minLength: 1, default: '127.0.0.1', description: 'Address to bind; the DPU\'s management interface, never a host-facing one.' },
         port: { type: 'integer', minimum: 0, maximum: 65535, default: 9611, description: 'TCP port; 0 picks a free one (printed in the "listening" line).' },
+        tls: {
+          type: 'object',
+          description: 'Serve the API over HTTPS (TLS 1.2 or later): the driver\'s calls, their bearer tokens, and the regions and peer tokens peer agents read. Absent: plain HTTP, and a warning at start-up when `host` is not a loopback address. The files are checked at start-up. Clients trust the certificate through the driver\'s `agent.ca` and the other agents\' `peers.ca` (or the system\'s CA store).',
+          additionalProperties: false,
+          required: ['cert', 'key'],
+          properties: {
+            cert: { type: 'string', minLength: 1, description: 'PEM certificate of the API (with its chain); it must name the host or address in the URL the driver and peers use (driver_info smartnic_agent_url, smartnic_peer_url).' },
+            key: { type: 'string', minLength: 1, description: 'Unencrypted PEM private key of `cert`; keep it mode 0600.' },
+          },
+        },
       },
     },
     auth: {
@@ -169,6 +180,11 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
           default: 8,
           description: 'Peer reads that wait, first come first served, for one of the peers.max_inflight slots (a freed slot goes to the oldest at once, so the upload does not idle between a 503 and the retry); each waits at most 2 s, then is answered 503 DPU_ERR_BUSY. 0: no queue.',
         },
+        ca: {
+          type: 'string',
+          minLength: 1,
+          description: "PEM CA certificate(s) that peer agents' API certificates (their `listen.tls.cert`) must chain to, for peers whose URL is https://; the certificate must also name the host in the peer's URL. Absent: the system's CA store (and NODE_EXTRA_CA_CERTS). A peer that fails the check is not read from: its regions come from other peers or the origin. Checked at start-up.",
+        },
       },
     },
     log_level: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info', description: 'pino level of the JSON log on stderr.' },
@@ -189,10 +205,29 @@ export function loadAgentConfig(file: string): Readonly<AgentConfig> {
 export function agentNbdTls(config: Readonly<AgentConfig>, source = 'config'): NbdTls | undefined {
   const t = config.nbd_tls;
   if (!t) return undefined;
+  return relabel(source, 'nbd_tls.', () => loadNbdTls({ cert: t.cert, key: t.key, ca: t.ca, mode: t.mode, verifyPeer: t.verify_peer }, (field) => `config key "nbd_tls.${field}"`));
+}
+
+/** The API's certificate and key, from `listen.tls` (read and checked); undefined without it. */
+export function agentApiTls(config: Readonly<AgentConfig>, source = 'config'): TlsPair | undefined {
+  const t = config.listen.tls;
+  if (!t) return undefined;
+  return relabel(source, 'listen.tls.', () => readTlsPair(t, (field) => `config key "listen.tls.${field}"`));
+}
+
+/** The CA bundle peer agents' certificates must chain to, from `peers.ca`; undefined: the system's store. */
+export function agentPeerCa(config: Readonly<AgentConfig>, source = 'config'): Buffer | undefined {
+  const file = config.peers.ca;
+  if (!file) return undefined;
+  return relabel(source, 'peers.', () => readCaBundle('ca', file, () => 'config key "peers.ca"'));
+}
+
+/** Runs `read`, putting the config's source before a ConfigError's message and `prefix` before its key. */
+function relabel<T>(source: string, prefix: string, read: () => T): T {
   try {
-    return loadNbdTls({ cert: t.cert, key: t.key, ca: t.ca, mode: t.mode, verifyPeer: t.verify_peer }, (field) => `config key "nbd_tls.${field}"`);
+    return read();
   } catch (err) {
-    if (err instanceof ConfigError) throw new ConfigError(`${source}: ${err.message}`, `nbd_tls.${err.key ?? ''}`);
+    if (err instanceof ConfigError) throw new ConfigError(`${source}: ${err.message}`, `${prefix}${err.key ?? ''}`);
     throw err;
   }
 }
@@ -212,7 +247,10 @@ function finish(config: Readonly<AgentConfig>, source: string): Readonly<AgentCo
       'auth.tokens',
     );
   }
-  agentNbdTls(config, source); // the files are readable and fit together, or start-up fails
+  // The TLS files are readable and fit together, or start-up fails.
+  agentNbdTls(config, source);
+  agentApiTls(config, source);
+  agentPeerCa(config, source);
   return config;
 }
 

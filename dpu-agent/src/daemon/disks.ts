@@ -65,7 +65,7 @@ import type { StreamingDisk } from '../streaming/disk.js';
 import { type ImageFormat, openStreamingDisk, type OpenedDisk } from '../streaming/open.js';
 import { type PeerAddress, PEER_MAX_BYTES } from '../streaming/peer-source.js';
 import { HashWorkers } from '../../../image-access/src/hash-workers.js';
-import { type AgentConfig, agentNbdTls } from './config.js';
+import { type AgentConfig, agentNbdTls, agentPeerCa } from './config.js';
 import { ErasureManager } from './erasures.js';
 import { presentedToken, tokenAccepted } from '../../../openapi/server.js';
 import { resolveTarget, targetKey } from './targets.js';
@@ -219,6 +219,8 @@ export class DiskManager {
   private readonly log: Logger;
   /** TLS of every TCP export (config key nbd_tls); unix exports never use it. */
   private readonly tcpTls: NbdTls | undefined;
+  /** What https:// peers' certificates must chain to (peers.ca); undefined: the system's store. */
+  private readonly peerCa: Buffer | undefined;
   private readonly disks = new Map<string, ManagedDisk>();
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly disksDir: string;
@@ -239,6 +241,7 @@ export class DiskManager {
     this.config = opts.config;
     this.log = opts.log;
     this.tcpTls = agentNbdTls(opts.config);
+    this.peerCa = agentPeerCa(opts.config);
     this.disksDir = path.join(opts.config.state_dir, 'disks');
     this.erasures = new ErasureManager({ config: opts.config, log: opts.log, targets: this });
     this.hashWorkers = opts.config.hash_threads > 0 ? new HashWorkers(opts.config.hash_threads) : undefined;
@@ -815,6 +818,7 @@ export class DiskManager {
       ...(manifest ? { manifest } : {}),
       ...(verifyLocalAtOpen ? { verifyLocalAtOpen } : {}),
       ...(this.hashWorkers ? { hashWorkers: this.hashWorkers } : {}),
+      ...(this.peerCa ? { peerCa: this.peerCa } : {}),
       log,
     });
     if (verifyLocalAtOpen) {

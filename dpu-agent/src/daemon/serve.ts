@@ -11,7 +11,7 @@ import { ConfigError } from '../../../common/src/config.js';
 import { type FlagTable, parseFlags, renderHelp } from '../cli/flags.js';
 import { DpuError } from '../../../image-access/src/errors.js';
 import { buildAgentApi, REDACT_PATHS } from './api.js';
-import { type AgentConfig, loadAgentConfig, renderConfigHelp } from './config.js';
+import { type AgentConfig, agentApiTls, loadAgentConfig, renderConfigHelp } from './config.js';
 import { DiskManager } from './disks.js';
 
 export const SERVE_FLAGS: FlagTable = {
@@ -26,6 +26,11 @@ commits every disk's state and exits 0.`;
 
 export function serveHelp(): string {
   return `${renderHelp(USAGE, SUMMARY, SERVE_FLAGS)}\nConfig keys (nested keys dotted; docs/dpu-agent.md has the table):\n${renderConfigHelp()}`;
+}
+
+/** An address only this machine reaches: 127.0.0.0/8, ::1, localhost. */
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
 export async function runServe(argv: string[]): Promise<number> {
@@ -51,6 +56,9 @@ export async function runServe(argv: string[]): Promise<number> {
   } else if (config.nbd_tls?.mode === 'allow') {
     log.warn('nbd_tls.mode is "allow": TCP exports also serve clients that do not start TLS');
   }
+  if (!config.listen.tls && !isLoopback(config.listen.host)) {
+    log.warn({ host: config.listen.host }, 'the API listens beyond loopback without TLS (no listen.tls): bearer tokens, peer tokens and the regions peers read cross the network in plaintext');
+  }
   for (const secretFile of [file, config.auth.token_file]) {
     if (secretFile && (fs.statSync(secretFile).mode & 0o077) !== 0 && (secretFile === config.auth.token_file || config.auth.tokens.length > 0)) {
       log.warn({ file: secretFile }, 'a file holding API tokens is readable by group or others; chmod 600 it');
@@ -59,7 +67,8 @@ export async function runServe(argv: string[]): Promise<number> {
 
   const manager = new DiskManager({ config, log });
   await manager.start();
-  const app = buildAgentApi({ config, manager, log, responseValidation: 'log' });
+  const tls = agentApiTls(config);
+  const app = buildAgentApi({ config, manager, log, responseValidation: 'log', ...(tls ? { tls } : {}) });
   let url: string;
   try {
     url = await app.listen({ host: config.listen.host, port: config.listen.port });

@@ -11,10 +11,9 @@
  * TLS); without it any client that completes the handshake is served, so TLS then
  * encrypts but does not authenticate the host.
  */
-import { X509Certificate, createPrivateKey } from 'node:crypto';
-import fs from 'node:fs';
 import tls from 'node:tls';
 import { ConfigError } from '../../../common/src/config-error.js';
+import { readCaBundle, readTlsPair } from '../../../common/src/tls.js';
 
 export const TLS_MODES = ['require', 'allow'] as const;
 export type TlsMode = (typeof TLS_MODES)[number];
@@ -54,39 +53,8 @@ export function loadNbdTls(files: NbdTlsFiles, label: (field: TlsField) => strin
   if (files.ca && !files.verifyPeer) {
     fail('ca', `is only used to verify client certificates; add ${label('verify_peer')} to require them, or drop it`);
   }
-  const read = (field: TlsField, file: string): Buffer => {
-    try {
-      return fs.readFileSync(file);
-    } catch (err) {
-      return fail(field, `${file}: cannot read it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); give a readable PEM file`);
-    }
-  };
-  const certPem = read('cert', files.cert);
-  const keyPem = read('key', files.key);
-  const caPem = files.ca ? read('ca', files.ca) : undefined;
-
-  let cert: X509Certificate;
-  try {
-    cert = new X509Certificate(certPem);
-  } catch {
-    return fail('cert', `${files.cert} is not a PEM certificate (-----BEGIN CERTIFICATE-----)`);
-  }
-  let key;
-  try {
-    key = createPrivateKey(keyPem);
-  } catch {
-    return fail('key', `${files.key} is not an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----); decrypt it with "openssl pkey -in KEY -out KEY.plain"`);
-  }
-  if (!cert.checkPrivateKey(key)) fail('key', `${files.key} is not the private key of the certificate in ${label('cert')} ${files.cert}; give the pair that were issued together`);
-  if (new Date(cert.validTo) < now) fail('cert', `${files.cert} expired on ${cert.validTo}; renew it`);
-  if (new Date(cert.validFrom) > now) fail('cert', `${files.cert} is not valid before ${cert.validFrom}; check the clock of this machine or the certificate`);
-  if (caPem) {
-    try {
-      new X509Certificate(caPem);
-    } catch {
-      fail('ca', `${files.ca!} is not a PEM certificate (-----BEGIN CERTIFICATE-----)`);
-    }
-  }
+  const { cert: certPem, key: keyPem } = readTlsPair(files, label, now);
+  const caPem = files.ca ? readCaBundle('ca', files.ca, label) : undefined;
   const serverOptions: tls.TlsOptions = {
     cert: certPem,
     key: keyPem,
@@ -96,9 +64,9 @@ export function loadNbdTls(files: NbdTlsFiles, label: (field: TlsField) => strin
     rejectUnauthorized: files.verifyPeer,
   };
   try {
-    tls.createSecureContext(serverOptions); // what every connection will do: fail here, not there
+    tls.createSecureContext(serverOptions); // with the CA too: fail here, not at a connection
   } catch (err) {
-    return fail('cert', `${files.cert} with ${label('key')} ${files.key}: ${(err as Error).message}`);
+    return fail('ca', `${files.ca ?? ''}: ${(err as Error).message}`);
   }
   return { serverOptions, mode: files.mode, verifyPeer: files.verifyPeer };
 }

@@ -54,6 +54,8 @@ export interface OpenDiskOptions {
   verifyLocalAtOpen?: boolean;
   /** Verify fetched regions on these worker threads (see StreamingDiskOptions.hashWorkers). */
   hashWorkers?: HashWorkers;
+  /** PEM CA certificate(s) that https:// peers must chain to. @default the system's store */
+  peerCa?: Buffer;
   log?: Logger;
 }
 
@@ -137,7 +139,7 @@ export async function openStreamingDisk(opts: OpenDiskOptions): Promise<OpenedDi
       }
       // Background reads go to peer agents first once the disk is given some (setPeers).
       // Beneath the padding: peers serve the image's bytes, whatever their disks' sizes.
-      source = peers = new PeerFirstSource(source, regionSize, log);
+      source = peers = new PeerFirstSource(source, regionSize, log, opts.peerCa);
       if (size > imageSize) source = new PaddedSource(source, size);
     }
     if (record && opts.diskSize !== undefined && opts.diskSize !== record.size) {

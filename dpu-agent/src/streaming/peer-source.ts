@@ -33,6 +33,7 @@
  * each other, whatever the image's size. The host's reads never wait for this.
  */
 import type { Logger } from 'pino';
+import { TLS_CONFIG_ERRORS } from '../../../common/src/tls.js';
 import { DpuError } from '../../../image-access/src/errors.js';
 import { Http1Pool } from '../../../image-access/src/http1.js';
 import type { RemoteReadOptions, RemoteSource, RemoteSourceStats } from '../../../image-access/src/source.js';
@@ -107,6 +108,8 @@ interface PeerState extends PeerAddress {
   body: Buffer | null;
   /** The most regions its maps have shown (kept while its map is dropped and read again). */
   most: number;
+  /** The TLS failure last logged for it (warnTls): each kind is said once until it answers. */
+  tlsWarned: string | null;
 }
 
 function peerKey(p: PeerAddress): string {
@@ -121,7 +124,7 @@ export class PeerFirstSource implements RemoteSource {
   private copying: () => boolean = () => true;
   /** Which peer sent each region last (by region index), for reportCorrupt; the origin's regions are not in it. */
   private readonly sentBy = new Map<number, PeerState>();
-  private readonly pool = new Http1Pool({ maxIdle: 4 });
+  private readonly pool: Http1Pool;
   private readonly counters = { bytesFromPeers: 0, fallbacks: 0, fallbackBusy: 0, fallbackRefused: 0, fallbackFailed: 0, corrupt: 0, hostYields: 0, deferrals: 0 };
   /** Regions passed over until then (ms since the epoch): their peers did not answer. */
   private readonly deferred = new Map<number, number>();
@@ -136,11 +139,15 @@ export class PeerFirstSource implements RemoteSource {
   private mapNext = 0;
   private done = false;
 
+  /** `ca`: what https:// peers' certificates must chain to (config peers.ca); the system's store without it. */
   constructor(
     private readonly origin: RemoteSource,
     private readonly regionSize: number,
     private readonly log?: Logger,
-  ) {}
+    ca?: Buffer,
+  ) {
+    this.pool = new Http1Pool({ maxIdle: 4, ...(ca ? { ca } : {}) });
+  }
 
   get size(): number {
     return this.origin.size;
@@ -170,7 +177,7 @@ export class PeerFirstSource implements RemoteSource {
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
   setPeers(peers: readonly PeerAddress[], token: string, originWaitMs = 0): void {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
-    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null, most: 0 });
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null, most: 0, tlsWarned: null });
     this.token = token;
     if (originWaitMs > 0 && this.originWaitMs <= 0) this.lastGrowth = Date.now();
     this.originWaitMs = originWaitMs;
@@ -290,6 +297,7 @@ export class PeerFirstSource implements RemoteSource {
         p.map = null;
         return;
       }
+      p.tlsWarned = null;
       const m = JSON.parse(got.toString('latin1', 0, res.filled)) as { region_size?: unknown; runs?: unknown; complete?: unknown };
       p.map = m.region_size === this.regionSize && Array.isArray(m.runs) ? decodeRuns(m.runs, this.regions, p.map) : null;
       p.complete = p.map !== null && m.complete === true;
@@ -304,7 +312,7 @@ export class PeerFirstSource implements RemoteSource {
       }
     } catch (err) {
       p.map = null;
-      this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, "reading a peer's region map failed");
+      if (!this.warnTls(p, err)) this.log?.debug({ peer: p.url, disk: p.disk, err: (err as Error).message }, "reading a peer's region map failed");
     } finally {
       clearTimeout(timer);
     }
@@ -413,6 +421,22 @@ export class PeerFirstSource implements RemoteSource {
     await this.origin.close();
   }
 
+  /** A TLS failure that will repeat (TLS_CONFIG_ERRORS): logged at warn once per peer and kind (true); else false. */
+  private warnTls(p: PeerState, err: unknown): boolean {
+    const code = (err as NodeJS.ErrnoException | null)?.code;
+    if (typeof code !== 'string' || !TLS_CONFIG_ERRORS.has(code)) return false;
+    if (p.tlsWarned !== code) {
+      p.tlsWarned = code;
+      this.log?.warn(
+        { peer: p.url, disk: p.disk, code, err: (err as Error).message },
+        code === 'ERR_SSL_WRONG_VERSION_NUMBER'
+          ? 'TLS with a peer failed: its URL says https:// but it does not speak TLS there (its listen.tls is not set?); its regions come from other peers or the origin'
+          : "a peer's certificate is not trusted: set peers.ca to the CA that signs the agents' API certificates (listen.tls.cert), which must name the host in the peer's URL; its regions come from other peers or the origin",
+      );
+    }
+    return true;
+  }
+
   private wholeRegions(offset: number, length: number): boolean {
     const end = offset + length;
     return offset % this.regionSize === 0 && (end % this.regionSize === 0 || end === this.size);
@@ -476,7 +500,7 @@ export class PeerFirstSource implements RemoteSource {
       this.counters.bytesFromPeers += dest.length;
       return 'ok';
     } catch (err) {
-      this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed');
+      if (!this.warnTls(peer, err)) this.log?.debug({ peer: peer.url, disk: peer.disk, err: (err as Error).message, offset }, 'peer read failed');
       // Gone, or overloaded for now: what it has is read again (a map it cannot send drops it).
       peer.complete = false;
       peer.map = null;
