@@ -15,7 +15,8 @@ import { ConfigError } from './config-error.js';
  * TLS failures that repeat on every connection until a certificate or the config changes
  * (the server's certificate is not trusted, has expired or does not name the host in its
  * URL, or the URL says https:// to a server that speaks plain HTTP): the error codes Node
- * gives them. Clients say what to fix instead of treating them as transient failures.
+ * gives them. Clients say what to fix; they still retry, as a certificate or a CA bundle
+ * may be replaced while they do.
  */
 export const TLS_CONFIG_ERRORS: ReadonlySet<string> = new Set([
   'UNABLE_TO_VERIFY_LEAF_SIGNATURE',

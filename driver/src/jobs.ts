@@ -57,6 +57,7 @@
  * or the agent lost it (restarted); once complete it stays listed for peers.seed_time_ms;
  * the teardown withdraws it first. Like profiles, peers never fail or delay a job.
  */
+import https from 'node:https';
 import { DelayedError, type Job, UnrecoverableError } from 'bullmq';
 import { DEFAULT_REGION_SIZE, type ManifestCache, manifestKey } from './manifests.js';
 import { type BootProfileStore, type MergedProfile, profileId } from './boot-profiles.js';
@@ -101,11 +102,19 @@ function push(deps: JobDeps, rec: DeploymentRecord, status: CallbackStatus, mess
   void notifyIronic(rec, status, message, { log: deps.log, version: deps.version ?? '0.0.0' });
 }
 
+/** One HTTPS pool per config, shared by every agent client: each poll of an agent need not start a TLS handshake. */
+const httpsAgents = new WeakMap<object, https.Agent>();
+
 /** A client of the agent at `url`: the node's token, else the config's (agent.token); agent.timeout_ms and agent.ca. */
 export function agentClient(config: Readonly<DriverConfig>, url: string, nodeToken: string | undefined): AgentClient {
   const token = nodeToken ?? config.agent.token;
-  const ca = agentCa(config);
-  return new AgentClient({ baseUrl: url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms, ...(ca ? { ca } : {}) });
+  let pool = httpsAgents.get(config);
+  if (!pool) {
+    const ca = agentCa(config);
+    pool = new https.Agent({ keepAlive: true, ...(ca ? { ca } : {}) });
+    httpsAgents.set(config, pool);
+  }
+  return new AgentClient({ baseUrl: url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms, httpsAgent: pool, caSetting: 'agent.ca' });
 }
 
 export function agentFor(rec: DeploymentRecord, config: Readonly<DriverConfig>): AgentClient {

@@ -14,6 +14,10 @@ export interface ClientOptions {
   timeoutMs?: number;
   /** PEM CA certificate(s) an https:// service's certificate must chain to. @default the system's store (and NODE_EXTRA_CA_CERTS) */
   ca?: string | Buffer;
+  /** Where the caller's operator sets `ca` (a config key), named when a certificate is not trusted. */
+  caSetting?: string;
+  /** The HTTPS connection pool to use (shared by clients, so TLS connections are reused); built from `ca` when absent. */
+  httpsAgent?: https.Agent;
 }
 
 export class ApiError extends Error {
@@ -29,15 +33,26 @@ export class ApiError extends Error {
   }
 }
 
+/** A transport failure, with where the caller's operator sets the CA (ClientOptions.caSetting). */
+type FailedRequest = AxiosError & { caSetting?: string };
+
 export function createHttp(opts: ClientOptions): AxiosInstance {
-  return axios.create({
+  const instance = axios.create({
     baseURL: opts.baseUrl.replace(/\/+$/, ''),
     timeout: opts.timeoutMs ?? 15_000,
     headers: opts.token ? { Authorization: `Bearer ${opts.token}` } : {},
     httpAgent: new http.Agent({ keepAlive: true }),
-    httpsAgent: new https.Agent({ keepAlive: true, ...(opts.ca ? { ca: opts.ca } : {}) }),
+    httpsAgent: opts.httpsAgent ?? new https.Agent({ keepAlive: true, ...(opts.ca ? { ca: opts.ca } : {}) }),
     proxy: false,
   });
+  const caSetting = opts.caSetting;
+  if (caSetting) {
+    instance.interceptors.response.use(undefined, (err: unknown) => {
+      if (err instanceof AxiosError) (err as FailedRequest).caSetting = caSetting;
+      return Promise.reject(err);
+    });
+  }
+  return instance;
 }
 
 /** Runs a request; maps every failure to an ApiError (transport failures are retryable). */
@@ -61,8 +76,11 @@ export async function call<T>(p: Promise<{ data: T }>, what: string): Promise<T>
         throw new ApiError(status, body.code, `${what}: ${body.message ?? 'failed'}`, body.retryable ?? status >= 500, body.field);
       }
       if (status !== null) throw new ApiError(status, 'HTTP_ERROR', `${what}: HTTP ${status}`, status >= 500 || status === 429);
+      const caSetting = (err as FailedRequest).caSetting;
       const hint = err.code && TLS_CONFIG_ERRORS.has(err.code)
-        ? (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' ? ': the URL says https:// but the service speaks plain HTTP there' : ": the service's certificate is not trusted, or does not name the host in the URL; trust the CA that signs it (the driver's config key agent.ca)")
+        ? (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER'
+          ? ': the URL says https:// but the service speaks plain HTTP there'
+          : `: the service's certificate is not trusted, or does not name the host in the URL; trust the CA that signs it${caSetting ? ` (config key ${caSetting})` : ''}`)
         : '';
       throw new ApiError(null, 'UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}${hint}`.trim(), true);
     }

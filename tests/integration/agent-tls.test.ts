@@ -11,13 +11,16 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { pino } from 'pino';
 import { ConfigError } from '../../common/src/config-error.js';
 import { parseAgentConfig } from '../../dpu-agent/src/daemon/config.js';
+import { PeerFirstSource } from '../../dpu-agent/src/streaming/peer-source.js';
 import { resolveDriverConfig } from '../../driver/src/config.js';
 import { AgentClient } from '../../openapi/clients/agent-client.js';
 import { type Deployment, type DeploymentCreate, DriverClient } from '../../openapi/clients/driver-client.js';
 import { ApiError } from '../../openapi/clients/http.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
+import { MemorySource } from '../helpers/memory-source.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
 import { agentDaemon, deploymentIn, driverService, type ServiceProcess, TOKEN, until } from '../helpers/services.js';
@@ -89,7 +92,7 @@ describe('TLS on the agent API, between agents and from the driver', function ()
     for (const a of Object.values(agents)) assert.match(a.url, /^https:\/\/127\.0\.0\.1:\d+$/);
     assert.equal((await agentApi('a').health()).status, 'ok');
     // The system's store does not hold the test CA: refused, with what to do.
-    await assert.rejects(new AgentClient({ baseUrl: agents.a.url, token: TOKEN }).health(), (err: ApiError) => err.code === 'UNREACHABLE' && /not trusted.*agent\.ca/.test(err.message));
+    await assert.rejects(new AgentClient({ baseUrl: agents.a.url, token: TOKEN }).health(), (err: ApiError) => err.code === 'UNREACHABLE' && /not trusted.*trust the CA that signs it$/.test(err.message));
     // Plain HTTP to the TLS port gets no answer.
     await assert.rejects(new AgentClient({ baseUrl: agents.a.url.replace('https:', 'http:'), token: TOKEN, timeoutMs: 5000 }).health(), (err: ApiError) => err.code === 'UNREACHABLE');
   });
@@ -140,6 +143,35 @@ describe('TLS on the agent API, between agents and from the driver', function ()
         err.code === 'DRV_ERR_INVALID' && err.field === 'driver_info.smartnic_agent_url' && /does not answer.*not trusted.*agent\.ca/.test(err.message));
     } finally {
       await other.stop();
+    }
+  });
+
+  it('a certificate that does not name the host in the URL is refused by the driver and by peers, though its CA is trusted', async () => {
+    const pkiD = path.join(dir, 'pki-d');
+    fs.mkdirSync(pkiD);
+    const elsewhere = await issue(pkiD, ca, 'server', 'dpu-agent', 'DNS:elsewhere.example');
+    const d = await agentDaemon({ dir: path.join(dir, 'd'), extra: { listen: { host: '127.0.0.1', port: 0, tls: elsewhere }, peers: { ca: ca.cert } } });
+    await d.start();
+    try {
+      await assert.rejects(api.validate({ instance_info: request('a', 'node-t5').instance_info, driver_info: { ...request('a', 'node-t5').driver_info, smartnic_agent_url: d.url } }), (err: ApiError) =>
+        err.code === 'DRV_ERR_INVALID' && /ERR_TLS_CERT_ALTNAME_INVALID.*does not name the host/.test(err.message));
+      // A peer at that URL: its map read fails the check, said once at warn, and the peer is left alone.
+      const lines: string[] = [];
+      const log = pino({ level: 'debug' }, { write: (l: string) => void lines.push(l) });
+      const src = new PeerFirstSource(new MemorySource(Buffer.alloc(4 * MiB)), MiB, log, fs.readFileSync(ca.cert));
+      src.verifiedBy(() => true);
+      src.setPeers([{ url: d.url, disk: 'any' }, { url: d.url, disk: 'other' }], 'a-peer-token-of-sixteen', 60_000);
+      try {
+        // Both disks' maps are read when the list is set; each read fails the check, and
+        // then the peer is left alone (TLS_RETRY_MS) instead of being asked every tick.
+        await until('both map reads failed', async () => lines.filter((l) => l.includes('ERR_TLS_CERT_ALTNAME_INVALID')).length >= 2 || null, 10_000, 20);
+        const failures = lines.map((l) => JSON.parse(l) as { level: number; code?: string }).filter((l) => l.code === 'ERR_TLS_CERT_ALTNAME_INVALID');
+        assert.deepEqual(failures.map((l) => l.level), [40, 20], 'one warning for the one URL, whatever its disks; the other failure at debug');
+      } finally {
+        await src.close();
+      }
+    } finally {
+      await d.stop();
     }
   });
 

@@ -8,6 +8,7 @@
  * field, anything else with 500 DPU_ERR_INTERNAL. Every error body is the `Error` schema.
  */
 import fs from 'node:fs';
+import type { ServerOptions as HttpsServerOptions } from 'node:https';
 import Fastify, { type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest, LogController, type RouteHandlerMethod } from 'fastify';
 import type { Logger } from 'pino';
 import type { TlsPair } from '../../../common/src/tls.js';
@@ -45,6 +46,7 @@ export interface AgentApiDeps {
 export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
   const { config, manager } = deps;
   const log = deps.log.child({ component: 'api' }, { redact: { paths: REDACT_PATHS, censor: 'REDACTED' } });
+  const https: HttpsServerOptions | undefined = deps.tls ? { cert: deps.tls.cert, key: deps.tls.key, minVersion: 'TLSv1.2' } : undefined;
   const app = Fastify({
     // Typed as fastify's logger so the instance is the plain FastifyInstance that
     // registerOpenApi and the tests take; it is the pino child all the same.
@@ -53,7 +55,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     logController: new LogController({ disableRequestLogging: true }),
     ...fastifyValidationOptions,
     // Typed as an HTTP server's instance (what the routes and hooks here use) either way.
-    ...((deps.tls ? { https: { cert: deps.tls.cert, key: deps.tls.key, minVersion: 'TLSv1.2' } } : {}) as object),
+    ...((https ? { https } : {}) as object),
   }) as FastifyInstance;
   const metrics = createMetrics(manager);
   const pacer = config.peers.serve_bandwidth > 0 ? new SendPacer(config.peers.serve_bandwidth) : null;

@@ -6,6 +6,7 @@
  * and the process exits 0; the next start resumes every disk.
  */
 import fs from 'node:fs';
+import net from 'node:net';
 import { pino } from 'pino';
 import { ConfigError } from '../../../common/src/config.js';
 import { type FlagTable, parseFlags, renderHelp } from '../cli/flags.js';
@@ -28,9 +29,10 @@ export function serveHelp(): string {
   return `${renderHelp(USAGE, SUMMARY, SERVE_FLAGS)}\nConfig keys (nested keys dotted; docs/dpu-agent.md has the table):\n${renderConfigHelp()}`;
 }
 
-/** An address only this machine reaches: 127.0.0.0/8, ::1, localhost. */
+/** An address only this machine reaches: 127.0.0.0/8 (also IPv4-mapped), ::1, localhost. */
 function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
+  const h = host.toLowerCase().replace(/^::ffff:/, '');
+  return h === 'localhost' || /^127\.\d+\.\d+\.\d+$/.test(h) || (net.isIPv6(h) && new net.SocketAddress({ address: h, family: 'ipv6' }).address === '::1');
 }
 
 export async function runServe(argv: string[]): Promise<number> {
@@ -65,9 +67,9 @@ export async function runServe(argv: string[]): Promise<number> {
     }
   }
 
+  const tls = agentApiTls(config); // before any disk is opened: a file replaced since the config was checked
   const manager = new DiskManager({ config, log });
   await manager.start();
-  const tls = agentApiTls(config);
   const app = buildAgentApi({ config, manager, log, responseValidation: 'log', ...(tls ? { tls } : {}) });
   let url: string;
   try {

@@ -66,7 +66,7 @@ export function loadNbdTls(files: NbdTlsFiles, label: (field: TlsField) => strin
   try {
     tls.createSecureContext(serverOptions); // with the CA too: fail here, not at a connection
   } catch (err) {
-    return fail('ca', `${files.ca ?? ''}: ${(err as Error).message}`);
+    return files.ca ? fail('ca', `${files.ca}: ${(err as Error).message}`) : fail('cert', `${files.cert} with ${label('key')} ${files.key}: ${(err as Error).message}`);
   }
   return { serverOptions, mode: files.mode, verifyPeer: files.verifyPeer };
 }

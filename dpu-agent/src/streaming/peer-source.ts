@@ -108,9 +108,19 @@ interface PeerState extends PeerAddress {
   body: Buffer | null;
   /** The most regions its maps have shown (kept while its map is dropped and read again). */
   most: number;
-  /** The TLS failure last logged for it (warnTls): each kind is said once until it answers. */
-  tlsWarned: string | null;
+  /** A TLS failure that repeats (warnTls) leaves it alone until then (ms since the epoch): no handshake per map tick. */
+  tlsRetryAt: number;
 }
+
+/** How long a peer whose TLS fails for a reason that repeats is left alone. */
+const TLS_RETRY_MS = 30_000;
+
+/**
+ * The TLS failure last logged for each peer URL, across every disk of this process: an
+ * agent with many disks, or many disks reading one untrusted agent, says it once, and
+ * again only after that agent has answered (or fails another way).
+ */
+const tlsWarned = new Map<string, string>();
 
 function peerKey(p: PeerAddress): string {
   return `${p.url.replace(/\/+$/, '')} ${p.disk}`;
@@ -177,7 +187,7 @@ export class PeerFirstSource implements RemoteSource {
   /** Replaces the peer list (the tracker's latest), keeping what is known of peers that stay. */
   setPeers(peers: readonly PeerAddress[], token: string, originWaitMs = 0): void {
     const old = new Map(this.peers.map((p) => [peerKey(p), p]));
-    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null, most: 0, tlsWarned: null });
+    this.peers = peers.map((p) => old.get(peerKey(p)) ?? { url: p.url.replace(/\/+$/, ''), disk: p.disk, excluded: false, map: null, complete: false, body: null, most: 0, tlsRetryAt: 0 });
     this.token = token;
     if (originWaitMs > 0 && this.originWaitMs <= 0) this.lastGrowth = Date.now();
     this.originWaitMs = originWaitMs;
@@ -254,7 +264,8 @@ export class PeerFirstSource implements RemoteSource {
     if (this.mapping || this.done || this.token === null || !this.canVerify() || !this.copying()) return;
     this.mapping = true;
     try {
-      const live = this.peers.filter((p) => !p.excluded && !(p.complete && p.map !== null));
+      const now = Date.now();
+      const live = this.peers.filter((p) => usable(p, now) && !(p.complete && p.map !== null));
       const due = live.filter((p) => p.map === null);
       const known = live.filter((p) => p.map !== null);
       for (let i = 0; i < Math.min(MAP_READS_PER_TICK, known.length); i++) due.push(known[(this.mapNext + i) % known.length]!);
@@ -297,7 +308,7 @@ export class PeerFirstSource implements RemoteSource {
         p.map = null;
         return;
       }
-      p.tlsWarned = null;
+      tlsWarned.delete(p.url);
       const m = JSON.parse(got.toString('latin1', 0, res.filled)) as { region_size?: unknown; runs?: unknown; complete?: unknown };
       p.map = m.region_size === this.regionSize && Array.isArray(m.runs) ? decodeRuns(m.runs, this.regions, p.map) : null;
       p.complete = p.map !== null && m.complete === true;
@@ -369,7 +380,8 @@ export class PeerFirstSource implements RemoteSource {
         // its map read again) and maps still to be read are waited for, BUSY_ROUNDS times.
         // The gate open (a seeder, or the peers stalled): the origin.
         if (!sparing || this.admissible() === null) break;
-        const pending = this.peers.some((p) => !p.excluded && p.map === null);
+        const now = Date.now();
+        const pending = this.peers.some((p) => usable(p, now) && p.map === null);
         if (round >= BUSY_ROUNDS || (tried.size === 0 && !pending)) {
           // No answer, or no listed peer has them now (the tracker's list changed since the
           // sweep admitted them), while the gate holds: the regions are left for later
@@ -421,18 +433,24 @@ export class PeerFirstSource implements RemoteSource {
     await this.origin.close();
   }
 
-  /** A TLS failure that will repeat (TLS_CONFIG_ERRORS): logged at warn once per peer and kind (true); else false. */
+  /**
+   * A TLS failure that will repeat (TLS_CONFIG_ERRORS): logged at warn once per peer URL and
+   * kind (true), and the peer left alone for TLS_RETRY_MS; else false.
+   */
   private warnTls(p: PeerState, err: unknown): boolean {
     const code = (err as NodeJS.ErrnoException | null)?.code;
     if (typeof code !== 'string' || !TLS_CONFIG_ERRORS.has(code)) return false;
-    if (p.tlsWarned !== code) {
-      p.tlsWarned = code;
+    p.tlsRetryAt = Date.now() + TLS_RETRY_MS;
+    if (tlsWarned.get(p.url) !== code) {
+      tlsWarned.set(p.url, code);
       this.log?.warn(
         { peer: p.url, disk: p.disk, code, err: (err as Error).message },
         code === 'ERR_SSL_WRONG_VERSION_NUMBER'
           ? 'TLS with a peer failed: its URL says https:// but it does not speak TLS there (its listen.tls is not set?); its regions come from other peers or the origin'
           : "a peer's certificate is not trusted: set peers.ca to the CA that signs the agents' API certificates (listen.tls.cert), which must name the host in the peer's URL; its regions come from other peers or the origin",
       );
+    } else {
+      this.log?.debug({ peer: p.url, disk: p.disk, code }, 'TLS with a peer failed again (reported already): left alone for a while');
     }
     return true;
   }
@@ -445,12 +463,13 @@ export class PeerFirstSource implements RemoteSource {
   /** The next peer, round robin: one whose map says it has regions first..last if any, else (`blind`) one with no map yet. */
   private pick(first: number, last: number, tried: ReadonlySet<PeerState>, blind: boolean): PeerState | null {
     const n = this.peers.length;
+    const now = Date.now();
     const wants = [(p: PeerState) => holds(p, first, last)];
     if (blind) wants.push((p: PeerState) => p.map === null);
     for (const want of wants) {
       for (let i = 0; i < n; i++) {
         const p = this.peers[(this.next + i) % n]!;
-        if (!p.excluded && !tried.has(p) && want(p)) {
+        if (usable(p, now) && !tried.has(p) && want(p)) {
           this.next = (this.next + i + 1) % n;
           return p;
         }
@@ -510,6 +529,11 @@ export class PeerFirstSource implements RemoteSource {
       clearTimeout(deadline);
     }
   }
+}
+
+/** Not dropped for a wrong byte, nor left alone for a TLS failure that repeats. */
+function usable(p: PeerState, now: number): boolean {
+  return !p.excluded && p.tlsRetryAt <= now;
 }
 
 function holds(p: PeerState, first: number, last: number): boolean {

@@ -97,7 +97,8 @@ INTERFACE_NAME = 'smartnic-streaming'
 REQUIRED_PROPERTIES = {
     'smartnic_agent_url': _('URL of the management API of the DPU agent on '
                             'this node\'s SmartNIC (dpu-agent serve), e.g. '
-                            'http://dpu-12.example:9611. Required.'),
+                            'https://dpu-12.example:9611 (http:// for an '
+                            'agent without listen.tls). Required.'),
     'smartnic_target': _('The DPU-local device the image is copied to, e.g. '
                          '/dev/nvme0n1; it must lie under the agent\'s '
                          'allowed_targets. Required.'),
@@ -122,7 +123,7 @@ OPTIONAL_PROPERTIES = {
     'smartnic_peer_url': _('Where the DPU agents of other nodes reach this '
                            'node\'s agent to copy regions of the same image '
                            'from it (the driver service\'s peers.enabled), '
-                           'e.g. http://10.0.12.7:9611. Defaults to '
+                           'e.g. https://10.0.12.7:9611. Defaults to '
                            'smartnic_agent_url. Optional.'),
     'smartnic_rack': _('A topology label, such as the rack: disks of nodes '
                        'with the same label are asked first for regions of '
