@@ -28,6 +28,7 @@ bench deploy-modes                   # the real OS (Debian 12, UEFI) to the logi
 bench scaling
 bench control-plane                  # issue #15: 200 deployments through one and two driver processes
 bench fleet                          # issue #15: one image to 1/4/8 nodes, peers off and on (loopback)
+bench peer-serve                     # issue #15: host reads while the agent serves peers
 case " ${extra[*]} " in
   *" --quick "*) ;;
   *) node dist/bench/summary.js ;;

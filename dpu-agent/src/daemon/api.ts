@@ -58,7 +58,8 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
     ...((https ? { https } : {}) as object),
   }) as FastifyInstance;
   const metrics = createMetrics(manager);
-  const pacer = config.peers.serve_bandwidth > 0 ? new SendPacer(config.peers.serve_bandwidth) : null;
+  const { serve_bandwidth: rate, host_yield_ms: holdMs } = config.peers;
+  const pacer = rate > 0 || holdMs > 0 ? new SendPacer({ rate, host: manager.hostActivity, holdMs }) : null;
   const version = (JSON.parse(fs.readFileSync(PACKAGE_URL, 'utf8')) as { version: string }).version;
   const idOf = (req: { params: unknown }): string => (req.params as { id: string }).id;
   const erasureIdOf = (req: { params: unknown }): string => (req.params as { erasure_id: string }).erasure_id;
@@ -87,7 +88,7 @@ export function buildAgentApi(deps: AgentApiDeps): FastifyInstance {
       // passed already, and would never release the slot.
       if (reply.raw.destroyed || req.raw.socket?.destroyed) release();
       reply.code(206).type('application/octet-stream').header('content-range', `bytes ${start}-${end}/${size}`);
-      // Paced to peers.serve_bandwidth when one is set, with its length said up front.
+      // In pieces that yield to the host and keep to peers.serve_bandwidth, with the length said up front.
       return pacer ? reply.header('content-length', data.length).send(pacer.stream(data)) : reply.send(data);
     },
     getDiskImageRegions: async (req) => manager.peerRegions(idOf(req), req.headers.authorization),

@@ -38,7 +38,7 @@ export interface AgentConfig {
   boot_profiles: { enabled: boolean; window_ms: number; max_regions: number };
   reopen_interval_ms: number;
   hash_threads: number;
-  peers: { max_inflight: number; max_queued: number; serve_bandwidth: number; ca?: string };
+  peers: { max_inflight: number; max_queued: number; serve_bandwidth: number; host_yield_ms: number; ca?: string };
   log_level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 }
 
@@ -179,6 +179,13 @@ export const AGENT_CONFIG_SCHEMA: ConfigSchema = {
           maximum: 256,
           default: 8,
           description: 'Peer reads that wait, first come first served, for one of the peers.max_inflight slots (a freed slot goes to the oldest at once, so the upload does not idle between a 503 and the retry); each waits at most 2 s, then is answered 503 DPU_ERR_BUSY. 0: no queue.',
+        },
+        host_yield_ms: {
+          type: 'integer',
+          minimum: 0,
+          maximum: 60_000,
+          default: 10,
+          description: "Serving peers yields to the host: a peer read starts, and each 64 KiB piece of an answer is sent, only once the host has had no NBD request in flight on this agent for 1 ms — or after waiting this long, so that a host that never pauses still lets each answer through at 64 KiB per this many ms (a peer gives up on an answer that stalls 5 s or is slower than 2 MiB/s, so keep it well below 100). 0: peers are served whatever the host does.",
         },
         ca: {
           type: 'string',

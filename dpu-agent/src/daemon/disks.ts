@@ -58,6 +58,7 @@ import { writeConfigDrive } from '../streaming/config-drive.js';
 import { applyReplay, type BootRecorder, bootProfileStatus, recordBoot, type RecordedProfile, type RecordingState, replayLocal, replayProblem, type ReplayStatus } from '../streaming/boot-profile.js';
 import { type Endpoint, NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
+import { countHostRequests, HostActivity } from '../block/host-activity.js';
 import { RegionState } from '../region/region-map.js';
 import { redactUrl } from '../../../image-access/src/redact.js';
 import { noop } from '../../../common/src/deferred.js';
@@ -230,6 +231,8 @@ export class DiskManager {
   private closing = false;
   /** Peer reads being served, across all disks (peers.max_inflight). */
   private peerReads = 0;
+  /** The host's NBD requests in flight on every disk here: serving peers waits for a pause in them (peers.host_yield_ms). */
+  readonly hostActivity = new HostActivity();
   /** Peer reads waiting for a slot, oldest first: each is handed a slot as one is released. */
   private readonly peerQueue: (() => void)[] = [];
   /** Erasures of targets no disk uses (erasures.ts); they and the disks never share a target. */
@@ -619,6 +622,9 @@ export class DiskManager {
       throw new DpuError('DPU_ERR_RANGE', `Range "${range ?? ''}": give one range bytes=a-b within the image's ${size} bytes, at most ${PEER_MAX_BYTES} bytes`);
     }
     await this.peerSlot();
+    // The target read waits for a pause in the host's requests (at most host_yield_ms):
+    // it competes with them for the thread pool and the target.
+    await this.hostActivity.whenQuiet(this.config.peers.host_yield_ms);
     let held = true;
     const release = (): void => {
       if (!held) return;
@@ -828,7 +834,7 @@ export class DiskManager {
     }
     const ep: Endpoint = spec.export.kind === 'tcp' ? { kind: 'tcp', host: spec.export.host ?? '127.0.0.1', port: spec.export.port ?? 0 } : { kind: 'unix', path: this.socketPath(spec.id) };
     const tls = ep.kind === 'tcp' ? this.tcpTls : undefined;
-    const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: opened.disk }], log, ...(tls ? { tls } : {}) });
+    const server = new NbdServer({ exports: [{ name: spec.export.name, description: `streaming disk ${spec.id}`, backend: countHostRequests(opened.disk, this.hostActivity) }], log, ...(tls ? { tls } : {}) });
     if (ep.kind === 'tcp' && !tls) log.warn('TCP export without TLS: set nbd_tls in the agent config to encrypt it and authenticate hosts');
     let uri: string;
     try {

@@ -4,7 +4,7 @@
  * Each app gets its own registry, never prom-client's global one, so several agents can
  * live in one process (tests). Rates are for Prometheus to compute from bytes_fetched.
  */
-import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { DiskManager, DiskMetrics } from './disks.js';
 
 export interface AgentMetrics {
@@ -15,7 +15,7 @@ export interface AgentMetrics {
 
 const PREFIX = 'dpu_agent_';
 
-export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetrics {
+export function createMetrics(manager: Pick<DiskManager, 'metrics' | 'hostActivity'>): AgentMetrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: PREFIX });
   const perDisk: [name: string, help: string, value: (d: DiskMetrics) => number][] = [
@@ -62,5 +62,21 @@ export function createMetrics(manager: Pick<DiskManager, 'metrics'>): AgentMetri
       this.set(disks().length);
     },
   });
+  // Counters kept by the disk manager, read at scrape time (a Counter cannot be set).
+  const host = manager.hostActivity;
+  for (const [name, help, value] of [
+    ['peer_serve_holds_total', "Peer reads and answer pieces that waited for a pause in the host's NBD requests (peers.host_yield_ms).", () => host.holds],
+    ['peer_serve_held_seconds_total', 'Seconds they waited in all.', () => host.heldMs / 1000],
+  ] as const) {
+    new Counter({
+      name: PREFIX + name,
+      help,
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(value());
+      },
+    });
+  }
   return { registry, contentType: registry.contentType, render: () => registry.metrics() };
 }
