@@ -64,7 +64,10 @@ describe('serving peers yields to the host (peers.host_yield_ms)', () => {
     const host = new HostActivity();
     host.begin();
     assert.equal(host.whenQuiet(0), null);
-    await host.whenQuiet(20);
+    const held = host.whenQuiet(20);
+    assert.ok(held, 'a busy host holds the wait');
+    await held;
+    assert.equal(host.holds, 1);
     assert.equal(host.busy, true, 'let go while the host was still busy');
     host.end();
   });
@@ -83,6 +86,38 @@ describe('serving peers yields to the host (peers.host_yield_ms)', () => {
     host.end();
     await ended;
     assert.ok(Buffer.concat(got).equals(data));
+  });
+
+  it('an answer destroyed while it waits for the host leaves no wait behind', async () => {
+    const host = new HostActivity();
+    host.begin();
+    const s = new SendPacer({ rate: 0, host, holdMs: 60_000 }).stream(Buffer.alloc(256 << 10));
+    s.on('data', () => assert.fail('no piece while the host is busy'));
+    await ticks();
+    assert.equal(host.waiting, 1, 'its first piece waits');
+    s.destroy();
+    await new Promise((r) => s.once('close', r));
+    assert.equal(host.waiting, 0);
+    host.end();
+  });
+
+  it('a request that fails still ends, and its rejection reaches the caller only', async () => {
+    const host = new HostActivity();
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown): void => void unhandled.push(e);
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      const failing = { read: () => Promise.reject(new Error('EIO')) } as unknown as BlockBackend;
+      const b = countHostRequests(failing, host);
+      await assert.rejects(b.read(0, Buffer.alloc(512)) as Promise<void>, /EIO/);
+      const held = host.whenQuiet(60_000);
+      if (held) await held; // ends once the quiet time has passed: nothing is left in flight
+      assert.equal(host.busy, false);
+      await ticks();
+      assert.deepEqual(unhandled, []);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+    }
   });
 
   it('counts the host\'s requests through its backend: calls that return a promise, until they settle; not prefetches', async () => {

@@ -36,14 +36,24 @@ export class HostActivity {
   }
 
   end(): void {
-    if (--this.inflight > 0) return;
+    if (this.inflight > 0) this.inflight--;
+    if (this.inflight > 0) return;
     this.touch();
   }
 
-  /** A request that began and ended at once (or the last one in flight ended): the quiet time starts over. */
+  /**
+   * A request that began and ended at once (or the last one in flight ended): the quiet
+   * time starts over. On the host's fastest path: a timer already set looks again when it
+   * fires (and waits out what is left), so none is set anew here.
+   */
   touch(): void {
     this.lastEnd = performance.now();
-    if (this.inflight === 0 && this.waiters.size > 0) this.arm(this.quietMs);
+    if (this.inflight === 0 && this.waiters.size > 0 && this.timer === null) this.arm(this.quietMs);
+  }
+
+  /** Waits not over yet. */
+  get waiting(): number {
+    return this.waiters.size;
   }
 
   /** A request in flight, or one ended less than quietMs ago. */
@@ -53,22 +63,26 @@ export class HostActivity {
 
   /**
    * null when the host is quiet (go on at once); else a promise that settles once it has
-   * been quiet for quietMs, or after `maxMs`, whichever comes first. Never rejects.
+   * been quiet for quietMs, or after `maxMs`, or when `signal` aborts, whichever comes
+   * first. Never rejects.
    */
-  whenQuiet(maxMs: number): Promise<void> | null {
+  whenQuiet(maxMs: number, signal?: AbortSignal): Promise<void> | null {
     if (maxMs <= 0 || !this.busy) return null;
     this.holds++;
     const since = performance.now();
     return new Promise((resolve) => {
       const done = (): void => {
         clearTimeout(limit);
+        signal?.removeEventListener('abort', done);
         this.waiters.delete(done);
         this.heldMs += performance.now() - since;
         resolve();
       };
       const limit = setTimeout(done, maxMs);
+      // Whoever waits went away (a peer's answer destroyed): no timer left behind.
+      signal?.addEventListener('abort', done, { once: true });
       this.waiters.add(done);
-      if (this.inflight === 0) this.arm(this.quietMs - (performance.now() - this.lastEnd));
+      if (this.inflight === 0 && this.timer === null) this.arm(this.quietMs - (performance.now() - this.lastEnd));
     });
   }
 

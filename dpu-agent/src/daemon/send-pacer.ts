@@ -58,6 +58,8 @@ export class SendPacer {
     let timer: NodeJS.Timeout | null = null;
     let waiting = false;
     let gone = false;
+    const abort = new AbortController();
+    const { host, holdMs } = this;
     const pacer = this;
     return new Readable({
       highWaterMark: SEND_CHUNK,
@@ -71,7 +73,7 @@ export class SendPacer {
           waiting = false;
           if (!gone) this.push(piece);
         };
-        const send = (size = SEND_CHUNK): void => {
+        const send = (size: number): void => {
           if (gone) return;
           const piece = data.subarray(at, Math.min(at + size, data.length));
           at += piece.length;
@@ -82,18 +84,28 @@ export class SendPacer {
             push(piece);
           }, wait);
         };
+        // After a wait the piece goes whether or not the host paused (the floor), and is a
+        // small one.
+        const afterHold = (): void => {
+          const held = host!.whenQuiet(holdMs, abort.signal);
+          if (held) void held.then(() => send(SEND_CHUNK));
+          else setImmediate(quiet);
+        };
+        // The host looked quiet: the piece goes on the next turn of the event loop, not in
+        // this one, so a host request that arrived meanwhile is read first — and then this
+        // piece waits for it too.
+        const quiet = (): void => {
+          if (gone) return;
+          if (host!.busy) return afterHold();
+          send(pacer.rate > 0 ? SEND_CHUNK : QUIET_CHUNK);
+        };
         waiting = true;
-        if (!pacer.host || pacer.holdMs <= 0) return send();
-        // After the wait the piece goes whether or not the host paused: the floor. Without
-        // one, it goes on the next turn of the event loop, not in this one: a host request
-        // that arrived meanwhile is read (and then holds the next piece) between two
-        // pieces, not after a whole answer written in one go.
-        const held = pacer.host.whenQuiet(pacer.holdMs);
-        if (held) void held.then(() => send());
-        else setImmediate(send, pacer.rate > 0 ? SEND_CHUNK : QUIET_CHUNK);
+        if (!host || holdMs <= 0) return send(SEND_CHUNK);
+        afterHold();
       },
       destroy(err, cb) {
         gone = true;
+        abort.abort();
         if (timer) clearTimeout(timer);
         timer = null;
         cb(err);
