@@ -586,6 +586,11 @@ export interface components {
                 readonly sources: number;
                 /** @description Of those, peers not asked again: they sent bytes that failed verification. */
                 readonly excluded: number;
+                /** @description Those peers (the driver service withdraws them from its peer lists, for every disk of the image). */
+                readonly excluded_sources: readonly {
+                    readonly url: string;
+                    readonly disk: string;
+                }[];
                 /** @description Bytes this disk read from peers since it was opened. */
                 readonly bytes_from_peers: number;
                 /** @description Background reads a peer could not answer (not verified there yet, busy, failed), read from the origin instead. */

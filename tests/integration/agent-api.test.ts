@@ -200,7 +200,7 @@ describe('agent daemon API (in-process)', function () {
       assert.equal(((await res.json()) as { code: string }).code, code);
     };
     const created = await client.createDisk(body('peer-a', { peers: { token: PEER_TOKEN }, hydration: { paused: true } }));
-    assert.deepEqual(created.peers, { offered: true, bytes_served: 0, sources: 0, excluded: 0, bytes_from_peers: 0, fallbacks: 0, fallback_causes: { busy: 0, refused: 0, failed: 0 } });
+    assert.deepEqual(created.peers, { offered: true, bytes_served: 0, sources: 0, excluded: 0, excluded_sources: [], bytes_from_peers: 0, fallbacks: 0, fallback_causes: { busy: 0, refused: 0, failed: 0 } });
     await refused(await peerGet('peer-a', `bytes=0-${REGION - 1}`), 409, 'DPU_ERR_NOT_SERVABLE'); // remote
     const manifest = await Manifest.build(new FileSource(image), { regionSize: REGION });
     await client.setManifest('peer-a', manifest.encode());
@@ -337,6 +337,7 @@ describe('agent daemon API (in-process)', function () {
     fs.closeSync(fd);
     const b = await leech('leech-b');
     assert.equal(b.peers.excluded, 1, 'the lying peer is dropped');
+    assert.deepEqual(b.peers.excluded_sources, [{ url: base, disk: 'seed' }], 'and named, for the driver to withdraw it');
     assert.equal(b.integrity_failures, 1);
     assert.equal(b.regions.failed, 0, "the peer's bad bytes do not count against the origin");
     for (const id of ['seed', 'leech-a', 'leech-b', 'leech-big', 'leech-unchecked']) await client.deleteDisk(id, true);

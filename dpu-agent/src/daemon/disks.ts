@@ -1048,7 +1048,7 @@ export class DiskManager {
       boot_profile: this.bootProfileView(m),
       peers: (() => {
         const ps = opened?.peers?.peerStats();
-        return { offered: spec.peers !== undefined, bytes_served: m.peerBytes, sources: m.peerSources.length, excluded: ps?.excluded ?? 0, bytes_from_peers: ps?.bytesFromPeers ?? 0, fallbacks: ps?.fallbacks ?? 0, fallback_causes: { busy: ps?.fallbackBusy ?? 0, refused: ps?.fallbackRefused ?? 0, failed: ps?.fallbackFailed ?? 0 } };
+        return { offered: spec.peers !== undefined, bytes_served: m.peerBytes, sources: m.peerSources.length, excluded: ps?.excluded ?? 0, excluded_sources: ps?.excludedPeers ?? [], bytes_from_peers: ps?.bytesFromPeers ?? 0, fallbacks: ps?.fallbacks ?? 0, fallback_causes: { busy: ps?.fallbackBusy ?? 0, refused: ps?.fallbackRefused ?? 0, failed: ps?.fallbackFailed ?? 0 } };
       })(),
       last_error: m.lastError,
     };

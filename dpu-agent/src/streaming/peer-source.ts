@@ -49,6 +49,8 @@ export interface PeerStats {
   peers: number;
   /** Peers dropped: they sent a region that failed verification. */
   excluded: number;
+  /** Which (kept while they stay in the list). */
+  excludedPeers: PeerAddress[];
   bytesFromPeers: number;
   /** Background reads a peer could not answer (refused, failed, stalled), read from the origin instead. */
   fallbacks: number;
@@ -207,7 +209,8 @@ export class PeerFirstSource implements RemoteSource {
   }
 
   peerStats(): PeerStats {
-    return { peers: this.peers.length, excluded: this.peers.filter((p) => p.excluded).length, ...this.counters };
+    const excluded = this.peers.filter((p) => p.excluded);
+    return { peers: this.peers.length, excluded: excluded.length, excludedPeers: excluded.map((p) => ({ url: p.url, disk: p.disk })), ...this.counters };
   }
 
   /**
