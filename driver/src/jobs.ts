@@ -74,7 +74,7 @@ import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
-import { choosePeers, type PeerTracker, peerListDigest } from './peers.js';
+import { choosePeers, type PeerHolder, type PeerTracker, peerListDigest } from './peers.js';
 import type { BootProfileRecord, DeploymentRecord, DeploymentStore, PeerRecord, Progress } from './store.js';
 
 export interface JobDeps {
@@ -106,7 +106,7 @@ function push(deps: JobDeps, rec: DeploymentRecord, status: CallbackStatus, mess
 const httpsAgents = new WeakMap<object, https.Agent>();
 
 /** A client of the agent at `url`: the node's token, else the config's (agent.token); agent.timeout_ms and agent.ca. */
-export function agentClient(config: Readonly<DriverConfig>, url: string, nodeToken: string | undefined): AgentClient {
+export function agentClient(config: Readonly<DriverConfig>, url: string, nodeToken: string | undefined, timeoutMs = config.agent.timeout_ms): AgentClient {
   const token = nodeToken ?? config.agent.token;
   let pool = httpsAgents.get(config);
   if (!pool) {
@@ -114,7 +114,7 @@ export function agentClient(config: Readonly<DriverConfig>, url: string, nodeTok
     pool = new https.Agent({ keepAlive: true, ...(ca ? { ca } : {}) });
     httpsAgents.set(config, pool);
   }
-  return new AgentClient({ baseUrl: url, ...(token ? { token } : {}), timeoutMs: config.agent.timeout_ms, httpsAgent: pool, caSetting: 'agent.ca' });
+  return new AgentClient({ baseUrl: url, ...(token ? { token } : {}), timeoutMs, httpsAgent: pool, caSetting: 'agent.ca' });
 }
 
 export function agentFor(rec: DeploymentRecord, config: Readonly<DriverConfig>): AgentClient {
@@ -326,6 +326,9 @@ async function lookupProfile(deps: JobDeps, profiles: BootProfileStore, rec: Dep
 /** How long a disk created with its manifest at hand holds its copy for it (the upload follows at once). */
 const MANIFEST_WAIT_MS = 30_000;
 
+/** The note of a disk that another disk of its image reported (PeerTracker.ban). */
+const BANNED = 'not offered to peers: a disk of the image reported bytes from it that failed verification (a damaged target?); it is not listed for the seeding time';
+
 const NO_PEERS: PeerRecord = { key: null, sources: 0, bytes_from_peers: 0, bytes_served: 0, listed_until: null, digest: null, note: null };
 
 /**
@@ -355,7 +358,7 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
   const tracker = deps.peers!;
   const key = prev.key!;
   const di = rec.spec.driver_info;
-  const self = { deployment: `${rec.node_uuid}/${rec.deployment_id}`, url: di.smartnic_peer_url ?? rec.agent_url, disk: rec.disk_id, rack: di.smartnic_rack ?? null };
+  const self = { deployment: `${rec.node_uuid}/${rec.deployment_id}`, url: di.smartnic_peer_url ?? rec.agent_url, agent: rec.agent_url, disk: rec.disk_id, rack: di.smartnic_rack ?? null };
   const complete = disk.state === 'complete';
   // What it can serve: regions are served once verified, so none before its manifest; a
   // complete disk is a seed once its whole target has been checked.
@@ -371,12 +374,29 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
       await tracker.withdraw(key, self.deployment);
       return { ...prev, ...stats, listed_until: null, seeder: false, digest: 'complete', note: 'not offered to peers: the disk completed before the image manifest reached it, so its regions are not verified' };
     }
+    // Not listed when a disk of the image reported bytes from it that failed verification
+    // there; it still copies from the others.
+    let banned = false;
     if (!seed || prev.digest !== 'complete') {
       const entry = await tracker.announce(key, { ...self, local: disk.manifest ? disk.regions.local : 0, total: disk.regions.total, complete: seed });
-      listedUntil = new Date(entry.until).toISOString();
+      banned = entry === null;
+      listedUntil = entry ? new Date(entry.until).toISOString() : null;
     }
-    if (seed) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, digest: 'complete', note: null };
-    const holders = await tracker.holders(key);
+    const note = banned ? BANNED : null;
+    if (seed) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, digest: 'complete', note };
+    // Peers this disk dropped because their bytes failed verification: out of every list.
+    let listed = await tracker.holders(key);
+    // (An agent older than excluded_sources names none.)
+    for (const src of disk.peers.excluded_sources ?? []) {
+      const liar = listed.find((h) => h.url.replace(/\/+$/, '') === src.url.replace(/\/+$/, '') && h.disk === src.disk);
+      if (!liar) continue;
+      if (await tracker.ban(key, liar.deployment)) {
+        deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, peer: liar.deployment, url: liar.url }, 'a peer sent bytes that failed verification: it is no longer listed for any disk of the image');
+      }
+      listed = listed.filter((h) => h !== liar);
+    }
+    const { live: holders, dropped } = await tracker.liveHolders(key, listed, self.deployment, (h) => agentAnswers(deps, h));
+    for (const h of dropped) deps.log.warn({ node: rec.node_uuid, seed: h.deployment, agent: h.agent ?? h.url }, "a seed's DPU agent does not answer: it is no longer listed as a peer (another disk of the image seeds)");
     const seeder = await tracker.seeder(key, self.deployment, holders.some((h) => h.complete && h.deployment !== self.deployment));
     const list = choosePeers(holders, self, deps.config.peers.max_peers);
     const originWait = seeder ? 0 : deps.config.peers.origin_wait_ms;
@@ -390,10 +410,23 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
       stats.sources = updated.peers.sources;
       deps.log.debug({ node: rec.node_uuid, disk: rec.disk_id, peers: list.length }, 'peer list sent');
     }
-    return { ...prev, ...stats, listed_until: listedUntil, digest, seeder, note: null };
+    return { ...prev, ...stats, listed_until: listedUntil, digest, seeder, note };
   } catch (err) {
     deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, err: (err as Error).message }, 'peers: tracker or agent failed; retrying at the next poll');
     return { ...prev, ...stats, digest: null, note: `peers: ${(err as Error).message}; retrying` };
+  }
+}
+
+/** How long a probe of a seed's agent waits: a node that died may not even refuse the connection. */
+const SEED_PROBE_TIMEOUT_MS = 2_000;
+
+/** Whether a seed's agent answers (GET /v1/health): any HTTP answer counts; no answer (refused, reset, timed out) does not. */
+async function agentAnswers(deps: JobDeps, h: PeerHolder): Promise<boolean> {
+  try {
+    await agentClient(deps.config, h.agent ?? h.url, undefined, SEED_PROBE_TIMEOUT_MS).health();
+    return true;
+  } catch (err) {
+    return err instanceof ApiError && err.status !== null;
   }
 }
 

@@ -22,7 +22,11 @@
  *            until}. A hydrating disk is announced by every monitor poll and listed until
  *            `announce_ttl_ms` after the last one (a dead driver or agent drops out by
  *            itself); a complete one is listed for `seed_time_ms` after it completed
- *            (seeding). The teardown withdraws the entry. Expired entries are dropped when
+ *            (seeding), as long as its agent answers: the disks still copying probe each
+ *            seed's agent (`liveHolders`), and one that does not answer (a node that died
+ *            without a teardown) is withdrawn. The teardown withdraws the entry. A disk
+ *            that another disk reports (its bytes failed verification there) is withdrawn
+ *            and not listed again for the seeding time (`ban`). Expired entries are dropped when
  *            read; the hash itself expires after its last entry would.
  *   seeders  while no complete disk of an image is listed, its first `seeders` disks read
  *            the origin freely; the others are told `origin_wait_ms`: their agents copy
@@ -50,6 +54,8 @@ export interface PeerHolder {
   deployment: string;
   /** Where peers reach its agent (driver_info smartnic_peer_url, else smartnic_agent_url). */
   url: string;
+  /** Where the driver reaches its agent (smartnic_agent_url), to tell whether a seed is alive; absent in entries listed before it was kept: `url`. */
+  agent?: string;
   disk: string;
   /** Topology label (driver_info smartnic_rack), or null. */
   rack: string | null;
@@ -117,11 +123,19 @@ export class PeerTracker {
     return this.secret;
   }
 
-  /** Lists (or refreshes) a deployment's disk as a holder of `key`. */
-  async announce(key: string, holder: Omit<PeerHolder, 'until'>, now = Date.now()): Promise<PeerHolder> {
+  /**
+   * Lists (or refreshes) a deployment's disk as a holder of `key`; null, and not listed,
+   * when a disk of the image reported bytes from it that failed verification (`ban`).
+   */
+  async announce(key: string, holder: Omit<PeerHolder, 'until'>, now = Date.now()): Promise<PeerHolder | null> {
+    const k = this.groupKey(key);
+    if ((await this.redis.exists(`${k}:banned:${holder.deployment}`)) === 1) {
+      // Also undoes an announce that raced with the ban (it read "not banned" just before).
+      await this.redis.hdel(k, holder.deployment);
+      return null;
+    }
     const until = now + (holder.complete ? this.config.seed_time_ms : this.config.announce_ttl_ms);
     const entry: PeerHolder = { ...holder, until };
-    const k = this.groupKey(key);
     // The hash lives as long as its longest-listed entry might.
     await this.redis
       .multi()
@@ -154,11 +168,49 @@ export class PeerTracker {
     return false;
   }
 
+  /**
+   * A disk of the image reported that this deployment's disk sent bytes that failed
+   * verification (a damaged target, a tampered or buggy agent): it is withdrawn and not
+   * listed again for the seeding time (`<group>:banned:<deployment>`), so no other disk is
+   * sent to it and, if it was a seed, another disk of the image can seed. True the first
+   * time it is reported.
+   */
+  async ban(key: string, deployment: string): Promise<boolean> {
+    const k = this.groupKey(key);
+    const first = (await this.redis.set(`${k}:banned:${deployment}`, '1', 'PX', Math.max(this.config.seed_time_ms, this.config.announce_ttl_ms), 'NX')) === 'OK';
+    await this.withdraw(key, deployment);
+    return first;
+  }
+
   /** Stops listing a deployment's disk (its teardown). */
   async withdraw(key: string, deployment: string): Promise<void> {
     const k = this.groupKey(key);
     await this.redis.hdel(k, deployment);
     for (let i = 0; i < this.config.seeders; i++) await this.redis.eval(SLOT_LUA, 1, `${k}:seeder:${i}`, deployment, 'free', 0);
+  }
+
+  /**
+   * `holders` without the seeds whose agent does not answer: a complete disk is listed for
+   * its seeding time, and its node may die without a teardown to withdraw it; listed, it
+   * would keep every new disk of the image from becoming a seeder (they would wait
+   * origin_wait_ms for it, then all read the origin). Each seed is probed at most once per
+   * half announce_ttl_ms across driver processes (`<group>:probe:<deployment>`, SET NX),
+   * by whichever disk's poll comes first; one whose probe fails is withdrawn for good (if
+   * its agent comes back, its disk stays unlisted: another disk seeds). `self` is not probed.
+   */
+  async liveHolders(key: string, holders: readonly PeerHolder[], self: string, answers: (h: PeerHolder) => Promise<boolean>): Promise<{ live: PeerHolder[]; dropped: PeerHolder[] }> {
+    const k = this.groupKey(key);
+    const every = Math.max(1000, Math.floor(this.config.announce_ttl_ms / 2));
+    const verdicts = await Promise.all(
+      holders.map(async (h) => {
+        if (!h.complete || h.deployment === self) return true;
+        const due = (await this.redis.set(`${k}:probe:${h.deployment}`, '1', 'PX', every, 'NX')) === 'OK';
+        return !due || (await answers(h));
+      }),
+    );
+    const dropped = holders.filter((_, i) => !verdicts[i]);
+    for (const h of dropped) await this.withdraw(key, h.deployment);
+    return { live: holders.filter((_, i) => verdicts[i]), dropped };
   }
 
   /** Every holder of `key` still listed; expired entries are dropped from Redis. */

@@ -148,7 +148,8 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
     for (const n of ['node-p2', 'node-p3']) await deploymentGone(api, n);
     const r = new Redis(redis.url);
     try {
-      const groups = (await r.keys('test:peers:*')).filter((k) => !k.endsWith(':secret'));
+      // The groups' hashes (not the secret, seeder slots, probe or ban keys).
+      const groups = (await r.keys('test:peers:*')).filter((k) => /^test:peers:[0-9a-f]{64}$/.test(k));
       const left = await Promise.all(groups.map((k) => r.hlen(k)));
       assert.deepEqual(left, groups.map(() => 0), 'no disk left listed');
     } finally {
@@ -216,6 +217,132 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
       // Both processes derive the same token for the image, another for another image.
       assert.equal(await t.token(key), await other.token(key));
       assert.notEqual(await t.token(key), await t.token('raw:1048576:sha512:abd'));
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  it('a seed whose agent died without a teardown is dropped: the next disk of the image becomes a seeder and reads the origin at once', async () => {
+    // Its own image and a third agent, killed once its disk is a seed (a node that dies:
+    // no teardown withdraws it). The next disk's origin is held until its deployment shows
+    // it a seeder, so what is checked is the driver's choice, not how fast it copied.
+    const lostImage = path.join(dir, 'lost-seed.raw');
+    makeImage(lostImage, IMAGE_BYTES, 37);
+    const lostBytes = fs.readFileSync(lostImage);
+    const held = new TestOrigin({ file: lostImage });
+    const url = await held.start();
+    const dying = await agentDaemon({ dir: path.join(dir, 'agent-dying') });
+    await dying.start();
+    try {
+      const info = { image_os_hash_algo: 'sha512', image_os_hash_value: createHash('sha512').update(lostBytes).digest('hex') };
+      await api.createDeployment({
+        node_uuid: 'node-d1',
+        instance_info: { image_source: url, ...info },
+        driver_info: { smartnic_agent_url: dying.url, smartnic_target: path.join(dir, 'agent-dying', 'targets', 'node-d1.raw'), smartnic_require_verification: true },
+      });
+      await complete('node-d1');
+      await until('node-d1 listed as a seed', async () => Date.parse((await api.getDeployment('node-d1')).peers?.listed_until ?? '') > Date.now() + 30 * 60_000);
+      await dying.stop('SIGKILL');
+
+      // Its second half (the probes of the image's size read its first bytes).
+      held.hold(IMAGE_BYTES / 2, IMAGE_BYTES);
+      await api.createDeployment({ ...request(1, 'node-d2', info), instance_info: { image_source: url, ...info } });
+      const seeding = await until('node-d2 a seeder', async () => {
+        const d = await api.getDeployment('node-d2');
+        return d.peers?.seeder ? d : null;
+      }, 60_000);
+      assert.equal(seeding.state === 'complete', false);
+      held.release();
+      const second = await complete('node-d2');
+      assert.ok(fs.readFileSync(target(1, 'node-d2')).equals(lostBytes));
+      const disk = await agentApi(1).getDisk(second.disk_id);
+      assert.equal(disk.peers.sources, 0, 'the dead seed is not listed');
+      assert.equal(disk.peers.bytes_from_peers, 0);
+      await api.deleteDeployment('node-d2');
+      await deploymentGone(api, 'node-d2');
+    } finally {
+      await dying.stop();
+      await held.stop();
+    }
+  });
+
+  it('a seed that serves bytes failing verification is reported and withdrawn: the disk that caught it becomes a seeder, and no wrong byte lands', async () => {
+    // Its own image; the seed's target is damaged behind its agent's back after it became a
+    // seed (a failing SSD, a tampered file): it serves those bytes as the image's. The
+    // origin holds the damaged region, so the second disk cannot finish before the driver
+    // has acted on the report.
+    const liarImage = path.join(dir, 'liar.raw');
+    makeImage(liarImage, IMAGE_BYTES, 43);
+    const liarBytes = fs.readFileSync(liarImage);
+    const held = new TestOrigin({ file: liarImage });
+    const url = await held.start();
+    const info = { image_os_hash_algo: 'sha512', image_os_hash_value: createHash('sha512').update(liarBytes).digest('hex') };
+    const req = (a: number, node: string): DeploymentCreate => ({ ...request(a, node, info), instance_info: { image_source: url, ...info } });
+    try {
+      await api.createDeployment({ ...req(0, 'node-l1'), driver_info: { ...req(0, 'node-l1').driver_info, smartnic_require_verification: true } });
+      const seed = await complete('node-l1');
+      await verified(0, seed.disk_id);
+      await until('node-l1 listed as a seed', async () => Date.parse((await api.getDeployment('node-l1')).peers?.listed_until ?? '') > Date.now() + 30 * 60_000);
+      const REGION = MiB;
+      const fd = fs.openSync(target(0, 'node-l1'), 'r+');
+      fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 5 * REGION + 100);
+      fs.closeSync(fd);
+
+      held.hold(5 * REGION, 6 * REGION);
+      await api.createDeployment(req(1, 'node-l2'));
+      const seeding = await until('node-l2 a seeder', async () => {
+        const d = await api.getDeployment('node-l2');
+        return d.peers?.seeder ? d : null;
+      }, 60_000);
+      assert.notEqual(seeding.state, 'complete');
+      held.release();
+      const second = await complete('node-l2');
+      assert.ok(fs.readFileSync(target(1, 'node-l2')).equals(liarBytes), 'no wrong byte: the target is the image');
+      const disk = await agentApi(1).getDisk(second.disk_id);
+      assert.equal(disk.integrity_failures, 1, 'the damaged region was caught');
+      assert.equal(disk.peers.sources, 0, 'the driver took the seed out of its list');
+      assert.ok(disk.peers.bytes_from_peers > 0, 'the rest came from the seed');
+      // Out of the lists for every disk of the image.
+      const r = new Redis(redis.url);
+      try {
+        const groups = (await r.keys('test:peers:*')).filter((k) => /^test:peers:[0-9a-f]{64}$/.test(k));
+        const entries = (await Promise.all(groups.map((k) => r.hkeys(k)))).flat();
+        assert.ok(entries.some((e) => e.startsWith('node-l2/')), `node-l2 is listed: ${entries.join(', ')}`);
+        assert.ok(!entries.some((e) => e.startsWith('node-l1/')), `node-l1 is listed: ${entries.join(', ')}`);
+      } finally {
+        r.disconnect();
+      }
+      for (const n of ['node-l1', 'node-l2']) await api.deleteDeployment(n);
+      for (const n of ['node-l1', 'node-l2']) await deploymentGone(api, n);
+    } finally {
+      await held.stop();
+    }
+  });
+
+  it('seed probes: only complete disks other than the asker, each at most once per half lease across driver processes; one that does not answer is withdrawn', async () => {
+    const r = new Redis(redis.url);
+    try {
+      const cfg = { enabled: true, max_peers: 8, announce_ttl_ms: 600_000, seed_time_ms: 3_600_000, seeders: 1, origin_wait_ms: 30_000 };
+      const t = new PeerTracker(r, 'probes', cfg);
+      const other = new PeerTracker(r, 'probes', cfg);
+      const key = 'raw:1048576:sha512:probe';
+      const entry = (d: string, complete: boolean) => ({ deployment: d, url: `http://${d}:9611`, agent: `http://${d}-mgmt:9611`, disk: d, rack: null, local: complete ? 4 : 1, total: 4, complete });
+      for (const e of [entry('alive', true), entry('dead', true), entry('copying', false), entry('me', true)]) await t.announce(key, e);
+      const probed: string[] = [];
+      const answers = async (h: { agent?: string }): Promise<boolean> => {
+        probed.push(h.agent!);
+        return !h.agent!.includes('dead');
+      };
+      const first = await t.liveHolders(key, await t.holders(key), 'me', answers);
+      assert.deepEqual(probed.sort(), ['http://alive-mgmt:9611', 'http://dead-mgmt:9611'], 'the seeds but the asker, at their driver-facing URL');
+      assert.deepEqual(first.dropped.map((h) => h.deployment), ['dead']);
+      assert.deepEqual(first.live.map((h) => h.deployment).sort(), ['alive', 'copying', 'me']);
+      assert.deepEqual((await t.holders(key)).map((h) => h.deployment).sort(), ['alive', 'copying', 'me'], 'withdrawn from Redis');
+      // Within the half lease, no process probes the live seed again.
+      probed.length = 0;
+      const again = await other.liveHolders(key, await other.holders(key), 'copying', answers);
+      assert.deepEqual(probed, ['http://me-mgmt:9611'], 'only the seed not probed yet');
+      assert.deepEqual(again.dropped, []);
     } finally {
       r.disconnect();
     }
