@@ -381,23 +381,29 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
       const entry = await tracker.announce(key, { ...self, local: disk.manifest ? disk.regions.local : 0, total: disk.regions.total, complete: seed });
       banned = entry === null;
       listedUntil = entry ? new Date(entry.until).toISOString() : null;
+      if (seed) await tracker.freeSlot(key, self.deployment);
     }
     const note = banned ? BANNED : null;
     if (seed) return { ...prev, ...stats, listed_until: listedUntil, seeder: false, digest: 'complete', note };
     // Peers this disk dropped because their bytes failed verification: out of every list.
-    let listed = await tracker.holders(key);
     // (An agent older than excluded_sources names none.)
+    let listed = await tracker.holders(key);
     for (const src of disk.peers.excluded_sources ?? []) {
-      const liar = listed.find((h) => h.url.replace(/\/+$/, '') === src.url.replace(/\/+$/, '') && h.disk === src.disk);
-      if (!liar) continue;
-      if (await tracker.ban(key, liar.deployment)) {
-        deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, peer: liar.deployment, url: liar.url }, 'a peer sent bytes that failed verification: it is no longer listed for any disk of the image');
+      const same = (h: PeerHolder): boolean => h.deployment !== self.deployment && h.url.replace(/\/+$/, '') === src.url.replace(/\/+$/, '') && h.disk === src.disk;
+      for (const liar of listed.filter(same)) {
+        if (await tracker.ban(key, liar.deployment)) {
+          deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, peer: liar.deployment, url: liar.url }, `a peer sent bytes that failed verification at disk ${rec.disk_id}: it is no longer listed for any disk of the image`);
+        }
       }
-      listed = listed.filter((h) => h !== liar);
+      listed = listed.filter((h) => !same(h));
     }
-    const { live: holders, dropped } = await tracker.liveHolders(key, listed, self.deployment, (h) => agentAnswers(deps, h));
-    for (const h of dropped) deps.log.warn({ node: rec.node_uuid, seed: h.deployment, agent: h.agent ?? h.url }, "a seed's DPU agent does not answer: it is no longer listed as a peer (another disk of the image seeds)");
-    const seeder = await tracker.seeder(key, self.deployment, holders.some((h) => h.complete && h.deployment !== self.deployment));
+    const { live: holders } = await tracker.liveHolders(key, listed, self.deployment, async (h) => {
+      const answered = await agentAnswers(deps, h);
+      if (!answered) deps.log.warn({ node: rec.node_uuid, seed: h.deployment, agent: h.agent }, "a seed's DPU agent does not answer: it is left out of the peer lists (and another disk of the image may seed) until it answers again");
+      return answered;
+    });
+    // A banned disk seeds nothing: it does not take a seeder slot (ban freed any it held).
+    const seeder = banned ? false : await tracker.seeder(key, self.deployment, holders.some((h) => h.complete && h.deployment !== self.deployment));
     const list = choosePeers(holders, self, deps.config.peers.max_peers);
     const originWait = seeder ? 0 : deps.config.peers.origin_wait_ms;
     const digest = `${peerListDigest(list)}/${originWait}`;

@@ -22,9 +22,9 @@
  *            until}. A hydrating disk is announced by every monitor poll and listed until
  *            `announce_ttl_ms` after the last one (a dead driver or agent drops out by
  *            itself); a complete one is listed for `seed_time_ms` after it completed
- *            (seeding), as long as its agent answers: the disks still copying probe each
- *            seed's agent (`liveHolders`), and one that does not answer (a node that died
- *            without a teardown) is withdrawn. The teardown withdraws the entry. A disk
+ *            (seeding); a seed whose agent does not answer the disks still copying (a node
+ *            that died without a teardown) is left out of their lists and of the seeder
+ *            choice while that lasts (`liveHolders`). The teardown withdraws the entry. A disk
  *            that another disk reports (its bytes failed verification there) is withdrawn
  *            and not listed again for the seeding time (`ban`). Expired entries are dropped when
  *            read; the hash itself expires after its last entry would.
@@ -81,6 +81,20 @@ if ARGV[2] == 'free' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', 
 return 1
 `;
 
+// Lists a deployment's disk unless it is banned (PeerTracker.ban), in one step: a ban that
+// lands between a check and the write would leave it listed. KEYS[1] the group's hash,
+// KEYS[2] its ban key; ARGV[1] the deployment, ARGV[2] the entry, ARGV[3] the hash's ttl.
+// 1 if listed.
+const ANNOUNCE_LUA = `
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HDEL', KEYS[1], ARGV[1]) return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+`;
+
+/** How long one probe of a seed's agent may hold its verdict key (the probe's own limit is 2 s). */
+const PROBE_MS = 10_000;
+
 /** What the agent's PeerList accepts as a peer's URL: a base URL with no path. */
 const PEER_URL = /^https?:\/\/[^/?#]+\/?$/;
 
@@ -129,20 +143,12 @@ export class PeerTracker {
    */
   async announce(key: string, holder: Omit<PeerHolder, 'until'>, now = Date.now()): Promise<PeerHolder | null> {
     const k = this.groupKey(key);
-    if ((await this.redis.exists(`${k}:banned:${holder.deployment}`)) === 1) {
-      // Also undoes an announce that raced with the ban (it read "not banned" just before).
-      await this.redis.hdel(k, holder.deployment);
-      return null;
-    }
     const until = now + (holder.complete ? this.config.seed_time_ms : this.config.announce_ttl_ms);
     const entry: PeerHolder = { ...holder, until };
     // The hash lives as long as its longest-listed entry might.
-    await this.redis
-      .multi()
-      .hset(k, holder.deployment, JSON.stringify(entry))
-      .pexpire(k, Math.max(this.config.seed_time_ms, this.config.announce_ttl_ms) + 60_000)
-      .exec();
-    return entry;
+    const ttl = Math.max(this.config.seed_time_ms, this.config.announce_ttl_ms) + 60_000;
+    const listed = await this.redis.eval(ANNOUNCE_LUA, 2, k, `${k}:banned:${holder.deployment}`, holder.deployment, JSON.stringify(entry), ttl);
+    return listed === 1 ? entry : null;
   }
 
   /**
@@ -184,33 +190,51 @@ export class PeerTracker {
 
   /** Stops listing a deployment's disk (its teardown). */
   async withdraw(key: string, deployment: string): Promise<void> {
+    await this.redis.hdel(this.groupKey(key), deployment);
+    await this.freeSlot(key, deployment);
+  }
+
+  /**
+   * Frees the seeder slot a deployment holds, if any: at its teardown, and once its disk is
+   * a seed (complete, it needs none; a seed is not polled again, and would otherwise hold
+   * the slot until it expires — for a seed that then dies, the next disk's seeder slot).
+   */
+  async freeSlot(key: string, deployment: string): Promise<void> {
     const k = this.groupKey(key);
-    await this.redis.hdel(k, deployment);
     for (let i = 0; i < this.config.seeders; i++) await this.redis.eval(SLOT_LUA, 1, `${k}:seeder:${i}`, deployment, 'free', 0);
   }
 
   /**
-   * `holders` without the seeds whose agent does not answer: a complete disk is listed for
-   * its seeding time, and its node may die without a teardown to withdraw it; listed, it
-   * would keep every new disk of the image from becoming a seeder (they would wait
-   * origin_wait_ms for it, then all read the origin). Each seed is probed at most once per
-   * half announce_ttl_ms across driver processes (`<group>:probe:<deployment>`, SET NX),
-   * by whichever disk's poll comes first; one whose probe fails is withdrawn for good (if
-   * its agent comes back, its disk stays unlisted: another disk seeds). `self` is not probed.
+   * `holders` without the seeds whose agent does not answer now: a complete disk is listed
+   * for its seeding time, and its node may die without a teardown to withdraw it; counted,
+   * it would keep every new disk of the image from becoming a seeder (they would wait
+   * origin_wait_ms for it, then each read the origin). Each seed's verdict is kept in
+   * Redis (`<group>:alive:<deployment>`: 1 answered, 0 did not) for half announce_ttl_ms,
+   * read for all seeds in one MGET; a seed without one is probed by whichever disk's poll
+   * comes first (SET NX: one probe at a time across driver processes; meanwhile it counts
+   * as alive). A silent seed is only left out while its verdict lasts: probed again, one
+   * that answers is back. Entries without a driver-facing URL (listed by an older driver)
+   * and `self` are not probed.
    */
-  async liveHolders(key: string, holders: readonly PeerHolder[], self: string, answers: (h: PeerHolder) => Promise<boolean>): Promise<{ live: PeerHolder[]; dropped: PeerHolder[] }> {
+  async liveHolders(key: string, holders: readonly PeerHolder[], self: string, answers: (h: PeerHolder) => Promise<boolean>): Promise<{ live: PeerHolder[]; silent: PeerHolder[] }> {
+    const seeds = holders.filter((h) => h.complete && h.deployment !== self && typeof h.agent === 'string');
+    if (seeds.length === 0) return { live: [...holders], silent: [] };
     const k = this.groupKey(key);
-    const every = Math.max(1000, Math.floor(this.config.announce_ttl_ms / 2));
-    const verdicts = await Promise.all(
-      holders.map(async (h) => {
-        if (!h.complete || h.deployment === self) return true;
-        const due = (await this.redis.set(`${k}:probe:${h.deployment}`, '1', 'PX', every, 'NX')) === 'OK';
-        return !due || (await answers(h));
+    const lasts = Math.max(1000, Math.floor(this.config.announce_ttl_ms / 2));
+    const keys = seeds.map((h) => `${k}:alive:${h.deployment}`);
+    const verdicts = await this.redis.mget(...keys);
+    const silent = new Set<string>();
+    await Promise.all(
+      seeds.map(async (h, i) => {
+        let v = verdicts[i];
+        if (v === null && (await this.redis.set(keys[i]!, 'probing', 'PX', PROBE_MS, 'NX')) === 'OK') {
+          v = (await answers(h)) ? '1' : '0';
+          await this.redis.set(keys[i]!, v, 'PX', lasts);
+        }
+        if (v === '0') silent.add(h.deployment);
       }),
     );
-    const dropped = holders.filter((_, i) => !verdicts[i]);
-    for (const h of dropped) await this.withdraw(key, h.deployment);
-    return { live: holders.filter((_, i) => verdicts[i]), dropped };
+    return { live: holders.filter((h) => !silent.has(h.deployment)), silent: holders.filter((h) => silent.has(h.deployment)) };
   }
 
   /** Every holder of `key` still listed; expired entries are dropped from Redis. */

@@ -13,7 +13,7 @@ import path from 'node:path';
 import { Redis } from 'ioredis';
 import { AgentClient, type Disk } from '../../openapi/clients/agent-client.js';
 import { type Deployment, type DeploymentCreate, DriverClient } from '../../openapi/clients/driver-client.js';
-import { PeerTracker } from '../../driver/src/peers.js';
+import { type PeerHolder, PeerTracker } from '../../driver/src/peers.js';
 import { makeImage, tempDir } from '../helpers/agent.js';
 import { TestOrigin } from '../helpers/origin.js';
 import { RedisServer } from '../helpers/redis.js';
@@ -222,7 +222,7 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
     }
   });
 
-  it('a seed whose agent died without a teardown is dropped: the next disk of the image becomes a seeder and reads the origin at once', async () => {
+  it('a seed whose agent died without a teardown is left out: the next disk of the image becomes a seeder and reads the origin at once', async () => {
     // Its own image and a third agent, killed once its disk is a seed (a node that dies:
     // no teardown withdraws it). The next disk's origin is held until its deployment shows
     // it a seeder, so what is checked is the driver's choice, not how fast it copied.
@@ -319,30 +319,61 @@ describe('driver service: peer-to-peer regions (the driver as tracker)', functio
     }
   });
 
-  it('seed probes: only complete disks other than the asker, each at most once per half lease across driver processes; one that does not answer is withdrawn', async () => {
+  it('seed probes: only complete disks other than the asker, with a driver-facing URL, each once per half lease across driver processes; a silent one is left out while its verdict lasts', async () => {
     const r = new Redis(redis.url);
     try {
       const cfg = { enabled: true, max_peers: 8, announce_ttl_ms: 600_000, seed_time_ms: 3_600_000, seeders: 1, origin_wait_ms: 30_000 };
       const t = new PeerTracker(r, 'probes', cfg);
       const other = new PeerTracker(r, 'probes', cfg);
       const key = 'raw:1048576:sha512:probe';
-      const entry = (d: string, complete: boolean) => ({ deployment: d, url: `http://${d}:9611`, agent: `http://${d}-mgmt:9611`, disk: d, rack: null, local: complete ? 4 : 1, total: 4, complete });
-      for (const e of [entry('alive', true), entry('dead', true), entry('copying', false), entry('me', true)]) await t.announce(key, e);
+      const entry = (d: string, complete: boolean, agent = true) => ({ deployment: d, url: `http://${d}:9611`, ...(agent ? { agent: `http://${d}-mgmt:9611` } : {}), disk: d, rack: null, local: complete ? 4 : 1, total: 4, complete });
+      for (const e of [entry('alive', true), entry('dead', true), entry('copying', false), entry('me', true), entry('old-driver', true, false)]) await t.announce(key, e);
       const probed: string[] = [];
-      const answers = async (h: { agent?: string }): Promise<boolean> => {
+      let deadAnswers = false;
+      const answers = async (h: PeerHolder): Promise<boolean> => {
         probed.push(h.agent!);
-        return !h.agent!.includes('dead');
+        return !h.agent!.includes('dead') || deadAnswers;
       };
       const first = await t.liveHolders(key, await t.holders(key), 'me', answers);
-      assert.deepEqual(probed.sort(), ['http://alive-mgmt:9611', 'http://dead-mgmt:9611'], 'the seeds but the asker, at their driver-facing URL');
-      assert.deepEqual(first.dropped.map((h) => h.deployment), ['dead']);
-      assert.deepEqual(first.live.map((h) => h.deployment).sort(), ['alive', 'copying', 'me']);
-      assert.deepEqual((await t.holders(key)).map((h) => h.deployment).sort(), ['alive', 'copying', 'me'], 'withdrawn from Redis');
-      // Within the half lease, no process probes the live seed again.
+      assert.deepEqual(probed.sort(), ['http://alive-mgmt:9611', 'http://dead-mgmt:9611'], 'the seeds but the asker and the one without a driver-facing URL, at that URL');
+      assert.deepEqual(first.silent.map((h) => h.deployment), ['dead']);
+      assert.deepEqual(first.live.map((h) => h.deployment).sort(), ['alive', 'copying', 'me', 'old-driver']);
+      assert.equal((await t.holders(key)).length, 5, 'left out, not withdrawn');
+      // While the verdicts last, no process probes those seeds again.
       probed.length = 0;
       const again = await other.liveHolders(key, await other.holders(key), 'copying', answers);
       assert.deepEqual(probed, ['http://me-mgmt:9611'], 'only the seed not probed yet');
-      assert.deepEqual(again.dropped, []);
+      assert.deepEqual(again.silent.map((h) => h.deployment), ['dead']);
+      // Its verdict gone (it lasts half a lease), the silent seed is probed again: it answers, it is back.
+      const groups = (await r.keys('probes:peers:*:alive:dead'));
+      assert.equal(groups.length, 1);
+      await r.del(groups[0]!);
+      deadAnswers = true;
+      probed.length = 0;
+      const back = await t.liveHolders(key, await t.holders(key), 'copying', answers);
+      assert.deepEqual(probed, ['http://dead-mgmt:9611']);
+      assert.deepEqual(back.silent, []);
+    } finally {
+      r.disconnect();
+    }
+  });
+
+  it('a banned disk is not listed, also when it announces after the ban; the ban is reported once and expires', async () => {
+    const r = new Redis(redis.url);
+    try {
+      const cfg = { enabled: true, max_peers: 8, announce_ttl_ms: 600_000, seed_time_ms: 3_600_000, seeders: 1, origin_wait_ms: 30_000 };
+      const t = new PeerTracker(r, 'bans', cfg);
+      const key = 'raw:1048576:sha512:ban';
+      const e = { deployment: 'liar', url: 'http://liar:9611', disk: 'liar', rack: null, local: 4, total: 4, complete: true };
+      assert.ok(await t.announce(key, e));
+      assert.equal(await t.ban(key, 'liar'), true);
+      assert.equal(await t.ban(key, 'liar'), false, 'reported once');
+      assert.deepEqual(await t.holders(key), []);
+      assert.equal(await t.announce(key, e), null, 'refused after the ban');
+      assert.deepEqual(await t.holders(key), []);
+      const bans = await r.keys('bans:peers:*:banned:liar');
+      assert.equal(bans.length, 1);
+      assert.ok((await r.pttl(bans[0]!)) > 0, 'the ban expires');
     } finally {
       r.disconnect();
     }
