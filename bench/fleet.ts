@@ -66,6 +66,11 @@ const USAGE = `usage: node dist/bench/fleet.js [--nodes 1,4,8] [--image-size SIZ
                  (default 0.9; 0: no cap)
   --reps         interleaved rounds (default 3; --quick 1)
   --peers        off, on or both (default both)
+  --liar         a lying seed: the deployment that caches the image's manifest stays, its
+                 target is damaged (one 4 KiB block in every 8th region with data) and it
+                 serves those bytes as the image's; the fleet's disks must catch them,
+                 report it and read those regions elsewhere (reported: wrong targets,
+                 integrity failures, the origin's bytes)
   --monitor-ms   the driver's jobs.monitor_interval_ms (default 500: "all local" is the
                  monitor job's end, so this is its resolution; the polls cost the driver,
                  Redis and the agents CPU, which a large fleet on 2 cores feels: at 200 ms
@@ -88,10 +93,16 @@ interface Run {
   node_local_s: number[];
   /** Of those, by cause (the disks' peers.fallback_causes summed). */
   fallback_causes: { busy: number; refused: number; failed: number };
+  /** Targets whose bytes are not the image's at the end (each target is compared whole). */
+  wrong_targets: number;
+  /** Regions that failed verification, over the fleet's disks (integrity_failures). */
+  integrity_failures: number;
+  /** With --liar: regions of the lying seed's target that were damaged. */
+  damaged_regions?: number;
 }
 
 runMain('fleet', async () => {
-  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' }, peers: { type: 'string' }, 'monitor-ms': { type: 'string' }, netns: { type: 'boolean' }, 'node-up': { type: 'string' }, 'serve-share': { type: 'string' } } });
+  const { values: v } = parseArgs({ options: { ...BENCH_FLAGS, nodes: { type: 'string' }, 'image-size': { type: 'string' }, 'origin-rate': { type: 'string' }, 'node-rate': { type: 'string' }, reps: { type: 'string' }, peers: { type: 'string' }, 'monitor-ms': { type: 'string' }, netns: { type: 'boolean' }, 'node-up': { type: 'string' }, 'serve-share': { type: 'string' }, liar: { type: 'boolean' } } });
   const flags = benchFlags(v, USAGE);
   const sizes = (v.nodes ?? (flags.quick ? '1,4' : '1,4,8')).split(',').map((s) => positive('--nodes', s, 1, true));
   const imageSize = parseSizeArg(v['image-size'] ?? (flags.quick ? '32M' : '64M'), '--image-size');
@@ -105,6 +116,7 @@ runMain('fleet', async () => {
   const netns = v.netns ?? false;
   const nodeUp = parseRateArg(v['node-up'] ?? v['node-rate'] ?? '100mbit', '--node-up');
   if ((v['node-up'] || v['serve-share']) && !netns) throw new Error('--node-up and --serve-share need --netns (on loopback a node\'s upload is not capped)');
+  const liar = v.liar === true;
   const serveShare = Number(v['serve-share'] ?? 0.9);
   if (!(serveShare >= 0 && serveShare <= 1)) throw new Error(`--serve-share "${v['serve-share']}": a fraction from 0 to 1`);
 
@@ -160,9 +172,9 @@ runMain('fleet', async () => {
       // One node has no peer: it runs with peers off whatever --peers says (the reference).
       const modes = nodes === 1 ? [false] : round % 2 === 0 ? peerModes : [...peerModes].reverse();
       for (const peers of modes) {
-        const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'], lab, originPort });
+        const r = await oneRun({ dir, seq: seq++, nodes, peers, round, imageSize, originRate, nodeRate, agents, driver: drivers[peers ? 'on' : 'off'], lab, originPort, liar: liar && peers });
         runs.push(r);
-        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin (${r.fallback_causes.busy} busy, ${r.fallback_causes.refused} refused, ${r.fallback_causes.failed} failed), agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s${r.failed ? `, ${r.failed} failed` : ''}`);
+        console.error(`round ${round + 1}, ${nodes} node(s), peers ${peers ? 'on' : 'off'}: origin ${fmtNum(r.origin_bytes / r.data_bytes, 2)}× the image, all local in ${fmtNum(r.all_local_s, 1)} s, ${fmtNum(r.from_peers / MiB)} MiB from peers, ${r.fallbacks} fallbacks to the origin (${r.fallback_causes.busy} busy, ${r.fallback_causes.refused} refused, ${r.fallback_causes.failed} failed), agents ${fmtNum(r.cpu_agents_s, 1)} CPU-s, ${r.wrong_targets} wrong targets, ${r.integrity_failures} regions failed verification${r.damaged_regions !== undefined ? ` (${r.damaged_regions} damaged on the lying seed)` : ''}${r.failed ? `, ${r.failed} failed` : ''}`);
       }
     }
   }
@@ -177,13 +189,13 @@ runMain('fleet', async () => {
       const originX = median(rs.map((r) => r.origin_bytes / r.data_bytes));
       const local = median(rs.map((r) => r.all_local_s));
       summary.push({ nodes, peers, origin_x: originX, all_local_s: local, vs_single: local / single, failed: rs.reduce((n, r) => n + r.failed, 0) });
-      rows.push([String(nodes), peers ? 'on' : 'off', `${fmtNum(originX, 2)}×`, fmtNum(local, 1), `${fmtNum(local / single, 2)}×`, fmtNum(median(rs.map((r) => r.from_peers / r.data_bytes)), 2), fmtNum(median(rs.map((r) => r.cpu_agents_s)), 1)]);
+      rows.push([String(nodes), peers ? 'on' : 'off', `${fmtNum(originX, 2)}×`, fmtNum(local, 1), `${fmtNum(local / single, 2)}×`, fmtNum(median(rs.map((r) => r.from_peers / r.data_bytes)), 2), fmtNum(median(rs.map((r) => r.cpu_agents_s)), 1), String(rs.reduce((n, r) => n + r.wrong_targets, 0)), String(rs.reduce((n, r) => n + r.integrity_failures, 0))]);
     }
   }
   const date = new Date();
   const cmd = commandLine();
-  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, netns, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, ...(netns ? { node_up: nodeUp, serve_share: serveShare } : {}), monitor_ms: monitorMs, driver_response_validation: 'off', reps, runs, summary });
-  const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s'], ['r', 'l', 'r', 'r', 'r', 'r', 'r'], rows);
+  const file = writeResults('fleet', date, { command: cmd, quick: flags.quick, machine: m, netns, image_size: imageSize, origin_rate: originRate, node_rate: nodeRate, ...(netns ? { node_up: nodeUp, serve_share: serveShare } : {}), monitor_ms: monitorMs, driver_response_validation: 'off', liar, reps, runs, summary });
+  const table = markdownTable(['nodes', 'peers', 'origin ÷ image', 'all local, s', 'vs one node', 'from peers ÷ image', 'agents CPU, s', 'wrong targets', 'regions failing verification'], ['r', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r'], rows);
   console.log(table);
   if (flags.docs && !netns) {
     updateDocSection(
@@ -207,7 +219,9 @@ ${table}
     // One section per link rate: the rate decides whether this machine's cores or the links
     // set the fleet's pace, and docs/fleet.md compares them.
     const mbit = Math.round((nodeRate * 8) / 1e6);
-    const heading = mbit === 100 ? NETNS_SECTION : NETNS_SECTION.replace('shaped links)', `${mbit} Mbit/s links)`);
+    const heading = liar
+      ? NETNS_SECTION.replace('peers off and on', 'a lying seed').replace('shaped links)', `${mbit} Mbit/s links)`)
+      : mbit === 100 ? NETNS_SECTION : NETNS_SECTION.replace('shaped links)', `${mbit} Mbit/s links)`);
     updateDocSection(
       heading,
       `${heading}
@@ -221,7 +235,8 @@ link shaped (htb) to ${fmtNum(originRate / MiB)} MiB/s for the whole fleet; jumb
 smartnic_bandwidth: the links are the caps. A ${imageSize / MiB} MiB image (10% zeros, never fetched)
 whose manifest is cached. All N disks are created at once; "all local" is from the first
 create to the last disk complete. Medians of ${reps} interleaved round(s). Every agent shares
-this machine's 2 cores.
+this machine's 2 cores. Each target is compared whole with the image at the end ("wrong
+targets"; "regions failing verification" are the disks' integrity_failures).${liar ? ` A lying seed: the deployment that cached the manifest stays, listed as a seed, and one 4 KiB block in every 8th region of its target is damaged (${runs.find((r) => r.damaged_regions !== undefined)?.damaged_regions ?? '?'} regions): it serves them as the image's.` : ''}
 
 ${table}
 `,
@@ -229,7 +244,7 @@ ${table}
   }
 });
 
-async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boolean; round: number; imageSize: number; originRate: number; nodeRate: number; agents: ServiceProcess[]; driver: ServiceProcess; lab: NetLab | null; originPort: number }): Promise<Run> {
+async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boolean; round: number; imageSize: number; originRate: number; nodeRate: number; agents: ServiceProcess[]; driver: ServiceProcess; lab: NetLab | null; originPort: number; liar: boolean }): Promise<Run> {
   // A fresh image per run: no disk of an earlier run is a peer, and its manifest is built
   // (read once from an uncapped origin) before the fleet's count starts.
   const image = path.join(c.dir, `image-${c.seq}.raw`);
@@ -241,12 +256,24 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
   const target = (i: number, node: string): string => path.join(c.dir, `agent-${i}`, 'targets', `${node}.raw`);
   const warm = new TestOrigin({ file: image });
   const warmUrl = await warm.start(c.lab?.rootIp);
+  const warmNode = `warm-${c.seq}`;
+  let damaged: number | undefined;
   try {
-    const node = `warm-${c.seq}`;
-    await api.createDeployment({ node_uuid: node, instance_info: { image_source: warmUrl, ...info }, driver_info: { smartnic_agent_url: c.agents[0]!.url, smartnic_target: target(0, node), smartnic_require_verification: true } });
-    await waitAll(api, [node], 10 * 60_000);
-    await api.deleteDeployment(node);
-    await gone(api, [node]);
+    await api.createDeployment({ node_uuid: warmNode, instance_info: { image_source: warmUrl, ...info }, driver_info: { smartnic_agent_url: c.agents[0]!.url, smartnic_target: target(0, warmNode), smartnic_require_verification: true } });
+    await waitAll(api, [warmNode], 10 * 60_000);
+    if (c.liar) {
+      // It stays, listed as a seed once verified, and its target is damaged behind its
+      // agent's back: it serves those bytes as the image's.
+      for (;;) {
+        const d = await api.getDeployment(warmNode);
+        if (d.peers?.listed_until) break;
+        await sleep(200);
+      }
+      damaged = damageTarget(target(0, warmNode), bytes);
+    } else {
+      await api.deleteDeployment(warmNode);
+      await gone(api, [warmNode]);
+    }
   } finally {
     await warm.stop();
   }
@@ -277,14 +304,38 @@ async function oneRun(c: { dir: string; seq: number; nodes: number; peers: boole
     const fromPeers = done.reduce((n, d) => n + (d.peers?.bytes_from_peers ?? 0), 0);
     const views = await Promise.all(done.map((d, i) => new AgentClient({ baseUrl: c.agents[i]!.url, token: TOKEN }).getDisk(d.disk_id)));
     if (process.env.FLEET_AGENT_LOG) for (const [i, v] of views.entries()) console.error(`  ${v.id}: local at ${localAt[i]!.toFixed(1)} s, ${v.bytes_fetched} bytes from the origin, ${v.peers.bytes_from_peers} from peers, fallbacks ${JSON.stringify(v.peers.fallback_causes)}`);
-    const r: Run = { node_local_s: localAt, nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0), fallback_causes: { busy: views.reduce((n, d) => n + d.peers.fallback_causes.busy, 0), refused: views.reduce((n, d) => n + d.peers.fallback_causes.refused, 0), failed: views.reduce((n, d) => n + d.peers.fallback_causes.failed, 0) } };
-    for (const node of nodes) await api.deleteDeployment(node);
-    await gone(api, nodes);
+    // No wrong byte: every target is the image, compared whole (after the timed window).
+    let wrong = 0;
+    for (const [i, node] of nodes.entries()) if (!fs.readFileSync(target(i, node)).subarray(0, bytes.length).equals(bytes)) wrong++;
+    const r: Run = { wrong_targets: wrong, integrity_failures: views.reduce((n, d) => n + d.integrity_failures, 0), ...(damaged !== undefined ? { damaged_regions: damaged } : {}), node_local_s: localAt, nodes: c.nodes, peers: c.peers, round: c.round, origin_bytes: origin.stats.bytesSent, data_bytes: data, all_local_s: (last - t0) / 1000, from_peers: fromPeers, cpu_agents_s: cpu() - cpu0, failed: done.filter((d) => d.state === 'failed').length, fallbacks: views.reduce((n, d) => n + d.peers.fallbacks, 0), fallback_causes: { busy: views.reduce((n, d) => n + d.peers.fallback_causes.busy, 0), refused: views.reduce((n, d) => n + d.peers.fallback_causes.refused, 0), failed: views.reduce((n, d) => n + d.peers.fallback_causes.failed, 0) } };
+    const all = damaged !== undefined ? [...nodes, warmNode] : nodes;
+    for (const node of all) await api.deleteDeployment(node);
+    await gone(api, all);
     fs.rmSync(image);
     return r;
   } finally {
     await origin.stop();
   }
+}
+
+/** Damages one 4 KiB block in every 8th region with data of the target at `file`; how many. */
+function damageTarget(file: string, image: Buffer): number {
+  const region = 1 << 20;
+  const fd = fs.openSync(file, 'r+');
+  let n = 0;
+  try {
+    let withData = 0;
+    for (let o = 0; o < image.length; o += region) {
+      if (!image.subarray(o, o + region).some((b) => b !== 0)) continue;
+      if (withData++ % 8 !== 0) continue;
+      fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, o + 8192);
+      n++;
+    }
+    fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return n;
 }
 
 async function waitAll(api: DriverClient, nodes: string[], timeoutMs: number): Promise<Awaited<ReturnType<DriverClient['getDeployment']>>[]> {

@@ -241,7 +241,8 @@ function scalingRows(): Row[] {
 function fleetRows(): Row[] {
   // A run with its one-node reference (a --peers on run without it cannot say "vs one node"):
   // the network-namespace harness's (each node behind its own shaped link), else loopback's.
-  const withReference = (d: Json): boolean => (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1);
+  // Not a run with a lying seed (--liar): it has a goal of its own, below.
+  const withReference = (d: Json): boolean => d['liar'] !== true && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1);
   const r = latest('fleet', (d) => d['netns'] === true && withReference(d)) ?? latest('fleet', withReference);
   if (!r) return [];
   const netns = r.data['netns'] === true;
@@ -284,9 +285,30 @@ function fleetRows(): Row[] {
     : netns
       ? `The ${on.nodes} agents share this machine's ${cores} cores and used ${cpu}. ${seederNote}The rest of the run is the other disks copying from each other: ${u?.perGiB ?? '?'} CPU-seconds per GiB that crossed between peers (sent by one agent, received, verified and written by another, with the map polls), where a copy from the origin costs its receiver ~2 per GiB (streaming bench, 10 Gbit/s)${u?.coreBound ? ", so the fleet runs at the cores' pace" : ''}. What would close it here: slower links (the issue's scaling: the fleet must fit the cores) or peer transfers cheaper per byte; on separate DPUs each node has its own cores. docs/fleet.md has the figures by fleet size and link rate.`
       : `CPU: the ${on.nodes} agents share this machine's ${cores} cores and used ${cpu} (receiving, verifying, writing and serving every byte, and answering the driver's and the peers' polls), so the fleet copies at the cores' pace, not the links'. On separate DPUs each node has its own cores; the fleet harness with one network namespace per node and capped uploads is what would measure the link-bound figure.`;
+  // A lying seed (bench/fleet.ts --liar): no wrong byte in any target.
+  const lie = latest('fleet', (d) => d['liar'] === true);
+  const liarRows: Row[] = [];
+  if (lie) {
+    const runs = (lie.data['runs'] as { nodes: number; peers: boolean; wrong_targets?: number; integrity_failures?: number; damaged_regions?: number; origin_bytes: number; data_bytes: number }[]).filter((x) => x.peers && x.damaged_regions !== undefined);
+    const biggest = Math.max(...runs.map((x) => x.nodes));
+    const at = runs.filter((x) => x.nodes === biggest);
+    const wrong = at.reduce((n, x) => n + (x.wrong_targets ?? 0), 0);
+    const caught = at.reduce((n, x) => n + (x.integrity_failures ?? 0), 0);
+    const originX = median(at.map((x) => x.origin_bytes / x.data_bytes));
+    if (at.length) {
+      liarRows.push({
+        goal: '0 wrong bytes with a peer that serves corrupted data',
+        measured: `${wrong} wrong targets of ${biggest * at.length}, each compared whole with the image (${lie.data['netns'] === true ? 'network namespaces' : 'loopback'}; a seed serving ${at[0]!.damaged_regions} damaged regions; ${caught} regions failed verification at the receivers and were read elsewhere; origin ${originX.toFixed(2)}× the image)`,
+        met: wrong === 0,
+        source: lie.file,
+        limit: 'A disk whose target differs from the image: see the run\'s results.',
+      });
+    }
+  }
   return [
     { goal: 'origin bytes ≤ 1.5× the image for 32 nodes (P2P)', measured: `${on.origin_x.toFixed(2)}× (${where})`, met: atSize ? on.origin_x <= 1.5 : null, source: r.file, limit },
     { goal: 'time until all 32 nodes are local ≤ 3× a single node’s (P2P)', measured: `${on.vs_single.toFixed(2)}× (${where})${also}`, met: atSize ? on.vs_single <= 3 : null, source: r.file, limit: timeLimit },
+    ...liarRows,
   ];
 }
 
