@@ -29,6 +29,7 @@ import { TestOrigin } from '../tests/helpers/origin.js';
 import { agentDaemon, type ServiceProcess, TOKEN } from '../tests/helpers/services.js';
 import {
   BENCH_FLAGS,
+  type BenchFlags,
   MiB,
   REPO,
   benchFlags,
@@ -65,17 +66,14 @@ const USAGE = `Usage: node dist/bench/peer-serve.js [options]   (run it under: f
   --quick           2 s × 1 round; docs/benchmarks.md is left alone unless --docs
   --workdir DIR, --keep, --docs, --no-docs, --help`;
 
-interface Options {
+/** The bench's own flags, with the common ones (--quick, --workdir, --keep, --docs). */
+interface Options extends BenchFlags {
   runtime: number;
   reps: number;
   size: number;
   range: number;
   concurrency: number;
   workloads: Workload[];
-  quick: boolean;
-  workdir: string | undefined;
-  keep: boolean;
-  docs: boolean;
 }
 
 function parseOptions(argv: string[]): Options {
