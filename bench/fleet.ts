@@ -25,6 +25,7 @@ import { AgentClient } from '../openapi/clients/agent-client.js';
 import { DriverClient } from '../openapi/clients/driver-client.js';
 import { makeImage } from '../tests/helpers/agent.js';
 import { NetLab } from '../tests/helpers/netns.js';
+import { fleetPlots } from './fleet-plots.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
 import { freePort, RedisServer } from '../tests/helpers/redis.js';
 import { agentDaemon, driverService, type ServiceProcess, TOKEN } from '../tests/helpers/services.js';
@@ -219,9 +220,12 @@ ${table}
     // One section per link rate: the rate decides whether this machine's cores or the links
     // set the fleet's pace, and docs/fleet.md compares them.
     const mbit = Math.round((nodeRate * 8) / 1e6);
+    const offOnly = !peerModes.includes(true);
     const heading = liar
       ? NETNS_SECTION.replace('peers off and on', 'a lying seed').replace('shaped links)', `${mbit} Mbit/s links)`)
-      : mbit === 100 ? NETNS_SECTION : NETNS_SECTION.replace('shaped links)', `${mbit} Mbit/s links)`);
+      : offOnly
+        ? NETNS_SECTION.replace('peers off and on', 'peers off').replace('shaped links)', `${mbit} Mbit/s links)`)
+        : mbit === 100 ? NETNS_SECTION : NETNS_SECTION.replace('shaped links)', `${mbit} Mbit/s links)`);
     updateDocSection(
       heading,
       `${heading}
@@ -241,6 +245,7 @@ targets"; "regions failing verification" are the disks' integrity_failures).${li
 ${table}
 `,
     );
+    for (const f of fleetPlots()) console.error(`fleet: plot ${f}`);
   }
 });
 

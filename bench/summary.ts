@@ -242,7 +242,8 @@ function fleetRows(): Row[] {
   // A run with its one-node reference (a --peers on run without it cannot say "vs one node"):
   // the network-namespace harness's (each node behind its own shaped link), else loopback's.
   // Not a run with a lying seed (--liar): it has a goal of its own, below.
-  const withReference = (d: Json): boolean => d['liar'] !== true && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1);
+  // A run with peers on: a --peers off run (the comparison, in docs/fleet.md) has no figure for these goals.
+  const withReference = (d: Json): boolean => d['liar'] !== true && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1) && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.peers);
   const r = latest('fleet', (d) => d['netns'] === true && withReference(d)) ?? latest('fleet', withReference);
   if (!r) return [];
   const netns = r.data['netns'] === true;
