@@ -309,13 +309,9 @@ export function resolveDriverConfig(source: { file: string } | { object: unknown
   return resolved;
 }
 
+/** agent.ca's bundle; a ConfigError names the key `agent.ca`. */
 function readAgentCa(file: string): Buffer {
-  try {
-    return readCaBundle('ca', file, () => 'config key "agent.ca"');
-  } catch (err) {
-    if (err instanceof ConfigError) throw new ConfigError(err.message, 'agent.ca');
-    throw err;
-  }
+  return readCaBundle('agent.ca', file, () => 'config key "agent.ca"');
 }
 
 /** agent.ca's certificates, read when the config was resolved. */

@@ -74,7 +74,7 @@ import { DriverError } from './errors.js';
 import { type ResolvedImage, resolveImage } from './image.js';
 import type { JobData, Queues } from './queues.js';
 import type { ReconcileStore } from './reconcile.js';
-import { choosePeers, type PeerHolder, type PeerTracker, peerListDigest } from './peers.js';
+import { choosePeers, type PeerHolder, peerId, type PeerTracker, peerListDigest } from './peers.js';
 import type { BootProfileRecord, DeploymentRecord, DeploymentStore, PeerRecord, Progress } from './store.js';
 
 export interface JobDeps {
@@ -389,7 +389,7 @@ async function joinPeers(deps: JobDeps, rec: DeploymentRecord, disk: Disk, prev:
     // (An agent older than excluded_sources names none.)
     let listed = await tracker.holders(key);
     for (const src of disk.peers.excluded_sources ?? []) {
-      const same = (h: PeerHolder): boolean => h.deployment !== self.deployment && h.url.replace(/\/+$/, '') === src.url.replace(/\/+$/, '') && h.disk === src.disk;
+      const same = (h: PeerHolder): boolean => h.deployment !== self.deployment && peerId(h) === peerId(src);
       for (const liar of listed.filter(same)) {
         if (await tracker.ban(key, liar.deployment)) {
           deps.log.warn({ node: rec.node_uuid, disk: rec.disk_id, peer: liar.deployment, url: liar.url }, `a peer sent bytes that failed verification at disk ${rec.disk_id}: it is no longer listed for any disk of the image`);

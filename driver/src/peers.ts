@@ -54,7 +54,7 @@ export interface PeerHolder {
   deployment: string;
   /** Where peers reach its agent (driver_info smartnic_peer_url, else smartnic_agent_url). */
   url: string;
-  /** Where the driver reaches its agent (smartnic_agent_url), to tell whether a seed is alive; absent in entries listed before it was kept: `url`. */
+  /** Where the driver reaches its agent (smartnic_agent_url), to tell whether a seed is alive; absent in entries listed before it was kept (those are not probed). */
   agent?: string;
   disk: string;
   /** Topology label (driver_info smartnic_rack), or null. */
@@ -258,12 +258,17 @@ export class PeerTracker {
   }
 }
 
+/** Which peer an address names (its URL without trailing slashes, and its disk): what lists and reports are matched on. */
+export function peerId(p: { url: string; disk: string }): string {
+  return `${p.url.replace(/\/+$/, '')} ${p.disk}`;
+}
+
 /** Orders and caps the holders for one disk (pure: unit-tested). */
 export function choosePeers(holders: readonly PeerHolder[], self: { deployment: string; url: string; disk: string; rack: string | null }, max: number): PeerAddress[] {
   const spread = (h: PeerHolder): number => createHash('sha256').update(`${self.deployment}\n${h.deployment}`).digest().readUInt32BE(0);
   const sameRack = (h: PeerHolder): number => (self.rack !== null && h.rack === self.rack ? 1 : 0);
   const fraction = (h: PeerHolder): number => (h.total > 0 ? h.local / h.total : 0);
-  const seen = new Set<string>([`${self.url.replace(/\/+$/, '')} ${self.disk}`]);
+  const seen = new Set<string>([peerId(self)]);
   const out: PeerAddress[] = [];
   const ranked = holders
     .filter((h) => h.deployment !== self.deployment && PEER_URL.test(h.url))
@@ -273,11 +278,10 @@ export function choosePeers(holders: readonly PeerHolder[], self: { deployment: 
     .sort((a, b) => b.rack - a.rack || b.complete - a.complete || b.quarter - a.quarter || a.spread - b.spread);
   for (const { h } of ranked) {
     if (out.length >= max) break;
-    const url = h.url.replace(/\/+$/, '');
-    const id = `${url} ${h.disk}`;
+    const id = peerId(h);
     if (seen.has(id)) continue;
     seen.add(id);
-    out.push({ url, disk: h.disk });
+    out.push({ url: h.url.replace(/\/+$/, ''), disk: h.disk });
   }
   return out;
 }
