@@ -72,7 +72,7 @@ import { BOOT_MARKER, buildDebianImage, LOGIN_PROMPT } from '../tests/helpers/bo
 import { run } from '../tests/helpers/run.js';
 import { startNginxOrigin } from './lib/nginx-origin.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
-import { startQemuHost, type BlockStats, type QemuHostOptions } from './lib/boot-qemu.js';
+import { MarkerTimeout, startQemuHost, type BlockStats, type QemuHostOptions } from './lib/boot-qemu.js';
 import { defaultModes, MODES, rateLabel, realOsGoals, roundOrder, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
 import { parseDuration } from '../dpu-agent/src/cli/units.js';
 import { RECORDING_DEFAULTS } from '../dpu-agent/src/streaming/boot-profile.js';
@@ -638,8 +638,42 @@ async function deploy(lab: Lab, mode: Mode, img: BenchImage, agentExtra: string[
   }
 }
 
-function startHost(d: Deployment, img: BenchImage): ReturnType<typeof startQemuHost> {
-  return startQemuHost(d.socket, { dir: d.hostDir, ...img.boot });
+function startHost(d: Deployment, img: BenchImage, timeoutMs?: number): ReturnType<typeof startQemuHost> {
+  return startQemuHost(d.socket, { dir: d.hostDir, ...img.boot, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+}
+
+/**
+ * A boot that did not reach its marker: the guest stopped somewhere (seen here once in a
+ * local boot from nbdkit's file plugin: Linux idle in HLT after 3,162 of the ~3,620 reads,
+ * no disk I/O and no console output for minutes). Kept in the results with where it stopped;
+ * the boot is run again once.
+ */
+interface HungBoot {
+  link: string;
+  mode: Mode;
+  rep: number;
+  attempt: number;
+  timeoutS: number;
+  /** QEMU's disk counters when it was given up on. */
+  guest: BlockStats | null;
+  serialTail: string;
+}
+
+class BootHung extends Error {
+  constructor(readonly hung: HungBoot) {
+    super(`${hung.link} ${hung.mode} round ${hung.rep}: no marker within ${hung.timeoutS} s`);
+  }
+}
+
+/**
+ * How long a boot may take before it counts as hung: the image's own deadline until a boot
+ * at this rate has finished, then 4× the slowest finished one (at least 4 minutes), so a
+ * hung guest costs minutes, not the 15 a first Debian boot is allowed.
+ */
+function hangTimeoutMs(img: BenchImage, done: readonly BootRun[], link: string): number | undefined {
+  const same = done.filter((r) => r.link === link && r.image === img.kind);
+  if (!same.length) return undefined;
+  return Math.min(img.boot.timeoutMs ?? 900_000, Math.max(240_000, 4_000 * Math.max(...same.map((r) => r.qemuToMarkerS))));
 }
 
 function hydrated(agent: AgentProcess | null): number | null {
@@ -677,13 +711,21 @@ function load1(): number {
   return Number(fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
 }
 
-async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number): Promise<BootRun> {
+async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeoutMs?: number, attempt = 1): Promise<BootRun> {
   const load = load1();
   const rx0 = lab.link.rxBytes();
   const d = await deploy(lab, mode, img);
   try {
-    const host = startHost(d, img);
-    const markerAt = await host.marker;
+    const host = startHost(d, img, timeoutMs);
+    let markerAt: number;
+    try {
+      markerAt = await host.marker;
+    } catch (err) {
+      if (!(err instanceof MarkerTimeout)) throw err;
+      const guest = await guestStats(host);
+      await host.stop();
+      throw new BootHung({ link: lab.rate.label, mode, rep, attempt, timeoutS: err.timeoutMs / 1000, guest, serialTail: err.serialTail });
+    }
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
     const agentFetchedAtMarker = fetchedSoFar(d.agent);
@@ -1128,6 +1170,8 @@ interface RenderCommon {
   pngs: (string | null)[];
   /** The boot profiles the streaming-profile rounds replayed, one per image and rate. */
   recordings: ProfileRecording[];
+  /** Boots given up on (and run again). */
+  hung: HungBoot[];
 }
 
 /** The header's line on the profiles streaming-profile replayed (empty without the mode). */
@@ -1140,6 +1184,13 @@ function renderRecordings(recs: ProfileRecording[], img: BenchImage, opts: Optio
   the profile holds the reads up to it), the recording ended by its window; every round replays it.
 ${recs.map((p) => `  ${one(p)}.`).join('\n')}
 `;
+}
+
+/** The header's words on boots that hung (empty when none did). */
+function renderHung(hung: readonly HungBoot[], img: BenchImage): string {
+  if (!hung.length) return '';
+  const each = hung.map((h) => `${h.link} ${h.mode} round ${h.rep} (after ${h.guest ? `${fmtNum(h.guest.readOps, 0)} reads` : 'an unknown number of reads'}, ${h.timeoutS} s)`).join('; ');
+  return `\n- Hung boots, not counted and booted again: ${each}. Each stopped short of the ${img.markerName}; the raw results hold each one's serial console tail.`;
 }
 
 function header(p: RenderCommon, heading: string, img: BenchImage, imageText: string): string {
@@ -1161,7 +1212,7 @@ left alone).
 - Modes (the clock starts when the first process of the mode is spawned; each export is
   polled every 10 ms for its NBD greeting before QEMU starts):
 ${opts.modes.map((mode) => `  - **${mode}**: ${MODE_SPECS[mode].how(img)}`).join('\n')}${opts.agentArgs.length ? `\n  - streaming's extra flags: \`${opts.agentArgs.join(' ')}\`` : ''}
-${renderRecordings(p.recordings, img, opts)}- ${opts.reps} round(s) per ${opts.image === 'busybox' ? 'size and rate' : 'rate'}, every mode once per round, mode order rotated per round; tables show medians.
+${renderRecordings(p.recordings, img, opts)}- ${opts.reps} round(s) per ${opts.image === 'busybox' ? 'size and rate' : 'rate'}, every mode once per round, mode order rotated per round; tables show medians.${renderHung(p.hung, img)}
 - Raw runs and the goal figures: \`${p.raw}\``;
 }
 
@@ -1362,58 +1413,78 @@ async function main(): Promise<void> {
 
   const images = opts.image === 'debian' ? [debianImage(root, o.base)] : opts.sizes.map((s) => busyboxImage(root, o.base, s));
   const bootRuns: BootRun[] = [];
+  const hung: HungBoot[] = [];
   const wsRuns: WorkingSetRun[] = [];
   const recordings: ProfileRecording[] = [];
   const io: IoRun[] = [];
-  for (const img of images) {
-    await buildImage(img, log);
-    const head = await fetch(img.url, { method: 'HEAD' });
-    if (Number(head.headers.get('content-length')) !== img.size) throw new Error(`origin serves ${head.headers.get('content-length')} bytes for ${img.url}, expected ${img.size}`);
+  try {
+    for (const img of images) {
+      await buildImage(img, log);
+      const head = await fetch(img.url, { method: 'HEAD' });
+      if (Number(head.headers.get('content-length')) !== img.size) throw new Error(`origin serves ${head.headers.get('content-length')} bytes for ${img.url}, expected ${img.size}`);
 
-    for (const rate of opts.rates) {
-      lab.rate = rate;
-      link.setRate(rate.rate);
-      const where = `${img.kind === 'debian' ? '' : `${sizeLabel(img.size)} `}${rate.label}`;
-      const tag = (round: number): string => `${where} round ${round}`;
-      lab.profile = null;
-      if (opts.modes.includes('streaming-profile')) {
-        const p = await recordProfile(lab, img);
-        recordings.push(p);
-        lab.profile = p;
-        log(
-          `  ${where} boot profile: ${p.regions} regions of ${fmtBytes(p.regionSize)} (${fmtBytes(p.regions * p.regionSize)} of ${p.imageRegions}) from a streaming boot to the ${img.markerName} in ${p.toMarkerS.toFixed(2)} s; ` +
-            `the window (${opts.profileWindow.arg}) ended ${p.endedAfterMarkerS.toFixed(1)} s after the ${img.markerName}${p.endedAfterMarkerS < 0 ? ' — BEFORE it: the end of the boot is not in the profile; raise --profile-window' : ''}; load ${p.load1}`,
-        );
-        await sleep(500);
-      }
-      for (let round = 1; round <= opts.reps; round++) {
-        for (const mode of roundOrder(opts.modes, round)) {
-          const r = await bootRun(lab, mode, img, round);
-          bootRuns.push(r);
-          logRun(log, tag(round), r, img.markerName);
+      for (const rate of opts.rates) {
+        lab.rate = rate;
+        link.setRate(rate.rate);
+        const where = `${img.kind === 'debian' ? '' : `${sizeLabel(img.size)} `}${rate.label}`;
+        const tag = (round: number): string => `${where} round ${round}`;
+        lab.profile = null;
+        if (opts.modes.includes('streaming-profile')) {
+          const p = await recordProfile(lab, img);
+          recordings.push(p);
+          lab.profile = p;
+          log(
+            `  ${where} boot profile: ${p.regions} regions of ${fmtBytes(p.regionSize)} (${fmtBytes(p.regions * p.regionSize)} of ${p.imageRegions}) from a streaming boot to the ${img.markerName} in ${p.toMarkerS.toFixed(2)} s; ` +
+              `the window (${opts.profileWindow.arg}) ended ${p.endedAfterMarkerS.toFixed(1)} s after the ${img.markerName}${p.endedAfterMarkerS < 0 ? ' — BEFORE it: the end of the boot is not in the profile; raise --profile-window' : ''}; load ${p.load1}`,
+          );
           await sleep(500);
         }
+        for (let round = 1; round <= opts.reps; round++) {
+          for (const mode of roundOrder(opts.modes, round)) {
+            let r: BootRun | null = null;
+            for (let attempt = 1; r === null; attempt++) {
+              try {
+                r = await bootRun(lab, mode, img, round, hangTimeoutMs(img, bootRuns, rate.label), attempt);
+              } catch (err) {
+                if (!(err instanceof BootHung) || attempt >= 2) throw err;
+                hung.push(err.hung);
+                log(`  ${tag(round)} ${mode.padEnd(12)} HUNG: no ${img.markerName} within ${err.hung.timeoutS} s (the guest had read ${err.hung.guest ? `${err.hung.guest.readOps} requests` : '?'}); booting it again. Serial tail: ${JSON.stringify(err.hung.serialTail.slice(-300))}`);
+                await sleep(500);
+              }
+            }
+            bootRuns.push(r);
+            logRun(log, tag(round), r, img.markerName);
+            await sleep(500);
+          }
+        }
+        for (let i = 1; i <= opts.workingSet; i++) {
+          const w = await workingSetRun(lab, img, i);
+          wsRuns.push(w);
+          log(
+            `  ${rate.label} working set ${i}: login prompt ${w.toMarkerS.toFixed(2)} s with no background copy; fetched ${fmtBytes(w.fetched)} (${w.regionsLocal} regions of ${fmtBytes(w.regionSize)})` +
+              `${w.guest ? `; the guest read ${fmtBytes(w.guest.readBytes)} in ${w.guest.readOps} requests, wrote ${fmtBytes(w.guest.writeBytes)} in ${w.guest.writeOps}` : ''}; load ${w.load1}`,
+          );
+          await sleep(500);
+        }
+        // fio: on the smallest busybox image at the first rate, as before rates were a list.
+        if (opts.io && img === images[0] && rate === opts.rates[0]) {
+          for (let round = 1; round <= opts.reps; round++) io.push(...(await ioRuns(lab, img, round, roundOrder(opts.modes, round))));
+        }
       }
-      for (let i = 1; i <= opts.workingSet; i++) {
-        const w = await workingSetRun(lab, img, i);
-        wsRuns.push(w);
-        log(
-          `  ${rate.label} working set ${i}: login prompt ${w.toMarkerS.toFixed(2)} s with no background copy; fetched ${fmtBytes(w.fetched)} (${w.regionsLocal} regions of ${fmtBytes(w.regionSize)})` +
-            `${w.guest ? `; the guest read ${fmtBytes(w.guest.readBytes)} in ${w.guest.readOps} requests, wrote ${fmtBytes(w.guest.writeBytes)} in ${w.guest.writeOps}` : ''}; load ${w.load1}`,
-        );
-        await sleep(500);
-      }
-      // fio: on the smallest busybox image at the first rate, as before rates were a list.
-      if (opts.io && img === images[0] && rate === opts.rates[0]) {
-        for (let round = 1; round <= opts.reps; round++) io.push(...(await ioRuns(lab, img, round, roundOrder(opts.modes, round))));
-      }
+      if (!opts.keep) fs.rmSync(img.file, { force: true });
     }
-    if (!opts.keep) fs.rmSync(img.file, { force: true });
+  } catch (err) {
+    // Runs already done are kept: a failure late in an hour-long bench loses nothing measured.
+    if (bootRuns.length || wsRuns.length) {
+      const partial = writeResults(`deploy-modes-partial-${opts.image}`, date, { command: cmd, date: date.toISOString(), options: opts, failedWith: (err as Error).message, bootRuns, hungBoots: hung, workingSetRuns: wsRuns, profileRecordings: recordings, ioRuns: io });
+      log(`the runs done before the failure are in ${partial}`);
+    }
+    throw err;
   }
 
   const cases = images.flatMap((img) => opts.rates.map((rate) => medians(opts, bootRuns, rate, img.size)));
   const common = { command: cmd, date: date.toISOString(), quick: opts.quick, options: opts, machine: m, nginx: nginxV };
-  const rc: Omit<RenderCommon, 'raw' | 'pngs'> = { opts, cmd, date: date.toISOString(), m, nginx: nginxV, recordings };
+  const rc: Omit<RenderCommon, 'raw' | 'pngs'> = { opts, cmd, date: date.toISOString(), m, nginx: nginxV, recordings, hung };
   let section: string;
   let heading: string;
   let raw: string;
@@ -1430,6 +1501,7 @@ async function main(): Promise<void> {
         medians: cases.map((c) => ({ link: c.link.label, bitsPerSecond: c.link.rate * 8, modes: c.m })),
       },
       bootRuns,
+      hungBoots: hung,
       workingSetRuns: wsRuns,
       profileRecordings: recordings,
     });
@@ -1449,6 +1521,7 @@ async function main(): Promise<void> {
         io: iom,
       },
       bootRuns,
+      hungBoots: hung,
       ioRuns: io,
       ...(recordings.length ? { profileRecordings: recordings } : {}),
     });

@@ -90,6 +90,18 @@ export function qemuHostArgs(socket: string, qmpSocket: string, opts: QemuHostOp
   ];
 }
 
+/** The marker did not appear in time: the guest hung (or is far slower than asked). */
+export class MarkerTimeout extends Error {
+  constructor(
+    readonly markerText: string,
+    readonly timeoutMs: number,
+    /** The end of the serial console: where the guest stopped. */
+    readonly serialTail: string,
+  ) {
+    super(`QEMU: no ${markerText} within ${timeoutMs / 1000} s; serial:\n${serialTail}`);
+  }
+}
+
 export function startQemuHost(socket: string, opts: QemuHostOptions): QemuHost {
   const marker = opts.marker ?? BOOT_MARKER;
   // A pattern is tested repeatedly: without the g/y flags, so no lastIndex carries over.
@@ -115,7 +127,7 @@ export function startQemuHost(socket: string, opts: QemuHostOptions): QemuHost {
     return pattern.test(serial.slice(from));
   };
   const markerP = new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`QEMU: no ${markerText} within ${timeoutMs / 1000} s; serial:\n${serial.slice(-2000)}`)), timeoutMs);
+    const timer = setTimeout(() => reject(new MarkerTimeout(markerText, timeoutMs, serial.slice(-2000))), timeoutMs);
     let done = false;
     child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       serial += d;
