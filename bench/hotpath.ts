@@ -71,6 +71,10 @@ const USAGE = `Usage: node dist/bench/hotpath.js [options]   (run it under: floc
   --quick         smoke run: 2 s × 1 round; docs/benchmarks.md is left alone unless --docs
   --tcp           loopback TCP instead of unix sockets
   --size SIZE     image size, e.g. 1G or 256M (default 1G)
+  --agent-node-flags=STR
+                  node flags for the agent, space-separated, given with = (e.g.
+                  --agent-node-flags=--optimize-for-size); shown in the report. Such a
+                  run is not taken for the goals table
   --workdir DIR   where the image copies go (default: a fresh directory in the OS temp dir)
   --keep          keep the work directory
   --docs          update docs/benchmarks.md even with --quick
@@ -83,6 +87,7 @@ interface Options {
   quick: boolean;
   tcp: boolean;
   size: number;
+  agentNodeFlags: string[];
   workdir: string | undefined;
   keep: boolean;
   docs: boolean;
@@ -92,7 +97,7 @@ function parseOptions(argv: string[]): Options {
   const { values: v } = parseArgs({
     args: argv,
     strict: true,
-    options: { ...BENCH_FLAGS, runtime: { type: 'string' }, reps: { type: 'string' }, tcp: { type: 'boolean' }, size: { type: 'string' } },
+    options: { ...BENCH_FLAGS, runtime: { type: 'string' }, reps: { type: 'string' }, tcp: { type: 'boolean' }, size: { type: 'string' }, 'agent-node-flags': { type: 'string' } },
   });
   const common = benchFlags(v, USAGE);
   const size = parseSizeArg(v.size ?? '1G', '--size');
@@ -103,6 +108,7 @@ function parseOptions(argv: string[]): Options {
     reps: Math.round(positive('reps', v.reps, common.quick ? 1 : 3)),
     tcp: v.tcp === true,
     size,
+    agentNodeFlags: (v['agent-node-flags'] ?? '').split(/\s+/).filter((f) => f !== ''),
   };
 }
 
@@ -168,7 +174,7 @@ async function startPeer(name: 'nbdkit' | 'qemu-nbd', file: string, ep: Endpoint
   return { name, pid: child.pid!, uri: ep.uri, file, child };
 }
 
-async function startAgent(image: string, dir: string, ep: Endpoint, size: number, log: (s: string) => void): Promise<{ server: Server; hydrateMs: number }> {
+async function startAgent(image: string, dir: string, ep: Endpoint, size: number, nodeArgs: string[], log: (s: string) => void): Promise<{ server: Server; hydrateMs: number }> {
   const origin = new TestOrigin({ file: image });
   const url = await origin.start();
   onCleanup(() => origin.stop());
@@ -176,7 +182,7 @@ async function startAgent(image: string, dir: string, ep: Endpoint, size: number
   const state = path.join(dir, 'agent-state');
   // AgentProcess always passes a unix --listen; a second --listen wins (node parseArgs
   // keeps the last value of a single-valued option), which is how --tcp reaches the agent.
-  const agent = new AgentProcess({ source: url, target, state, socket: ep.socket || path.join(dir, 'unused.sock'), extra: ep.socket ? [] : ['--listen', ep.agentListen], poison: false });
+  const agent = new AgentProcess({ source: url, target, state, socket: ep.socket || path.join(dir, 'unused.sock'), extra: ep.socket ? [] : ['--listen', ep.agentListen], poison: false, nodeArgs });
   track(agent.child);
   const t0 = Date.now();
   await agent.listening();
@@ -352,7 +358,7 @@ left alone).
   agent its target file, hydrated from a local HTTP origin in ${(p.hydrateMs / 1000).toFixed(1)} s before
   measuring), page cache warm, ${transport}. fio \`--ioengine=nbd\`, one job, ${opts.runtime} s per run,
   ${opts.reps} round(s) with the servers interleaved; the table shows medians.
-- Servers: \`dpu-agent stream … --listen ${opts.tcp ? 'tcp:…' : 'unix:SOCK'}\` (after \`complete\`),
+- Servers: \`${opts.agentNodeFlags.length ? `node ${opts.agentNodeFlags.join(" ")} ` : ""}dpu-agent stream … --listen ${opts.tcp ? 'tcp:…' : 'unix:SOCK'}\` (after \`complete\`),
   \`nbdkit -f ${opts.tcp ? '-i 127.0.0.1 -p PORT' : '-U SOCK'} file FILE\`,
   \`qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads ${opts.tcp ? '-b 127.0.0.1 -p PORT' : '-k SOCK'} FILE\`.
 - CPU µs/op: the server process's utime+stime (all threads, /proc/PID/stat) over the run,
@@ -389,7 +395,7 @@ async function main(): Promise<void> {
   for (const f of Object.values(copies)) fs.copyFileSync(image, f);
 
   const servers = {} as Record<ServerName, Server>;
-  const { server: agent, hydrateMs } = await startAgent(image, dir, await endpoint(opts.tcp, dir, 'agent'), opts.size, log);
+  const { server: agent, hydrateMs } = await startAgent(image, dir, await endpoint(opts.tcp, dir, 'agent'), opts.size, opts.agentNodeFlags, log);
   servers.agent = agent;
   onCleanup(() => stopChild(agent.child));
   for (const name of ['nbdkit', 'qemu-nbd'] as const) {

@@ -6,10 +6,13 @@
  *    (`--data`, random bytes in 4 MiB pieces spread over the disk) and zeros elsewhere, so
  *    what changes between sizes is the number of regions the agent tracks, not the bytes
  *    it copies. The agent streams it with a manifest (as the driver always hands it one),
- *    so zero regions are neither fetched nor written. Measured from /proc: RSS once the
- *    export listens, peak RSS (VmHWM) over hydration, then over 3 s of fio 4K random reads
- *    at QD32 against the hydrated export; CPU seconds of the whole run; hydration time.
- *    The issue's goal: RSS ≤ 64 MiB for a 100 GiB disk.
+ *    so zero regions are neither fetched nor written. Each image is streamed twice: by
+ *    `dpu-agent stream` and by the daemon as deployed (`serve` with AGENT_NODE_FLAGS, one
+ *    disk made through its API). Measured from /proc: RSS once the process listens, peak
+ *    RSS (VmHWM) from start through hydration, then over 3 s of fio 4K random reads at
+ *    QD32 against the hydrated export; anonymous RSS sampled every 50 ms over both; RSS
+ *    20 s later, idle; CPU seconds of the whole run; hydration time. The issue's goal:
+ *    RSS of `serve` ≤ 64 MiB for a 100 GiB disk.
  * 2. Region size (64 KiB to 16 MiB): a 1 GiB random image across an emulated 1 Gbit/s link
  *    (netns + veth + tc tbf, origin inside the namespace): hydration time, rate as a share
  *    of the link, agent CPU, region map size. Medians of `--reps` runs.
@@ -22,12 +25,15 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Manifest } from '../image-access/src/manifest.js';
 import { EmulatedLink } from '../lab/netns.js';
+import { AgentClient } from '../openapi/clients/agent-client.js';
 import { AgentProcess } from '../tests/helpers/agent.js';
+import { AGENT_NODE_FLAGS, agentDaemon, TOKEN } from '../tests/helpers/services.js';
 import { TestOrigin } from '../tests/helpers/origin.js';
 import { FileSource } from '../tests/helpers/qcow2-images.js';
 import { run } from '../tests/helpers/run.js';
 import {
   BENCH_FLAGS,
+  anonPeak,
   GiB,
   MiB,
   benchFlags,
@@ -57,6 +63,8 @@ import {
 
 const SECTION = '## Scaling: agent CPU and memory against disk size, hydration against region size';
 const LINK_INDEX = 60;
+/** How long an idle agent is left before its settled RSS is read. */
+const SETTLE_MS = 20_000;
 
 const USAGE = `Usage: node dist/bench/scaling.js [options]   (run it under: flock /tmp/heavy.lock …)
 
@@ -119,6 +127,10 @@ function parseOptions(argv: string[]): Options {
 // ---------------------------------------------------------------- part 1: disk size
 
 interface SizeRun {
+  /** `stream` (one disk, as the benches run it) or `serve` (the daemon as deployed, one disk made through its API). */
+  program: 'stream' | 'serve';
+  /** node's flags: serve runs with the deployed ones (AGENT_NODE_FLAGS). */
+  nodeFlags: string[];
   size: number;
   regions: number;
   dataBytes: number;
@@ -127,6 +139,13 @@ interface SizeRun {
   rssListening: number;
   rssHydrationPeak: number;
   rssFioPeak: number;
+  /** Anonymous RSS (heap, buffers; not the node binary's file pages): once listening, peaks sampled every 50 ms. */
+  anonListening: number;
+  anonHydrationPeak: number;
+  anonFioPeak: number;
+  /** RSS and anonymous RSS SETTLE_MS after fio, the process idle. */
+  rssSettled: number;
+  anonSettled: number;
   hydrateMs: number;
   cpuHydrateS: number;
   cpuTotalS: number;
@@ -170,7 +189,7 @@ async function fioIops(uri: string, seconds: number): Promise<number> {
   return doc.jobs[0]!.read.iops;
 }
 
-async function measureSize(dir: string, size: number, data: number, log: (s: string) => void): Promise<SizeRun> {
+async function measureSize(dir: string, size: number, data: number, log: (s: string) => void): Promise<SizeRun[]> {
   const image = path.join(dir, `sparse-${size}.raw`);
   const manifestFile = `${image}.manifest`;
   makeSparseImage(image, size, data);
@@ -184,6 +203,52 @@ async function measureSize(dir: string, size: number, data: number, log: (s: str
 
   const origin = new TestOrigin({ file: image });
   const url = await origin.start();
+  const common = { size, regions: manifest.count, dataBytes: (manifest.count - manifest.zeroRegions) * MiB, manifestMs };
+  try {
+    return [await measureStream(dir, url, manifestFile, common), await measureServe(dir, url, manifest, common)];
+  } finally {
+    await origin.stop();
+    for (const f of [image, manifestFile]) fs.rmSync(f, { force: true });
+  }
+}
+
+type SizeCommon = Pick<SizeRun, 'size' | 'regions' | 'dataBytes' | 'manifestMs'>;
+
+/** Memory and CPU of one agent process from listening to hydrated, then under fio. */
+async function measureProcess(pid: number, sock: string, listening: { rss: number; anon: number }, hydrated: () => Promise<{ hydrateMs: number; bytesFetched: number }>): Promise<Omit<SizeRun, keyof SizeCommon | 'program' | 'nodeFlags' | 'listenMs' | 'stateBytes'>> {
+  let anon = anonPeak(pid);
+  let done: { hydrateMs: number; bytesFetched: number };
+  try {
+    done = await hydrated();
+  } finally {
+    anon.stop();
+  }
+  const rssHydrationPeak = rss(pid).hwm;
+  const anonHydrationPeak = anon.stop();
+  const cpuHydrateS = cpuSeconds(pid, 'agent');
+  // Reset the high-water mark (clear_refs 5), so the fio peak is its own.
+  fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
+  anon = anonPeak(pid);
+  let fioIopsMeasured: number;
+  try {
+    fioIopsMeasured = await fioIops(`nbd+unix:///?socket=${sock}`, 3);
+  } finally {
+    anon.stop();
+  }
+  const rssFioPeak = rss(pid).hwm;
+  const anonFioPeak = anon.stop();
+  const cpuTotalS = cpuSeconds(pid, 'agent');
+  // What the process keeps once idle: V8's memory reducer runs a full collection some
+  // seconds after allocation stops (~10 s here), which frees the fetch buffers and the
+  // start-up garbage; before it, the idle figure is the peak's.
+  await sleep(SETTLE_MS);
+  const settled = rss(pid);
+  return { rssListening: listening.rss, rssHydrationPeak, rssFioPeak, anonListening: listening.anon, anonHydrationPeak, anonFioPeak, rssSettled: settled.rss, anonSettled: settled.anon, hydrateMs: done.hydrateMs, cpuHydrateS, cpuTotalS, bytesFetched: done.bytesFetched, fioIops: fioIopsMeasured };
+}
+
+/** `dpu-agent stream --manifest`, node's default flags (as the other benches run it). */
+async function measureStream(dir: string, url: string, manifestFile: string, common: SizeCommon): Promise<SizeRun> {
+  const { size } = common;
   const state = path.join(dir, `state-${size}`);
   const target = path.join(dir, `target-${size}.raw`);
   const sock = path.join(dir, `scale-${size}.sock`);
@@ -194,39 +259,56 @@ async function measureSize(dir: string, size: number, data: number, log: (s: str
   try {
     await agent.listening(120_000);
     const listenMs = Date.now() - started;
-    const pid = agent.child.pid!;
-    const rssListening = rss(pid).rss;
-    const done = await agent.complete(1_800_000);
-    const hydrateMs = Number(done['elapsedMs']);
-    const rssHydrationPeak = rss(pid).hwm;
-    const cpuHydrateS = cpuSeconds(pid, 'agent');
-    // Reset the high-water mark (clear_refs 5), so the fio peak is its own.
-    fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
-    const iops = await fioIops(`nbd+unix:///?socket=${sock}`, 3);
-    const rssFioPeak = rss(pid).hwm;
-    const cpuTotalS = cpuSeconds(pid, 'agent');
-    const stateBytes = dirBytes(state);
-    return {
-      size,
-      regions: manifest.count,
-      dataBytes: (manifest.count - manifest.zeroRegions) * MiB,
-      manifestMs,
-      listenMs,
-      rssListening,
-      rssHydrationPeak,
-      rssFioPeak,
-      hydrateMs,
-      cpuHydrateS,
-      cpuTotalS,
-      bytesFetched: Number(done['bytesFetched']),
-      fioIops: iops,
-      stateBytes,
-    };
+    const m = await measureProcess(agent.child.pid!, sock, rss(agent.child.pid!), async () => {
+      const done = await agent.complete(1_800_000);
+      return { hydrateMs: Number(done['elapsedMs']), bytesFetched: Number(done['bytesFetched']) };
+    });
+    return { program: 'stream', nodeFlags: [], ...common, listenMs, ...m, stateBytes: dirBytes(state) };
   } finally {
     await stopChild(agent.child);
-    await origin.stop();
-    for (const f of [image, manifestFile, target]) fs.rmSync(f, { force: true });
+    fs.rmSync(target, { force: true });
     fs.rmSync(state, { recursive: true, force: true });
+  }
+}
+
+/**
+ * `dpu-agent serve` as deployed (AGENT_NODE_FLAGS), one disk created through its API: made
+ * with hydration paused, given the manifest, then resumed (what the driver does), polled
+ * every 200 ms until complete.
+ */
+async function measureServe(dir: string, url: string, manifest: Manifest, common: SizeCommon): Promise<SizeRun> {
+  const { size } = common;
+  const home = path.join(dir, `serve-${size}`);
+  const started = Date.now();
+  const agent = await agentDaemon({ dir: home });
+  try {
+    await agent.start(120_000);
+    track(agent.child!);
+    const listenMs = Date.now() - started;
+    const pid = agent.child!.pid!;
+    const listening = rss(pid);
+    const api = new AgentClient({ baseUrl: agent.url, token: TOKEN });
+    const disk = await api.createDisk({ id: 'scale', source: { url }, target: { path: path.join(home, 'targets', 'scale.raw') }, region_size: MiB, hydration: { paused: true } });
+    await api.setManifest('scale', manifest.encode());
+    const sock = disk.export.socket;
+    if (!sock) throw new Error(`serve: the disk's export has no unix socket: ${JSON.stringify(disk.export)}`);
+    const m = await measureProcess(pid, sock, listening, async () => {
+      const t = Date.now();
+      const deadline = t + 1_800_000;
+      await api.updateHydration('scale', { paused: false });
+      for (;;) {
+        const d = await api.getDisk('scale');
+        if (d.state === 'failed' || d.hydration.state === 'failed') throw new Error(`serve: the disk failed: ${d.last_error ?? ''}`);
+        if (d.regions.local === d.regions.total) return { hydrateMs: Date.now() - t, bytesFetched: d.bytes_fetched };
+        if (Date.now() > deadline) throw new Error(`serve: not hydrated within 30 min (${d.regions.local} of ${d.regions.total} regions local)`);
+        await sleep(200);
+      }
+    });
+    return { program: 'serve', nodeFlags: [...AGENT_NODE_FLAGS], ...common, listenMs, ...m, stateBytes: dirBytes(path.join(home, 'state')) };
+  } finally {
+    if (agent.child) await stopChild(agent.child);
+    await agent.stop();
+    fs.rmSync(home, { recursive: true, force: true });
   }
 }
 
@@ -304,9 +386,10 @@ async function main(): Promise<void> {
   if (opts.only !== 'regions') {
     log(`scaling part 1: disk sizes ${opts.sizes.map(fmtBytes).join(', ')}, ${fmtBytes(opts.data)} of data each`);
     for (const size of opts.sizes) {
-      const r = await measureSize(dir, size, opts.data, log);
-      sizeRuns.push(r);
-      log(`  ${fmtBytes(size)}: RSS ${fmtBytes(r.rssListening)} listening, peak ${fmtBytes(r.rssHydrationPeak)} hydrating, ${fmtBytes(r.rssFioPeak)} under fio; CPU ${r.cpuTotalS.toFixed(1)} s; hydrated in ${(r.hydrateMs / 1000).toFixed(1)} s`);
+      for (const r of await measureSize(dir, size, opts.data, log)) {
+        sizeRuns.push(r);
+        log(`  ${fmtBytes(size)} ${r.program}: RSS ${fmtBytes(r.rssListening)} listening, peak ${fmtBytes(r.rssHydrationPeak)} hydrating (${fmtBytes(r.anonHydrationPeak)} anonymous), ${fmtBytes(r.rssFioPeak)} under fio; CPU ${r.cpuTotalS.toFixed(1)} s; hydrated in ${(r.hydrateMs / 1000).toFixed(1)} s`);
+      }
     }
   }
 
@@ -339,9 +422,21 @@ async function main(): Promise<void> {
       spread: mine.map((r) => (r.hydrateMs / 1000).toFixed(1)).join(' / '),
     };
   });
-  const largest = sizeRuns.at(-1);
+  // The goal is the daemon's (the issue: `dpu-agent serve` with one disk hydrating), as deployed.
+  const serveRuns = sizeRuns.filter((r) => r.program === 'serve');
+  const largest = serveRuns.at(-1) ?? sizeRuns.at(-1);
   const goals = {
-    rssLargestDisk: largest ? { size: largest.size, peakRss: Math.max(largest.rssHydrationPeak, largest.rssFioPeak), goal: 64 * MiB, met: Math.max(largest.rssHydrationPeak, largest.rssFioPeak) <= 64 * MiB } : null,
+    rssLargestDisk: largest
+      ? {
+          size: largest.size,
+          program: largest.program,
+          nodeFlags: largest.nodeFlags,
+          peakRss: Math.max(largest.rssHydrationPeak, largest.rssFioPeak),
+          peakAnon: Math.max(largest.anonHydrationPeak, largest.anonFioPeak),
+          goal: 64 * MiB,
+          met: Math.max(largest.rssHydrationPeak, largest.rssFioPeak) <= 64 * MiB,
+        }
+      : null,
   };
   const rawRel = writeResults('scaling', date, { command: cmd, date: date.toISOString(), options: opts, machine: m, sizeRuns, regionRuns, regionSummary, goals });
 
@@ -355,10 +450,17 @@ async function main(): Promise<void> {
         ylabel: 'RSS (MiB)',
         logx: true,
         series: [
-          { title: 'listening', points: sizeRuns.map((r) => [r.size / GiB, r.rssListening / MiB]) },
-          { title: 'peak while hydrating', points: sizeRuns.map((r) => [r.size / GiB, r.rssHydrationPeak / MiB]) },
-          { title: 'peak under fio 4K QD32', points: sizeRuns.map((r) => [r.size / GiB, r.rssFioPeak / MiB]) },
-          { title: 'goal (64 MiB)', points: sizeRuns.map((r) => [r.size / GiB, 64]), style: 'lines dt 2' },
+          ...(['serve', 'stream'] as const).flatMap((program) => {
+            const rs = sizeRuns.filter((r) => r.program === program);
+            return rs.length
+              ? [
+                  { title: `${program}: listening`, points: rs.map((r): [number, number] => [r.size / GiB, r.rssListening / MiB]) },
+                  { title: `${program}: peak while hydrating`, points: rs.map((r): [number, number] => [r.size / GiB, r.rssHydrationPeak / MiB]) },
+                  { title: `${program}: peak anonymous while hydrating`, points: rs.map((r): [number, number] => [r.size / GiB, r.anonHydrationPeak / MiB]) },
+                ]
+              : [];
+          }),
+          { title: 'goal (64 MiB)', points: sizeRuns.map((r): [number, number] => [r.size / GiB, 64]), style: 'lines dt 2' },
         ],
         extra: ['set yrange [0:*]'],
       });
@@ -412,12 +514,25 @@ function renderSection(p: {
   ];
   if (p.sizeRuns.length) {
     out.push(
-      `**Disk size.** Sparse images holding ${fmtBytes(opts.data)} of random data in 4 MiB pieces spread over the disk, zeros elsewhere; 1 MiB regions; streamed by \`dpu-agent stream --manifest\` from a local origin (zero regions are neither fetched nor written). RSS from /proc (VmRSS once listening; VmHWM after hydration and after 3 s of fio 4K random reads at QD32 on the hydrated export); CPU = utime+stime of the agent over the whole run. Goal: RSS ≤ 64 MiB for a 100 GiB disk.`,
+      `**Disk size.** Sparse images holding ${fmtBytes(opts.data)} of random data in 4 MiB pieces spread over the disk, zeros elsewhere; 1 MiB regions; streamed from a local origin with the image's manifest (zero regions are neither fetched nor written), at full speed (no cap, nothing else running). Each image is streamed twice: by \`dpu-agent stream --manifest\` with node's default flags, and by the daemon as deployed, \`node ${AGENT_NODE_FLAGS.join(' ')} … serve\`, one disk created through its API (hydration paused, the manifest uploaded, then resumed, as the driver does; the API polled every 200 ms). RSS from /proc: VmRSS once listening (before any disk); VmHWM from start through hydration and over 3 s of fio 4K random reads at QD32 on the hydrated export; anonymous RSS (RssAnon: heap and buffers, without the node binary's file-backed pages, which are shared and reclaimable) sampled every 50 ms; and both again ${SETTLE_MS / 1000} s after fio, the agent idle (V8's memory reducer has run a full collection by then). CPU = utime+stime of the agent over the whole run. Hydration time: the agent's own for \`stream\` (its \`complete\` event), from the resume to the first poll that saw every region local for \`serve\`. Goal: RSS ≤ 64 MiB for a 100 GiB disk (\`serve\`).`,
       '',
       markdownTable(
-        ['disk', 'regions', 'RSS listening', 'peak RSS hydrating', 'peak RSS under fio', 'agent CPU (s)', 'hydration (s)', 'fetched', 'state dir', 'fio 4K QD32 IOPS'],
-        ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
-        p.sizeRuns.map((r) => [fmtBytes(r.size), r.regions.toLocaleString('en-US'), fmtBytes(r.rssListening), fmtBytes(r.rssHydrationPeak), fmtBytes(r.rssFioPeak), r.cpuTotalS.toFixed(1), (r.hydrateMs / 1000).toFixed(1), fmtBytes(r.bytesFetched), fmtBytes(r.stateBytes), fmtNum(r.fioIops)]),
+        ['disk', 'program', 'regions', 'RSS listening (anon)', 'peak RSS hydrating (anon)', 'peak RSS under fio (anon)', `RSS idle ${SETTLE_MS / 1000} s later (anon)`, 'agent CPU (s)', 'hydration (s)', 'fetched', 'state dir', 'fio 4K QD32 IOPS'],
+        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
+        p.sizeRuns.map((r) => [
+          fmtBytes(r.size),
+          r.program ?? 'stream',
+          r.regions.toLocaleString('en-US'),
+          `${fmtBytes(r.rssListening)} (${fmtBytes(r.anonListening)})`,
+          `${fmtBytes(r.rssHydrationPeak)} (${fmtBytes(r.anonHydrationPeak)})`,
+          `${fmtBytes(r.rssFioPeak)} (${fmtBytes(r.anonFioPeak)})`,
+          `${fmtBytes(r.rssSettled)} (${fmtBytes(r.anonSettled)})`,
+          r.cpuTotalS.toFixed(1),
+          (r.hydrateMs / 1000).toFixed(1),
+          fmtBytes(r.bytesFetched),
+          fmtBytes(r.stateBytes),
+          fmtNum(r.fioIops),
+        ]),
       ),
       '',
     );

@@ -44,7 +44,8 @@ interface Row {
 }
 
 function hotpathRows(name: 'hotpath' | 'hotpath-tcp'): Row[] {
-  const r = latest(name);
+  // A run with other node flags for the agent (--agent-node-flags) is an experiment, not the figure.
+  const r = latest(name, (d) => (((d['options'] as Json | undefined)?.['agentNodeFlags'] as string[] | undefined) ?? []).length === 0);
   if (!r) return [];
   const over = name === 'hotpath' ? 'unix socket' : 'loopback TCP';
   const medians = r.data['medians'] as { workload: string; value: Record<string, number> }[];
@@ -221,14 +222,17 @@ function realOsRows(): Row[] {
 function scalingRows(): Row[] {
   const r = latest('scaling');
   if (!r) return [];
-  const g = (r.data['goals'] as Json)['rssLargestDisk'] as { size: number; peakRss: number; met: boolean } | null;
+  const g = (r.data['goals'] as Json)['rssLargestDisk'] as { size: number; peakRss: number; peakAnon?: number; program?: 'stream' | 'serve'; met: boolean } | null;
   if (!g) return [];
-  const runs = r.data['sizeRuns'] as { size: number; rssListening: number }[];
-  const largest = runs.find((x) => x.size === g.size);
+  // Results before the serve runs hold stream runs only, without `program`.
+  const program = g.program ?? 'stream';
+  const runs = r.data['sizeRuns'] as { size: number; program?: string; rssListening: number; rssSettled?: number; anonSettled?: number }[];
+  const largest = runs.find((x) => x.size === g.size && (x.program ?? 'stream') === program);
+  const idle = largest ? (largest.rssSettled !== undefined ? `, ${fmtBytes(largest.rssSettled)} idle afterwards (${fmtBytes(largest.anonSettled ?? NaN)} anonymous)` : `, ${fmtBytes(largest.rssListening)} idle`) : '';
   return [
     {
       goal: 'agent RSS ≤ 64 MiB for a 100 GiB disk',
-      measured: `peak ${fmtBytes(g.peakRss)}${largest ? `, ${fmtBytes(largest.rssListening)} idle` : ''} (${fmtBytes(g.size)} disk)`,
+      measured: `\`${program}\`: peak ${fmtBytes(g.peakRss)}${g.peakAnon !== undefined ? ` (${fmtBytes(g.peakAnon)} anonymous)` : ''}${idle} (${fmtBytes(g.size)} disk)`,
       met: g.size >= 100 * GiB ? g.peakRss <= 64 * MiB : null,
       source: r.file,
       limit:

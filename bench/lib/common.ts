@@ -206,10 +206,40 @@ export function cpuSeconds(pid: number, name = `pid ${pid}`): number {
 }
 
 /** Resident set size now and its high-water mark (VmHWM; reset by writing 5 to /proc/PID/clear_refs), in bytes. */
-export function rss(pid: number): { rss: number; hwm: number } {
+/**
+ * A process's resident memory from /proc: RSS now, its high-water mark, and RSS now split
+ * into anonymous memory (heap, buffers: what the process costs) and file-backed pages (the
+ * node binary's own, shared and reclaimable).
+ */
+export function rss(pid: number): { rss: number; hwm: number; anon: number; file: number } {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const kib = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN) * 1024;
-  return { rss: kib('VmRSS'), hwm: kib('VmHWM') };
+  return { rss: kib('VmRSS'), hwm: kib('VmHWM'), anon: kib('RssAnon'), file: kib('RssFile') };
+}
+
+/**
+ * Samples a process's anonymous RSS every `everyMs` until stop(), which returns the peak
+ * (/proc keeps a high-water mark of the whole RSS only).
+ */
+export function anonPeak(pid: number, everyMs = 50): { stop(): number } {
+  let peak = 0;
+  const sample = (): void => {
+    try {
+      peak = Math.max(peak, rss(pid).anon);
+    } catch {
+      // exited
+    }
+  };
+  sample();
+  const t = setInterval(sample, everyMs);
+  t.unref();
+  return {
+    stop: () => {
+      clearInterval(t);
+      sample();
+      return peak;
+    },
+  };
 }
 
 // ---------------------------------------------------------------- files

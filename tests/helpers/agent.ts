@@ -29,6 +29,8 @@ export interface StreamArgs {
   poison?: boolean;
   /** Extra environment (e.g. NODE_EXTRA_CA_CERTS for an https origin with a private CA). */
   env?: Record<string, string>;
+  /** node's own flags, before the script (e.g. the deployed --max-semi-space-size=1). */
+  nodeArgs?: string[];
 }
 
 export class AgentProcess {
@@ -43,7 +45,7 @@ export class AgentProcess {
     const env = { ...process.env, ...(args.env ?? {}) };
     if (args.poison ?? true) env['DPU_AGENT_POISON_BUFFERS'] = '1';
     else delete env['DPU_AGENT_POISON_BUFFERS'];
-    this.child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], env });
+    this.child = spawn(process.execPath, [...(args.nodeArgs ?? []), ...argv], { stdio: ['ignore', 'pipe', 'pipe'], env });
     let buf = '';
     this.child.stdout!.setEncoding('utf8').on('data', (d: string) => {
       buf += d;
