@@ -190,6 +190,30 @@ describe('block-sized misses (issue #14)', () => {
     await stopping;
   });
 
+  it('a boot profile is copied in its order, after the host\'s misses and before the sweep; regions already local are skipped', async () => {
+    const d = open();
+    const h = new Hydrator(d, { batchBytes: R, concurrency: 1 });
+    await d.write(2 * R, [Buffer.alloc(R, 9)], R, false); // region 2 local before its turn
+    h.prioritize([5, 2, 6, 5]);
+    assert.equal(h.prioritized, 3, 'a region named twice is queued once');
+    const r = read(d, 7 * R + 10, 10);
+    src.deliver(await src.next());
+    await r;
+    h.start();
+    const order: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const p = await src.next((x) => x.priority === 'background');
+      order.push(Math.floor(p.offset / R));
+      src.deliver(p);
+    }
+    assert.deepEqual(order, [7, 5, 6, 0], 'the miss, the profile in order (2 is local), then the sweep from the start');
+    assert.equal(d.map.state(2), RegionState.Local);
+    assert.ok((await read(d, 2 * R, 16)).equals(Buffer.alloc(16, 9)), 'the host\'s write is not overwritten by the profile');
+    const stopping = h.stop();
+    for (const p of [...src.pending]) src.deliver(p);
+    await stopping;
+  });
+
   it('the sweep copies only what the gate lets through (waiting for peers); a miss is never held back; the rest once admitted', async () => {
     const d = open();
     let allowed = new Set([0, 1]); // what "peers have"
@@ -344,6 +368,55 @@ describe('block-sized misses (issue #14)', () => {
     for (let i = 0; i < 3; i++) src.deliver(await src.next(), undefined, { corrupt: true });
     await assert.rejects(reading, (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
     assert.equal(d.map.state(1), RegionState.Remote);
+  });
+
+  it('blocks that fail verification count toward the region\'s limit: at the limit the region is failed and never fetched again', async () => {
+    const manifest = await Manifest.build(new MemorySource(image(8 * R)), { regionSize: R });
+    const d = open({ manifest });
+    // Two reads: 3 corrupted answers fail the first, 2 more reach the limit (5) in the second.
+    const first = read(d, R + 3, 100);
+    for (let i = 0; i < 3; i++) src.deliver(await src.next(), undefined, { corrupt: true });
+    await assert.rejects(first, (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
+    assert.equal(d.failedRegions.has(1), false, 'below the limit the region may be fetched again');
+    const second = read(d, R + 5 * B, 100);
+    for (let i = 0; i < 2; i++) src.deliver(await src.next(), undefined, { corrupt: true });
+    await assert.rejects(second, (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
+    assert.equal(d.failedRegions.has(1), true);
+    assert.equal(d.progress().integrityFailures, 5);
+    const requests = src.stats().requests;
+    await assert.rejects(read(d, R + 9 * B, 100), (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY' && /not fetched again/.test(e.message));
+    assert.equal(src.stats().requests, requests, 'a failed region is not asked for again');
+    assert.equal(src.pending.length, 0);
+    assert.equal(d.map.state(1), RegionState.Remote);
+    // Other regions are unaffected.
+    const other = read(d, 2 * R + 3, 100);
+    src.deliver(await src.next());
+    assert.ok((await other).equals(img.subarray(2 * R + 3, 2 * R + 103)));
+  });
+
+  it('with a version 2 manifest, the region fetched around verified blocks is verified whole: a corrupted rest is dropped and fetched again', async () => {
+    const manifest = await Manifest.build(new MemorySource(image(8 * R)), { regionSize: R });
+    const d = open({ manifest });
+    const r = read(d, 4 * R + 3 * B, 512);
+    src.deliver(await src.next());
+    await r;
+    const fill = d.fetchRun(4, 1, 'background');
+    await settleTicks();
+    const around = src.pending.map(span).sort();
+    assert.deepEqual(around, [`${4 * R}+${3 * B}`, `${4 * R + 4 * B}+${12 * B}`].sort());
+    // The rest arrives damaged: the region's root does not match; nothing is written.
+    const corrupted = src.pending.find((p) => p.offset === 4 * R + 4 * B)!;
+    for (const p of [...src.pending]) src.deliver(p, undefined, p === corrupted ? { corrupt: true } : {});
+    await assert.rejects(fill, (e: unknown) => e instanceof DpuError && e.code === 'DPU_ERR_INTEGRITY');
+    assert.equal(d.map.state(4), RegionState.Remote, 'bytes that failed verification never become local');
+    assert.equal(d.progress().integrityFailures, 1);
+    // Fetched again, right this time: local, and every byte is the image's.
+    const again = d.fetchRun(4, 1, 'background');
+    await settleTicks();
+    for (const p of [...src.pending]) src.deliver(p);
+    await again;
+    assert.equal(d.map.state(4), RegionState.Local);
+    assert.ok((await read(d, 4 * R, R)).equals(img.subarray(4 * R, 5 * R)));
   });
 
   it('a version 1 manifest cannot verify blocks: a miss fetches its whole region', async () => {
