@@ -23,7 +23,8 @@ function sources(dir: string): string[] {
 /** Every relative module a file imports, resolved to a path relative to the repository. */
 function imports(file: string): string[] {
   const text = fs.readFileSync(file, 'utf8');
-  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*'(\.[^']+)'/g)].map((m) => m[1]!);
+  // Either quote; static imports, re-exports and dynamic import().
+  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*(['"])(\.[^'"]+)\1/g)].map((m) => m[2]!);
   return specs.map((s) => path.relative(root, path.resolve(path.dirname(file), s)));
 }
 
@@ -32,7 +33,22 @@ const rules: { program: string; mayNotImport: string[] }[] = [
   { program: 'dpu-agent/src', mayNotImport: ['driver/', 'lab/', 'tests/'] },
   { program: 'image-access/src', mayNotImport: ['dpu-agent/', 'driver/', 'lab/', 'tests/', 'openapi/'] },
   { program: 'common/src', mayNotImport: ['dpu-agent/', 'driver/', 'image-access/', 'lab/', 'tests/', 'openapi/'] },
+  // The contracts and their clients: used by both programs, so neither's sources.
+  { program: 'openapi', mayNotImport: ['dpu-agent/', 'driver/', 'lab/', 'tests/'] },
 ];
+
+describe('program boundaries: the import scanner', () => {
+  it('sees single- and double-quoted imports, re-exports and dynamic imports', () => {
+    const dir = fs.mkdtempSync(path.join(root, '.boundaries-'));
+    try {
+      const file = path.join(dir, 'x.ts');
+      fs.writeFileSync(file, ["import a from './a.js';", 'import { b } from "./b.js";', "export * from './c.js';", 'const d = await import("./d.js");'].join('\n'));
+      assert.deepEqual(imports(file).map((p) => path.basename(p)), ['a.js', 'b.js', 'c.js', 'd.js']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
 
 describe('program boundaries', () => {
   for (const rule of rules) {
