@@ -18,7 +18,7 @@ export const TOKEN = 'test-token-0123456789abcdef';
 const OUTPUT_KEPT = 1 << 20;
 
 /** The node flags `dpu-agent serve` is run with (docs/dpu-agent.md, "Memory"). */
-export const AGENT_NODE_FLAGS = ['--max-semi-space-size=1'] as const;
+export const AGENT_NODE_FLAGS = ['--max-semi-space-size=1', '--optimize-for-size'] as const;
 
 export class ServiceProcess {
   child: ChildProcess | null = null;
