@@ -130,7 +130,8 @@ export class BootProfileStore {
       } catch {
         continue; // not ours: skipped, aged out by LTRIM
       }
-      if (seen.has(b.boot) || !Array.isArray(b.regions)) continue;
+      // Valid JSON that is not a boot record (null, a number, another shape): skipped too.
+      if (typeof b !== 'object' || b === null || typeof b.boot !== 'string' || typeof b.key !== 'string' || seen.has(b.boot) || !Array.isArray(b.regions)) continue;
       seen.add(b.boot);
       boots.push(b);
     }

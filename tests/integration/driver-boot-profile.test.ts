@@ -197,7 +197,7 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
     assert.match(metrics, /smartnic_driver_boot_profiles_stored 1/);
   });
 
-  it('the store keeps each image apart, the last `history` boots of each, counts a boot stored twice once, skips entries it cannot read, and expires an image\'s list', async () => {
+  it('the store keeps each image apart and the last `history` entries of each (a boot stored twice counts once), skips entries that are not boot records, and renews an image\'s expiry with each boot', async () => {
     const conn = new Redis(redis.url);
     try {
       const cfg = { ...resolveDriverConfig({ object: { auth: { disabled: true } } }).boot_profiles, history: 3, min_share: 0, max_regions: 100 };
@@ -208,21 +208,26 @@ describe('driver service: boot profiles (record, merge, replay, refuse, disabled
       for (let n = 1; n <= 4; n++) await store.push(boot(keyA, n, [n, 100 + n]));
       await store.push(boot(keyA, 4, [4, 104])); // the monitor stored boot 4 twice
       await store.push(boot(keyB, 1, [50, 51]));
-      // Something else's entry in A's list: skipped, not fatal.
-      await conn.lpush(`store-test:boot-profile:${(await store.forKey(keyA))!.id}`, 'not json {');
+      // Something else's entries in A's list: skipped, not fatal.
+      for (const junk of ['not json {', 'null', '42', '{"boot": 7}']) await conn.lpush(`store-test:boot-profile:${(await store.forKey(keyA))!.id}`, junk);
       const a = (await store.forKey(keyA))!;
       const b = (await store.forKey(keyB))!;
       assert.equal(a.key, keyA);
       assert.equal(b.key, keyB);
       assert.notEqual(a.id, b.id);
-      // history 3: boots 4 (twice, counted once) and 3 are kept in A's list after the junk entry; boot 1 and 2 aged out.
+      // history 3 is the list's last 3 entries: boot 4 (stored twice, counted once) and boot 3; boots 1 and 2 aged out.
       assert.deepEqual(a.history.map((h) => h.boot).sort(), [boot(keyA, 3, []).boot, boot(keyA, 4, []).boot].sort());
       assert.equal(a.boots, 2);
       assert.deepEqual([...a.merged].sort((x, y) => x - y), [3, 4, 103, 104]);
       assert.deepEqual(b.merged, [50, 51], "B's boots are B's alone");
       assert.equal(b.boots, 1);
+      assert.equal(a.boots + b.boots, 3);
       const ttl = await conn.ttl(`store-test:boot-profile:${b.id}`);
       assert.ok(ttl > 0 && ttl <= cfg.ttl_days * 86_400, `the list expires ttl_days after its last boot (TTL ${ttl} s)`);
+      // Each boot stored pushes the expiry out again.
+      await conn.expire(`store-test:boot-profile:${b.id}`, 60);
+      await store.push(boot(keyB, 2, [50, 52]));
+      assert.ok((await conn.ttl(`store-test:boot-profile:${b.id}`)) > 60, 'the TTL is renewed by a new boot');
       assert.deepEqual((await store.list()).map((x) => x.id).sort(), [a.id, b.id].sort());
       // An expired list is dropped from the listing.
       await conn.del(`store-test:boot-profile:${b.id}`);
