@@ -715,8 +715,11 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
   const load = load1();
   const rx0 = lab.link.rxBytes();
   const d = await deploy(lab, mode, img);
+  let stopHostFirst: () => Promise<void> = async () => undefined;
   try {
     const host = startHost(d, img, timeoutMs);
+    // QEMU goes before the export, on every path (stopping it twice is harmless).
+    stopHostFirst = () => host.stop();
     let markerAt: number;
     try {
       markerAt = await host.marker;
@@ -756,6 +759,7 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
       load1: load,
     };
   } finally {
+    await stopHostFirst();
     await d.stop();
   }
 }
@@ -1446,8 +1450,8 @@ async function main(): Promise<void> {
               try {
                 r = await bootRun(lab, mode, img, round, hangTimeoutMs(img, bootRuns, rate.label), attempt);
               } catch (err) {
+                if (err instanceof BootHung) hung.push(err.hung);
                 if (!(err instanceof BootHung) || attempt >= 2) throw err;
-                hung.push(err.hung);
                 log(`  ${tag(round)} ${mode.padEnd(12)} HUNG: no ${img.markerName} within ${err.hung.timeoutS} s (the guest had read ${err.hung.guest ? `${err.hung.guest.readOps} requests` : '?'}); booting it again. Serial tail: ${JSON.stringify(err.hung.serialTail.slice(-300))}`);
                 await sleep(500);
               }
@@ -1475,7 +1479,7 @@ async function main(): Promise<void> {
     }
   } catch (err) {
     // Runs already done are kept: a failure late in an hour-long bench loses nothing measured.
-    if (bootRuns.length || wsRuns.length) {
+    if (bootRuns.length || wsRuns.length || hung.length) {
       const partial = writeResults(`deploy-modes-partial-${opts.image}`, date, { command: cmd, date: date.toISOString(), options: opts, failedWith: (err as Error).message, bootRuns, hungBoots: hung, workingSetRuns: wsRuns, profileRecordings: recordings, ioRuns: io });
       log(`the runs done before the failure are in ${partial}`);
     }
