@@ -726,7 +726,6 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
     } catch (err) {
       if (!(err instanceof MarkerTimeout)) throw err;
       const guest = await guestStats(host);
-      await host.stop();
       throw new BootHung({ link: lab.rate.label, mode, rep, attempt, timeoutS: err.timeoutMs / 1000, guest, serialTail: err.serialTail });
     }
     const wireAtMarker = lab.link.rxBytes() - rx0;

@@ -358,7 +358,7 @@ left alone).
   agent its target file, hydrated from a local HTTP origin in ${(p.hydrateMs / 1000).toFixed(1)} s before
   measuring), page cache warm, ${transport}. fio \`--ioengine=nbd\`, one job, ${opts.runtime} s per run,
   ${opts.reps} round(s) with the servers interleaved; the table shows medians.
-- Servers: \`${opts.agentNodeFlags.length ? `node ${opts.agentNodeFlags.join(" ")} ` : ""}dpu-agent stream … --listen ${opts.tcp ? 'tcp:…' : 'unix:SOCK'}\` (after \`complete\`),
+- Servers: \`${opts.agentNodeFlags.length ? `node ${opts.agentNodeFlags.join(' ')} ` : ''}dpu-agent stream … --listen ${opts.tcp ? 'tcp:…' : 'unix:SOCK'}\` (after \`complete\`),
   \`nbdkit -f ${opts.tcp ? '-i 127.0.0.1 -p PORT' : '-U SOCK'} file FILE\`,
   \`qemu-nbd -f raw -t -e 8 --cache=writeback --aio=threads ${opts.tcp ? '-b 127.0.0.1 -p PORT' : '-k SOCK'} FILE\`.
 - CPU µs/op: the server process's utime+stime (all threads, /proc/PID/stat) over the run,

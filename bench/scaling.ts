@@ -218,29 +218,29 @@ type SizeCommon = Pick<SizeRun, 'size' | 'regions' | 'dataBytes' | 'manifestMs'>
 async function measureProcess(pid: number, sock: string, listening: { rss: number; anon: number }, hydrated: () => Promise<{ hydrateMs: number; bytesFetched: number }>): Promise<Omit<SizeRun, keyof SizeCommon | 'program' | 'nodeFlags' | 'listenMs' | 'stateBytes'>> {
   let anon = anonPeak(pid);
   let done: { hydrateMs: number; bytesFetched: number };
+  let anonHydrationPeak: number;
   try {
     done = await hydrated();
   } finally {
-    anon.stop();
+    anonHydrationPeak = anon.stop();
   }
   const rssHydrationPeak = rss(pid).hwm;
-  const anonHydrationPeak = anon.stop();
   const cpuHydrateS = cpuSeconds(pid, 'agent');
   // Reset the high-water mark (clear_refs 5), so the fio peak is its own.
   fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
   anon = anonPeak(pid);
   let fioIopsMeasured: number;
+  let anonFioPeak: number;
   try {
     fioIopsMeasured = await fioIops(`nbd+unix:///?socket=${sock}`, 3);
   } finally {
-    anon.stop();
+    anonFioPeak = anon.stop();
   }
   const rssFioPeak = rss(pid).hwm;
-  const anonFioPeak = anon.stop();
   const cpuTotalS = cpuSeconds(pid, 'agent');
-  // What the process keeps once idle: V8's memory reducer runs a full collection some
-  // seconds after allocation stops (~10 s here), which frees the fetch buffers and the
-  // start-up garbage; before it, the idle figure is the peak's.
+  // What the process keeps once idle: the fetch buffers and the heap's garbage go only with
+  // a full collection, which V8's memory reducer runs some seconds after allocation stops,
+  // on its own schedule (in some runs it had not within SETTLE_MS).
   await sleep(SETTLE_MS);
   const settled = rss(pid);
   return { rssListening: listening.rss, rssHydrationPeak, rssFioPeak, anonListening: listening.anon, anonHydrationPeak, anonFioPeak, rssSettled: settled.rss, anonSettled: settled.anon, hydrateMs: done.hydrateMs, cpuHydrateS, cpuTotalS, bytesFetched: done.bytesFetched, fioIops: fioIopsMeasured };
@@ -425,16 +425,17 @@ async function main(): Promise<void> {
   // The goal is the daemon's (the issue: `dpu-agent serve` with one disk hydrating), as deployed.
   const serveRuns = sizeRuns.filter((r) => r.program === 'serve');
   const largest = serveRuns.at(-1) ?? sizeRuns.at(-1);
+  const peakRss = largest ? Math.max(largest.rssHydrationPeak, largest.rssFioPeak) : NaN;
   const goals = {
     rssLargestDisk: largest
       ? {
           size: largest.size,
           program: largest.program,
           nodeFlags: largest.nodeFlags,
-          peakRss: Math.max(largest.rssHydrationPeak, largest.rssFioPeak),
+          peakRss,
           peakAnon: Math.max(largest.anonHydrationPeak, largest.anonFioPeak),
           goal: 64 * MiB,
-          met: Math.max(largest.rssHydrationPeak, largest.rssFioPeak) <= 64 * MiB,
+          met: peakRss <= 64 * MiB,
         }
       : null,
   };
@@ -514,14 +515,14 @@ function renderSection(p: {
   ];
   if (p.sizeRuns.length) {
     out.push(
-      `**Disk size.** Sparse images holding ${fmtBytes(opts.data)} of random data in 4 MiB pieces spread over the disk, zeros elsewhere; 1 MiB regions; streamed from a local origin with the image's manifest (zero regions are neither fetched nor written), at full speed (no cap, nothing else running). Each image is streamed twice: by \`dpu-agent stream --manifest\` with node's default flags, and by the daemon as deployed, \`node ${AGENT_NODE_FLAGS.join(' ')} … serve\`, one disk created through its API (hydration paused, the manifest uploaded, then resumed, as the driver does; the API polled every 200 ms). RSS from /proc: VmRSS once listening (before any disk); VmHWM from start through hydration and over 3 s of fio 4K random reads at QD32 on the hydrated export; anonymous RSS (RssAnon: heap and buffers, without the node binary's file-backed pages, which are shared and reclaimable) sampled every 50 ms; and both again ${SETTLE_MS / 1000} s after fio, the agent idle (V8's memory reducer has run a full collection by then). CPU = utime+stime of the agent over the whole run. Hydration time: the agent's own for \`stream\` (its \`complete\` event), from the resume to the first poll that saw every region local for \`serve\`. Goal: RSS ≤ 64 MiB for a 100 GiB disk (\`serve\`).`,
+      `**Disk size.** Sparse images holding ${fmtBytes(opts.data)} of random data in 4 MiB pieces spread over the disk, zeros elsewhere; 1 MiB regions; streamed from a local origin with the image's manifest (zero regions are neither fetched nor written), at full speed (no cap, nothing else running). Each image is streamed twice: by \`dpu-agent stream --manifest\` with node's default flags, and by the daemon as deployed, \`node ${AGENT_NODE_FLAGS.join(' ')} … serve\`, one disk created through its API (hydration paused, the manifest uploaded, then resumed, as the driver does; the API polled every 200 ms). RSS from /proc: VmRSS once listening (before any disk); VmHWM from start through hydration and over 3 s of fio 4K random reads at QD32 on the hydrated export; anonymous RSS (RssAnon: heap and buffers, without the file-backed pages of the node binary and its libraries, which are shared and reclaimable) sampled every 50 ms; and both again ${SETTLE_MS / 1000} s after fio, the agent idle (whether V8's memory reducer has run a full collection by then is V8's choice: in some runs it had not). CPU = utime+stime of the agent over the whole run. Hydration time: the agent's own for \`stream\` (its \`complete\` event), from the resume to the first poll that saw every region local for \`serve\`. Goal: RSS ≤ 64 MiB for a 100 GiB disk (\`serve\`).`,
       '',
       markdownTable(
         ['disk', 'program', 'regions', 'RSS listening (anon)', 'peak RSS hydrating (anon)', 'peak RSS under fio (anon)', `RSS idle ${SETTLE_MS / 1000} s later (anon)`, 'agent CPU (s)', 'hydration (s)', 'fetched', 'state dir', 'fio 4K QD32 IOPS'],
         ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
         p.sizeRuns.map((r) => [
           fmtBytes(r.size),
-          r.program ?? 'stream',
+          r.program,
           r.regions.toLocaleString('en-US'),
           `${fmtBytes(r.rssListening)} (${fmtBytes(r.anonListening)})`,
           `${fmtBytes(r.rssHydrationPeak)} (${fmtBytes(r.anonHydrationPeak)})`,

@@ -296,7 +296,10 @@ function fleetRows(): Row[] {
   // the network-namespace harness's (each node behind its own shaped link), else loopback's.
   // Not a run with a lying seed (--liar): it has a goal of its own, below.
   // A run with peers on: a --peers off run (the comparison, in docs/fleet.md) has no figure for these goals.
-  const withReference = (d: Json): boolean => d['liar'] !== true && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.nodes === 1) && (d['summary'] as { nodes: number; peers: boolean }[]).some((x) => x.peers);
+  const withReference = (d: Json): boolean => {
+    const runs = d['summary'] as { nodes: number; peers: boolean }[];
+    return d['liar'] !== true && runs.some((x) => x.nodes === 1) && runs.some((x) => x.peers);
+  };
   const r = latest('fleet', (d) => d['netns'] === true && withReference(d)) ?? latest('fleet', withReference);
   if (!r) return [];
   const netns = r.data['netns'] === true;

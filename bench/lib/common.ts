@@ -205,11 +205,11 @@ export function cpuSeconds(pid: number, name = `pid ${pid}`): number {
   return (Number(f[11]) + Number(f[12])) / CLK_TCK;
 }
 
-/** Resident set size now and its high-water mark (VmHWM; reset by writing 5 to /proc/PID/clear_refs), in bytes. */
 /**
- * A process's resident memory from /proc: RSS now, its high-water mark, and RSS now split
- * into anonymous memory (heap, buffers: what the process costs) and file-backed pages (the
- * node binary's own, shared and reclaimable).
+ * A process's resident memory from /proc, in bytes: RSS now, its high-water mark (VmHWM;
+ * reset by writing 5 to /proc/PID/clear_refs), and RSS now split into anonymous memory
+ * (heap, buffers: what the process costs) and file-backed pages (the node binary and its
+ * libraries: shared and reclaimable).
  */
 export function rss(pid: number): { rss: number; hwm: number; anon: number; file: number } {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
