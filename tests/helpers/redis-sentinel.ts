@@ -45,9 +45,10 @@ export class SentinelRedis {
   }
 
   async start(): Promise<void> {
-    const primary = new RedisServer(path.join(this.dir, 'redis-0'));
+    const log = (name: string): string[] => ['--logfile', path.join(this.dir, name, 'redis.log')];
+    const primary = new RedisServer(path.join(this.dir, 'redis-0'), log('redis-0'));
     await primary.start();
-    const replica = new RedisServer(path.join(this.dir, 'redis-1'), ['--replicaof', '127.0.0.1', String(primary.port)]);
+    const replica = new RedisServer(path.join(this.dir, 'redis-1'), [...log('redis-1'), '--replicaof', '127.0.0.1', String(primary.port)]);
     await replica.start();
     this.servers.push(primary, replica);
     await this.replicating(replica);
@@ -62,6 +63,7 @@ export class SentinelRedis {
           `port ${port}`,
           'bind 127.0.0.1',
           `dir ${dir}`,
+          `logfile ${path.join(dir, 'sentinel.log')}`,
           `sentinel monitor ${MASTER_NAME} 127.0.0.1 ${primary.port} 2`,
           `sentinel down-after-milliseconds ${MASTER_NAME} ${this.downAfterMs}`,
           `sentinel failover-timeout ${MASTER_NAME} 10000`,
@@ -127,6 +129,34 @@ export class SentinelRedis {
   /** The server's role as it reports it (`master` or `slave`). */
   async role(port: number): Promise<string | undefined> {
     return parseInfo(String(await ask(port, 'INFO', 'replication'))).get('role');
+  }
+
+  /**
+   * What each server and sentinel logged, the last `lines` lines of each: for a test's
+   * failure message, since a failover that does not happen is explained only there.
+   */
+  logs(lines = 40): string {
+    const names = [...this.servers.map((_, i) => `redis-${i}/redis.log`), ...this.sentinelPorts.map((_, i) => `sentinel-${i}/sentinel.log`)];
+    return names
+      .map((name) => {
+        let text: string;
+        try {
+          text = fs.readFileSync(path.join(this.dir, name), 'utf8');
+        } catch (e) {
+          text = `(unreadable: ${(e as Error).message})`;
+        }
+        return `--- ${name}\n${text.trimEnd().split('\n').slice(-lines).join('\n')}`;
+      })
+      .join('\n');
+  }
+
+  /** `p`, whose failure carries what the servers and sentinels logged. */
+  async explained<T>(p: Promise<T>): Promise<T> {
+    try {
+      return await p;
+    } catch (e) {
+      throw new Error(`${(e as Error).message}\n${this.logs()}`);
+    }
   }
 
   async stop(): Promise<void> {

@@ -52,9 +52,10 @@ export class RedisServer {
     return `redis://127.0.0.1:${this.port}/0`;
   }
 
-  async start(): Promise<void> {
+  /** `more` are added to the constructor's `args` for this start only. */
+  async start(more: string[] = []): Promise<void> {
     if (!this.port) this.port = await freePort();
-    this.child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--protected-mode', 'yes', ...this.args], {
+    this.child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--protected-mode', 'yes', ...this.args, ...more], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     this.child.on('error', () => undefined);
