@@ -36,7 +36,7 @@ export class ServiceProcess {
   ) {}
 
   async start(timeoutMs = 30_000): Promise<void> {
-    const argv = [process.execPath, ...this.nodeFlags, path.join(ROOT, this.bin), 'serve', '--config', this.configFile];
+    const argv = [process.execPath, ...this.nodeFlags, path.resolve(ROOT, this.bin), 'serve', '--config', this.configFile];
     const command = [...this.wrap, ...argv];
     const child = spawn(command[0]!, command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     this.child = child;
@@ -62,13 +62,27 @@ export class ServiceProcess {
     });
   }
 
-  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+  /**
+   * Sends `signal` and waits for the exit; returns the exit code. A service still running
+   * `graceMs` later is killed (SIGKILL; the code is then null) and the output says so, so
+   * a service that hangs on shutdown fails its test instead of hanging the suite and
+   * outliving it.
+   */
+  async stop(signal: NodeJS.Signals = 'SIGTERM', graceMs = 30_000): Promise<number | null> {
     const c = this.child;
     this.child = null;
     if (!c || c.exitCode !== null || c.signalCode !== null) return c?.exitCode ?? null;
     const exited = new Promise<number | null>((r) => c.once('exit', (code) => r(code)));
     c.kill(signal);
-    return exited;
+    const timer = setTimeout(() => {
+      this.output += `\n[test harness] ${this.name} did not exit within ${graceMs} ms of ${signal}: killed (SIGKILL)\n`;
+      c.kill('SIGKILL');
+    }, graceMs);
+    try {
+      return await exited;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 }
 
