@@ -20,12 +20,34 @@ function sources(dir: string): string[] {
   return out;
 }
 
-/** Every relative module a file imports, resolved to a path relative to the repository. */
+/** The workspaces' package names (`@smartnic/driver`), each with its directory. */
+const workspaces = new Map(
+  ((JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { workspaces: string[] }).workspaces).map((dir) => [
+    (JSON.parse(fs.readFileSync(path.join(root, dir, 'package.json'), 'utf8')) as { name: string }).name,
+    dir,
+  ]),
+);
+
+/**
+ * Every module of this repository a file imports, as a path relative to the repository:
+ * relative specifiers, and workspace packages by name (`@smartnic/dpu-agent/x.js` is
+ * `dpu-agent/x.js`, the package alone its directory). Other packages are not listed.
+ */
 function imports(file: string): string[] {
   const text = fs.readFileSync(file, 'utf8');
   // Either quote; static imports, re-exports and dynamic import().
-  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*(['"])(\.[^'"]+)\1/g)].map((m) => m[2]!);
-  return specs.map((s) => path.relative(root, path.resolve(path.dirname(file), s)));
+  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*(['"])([^'"]+)\1/g)].map((m) => m[2]!);
+  const out: string[] = [];
+  for (const s of specs) {
+    if (s.startsWith('.')) {
+      out.push(path.relative(root, path.resolve(path.dirname(file), s)));
+      continue;
+    }
+    const name = s.startsWith('@') ? s.split('/').slice(0, 2).join('/') : s.split('/')[0]!;
+    const dir = workspaces.get(name);
+    if (dir !== undefined) out.push(`${dir}/${s.slice(name.length + 1)}`);
+  }
+  return out;
 }
 
 const rules: { program: string; mayNotImport: string[] }[] = [
@@ -44,6 +66,17 @@ describe('program boundaries: the import scanner', () => {
       const file = path.join(dir, 'x.ts');
       fs.writeFileSync(file, ["import a from './a.js';", 'import { b } from "./b.js";', "export * from './c.js';", 'const d = await import("./d.js");'].join('\n'));
       assert.deepEqual(imports(file).map((p) => path.basename(p)), ['a.js', 'b.js', 'c.js', 'd.js']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("sees a workspace package imported by its name, as that package's directory", () => {
+    const dir = fs.mkdtempSync(path.join(root, '.boundaries-'));
+    try {
+      const file = path.join(dir, 'x.ts');
+      fs.writeFileSync(file, ["import { a } from '@smartnic/dpu-agent';", 'import b from "@smartnic/driver/src/config.js";', "import fastify from 'fastify';"].join('\n'));
+      assert.deepEqual(imports(file), ['dpu-agent/', 'driver/src/config.js']);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
