@@ -73,7 +73,7 @@ import { run } from '../tests/helpers/run.js';
 import { startNginxOrigin } from './lib/nginx-origin.js';
 import { buildPaddedBootImage } from './lib/boot-image-padded.js';
 import { MarkerTimeout, startQemuHost, type BlockStats, type QemuHostOptions } from './lib/boot-qemu.js';
-import { defaultModes, MODES, rateLabel, realOsGoals, roundOrder, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
+import { BootHung, bootAgainIfHung, defaultModes, hungName, MODES, rateLabel, realOsGoals, roundOrder, type HungBoot, type Mode, type RealOsGoals } from './lib/deploy-plan.js';
 import { parseDuration } from '../dpu-agent/src/cli/units.js';
 import { RECORDING_DEFAULTS } from '../dpu-agent/src/streaming/boot-profile.js';
 import {
@@ -648,22 +648,17 @@ function startHost(d: Deployment, img: BenchImage, timeoutMs?: number): ReturnTy
  * no disk I/O and no console output for minutes). Kept in the results with where it stopped;
  * the boot is run again once.
  */
-interface HungBoot {
-  link: string;
-  mode: Mode;
-  rep: number;
-  attempt: number;
-  timeoutS: number;
-  /** QEMU's disk counters when it was given up on. */
-  guest: BlockStats | null;
-  serialTail: string;
-}
-
-class BootHung extends Error {
-  constructor(readonly hung: HungBoot) {
-    super(`${hung.link} ${hung.mode} round ${hung.rep}: no marker within ${hung.timeoutS} s`);
+/** The host's marker time; a boot that does not reach it in time is a BootHung, with QEMU's disk counters and serial tail. */
+async function markerOrHung(host: ReturnType<typeof startQemuHost>, hung: Omit<HungBoot, 'timeoutS' | 'guest' | 'serialTail'>): Promise<number> {
+  try {
+    return await host.marker;
+  } catch (err) {
+    if (!(err instanceof MarkerTimeout)) throw err;
+    const guest = await guestStats(host);
+    throw new BootHung({ ...hung, timeoutS: err.timeoutMs / 1000, guest, serialTail: err.serialTail });
   }
 }
+
 
 /**
  * How long a boot may take before it counts as hung: the image's own deadline until a boot
@@ -720,14 +715,7 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
     const host = startHost(d, img, timeoutMs);
     // QEMU goes before the export, on every path (stopping it twice is harmless).
     stopHostFirst = () => host.stop();
-    let markerAt: number;
-    try {
-      markerAt = await host.marker;
-    } catch (err) {
-      if (!(err instanceof MarkerTimeout)) throw err;
-      const guest = await guestStats(host);
-      throw new BootHung({ link: lab.rate.label, mode, rep, attempt, timeoutS: err.timeoutMs / 1000, guest, serialTail: err.serialTail });
-    }
+    const markerAt = await markerOrHung(host, { run: 'round', link: lab.rate.label, mode, rep, attempt });
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
     const agentFetchedAtMarker = fetchedSoFar(d.agent);
@@ -763,13 +751,15 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
   }
 }
 
-async function workingSetRun(lab: Lab, img: BenchImage, rep: number): Promise<WorkingSetRun> {
+async function workingSetRun(lab: Lab, img: BenchImage, rep: number, timeoutMs?: number, attempt = 1): Promise<WorkingSetRun> {
   const load = load1();
   const rx0 = lab.link.rxBytes();
   const d = await deploy(lab, 'streaming', img, ['--no-hydrate']);
+  let stopHostFirst: () => Promise<void> = async () => undefined;
   try {
-    const host = startHost(d, img);
-    const markerAt = await host.marker;
+    const host = startHost(d, img, timeoutMs);
+    stopHostFirst = () => host.stop();
+    const markerAt = await markerOrHung(host, { run: 'working set', link: lab.rate.label, mode: 'streaming', rep, attempt });
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
     const agentCpuS = cpuSeconds(d.agent!.child.pid!, 'dpu-agent');
@@ -794,6 +784,7 @@ async function workingSetRun(lab: Lab, img: BenchImage, rep: number): Promise<Wo
       load1: load,
     };
   } finally {
+    await stopHostFirst();
     await d.stop();
   }
 }
@@ -805,13 +796,16 @@ async function workingSetRun(lab: Lab, img: BenchImage, rep: number): Promise<Wo
  * its window (from the boot's first read) runs out, and the agent writes the file. A boot
  * slower than the window leaves the end of the boot out of the profile: the log says so.
  */
-async function recordProfile(lab: Lab, img: BenchImage): Promise<ProfileRecording> {
+async function recordProfile(lab: Lab, img: BenchImage, timeoutMs?: number, attempt = 1): Promise<ProfileRecording> {
   const load = load1();
   const file = path.join(lab.dir, `profile-${img.kind}-${img.size}-${lab.rate.label}.json`);
+  fs.rmSync(file, { force: true }); // a hung attempt's
   const d = await deploy(lab, 'streaming', img, ['--record-profile', file, '--profile-window', lab.opts.profileWindow.arg]);
+  let stopHostFirst: () => Promise<void> = async () => undefined;
   try {
-    const host = startHost(d, img);
-    const markerAt = await host.marker;
+    const host = startHost(d, img, timeoutMs);
+    stopHostFirst = () => host.stop();
+    const markerAt = await markerOrHung(host, { run: 'profile recording', link: lab.rate.label, mode: 'streaming-profile', rep: 0, attempt });
     const markerWall = d.t0Wall + (markerAt - d.t0);
     await host.stop();
     await d.agent!.waitFor((e) => e.event === 'profile-recorded', lab.opts.profileWindow.ms + 120_000);
@@ -830,6 +824,7 @@ async function recordProfile(lab: Lab, img: BenchImage): Promise<ProfileRecordin
       load1: load,
     };
   } finally {
+    await stopHostFirst();
     await d.stop();
   }
 }
@@ -1192,7 +1187,7 @@ ${recs.map((p) => `  ${one(p)}.`).join('\n')}
 /** The header's words on boots that hung (empty when none did). */
 function renderHung(hung: readonly HungBoot[], img: BenchImage): string {
   if (!hung.length) return '';
-  const each = hung.map((h) => `${h.link} ${h.mode} round ${h.rep} (after ${h.guest ? `${fmtNum(h.guest.readOps, 0)} reads` : 'an unknown number of reads'}, ${h.timeoutS} s)`).join('; ');
+  const each = hung.map((h) => `${hungName(h)} (after ${h.guest ? `${fmtNum(h.guest.readOps, 0)} reads` : 'an unknown number of reads'}, ${h.timeoutS} s)`).join('; ');
   return `\n- Hung boots, not counted and booted again: ${each}. Each stopped short of the ${img.markerName}; the raw results hold each one's serial console tail.`;
 }
 
@@ -1433,7 +1428,7 @@ async function main(): Promise<void> {
         const tag = (round: number): string => `${where} round ${round}`;
         lab.profile = null;
         if (opts.modes.includes('streaming-profile')) {
-          const p = await recordProfile(lab, img);
+          const p = await bootAgainIfHung(hung, log, img.markerName, (attempt) => recordProfile(lab, img, hangTimeoutMs(img, bootRuns, rate.label), attempt));
           recordings.push(p);
           lab.profile = p;
           log(
@@ -1444,24 +1439,14 @@ async function main(): Promise<void> {
         }
         for (let round = 1; round <= opts.reps; round++) {
           for (const mode of roundOrder(opts.modes, round)) {
-            let r: BootRun | null = null;
-            for (let attempt = 1; r === null; attempt++) {
-              try {
-                r = await bootRun(lab, mode, img, round, hangTimeoutMs(img, bootRuns, rate.label), attempt);
-              } catch (err) {
-                if (err instanceof BootHung) hung.push(err.hung);
-                if (!(err instanceof BootHung) || attempt >= 2) throw err;
-                log(`  ${tag(round)} ${mode.padEnd(12)} HUNG: no ${img.markerName} within ${err.hung.timeoutS} s (the guest had read ${err.hung.guest ? `${err.hung.guest.readOps} requests` : '?'}); booting it again. Serial tail: ${JSON.stringify(err.hung.serialTail.slice(-300))}`);
-                await sleep(500);
-              }
-            }
+            const r = await bootAgainIfHung(hung, log, img.markerName, (attempt) => bootRun(lab, mode, img, round, hangTimeoutMs(img, bootRuns, rate.label), attempt));
             bootRuns.push(r);
             logRun(log, tag(round), r, img.markerName);
             await sleep(500);
           }
         }
         for (let i = 1; i <= opts.workingSet; i++) {
-          const w = await workingSetRun(lab, img, i);
+          const w = await bootAgainIfHung(hung, log, img.markerName, (attempt) => workingSetRun(lab, img, i, hangTimeoutMs(img, bootRuns, rate.label), attempt));
           wsRuns.push(w);
           log(
             `  ${rate.label} working set ${i}: login prompt ${w.toMarkerS.toFixed(2)} s with no background copy; fetched ${fmtBytes(w.fetched)} (${w.regionsLocal} regions of ${fmtBytes(w.regionSize)})` +

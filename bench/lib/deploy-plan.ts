@@ -1,9 +1,11 @@
 /**
  * The pure part of the deploy-modes bench (bench/deploy-modes.ts): which modes exist, the
- * order each round runs them in, link-rate labels, and the goals of issue #14 computed from
- * the medians. Kept apart from the bench's processes so a unit test checks it
+ * order each round runs them in, link-rate labels, the goals of issue #14 computed from
+ * the medians, and what is done with a boot that hangs. Kept apart from the bench's processes so a unit test checks it
  * (tests/unit/deploy-plan.test.ts).
  */
+
+import type { BlockStats } from './boot-qemu.js';
 
 /**
  * Every way the bench gives the host its disk. `streaming-profile` is streaming with a
@@ -77,4 +79,51 @@ export function realOsGoals(rates: RateMedians[]): RealOsGoals {
     streamingOverNetworkOnly: rates.flatMap((r) => goal(r, 'streaming', 'network-only', 1)),
     profileOverLocal: profile.length ? profile : null,
   };
+}
+
+// ------------------------------------------------------------------ hung boots
+
+export interface HungBoot {
+  /** Which boot: a timed round's, the working set's, or the one that records the profile (absent in older results: a round's). */
+  run?: BootKind;
+  link: string;
+  mode: Mode;
+  rep: number;
+  attempt: number;
+  timeoutS: number;
+  /** QEMU's disk counters when it was given up on. */
+  guest: BlockStats | null;
+  serialTail: string;
+}
+
+export type BootKind = 'round' | 'working set' | 'profile recording';
+
+/** Which boot a hung one was, in words. */
+export function hungName(h: HungBoot): string {
+  return !h.run || h.run === 'round' ? `${h.link} ${h.mode} round ${h.rep}` : `${h.link} ${h.run}${h.run === 'working set' ? ` ${h.rep}` : ''}`;
+}
+
+export class BootHung extends Error {
+  constructor(readonly hung: HungBoot) {
+    super(`${hungName(hung)}: no marker within ${hung.timeoutS} s`);
+  }
+}
+
+/**
+ * `boot(attempt)`, booted once more if it hangs (each hang is pushed to `hung`, a second
+ * one thrown): one guest that stops short of its marker must not lose an hour-long run.
+ */
+export async function bootAgainIfHung<T>(hung: HungBoot[], log: (s: string) => void, markerName: string, boot: (attempt: number) => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await boot(attempt);
+    } catch (err) {
+      if (!(err instanceof BootHung)) throw err;
+      hung.push(err.hung);
+      if (attempt >= 2) throw err;
+      const h = err.hung;
+      log(`  ${hungName(h)} HUNG: no ${markerName} within ${h.timeoutS} s (the guest had read ${h.guest ? `${h.guest.readOps} requests` : '?'}); booting it again. Serial tail: ${JSON.stringify(h.serialTail.slice(-300))}`);
+      await new Promise((r) => setTimeout(r, 500)); // the pause the bench leaves between any two boots
+    }
+  }
 }

@@ -4,7 +4,7 @@
  * medians.
  */
 import assert from 'node:assert/strict';
-import { defaultModes, MODES, rateLabel, realOsGoals, roundOrder } from '../../bench/lib/deploy-plan.js';
+import { BootHung, bootAgainIfHung, defaultModes, type HungBoot, MODES, rateLabel, realOsGoals, roundOrder } from '../../bench/lib/deploy-plan.js';
 
 describe('deploy-modes plan', () => {
   it('rotates the mode order by one per round, so every mode runs in every position', () => {
@@ -46,5 +46,56 @@ describe('deploy-modes plan', () => {
     assert.equal(g.profileOverLocal!.length, 1);
     assert.equal(g.profileOverLocal![0]!.met, 71 / 68 <= 1.05);
     assert.equal(g.profileOverLocal![0]!.goal, 1.05);
+  });
+
+  describe('a boot that hangs', () => {
+    const hang = (run: HungBoot['run'], attempt: number): BootHung =>
+      new BootHung({ run, link: '100 Mbit/s', mode: 'streaming', rep: 2, attempt, timeoutS: 240, guest: null, serialTail: `tail ${attempt}` });
+
+    it('is booted once more, each hang kept and logged with its kind', async () => {
+      const hung: HungBoot[] = [];
+      const logs: string[] = [];
+      const attempts: number[] = [];
+      const r = await bootAgainIfHung(hung, (s) => logs.push(s), 'login prompt', async (attempt) => {
+        attempts.push(attempt);
+        if (attempt === 1) throw hang('working set', attempt);
+        return 'booted';
+      });
+      assert.equal(r, 'booted');
+      assert.deepEqual(attempts, [1, 2]);
+      assert.deepEqual(hung.map((h) => [h.run, h.attempt]), [['working set', 1]]);
+      assert.equal(logs.length, 1);
+      assert.match(logs[0]!, /100 Mbit\/s working set 2 HUNG: no login prompt within 240 s .*booting it again.*tail 1/);
+    });
+
+    it('is given up on the second time, both hangs kept', async () => {
+      const hung: HungBoot[] = [];
+      await assert.rejects(
+        bootAgainIfHung(hung, () => undefined, 'login prompt', async (attempt) => {
+          throw hang('profile recording', attempt);
+        }),
+        /100 Mbit\/s profile recording: no marker within 240 s/,
+      );
+      assert.deepEqual(hung.map((h) => h.attempt), [1, 2]);
+    });
+
+    it('is the only failure booted again: any other error ends the run at once', async () => {
+      const hung: HungBoot[] = [];
+      let calls = 0;
+      await assert.rejects(
+        bootAgainIfHung(hung, () => undefined, 'login prompt', async () => {
+          calls++;
+          throw new Error('QEMU exited (1)');
+        }),
+        /QEMU exited/,
+      );
+      assert.equal(calls, 1);
+      assert.deepEqual(hung, []);
+    });
+
+    it('names a round the way results older than the field did', () => {
+      assert.match(hang(undefined, 1).message, /^100 Mbit\/s streaming round 2: /);
+      assert.match(hang('round', 1).message, /^100 Mbit\/s streaming round 2: /);
+    });
   });
 });
