@@ -214,6 +214,29 @@ describe('block-sized misses (issue #14)', () => {
     await stopping;
   });
 
+  it('a miss while the profile is being copied goes before the profile\'s remaining regions', async () => {
+    const d = open();
+    const h = new Hydrator(d, { batchBytes: R, concurrency: 1 });
+    h.prioritize([1, 2, 3]);
+    h.start();
+    const first = await src.next((x) => x.priority === 'background');
+    assert.equal(first.offset, R, 'the profile first');
+    const r = read(d, 6 * R + 10, 10); // the host misses in region 6 while region 1 is on its way
+    src.deliver(await src.next((x) => x.priority !== 'background'));
+    await r;
+    src.deliver(first);
+    const order: number[] = [1];
+    for (let i = 0; i < 4; i++) {
+      const p = await src.next((x) => x.priority === 'background');
+      order.push(Math.floor(p.offset / R));
+      src.deliver(p);
+    }
+    assert.deepEqual(order, [1, 6, 2, 3, 0], 'the miss\'s region, then the rest of the profile, then the sweep');
+    const stopping = h.stop();
+    for (const p of [...src.pending]) src.deliver(p);
+    await stopping;
+  });
+
   it('the sweep copies only what the gate lets through (waiting for peers); a miss is never held back; the rest once admitted', async () => {
     const d = open();
     let allowed = new Set([0, 1]); // what "peers have"
@@ -413,6 +436,10 @@ describe('block-sized misses (issue #14)', () => {
     // Fetched again, right this time: local, and every byte is the image's.
     const again = d.fetchRun(4, 1, 'background');
     await settleTicks();
+    // The root says that the region is wrong, not which block: all of it is dropped, the
+    // block the miss verified too, and fetched again whole (a per-block check of the rest
+    // would ask for the damaged range alone).
+    assert.deepEqual(src.pending.map(span), [`${4 * R}+${R}`]);
     for (const p of [...src.pending]) src.deliver(p);
     await again;
     assert.equal(d.map.state(4), RegionState.Local);
