@@ -642,12 +642,11 @@ function startHost(d: Deployment, img: BenchImage, timeoutMs?: number): ReturnTy
   return startQemuHost(d.socket, { dir: d.hostDir, ...img.boot, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
 }
 
-/**
- * A boot that did not reach its marker: the guest stopped somewhere (seen here once in a
- * local boot from nbdkit's file plugin: Linux idle in HLT after 3,162 of the ~3,620 reads,
- * no disk I/O and no console output for minutes). Kept in the results with where it stopped;
- * the boot is run again once.
- */
+/** The rate, and the image's size where the image has several (the busybox fixture). */
+function hungWhere(lab: Lab, img: BenchImage): Pick<HungBoot, 'link' | 'size'> {
+  return { link: lab.rate.label, ...(img.kind === 'debian' ? {} : { size: sizeLabel(img.size) }) };
+}
+
 /** The host's marker time; a boot that does not reach it in time is a BootHung, with QEMU's disk counters and serial tail. */
 async function markerOrHung(host: ReturnType<typeof startQemuHost>, hung: Omit<HungBoot, 'timeoutS' | 'guest' | 'serialTail'>): Promise<number> {
   try {
@@ -662,11 +661,13 @@ async function markerOrHung(host: ReturnType<typeof startQemuHost>, hung: Omit<H
 
 /**
  * How long a boot may take before it counts as hung: the image's own deadline until a boot
- * at this rate has finished, then 4× the slowest finished one (at least 4 minutes), so a
- * hung guest costs minutes, not the 15 a first Debian boot is allowed.
+ * of this image and size at this rate has finished, then 4× the slowest finished one (at
+ * least 4 minutes), so a hung guest costs minutes, not the 15 a first Debian boot is
+ * allowed. The boot that records a profile runs before the rounds at its rate, so it gets
+ * the image's deadline.
  */
 function hangTimeoutMs(img: BenchImage, done: readonly BootRun[], link: string): number | undefined {
-  const same = done.filter((r) => r.link === link && r.image === img.kind);
+  const same = done.filter((r) => r.link === link && r.image === img.kind && r.size === img.size);
   if (!same.length) return undefined;
   return Math.min(img.boot.timeoutMs ?? 900_000, Math.max(240_000, 4_000 * Math.max(...same.map((r) => r.qemuToMarkerS))));
 }
@@ -715,7 +716,7 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
     const host = startHost(d, img, timeoutMs);
     // QEMU goes before the export, on every path (stopping it twice is harmless).
     stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'round', link: lab.rate.label, mode, rep, attempt });
+    const markerAt = await markerOrHung(host, { run: 'round', ...hungWhere(lab, img), mode, rep, attempt });
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
     const agentFetchedAtMarker = fetchedSoFar(d.agent);
@@ -759,7 +760,7 @@ async function workingSetRun(lab: Lab, img: BenchImage, rep: number, timeoutMs?:
   try {
     const host = startHost(d, img, timeoutMs);
     stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'working set', link: lab.rate.label, mode: 'streaming', rep, attempt });
+    const markerAt = await markerOrHung(host, { run: 'working set', ...hungWhere(lab, img), mode: 'streaming', rep, attempt });
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
     const agentCpuS = cpuSeconds(d.agent!.child.pid!, 'dpu-agent');
@@ -805,7 +806,7 @@ async function recordProfile(lab: Lab, img: BenchImage, timeoutMs?: number, atte
   try {
     const host = startHost(d, img, timeoutMs);
     stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'profile recording', link: lab.rate.label, mode: 'streaming-profile', rep: 0, attempt });
+    const markerAt = await markerOrHung(host, { run: 'profile recording', ...hungWhere(lab, img), mode: 'streaming-profile', rep: 0, attempt });
     const markerWall = d.t0Wall + (markerAt - d.t0);
     await host.stop();
     await d.agent!.waitFor((e) => e.event === 'profile-recorded', lab.opts.profileWindow.ms + 120_000);

@@ -87,6 +87,8 @@ export interface HungBoot {
   /** Which boot: a timed round's, the working set's, or the one that records the profile (absent in older results: a round's). */
   run?: BootKind;
   link: string;
+  /** The image's size, where the image has several (the busybox fixture's). */
+  size?: string;
   mode: Mode;
   rep: number;
   attempt: number;
@@ -100,7 +102,8 @@ export type BootKind = 'round' | 'working set' | 'profile recording';
 
 /** Which boot a hung one was, in words. */
 export function hungName(h: HungBoot): string {
-  return !h.run || h.run === 'round' ? `${h.link} ${h.mode} round ${h.rep}` : `${h.link} ${h.run}${h.run === 'working set' ? ` ${h.rep}` : ''}`;
+  const where = `${h.size ? `${h.size} ` : ''}${h.link}`;
+  return !h.run || h.run === 'round' ? `${where} ${h.mode} round ${h.rep}` : `${where} ${h.run}${h.run === 'working set' ? ` ${h.rep}` : ''}`;
 }
 
 export class BootHung extends Error {

@@ -438,7 +438,7 @@ describe('block-sized misses (issue #14)', () => {
     await settleTicks();
     // The root says that the region is wrong, not which block: all of it is dropped, the
     // block the miss verified too, and fetched again whole (a per-block check of the rest
-    // would ask for the damaged range alone).
+    // would ask for the damaged block alone).
     assert.deepEqual(src.pending.map(span), [`${4 * R}+${R}`]);
     for (const p of [...src.pending]) src.deliver(p);
     await again;

@@ -93,9 +93,10 @@ describe('deploy-modes plan', () => {
       assert.deepEqual(hung, []);
     });
 
-    it('names a round the way results older than the field did', () => {
+    it("names a round the way results older than the field did, with the image's size where there are several", () => {
       assert.match(hang(undefined, 1).message, /^100 Mbit\/s streaming round 2: /);
       assert.match(hang('round', 1).message, /^100 Mbit\/s streaming round 2: /);
+      assert.match(new BootHung({ ...hang('round', 1).hung, size: '256 MiB' }).message, /^256 MiB 100 Mbit\/s streaming round 2: /);
     });
   });
 });
