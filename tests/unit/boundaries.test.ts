@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import ts from 'typescript';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
@@ -34,9 +35,9 @@ const workspaces = new Map(
  * `dpu-agent/x.js`, the package alone its directory). Other packages are not listed.
  */
 function imports(file: string): string[] {
-  const text = fs.readFileSync(file, 'utf8');
-  // Either quote; static imports, re-exports and dynamic import().
-  const specs = [...text.matchAll(/(?:from|import)\s*\(?\s*(['"])([^'"]+)\1/g)].map((m) => m[2]!);
+  // TypeScript's own scanner: static imports, re-exports, import() and require() of a
+  // string literal, wherever they are and however the lines break; not strings or comments.
+  const specs = ts.preProcessFile(fs.readFileSync(file, 'utf8'), true, true).importedFiles.map((f) => f.fileName);
   const out: string[] = [];
   for (const s of specs) {
     if (s.startsWith('.')) {
@@ -60,12 +61,27 @@ const rules: { program: string; mayNotImport: string[] }[] = [
 ];
 
 describe('program boundaries: the import scanner', () => {
-  it('sees single- and double-quoted imports, re-exports and dynamic imports', () => {
+  it('sees single- and double-quoted imports, re-exports, dynamic and multi-line imports; not a string or a comment', () => {
     const dir = fs.mkdtempSync(path.join(root, '.boundaries-'));
     try {
       const file = path.join(dir, 'x.ts');
-      fs.writeFileSync(file, ["import a from './a.js';", 'import { b } from "./b.js";', "export * from './c.js';", 'const d = await import("./d.js");'].join('\n'));
-      assert.deepEqual(imports(file).map((p) => path.basename(p)), ['a.js', 'b.js', 'c.js', 'd.js']);
+      fs.writeFileSync(
+        file,
+        [
+          "import a from './a.js';",
+          'import { b } from "./b.js";',
+          "export * from './c.js';",
+          'const m = "no answer from";',
+          'const d = await import("./d.js");',
+          "// import x from './not-code.js'",
+          'import {',
+          '  e,',
+          "} from './e.js';",
+          "export { f } from './f.js';",
+          "import type { G } from './g.js';",
+        ].join('\n'),
+      );
+      assert.deepEqual(imports(file).map((p) => path.basename(p)).sort(), ['a.js', 'b.js', 'c.js', 'd.js', 'e.js', 'f.js', 'g.js']);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
