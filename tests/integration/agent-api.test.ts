@@ -237,10 +237,17 @@ describe('agent daemon API (in-process)', function () {
       r.sent();
       r.release();
     };
+    // One slot freed at a time, so that the read it goes to is the only one that can end
+    // (with two freed together, the two reads granted race each other to the target and
+    // end in either order: a clean-clone CI run saw 6 before 5).
+    const results = [first];
     served(holding[1]!);
-    served(first);
-    for (let i = 1; i < 8; i++) served(await queued[i]!);
-    assert.deepEqual(granted, [0, 1, 2, 3, 4, 5, 6, 7], 'first come, first served');
+    for (let i = 1; i < 8; i++) {
+      results.push(await Promise.race(queued.slice(i)));
+      assert.deepEqual(granted, [...Array(i + 1).keys()], 'first come, first served: a freed slot goes to the oldest waiting read');
+      served(results[i - 1]!);
+    }
+    served(results[7]!);
     const busyLines = (): Array<{ level: number }> =>
       logText.slice(logged).join('').split('\n').filter((l) => l.includes('"status":503') || l.includes('DPU_ERR_BUSY')).map((l) => JSON.parse(l) as { level: number });
     await until('the busy refusal logged', async () => busyLines().some((l) => JSON.stringify(l).includes('"status":503')));
