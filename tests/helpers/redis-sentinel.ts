@@ -34,10 +34,14 @@ export class SentinelRedis {
   readonly sentinelPorts: number[] = [];
   private readonly sentinels: ChildProcess[] = [];
 
+  private readonly dir: string;
+
   constructor(
-    private readonly dir: string,
+    dir: string,
     private readonly downAfterMs = 1000,
-  ) {}
+  ) {
+    this.dir = path.resolve(dir); // redis-server changes to its `dir` before it opens its log
+  }
 
   /** `host:port` of each sentinel, as redis.sentinel.nodes takes them. */
   get nodes(): string[] {
@@ -62,8 +66,8 @@ export class SentinelRedis {
         [
           `port ${port}`,
           'bind 127.0.0.1',
-          `dir ${dir}`,
-          `logfile ${path.join(dir, 'sentinel.log')}`,
+          `dir ${JSON.stringify(dir)}`,
+          `logfile ${JSON.stringify(path.join(dir, 'sentinel.log'))}`,
           `sentinel monitor ${MASTER_NAME} 127.0.0.1 ${primary.port} 2`,
           `sentinel down-after-milliseconds ${MASTER_NAME} ${this.downAfterMs}`,
           `sentinel failover-timeout ${MASTER_NAME} 10000`,
@@ -79,10 +83,12 @@ export class SentinelRedis {
     }
     // Ready for a failover once every sentinel knows the replica and the other two.
     for (const port of this.sentinelPorts) {
-      await until(`sentinel ${port} to see the replica and its peers`, async () => {
-        const m = pairs((await ask(port, 'SENTINEL', 'MASTER', MASTER_NAME)) as string[]);
-        return m.get('num-slaves') === '1' && m.get('num-other-sentinels') === '2';
-      }, 30_000);
+      await this.explained(
+        until(`sentinel ${port} to see the replica and its peers`, async () => {
+          const m = pairs((await ask(port, 'SENTINEL', 'MASTER', MASTER_NAME)) as string[]);
+          return m.get('num-slaves') === '1' && m.get('num-other-sentinels') === '2';
+        }, 30_000),
+      );
     }
   }
 
@@ -107,10 +113,12 @@ export class SentinelRedis {
 
   /** Waits until `replica` has finished its sync with its primary. */
   async replicating(replica: RedisServer, timeoutMs = 30_000): Promise<void> {
-    await until(`${replica.port} to replicate`, async () => {
-      const info = parseInfo(String(await ask(replica.port, 'INFO', 'replication')));
-      return info.get('role') === 'slave' && info.get('master_link_status') === 'up';
-    }, timeoutMs);
+    await this.explained(
+      until(`${replica.port} to replicate`, async () => {
+        const info = parseInfo(String(await ask(replica.port, 'INFO', 'replication')));
+        return info.get('role') === 'slave' && info.get('master_link_status') === 'up';
+      }, timeoutMs),
+    );
   }
 
   /**
@@ -118,12 +126,14 @@ export class SentinelRedis {
    * is one: the failover is done.
    */
   async failedOver(oldPort: number, timeoutMs = 60_000): Promise<number> {
-    return until('the sentinels to promote a replica', async () => {
-      const port = await this.primaryPort();
-      if (port === oldPort) return null;
-      const info = parseInfo(String(await ask(port, 'INFO', 'replication')));
-      return info.get('role') === 'master' ? port : null;
-    }, timeoutMs);
+    return this.explained(
+      until('the sentinels to promote a replica', async () => {
+        const port = await this.primaryPort();
+        if (port === oldPort) return null;
+        const info = parseInfo(String(await ask(port, 'INFO', 'replication')));
+        return info.get('role') === 'master' ? port : null;
+      }, timeoutMs),
+    );
   }
 
   /** The server's role as it reports it (`master` or `slave`). */
@@ -151,7 +161,7 @@ export class SentinelRedis {
   }
 
   /** `p`, whose failure carries what the servers and sentinels logged. */
-  async explained<T>(p: Promise<T>): Promise<T> {
+  private async explained<T>(p: Promise<T>): Promise<T> {
     try {
       return await p;
     } catch (e) {

@@ -108,36 +108,47 @@ describe('driver service on Redis Sentinel', function () {
       const oldPrimary = await redis.primaryPort();
       await redis.server(oldPrimary).stop('SIGKILL');
       // Deployments asked for while the primary is gone: each is answered 503 (not
-      // acknowledged: retried) until the service reaches the new primary.
+      // acknowledged: retried) until the service reaches the new primary and a replica
+      // confirms the change.
       const during = ['node-c', 'node-d', 'node-e'];
+      let refused = 0;
+      let replicaBack = false;
+      const ackedEarly: string[] = [];
       const creating = (async () => {
         for (const node of during) {
           await until(`${node} acknowledged`, async () => {
             try {
               await api.createDeployment(request(node));
+              if (!replicaBack) ackedEarly.push(node);
               acknowledged.add(node);
               return true;
             } catch (e) {
-              if (e instanceof ApiError && e.status === 503 && e.retryable) return false;
+              if (e instanceof ApiError && e.status === 503 && e.retryable) {
+                refused++;
+                return false;
+              }
               throw e;
             }
           }, 90_000, 200);
         }
       })();
-      const newPrimary = await redis.explained(redis.failedOver(oldPrimary));
+      const newPrimary = await redis.failedOver(oldPrimary);
       // The old primary comes back (as its service manager would restart it) as a replica
       // of the new one. Until it replicates, the new primary has no replica, so no change
       // is acknowledged (wait_replicas: 1). It is started as a replica rather than left to
       // the sentinels, which convert a returning primary ~10 s after it is up here, but in
-      // two clean-clone CI runs had not after 60 and 150 s (the servers' and sentinels'
-      // logs, now kept for a failure's message, were not). How the sentinels time that is
-      // Redis's to test; the driver's part is the same either way.
+      // two clean-clone CI runs had not after 60 and 150 s, for reasons not known (the
+      // servers' and sentinels' logs were not kept then). So this test does not cover a
+      // stale primary coming back as one while a lagging sentinel still names it.
       const old = redis.server(oldPrimary);
+      replicaBack = true;
       await old.start(['--replicaof', '127.0.0.1', String(newPrimary)]);
-      await redis.explained(redis.replicating(old));
+      await redis.replicating(old);
       assert.equal(await redis.role(newPrimary), 'master');
       await creating;
       assert.deepEqual([...acknowledged].sort(), ['node-a', 'node-b', 'node-c', 'node-d', 'node-e']);
+      assert.ok(refused > 0, 'requests during the failover were answered 503');
+      assert.deepEqual(ackedEarly, [], 'nothing acknowledged before the new primary had a replica');
       for (const node of acknowledged) assert.equal((await api.getDeployment(node)).deployment_id, `dep-${node}`, `${node} kept`);
       origin.release();
       for (const node of acknowledged) {
