@@ -64,9 +64,9 @@ export class ServiceProcess {
 
   /**
    * Sends `signal` and waits for the exit; returns the exit code. A service still running
-   * `graceMs` later is killed (SIGKILL; the code is then null) and the output says so, so
-   * a service that hangs on shutdown fails its test instead of hanging the suite and
-   * outliving it.
+   * `graceMs` later is killed (SIGKILL) and, once it is gone, stop() throws with the tail
+   * of its output: a service that hangs on shutdown fails the hook or test that stopped
+   * it, instead of hanging the suite until mocha's timeout and outliving it.
    */
   async stop(signal: NodeJS.Signals = 'SIGTERM', graceMs = 30_000): Promise<number | null> {
     const c = this.child;
@@ -74,12 +74,15 @@ export class ServiceProcess {
     if (!c || c.exitCode !== null || c.signalCode !== null) return c?.exitCode ?? null;
     const exited = new Promise<number | null>((r) => c.once('exit', (code) => r(code)));
     c.kill(signal);
+    let killed = false;
     const timer = setTimeout(() => {
-      this.output += `\n[test harness] ${this.name} did not exit within ${graceMs} ms of ${signal}: killed (SIGKILL)\n`;
+      killed = true;
       c.kill('SIGKILL');
     }, graceMs);
     try {
-      return await exited;
+      const code = await exited;
+      if (killed) throw new Error(`${this.name} did not exit within ${graceMs} ms of ${signal}: killed (SIGKILL). Its last output:\n${this.output.slice(-4000)}`);
+      return code;
     } finally {
       clearTimeout(timer);
     }
