@@ -312,6 +312,23 @@ export class IronicServer {
 }
 
 /**
+ * Puts the server's SQLite database in WAL mode, for a cluster whose processes all write it.
+ * In the default rollback-journal mode, a connection still reading that wants to write
+ * while another process commits is answered "database is locked" at once, whatever the
+ * busy timeout (SQLite's deadlock avoidance). A clean-clone CI run lost a deploy step to
+ * "database is locked" with the busy timeout at 60 s, so most likely to that. In WAL mode
+ * a reader does not hold back a writer's commit. (Production Ironic clusters share MySQL
+ * or PostgreSQL.)
+ */
+async function walMode(srv: IronicServer): Promise<void> {
+  const url = String(srv.conf['database']?.['connection'] ?? '');
+  const m = /^sqlite:\/\/\/([^?]+)/.exec(url);
+  if (!m) throw new Error(`not an SQLite database: ${url}`);
+  const { stdout } = await run('/usr/bin/python3', ['-c', "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA journal_mode=WAL').fetchone()[0])", m[1]!]);
+  if (stdout.trim() !== 'wal') throw new Error(`SQLite kept journal_mode ${stdout.trim()} for ${m[1]}`);
+}
+
+/**
  * Ironic with several conductors on one database, as a deployment with more than one
  * conductor runs: the first of `hosts` is `/usr/bin/ironic` (the API and a conductor, the
  * database's creator), every other `/usr/bin/ironic-conductor`, each with its files in
@@ -336,6 +353,7 @@ export async function ironicCluster(s: IronicSetup, hosts: string[]): Promise<Ir
       ...(first ? { database: first.conf['database']!, api: first.conf['api']! } : {}),
     };
     const srv = await IronicServer.create({ ...s, dir: path.join(s.dir, host), conf: mergeConf(s.conf ?? {}, own), role: first ? 'conductor' : 'all-in-one' });
+    if (!first) await walMode(srv);
     servers.push(srv);
   }
   try {
