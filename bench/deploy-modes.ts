@@ -638,7 +638,11 @@ async function deploy(lab: Lab, mode: Mode, img: BenchImage, agentExtra: string[
   }
 }
 
-function startHost(d: Deployment, img: BenchImage, timeoutMs?: number): ReturnType<typeof startQemuHost> {
+type Host = ReturnType<typeof startQemuHost>;
+/** Which boot this is, for its record if it hangs. */
+type BootId = Omit<HungBoot, 'timeoutS' | 'guest' | 'serialTail'>;
+
+function startHost(d: Deployment, img: BenchImage, timeoutMs?: number): Host {
   return startQemuHost(d.socket, { dir: d.hostDir, ...img.boot, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
 }
 
@@ -648,7 +652,7 @@ function hungWhere(lab: Lab, img: BenchImage): Pick<HungBoot, 'link' | 'size'> {
 }
 
 /** The host's marker time; a boot that does not reach it in time is a BootHung, with QEMU's disk counters and serial tail. */
-async function markerOrHung(host: ReturnType<typeof startQemuHost>, hung: Omit<HungBoot, 'timeoutS' | 'guest' | 'serialTail'>): Promise<number> {
+async function markerOrHung(host: Host, hung: BootId): Promise<number> {
   try {
     return await host.marker;
   } catch (err) {
@@ -658,6 +662,23 @@ async function markerOrHung(host: ReturnType<typeof startQemuHost>, hung: Omit<H
   }
 }
 
+/**
+ * One boot: deploys `mode` (with `agentExtra` for the agent), starts the host, waits for
+ * its marker (a BootHung if it does not come in time) and hands both to `measure`. QEMU is
+ * stopped before the export on every path (stopping it twice is harmless, so `measure`
+ * may stop it early).
+ */
+async function boot<T>(lab: Lab, mode: Mode, img: BenchImage, agentExtra: string[], timeoutMs: number | undefined, hung: BootId, measure: (d: Deployment, host: Host, markerAt: number) => Promise<T>): Promise<T> {
+  const d = await deploy(lab, mode, img, agentExtra);
+  let host: Host | null = null;
+  try {
+    host = startHost(d, img, timeoutMs);
+    return await measure(d, host, await markerOrHung(host, hung));
+  } finally {
+    await host?.stop();
+    await d.stop();
+  }
+}
 
 /**
  * How long a boot may take before it counts as hung: the image's own deadline until a boot
@@ -692,7 +713,7 @@ function hydrationTimeoutMs(lab: Lab, size: number): number {
 }
 
 /** QEMU's disk counters, or null (and a warning) when QMP does not answer: a missing figure must not lose the run. */
-async function guestStats(host: ReturnType<typeof startQemuHost>): Promise<BlockStats | null> {
+async function guestStats(host: Host): Promise<BlockStats | null> {
   try {
     return await host.blockStats();
   } catch (err) {
@@ -710,13 +731,7 @@ function load1(): number {
 async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeoutMs?: number, attempt = 1): Promise<BootRun> {
   const load = load1();
   const rx0 = lab.link.rxBytes();
-  const d = await deploy(lab, mode, img);
-  let stopHostFirst: () => Promise<void> = async () => undefined;
-  try {
-    const host = startHost(d, img, timeoutMs);
-    // QEMU goes before the export, on every path (stopping it twice is harmless).
-    stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'round', ...hungWhere(lab, img), mode, rep, attempt });
+  return boot(lab, mode, img, [], timeoutMs, { run: 'round', ...hungWhere(lab, img), mode, rep, attempt }, async (d, host, markerAt) => {
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const hydratedAtMarker = hydrated(d.agent);
     const agentFetchedAtMarker = fetchedSoFar(d.agent);
@@ -746,21 +761,13 @@ async function bootRun(lab: Lab, mode: Mode, img: BenchImage, rep: number, timeo
       guest,
       load1: load,
     };
-  } finally {
-    await stopHostFirst();
-    await d.stop();
-  }
+  });
 }
 
 async function workingSetRun(lab: Lab, img: BenchImage, rep: number, timeoutMs?: number, attempt = 1): Promise<WorkingSetRun> {
   const load = load1();
   const rx0 = lab.link.rxBytes();
-  const d = await deploy(lab, 'streaming', img, ['--no-hydrate']);
-  let stopHostFirst: () => Promise<void> = async () => undefined;
-  try {
-    const host = startHost(d, img, timeoutMs);
-    stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'working set', ...hungWhere(lab, img), mode: 'streaming', rep, attempt });
+  return boot(lab, 'streaming', img, ['--no-hydrate'], timeoutMs, { run: 'working set', ...hungWhere(lab, img), mode: 'streaming', rep, attempt }, async (d, host, markerAt) => {
     const wireAtMarker = lab.link.rxBytes() - rx0;
     const qemuCpuS = cpuSeconds(host.child.pid!, 'qemu');
     const agentCpuS = cpuSeconds(d.agent!.child.pid!, 'dpu-agent');
@@ -784,10 +791,7 @@ async function workingSetRun(lab: Lab, img: BenchImage, rep: number, timeoutMs?:
       agentCpuS,
       load1: load,
     };
-  } finally {
-    await stopHostFirst();
-    await d.stop();
-  }
+  });
 }
 
 /**
@@ -801,12 +805,8 @@ async function recordProfile(lab: Lab, img: BenchImage, timeoutMs?: number, atte
   const load = load1();
   const file = path.join(lab.dir, `profile-${img.kind}-${img.size}-${lab.rate.label}.json`);
   fs.rmSync(file, { force: true }); // a hung attempt's
-  const d = await deploy(lab, 'streaming', img, ['--record-profile', file, '--profile-window', lab.opts.profileWindow.arg]);
-  let stopHostFirst: () => Promise<void> = async () => undefined;
-  try {
-    const host = startHost(d, img, timeoutMs);
-    stopHostFirst = () => host.stop();
-    const markerAt = await markerOrHung(host, { run: 'profile recording', ...hungWhere(lab, img), mode: 'streaming-profile', rep: 0, attempt });
+  const agentExtra = ['--record-profile', file, '--profile-window', lab.opts.profileWindow.arg];
+  return boot(lab, 'streaming', img, agentExtra, timeoutMs, { run: 'profile recording', ...hungWhere(lab, img), mode: 'streaming-profile', rep: 0, attempt }, async (d, host, markerAt) => {
     const markerWall = d.t0Wall + (markerAt - d.t0);
     await host.stop();
     await d.agent!.waitFor((e) => e.event === 'profile-recorded', lab.opts.profileWindow.ms + 120_000);
@@ -824,10 +824,7 @@ async function recordProfile(lab: Lab, img: BenchImage, timeoutMs?: number, atte
       order: p.regions,
       load1: load,
     };
-  } finally {
-    await stopHostFirst();
-    await d.stop();
-  }
+  });
 }
 
 // ---------------------------------------------------------------- I/O runs

@@ -83,6 +83,12 @@ export function realOsGoals(rates: RateMedians[]): RealOsGoals {
 
 // ------------------------------------------------------------------ hung boots
 
+/**
+ * A boot that did not reach its marker: the guest stopped somewhere (seen once in a local
+ * boot from nbdkit's file plugin: Linux idle in HLT after 3,162 of the ~3,620 reads, no disk
+ * I/O and no console output for minutes). Kept in the results with where it stopped; the
+ * boot is run again once (bootAgainIfHung).
+ */
 export interface HungBoot {
   /** Which boot: a timed round's, the working set's, or the one that records the profile (absent in older results: a round's). */
   run?: BootKind;

@@ -145,7 +145,7 @@ export class SentinelRedis {
    * What each server and sentinel logged, the last `lines` lines of each: for a test's
    * failure message, since a failover that does not happen is explained only there.
    */
-  logs(lines = 40): string {
+  private logs(lines = 40): string {
     const names = [...this.servers.map((_, i) => `redis-${i}/redis.log`), ...this.sentinelPorts.map((_, i) => `sentinel-${i}/sentinel.log`)];
     return names
       .map((name) => {
