@@ -262,8 +262,13 @@ export class IronicServer {
   }
 
   /** Runs `baremetal ARGS…` against this Ironic; rejects with its stderr on failure. */
+  /** `baremetal ARGS…`; a failure carries the tail of this server's log (an HTTP 500's cause is only there). */
   async baremetal(...args: string[]): Promise<string> {
-    return (await run('/usr/bin/baremetal', args, { env: this.env(), timeoutMs: 60_000 })).stdout;
+    try {
+      return (await run('/usr/bin/baremetal', args, { env: this.env(), timeoutMs: 60_000 })).stdout;
+    } catch (err) {
+      throw new Error(`${(err as Error).message}\n${this.logTail(40)}`);
+    }
   }
 
   /** `baremetal ARGS…` whose failure is an expected outcome. */
